@@ -1,0 +1,5 @@
+import sys
+
+from bonemet.cli import main
+
+sys.exit(main())

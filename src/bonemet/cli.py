@@ -1,0 +1,77 @@
+"""The `bonemet` command. Subcommands are thin: parse, load params, call the library.
+
+Each subcommand lives in ``bonemet.stages.<module>`` with ``configure(parser)`` and
+``run(args) -> int``; heavy libraries are imported inside ``run`` so that ``bonemet --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from bonemet import __version__
+from bonemet.config import ParamsError
+from bonemet.utils import setup_logging
+
+log = logging.getLogger("bonemet")
+
+# name -> (module, one-line help). Order is the order of the pipeline, then the user commands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("bonemet.stages.synth", "write a synthetic spine-CT cohort in the bring-your-own format"),
+    "ensure-data": ("bonemet.stages.ensure_data", "regenerate the default synthetic cohort when it is missing"),
+    "validate": ("bonemet.stages.validate", "validate a cohort (manifest, images, masks); exit 1 on hard failures"),
+    "preprocess": ("bonemet.stages.preprocess", "resample, normalise and crop every case"),
+    "split": ("bonemet.stages.split", "stratified train/test split and cross-validation folds"),
+    "segment": ("bonemet.stages.segment", "MISSU ten-fold training and out-of-fold automatic masks"),
+    "extract": ("bonemet.stages.extract", "PyRadiomics features from manual, automatic and annotator masks"),
+    "train": ("bonemet.stages.train", "ICC/LASSO selection, eight tuned classifiers, evaluation (Table 1)"),
+    "register": ("bonemet.stages.register", "register the best classifier and gate it to the alias 'staging'"),
+    "report": ("bonemet.stages.report", "write the self-contained HTML report"),
+    "promote": ("bonemet.stages.promote", "give a registered model version an alias (staging, production)"),
+    "models": ("bonemet.stages.models", "list registered model versions with aliases and key metrics"),
+    "serve": ("bonemet.stages.serve", "serve bonemet-classifier@ALIAS over HTTP (mlflow models serve)"),
+    "predict": ("bonemet.stages.predict", "predict breast origin from a CT (segment, extract, classify)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bonemet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bonemet {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command not built yet is simply not offered
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        module.configure(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ParamsError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

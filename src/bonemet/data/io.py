@@ -1,0 +1,127 @@
+"""Image I/O behind one reader/writer interface: NIfTI, NRRD and DICOM series.
+
+Images are SimpleITK images in physical space (mm, LPS). DICOM series are read with the
+SimpleITK series reader, which applies Rescale Slope/Intercept, so values are Hounsfield
+units. No metadata is ever carried over from the input files: patient-identifying DICOM
+tags, and whatever a NIfTI/NRRD header holds, never reach logs, tables or outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class ImageReadError(ValueError):
+    """An image or mask could not be read; the message names the file (and case) and why."""
+
+
+def _describe(path: Path, case_id: str | None) -> str:
+    return f"case '{case_id}': {path}" if case_id else str(path)
+
+
+def _strip_metadata(image: sitk.Image) -> sitk.Image:
+    """Return the image without any header metadata (keeps pixels and geometry only)."""
+    for key in image.GetMetaDataKeys():
+        image.EraseMetaData(key)
+    return image
+
+
+def read_image(path: str | Path, case_id: str | None = None, pixel_type: int | None = None) -> sitk.Image:
+    """Read a 3D image from a NIfTI/NRRD/MetaImage file or a folder holding one DICOM series.
+
+    Args:
+        path: file, or folder of DICOM slices (exactly one series).
+        case_id: used only to name the case in error messages.
+        pixel_type: optional SimpleITK pixel type to cast to (e.g. ``sitk.sitkFloat32``).
+
+    Raises:
+        ImageReadError: missing, unreadable, truncated or multi-series input.
+    """
+    path = Path(path)
+    where = _describe(path, case_id)
+    if not path.exists():
+        raise ImageReadError(f"{where}: file not found")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path, where)
+        else:
+            image = sitk.ReadImage(str(path))
+    except ImageReadError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        reason = next((line for line in first if "ERROR" in line or "Exception" in line), first[-1] if first else "")
+        raise ImageReadError(f"{where}: cannot be read as an image ({reason.strip()[:300]})") from exc
+    if pixel_type is not None:
+        image = sitk.Cast(image, pixel_type)
+    return _strip_metadata(image)
+
+
+def _read_dicom_series(folder: Path, where: str) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise ImageReadError(f"{where}: folder holds no DICOM series")
+    if len(series_ids) > 1:
+        raise ImageReadError(
+            f"{where}: folder holds {len(series_ids)} DICOM series; put each series in its own folder"
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    if len(files) < 2:
+        raise ImageReadError(f"{where}: DICOM series has {len(files)} slice(s); a 3D CT needs at least 2")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    # Never load the per-slice tag dictionaries: they hold patient-identifying data.
+    reader.MetaDataDictionaryArrayUpdateOff()
+    reader.LoadPrivateTagsOff()
+    return reader.Execute()
+
+
+def read_mask(path: str | Path, label: int = 1, case_id: str | None = None) -> sitk.Image:
+    """Read a label map and return the binary mask (uint8, 0/1) of voxels equal to ``label``."""
+    image = read_image(path, case_id=case_id)
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(arr.dtype, np.integer):
+        rounded = np.rint(arr)
+        if not np.allclose(arr, rounded):
+            raise ImageReadError(f"{_describe(Path(path), case_id)}: mask holds non-integer values; expected a label map")
+    binary = sitk.Cast(sitk.Equal(sitk.Cast(image, sitk.sitkInt32), int(label)), sitk.sitkUInt8)
+    return binary
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
+    """Write an image (format by suffix), creating parent folders; never writes metadata tags."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = _strip_metadata(sitk.Image(image))
+    sitk.WriteImage(image, str(path), useCompression=compress)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol_mm: float = 1e-3) -> tuple[bool, str]:
+    """Whether two images share size, spacing, origin and direction (within ``tol_mm``).
+
+    Returns ``(ok, reason)``; ``reason`` says what differs, with both values.
+    """
+    if a.GetSize() != b.GetSize():
+        return False, f"size {b.GetSize()} != image size {a.GetSize()}"
+    if not np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol_mm):
+        return False, f"spacing {tuple(round(s, 4) for s in b.GetSpacing())} != image spacing {tuple(round(s, 4) for s in a.GetSpacing())}"
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol_mm):
+        return False, f"origin {tuple(round(s, 3) for s in b.GetOrigin())} != image origin {tuple(round(s, 3) for s in a.GetOrigin())}"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
+        return False, "direction cosines differ from the image's"
+    return True, ""
+
+
+def resample_to_reference(
+    image: sitk.Image, reference: sitk.Image, interpolator: int = sitk.sitkNearestNeighbor, default: float = 0
+) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid (physical space), e.g. a mask back to its CT."""
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())

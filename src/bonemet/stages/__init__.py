@@ -1,0 +1,1 @@
+"""Entry points: one module per `bonemet` subcommand / DVC stage. Thin wrappers over the library."""

@@ -1,0 +1,113 @@
+"""The tracker interface used by the library, and trackers that need no server."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    """Interface of an experiment tracker. Every method is a no-op here.
+
+    ``run`` opens a run (nested inside the current one when one is open) and yields its id.
+    Metric names are the same across models and folds so runs compare side by side.
+    """
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str | None]:
+        yield None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters (flattened with dots when nested)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics, optionally at a step (epoch)."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set tags on the active run."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder to the active run."""
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """Log a matplotlib figure as an image artifact called ``name`` (e.g. ``roc.png``)."""
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        """Log a dict as a JSON/YAML artifact called ``name``."""
+
+    def log_table(self, table: Any, name: str) -> None:
+        """Log a pandas DataFrame as a table artifact (``name`` ends in .json or .csv)."""
+
+    def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
+        """Log a model (flavour chosen by the backend from ``kwargs['flavor']``)."""
+        return None
+
+
+class NullTracker(Tracker):
+    """Tracks nothing: for tests and for library use without MLflow."""
+
+
+class RecordingTracker(Tracker):
+    """Keeps everything in memory; tests assert on ``runs``."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict[str, Any]] = []
+        self._stack: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str]:
+        record: dict[str, Any] = {
+            "name": name,
+            "tags": dict(tags or {}),
+            "parent": self._stack[-1]["name"] if self._stack else None,
+            "params": {},
+            "metrics": {},
+            "artifacts": [],
+        }
+        self.runs.append(record)
+        self._stack.append(record)
+        try:
+            yield f"run-{len(self.runs)}"
+        finally:
+            self._stack.pop()
+
+    @property
+    def _active(self) -> dict[str, Any]:
+        if not self._stack:
+            raise RuntimeError("no active run")
+        return self._stack[-1]
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._active["params"].update(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self._active["metrics"].setdefault(key, []).append((step, float(value)))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._active["tags"].update(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._active["artifacts"].append(str(Path(artifact_path or "") / Path(path).name))
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self._active["artifacts"].append(name)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self._active["artifacts"].append(name)
+
+    def log_table(self, table: Any, name: str) -> None:
+        self._active["artifacts"].append(name)
+
+    def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
+        self._active["artifacts"].append(f"model:{name}")
+        return None
+
+    def find(self, name: str) -> dict[str, Any]:
+        """The recorded run called ``name`` (KeyError if none)."""
+        for record in self.runs:
+            if record["name"] == name:
+                return record
+        raise KeyError(name)

@@ -1,0 +1,135 @@
+"""MLflow tracker and registry helpers: the only module that imports mlflow.
+
+Default store: ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts``;
+``MLFLOW_TRACKING_URI`` (read by the entry point, passed in here) points at a team server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from bonemet.tracking.base import Tracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = Path("mlruns")
+
+
+def default_tracking_uri(store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
+    """SQLite backend inside ``store_dir`` (absolute, so it works from any working directory)."""
+    return f"sqlite:///{(Path(store_dir) / 'mlflow.db').resolve()}"
+
+
+def configure(tracking_uri: str | None = None, store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
+    """Point MLflow at ``tracking_uri`` (or the local SQLite store); returns the URI used."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri or default_tracking_uri(store_dir)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
+    """Create the experiment if needed (artifacts under ``store_dir/artifacts`` for a local store)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        artifact_location = (Path(store_dir) / "artifacts" / name).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            flat[name] = text[:6000]
+    return flat
+
+
+class MlflowTracker(Tracker):
+    """Tracker writing to MLflow; runs opened inside another run are nested."""
+
+    def __init__(
+        self,
+        experiment: str,
+        tracking_uri: str | None = None,
+        store_dir: str | Path = DEFAULT_STORE_DIR,
+        default_tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.tracking_uri = configure(tracking_uri, store_dir)
+        self.experiment_id = ensure_experiment(experiment, store_dir)
+        self.default_tags = {k: str(v) for k, v in (default_tags or {}).items()}
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str]:
+        nested = nested or mlflow.active_run() is not None
+        all_tags = {**self.default_tags, **{k: str(v) for k, v in (tags or {}).items()}}
+        with mlflow.start_run(
+            run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags
+        ) as active:
+            yield active.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        mlflow.log_params(_flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        mlflow.log_figure(figure, name)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        mlflow.log_dict(dict(data), name)
+
+    def log_table(self, table: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            if name.endswith(".csv"):
+                table.to_csv(path, index=False)
+            else:
+                table.to_json(path, orient="records", indent=1)
+            parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
+            mlflow.log_artifact(str(path), artifact_path=parent)
+
+    def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
+        """Log a model. ``flavor`` in kwargs: 'sklearn' (default), 'pytorch' or 'pyfunc'."""
+        flavor = kwargs.pop("flavor", "sklearn")
+        module = {"sklearn": mlflow.sklearn, "pytorch": mlflow.pytorch, "pyfunc": mlflow.pyfunc}[flavor]
+        if flavor == "pyfunc":
+            return module.log_model(name=name, python_model=model, **kwargs)
+        return module.log_model(model, name=name, **kwargs)
+
+
+def client(tracking_uri: str | None = None, store_dir: str | Path = DEFAULT_STORE_DIR) -> MlflowClient:
+    """An MlflowClient on the configured store."""
+    uri = configure(tracking_uri, store_dir)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
