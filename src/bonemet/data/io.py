@@ -8,7 +8,9 @@ tags, and whatever a NIfTI/NRRD header holds, never reach logs, tables or output
 
 from __future__ import annotations
 
+import gzip
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,7 @@ def read_image(path: str | Path, case_id: str | None = None, pixel_type: int | N
             image = _read_dicom_series(path, where)
         else:
             image = sitk.ReadImage(str(path))
+            _check_complete(path, image, where)
     except ImageReadError:
         raise
     except RuntimeError as exc:
@@ -63,6 +66,24 @@ def read_image(path: str | Path, case_id: str | None = None, pixel_type: int | N
     if pixel_type is not None:
         image = sitk.Cast(image, pixel_type)
     return _strip_metadata(image)
+
+
+def _check_complete(path: Path, image: sitk.Image, where: str) -> None:
+    """Raise ImageReadError for a truncated file (ITK fills missing voxels silently)."""
+    expected = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as fh:
+                total = 0
+                while block := fh.read(1 << 22):
+                    total += len(block)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ImageReadError(f"{where}: truncated or corrupt compressed file ({exc})") from exc
+        if total < expected:
+            raise ImageReadError(f"{where}: truncated: {total} bytes of voxel data, expected at least {expected}")
+    elif name.endswith((".nii", ".mha", ".nrrd")) and path.stat().st_size < expected:
+        raise ImageReadError(f"{where}: truncated: file has {path.stat().st_size} bytes, voxel data needs {expected}")
 
 
 def _read_dicom_series(folder: Path, where: str) -> sitk.Image:

@@ -1,0 +1,343 @@
+"""PyRadiomics feature extraction per mask and per cohort (parallel, cached per case).
+
+Features are computed from the HU images (PyRadiomics resamples internally), never from the
+normalised network inputs. Masks are checked before PyRadiomics sees them so that a bad mask
+gives an error naming the case, the file and the reason instead of a bare PyRadiomics message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from bonemet.data.io import read_image, read_mask, resample_to_reference, same_grid
+from bonemet.radiomics.settings import settings_digest
+from bonemet.utils import atomic_path, file_md5, progress
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS = ("case_id", "label")
+CACHE_FORMAT = 1  # bump when the cache entry layout changes
+
+
+class BadMaskError(ValueError):
+    """A mask cannot give features (empty, one voxel, outside the image, rejected by PyRadiomics)."""
+
+    def __init__(self, case_id: str, mask: str | Path | None, reason: str) -> None:
+        self.case_id = case_id
+        self.mask = str(mask) if mask is not None else None
+        self.reason = reason
+        where = f" ({self.mask})" if self.mask else ""
+        super().__init__(f"case '{case_id}'{where}: {reason}")
+
+
+class FeatureNameMismatchError(ValueError):
+    """Two cases gave different feature names under the same settings."""
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One mask to extract: the case, its label (0/1) and the image and mask files."""
+
+    case_id: str
+    label: int
+    image: Path
+    mask: Path
+
+
+@dataclass
+class CohortStats:
+    """What :func:`extract_cohort` did, for logging and MLflow (seconds, MiB)."""
+
+    n_cases: int = 0
+    n_cached: int = 0
+    n_extracted: int = 0
+    n_dropped: int = 0
+    seconds: float = 0.0
+    peak_worker_rss_mib: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# one mask
+
+
+def _binary_mask(mask: sitk.Image, label: int) -> sitk.Image:
+    return sitk.Cast(sitk.Equal(sitk.Cast(mask, sitk.sitkInt32), int(label)), sitk.sitkUInt8)
+
+
+def _count(mask: sitk.Image) -> int:
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+
+
+def check_mask(image: sitk.Image, mask: sitk.Image, case_id: str, mask_file: str | Path | None = None) -> sitk.Image:
+    """Check a binary (0/1) mask against its image; return it on the image grid.
+
+    A mask on another grid that overlaps the image is resampled onto the image grid
+    (nearest neighbour). Raises :class:`BadMaskError` for an empty, one-voxel or
+    out-of-image mask.
+    """
+    n_voxels = _count(mask)
+    if n_voxels == 0:
+        raise BadMaskError(case_id, mask_file, "mask is empty: expected at least 2 lesion voxels, found 0")
+    if n_voxels == 1:
+        raise BadMaskError(
+            case_id, mask_file, "mask has a single lesion voxel: expected at least 2 (shape and texture need a region)"
+        )
+    ok, reason = same_grid(image, mask, tol_mm=1e-3)
+    if not ok:
+        moved = resample_to_reference(mask, image, sitk.sitkNearestNeighbor, 0)
+        inside = _count(moved)
+        if inside == 0:
+            raise BadMaskError(
+                case_id,
+                mask_file,
+                f"mask lies outside the image: its grid ({reason}) does not overlap the image's "
+                f"(origin {tuple(round(v, 2) for v in image.GetOrigin())} mm, size {image.GetSize()})",
+            )
+        if inside < 2:
+            raise BadMaskError(case_id, mask_file, f"mask keeps {inside} voxel inside the image grid: expected at least 2")
+        log.warning("case '%s': mask grid differs from the image's (%s); resampled onto the image grid", case_id, reason)
+        mask = moved
+    return mask
+
+
+def extract_features(
+    image: sitk.Image | str | Path,
+    mask: sitk.Image | str | Path,
+    settings: Mapping[str, Any],
+    case_id: str,
+) -> dict[str, float]:
+    """PyRadiomics features of one lesion mask, diagnostics dropped, in PyRadiomics' order.
+
+    Args:
+        image: the CT (HU) as a SimpleITK image or a file.
+        mask: label map (image or file); the lesion is ``settings["setting"]["label"]`` (default 1).
+        settings: PyRadiomics settings dict (``imageType``, ``featureClass``, ``setting``).
+        case_id: names the case in errors.
+
+    Raises:
+        BadMaskError: empty, one-voxel or out-of-image mask, or a mask PyRadiomics rejects.
+    """
+    from radiomics import featureextractor
+
+    label = int(settings.get("setting", {}).get("label", 1))
+    mask_file = None if isinstance(mask, sitk.Image) else Path(mask)
+    if not isinstance(image, sitk.Image):
+        image = read_image(image, case_id=case_id)
+    if isinstance(mask, sitk.Image):
+        mask = _binary_mask(mask, label)
+    else:
+        mask = read_mask(mask, label=label, case_id=case_id)
+    mask = check_mask(image, mask, case_id, mask_file)
+
+    params = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
+    params["setting"]["label"] = 1  # the mask is binary from here on
+    params["setting"]["additionalInfo"] = False
+    extractor = featureextractor.RadiomicsFeatureExtractor(params)
+    radiomics_log = logging.getLogger("radiomics")
+    previous = radiomics_log.level
+    radiomics_log.setLevel(logging.CRITICAL)  # its ValueErrors are rephrased below
+    try:
+        result = extractor.execute(image, mask)
+    except ValueError as exc:
+        raise BadMaskError(case_id, mask_file, f"PyRadiomics rejected the mask: {exc}") from exc
+    finally:
+        radiomics_log.setLevel(previous)
+    return {name: float(value) for name, value in result.items() if not name.startswith("diagnostics_")}
+
+
+# ----------------------------------------------------------------------------------------------
+# cache
+
+
+def cache_key(image: str | Path, mask: str | Path, settings: Mapping[str, Any]) -> str:
+    """Hash of the image bytes, the mask bytes, the settings and the PyRadiomics version."""
+    h = hashlib.sha256()
+    for part in (str(CACHE_FORMAT), file_md5(image), file_md5(mask), settings_digest(settings)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _read_cache(path: Path) -> dict[str, float] | None:
+    try:
+        entry = json.loads(path.read_text())
+        return dict(zip(entry["names"], (float(v) for v in entry["values"]), strict=True))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a corrupt entry is simply recomputed
+        log.warning("%s: unreadable cache entry (%s); extracting again", path, exc)
+        return None
+
+
+def _write_cache(path: Path, case_id: str, features: Mapping[str, float]) -> None:
+    entry = {"case_id": case_id, "names": list(features), "values": [float(v) for v in features.values()]}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(entry))
+
+
+# ----------------------------------------------------------------------------------------------
+# cohort
+
+
+def _init_worker(sitk_threads: int) -> None:
+    """Pool initializer: one SimpleITK thread per worker (the processes are the parallelism)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(sitk_threads))
+    logging.getLogger("radiomics").setLevel(logging.CRITICAL)
+
+
+def _extract_task(
+    case: CaseInput, settings: Mapping[str, Any], cache_file: str | None
+) -> tuple[str, dict[str, float] | None, str | None, float]:
+    """Worker: extract one case, write its cache entry; returns (case_id, features, bad-mask reason, RSS MiB)."""
+    try:
+        features = extract_features(case.image, case.mask, settings, case.case_id)
+    except BadMaskError as exc:
+        return case.case_id, None, exc.reason, _peak_rss_mib()
+    if cache_file is not None:
+        _write_cache(Path(cache_file), case.case_id, features)
+    return case.case_id, features, None, _peak_rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def resolve_n_jobs(n_jobs: int) -> int:
+    """-1 means all cores; otherwise at least 1."""
+    if n_jobs is None or n_jobs < 0:
+        return max(1, os.cpu_count() or 1)
+    return max(1, int(n_jobs))
+
+
+def extract_cohort(
+    cases: Sequence[CaseInput | tuple[str, int, str | Path, str | Path]],
+    settings: Mapping[str, Any],
+    *,
+    n_jobs: int = -1,
+    cache_dir: str | Path | None = None,
+    allow_drop: bool = False,
+    show_progress: bool = True,
+    stats: CohortStats | None = None,
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Features of every case: parallel across cases, cached per case.
+
+    Args:
+        cases: ``(case_id, label, image_path, mask_path)`` tuples (or :class:`CaseInput`).
+        settings: PyRadiomics settings dict (see :mod:`bonemet.radiomics.settings`).
+        n_jobs: worker processes; -1 = all cores; 1 = in this process.
+        cache_dir: folder of per-case cache entries keyed by image, mask and settings hashes;
+            ``None`` disables the cache.
+        allow_drop: drop cases with bad masks (reported in the second return value) instead of
+            raising.
+        show_progress: show a progress bar (cases done, rate, time left).
+        stats: filled in with counts, seconds and the peak worker memory when given.
+
+    Returns:
+        ``(table, dropped)``: columns ``case_id``, ``label`` then the features (float64) in
+        PyRadiomics' order, one row per kept case in input order; ``dropped`` lists
+        ``(case_id, reason)``.
+
+    Raises:
+        BadMaskError: a bad mask when ``allow_drop`` is False (the message lists every bad case).
+    """
+    start = time.perf_counter()
+    inputs = [c if isinstance(c, CaseInput) else CaseInput(str(c[0]), int(c[1]), Path(c[2]), Path(c[3])) for c in cases]
+    ids = [c.case_id for c in inputs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate case_id(s) in the extraction list: {', '.join(duplicates)}")
+    cache_path: dict[str, Path | None] = {}
+    results: dict[str, dict[str, float]] = {}
+    cache_root = Path(cache_dir) if cache_dir is not None else None
+    if cache_root is not None:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    todo: list[CaseInput] = []
+    for case in inputs:
+        path = cache_root / f"{cache_key(case.image, case.mask, settings)}.json" if cache_root is not None else None
+        cache_path[case.case_id] = path
+        cached = _read_cache(path) if path is not None else None
+        if cached is not None:
+            results[case.case_id] = cached
+        else:
+            todo.append(case)
+    log.info("radiomics: %d case(s), %d from cache, %d to extract", len(inputs), len(results), len(todo))
+
+    bad: dict[str, str] = {}
+    peak_rss = 0.0
+    workers = min(resolve_n_jobs(n_jobs), max(1, len(todo)))
+    if todo and workers == 1:
+        for case in progress(todo, total=len(todo), desc="radiomics", disable=not show_progress):
+            path = cache_path[case.case_id]
+            case_id, features, reason, rss = _extract_task(case, settings, str(path) if path else None)
+            peak_rss = max(peak_rss, rss)
+            if reason is not None:
+                bad[case_id] = reason
+            else:
+                results[case_id] = features
+    elif todo:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
+            futures = [
+                pool.submit(_extract_task, case, settings, str(cache_path[case.case_id]) if cache_path[case.case_id] else None)
+                for case in todo
+            ]
+            for future in progress(as_completed(futures), total=len(futures), desc="radiomics", disable=not show_progress):
+                case_id, features, reason, rss = future.result()
+                peak_rss = max(peak_rss, rss)
+                if reason is not None:
+                    bad[case_id] = reason
+                else:
+                    results[case_id] = features
+
+    dropped = [(c.case_id, bad[c.case_id]) for c in inputs if c.case_id in bad]
+    if dropped and not allow_drop:
+        lines = "; ".join(f"case '{cid}' ({next(c.mask for c in inputs if c.case_id == cid)}): {why}" for cid, why in dropped)
+        first = next(c for c in inputs if c.case_id == dropped[0][0])
+        raise BadMaskError(first.case_id, None, f"{len(dropped)} bad mask(s), set allow_drop to drop them: {lines}")
+    for case_id, reason in dropped:
+        log.warning("case '%s': dropped (%s)", case_id, reason)
+
+    table = _assemble(inputs, results)
+    if stats is not None:
+        stats.n_cases = len(inputs)
+        stats.n_cached = len(inputs) - len(todo)
+        stats.n_extracted = len(todo) - len(dropped)
+        stats.n_dropped = len(dropped)
+        stats.seconds = time.perf_counter() - start
+        stats.peak_worker_rss_mib = peak_rss
+    return table, dropped
+
+
+def _assemble(inputs: Sequence[CaseInput], results: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    kept = [c for c in inputs if c.case_id in results]
+    if not kept:
+        return pd.DataFrame({"case_id": pd.Series(dtype=str), "label": pd.Series(dtype="int64")})
+    names = list(results[kept[0].case_id])
+    for case in kept[1:]:
+        other = results[case.case_id]
+        if list(other) != names:
+            missing = sorted(set(names) - set(other))[:5]
+            extra = sorted(set(other) - set(names))[:5]
+            raise FeatureNameMismatchError(
+                f"case '{case.case_id}': feature names differ from case '{kept[0].case_id}' "
+                f"(missing {missing}, extra {extra}, counts {len(other)} vs {len(names)})"
+            )
+    values = np.array([[results[c.case_id][n] for n in names] for c in kept], dtype=np.float64)
+    table = pd.DataFrame(values, columns=names)
+    table.insert(0, "label", np.array([c.label for c in kept], dtype=np.int64))
+    table.insert(0, "case_id", [c.case_id for c in kept])
+    return table

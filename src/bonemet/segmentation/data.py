@@ -1,0 +1,160 @@
+"""Segmentation data: the preprocessed case table, volumes in memory, seeded MONAI transforms.
+
+Preprocessed volumes are small (resampled to ~1 mm and cropped to the bone region), so the
+whole cohort is held in memory as channel-first arrays ``(1, D, H, W)`` in SimpleITK array
+order (z, y, x); ``roi_size`` is in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from bonemet.data.io import read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+PREPROCESSED_TABLE = "cases.csv"
+
+
+class SegmentationDataError(ValueError):
+    """The preprocessed case table or one of its volumes is unusable."""
+
+
+@dataclass(frozen=True)
+class SegCase:
+    """One case for segmentation.
+
+    ``image``/``mask`` are the preprocessed volumes (training space); ``original_image`` and
+    ``original_mask`` are the raw CT and manual mask (the grid the automatic mask is written on
+    and evaluated against).
+    """
+
+    case_id: str
+    image: Path
+    mask: Path
+    original_image: Path | None = None
+    original_mask: Path | None = None
+    label: int | None = None
+
+
+def _resolve(value: str, base: Path) -> Path:
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    if (base / path).exists():
+        return base / path
+    return path
+
+
+def load_cases(
+    preprocessed_dir: str | Path, originals: Mapping[str, tuple[Path, Path]] | None = None
+) -> list[SegCase]:
+    """Read ``cases.csv`` of the preprocess stage into :class:`SegCase` objects.
+
+    Args:
+        preprocessed_dir: folder with ``cases.csv`` (columns case_id, label, image, mask); relative
+            paths are resolved against this folder first, then the working directory.
+        originals: case_id -> (raw image path, raw manual mask path), e.g. from the manifest.
+    """
+    preprocessed_dir = Path(preprocessed_dir)
+    table_path = preprocessed_dir / PREPROCESSED_TABLE
+    if not table_path.is_file():
+        raise SegmentationDataError(f"{table_path}: preprocessed case table not found (run the preprocess stage)")
+    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    missing = {"case_id", "image", "mask"} - set(table.columns)
+    if missing:
+        raise SegmentationDataError(f"{table_path}: expected columns case_id,image,mask; missing {sorted(missing)}")
+    cases = []
+    for row in table.to_dict("records"):
+        cid = row["case_id"]
+        orig = (originals or {}).get(cid)
+        if originals is not None and orig is None:
+            raise SegmentationDataError(f"case '{cid}': in {table_path} but not in the raw manifest")
+        label = row.get("label", "")
+        cases.append(
+            SegCase(
+                case_id=cid,
+                image=_resolve(row["image"], preprocessed_dir),
+                mask=_resolve(row["mask"], preprocessed_dir),
+                original_image=orig[0] if orig else None,
+                original_mask=orig[1] if orig else None,
+                label=int(label) if str(label).strip() not in ("", "nan") else None,
+            )
+        )
+    return cases
+
+
+def load_volume(case: SegCase, with_label: bool = True) -> dict[str, Any]:
+    """Load a preprocessed case as ``{"image": (1,D,H,W) float32, "label": (1,D,H,W) float32, "case_id"}``."""
+    image = read_image(case.image, case_id=case.case_id, pixel_type=sitk.sitkFloat32)
+    item: dict[str, Any] = {
+        "case_id": case.case_id,
+        "image": sitk.GetArrayFromImage(image)[None].astype(np.float32),
+    }
+    if with_label:
+        mask = read_mask(case.mask, label=1, case_id=case.case_id)
+        if mask.GetSize() != image.GetSize():
+            raise SegmentationDataError(
+                f"case '{case.case_id}': {case.mask} size {mask.GetSize()} != image size {image.GetSize()}"
+            )
+        item["label"] = sitk.GetArrayFromImage(mask)[None].astype(np.float32)
+    return item
+
+
+def train_transforms(
+    roi_size: Sequence[int],
+    pos: float = 1.0,
+    neg: float = 1.0,
+    num_samples: int = 2,
+    flip_prob: float = 0.5,
+    rotate_prob: float = 0.2,
+    rotate_range_deg: float = 10.0,
+    intensity_prob: float = 0.5,
+    intensity_shift: float = 0.05,
+    intensity_scale: float = 0.1,
+    seed: int = 0,
+):
+    """Seeded training augmentation: pad to the roi, pos/neg-balanced crops, flips, small
+    rotations (degrees), intensity shift (offset in normalised units) and scale (fraction)."""
+    from monai.transforms import (
+        Compose,
+        EnsureTyped,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandRotated,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"]
+    rad = float(np.deg2rad(rotate_range_deg))
+    transform = Compose(
+        [
+            SpatialPadd(keys=keys, spatial_size=tuple(roi_size), mode="constant"),
+            RandCropByPosNegLabeld(
+                keys=keys, label_key="label", spatial_size=tuple(roi_size), pos=pos, neg=neg,
+                num_samples=num_samples, image_key="image", image_threshold=0.0,
+            ),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+            RandRotated(
+                keys=keys, range_x=rad, range_y=rad, range_z=rad, prob=rotate_prob,
+                mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True,
+            ),
+            RandScaleIntensityd(keys="image", factors=intensity_scale, prob=intensity_prob),
+            RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=intensity_prob),
+            EnsureTyped(keys=keys, track_meta=False),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform

@@ -1,0 +1,140 @@
+"""Sliding-window inference, postprocessing, and mapping masks back to the original CT grid.
+
+The preprocessed image keeps its physical geometry (origin, spacing, direction) in the header,
+so the lesion probability predicted in training space is resampled (linear) onto the
+original image grid and thresholded there; this gives smoother masks than nearest-neighbour
+resampling of a 1 mm label map onto a finer or anisotropic grid. Voxels outside the crop are
+background.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from bonemet.data.io import read_image, resample_to_reference
+
+log = logging.getLogger(__name__)
+
+
+class CaseInferenceError(ValueError):
+    """Inference failed for one case; the message names the case and the cause."""
+
+
+def autocast_context(device: Any):
+    """bf16 autocast on CUDA (fp16 when bf16 is unsupported); nothing on CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def sliding_window_logits(
+    model: Any,
+    image: np.ndarray,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: Any = "cpu",
+    mode: str = "gaussian",
+):
+    """Logits ``(1, C, D, H, W)`` (float32 torch tensor on ``device``) for a ``(1, D, H, W)`` image.
+
+    A volume smaller than ``roi_size`` along any axis is padded (MONAI pads and crops back), so
+    the output always has the input's spatial shape.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None].to(device)
+    model.eval()
+    with torch.no_grad(), autocast_context(torch.device(device)):
+        logits = sliding_window_inference(
+            x, roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size,
+            predictor=model, overlap=overlap, mode=mode, padding_mode="constant", cval=0.0,
+        )
+    if isinstance(logits, tuple | list):  # a network that still returns (logits, aux)
+        logits = logits[0]
+    return logits.float()
+
+
+def lesion_probability(logits) -> np.ndarray:
+    """Softmax probability of the lesion class (channel 1) as ``(D, H, W)`` float32."""
+    import torch
+
+    return torch.softmax(logits, dim=1)[0, 1].cpu().numpy().astype(np.float32)
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a binary mask (uint8); empty stays empty."""
+    mask = np.asarray(mask).astype(bool)
+    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    if n <= 1:
+        return mask.astype(np.uint8)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return (labels == int(sizes.argmax())).astype(np.uint8)
+
+
+def probability_to_original(
+    probability: np.ndarray,
+    preprocessed: sitk.Image,
+    original: sitk.Image,
+    threshold: float = 0.5,
+    largest_component: bool = True,
+) -> sitk.Image:
+    """Map a lesion probability in preprocessed space onto the original grid; binary uint8 mask.
+
+    Args:
+        probability: ``(D, H, W)`` array on ``preprocessed``'s grid.
+        preprocessed: the preprocessed image (its header carries the physical geometry).
+        original: the raw CT; the result shares its size, spacing, origin and direction.
+        threshold: probability at or above which a voxel is lesion.
+        largest_component: keep only the largest connected component (after mapping).
+    """
+    prob = sitk.GetImageFromArray(np.asarray(probability, dtype=np.float32))
+    prob.CopyInformation(preprocessed)
+    on_original = resample_to_reference(prob, original, interpolator=sitk.sitkLinear, default=0.0)
+    mask = (sitk.GetArrayViewFromImage(on_original) >= threshold).astype(np.uint8)
+    if largest_component:
+        mask = keep_largest_component(mask)
+    out = sitk.GetImageFromArray(mask)
+    out.CopyInformation(original)
+    return out
+
+
+def predict_case(
+    model: Any,
+    case: Any,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: Any = "cpu",
+    threshold: float = 0.5,
+    largest_component: bool = True,
+) -> sitk.Image:
+    """Out-of-fold automatic mask of one :class:`~bonemet.segmentation.data.SegCase` on its original grid.
+
+    Raises:
+        CaseInferenceError: naming the case, for any failure (unreadable image, network error...).
+    """
+    try:
+        preprocessed = read_image(case.image, case_id=case.case_id, pixel_type=sitk.sitkFloat32)
+        original_path = case.original_image if case.original_image is not None else case.image
+        original = read_image(original_path, case_id=case.case_id)
+        image = sitk.GetArrayFromImage(preprocessed)[None]
+        logits = sliding_window_logits(model, image, roi_size, overlap, sw_batch_size, device)
+        probability = lesion_probability(logits)
+        return probability_to_original(probability, preprocessed, original, threshold, largest_component)
+    except CaseInferenceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure must name the case
+        raise CaseInferenceError(f"case '{case.case_id}': inference failed on {case.image}: {exc}") from exc

@@ -1,0 +1,6 @@
+"""Checks of cohorts (manifest, images, masks) and feature tables, run with Great Expectations.
+
+``gx`` is the only module importing great_expectations (slow to import), so nothing is
+imported here: use ``from bonemet.validation.gx import Rule, check_table`` and
+``from bonemet.validation.cohort import validate_cohort``.
+"""
