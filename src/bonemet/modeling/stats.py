@@ -218,9 +218,11 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     strata = [np.flatnonzero(y == c) for c in (0, 1)]
     strata = [s for s in strata if len(s)]
+    # all resample indices drawn up front, one (n_boot, class size) block per class
+    idx_all = np.concatenate([s[rng.integers(0, len(s), size=(n_boot, len(s)))] for s in strata], axis=1)
     stats = np.empty(n_boot)
     for b in range(n_boot):
-        idx = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        idx = idx_all[b]
         stats[b] = metric_fn(y[idx], o[idx])
     finite = stats[np.isfinite(stats)]
     if len(finite) == 0:

@@ -48,58 +48,103 @@ def bone_mask(image_hu: sitk.Image, bone_threshold_hu: float, min_component_ml: 
     return out
 
 
+def _index_to_grid(image: sitk.Image, grid: sitk.Image, index: np.ndarray) -> np.ndarray:
+    """Continuous indices (N, 3) of ``image`` -> continuous indices in ``grid`` (via physical space)."""
+    def matrix(img: sitk.Image) -> np.ndarray:
+        d = img.GetDimension()
+        return np.asarray(img.GetDirection(), float).reshape(d, d) @ np.diag(img.GetSpacing())
+
+    physical = np.asarray(image.GetOrigin(), float) + index @ matrix(image).T
+    return np.linalg.solve(matrix(grid), (physical - np.asarray(grid.GetOrigin(), float)).T).T
+
+
 def bone_crop_box(
     image_hu: sitk.Image,
     bone_threshold_hu: float,
     margin_mm: float,
     min_size_vox: Sequence[int],
     min_component_ml: float = 1.0,
+    grid: sitk.Image | None = None,
 ) -> CropBox:
-    """The bounding box of the bone plus a margin, clamped to the image, at least ``min_size_vox``.
+    """The bounding box of the bone plus a margin, clamped to the grid, at least ``min_size_vox``.
 
     Uses only the CT (never a lesion mask), so training and inference on a new CT crop alike.
 
     Args:
-        image_hu: CT in Hounsfield units (usually already resampled).
+        image_hu: CT in Hounsfield units; the bone is found on its own grid.
         bone_threshold_hu: voxels above this HU are bone candidates.
         margin_mm: added on every side of the bone's bounding box, in mm (so lesions breaking
             through the cortex and the bone's surroundings stay in the crop).
         min_size_vox: minimum box size in voxels, (x, y, z); the box grows symmetrically around
-            the bone, and beyond the image (padding) only when the image itself is smaller.
+            the bone, and beyond the grid (padding) only when the grid itself is smaller.
         min_component_ml: bone components smaller than this volume (ml) are ignored.
+        grid: the grid whose index space the box is in (e.g. the resampled grid, so only the
+            crop needs resampling); default ``image_hu``'s own grid.
     """
-    dim = image_hu.GetDimension()
-    image_size = np.asarray(image_hu.GetSize(), int)
+    grid = image_hu if grid is None else grid
+    dim = grid.GetDimension()
+    grid_size = np.asarray(grid.GetSize(), int)
     min_size = np.asarray([int(v) for v in min_size_vox], int)
     if min_size.shape != (dim,) or np.any(min_size < 1):
         raise ValueError(f"min_size_vox must be {dim} positive integers, found {list(min_size_vox)}")
     if margin_mm < 0:
         raise ValueError(f"margin_mm must be >= 0, found {margin_mm}")
-    bone = sitk.GetArrayViewFromImage(bone_mask(image_hu, bone_threshold_hu, min_component_ml))
+    bone = sitk.GetArrayFromImage(bone_mask(image_hu, bone_threshold_hu, min_component_ml)).astype(bool)
     if not bone.any():
         log.warning("no voxel above %s HU: cropping to the whole image", bone_threshold_hu)
-        lo, hi = np.zeros(dim, int), image_size.copy()
+        lo, hi = np.zeros(dim, int), grid_size.copy()
     else:
-        # numpy axes are (z, y, x); reverse to SimpleITK's (x, y, z).
-        lo, hi = np.zeros(dim, int), np.zeros(dim, int)
+        # numpy axes are (z, y, x); reverse to SimpleITK's (x, y, z). Bounds of voxel centres.
+        first, last = np.zeros(dim), np.zeros(dim)
         for axis in range(dim):
             other = tuple(a for a in range(dim) if a != axis)
             present = np.flatnonzero(bone.any(axis=other))
-            lo[dim - 1 - axis], hi[dim - 1 - axis] = present[0], present[-1] + 1
-        margin = np.asarray([math.ceil(margin_mm / s) for s in image_hu.GetSpacing()], int)
-        lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, image_size)
+            first[dim - 1 - axis], last[dim - 1 - axis] = present[0], present[-1]
+        corners = np.array([[(first, last)[(c >> a) & 1][a] for a in range(dim)] for c in range(2**dim)], float)
+        in_grid = _index_to_grid(image_hu, grid, corners)
+        lo = np.floor(in_grid.min(axis=0) + 1e-6).astype(int)
+        hi = np.ceil(in_grid.max(axis=0) - 1e-6).astype(int) + 1
+        margin = np.asarray([math.ceil(margin_mm / s - 1e-9) for s in grid.GetSpacing()], int)
+        lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, grid_size)
     start, size = lo.copy(), hi - lo
     for axis in range(dim):
         need = min_size[axis] - size[axis]
         if need <= 0:
             continue
         begin = lo[axis] - need // 2
-        if image_size[axis] >= min_size[axis]:  # fits inside the image: shift instead of padding
-            begin = int(np.clip(begin, 0, image_size[axis] - min_size[axis]))
-        else:  # image too small: centre the image in the padded box
-            begin = -((min_size[axis] - image_size[axis]) // 2)
+        if grid_size[axis] >= min_size[axis]:  # fits inside the grid: shift instead of padding
+            begin = int(np.clip(begin, 0, grid_size[axis] - min_size[axis]))
+        else:  # grid too small: centre it in the padded box
+            begin = -((min_size[axis] - grid_size[axis]) // 2)
         start[axis], size[axis] = begin, min_size[axis]
     return CropBox(tuple(int(v) for v in start), tuple(int(v) for v in size))
+
+
+def box_reference(grid: sitk.Image, box: CropBox) -> sitk.Image:
+    """An empty image on ``box`` of ``grid``: same spacing and direction, origin at ``box.start``."""
+    reference = sitk.Image([int(v) for v in box.size], sitk.sitkUInt8)
+    reference.SetSpacing(grid.GetSpacing())
+    reference.SetDirection(grid.GetDirection())
+    reference.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([float(v) for v in box.start]))
+    return reference
+
+
+def source_region(image: sitk.Image, reference: sitk.Image, pad_vox: int) -> sitk.Image:
+    """The part of ``image`` that covers ``reference``'s physical box plus ``pad_vox`` voxels.
+
+    Resampling from this region instead of the whole image gives the same values (the
+    interpolator's support lies inside) at a fraction of the cost for large CTs.
+    """
+    dim = reference.GetDimension()
+    size = np.asarray(reference.GetSize(), float)
+    corners = np.array([[(-0.5, size[a] - 0.5)[(c >> a) & 1] for a in range(dim)] for c in range(2**dim)])
+    in_image = _index_to_grid(reference, image, corners)
+    image_size = np.asarray(image.GetSize(), int)
+    lo = np.maximum(np.floor(in_image.min(axis=0)).astype(int) - pad_vox, 0)
+    hi = np.minimum(np.ceil(in_image.max(axis=0)).astype(int) + pad_vox + 1, image_size)
+    if np.any(hi <= lo):  # the box lies outside the image: keep one voxel so resampling pads
+        lo, hi = np.zeros(dim, int), np.ones(dim, int)
+    return sitk.RegionOfInterest(image, [int(v) for v in hi - lo], [int(v) for v in lo])
 
 
 def crop_to_box(image: sitk.Image, box: CropBox, pad_value: float) -> sitk.Image:
@@ -121,3 +166,15 @@ def crop_to_box(image: sitk.Image, box: CropBox, pad_value: float) -> sitk.Image
     result = sitk.Image(out)
     result.SetOrigin(origin)
     return result
+
+
+def voxels_outside_box(mask: sitk.Image, grid: sitk.Image, box: CropBox) -> tuple[int, int]:
+    """``(lesion voxels, of which outside box)``: ``mask``'s nonzero voxel centres vs ``box`` of ``grid``."""
+    idx = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1].astype(float)  # (x, y, z)
+    if len(idx) == 0:
+        return 0, 0
+    in_grid = _index_to_grid(mask, grid, idx)
+    start, stop = np.asarray(box.start) - 0.5, np.asarray(box.stop) - 0.5
+    inside = np.all((in_grid >= start) & (in_grid < stop), axis=1)
+    return int(len(idx)), int(np.sum(~inside))
+

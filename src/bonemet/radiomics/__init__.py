@@ -7,24 +7,36 @@ from bonemet.radiomics.extraction import (
     FeatureNameMismatchError,
     cache_key,
     check_mask,
+    expected_feature_names,
     extract_cohort,
     extract_features,
     resolve_n_jobs,
 )
-from bonemet.radiomics.settings import RadiomicsSettingsError, build_settings, load_settings_file, settings_digest
+from bonemet.radiomics.settings import (
+    RadiomicsSettingsError,
+    build_settings,
+    load_settings_file,
+    settings_digest,
+)
+from bonemet.radiomics.sources import SOURCES, MissingMaskError, extract_sources, source_cases
 
 __all__ = [
     "BadMaskError",
     "CaseInput",
     "CohortStats",
     "FeatureNameMismatchError",
+    "MissingMaskError",
+    "SOURCES",
     "RadiomicsSettingsError",
     "build_settings",
     "cache_key",
     "check_mask",
     "extract_cohort",
+    "expected_feature_names",
     "extract_features",
     "load_settings_file",
+    "extract_sources",
     "resolve_n_jobs",
+    "source_cases",
     "settings_digest",
 ]

@@ -341,3 +341,23 @@ def _assemble(inputs: Sequence[CaseInput], results: Mapping[str, Mapping[str, fl
     table.insert(0, "label", np.array([c.label for c in kept], dtype=np.int64))
     table.insert(0, "case_id", [c.case_id for c in kept])
     return table
+
+
+def expected_feature_names(settings: Mapping[str, Any]) -> list[str]:
+    """The feature names (in order) the settings give, from a small built-in phantom.
+
+    The phantom is a 2 x 2 x 2 cm noisy block holding a 6 mm-radius sphere on a 1 mm grid, so
+    every image type and feature class yields its features; names do not depend on the data.
+    """
+    shape = (20, 20, 20)
+    zz, yy, xx = np.indices(shape)
+    centre = (np.array(shape) - 1) / 2.0
+    inside = ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) <= 6.0**2
+    rng = np.random.default_rng(0)
+    values = (rng.normal(100.0, 30.0, shape) + 300.0 * inside).astype(np.float32)
+    image = sitk.GetImageFromArray(values)
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(image)
+    phantom_settings = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
+    phantom_settings["setting"]["label"] = 1
+    return list(extract_features(image, mask, phantom_settings, case_id="<phantom>"))

@@ -138,3 +138,38 @@ def predict_case(
         raise
     except Exception as exc:  # noqa: BLE001 - any failure must name the case
         raise CaseInferenceError(f"case '{case.case_id}': inference failed on {case.image}: {exc}") from exc
+
+
+def segment_ct(
+    model: Any,
+    image_hu: sitk.Image,
+    preprocess: dict[str, Any],
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: Any = "cpu",
+    threshold: float = 0.5,
+    largest_component: bool = True,
+    case_id: str | None = None,
+) -> sitk.Image:
+    """Segment a new CT (HU) end to end: preprocess, sliding-window inference, map back.
+
+    Args:
+        model: a trained network (e.g. ``models:/bonemet-missu@staging`` loaded with the pytorch flavour).
+        image_hu: the CT in Hounsfield units, any grid.
+        preprocess: keyword arguments of :func:`bonemet.preprocessing.preprocess_image` (the
+            values the model was trained with; the registered model keeps them in its metadata).
+        roi_size, overlap, sw_batch_size, threshold, largest_component: as in :func:`predict_case`.
+
+    Returns:
+        uint8 0/1 lesion mask on ``image_hu``'s grid.
+    """
+    from bonemet.preprocessing import preprocess_image
+
+    try:
+        pre = preprocess_image(image_hu, case_id=case_id, **preprocess).image
+        pre = sitk.Cast(pre, sitk.sitkFloat32)
+        logits = sliding_window_logits(model, sitk.GetArrayFromImage(pre)[None], roi_size, overlap, sw_batch_size, device)
+        return probability_to_original(lesion_probability(logits), pre, image_hu, threshold, largest_component)
+    except Exception as exc:  # noqa: BLE001 - name the case whatever failed
+        raise CaseInferenceError(f"case '{case_id or '?'}': segmentation of the CT failed: {exc}") from exc

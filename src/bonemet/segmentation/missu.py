@@ -159,7 +159,9 @@ def check_roi_size(roi_size: object, divisor: int, network: str) -> tuple[int, i
     if isinstance(roi_size, int) and not isinstance(roi_size, bool):
         roi_size = (roi_size,) * 3
     if not isinstance(roi_size, Sequence) or isinstance(roi_size, str) or len(roi_size) != 3:
-        raise NetworkConfigError(f"{network}: roi_size must be three integers (D, H, W) in voxels; found {roi_size!r}")
+        raise NetworkConfigError(
+            f"{network}: roi_size must be three integers (D, H, W) in voxels; found {roi_size!r}"
+        )
     dims = []
     for d in roi_size:
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
@@ -252,8 +254,14 @@ class MISSU(nn.Module):
         dropout = _check_rate("dropout", dropout)
         embed_dropout = _check_rate("embed_dropout", embed_dropout)
         attn_dropout = _check_rate("attn_dropout", attn_dropout)
-        if isinstance(fusion_dilations, (str, bytes)) or not isinstance(fusion_dilations, Sequence) or not fusion_dilations:
-            raise NetworkConfigError(f"MISSU: fusion_dilations must be a non-empty list of rates; found {fusion_dilations!r}")
+        if (
+            isinstance(fusion_dilations, (str, bytes))
+            or not isinstance(fusion_dilations, Sequence)
+            or not fusion_dilations
+        ):
+            raise NetworkConfigError(
+                f"MISSU: fusion_dilations must be a non-empty list of rates; found {fusion_dilations!r}"
+            )
         fusion_dilations = [_check_positive_int("fusion_dilations[]", r) for r in fusion_dilations]
 
         self.in_channels = in_channels
@@ -263,13 +271,19 @@ class MISSU(nn.Module):
         self.teacher_trainable = bool(teacher_trainable)
 
         # Encoder: full-size stem then three stride-2 stages.
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, widths[0], kernel_size=3, padding=1), nn.Dropout3d(dropout))
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_channels, widths[0], kernel_size=3, padding=1), nn.Dropout3d(dropout)
+        )
         self.downs = nn.ModuleList(
             [nn.Identity()]
-            + [nn.Conv3d(widths[i - 1], widths[i], kernel_size=3, stride=2, padding=1) for i in range(1, N_SCALES)]
+            + [
+                nn.Conv3d(widths[i - 1], widths[i], kernel_size=3, stride=2, padding=1)
+                for i in range(1, N_SCALES)
+            ]
         )
         self.encoder_blocks = nn.ModuleList(
-            nn.Sequential(*[ResidualBlock(widths[i], groups) for i in range(blocks[i])]) for i in range(N_SCALES)
+            nn.Sequential(*[ResidualBlock(widths[i], groups) for _ in range(blocks[i])])
+            for i in range(N_SCALES)
         )
 
         # Bridge to tokens at 1/8 scale.
@@ -306,7 +320,9 @@ class MISSU(nn.Module):
             ResidualBlock(e4, groups),
         )
         dec_widths = [e4, widths[2], widths[1], widths[0]]  # decoder channels at 1/8, 1/4, 1/2, 1
-        self.up_steps = nn.ModuleList(UpStep(dec_widths[i], dec_widths[i + 1], groups) for i in range(N_SCALES - 1))
+        self.up_steps = nn.ModuleList(
+            UpStep(dec_widths[i], dec_widths[i + 1], groups) for i in range(N_SCALES - 1)
+        )
         self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
 
         # Self-distillation teachers, one per decoder scale (coarsest first). Inputs: the decoder
@@ -329,10 +345,14 @@ class MISSU(nn.Module):
     @staticmethod
     def _check_levels(name: str, values: object, groups: int | None) -> list[int]:
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != N_SCALES:
-            raise NetworkConfigError(f"MISSU: {name} must list {N_SCALES} integers (scales 1, 1/2, 1/4, 1/8); found {values!r}")
+            raise NetworkConfigError(
+                f"MISSU: {name} must list {N_SCALES} integers (scales 1, 1/2, 1/4, 1/8); found {values!r}"
+            )
         out = [_check_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
         if groups is not None and any(v % groups for v in out):
-            raise NetworkConfigError(f"MISSU: every entry of {name} must be divisible by groups={groups}; found {tuple(out)}")
+            raise NetworkConfigError(
+                f"MISSU: every entry of {name} must be divisible by groups={groups}; found {tuple(out)}"
+            )
         return out
 
     def training_only_parameters(self) -> Iterator[nn.Parameter]:
@@ -350,7 +370,10 @@ class MISSU(nn.Module):
             raise NetworkConfigError(
                 f"MISSU: state dict does not fit this network; missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        self.load_state_dict(given, strict=False)
+        try:
+            self.load_state_dict(given, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise NetworkConfigError(f"MISSU: state dict does not fit this network: {str(exc)[:500]}") from exc
 
     def _positional(self, grid: Sequence[int]) -> torch.Tensor:
         pos = self.pos_embed

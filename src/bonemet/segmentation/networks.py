@@ -7,7 +7,7 @@ mode returns ``(logits, distillation)`` (see :mod:`bonemet.segmentation.missu`).
 
 Input sizes each network accepts (D, H, W, voxels): MISSU any multiple of 8; UNet any multiple of
 the product of its strides (16 by default); UNETR exactly ``roi_size`` (a multiple of its 16^3
-patches); SwinUNETR any multiple of 32.
+patches); SwinUNETR any multiple of 32 with at least one dimension >= 64.
 """
 
 from __future__ import annotations
@@ -37,19 +37,27 @@ __all__ = [
 ]
 
 # Defaults for the MONAI baselines (overridable by keyword).
-UNET_DEFAULTS: dict[str, Any] = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2}
+UNET_DEFAULTS: dict[str, Any] = {
+    "channels": (16, 32, 64, 128, 256),
+    "strides": (2, 2, 2, 2),
+    "num_res_units": 2,
+}
 UNETR_DEFAULTS: dict[str, Any] = {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
 UNETR_PATCH = 16  # MONAI UNETR's ViT patch edge, voxels
 SWINUNETR_DEFAULTS: dict[str, Any] = {"feature_size": 24}
 SWINUNETR_DIVISOR = 32  # patch 2 x four merging stages: 2**5
 
 
-def _checked_kwargs(network: str, cls: type, kwargs: dict[str, Any], reserved: Sequence[str]) -> dict[str, Any]:
+def _checked_kwargs(
+    network: str, cls: type, kwargs: dict[str, Any], reserved: Sequence[str]
+) -> dict[str, Any]:
     """Refuse keywords the MONAI constructor does not take (a typo would otherwise be a TypeError)."""
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", *reserved}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise NetworkConfigError(f"{network}: unknown argument(s) {unknown}; expected some of {sorted(allowed)}")
+        raise NetworkConfigError(
+            f"{network}: unknown argument(s) {unknown}; expected some of {sorted(allowed)}"
+        )
     return kwargs
 
 
@@ -77,9 +85,14 @@ def _build_unet(in_channels: int, out_channels: int, roi_size: Sequence[int], **
     from monai.networks.nets import UNet
 
     _check_channels("unet", in_channels, out_channels)
-    args = {**UNET_DEFAULTS, **_checked_kwargs("unet", UNet, kwargs, ("spatial_dims", "in_channels", "out_channels"))}
+    args = {
+        **UNET_DEFAULTS,
+        **_checked_kwargs("unet", UNet, kwargs, ("spatial_dims", "in_channels", "out_channels")),
+    }
     check_roi_size(roi_size, _unet_divisor(args["strides"]), "unet")
-    return _construct("unet", UNet, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **args)
+    return _construct(
+        "unet", UNet, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **args
+    )
 
 
 def _unet_divisor(strides: Sequence[int]) -> int:
@@ -94,13 +107,25 @@ def _build_unetr(in_channels: int, out_channels: int, roi_size: Sequence[int], *
     _check_channels("unetr", in_channels, out_channels)
     args = {
         **UNETR_DEFAULTS,
-        **_checked_kwargs("unetr", UNETR, kwargs, ("spatial_dims", "in_channels", "out_channels", "img_size")),
+        **_checked_kwargs(
+            "unetr", UNETR, kwargs, ("spatial_dims", "in_channels", "out_channels", "img_size")
+        ),
     }
     roi = check_roi_size(roi_size, UNETR_PATCH, "unetr")
-    return _construct("unetr", UNETR, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, img_size=roi, **args)
+    return _construct(
+        "unetr",
+        UNETR,
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        img_size=roi,
+        **args,
+    )
 
 
-def _build_swinunetr(in_channels: int, out_channels: int, roi_size: Sequence[int], **kwargs: Any) -> nn.Module:
+def _build_swinunetr(
+    in_channels: int, out_channels: int, roi_size: Sequence[int], **kwargs: Any
+) -> nn.Module:
     # MONAI 1.6 removed SwinUNETR's img_size: the crop only has to be a multiple of 32.
     from monai.networks.nets import SwinUNETR
 
@@ -109,8 +134,15 @@ def _build_swinunetr(in_channels: int, out_channels: int, roi_size: Sequence[int
         **SWINUNETR_DEFAULTS,
         **_checked_kwargs("swinunetr", SwinUNETR, kwargs, ("spatial_dims", "in_channels", "out_channels")),
     }
-    check_roi_size(roi_size, SWINUNETR_DIVISOR, "swinunetr")
-    return _construct("swinunetr", SwinUNETR, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **args)
+    roi = check_roi_size(roi_size, SWINUNETR_DIVISOR, "swinunetr")
+    if math.prod(d // SWINUNETR_DIVISOR for d in roi) < 2:
+        # Its bottleneck sits at 1/32 scale and is instance-normalised: a single voxel there cannot be.
+        raise NetworkConfigError(
+            f"swinunetr: roi_size must span more than one 32^3 block (one dimension >= 64); found {roi}"
+        )
+    return _construct(
+        "swinunetr", SwinUNETR, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **args
+    )
 
 
 #: name -> builder(in_channels, out_channels, roi_size, **kwargs)

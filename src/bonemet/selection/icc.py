@@ -96,7 +96,8 @@ class ICCFilter(SelectorMixin, BaseEstimator):
     Attributes
     ----------
     icc_ : pandas.Series
-        ICC per primary feature (index: primary feature names), from the training rows.
+        ICC per primary feature (index: primary feature names), from the training rows
+        (property over ``icc_values_``, an ndarray in the order of ``primary_names_``).
     primary_names_ : ndarray of str
         The primary feature names (``x0``.. for arrays: the first half).
     fallback_ : bool
@@ -145,17 +146,26 @@ class ICCFilter(SelectorMixin, BaseEstimator):
         primary_names = names[primary] if names is not None else np.asarray([f"x{i}" for i in primary], dtype=object)
         self.primary_idx_ = primary
         self.primary_names_ = np.asarray(primary_names, dtype=object)
-        self.icc_ = pd.Series(values, index=[str(n) for n in primary_names], name=self.icc_form)
+        self.icc_values_ = np.asarray(values, dtype=float)
         keep = np.nan_to_num(values, nan=-np.inf) >= self.threshold
         self.fallback_ = bool(keep.sum() < self.min_features)
         if self.fallback_:
             order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[: self.min_features]
             keep = np.zeros_like(keep)
             keep[order] = True
-        mask = np.zeros(Xv.shape[1], dtype=bool)
+        mask = np.zeros(Xv.shape[1], dtype=bool)  # over all input columns, paired ones never kept
         mask[primary[keep]] = True
         self.support_ = mask
         return self
+
+    @property
+    def icc_(self) -> pd.Series:
+        """ICC per primary feature (index: feature names), from the training rows.
+
+        A property over the plain array ``icc_values_`` so fitted filters serialise with skops.
+        """
+        check_is_fitted(self, "icc_values_")
+        return pd.Series(self.icc_values_, index=[str(n) for n in self.primary_names_], name=self.icc_form)
 
     def _get_support_mask(self) -> np.ndarray:
         check_is_fitted(self, "support_")

@@ -133,3 +133,62 @@ def client(tracking_uri: str | None = None, store_dir: str | Path = DEFAULT_STOR
     """An MlflowClient on the configured store."""
     uri = configure(tracking_uri, store_dir)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# --- model registry -------------------------------------------------------------------------
+# Aliases (`staging`, `production`), never the deprecated stages.
+
+
+def register_model(
+    run_id: str,
+    artifact_path: str,
+    name: str,
+    description: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``; returns the version."""
+    mv = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags={k: str(v) for k, v in (tags or {}).items()})
+    if description:
+        MlflowClient().update_model_version(name, mv.version, description=description)
+    log.info("registered %s version %s from run %s", name, mv.version, run_id)
+    return str(mv.version)
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    """Point ``name@alias`` at ``version``."""
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+    log.info("%s@%s -> version %s", name, alias, version)
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points at, or None when the model or alias does not exist."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def model_versions(name: str) -> list[dict[str, Any]]:
+    """Every version of ``name``: version, aliases, run id, tags, description, creation time."""
+    try:
+        found = MlflowClient().search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+    rows = [
+        {
+            "version": str(mv.version),
+            "aliases": list(mv.aliases or []),
+            "run_id": mv.run_id,
+            "tags": dict(mv.tags or {}),
+            "description": mv.description or "",
+            "created": mv.creation_timestamp,
+        }
+        for mv in found
+    ]
+    return sorted(rows, key=lambda r: int(r["version"]))
+
+
+def load_model(uri: str, flavor: str = "pyfunc") -> Any:
+    """Load a model by URI (``models:/name@alias``, ``runs:/...``) with the given flavour."""
+    module = {"sklearn": mlflow.sklearn, "pytorch": mlflow.pytorch, "pyfunc": mlflow.pyfunc}[flavor]
+    return module.load_model(uri)

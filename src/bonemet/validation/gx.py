@@ -139,7 +139,9 @@ def _plain(value: Any) -> Any:
 
 
 def _describe(rule: Rule, result: dict, n_failing: int) -> str:
-    what = rule.description or f"{rule.expectation}({', '.join(f'{k}={v!r}' for k, v in rule.kwargs.items())})"
+    what = (
+        rule.description or f"{rule.expectation}({', '.join(f'{k}={v!r}' for k, v in rule.kwargs.items())})"
+    )
     if "unexpected_count" in result:
         values = [_plain(v) for v in result.get("unexpected_list") or []][:_MAX_DETAIL_VALUES]
         shown = f"; e.g. {values}" if values else ""
@@ -193,7 +195,9 @@ def check_table(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         context = _context()
-        asset = context.data_sources.add_pandas(name=f"{suite_name}_source").add_dataframe_asset(name=suite_name)
+        asset = context.data_sources.add_pandas(name=f"{suite_name}_source").add_dataframe_asset(
+            name=suite_name
+        )
         batch = asset.add_batch_definition_whole_dataframe(name=f"{suite_name}_batch").get_batch(
             batch_parameters={"dataframe": table}
         )
@@ -218,7 +222,9 @@ def check_table(
         error = _exception_message(res.exception_info)
         if error is not None:
             out.append(
-                RuleResult(rule.name, rule.severity, False, [], f"{rule.description or rule.expectation}: {error}")
+                RuleResult(
+                    rule.name, rule.severity, False, [], f"{rule.description or rule.expectation}: {error}"
+                )
             )
             continue
         result = dict(res.result or {})

@@ -1,0 +1,213 @@
+"""The embedded synthetic spine-CT cohort, written in the bring-your-own format.
+
+``generate_cohort(out_dir, ...)`` writes::
+
+    out_dir/
+      manifest.csv                 case_id,label,image,mask,annotator_mask,spacing_x_mm,spacing_y_mm,spacing_z_mm
+      images/case_000.nii.gz       int16 HU
+      masks/case_000.nii.gz        uint8 label map, lesion = mask_label
+      annotator_masks/case_000.nii.gz   a second reader's mask (boundary moved by ~1 mm)
+      cohort.json                  per-case latents and the cohort's Bayes-optimal AUC
+
+The label (1 = breast origin, 0 = other origin) acts on the image only through the lesion's
+phenotype latents (see :mod:`bonemet.data.synthetic_latents`); the anatomy and the scanner are
+described in :mod:`bonemet.data.synthetic_phantom`. The same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from bonemet.data.io import write_image
+from bonemet.data.synthetic_latents import (
+    COVARIANCE,
+    LATENT_NAMES,
+    MEAN_LABEL0,
+    MEAN_LABEL1,
+    CaseParams,
+    SyntheticParamsError,
+    bayes_auc,
+    case_labels,
+    check_counts,
+    empirical_auc,
+    mahalanobis_distance,
+    render_rng,
+    sample_case_params,
+    sample_latents,
+    single_latent_auc,
+)
+from bonemet.data.synthetic_phantom import render_case
+from bonemet.utils import progress, write_json
+
+__all__ = [
+    "LATENT_NAMES",
+    "CohortExistsError",
+    "SyntheticParamsError",
+    "bayes_auc",
+    "generate_cohort",
+    "plot_cases",
+    "sample_latents",
+    "single_latent_auc",
+]
+
+log = logging.getLogger(__name__)
+
+COHORT_JSON = "cohort.json"
+MANIFEST_COLUMNS = (
+    "case_id",
+    "label",
+    "image",
+    "mask",
+    "annotator_mask",
+    "spacing_x_mm",
+    "spacing_y_mm",
+    "spacing_z_mm",
+)
+
+
+class CohortExistsError(SyntheticParamsError):
+    """The output folder already holds files and overwriting was not asked for."""
+
+
+def _to_image(array: np.ndarray, spacing, origin, pixel_type: int) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image = sitk.Cast(image, pixel_type)
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(float(v) for v in origin))
+    return image
+
+
+def _round(value: Any, digits: int = 6) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, list | tuple):
+        return [_round(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    return value
+
+
+def generate_cohort(
+    out_dir: str | Path,
+    n_cases: int = 178,
+    n_positive: int = 78,
+    seed: int = 20240638,
+    size: str = "full",
+    mask_label: int = 1,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Write a synthetic cohort to ``out_dir`` and return its summary (cohort.json minus the cases).
+
+    Args:
+        out_dir: output folder; created if missing. Must be empty unless ``overwrite``.
+        n_cases: number of cases.
+        n_positive: number of label-1 (breast origin) cases.
+        seed: cohort seed; case ``i`` uses streams seeded by ``(seed, i)`` only.
+        size: "full" (0.6-1.0 mm in-plane, 1-3 mm slices, ~80x80x60 mm field of view) or
+            "small" (~2.5 mm voxels, ~32x32x28 voxels) for tests.
+        mask_label: value of lesion voxels in the mask label maps.
+        overwrite: allow writing into a non-empty folder (files of the same name are replaced).
+        show_progress: show a progress bar.
+
+    Raises:
+        SyntheticParamsError: invalid counts, size or mask_label.
+        CohortExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+    """
+    check_counts(n_cases, n_positive)
+    if not 1 <= int(mask_label) <= 255:
+        raise SyntheticParamsError(f"mask_label must be in 1..255 (uint8 label map); found {mask_label}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CohortExistsError(f"{out_dir}: output folder is not empty (expected empty or missing)")
+    for sub in ("images", "masks", "annotator_masks"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    labels = case_labels(n_cases, n_positive, seed)
+    rows: list[dict[str, Any]] = []
+    cases: list[dict[str, Any]] = []
+    for index in progress(range(n_cases), total=n_cases, desc="synth", disable=not show_progress):
+        params = sample_case_params(seed, index, int(labels[index]), size=size)
+        rendered = render_case(params, render_rng(seed, index))
+        cid = params.case_id
+        paths = {
+            "image": f"images/{cid}.nii.gz",
+            "mask": f"masks/{cid}.nii.gz",
+            "annotator_mask": f"annotator_masks/{cid}.nii.gz",
+        }
+        write_image(_to_image(rendered.image, rendered.spacing, rendered.origin, sitk.sitkInt16), out_dir / paths["image"])
+        for key, mask in (("mask", rendered.manual), ("annotator_mask", rendered.annotator)):
+            label_map = mask.astype(np.uint8) * np.uint8(mask_label)
+            write_image(_to_image(label_map, rendered.spacing, rendered.origin, sitk.sitkUInt8), out_dir / paths[key])
+        rows.append(
+            {
+                "case_id": cid,
+                "label": str(params.label),
+                **paths,
+                **{f"spacing_{a}_mm": f"{v:.4f}" for a, v in zip("xyz", rendered.spacing, strict=True)},
+            }
+        )
+        cases.append(_case_record(params, rendered.summary))
+
+    _write_manifest(out_dir / "manifest.csv", rows)
+    llr = np.array([c["llr"] for c in cases])
+    summary: dict[str, Any] = {
+        "generator": "bonemet.data.synthetic",
+        "format_version": 1,
+        "seed": int(seed),
+        "n_cases": int(n_cases),
+        "n_positive": int(n_positive),
+        "size": size,
+        "mask_label": int(mask_label),
+        "latent_names": list(LATENT_NAMES),
+        "model": {
+            "mean_label0": list(MEAN_LABEL0),
+            "mean_label1": list(MEAN_LABEL1),
+            "covariance": [list(row) for row in COVARIANCE],
+            "mahalanobis_distance": mahalanobis_distance(),
+            "note": "latents | label ~ N(mean_label, covariance); size and scanner independent of label",
+        },
+        "bayes_auc": bayes_auc(),
+        "single_latent_auc": single_latent_auc(),
+        "realised_llr_auc": empirical_auc(llr, labels),
+        "dice_annotator_mean": float(np.mean([c["dice_annotator"] for c in cases])),
+        "lesion_volume_ml_median": float(np.median([c["lesion_volume_ml"] for c in cases])),
+    }
+    write_json(out_dir / COHORT_JSON, _round({**summary, "cases": cases}))
+    log.info(
+        "wrote %d cases (%d positive) to %s; Bayes AUC %.3f, realised LLR AUC %.3f",
+        n_cases,
+        n_positive,
+        out_dir,
+        summary["bayes_auc"],
+        summary["realised_llr_auc"],
+    )
+    return _round(summary)
+
+
+def _case_record(params: CaseParams, render_summary: dict[str, Any]) -> dict[str, Any]:
+    record = params.as_dict()
+    record["latents"] = params.latents()
+    record.update(render_summary)
+    return record
+
+
+def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    lines = [",".join(MANIFEST_COLUMNS)]
+    lines += [",".join(str(row[c]) for c in MANIFEST_COLUMNS) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_cases(cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, n: int = 4) -> Path:
+    """Figure of a few cases: axial slice through the lesion with mask contours, and a sagittal view.
+
+    ``case_ids`` None picks the first ``n`` cases of each label alternately. Returns ``path``.
+    """
+    from bonemet.data.synthetic_figure import plot_cohort_cases
+
+    return plot_cohort_cases(cohort_dir, case_ids, path, n=n)

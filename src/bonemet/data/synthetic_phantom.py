@@ -1,0 +1,358 @@
+"""Rendering one synthetic lumbar-spine CT (HU) with its lesion mask and an annotator mask.
+
+The anatomy is built from analytic shapes in an "anatomy frame" (mm; x patient left, y
+posterior, z superior, LPS-like), rotated and shifted per case:
+
+* fat background (-100 HU) with psoas and paraspinal muscles (~45 HU), aorta and IVC
+  (~40 HU), a bowel loop with a gas pocket (air, ~-950 HU);
+* three vertebral bodies (the middle one whole, its neighbours cut by the field of view):
+  superellipse cross-section, slightly concave endplates, a cortical shell (1000-1500 HU)
+  and textured trabecular bone (band-pass random field, ~150-400 HU);
+* intervertebral discs (annulus ~95 HU, nucleus ~70 HU), the spinal canal (~15 HU);
+* posterior elements (pedicles, laminae, spinous, articular and transverse processes) with a
+  cortical shell;
+* one lesion inside the middle vertebral body: a sphere of radius r whose boundary is
+  perturbed by lobes (margin irregularity), filled with a mean HU set by the density latent
+  (lytic: below the bone; blastic: above it; never equal) plus a smooth internal texture
+  whose amplitude is set by the heterogeneity latent.
+
+The scanner is simulated by rendering at <= 1 mm along z and averaging into slices of the
+case's thickness (slice profile), an in-plane Gaussian point-spread function, additive
+noise and a small HU offset. The "manual" mask is the set of voxels at least half covered by
+the lesion; the "annotator" mask moves that boundary by a smooth random field of ~1 mm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from bonemet.data.synthetic_latents import CaseParams
+
+FOV_XY_MM = 80.0  # in-plane field of view (mm)
+FOV_Z_MM = 60.0  # field of view along z (mm)
+MAX_SUBSLICE_MM = 1.0  # render along z at this resolution or finer, then average into slices
+HU_CLIP = (-1024, 3071)
+
+# Anatomy (mm at scale 1, HU).
+BODY_HALF_WIDTH = 23.0
+BODY_HALF_DEPTH_ANT = 16.5
+BODY_HALF_DEPTH_POST = 13.0
+BODY_CENTRE_Y = -12.0
+BODY_HALF_HEIGHT = 13.5
+DISC_HALF_HEIGHT = 5.0
+ENDPLATE_CONCAVITY = 0.06
+CORTEX_MM = 1.2
+POSTERIOR_CORTEX_MM = 1.5
+FAT_HU = -100.0
+MUSCLE_HU = 48.0
+BLOOD_HU = 40.0
+AIR_HU = -950.0
+CANAL_HU = 15.0
+DISC_ANNULUS_HU = 95.0
+DISC_NUCLEUS_HU = 70.0
+POSTERIOR_INTERIOR_EXTRA_HU = 80.0
+TRABECULAR_SIGMAS_MM = (0.6, 1.8)  # band-pass texture of trabecular bone
+
+# Lesion phenotype mapping (latent -> image), HU and mm.
+LYTIC_CONTRAST_HU = 150.0  # lytic mean = bone mean - this + slope * density (density < 0)
+LYTIC_SLOPE_HU = 55.0
+LYTIC_FLOOR_HU = -40.0
+BLASTIC_CONTRAST_HU = 280.0  # blastic mean = bone mean + this + slope * density (density >= 0)
+BLASTIC_SLOPE_HU = 250.0
+BLASTIC_CEILING_HU = 1600.0
+HETEROGENEITY_BASE_HU = 35.0  # internal texture sd = base * exp(gain * heterogeneity)
+HETEROGENEITY_GAIN = 0.5
+LESION_TEXTURE_SIGMA_MM = 1.3
+IRREGULARITY_MAX = 0.32  # boundary amplitude = max * sigmoid(gain * irregularity)
+IRREGULARITY_GAIN = 1.2
+LOBES = 14
+LOBE_CONCENTRATION = 5.0
+LESION_MARGIN_MM = 1.0  # keep the nominal sphere this far inside the trabecular compartment
+
+# Annotator boundary perturbation (mm).
+ANNOTATOR_FIELD_SD_MM = 0.9
+ANNOTATOR_MIN_VOXELS = 0.5
+ANNOTATOR_FIELD_SIGMA_MM = 3.0
+ANNOTATOR_BIAS_SD_MM = 0.3
+
+
+@dataclass(frozen=True)
+class RenderedCase:
+    """One rendered case: arrays in (z, y, x) order and the grid in SimpleITK (x, y, z) order."""
+
+    image: np.ndarray  # int16 HU
+    manual: np.ndarray  # bool lesion mask
+    annotator: np.ndarray  # bool annotator mask
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    summary: dict
+
+
+def lesion_mean_hu(density: float, bone_mean_hu: float) -> float:
+    """Lesion mean HU from the density latent: lytic below, blastic above the bone, never equal."""
+    if density < 0:
+        return max(LYTIC_FLOOR_HU, bone_mean_hu - LYTIC_CONTRAST_HU + LYTIC_SLOPE_HU * density)
+    return min(BLASTIC_CEILING_HU, bone_mean_hu + BLASTIC_CONTRAST_HU + BLASTIC_SLOPE_HU * density)
+
+
+def lesion_texture_sd_hu(heterogeneity: float) -> float:
+    """Internal texture sd (HU) from the heterogeneity latent."""
+    return HETEROGENEITY_BASE_HU * math.exp(HETEROGENEITY_GAIN * heterogeneity)
+
+
+def irregularity_amplitude(irregularity: float) -> float:
+    """Relative amplitude of the lobulated boundary perturbation from the irregularity latent."""
+    return IRREGULARITY_MAX / (1.0 + math.exp(-IRREGULARITY_GAIN * irregularity))
+
+
+def _superellipse(x, y, cx, cy, ax, ay_neg, ay_pos=None, p=2.0):
+    """Approximate signed distance (mm, < 0 inside) to a superellipse; ``ay`` may differ either side of cy."""
+    ay = ay_neg if ay_pos is None else np.where(y < cy, ay_neg, ay_pos)
+    q = (np.abs(x - cx) / ax) ** p + (np.abs(y - cy) / ay) ** p
+    return (q ** (1.0 / p) - 1.0) * np.minimum(ax, ay), q
+
+
+def _unit_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox) -> np.ndarray:
+    """Gaussian-smoothed white noise scaled to unit sd (float32)."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="reflect")
+    sd = float(field.std())
+    return field / (sd if sd > 0 else 1.0)
+
+
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    i = np.arange(n) + 0.5
+    phi = np.arccos(1 - 2 * i / n)
+    theta = math.pi * (1 + 5**0.5) * i
+    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
+
+
+class _Lobes:
+    """A smooth random function on the unit sphere with zero mean and unit sd (lobulated margin)."""
+
+    def __init__(self, rng: np.random.Generator):
+        dirs = rng.standard_normal((LOBES, 3))
+        self.dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+        self.weights = rng.standard_normal(LOBES)
+        ref = self._raw(_fibonacci_sphere(2000))
+        self.mean, self.sd = float(ref.mean()), float(ref.std())
+
+    def _raw(self, u: np.ndarray) -> np.ndarray:
+        return np.exp(LOBE_CONCENTRATION * (u @ self.dirs.T - 1.0)) @ self.weights
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        return (self._raw(u) - self.mean) / self.sd
+
+
+def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
+    """Render case ``p`` with the random fields drawn from ``rng`` (its render stream)."""
+    sx, sy, sz = p.spacing_mm
+    nx = ny = int(round(FOV_XY_MM / sx))
+    nz = int(round(FOV_Z_MM / sz))
+    n_sub = max(1, math.ceil(sz / MAX_SUBSLICE_MM - 1e-9))
+    dz = sz / n_sub
+    s = p.anatomy_scale
+
+    # Image-frame coordinates (mm, centred), then the anatomy frame (rotate, shift).
+    xi = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) * sx
+    yi = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) * sy
+    zc = (np.arange(nz, dtype=np.float64) - (nz - 1) / 2) * sz
+    zf = (zc[:, None] + (np.arange(n_sub) + 0.5) * dz - sz / 2).reshape(-1).astype(np.float32)
+    theta = math.radians(p.rotation_deg)
+    cos_t, sin_t = math.cos(theta), math.sin(theta)
+    X, Y = np.meshgrid(xi - p.shift_mm[0], yi - p.shift_mm[1], indexing="xy")
+    xa = (cos_t * X + sin_t * Y).astype(np.float32)
+    ya = (-sin_t * X + cos_t * Y).astype(np.float32)
+
+    # --- in-plane soft tissue (2D, extruded along z) ---
+    tissue = np.full((ny, nx), FAT_HU, dtype=np.float32)
+    for side in (-1, 1):
+        tissue[_superellipse(xa, ya, side * 34 * s, BODY_CENTRE_Y * s + 2 * s, 9 * s, 12 * s)[0] <= 0] = MUSCLE_HU
+        tissue[_superellipse(xa, ya, side * 18 * s, 30 * s, 12 * s, 11 * s)[0] <= 0] = MUSCLE_HU
+    tissue[_superellipse(xa, ya, 10 * s, -38 * s, 10 * s, 10 * s)[0] <= 0] = BLOOD_HU
+    tissue[_superellipse(xa, ya, -13 * s, -40 * s, 7 * s, 6 * s)[0] <= 0] = BLOOD_HU - 2
+    gx = p.gas_side * 30 * s
+    tissue[_superellipse(xa, ya, gx, -34 * s, 8 * s, 7 * s)[0] <= 0] = MUSCLE_HU - 13
+    tissue[_superellipse(xa, ya, gx, -34 * s, 6 * s, 4.5 * s)[0] <= 0] = AIR_HU
+
+    # vertebral body cross-section, disc outline, canal
+    bw, ba, bp, byc = BODY_HALF_WIDTH * s, BODY_HALF_DEPTH_ANT * s, BODY_HALF_DEPTH_POST * s, BODY_CENTRE_Y * s
+    rho_xy, q_xy = _superellipse(xa, ya, 0.0, byc, bw, ba, bp, p=2.4)
+    disc_hu = np.where(rho_xy < -6 * s, DISC_NUCLEUS_HU, DISC_ANNULUS_HU).astype(np.float32)
+    tissue = np.where(rho_xy <= 0.5, disc_hu, tissue)
+    canal_y = byc + bp + 1.0 * s + 7.5 * s
+    tissue[_superellipse(xa, ya, 0.0, canal_y, 10 * s, 7.5 * s)[0] <= 0] = CANAL_HU
+
+    # posterior elements (2D parts; z-extent per vertebra below)
+    post_xy = _posterior_elements(xa, ya, s, canal_y, with_transverse=False)
+    trans_xy = _posterior_elements(xa, ya, s, canal_y, with_transverse=True)
+
+    # --- 3D bone at the fine z resolution ---
+    hu = np.broadcast_to(tissue, (len(zf), ny, nx)).copy()
+    period = 2 * (BODY_HALF_HEIGHT + DISC_HALF_HEIGHT) * s
+    z0 = 0.0
+    half_h = BODY_HALF_HEIGHT * s * (1.0 - ENDPLATE_CONCAVITY * (1.0 - np.clip(q_xy, 0.0, 1.0)))
+    rho_body = None
+    rho_body0 = None
+    rho_post = None
+    for k in (-1, 0, 1):
+        zk = z0 + k * period
+        rz = (np.abs(zf - zk)[:, None, None] - half_h[None]).astype(np.float32)
+        rk = np.maximum(rho_xy[None], rz)
+        rho_body = rk if rho_body is None else np.minimum(rho_body, rk)
+        if k == 0:
+            rho_body0 = rk
+        dzp = np.abs(zf - zk - 1.0 * s)[:, None, None]
+        rp = np.maximum(post_xy[None], (dzp - 12.0 * s).astype(np.float32))
+        rt = np.maximum(trans_xy[None], (dzp - 4.5 * s).astype(np.float32))
+        rp = np.minimum(rp, rt)
+        rho_post = rp if rho_post is None else np.minimum(rho_post, rp)
+
+    # trabecular texture on the bodies' bounding box
+    bone = rho_body <= 0
+    yy, xx = np.nonzero((rho_xy <= 0))
+    y0, y1, x0, x1 = yy.min(), yy.max() + 1, xx.min(), xx.max() + 1
+    sig_lo = [max(TRABECULAR_SIGMAS_MM[0] / d, 0.3) for d in (dz, sy, sx)]
+    sig_hi = [TRABECULAR_SIGMAS_MM[1] / d for d in (dz, sy, sx)]
+    white = rng.standard_normal((len(zf), y1 - y0, x1 - x0)).astype(np.float32)
+    band = ndimage.gaussian_filter(white, sig_lo) - ndimage.gaussian_filter(white, sig_hi)
+    band = np.tanh(1.3 * band / max(float(band.std()), 1e-6))
+    band /= max(float(band.std()), 1e-6)
+    trab = np.full(hu.shape, p.trabecular_mean_hu, dtype=np.float32)
+    trab[:, y0:y1, x0:x1] += p.trabecular_texture_sd_hu * band
+    hu = np.where(bone, np.where(rho_body > -CORTEX_MM, p.cortical_hu, trab), hu)
+    post = rho_post <= 0
+    post_interior = p.trabecular_mean_hu + POSTERIOR_INTERIOR_EXTRA_HU
+    hu = np.where(post, np.where(rho_post > -POSTERIOR_CORTEX_MM, 0.9 * p.cortical_hu, post_interior), hu)
+
+    # --- lesion in the middle body ---
+    occupancy, lesion_info = _paint_lesion(p, rng, hu, xa, ya, zf, (dz, sy, sx), rho_body0, s, byc, bw, ba, bp)
+
+    # --- scanner: slice profile, PSF, noise, offset ---
+    image = hu.reshape(nz, n_sub, ny, nx).mean(axis=1)
+    manual = occupancy.reshape(nz, n_sub, ny, nx).mean(axis=1) >= 0.5
+    if not manual.any():  # a lesion thinner than half a slice: keep its most covered voxel
+        occ = occupancy.reshape(nz, n_sub, ny, nx).mean(axis=1)
+        manual = occ == occ.max()
+    psf = p.blur_sd_mm
+    image = ndimage.gaussian_filter(image, (0.0, psf / sy, psf / sx), mode="nearest")
+    noise = _unit_field(rng, image.shape, (0.0, 0.5, 0.5))
+    image = image + p.noise_sd_hu * noise + p.hu_offset
+    image = np.clip(np.rint(image), *HU_CLIP).astype(np.int16)
+
+    inside_body = (rho_body0.reshape(nz, n_sub, ny, nx).min(axis=1)) <= 0
+    annotator = _annotator_mask(manual, rng, (sz, sy, sx)) & inside_body
+    if not annotator.any():
+        annotator = manual.copy()
+
+    origin = (float(-(nx - 1) / 2 * sx), float(-(ny - 1) / 2 * sy), float(p.origin_z_mm))
+    voxel_ml = sx * sy * sz / 1000.0
+    lesion_vox = manual[manual]
+    summary = {
+        **lesion_info,
+        "size_voxels": [nx, ny, nz],
+        "lesion_volume_ml": float(lesion_vox.size * voxel_ml),
+        "annotator_volume_ml": float(annotator.sum() * voxel_ml),
+        "dice_annotator": float(2 * (manual & annotator).sum() / (manual.sum() + annotator.sum())),
+    }
+    return RenderedCase(image, manual, annotator, (sx, sy, sz), origin, summary)
+
+
+def _posterior_elements(xa, ya, s, canal_y, with_transverse: bool) -> np.ndarray:
+    """Signed distance (mm) to the posterior arch in-plane; transverse processes alone if asked."""
+    if with_transverse:
+        return np.minimum(
+            _superellipse(xa, ya, -27 * s, canal_y - 3 * s, 12 * s, 3.5 * s, p=3)[0],
+            _superellipse(xa, ya, 27 * s, canal_y - 3 * s, 12 * s, 3.5 * s, p=3)[0],
+        ).astype(np.float32)
+    parts = []
+    for side in (-1, 1):
+        parts.append(_superellipse(xa, ya, side * 14 * s, canal_y - 2 * s, 3.5 * s, 7 * s, p=4)[0])  # pedicle
+        parts.append(_superellipse(xa, ya, side * 16 * s, canal_y + 8 * s, 4.5 * s, 4.5 * s)[0])  # facet
+    outer = _superellipse(xa, ya, 0.0, canal_y, 17 * s, 13 * s)[0]
+    inner = _superellipse(xa, ya, 0.0, canal_y, 11.5 * s, 8.5 * s)[0]
+    lamina = np.maximum(np.maximum(outer, -inner), canal_y + 2 * s - ya)
+    parts.append(lamina)
+    parts.append(_superellipse(xa, ya, 0.0, canal_y + 20 * s, 3 * s, 12 * s, p=4)[0])  # spinous
+    return np.minimum.reduce(parts).astype(np.float32)
+
+
+def _paint_lesion(p, rng, hu, xa, ya, zf, fine_spacing, rho_body0, s, byc, bw, ba, bp):
+    """Paint the lesion into ``hu`` (fine grid) and return its occupancy (float32) and a summary."""
+    r = p.radius_mm
+    amp = irregularity_amplitude(p.irregularity)
+    lobes = _Lobes(rng)
+    # nominal centre in the anatomy frame, kept inside the trabecular compartment
+    in_w, in_a, in_p = bw - CORTEX_MM, ba - CORTEX_MM, bp - CORTEX_MM
+    in_h = BODY_HALF_HEIGHT * s * (1 - ENDPLATE_CONCAVITY) - CORTEX_MM
+    ox, oy, oz = p.lesion_offset
+    room = lambda half: max(0.0, half - r - LESION_MARGIN_MM)  # noqa: E731
+    cx = ox * room(in_w) * 0.7
+    cy = byc + (oy * room(in_a) if oy < 0 else oy * room(in_p)) * 0.7
+    cz = oz * room(in_h)
+    # bounding box on the fine grid (image frame coordinates of the anatomy-frame centre)
+    theta = math.radians(p.rotation_deg)
+    cxi = math.cos(theta) * cx - math.sin(theta) * cy + p.shift_mm[0]
+    cyi = math.sin(theta) * cx + math.cos(theta) * cy + p.shift_mm[1]
+    dz, sy, sx = fine_spacing
+    ny, nx = xa.shape
+    reach = r * (1 + 3 * amp) + 2.0
+    ix0 = max(0, int((cxi - reach) / sx + (nx - 1) / 2))
+    ix1 = min(nx, int((cxi + reach) / sx + (nx - 1) / 2) + 2)
+    iy0 = max(0, int((cyi - reach) / sy + (ny - 1) / 2))
+    iy1 = min(ny, int((cyi + reach) / sy + (ny - 1) / 2) + 2)
+    iz = np.nonzero(np.abs(zf - cz) <= reach)[0]
+    iz0, iz1 = int(iz.min()), int(iz.max()) + 1
+    box = (slice(iz0, iz1), slice(iy0, iy1), slice(ix0, ix1))
+    bx = xa[box[1:]][None] - cx
+    by = ya[box[1:]][None] - cy
+    bz = (zf[iz0:iz1] - cz)[:, None, None]
+    bx, by, bz = np.broadcast_arrays(bx, by, bz)
+    dist = np.sqrt(bx**2 + by**2 + bz**2)
+    u = np.stack([bx, by, bz], axis=-1).reshape(-1, 3) / np.maximum(dist.reshape(-1, 1), 1e-6)
+    lobe = np.clip(lobes(u).reshape(dist.shape), -2.5, 2.5)
+    boundary = r * np.maximum(1.0 + amp * lobe, 0.4)
+    inside = (dist <= boundary) & (rho_body0[box] <= -CORTEX_MM)
+    mean = lesion_mean_hu(p.density, p.trabecular_mean_hu)
+    tex_sd = lesion_texture_sd_hu(p.heterogeneity)
+    sigma = [LESION_TEXTURE_SIGMA_MM / d for d in fine_spacing]
+    texture = _unit_field(rng, dist.shape, sigma)
+    region = hu[box]
+    region[inside] = (mean + tex_sd * texture)[inside]
+    occupancy = np.zeros(hu.shape, dtype=np.float32)
+    occupancy[box] = inside
+    info = {
+        "lesion_centre_mm": [float(cx), float(cy), float(cz)],
+        "lesion_mean_hu": float(mean),
+        "lesion_texture_sd_hu": float(tex_sd),
+        "irregularity_amplitude": float(amp),
+    }
+    return occupancy, info
+
+
+def _annotator_mask(manual: np.ndarray, rng: np.random.Generator, spacing_zyx) -> np.ndarray:
+    """Move the manual boundary by a smooth random field (mm) plus a global bias.
+
+    The field's sd is ``ANNOTATOR_FIELD_SD_MM`` but at least ``ANNOTATOR_MIN_VOXELS`` of the
+    finest spacing: readers disagree by about a voxel whatever the resolution.
+    """
+    pad = 4
+    zz, yy, xx = np.nonzero(manual)
+    lo = [max(0, int(a.min()) - pad) for a in (zz, yy, xx)]
+    hi = [min(n, int(a.max()) + pad + 1) for a, n in zip((zz, yy, xx), manual.shape, strict=True)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    m = manual[box]
+    half = 0.5 * min(spacing_zyx)
+    # signed distance (mm) to the boundary, which lies about half a voxel beyond the outermost voxel centres
+    d_out = ndimage.distance_transform_edt(~m, sampling=spacing_zyx)
+    d_in = ndimage.distance_transform_edt(m, sampling=spacing_zyx)
+    sdf = np.where(m, half - d_in, d_out - half)
+    sd = max(ANNOTATOR_FIELD_SD_MM, ANNOTATOR_MIN_VOXELS * min(spacing_zyx))
+    field = _unit_field(rng, m.shape, [ANNOTATOR_FIELD_SIGMA_MM / d for d in spacing_zyx])
+    shift = sd * field + ANNOTATOR_BIAS_SD_MM * rng.standard_normal()
+    out = np.zeros_like(manual)
+    out[box] = sdf <= shift
+    return out

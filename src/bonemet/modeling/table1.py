@@ -1,0 +1,257 @@
+"""Table 1 (one row per model and set) as a DataFrame, DVC metrics JSON and Markdown; DeLong comparisons.
+
+The JSON (``metrics/table1.json``) is DVC metrics: nested dicts of numbers,
+``{"models": {model: {set: {metric: v, metric_lo: lo, metric_hi: hi, n: ...}}}, "bayes_optimal": {...}}``,
+with every undefined value written as ``null`` (never NaN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bonemet.modeling.evaluation import METRICS
+from bonemet.modeling.stats import check_binary, delong_test, holm_adjust
+from bonemet.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+#: Count columns carried into the table and the JSON.
+COUNT_COLUMNS: tuple[str, ...] = ("n", "n_pos", "n_neg", "tp", "fp", "tn", "fn")
+#: Set order in the table.
+SET_ORDER: tuple[str, ...] = ("train", "test")
+
+_CI_NAMES = {
+    "wilson": "Wilson score interval",
+    "bootstrap": "stratified percentile bootstrap",
+    "delong-normal": "DeLong (normal approximation, clipped to [0, 1])",
+    "delong-logit": "DeLong (on the logit scale)",
+}
+_MD_COLUMNS = (
+    ("accuracy", "accuracy (95% CI)"),
+    ("auc", "AUC (95% CI)"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("precision", "precision"),
+    ("f1", "F1"),
+    ("brier", "Brier"),
+)
+
+
+class Table1Error(ValueError):
+    """Table 1 inputs are inconsistent (missing model, missing metric)."""
+
+
+def _f(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def build_table1(
+    results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    bayes_auc: float | None = None,
+    best_model: str | None = None,
+) -> pd.DataFrame:
+    """One row per model and set from ``{model: {"train": metrics, "test": metrics}}``.
+
+    ``metrics`` are :func:`bonemet.modeling.evaluation.binary_metrics` dicts. Columns: model, set,
+    every metric with ``_lo``/``_hi``, the counts, ``is_best``, and ``gap_to_bayes_auc``
+    (``bayes_auc - auc``, NaN without ``bayes_auc``). Models keep their input order, sets are
+    train then test (others after, in input order). The CI methods are kept in
+    ``df.attrs["ci_method"]``, ``bayes_auc`` and ``best_model`` in ``df.attrs`` too.
+    """
+    if best_model is not None and best_model not in results:
+        raise Table1Error(f"best_model: expected one of {sorted(results)}, found {best_model!r}")
+    rows: list[dict[str, Any]] = []
+    ci_method: dict[str, str] = {}
+    for model, per_set in results.items():
+        sets = [s for s in SET_ORDER if s in per_set] + [s for s in per_set if s not in SET_ORDER]
+        for set_name in sets:
+            m = per_set[set_name]
+            missing = [k for k in METRICS if k not in m]
+            if missing:
+                raise Table1Error(f"model {model!r}, set {set_name!r}: metrics {missing} missing")
+            row: dict[str, Any] = {"model": model, "set": set_name}
+            for k in METRICS:
+                row[k] = _f(m[k])
+                row[f"{k}_lo"] = _f(m.get(f"{k}_lo"))
+                row[f"{k}_hi"] = _f(m.get(f"{k}_hi"))
+            for k in COUNT_COLUMNS:
+                row[k] = int(m[k]) if k in m else -1
+            row["threshold"] = _f(m.get("threshold"))
+            row["is_best"] = model == best_model
+            row["gap_to_bayes_auc"] = (float(bayes_auc) - row["auc"]) if bayes_auc is not None else math.nan
+            rows.append(row)
+            ci_method.update(m.get("ci_method", {}))
+    df = pd.DataFrame(rows)
+    df.attrs["ci_method"] = ci_method
+    df.attrs["bayes_auc"] = None if bayes_auc is None else float(bayes_auc)
+    df.attrs["best_model"] = best_model
+    return df
+
+
+def _num(v: Any, decimals: int) -> float | int | None:
+    if isinstance(v, bool | np.bool_):
+        return int(v)
+    if isinstance(v, int | np.integer):
+        return int(v)
+    x = _f(v)
+    return None if not math.isfinite(x) else round(x, decimals)
+
+
+def _best_row(df: pd.DataFrame, best_model: str | None) -> pd.Series | None:
+    test = df[df["set"] == "test"]
+    if test.empty:
+        return None
+    if best_model is None:
+        if test["auc"].notna().sum() == 0:
+            return None
+        return test.loc[test["auc"].idxmax()]
+    hit = test[test["model"] == best_model]
+    return None if hit.empty else hit.iloc[0]
+
+
+def table1_json(
+    df: pd.DataFrame, bayes_auc: float | None = None, best_model: str | None = None, decimals: int = 6
+) -> dict[str, Any]:
+    """The DVC-metrics dict of a :func:`build_table1` frame (numbers or null only)."""
+    bayes_auc = df.attrs.get("bayes_auc") if bayes_auc is None else bayes_auc
+    best_model = df.attrs.get("best_model") if best_model is None else best_model
+    models: dict[str, dict[str, dict[str, Any]]] = {}
+    value_cols = [c for c in df.columns if c not in ("model", "set", "is_best", "gap_to_bayes_auc")]
+    for row in df.itertuples(index=False):
+        r = row._asdict()
+        models.setdefault(r["model"], {})[r["set"]] = {c: _num(r[c], decimals) for c in value_cols}
+    doc: dict[str, Any] = {"models": models}
+    if bayes_auc is not None:
+        best = _best_row(df, best_model)
+        gap = None if best is None else _num(float(bayes_auc) - best["auc"], decimals)
+        doc["bayes_optimal"] = {"auc": _num(bayes_auc, decimals), "best_test_auc_gap": gap}
+    return doc
+
+
+def _cell(row: pd.Series, name: str, decimals: int, with_ci: bool = True) -> str:
+    v, lo, hi = row[name], row[f"{name}_lo"], row[f"{name}_hi"]
+    if not math.isfinite(v):
+        return "n/a"
+    text = f"{v:.{decimals}f}"
+    if with_ci and math.isfinite(lo) and math.isfinite(hi):
+        text += f" ({lo:.{decimals}f}-{hi:.{decimals}f})"
+    return text
+
+
+def table1_markdown(
+    df: pd.DataFrame,
+    bayes_auc: float | None = None,
+    best_model: str | None = None,
+    decimals: int = 3,
+    alpha: float = 0.05,
+) -> str:
+    """Table 1 as Markdown like the study's: every cell ``value (lo-hi)``, a footnote on CI methods."""
+    bayes_auc = df.attrs.get("bayes_auc") if bayes_auc is None else bayes_auc
+    best_model = df.attrs.get("best_model") if best_model is None else best_model
+    level = f"{100 * (1 - alpha):g}%"
+    header = ["model", "set"] + [title.replace("95%", level) for _, title in _MD_COLUMNS]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for _, row in df.iterrows():
+        name = f"**{row['model']}**" if row["model"] == best_model else row["model"]
+        cells = [str(name), str(row["set"])] + [_cell(row, k, decimals) for k, _ in _MD_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    methods = df.attrs.get("ci_method", {})
+    by_method: dict[str, list[str]] = {}
+    for metric, method in methods.items():
+        if metric == "recall":
+            continue
+        by_method.setdefault(_CI_NAMES.get(method, method), []).append(metric)
+    foot = "; ".join(f"{', '.join(ms)}: {meth}" for meth, ms in by_method.items())
+    thr = df["threshold"].dropna().unique()
+    lines.append("")
+    lines.append(f"{level} confidence intervals in parentheses. CI methods: {foot}.")
+    if len(thr) == 1:
+        lines.append(f"Predicted positive (breast origin) when the probability is >= {thr[0]:g}.")
+    if best_model is not None:
+        lines.append(f"Best model (bold): {best_model}.")
+    if bayes_auc is not None:
+        best = _best_row(df, best_model)
+        text = f"Bayes-optimal AUC of this cohort (ceiling for any classifier): {float(bayes_auc):.{decimals}f}."
+        if best is not None and math.isfinite(best["auc"]):
+            how = "" if best_model is not None else " (highest test AUC)"
+            text += (
+                f" Best model {best['model']}{how}: test AUC {best['auc']:.{decimals}f}, "
+                f"gap {float(bayes_auc) - best['auc']:.{decimals}f}."
+            )
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def write_table1(
+    df: pd.DataFrame,
+    json_path: str | Path,
+    md_path: str | Path,
+    *,
+    bayes_auc: float | None = None,
+    best_model: str | None = None,
+    decimals: int = 3,
+    alpha: float = 0.05,
+) -> None:
+    """Write Table 1 atomically: DVC metrics JSON (null for undefined) and Markdown.
+
+    ``bayes_auc`` and ``best_model`` default to those given to :func:`build_table1`.
+    """
+    write_json(json_path, table1_json(df, bayes_auc, best_model))
+    text = table1_markdown(df, bayes_auc, best_model, decimals=decimals, alpha=alpha)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(text)
+    log.info("Table 1 written: %s, %s (%d rows)", json_path, md_path, len(df))
+
+
+def delong_comparison_table(
+    y_true: Sequence[int] | np.ndarray,
+    scores: Mapping[str, Sequence[float] | np.ndarray],
+    best: str,
+) -> pd.DataFrame:
+    """DeLong test of the ``best`` model's ROC curve against each other model's, on the same cases.
+
+    Columns: best, other, auc_best, auc_other, auc_diff (best - other), z, p (two-sided) and
+    p_holm (Holm-adjusted over the comparisons in the table). Other models keep input order.
+    """
+    if best not in scores:
+        raise Table1Error(f"best: expected one of {sorted(scores)}, found {best!r}")
+    (y,) = check_binary(y_true)
+    rows = []
+    for other, s in scores.items():
+        if other == best:
+            continue
+        a, b, z, p = delong_test(y, scores[best], s)
+        rows.append({"best": best, "other": other, "auc_best": a, "auc_other": b, "auc_diff": a - b, "z": z, "p": p})
+    df = pd.DataFrame(rows, columns=["best", "other", "auc_best", "auc_other", "auc_diff", "z", "p"])
+    df["p_holm"] = holm_adjust(df["p"].to_numpy()) if len(df) else []
+    return df
+
+
+def _p(p: float) -> str:
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def delong_comparison_markdown(df: pd.DataFrame, decimals: int = 3) -> str:
+    """The :func:`delong_comparison_table` frame as Markdown."""
+    lines = ["| best | other | AUC best | AUC other | difference | z | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
+    for _, r in df.iterrows():
+        lines.append(
+            f"| {r['best']} | {r['other']} | {r['auc_best']:.{decimals}f} | {r['auc_other']:.{decimals}f} | "
+            f"{r['auc_diff']:+.{decimals}f} | {r['z']:.2f} | {_p(r['p'])} | {_p(r['p_holm'])} |"
+        )
+    lines.append("")
+    lines.append("Two-sided DeLong test for correlated ROC curves (same test cases); Holm-adjusted over the rows.")
+    return "\n".join(lines) + "\n"

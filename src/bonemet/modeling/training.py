@@ -1,0 +1,475 @@
+"""The train stage's library function: selection, tuned classifiers, CV box plot, Table 1.
+
+Protocol (documented choice; the study tuned once and cross-validated once):
+
+1. Features of the training cases only. The ICC filter's paired values come from the other mask
+   source (automatic vs manual) as ``paired__`` columns.
+2. Tuning: for every model, Optuna (TPE, seeded, median pruner) maximises the mean AUC of an
+   inner stratified k-fold CV on the 70 % training set. Selection is refitted inside each inner
+   training fold (precomputed once per fold and shared by all trials and models).
+3. Ten-fold CV on the training set (the folds of ``splits.json``): the tuned pipeline (selection
+   refitted on the nine training folds, classifier with the tuned hyperparameters) is fitted per
+   fold and scored on the held-out fold: an AUC per fold per model (the study's Fig. 6). The
+   hyperparameters were tuned on the whole training set, so these fold AUCs are mildly optimistic
+   for the tuning (not for selection, which is refitted per fold); the untouched test set gives the
+   unbiased number.
+4. Final fit of each tuned pipeline on the whole training set; predictions on train and test;
+   Table 1 with confidence intervals. The best model is the one with the highest ten-fold CV AUC
+   (chosen without looking at the test set).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bonemet.modeling.classifiers import DISPLAY_NAMES
+from bonemet.modeling.pipeline import build_pipeline
+from bonemet.modeling.tuning import FoldData, TuningResult, fold_auc, precompute_folds, tune_model
+from bonemet.tracking import NullTracker, Tracker
+from bonemet.utils import atomic_path, progress, write_json
+
+log = logging.getLogger(__name__)
+
+ID_COLUMN = "case_id"
+LABEL_COLUMN = "label"
+#: Our transformer classes, trusted when loading a skops file (pipelines saved by this stage).
+TRUSTED_TYPES: tuple[str, ...] = (
+    "bonemet.selection.icc.ICCFilter",
+    "bonemet.selection.filters.CorrelationFilter",
+    "bonemet.selection.lasso.LassoSelector",
+)
+#: Metric names logged for every model (the MLflow UI compares runs side by side on these).
+SET_METRICS: tuple[str, ...] = ("auc", "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity",
+                                "precision", "npv", "f1", "brier")
+
+
+class TrainingInputError(ValueError):
+    """Feature tables or splits that do not fit together."""
+
+
+@dataclass
+class ModelResult:
+    """Everything the stage produced for one classifier."""
+
+    name: str
+    tuning: TuningResult
+    cv_aucs: list[float]
+    pipeline: Any
+    train_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    scores: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def cv_auc_mean(self) -> float:
+        return float(np.mean(self.cv_aucs))
+
+    @property
+    def cv_auc_sd(self) -> float:
+        return float(np.std(self.cv_aucs, ddof=1)) if len(self.cv_aucs) > 1 else 0.0
+
+
+@dataclass
+class TrainingResults:
+    """Output of :func:`run_training`."""
+
+    models: dict[str, ModelResult]
+    best_model: str
+    selected_features: dict[str, Any]
+    table1: pd.DataFrame
+    y: dict[str, np.ndarray] = field(repr=False)
+
+
+def feature_columns(table: pd.DataFrame) -> list[str]:
+    """The feature columns of a feature table (everything but case_id and label)."""
+    return [c for c in table.columns if c not in (ID_COLUMN, LABEL_COLUMN)]
+
+
+def assemble_features(
+    primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str = "paired__"
+) -> tuple[pd.DataFrame, pd.Series]:
+    """Join two feature tables by case: primary columns, then the paired ones prefixed.
+
+    Returns ``(X indexed by case_id, y)``. Raises :class:`TrainingInputError` when the case sets,
+    feature columns or labels differ.
+    """
+    for name, table in (("primary", primary), ("paired", paired)):
+        missing = {ID_COLUMN, LABEL_COLUMN} - set(table.columns)
+        if missing:
+            raise TrainingInputError(f"{name} feature table: expected columns {sorted(missing)}, not found")
+    p = primary.set_index(ID_COLUMN)
+    q = paired.set_index(ID_COLUMN)
+    only_p, only_q = sorted(set(p.index) - set(q.index)), sorted(set(q.index) - set(p.index))
+    if only_p or only_q:
+        raise TrainingInputError(
+            f"primary and paired feature tables hold different cases: only primary {only_p[:5]}, "
+            f"only paired {only_q[:5]}"
+        )
+    q = q.loc[p.index]
+    cols = feature_columns(primary)
+    missing_cols = [c for c in cols if c not in q.columns]
+    if missing_cols:
+        raise TrainingInputError(f"paired feature table lacks {len(missing_cols)} feature columns, e.g. {missing_cols[:3]}")
+    diff = p.index[(p[LABEL_COLUMN].to_numpy() != q[LABEL_COLUMN].to_numpy())]
+    if len(diff):
+        raise TrainingInputError(f"labels differ between the feature tables for cases {list(diff[:5])}")
+    paired_part = q[cols].add_prefix(paired_prefix)
+    X = pd.concat([p[cols], paired_part], axis=1).astype(np.float64)
+    y = p[LABEL_COLUMN].astype(int)
+    return X, y
+
+
+def _index_splits(ids: Sequence[str], fold_of: Mapping[str, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    folds = np.asarray([int(fold_of[i]) for i in ids])
+    return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in sorted(set(folds))]
+
+
+def _inner_splits(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def _set_metrics(y: np.ndarray, score: np.ndarray, evaluate_params: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    from bonemet.modeling.evaluation import binary_metrics
+
+    return binary_metrics(
+        y,
+        score,
+        threshold=float(evaluate_params.get("threshold", 0.5)),
+        alpha=float(evaluate_params.get("alpha", 0.05)),
+        n_boot=int(evaluate_params.get("n_bootstrap", 2000)),
+        seed=seed,
+        auc_ci=str(evaluate_params.get("auc_ci", "normal")),
+    )
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def selection_summary(pipeline: Any) -> dict[str, Any]:
+    """What the fitted selection steps kept: ICC count, correlation count, LASSO names and coefficients."""
+    steps = dict(pipeline.named_steps)
+    out: dict[str, Any] = {}
+    if "icc" in steps:
+        icc = steps["icc"]
+        out["icc"] = {
+            "form": icc.icc_form,
+            "threshold": float(icc.threshold),
+            "n_features": int(len(icc.icc_)),
+            "n_kept": int(icc.get_support().sum()),
+            "fallback": bool(icc.fallback_),
+            "icc_median": float(np.nanmedian(icc.icc_.to_numpy())) if len(icc.icc_) else None,
+        }
+    if "correlation" in steps:
+        corr = steps["correlation"]
+        out["correlation"] = {"threshold": float(corr.threshold), "n_in": int(corr.n_features_in_),
+                              "n_kept": int(corr.get_support().sum())}
+    if "pca" in steps:
+        out["pca"] = {"n_components": int(steps["pca"].n_components_)}
+    lasso = steps["lasso"]
+    names = lasso.get_feature_names_out()
+    coef = lasso.coef_[lasso.get_support()]
+    order = np.argsort(-np.abs(coef), kind="stable")
+    out["lasso"] = {
+        "alpha": float(lasso.alpha_),
+        "alpha_source": "cv" if lasso.alpha is None else "fixed",
+        "n_in": int(lasso.n_features_in_),
+        "n_selected": int(len(names)),
+        "fallback": bool(lasso.fallback_),
+        "selected": [{"name": str(names[i]), "coef": float(coef[i])} for i in order],
+    }
+    return out
+
+
+def _save_pipeline(pipeline: Any, path: Path) -> None:
+    import skops.io as sio
+
+    with atomic_path(path) as tmp:
+        sio.dump(pipeline, tmp)
+
+
+#: Module prefixes whose types a saved pipeline may hold (skops refuses anything else on load).
+ALLOWED_TYPE_PREFIXES: tuple[str, ...] = ("sklearn.", "numpy.", "xgboost.", "lightgbm.", "bonemet.", "builtins.",
+                                          "collections.", "scipy.")
+
+
+def _checked_types(untrusted: Sequence[str], where: str) -> list[str]:
+    bad = [t for t in untrusted if not t.startswith(ALLOWED_TYPE_PREFIXES)]
+    if bad:
+        raise TrainingInputError(f"{where}: unexpected types {bad[:5]}; expected {ALLOWED_TYPE_PREFIXES} only")
+    return list(untrusted)
+
+
+def trusted_types(pipeline: Any) -> list[str]:
+    """The types skops needs trusted to load ``pipeline`` (ours, sklearn internals, xgboost, lightgbm)."""
+    import skops.io as sio
+
+    return _checked_types(sio.get_untrusted_types(data=sio.dumps(pipeline)), "pipeline")
+
+
+def load_pipeline(path: str | Path) -> Any:
+    """Load a pipeline written by the train stage (skops), trusting only sklearn/xgboost/lightgbm and ours."""
+    import skops.io as sio
+
+    return sio.load(path, trusted=_checked_types(sio.get_untrusted_types(file=path), f"model file {path}"))
+
+
+def _figures(
+    results: Mapping[str, ModelResult],
+    y: Mapping[str, np.ndarray],
+    plots_dir: Path,
+    lasso: Any,
+    evaluate_params: Mapping[str, Any],
+) -> list[Path]:
+    """Every classification figure (+ CSVs) and the LASSO panels (study's Figs. 4-6) into ``plots_dir``."""
+    from bonemet.modeling import plots
+
+    dca = evaluate_params.get("dca_thresholds")
+    paths = plots.write_classification_plots(
+        plots_dir,
+        y_train=y["train"],
+        y_test=y["test"],
+        scores_train={display_name(m): r.scores["train"] for m, r in results.items()},
+        scores_test={display_name(m): r.scores["test"] for m, r in results.items()},
+        cv_aucs={display_name(m): r.cv_aucs for m, r in results.items()},
+        threshold=float(evaluate_params.get("threshold", 0.5)),
+        alpha=float(evaluate_params.get("alpha", 0.05)),
+        auc_ci=str(evaluate_params.get("auc_ci", "normal")),
+        calibration_bins=int(evaluate_params.get("calibration_bins", 5)),
+        calibration_strategy=str(evaluate_params.get("calibration_strategy", "quantile")),
+        dca_thresholds=None if dca is None else plots.threshold_grid(*[float(v) for v in dca]),
+        dpi=int(evaluate_params.get("figure_dpi", 150)),
+    )
+    if lasso.mse_path_ is not None:
+        support = lasso.get_support()
+        paths.update(
+            plots.write_lasso_plots(
+                plots_dir,
+                alphas=lasso.alphas_,
+                mse_path=lasso.mse_path_,
+                chosen_alpha=lasso.alpha_,
+                coef_path=lasso.coef_path_,
+                feature_names=list(lasso.get_feature_names_out()),
+                coefs=lasso.coef_[support],
+                path_alphas=lasso.path_alphas_,
+                dpi=int(evaluate_params.get("figure_dpi", 150)),
+            )
+        )
+    return list(paths.values())
+
+
+def _model_figures(tracker: Tracker, model: str, y_test: np.ndarray, score: np.ndarray,
+                   evaluate_params: Mapping[str, Any]) -> None:
+    """This model's test ROC and confusion matrix, logged to its own (nested) run."""
+    import matplotlib.pyplot as plt
+
+    from bonemet.modeling import plots
+
+    threshold = float(evaluate_params.get("threshold", 0.5))
+    name = display_name(model)
+    for fig_name, fig in (
+        ("roc_test.png", plots.plot_roc(y_test, {name: score}, title=f"ROC (test): {name}",
+                                        alpha=float(evaluate_params.get("alpha", 0.05)),
+                                        auc_ci=str(evaluate_params.get("auc_ci", "normal")))),
+        ("confusion_test.png", plots.plot_confusion_matrices(
+            y_test, {name: (score >= threshold).astype(int)}, title=f"Confusion (test): {name}", ncols=1)),
+    ):
+        tracker.log_figure(fig, fig_name)
+        plt.close(fig)
+
+
+def run_training(
+    primary: pd.DataFrame,
+    paired: pd.DataFrame,
+    splits: Mapping[str, Any],
+    *,
+    select_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    evaluate_params: Mapping[str, Any],
+    seed: int,
+    tracker: Tracker | None = None,
+    out_dir: str | Path = "models",
+    plots_dir: str | Path = "plots/classification",
+    metrics_dir: str | Path = "metrics",
+    bayes_auc: float | None = None,
+    feature_source: str = "auto",
+) -> TrainingResults:
+    """Train, cross-validate and evaluate every model in ``train_params['models']``.
+
+    ``primary``/``paired``: feature tables (case_id, label, feature columns) of the primary source
+    (what the classifier is trained and served on) and of the other mask source (only for the ICC).
+    ``splits``: the ``data/splits.json`` dict (train, test, train_folds).
+    ``train_params`` keys: models, n_trials ({model: n} or int; ``default`` key allowed),
+    inner_folds, pruner_startup_trials, search_space {model: {hp: spec}}, fixed_params {model: {}},
+    log_models, log_figures (bool). ``evaluate_params``: threshold, alpha, n_bootstrap, auc_ci,
+    calibration_bins, calibration_strategy, dca_thresholds, figure_dpi, decimals.
+    Writes ``out_dir/<model>.skops``, ``out_dir/selected_features.json``, ``out_dir/index.json``,
+    ``metrics_dir/cv_auc.json``, ``metrics_dir/table1.json`` (+ ``table1.md``), figures and CSVs
+    in ``plots_dir``. Logs a parent run ``train`` with a nested run per model to ``tracker``.
+    """
+    from bonemet.modeling.table1 import (
+        build_table1,
+        delong_comparison_markdown,
+        delong_comparison_table,
+        write_table1,
+    )
+
+    tracker = tracker or NullTracker()
+    out_dir, plots_dir, metrics_dir = Path(out_dir), Path(plots_dir), Path(metrics_dir)
+    prefix = str(select_params.get("icc", {}).get("paired_prefix", "paired__"))
+    X, y = assemble_features(primary, paired, prefix)
+    train_ids = [str(i) for i in splits["train"]]
+    test_ids = [str(i) for i in splits["test"]]
+    unknown = sorted(set(train_ids + test_ids) - set(X.index.astype(str)))
+    if unknown:
+        raise TrainingInputError(f"splits name cases missing from the feature tables: {unknown[:5]}")
+    X.index = X.index.astype(str)
+    y_all = y.set_axis(X.index)
+    X_train, y_train = X.loc[train_ids], y_all.loc[train_ids].to_numpy()
+    X_test, y_test = X.loc[test_ids], y_all.loc[test_ids].to_numpy()
+    primary_cols = feature_columns(primary)
+
+    models = list(train_params["models"])
+    n_trials_cfg = train_params.get("n_trials", 0)
+    spaces = train_params.get("search_space", {}) or {}
+    fixed_all = train_params.get("fixed_params", {}) or {}
+    inner_folds = int(train_params.get("inner_folds", 5))
+    startup = int(train_params.get("pruner_startup_trials", 5))
+    log_models = bool(train_params.get("log_models", True))
+    log_figures = bool(train_params.get("log_figures", True))
+
+    def n_trials_for(model: str) -> int:
+        if isinstance(n_trials_cfg, Mapping):
+            return int(n_trials_cfg.get(model, n_trials_cfg.get("default", 0)))
+        return int(n_trials_cfg)
+
+    if "train_folds" in splits:
+        outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
+    else:
+        outer = _inner_splits(y_train, int(train_params.get("outer_folds", 10)), seed)
+
+    results: dict[str, ModelResult] = {}
+    with tracker.run("train", tags={"stage": "train", "feature_source": feature_source}):
+        tracker.log_params({"seed": seed, "feature_source": feature_source, "n_train": len(train_ids),
+                            "n_test": len(test_ids), "n_features": len(primary_cols), "select": dict(select_params),
+                            "inner_folds": inner_folds, "outer_folds": len(outer)})
+        log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(outer))
+        inner = precompute_folds(X_train, y_train, _inner_splits(y_train, inner_folds, seed), select_params, seed)
+        outer_folds: list[FoldData] = precompute_folds(X_train, y_train, outer, select_params, seed)
+
+        for model in progress(models, desc="models", unit="model"):
+            with tracker.run(model, tags={"model": model}, nested=True):
+                tuned = tune_model(model, inner, spaces.get(model, {}), n_trials_for(model), seed,
+                                   fixed_params=fixed_all.get(model), pruner_startup_trials=startup, tracker=tracker)
+                cv_aucs = [fold_auc(model, tuned.best_params, fold, seed) for fold in outer_folds]
+                pipeline = build_pipeline(model, tuned.best_params, select_params, seed).fit(X_train, y_train)
+                s_train = pipeline.predict_proba(X_train)[:, 1]
+                s_test = pipeline.predict_proba(X_test)[:, 1]
+                m_train = _set_metrics(y_train, s_train, evaluate_params, seed)
+                m_test = _set_metrics(y_test, s_test, evaluate_params, seed)
+                res = ModelResult(model, tuned, cv_aucs, pipeline, m_train, m_test,
+                                  {"train": s_train, "test": s_test})
+                results[model] = res
+                tracker.log_params({"model": model, **{f"hp.{k}": v for k, v in tuned.best_params.items()},
+                                    "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned})
+                for k, auc in enumerate(cv_aucs):
+                    tracker.log_metrics({"cv_auc": auc}, step=k)
+                metrics = {"cv_auc_mean": res.cv_auc_mean, "cv_auc_sd": res.cv_auc_sd,
+                           "inner_cv_auc": tuned.best_value}
+                for set_name, m in (("train", m_train), ("test", m_test)):
+                    metrics.update({f"{set_name}_{k}": m[k] for k in SET_METRICS})
+                tracker.log_metrics(_finite(metrics))
+                if log_figures:
+                    _model_figures(tracker, model, y_test, s_test, evaluate_params)
+                if len(tuned.trials):
+                    tracker.log_table(tuned.trials, "optuna_trials.csv")
+                out_dir.mkdir(parents=True, exist_ok=True)
+                _save_pipeline(pipeline, out_dir / f"{model}.skops")
+                if log_models:
+                    _log_model(tracker, pipeline, X_test[primary_cols].head(5))
+                log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f", model, res.cv_auc_mean, res.cv_auc_sd,
+                         m_test["auc"])
+
+        best = max(results, key=lambda m: results[m].cv_auc_mean)
+        selected = {"feature_source": feature_source, **selection_summary(results[best].pipeline)}
+        write_json(out_dir / "selected_features.json", selected)
+        write_json(out_dir / "index.json", {
+            "best_model": best,
+            "best_by": "cv_auc_mean",
+            "feature_source": feature_source,
+            "trusted_types": list(TRUSTED_TYPES),
+            "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "test_auc": _none(r.test_metrics["auc"]),
+                           "params": r.tuning.best_params} for m, r in results.items()},
+        })
+        cv_doc = {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs} for m, r in results.items()}
+        write_json(metrics_dir / "cv_auc.json", cv_doc)
+
+        table = build_table1({m: {"train": r.train_metrics, "test": r.test_metrics} for m, r in results.items()},
+                             bayes_auc=bayes_auc, best_model=best)
+        write_table1(table, metrics_dir / "table1.json", metrics_dir / "table1.md", bayes_auc=bayes_auc,
+                     best_model=best, alpha=float(evaluate_params.get("alpha", 0.05)),
+                     decimals=int(evaluate_params.get("decimals", 3)))
+        delong = delong_comparison_table(y_test, {m: r.scores["test"] for m, r in results.items()}, best)
+        with atomic_path(metrics_dir / "delong_test.md") as tmp:
+            tmp.write_text(delong_comparison_markdown(delong))
+        y_sets = {"train": y_train, "test": y_test}
+        figures = _figures(results, y_sets, plots_dir, results[best].pipeline.named_steps["lasso"], evaluate_params)
+        tracker.set_tags({"best_model": best})
+        tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
+                                     "best_test_auc": results[best].test_metrics["auc"],
+                                     **({"bayes_auc": bayes_auc} if bayes_auc is not None else {})}))
+        tracker.log_dict(selected, "selected_features.json")
+        tracker.log_table(delong, "delong_test.csv")
+        for path in (metrics_dir / "table1.json", metrics_dir / "table1.md", metrics_dir / "cv_auc.json",
+                     metrics_dir / "delong_test.md"):
+            tracker.log_artifact(path)
+        for path in figures:
+            tracker.log_artifact(path, artifact_path="plots")
+    return TrainingResults(results, best, selected, table, y_sets)
+
+
+def _none(v: Any) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def _log_model(tracker: Tracker, pipeline: Any, input_example: pd.DataFrame) -> None:
+    """Log the fitted pipeline as an MLflow sklearn model (skops format, our classes trusted)."""
+    import importlib.metadata as md
+
+    import bonemet
+
+    reqs = []
+    for dist in ("scikit-learn", "xgboost", "lightgbm", "skops", "pandas", "numpy", "scipy"):
+        try:
+            reqs.append(f"{dist}=={md.version(dist)}")
+        except md.PackageNotFoundError:  # pragma: no cover - xgboost-cpu is named differently
+            if dist == "xgboost":
+                try:
+                    reqs.append(f"xgboost=={md.version('xgboost-cpu')}")
+                except md.PackageNotFoundError:
+                    pass
+    tracker.log_model(
+        pipeline,
+        name="model",
+        flavor="sklearn",
+        input_example=input_example,
+        pip_requirements=reqs,
+        code_paths=[str(Path(bonemet.__file__).parent)],
+        serialization_format="skops",
+        skops_trusted_types=trusted_types(pipeline),
+        pyfunc_predict_fn="predict_proba",
+    )
+
+
+def display_name(model: str) -> str:
+    """Display name of a model for tables and figures."""
+    return DISPLAY_NAMES.get(model, model)

@@ -1,0 +1,73 @@
+"""`bonemet ensure-data`: make sure the raw cohort folder exists before `dvc repro`.
+
+* ``data.source: synthetic`` and no ``manifest.csv`` in ``data.cohort_dir``: generate the default
+  synthetic cohort there from ``data.synthetic`` (into a temporary folder, then renamed), so a
+  fresh clone reproduces the exact files that ``data.dvc`` records.
+* ``data.source: user`` and no cohort: exit 1 telling the user where to put it.
+* A cohort already there: do nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bonemet.config import ParamsError, get
+    from bonemet.stages._common import params_from
+
+    params = params_from(args)
+    cohort_dir = Path(get(params, "data.cohort_dir"))
+    source = get(params, "data.source")
+    manifest = cohort_dir / MANIFEST
+    if manifest.is_file():
+        log.info("cohort present: %s (source: %s); nothing to do", cohort_dir, source)
+        return 0
+    if source == "user":
+        log.error(
+            "%s not found. data.source is 'user': put your cohort in %s (manifest.csv with columns "
+            "case_id,label,image,mask plus images and masks, see README 'Bring your own data'), "
+            "or fetch the versioned cohort with `dvc pull`",
+            manifest,
+            cohort_dir,
+        )
+        return 1
+    if source != "synthetic":
+        raise ParamsError(f"params key 'data.source' must be 'synthetic' or 'user'; found {source!r}")
+    if cohort_dir.exists() and (not cohort_dir.is_dir() or any(cohort_dir.iterdir())):
+        log.error(
+            "%s exists without %s; not overwriting it. Remove it to regenerate the synthetic cohort, "
+            "or `dvc checkout data.dvc` / `dvc pull` to restore the versioned one",
+            cohort_dir,
+            MANIFEST,
+        )
+        return 1
+
+    from bonemet.data.synthetic import generate_cohort
+    from bonemet.utils import atomic_path
+
+    synth = get(params, "data.synthetic")
+    log.info("no cohort in %s: generating the default synthetic cohort (seed %s)", cohort_dir, synth["seed"])
+    with atomic_path(cohort_dir, is_dir=True) as tmp:
+        summary = generate_cohort(
+            tmp,
+            n_cases=int(synth["n_cases"]),
+            n_positive=int(synth["n_positive"]),
+            seed=int(synth["seed"]),
+            size=str(synth.get("size", "full")),
+            mask_label=int(get(params, "data.mask_label", 1)),
+            overwrite=True,
+            show_progress=not args.no_progress,
+        )
+    log.info("wrote %d cases to %s (Bayes AUC %.3f)", summary["n_cases"], cohort_dir, summary["bayes_auc"])
+    return 0

@@ -1,0 +1,45 @@
+"""`bonemet split`: stratified train/test split and cross-validation folds."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+
+from bonemet.config import get
+from bonemet.stages._common import params_from
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cohort-dir", default=None, help="cohort folder (default: params data.cohort_dir)")
+    parser.add_argument("--out", default=None, help="splits JSON (default: params split.out)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bonemet.data.manifest import read_manifest
+    from bonemet.splits import make_splits, write_splits
+
+    params = params_from(args)
+    cases = read_manifest(args.cohort_dir or get(params, "data.cohort_dir"))
+    out = args.out or get(params, "split.out")
+    splits = make_splits(
+        [c.case_id for c in cases],
+        [c.label for c in cases],
+        test_size=float(get(params, "split.test_size")),
+        n_folds=int(get(params, "split.n_folds")),
+        seed=int(get(params, "seed")),
+    )
+    write_splits(out, splits)
+    label_of = {c.case_id: c.label for c in cases}
+    log.info(
+        "wrote %s: train %d %s, test %d %s, %d folds",
+        out,
+        len(splits["train"]),
+        dict(sorted(Counter(label_of[c] for c in splits["train"]).items())),
+        len(splits["test"]),
+        dict(sorted(Counter(label_of[c] for c in splits["test"]).items())),
+        splits["n_folds"],
+    )
+    return 0

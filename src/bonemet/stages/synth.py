@@ -1,0 +1,81 @@
+"""`bonemet synth OUT`: write a synthetic spine-CT cohort in the bring-your-own format.
+
+Defaults come from params ``data.synthetic`` (n_cases, n_positive, seed) and ``data.mask_label``;
+explicit arguments override them. The cohort is written into a temporary sibling folder and
+renamed onto OUT, so OUT is never left half-written. Prints the cohort summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output cohort folder (must be missing or empty unless --force)")
+    parser.add_argument("--n", type=int, default=None, help="number of cases (default: params data.synthetic.n_cases)")
+    parser.add_argument(
+        "--n-positive",
+        type=int,
+        default=None,
+        help="label-1 cases (default: params data.synthetic.n_positive, scaled to --n when --n is given)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="cohort seed (default: params data.synthetic.seed)")
+    parser.add_argument("--small", action="store_true", help="tiny volumes (~32^3 voxels, coarse spacing) for tests")
+    parser.add_argument("--figure", default=None, metavar="PATH", help="also write a PNG of a few cases to PATH")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_counts(
+    n: int | None, n_positive: int | None, default_n: int, default_positive: int
+) -> tuple[int, int]:
+    """Case counts from explicit arguments and params defaults; --n alone keeps the params' class ratio."""
+    n_cases = default_n if n is None else n
+    if n_positive is None:
+        if n is None:
+            n_positive = default_positive
+        else:
+            n_positive = min(max(1, round(n_cases * default_positive / default_n)), max(1, n_cases - 1))
+    return n_cases, n_positive
+
+
+def run(args: argparse.Namespace) -> int:
+    from bonemet.config import get
+    from bonemet.data.synthetic import SyntheticParamsError, generate_cohort, plot_cases
+    from bonemet.stages._common import params_from
+    from bonemet.utils import atomic_path
+
+    params = params_from(args)
+    n_cases, n_positive = resolve_counts(
+        args.n, args.n_positive, int(get(params, "data.synthetic.n_cases")), int(get(params, "data.synthetic.n_positive"))
+    )
+    seed = int(get(params, "data.synthetic.seed")) if args.seed is None else args.seed
+    mask_label = int(get(params, "data.mask_label", 1))
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        log.error("%s: exists and is not empty; pass --force to replace it", out)
+        return 1
+    try:
+        with atomic_path(out, is_dir=True) as tmp:
+            summary = generate_cohort(
+                tmp,
+                n_cases=n_cases,
+                n_positive=n_positive,
+                seed=seed,
+                size="small" if args.small else "full",
+                mask_label=mask_label,
+                overwrite=True,
+                show_progress=not args.no_progress,
+            )
+    except SyntheticParamsError as exc:
+        log.error("%s", exc)
+        return 1
+    if args.figure:
+        plot_cases(out, None, args.figure)
+    print(json.dumps({"out": str(out), **summary}, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,704 @@
+"""Validation of a bring-your-own cohort: manifest, images and masks.
+
+Two tables are built and checked with Great Expectations (through :mod:`bonemet.validation.gx`):
+
+* the manifest itself (one row per manifest row): unique, file-name-safe case ids, labels in
+  {0, 1}, both classes present, image and mask paths given;
+* one row of measurements per case, computed here by reading every image and mask once
+  (read-only; nothing is ever written inside the cohort folder): whether each file exists and
+  is readable, the image's dimension, spacing (mm) and intensity range (HU), whether each mask
+  lies on its image's grid, how many voxels hold ``mask_label`` or other values, and the
+  lesion volume (mL).
+
+Every rule is a GX expectation over those tables; the :class:`CohortReport` turns the GX
+results into per-case failures with readable details. Hard rules make the cohort unusable;
+soft rules only warn. A file that cannot be read (missing, truncated, corrupt) is recorded as
+a failure of that case and never stops the validation of the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from bonemet.data.io import ImageReadError, read_image, same_grid
+from bonemet.data.manifest import MANIFEST_NAME, ManifestError, read_manifest_table
+from bonemet.utils import atomic_path, progress, write_json
+from bonemet.validation.gx import Rule, RuleResult, check_table
+
+log = logging.getLogger(__name__)
+
+CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+LABELS = ("0", "1")
+MASK_KINDS = ("mask", "annotator_mask")
+MANIFEST_LEVEL = "(manifest)"
+
+#: a rule plus how to word its failure for one case from that case's measurement row
+Detail = Callable[[pd.Series], str]
+
+
+class Failure(NamedTuple):
+    """One broken rule: its name, ``"hard"`` or ``"soft"``, and what was expected and found."""
+
+    rule: str
+    severity: str
+    detail: str
+
+
+@dataclass
+class CohortReport:
+    """The outcome of :func:`validate_cohort`.
+
+    Attributes:
+        cohort_dir: the cohort folder as given.
+        n_cases: number of manifest rows.
+        failures: case id -> every rule that case broke (hard and soft), in rule order.
+        manifest_failures: rules about the manifest as a whole (unreadable manifest, missing
+            columns, one class only, no cases).
+        measurements: one row per manifest row: what was measured on its files.
+        rule_results: the raw GX outcome of every rule.
+        params: the thresholds used.
+    """
+
+    cohort_dir: str
+    n_cases: int
+    failures: dict[str, list[Failure]] = field(default_factory=dict)
+    manifest_failures: list[Failure] = field(default_factory=list)
+    measurements: pd.DataFrame = field(default_factory=pd.DataFrame)
+    rule_results: list[RuleResult] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True when no hard rule failed (soft warnings allowed)."""
+        return not self.hard_manifest_failures and not self.bad_cases
+
+    @property
+    def hard_manifest_failures(self) -> list[Failure]:
+        return [f for f in self.manifest_failures if f.severity == "hard"]
+
+    @property
+    def bad_cases(self) -> list[str]:
+        """Case ids with at least one hard failure."""
+        return [c for c, fs in self.failures.items() if any(f.severity == "hard" for f in fs)]
+
+    @property
+    def warned_cases(self) -> list[str]:
+        """Case ids with only soft failures."""
+        return [c for c, fs in self.failures.items() if fs and all(f.severity == "soft" for f in fs)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN -> null), deterministic for the same cohort and params."""
+        records = json.loads(self.measurements.to_json(orient="records")) if len(self.measurements) else []
+        return {
+            "cohort_dir": self.cohort_dir,
+            "passed": self.passed,
+            "n_cases": self.n_cases,
+            "n_cases_failed": len(self.bad_cases),
+            "n_cases_warned": len(self.warned_cases),
+            "params": self.params,
+            "manifest_failures": [f._asdict() for f in self.manifest_failures],
+            "cases": {case: [f._asdict() for f in fs] for case, fs in self.failures.items()},
+            "rules": [
+                {
+                    "rule": r.rule,
+                    "severity": r.severity,
+                    "success": r.success,
+                    "failing_ids": r.failing_ids,
+                    "detail": r.detail,
+                }
+                for r in self.rule_results
+            ],
+            "measurements": records,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    def summary(self) -> str:
+        """One line: verdict and counts."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        parts = [
+            f"{len(self.bad_cases)} case(s) with hard failures",
+            f"{len(self.warned_cases)} with warnings only",
+        ]
+        if self.manifest_failures:
+            parts.append(f"{len(self.manifest_failures)} manifest-level failure(s)")
+        return f"cohort {self.cohort_dir}: {self.n_cases} case(s), {verdict} ({', '.join(parts)})"
+
+    def to_text(self) -> str:
+        """Readable report: the verdict, then one block per failing case listing each rule broken."""
+        lines = [self.summary(), ""]
+        if self.manifest_failures:
+            lines.append("manifest:")
+            lines += [f"  [{f.severity}] {f.rule}: {f.detail}" for f in self.manifest_failures]
+            lines.append("")
+        for case, fs in self.failures.items():
+            lines.append(f"case '{case}':")
+            lines += [f"  [{f.severity}] {f.rule}: {f.detail}" for f in fs]
+            lines.append("")
+        if self.passed and not self.failures and not self.manifest_failures:
+            lines.append("every rule passed for every case.")
+        return "\n".join(lines).rstrip() + "\n"
+
+    def write(self, report_dir: str | Path) -> None:
+        """Write ``report.json`` and ``report.txt`` into ``report_dir`` (each atomically)."""
+        report_dir = Path(report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        write_json(report_dir / "report.json", self.to_dict())
+        with atomic_path(report_dir / "report.txt") as tmp:
+            tmp.write_text(self.to_text())
+
+
+# --------------------------------------------------------------------------- measurements
+def _empty_image_measures() -> dict[str, Any]:
+    return {
+        "image_exists": None,
+        "image_readable": None,
+        "image_error": "",
+        "image_3d": None,
+        "image_shape": "",
+        "spacing_min_mm": np.nan,
+        "spacing_max_mm": np.nan,
+        "spacing_mm": "",
+        "hu_min": np.nan,
+        "hu_max": np.nan,
+        "hu_range": np.nan,
+    }
+
+
+def _empty_mask_measures(kind: str) -> dict[str, Any]:
+    return {
+        f"{kind}_exists": None,
+        f"{kind}_readable": None,
+        f"{kind}_error": "",
+        f"{kind}_grid_ok": None,
+        f"{kind}_grid_reason": "",
+        f"{kind}_label_voxels": np.nan,
+        f"{kind}_other_voxels": np.nan,
+        f"{kind}_other_values": "",
+        f"{kind}_volume_ml": np.nan,
+    }
+
+
+def _measure_image(path: Path, case_id: str) -> tuple[dict[str, Any], sitk.Image | None]:
+    m = _empty_image_measures()
+    m["image_exists"] = path.exists()
+    if not m["image_exists"]:
+        m["image_error"] = f"{path}: file not found"
+        return m, None
+    try:
+        image = read_image(path, case_id=case_id)
+    except ImageReadError as exc:
+        m["image_readable"] = False
+        m["image_error"] = str(exc)
+        return m, None
+    m["image_readable"] = True
+    size = image.GetSize()
+    m["image_shape"] = "x".join(str(s) for s in size)
+    components = image.GetNumberOfComponentsPerPixel()
+    m["image_3d"] = image.GetDimension() == 3 and min(size) > 1 and components == 1
+    if components != 1:
+        m["image_shape"] += f" ({components} components per voxel)"
+    spacing = image.GetSpacing()
+    m["spacing_min_mm"], m["spacing_max_mm"] = float(min(spacing)), float(max(spacing))
+    m["spacing_mm"] = "x".join(f"{s:.4g}" for s in spacing)
+    if components == 1:
+        stats = sitk.MinimumMaximumImageFilter()
+        stats.Execute(image)
+        m["hu_min"], m["hu_max"] = float(stats.GetMinimum()), float(stats.GetMaximum())
+        m["hu_range"] = m["hu_max"] - m["hu_min"]
+    return m, image
+
+
+def _measure_mask(
+    path: Path | None,
+    kind: str,
+    case_id: str,
+    image: sitk.Image | None,
+    mask_label: int,
+    grid_tolerance_mm: float,
+) -> dict[str, Any]:
+    m = _empty_mask_measures(kind)
+    if path is None:
+        return m
+    m[f"{kind}_exists"] = path.exists()
+    if not m[f"{kind}_exists"]:
+        m[f"{kind}_error"] = f"{path}: file not found"
+        return m
+    try:
+        mask = read_image(path, case_id=case_id)
+    except ImageReadError as exc:
+        m[f"{kind}_readable"] = False
+        m[f"{kind}_error"] = str(exc)
+        return m
+    m[f"{kind}_readable"] = True
+    if image is not None:
+        ok, reason = same_grid(image, mask, grid_tolerance_mm)
+        m[f"{kind}_grid_ok"], m[f"{kind}_grid_reason"] = ok, reason
+    if mask.GetNumberOfComponentsPerPixel() != 1:
+        m[f"{kind}_error"] = f"{path}: mask has {mask.GetNumberOfComponentsPerPixel()} components per voxel"
+        m[f"{kind}_readable"] = False
+        return m
+    arr = sitk.GetArrayViewFromImage(mask)
+    if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.rint(arr)):
+        m[f"{kind}_readable"] = False
+        m[f"{kind}_error"] = f"{path}: mask holds non-integer values; expected a label map"
+        return m
+    is_label = arr == mask_label
+    n_label = int(np.count_nonzero(is_label))
+    other = (arr != 0) & ~is_label
+    n_other = int(np.count_nonzero(other))
+    m[f"{kind}_label_voxels"] = n_label
+    m[f"{kind}_other_voxels"] = n_other
+    if n_other:
+        values = np.unique(arr[other])
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        m[f"{kind}_other_values"] = shown
+    m[f"{kind}_volume_ml"] = n_label * float(np.prod(mask.GetSpacing())) / 1000.0
+    return m
+
+
+def measure_cohort(
+    cohort_dir: str | Path,
+    table: pd.DataFrame,
+    *,
+    mask_label: int,
+    grid_tolerance_mm: float,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Read every case's image and masks once and return one row of measurements per manifest row.
+
+    Columns: ``case_id`` (or ``row N`` for an empty id), ``row`` (1-based CSV line), then image
+    measures (exists, readable, error, 3d, shape, spacing in mm, HU min/max/range) and, for
+    ``mask`` and ``annotator_mask``, exists/readable/error, grid_ok/grid_reason, label_voxels
+    (voxels == ``mask_label``), other_voxels (non-zero voxels of another value), other_values,
+    volume_ml (label voxels x voxel volume, mL). Values that could not be measured are null.
+    """
+    cohort_dir = Path(cohort_dir)
+    rows: list[dict[str, Any]] = []
+    records = table.to_dict(orient="records")
+    for row_no, rec in enumerate(
+        progress(records, total=len(records), desc="validate", disable=not show_progress), 2
+    ):
+        case_id = rec["case_id"] or f"row {row_no}"
+        out: dict[str, Any] = {"case_id": case_id, "row": row_no}
+        if rec.get("image"):
+            measures, image = _measure_image(cohort_dir / rec["image"], case_id)
+        else:
+            measures, image = _empty_image_measures(), None
+        out.update(measures)
+        for kind in MASK_KINDS:
+            rel = rec.get(kind) or ""
+            out.update(
+                _measure_mask(
+                    cohort_dir / rel if rel else None, kind, case_id, image, mask_label, grid_tolerance_mm
+                )
+            )
+        rows.append(out)
+        del image
+    frame = pd.DataFrame(rows)
+    for col in frame.columns:
+        if col.endswith(("_exists", "_readable", "_3d", "_grid_ok")):
+            frame[col] = frame[col].astype(object)
+    return frame
+
+
+# --------------------------------------------------------------------------- rules
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{text} {unit}".rstrip()
+
+
+def _manifest_rules() -> list[tuple[Rule, Detail]]:
+    rules: list[tuple[Rule, Detail]] = [
+        (
+            Rule(
+                "case_id_unique",
+                "ExpectColumnValuesToBeUnique",
+                {"column": "case_id"},
+                description="every case_id appears once in the manifest",
+            ),
+            lambda r: f"case_id '{r['case_id']}' appears on {r['n_rows_with_id']} rows of {MANIFEST_NAME}",
+        ),
+        (
+            Rule(
+                "case_id_format",
+                "ExpectColumnValuesToMatchRegex",
+                {"column": "case_id_raw", "regex": CASE_ID_PATTERN},
+                description="case_id is non-empty and made of letters, digits, '.', '_', '-' (it names output files)",
+            ),
+            lambda r: f"case_id {r['case_id_raw']!r} on line {r['row']}: expected {CASE_ID_PATTERN}",
+        ),
+        (
+            Rule(
+                "label_valid",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "label", "value_set": list(LABELS)},
+                description="label is 0 (other origin) or 1 (breast origin)",
+            ),
+            lambda r: f"label {r['label']!r} on line {r['row']}: expected 0 or 1",
+        ),
+        (
+            Rule(
+                "image_path_given",
+                "ExpectColumnValueLengthsToBeBetween",
+                {"column": "image", "min_value": 1},
+                description="the image column names a file",
+            ),
+            lambda r: f"empty image path on line {r['row']}",
+        ),
+        (
+            Rule(
+                "mask_path_given",
+                "ExpectColumnValueLengthsToBeBetween",
+                {"column": "mask", "min_value": 1},
+                description="the mask column names a file",
+            ),
+            lambda r: f"empty mask path on line {r['row']}",
+        ),
+    ]
+    return rules
+
+
+def _manifest_table_rules() -> list[tuple[Rule, str]]:
+    return [
+        (
+            Rule(
+                "has_cases",
+                "ExpectTableRowCountToBeBetween",
+                {"min_value": 1},
+                description="the manifest lists at least one case",
+            ),
+            "the manifest lists no case",
+        ),
+        (
+            Rule(
+                "both_classes",
+                "ExpectColumnDistinctValuesToContainSet",
+                {"column": "label", "value_set": list(LABELS)},
+                description="both classes (label 0 and label 1) are present",
+            ),
+            "",
+        ),
+    ]
+
+
+def _case_rules(
+    *,
+    mask_kinds: Sequence[str],
+    min_spacing_mm: float,
+    max_spacing_mm: float,
+    hu_min: float,
+    hu_max: float,
+    hu_air_max: float,
+    hu_min_range: float,
+    lesion_volume_ml: tuple[float, float],
+    mask_label: int,
+) -> list[tuple[Rule, Detail]]:
+    true = {"value_set": [True]}
+    rules: list[tuple[Rule, Detail]] = [
+        (
+            Rule(
+                "image_exists",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "image_exists", **true},
+                description="the image file exists",
+            ),
+            lambda r: str(r["image_error"]),
+        ),
+        (
+            Rule(
+                "image_readable",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "image_readable", **true},
+                description="the image can be read (not truncated or corrupt)",
+            ),
+            lambda r: str(r["image_error"]),
+        ),
+        (
+            Rule(
+                "image_3d",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "image_3d", **true},
+                description="the image is a 3D scalar volume",
+            ),
+            lambda r: f"image size {r['image_shape']}: expected a 3D scalar volume with more than one slice",
+        ),
+        (
+            Rule(
+                "spacing_min",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "spacing_min_mm", "min_value": min_spacing_mm},
+                description=f"voxel spacing is at least {min_spacing_mm} mm",
+            ),
+            lambda r: f"spacing {r['spacing_mm']} mm: expected every axis >= {min_spacing_mm} mm",
+        ),
+        (
+            Rule(
+                "spacing_max",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "spacing_max_mm", "max_value": max_spacing_mm},
+                description=f"voxel spacing is at most {max_spacing_mm} mm",
+            ),
+            lambda r: f"spacing {r['spacing_mm']} mm: expected every axis <= {max_spacing_mm} mm",
+        ),
+        (
+            Rule(
+                "hu_min",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "hu_min", "min_value": hu_min},
+                description=f"no intensity below {hu_min} HU",
+            ),
+            lambda r: (
+                f"lowest intensity {_fmt(r['hu_min'], 'HU')}: expected >= {hu_min} HU (CT in Hounsfield units)"
+            ),
+        ),
+        (
+            Rule(
+                "hu_max",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "hu_max", "max_value": hu_max},
+                description=f"no intensity above {hu_max} HU",
+            ),
+            lambda r: (
+                f"highest intensity {_fmt(r['hu_max'], 'HU')}: expected <= {hu_max} HU (CT in Hounsfield units)"
+            ),
+        ),
+        (
+            Rule(
+                "hu_air_or_fat",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "hu_min", "max_value": hu_air_max},
+                description=f"some voxel is at or below {hu_air_max} HU (air or fat): true of CT, not of MR",
+            ),
+            lambda r: (
+                f"intensities {_fmt(r['hu_min'])}..{_fmt(r['hu_max'])}: expected air/fat at or below {hu_air_max} HU; "
+                "not a CT in Hounsfield units (MR-like, or rescale slope/intercept not applied?)"
+            ),
+        ),
+        (
+            Rule(
+                "hu_range",
+                "ExpectColumnValuesToBeBetween",
+                {"column": "hu_range", "min_value": hu_min_range},
+                description=f"intensities span at least {hu_min_range} HU (air/fat to bone)",
+            ),
+            lambda r: (
+                f"intensities {_fmt(r['hu_min'])}..{_fmt(r['hu_max'])} span {_fmt(r['hu_range'], 'HU')}: "
+                f"expected >= {hu_min_range} HU for a CT"
+            ),
+        ),
+    ]
+    low, high = lesion_volume_ml
+    for kind in mask_kinds:
+        rules += [
+            (
+                Rule(
+                    f"{kind}_exists",
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": f"{kind}_exists", **true},
+                    description=f"the {kind} file exists",
+                ),
+                lambda r, k=kind: str(r[f"{k}_error"]),
+            ),
+            (
+                Rule(
+                    f"{kind}_readable",
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": f"{kind}_readable", **true},
+                    description=f"the {kind} can be read (not truncated or corrupt)",
+                ),
+                lambda r, k=kind: str(r[f"{k}_error"]),
+            ),
+            (
+                Rule(
+                    f"{kind}_grid",
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": f"{kind}_grid_ok", **true},
+                    description=f"the {kind} lies on its image's voxel grid",
+                ),
+                lambda r, k=kind: f"{k} {r[f'{k}_grid_reason']}",
+            ),
+            (
+                Rule(
+                    f"{kind}_nonempty",
+                    "ExpectColumnValuesToBeBetween",
+                    {"column": f"{kind}_label_voxels", "min_value": 1},
+                    description=f"the {kind} holds at least one voxel == {mask_label}",
+                ),
+                lambda r, k=kind: (
+                    f"{k} has no voxel == {mask_label} (mask_label)"
+                    + (
+                        f"; it holds other values {r[f'{k}_other_values']}"
+                        if r[f"{k}_other_values"]
+                        else "; it is empty"
+                    )
+                ),
+            ),
+            (
+                Rule(
+                    f"{kind}_binary",
+                    "ExpectColumnValuesToBeBetween",
+                    {"column": f"{kind}_other_voxels", "max_value": 0},
+                    severity="soft",
+                    description=f"the {kind} holds only 0 and {mask_label}",
+                ),
+                lambda r, k=kind: (
+                    f"{k} has {_fmt(r[f'{k}_other_voxels'])} voxel(s) of other value(s) {r[f'{k}_other_values']}; "
+                    f"only voxels == {mask_label} are used as the lesion"
+                ),
+            ),
+            (
+                Rule(
+                    f"{kind}_volume",
+                    "ExpectColumnValuesToBeBetween",
+                    {"column": f"{kind}_volume_ml", "min_value": low, "max_value": high},
+                    severity="soft",
+                    description=f"the lesion in the {kind} is {low}-{high} mL",
+                ),
+                lambda r, k=kind: (
+                    f"lesion volume {_fmt(r[f'{k}_volume_ml'], 'mL')}: expected {low}-{high} mL"
+                ),
+            ),
+        ]
+    return rules
+
+
+def _collect(
+    results: list[RuleResult],
+    details: dict[str, Detail],
+    table: pd.DataFrame,
+    failures: dict[str, list[Failure]],
+) -> None:
+    """Add each failing id's failures (worded from its table row) to ``failures``."""
+    first_row = table.drop_duplicates("case_id").set_index("case_id", drop=False)
+    for res in results:
+        for case_id in res.failing_ids:
+            row = first_row.loc[case_id] if case_id in first_row.index else pd.Series(dtype=object)
+            try:
+                detail = details[res.rule](row)
+            except (KeyError, TypeError, ValueError):
+                detail = res.detail
+            failures.setdefault(case_id, []).append(Failure(res.rule, res.severity, detail))
+
+
+def validate_cohort(
+    cohort_dir: str | Path,
+    *,
+    mask_label: int = 1,
+    min_spacing_mm: float,
+    max_spacing_mm: float,
+    hu_min: float,
+    hu_max: float,
+    hu_air_max: float,
+    hu_min_range: float,
+    grid_tolerance_mm: float,
+    lesion_volume_ml: tuple[float, float],
+    show_progress: bool = True,
+) -> CohortReport:
+    """Check a bring-your-own cohort folder; never modifies it and never raises for bad data.
+
+    Args:
+        cohort_dir: folder with ``manifest.csv`` (case_id,label,image,mask[,annotator_mask]).
+        mask_label: value of the lesion in the label maps.
+        min_spacing_mm, max_spacing_mm: plausible voxel spacing range (mm), every axis.
+        hu_min, hu_max: no voxel may lie outside [hu_min, hu_max] HU (CT in Hounsfield units;
+            scanners pad outside the field of view with down to -3024 HU).
+        hu_air_max: some voxel must be at or below this (HU): air or fat, present in any CT,
+            absent from MR or from CT stored without its rescale slope/intercept.
+        hu_min_range: the image's max - min must be at least this (HU).
+        grid_tolerance_mm: tolerance for a mask's spacing/origin to match its image's (mm).
+        lesion_volume_ml: (low, high) plausible lesion volume in mL; outside it only warns.
+        show_progress: show a progress bar over cases.
+
+    Returns:
+        The :class:`CohortReport`; ``report.passed`` is False when any hard rule failed.
+    """
+    cohort_dir = Path(cohort_dir)
+    low, high = (float(v) for v in lesion_volume_ml)
+    params = {
+        "mask_label": int(mask_label),
+        "min_spacing_mm": min_spacing_mm,
+        "max_spacing_mm": max_spacing_mm,
+        "hu_min": hu_min,
+        "hu_max": hu_max,
+        "hu_air_max": hu_air_max,
+        "hu_min_range": hu_min_range,
+        "grid_tolerance_mm": grid_tolerance_mm,
+        "lesion_volume_ml": [low, high],
+    }
+    report = CohortReport(cohort_dir=str(cohort_dir), n_cases=0, params=params)
+    try:
+        table = read_manifest_table(cohort_dir)
+    except ManifestError as exc:
+        report.manifest_failures.append(Failure("manifest_readable", "hard", str(exc)))
+        return report
+    report.n_cases = len(table)
+
+    # -- manifest rules (one row per manifest line)
+    manifest = table.copy()
+    manifest["row"] = range(2, len(manifest) + 2)
+    manifest["case_id_raw"] = manifest["case_id"]
+    manifest["case_id"] = [
+        cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
+    ]
+    manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
+    row_rules = _manifest_rules()
+    table_rules = _manifest_table_rules()
+    results = check_table(
+        manifest, [r for r, _ in row_rules] + [r for r, _ in table_rules], suite_name="manifest"
+    )
+    failures: dict[str, list[Failure]] = {}
+    _collect(results[: len(row_rules)], {r.name: d for r, d in row_rules}, manifest, failures)
+    for (rule, text), res in zip(table_rules, results[len(row_rules) :], strict=True):
+        if not res.success:
+            if rule.name == "both_classes":
+                found = sorted(set(manifest["label"]) & set(LABELS))
+                text = f"labels present: {found or 'none'}; expected both 0 and 1"
+            report.manifest_failures.append(Failure(rule.name, rule.severity, text))
+    rule_results = list(results)
+
+    # -- per-case rules over the measurements
+    measurements = measure_cohort(
+        cohort_dir,
+        table,
+        mask_label=mask_label,
+        grid_tolerance_mm=grid_tolerance_mm,
+        show_progress=show_progress,
+    )
+    kinds = ["mask"]
+    if "annotator_mask" in table.columns and (table["annotator_mask"] != "").any():
+        kinds.append("annotator_mask")
+    case_rules = _case_rules(
+        mask_kinds=kinds,
+        min_spacing_mm=min_spacing_mm,
+        max_spacing_mm=max_spacing_mm,
+        hu_min=hu_min,
+        hu_max=hu_max,
+        hu_air_max=hu_air_max,
+        hu_min_range=hu_min_range,
+        lesion_volume_ml=(low, high),
+        mask_label=mask_label,
+    )
+    results = check_table(measurements, [r for r, _ in case_rules], suite_name="cases")
+    _collect(results, {r.name: d for r, d in case_rules}, measurements, failures)
+    rule_results += results
+
+    # failures in manifest order, each case's rules in rule order
+    order = list(dict.fromkeys(manifest["case_id"]))
+    report.failures = {case: failures[case] for case in order if case in failures}
+    report.measurements = measurements
+    report.rule_results = rule_results
+    return report

@@ -1,0 +1,83 @@
+"""Segmentation metrics on hand-made masks with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bonemet.segmentation.metrics import MaskGridError, case_metrics, dice, hd95, summarize
+
+
+def _sphere(shape, center, radius):
+    zz, yy, xx = np.indices(shape)
+    return ((zz - center[0]) ** 2 + (yy - center[1]) ** 2 + (xx - center[2]) ** 2 <= radius**2).astype(np.uint8)
+
+
+def _image(arr, spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.SetSpacing(spacing)
+    return img
+
+
+def test_identical_masks_dice_one_hd95_zero():
+    mask = _sphere((20, 20, 20), (10, 10, 10), 5)
+    assert dice(mask, mask) == 1.0
+    assert hd95(mask, mask, (1.0, 1.0, 1.0)) == 0.0
+
+
+def test_cubes_with_known_overlap():
+    a = np.zeros((20, 20, 20), np.uint8)
+    b = np.zeros_like(a)
+    a[5:15, 5:15, 5:15] = 1  # 1000 voxels
+    b[5:15, 5:15, 8:18] = 1  # shifted by 3 along x: overlap 10*10*7 = 700
+    assert dice(a, b) == pytest.approx(2 * 700 / 2000)
+    # Every surface distance is at most 3 voxels; on the shifted faces exactly 3.
+    assert hd95(a, b, (1.0, 1.0, 1.0)) == pytest.approx(3.0)
+    # Physical spacing: 2 mm along x -> 6 mm.
+    assert hd95(a, b, (1.0, 1.0, 2.0)) == pytest.approx(6.0)
+
+
+def test_offset_spheres_dice_matches_voxel_count():
+    a = _sphere((30, 30, 30), (15, 15, 12), 6)
+    b = _sphere((30, 30, 30), (15, 15, 18), 6)
+    inter = int((a & b).sum())
+    assert 0 < inter < a.sum()
+    assert dice(a, b) == pytest.approx(2 * inter / (a.sum() + b.sum()))
+    h = hd95(a, b, (1.0, 1.0, 1.0))
+    assert 0 < h <= 6.0 + 1e-6  # centres 6 voxels apart bound every surface distance
+
+
+def test_empty_prediction_is_flagged():
+    ref = _sphere((16, 16, 16), (8, 8, 8), 4)
+    empty = np.zeros_like(ref)
+    assert dice(empty, ref) == 0.0
+    assert math.isinf(hd95(empty, ref, (1, 1, 1)))
+    assert math.isnan(hd95(empty, empty, (1, 1, 1)))
+    row = case_metrics(_image(empty), _image(ref), case_id="c1")
+    assert row["empty_prediction"] and row["dice"] == 0.0
+    assert row["volume_diff_pct"] == pytest.approx(-100.0)
+    summary = summarize([row, case_metrics(_image(ref), _image(ref), "c2")])
+    assert summary["n_empty_predictions"] == 1
+    assert summary["hd95_n"] == 1 and summary["hd95_mean"] == 0.0
+    assert summary["dice_mean"] == pytest.approx(0.5)
+
+
+def test_volume_difference_in_ml_uses_spacing():
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[:5] = 1  # 500 voxels
+    pred = np.zeros_like(ref)
+    pred[:4] = 1  # 400 voxels
+    row = case_metrics(_image(pred, (2.0, 2.0, 2.0)), _image(ref, (2.0, 2.0, 2.0)), case_id="c")
+    assert row["ref_volume_ml"] == pytest.approx(500 * 8 / 1000)
+    assert row["volume_diff_ml"] == pytest.approx(-100 * 8 / 1000)
+    assert row["volume_diff_pct"] == pytest.approx(-20.0)
+
+
+def test_grid_mismatch_names_case():
+    a = _image(np.zeros((5, 5, 5), np.uint8))
+    b = _image(np.zeros((5, 5, 6), np.uint8))
+    with pytest.raises(MaskGridError, match="case 'x'"):
+        case_metrics(a, b, case_id="x")

@@ -1,0 +1,244 @@
+"""The synthetic cohort: format, determinism, anatomy sanity, the latent model and its Bayes AUC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from bonemet.data.manifest import read_manifest
+from bonemet.data.synthetic import (
+    CohortExistsError,
+    SyntheticParamsError,
+    bayes_auc,
+    generate_cohort,
+    plot_cases,
+    sample_latents,
+)
+from bonemet.data.synthetic_latents import LATENT_NAMES, empirical_auc, single_latent_auc
+from bonemet.utils import file_md5
+
+SEED = 1234
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): file_md5(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cohort") / "raw"
+    summary = generate_cohort(out, n_cases=8, n_positive=3, seed=SEED, size="small", show_progress=False)
+    return out, summary
+
+
+def test_same_seed_gives_byte_identical_files(small_cohort, tmp_path):
+    out, _ = small_cohort
+    again = tmp_path / "again"
+    generate_cohort(again, n_cases=8, n_positive=3, seed=SEED, size="small", show_progress=False)
+    first, second = _md5s(out), _md5s(again)
+    assert len(first) == 8 * 3 + 2
+    assert first == second
+
+
+def test_other_seed_gives_other_images(small_cohort, tmp_path):
+    out, _ = small_cohort
+    other = tmp_path / "other"
+    generate_cohort(other, n_cases=8, n_positive=3, seed=SEED + 1, size="small", show_progress=False)
+    a, b = _md5s(out), _md5s(other)
+    assert all(a[f"images/case_{i:03d}.nii.gz"] != b[f"images/case_{i:03d}.nii.gz"] for i in range(8))
+
+
+def test_a_case_does_not_depend_on_the_cohort_size(small_cohort, tmp_path):
+    out, _ = small_cohort
+    fewer = tmp_path / "fewer"
+    generate_cohort(fewer, n_cases=3, n_positive=1, seed=SEED, size="small", show_progress=False)
+    # labels are re-drawn for another cohort size, so compare a case whose label agrees
+    labels_big = {c.case_id: c.label for c in read_manifest(out)}
+    for case in read_manifest(fewer):
+        if labels_big[case.case_id] == case.label:
+            assert file_md5(case.image) == file_md5(out / "images" / f"{case.case_id}.nii.gz")
+
+
+def test_manifest_format_and_class_counts(small_cohort):
+    out, summary = small_cohort
+    cases = read_manifest(out)
+    assert [c.case_id for c in cases] == [f"case_{i:03d}" for i in range(8)]
+    assert sum(c.label for c in cases) == 3 == summary["n_positive"]
+    for case in cases:
+        assert case.image.is_file() and case.manual_mask.is_file() and case.annotator_mask.is_file()
+        assert {"spacing_x_mm", "spacing_y_mm", "spacing_z_mm"} <= set(case.metadata)
+
+
+def test_images_are_int16_ct_and_masks_binary_inside_bone(small_cohort):
+    out, _ = small_cohort
+    for case in read_manifest(out):
+        image = sitk.ReadImage(str(case.image))
+        assert image.GetPixelID() == sitk.sitkInt16
+        hu = sitk.GetArrayFromImage(image)
+        assert hu.min() >= -1024 and hu.max() <= 3071
+        assert hu.min() < -800, "air (bowel gas) expected"
+        assert hu.max() > 700, "cortical bone expected"
+        assert max(image.GetSize()) <= 40, "small volumes are ~32^3"
+        mask_img = sitk.ReadImage(str(case.manual_mask))
+        assert mask_img.GetPixelID() == sitk.sitkUInt8
+        assert mask_img.GetSize() == image.GetSize() and mask_img.GetSpacing() == image.GetSpacing()
+        mask = sitk.GetArrayFromImage(mask_img)
+        assert set(np.unique(mask)) == {0, 1}
+        lesion = mask.astype(bool)
+        # the voxels around the lesion are bone (trabecular or cortical), not soft tissue or fat
+        from scipy import ndimage
+
+        ring = ndimage.binary_dilation(lesion, iterations=1) & ~lesion
+        assert np.mean(hu[ring] > 90) > 0.6, case.case_id
+
+
+def test_annotator_mask_differs_realistically(small_cohort):
+    out, summary = small_cohort
+    dices = []
+    for case in read_manifest(out):
+        manual = _array(case.manual_mask).astype(bool)
+        annot = _array(case.annotator_mask).astype(bool)
+        assert annot.any()
+        dices.append(2 * (manual & annot).sum() / (manual.sum() + annot.sum()))
+    assert 0.75 < np.mean(dices) < 0.98
+    assert min(dices) > 0.6
+    assert summary["dice_annotator_mean"] == pytest.approx(np.mean(dices), abs=1e-5)
+
+
+def test_full_size_spacing_and_volume(tmp_path):
+    out = tmp_path / "full"
+    generate_cohort(out, n_cases=2, n_positive=1, seed=SEED, size="full", show_progress=False)
+    for case in read_manifest(out):
+        image = sitk.ReadImage(str(case.image))
+        sx, sy, sz = image.GetSpacing()
+        assert 0.6 <= sx == sy <= 1.0
+        assert 1.0 <= sz <= 3.0
+        assert np.prod(image.GetSize()) < 1.2e6
+        nx, ny, nz = image.GetSize()
+        assert 75 <= nx * sx <= 85 and 55 <= nz * sz <= 65
+        mask = _array(case.manual_mask)
+        volume_ml = mask.astype(bool).sum() * sx * sy * sz / 1000
+        assert 0.2 < volume_ml < 10
+
+
+def test_mask_label_is_written(tmp_path):
+    out = tmp_path / "label2"
+    generate_cohort(out, n_cases=2, n_positive=1, seed=SEED, size="small", mask_label=2, show_progress=False)
+    for case in read_manifest(out):
+        assert set(np.unique(_array(case.manual_mask))) == {0, 2}
+        assert set(np.unique(_array(case.annotator_mask))) == {0, 2}
+
+
+def test_cohort_json_records_latents_and_bayes_auc(small_cohort):
+    out, summary = small_cohort
+    doc = json.loads((out / "cohort.json").read_text())
+    assert 0.8 < doc["bayes_auc"] < 0.97
+    assert doc["bayes_auc"] == pytest.approx(bayes_auc(), abs=1e-6)
+    assert 0.0 <= doc["realised_llr_auc"] <= 1.0
+    expected = sample_latents(8, 3, SEED)
+    assert [c["case_id"] for c in doc["cases"]] == [p.case_id for p in expected]
+    for record, params in zip(doc["cases"], expected, strict=True):
+        assert record["label"] == params.label
+        for name in LATENT_NAMES:
+            assert record["latents"][name] == pytest.approx(getattr(params, name), abs=1e-5)
+
+
+def test_bayes_auc_matches_monte_carlo_and_beats_every_single_latent():
+    params = sample_latents(4000, 1750, seed=7)
+    labels = np.array([p.label for p in params])
+    llr = np.array([p.llr for p in params])
+    ceiling = bayes_auc()
+    assert 0.8 < ceiling < 0.97
+    assert empirical_auc(llr, labels) == pytest.approx(ceiling, abs=0.02)
+    for name in LATENT_NAMES:
+        values = np.array([getattr(p, name) for p in params])
+        auc = max(empirical_auc(values, labels), 1 - empirical_auc(values, labels))
+        assert auc < ceiling - 0.08, name
+        assert auc == pytest.approx(single_latent_auc()[name], abs=0.025)
+
+
+def test_lesion_size_is_independent_of_label():
+    params = sample_latents(3000, 1300, seed=11)
+    labels = np.array([p.label for p in params], dtype=float)
+    radius = np.array([p.radius_mm for p in params])
+    assert abs(np.corrcoef(labels, radius)[0, 1]) < 0.06
+    auc = empirical_auc(radius, labels)
+    assert 0.45 < auc < 0.55
+
+
+def test_bad_arguments_are_refused(tmp_path, small_cohort):
+    with pytest.raises(SyntheticParamsError, match="n_positive"):
+        generate_cohort(tmp_path / "a", n_cases=4, n_positive=4, size="small")
+    with pytest.raises(SyntheticParamsError, match="size"):
+        generate_cohort(tmp_path / "b", n_cases=4, n_positive=2, size="huge")
+    out, _ = small_cohort
+    with pytest.raises(CohortExistsError, match="not empty"):
+        generate_cohort(out, n_cases=4, n_positive=2, size="small")
+
+
+def test_plot_cases_writes_a_png(small_cohort, tmp_path):
+    out, _ = small_cohort
+    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _params_file(tmp_path: Path, cohort_dir: Path, source: str) -> Path:
+    params = {
+        "seed": 1,
+        "data": {
+            "cohort_dir": str(cohort_dir),
+            "source": source,
+            "mask_label": 1,
+            "synthetic": {"n_cases": 3, "n_positive": 1, "seed": SEED, "size": "small"},
+        },
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_synth_command_refuses_non_empty_out_unless_forced(tmp_path):
+    from bonemet.cli import main
+
+    params = _params_file(tmp_path, tmp_path / "unused", "synthetic")
+    out = tmp_path / "cohort"
+    args = ["synth", "--params", str(params), str(out), "--small", "--no-progress"]
+    assert main(args) == 0
+    assert len(read_manifest(out)) == 3
+    before = _md5s(out)
+    assert main(args + ["--n", "4"]) == 1
+    assert _md5s(out) == before
+    assert main(args + ["--n", "4", "--force"]) == 0
+    assert len(read_manifest(out)) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cohort")], "temporary folder left behind"
+
+
+def test_ensure_data_generates_once_then_does_nothing(tmp_path):
+    from bonemet.cli import main
+
+    cohort = tmp_path / "data" / "raw"
+    params = _params_file(tmp_path, cohort, "synthetic")
+    assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 0
+    before = _md5s(cohort)
+    assert len(read_manifest(cohort)) == 3
+    assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 0
+    assert _md5s(cohort) == before
+
+
+def test_ensure_data_with_user_source_and_no_cohort_fails_clearly(tmp_path, caplog):
+    from bonemet.cli import main
+
+    cohort = tmp_path / "mine"
+    params = _params_file(tmp_path, cohort, "user")
+    assert main(["ensure-data", "--params", str(params)]) == 1
+    assert "dvc pull" in caplog.text and str(cohort) in caplog.text
+    assert not cohort.exists()
