@@ -16,6 +16,7 @@ from bonemet.modeling.evaluation import (
     binary_metrics,
     bootstrap_ci,
     brier_score,
+    cv_auc_summary,
     delong_auc,
     delong_test,
     f1_from_labels,
@@ -191,8 +192,15 @@ def test_binary_metrics_hand_example():
     assert m["brier"] == pytest.approx(brier_score(y, s))
     assert m["brier"] == pytest.approx(np.mean((s - y) ** 2))
     assert m["ci_method"] == {
-        "accuracy": "wilson", "auc": "delong-normal", "sensitivity": "wilson", "specificity": "wilson",
-        "precision": "wilson", "npv": "wilson", "f1": "bootstrap", "brier": "bootstrap", "recall": "wilson",
+        "accuracy": "wilson",
+        "auc": "delong-normal",
+        "sensitivity": "wilson",
+        "specificity": "wilson",
+        "precision": "wilson",
+        "npv": "wilson",
+        "f1": "bootstrap",
+        "brier": "bootstrap",
+        "recall": "wilson",
     }
     for name in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "brier"):
         assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"], name
@@ -230,7 +238,10 @@ def _results(seed: int = 0) -> dict:
 def test_build_table1_shape_and_order():
     df = build_table1(_results(), bayes_auc=0.95, best_model="knn")
     assert df.shape[0] == 6
-    assert list(df[["model", "set"]].itertuples(index=False, name=None))[:2] == [("svm", "train"), ("svm", "test")]
+    assert list(df[["model", "set"]].itertuples(index=False, name=None))[:2] == [
+        ("svm", "train"),
+        ("svm", "test"),
+    ]
     for col in ("accuracy", "accuracy_lo", "accuracy_hi", "auc", "auc_lo", "auc_hi", "f1", "brier"):
         assert col in df.columns
     test_rows = df[df["set"] == "test"]
@@ -251,7 +262,9 @@ def test_write_table1_json_markdown(tmp_path):
     assert doc["models"]["svm"]["test"]["precision"] is None
     assert isinstance(doc["models"]["knn"]["test"]["auc_lo"], float)
     assert doc["bayes_optimal"]["auc"] == 0.9
-    assert doc["bayes_optimal"]["best_test_auc_gap"] == pytest.approx(0.9 - res["knn"]["test"]["auc"], abs=1e-6)
+    assert doc["bayes_optimal"]["best_test_auc_gap"] == pytest.approx(
+        0.9 - res["knn"]["test"]["auc"], abs=1e-6
+    )
     m = md.read_text()
     for model in res:
         assert model in m
@@ -260,10 +273,14 @@ def test_write_table1_json_markdown(tmp_path):
     assert "Bayes-optimal" in m and "knn" in m
     # deterministic: same inputs, same bytes
     j2, md2 = tmp_path / "b.json", tmp_path / "b.md"
-    write_table1(build_table1(_results(), bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn")
+    write_table1(
+        build_table1(_results(), bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn"
+    )
     res2 = _results()
     res2["svm"]["test"]["precision"] = math.nan
-    write_table1(build_table1(res2, bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn")
+    write_table1(
+        build_table1(res2, bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn"
+    )
     assert j2.read_bytes() == j.read_bytes() and md2.read_bytes() == md.read_bytes()
 
 
@@ -285,3 +302,11 @@ def test_delong_comparison_table():
     assert (df["p_holm"] >= df["p"]).all()
     with pytest.raises(ValueError, match="best"):
         delong_comparison_table(y, {"good": s}, best="missing")
+
+
+def test_cv_auc_summary():
+    s = cv_auc_summary({"a": [0.8, 0.9, np.nan, 1.0], "b": [np.nan]})
+    assert s["a"]["mean"] == pytest.approx(0.9) and s["a"]["n_folds"] == 3 and s["a"]["n_undefined"] == 1
+    assert s["a"]["sd"] == pytest.approx(0.1)
+    assert s["b"]["mean"] is None and s["b"]["n_undefined"] == 1
+    json.dumps(s, allow_nan=False)

@@ -106,8 +106,8 @@ def test_distillation_term_does_not_reach_backbone_through_the_teacher():
 def test_eval_mode_never_calls_the_fusion_blocks():
     net = _tiny("missu", (16, 16, 16))
     calls: list[str] = []
-    for i, block in enumerate(net.fusion):
-        block.register_forward_hook(lambda *_, i=i: calls.append(f"fusion{i}"))
+    for key, block in net.fusion.items():
+        block.register_forward_hook(lambda *_, key=key: calls.append(key))
     x = torch.randn(1, 1, 16, 16, 16)
     net.eval()
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_eval_mode_never_calls_the_fusion_blocks():
     assert calls == []
     net.train()
     net(x)
-    assert calls == [f"fusion{i}" for i in range(4)]  # the hooks do fire when the branch runs
+    assert calls == ["8", "4", "2", "1"]  # the hooks do fire when the branch runs, coarsest first
 
 
 def test_without_self_distillation_no_fusion_is_built_and_term_is_zero():
@@ -126,6 +126,17 @@ def test_without_self_distillation_no_fusion_is_built_and_term_is_zero():
     logits, distill = net.train()(torch.randn(1, 1, 16, 16, 16))
     assert distill.item() == 0.0
     assert logits.shape == (1, 2, 16, 16, 16)
+
+
+def test_distill_scales_choose_the_teachers_and_blocks_may_be_zero():
+    net = _tiny("missu", (16, 16, 16), distill_scales=(2, 8), blocks=(0, 1, 1, 1)).train()
+    assert sorted(net.fusion) == ["2", "8"]
+    full = _tiny("missu", (16, 16, 16), blocks=(0, 1, 1, 1))
+    assert count_parameters(net, inference_only=True) == count_parameters(full, inference_only=True)
+    assert count_parameters(net) < count_parameters(full)
+    logits, distill = net(torch.randn(1, 1, 16, 16, 16))
+    (logits.sum() + distill).backward()
+    assert all(p.grad is not None for p in net.parameters())
 
 
 def test_frozen_teacher_matches_the_release():
@@ -208,7 +219,10 @@ def test_unknown_network_name_lists_the_valid_ones():
         ("missu", dict(attn_dropout=1.5), "attn_dropout must be a probability"),
         ("missu", dict(widths=(8, 16, 32)), "widths must list 4 integers"),
         ("missu", dict(blocks=(1, 2, 2, 2, 4)), "blocks must list 4 integers"),
-        ("missu", dict(blocks=(1, 0, 2, 4)), r"blocks\[1\] must be an integer >= 1"),
+        ("missu", dict(blocks=(1, -1, 2, 4)), r"blocks\[1\] must be an integer >= 0"),
+        ("missu", dict(distill_scales=(8, 3)), r"distill_scales must be distinct downsampling factors"),
+        ("missu", dict(distill_scales=(8, 8)), r"distill_scales must be distinct"),
+        ("missu", dict(distill_scales=()), r"distill_scales"),
         ("missu", dict(widths=(8, 12, 16, 16)), "divisible by groups=8"),
         ("missu", dict(in_channels=0), "in_channels must be an integer >= 1; found 0"),
         ("missu", dict(out_channels=0), "out_channels must be an integer >= 1"),

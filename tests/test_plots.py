@@ -56,7 +56,11 @@ def test_lasso_plots(tmp_path):
     x = rng.normal(size=(50, 8))
     yv = x[:, 0] - 0.5 * x[:, 3] + rng.normal(scale=0.5, size=50)
     lasso = LassoCV(cv=3, alphas=20, random_state=0).fit(x, yv)
-    _png_ok(plots.save_figure(plots.plot_lasso_cv(lasso.alphas_, lasso.mse_path_, lasso.alpha_), tmp_path / "cv.png"))
+    _png_ok(
+        plots.save_figure(
+            plots.plot_lasso_cv(lasso.alphas_, lasso.mse_path_, lasso.alpha_), tmp_path / "cv.png"
+        )
+    )
     from sklearn.linear_model import lasso_path
 
     alphas, coefs, _ = lasso_path(x, yv, alphas=lasso.alphas_)
@@ -117,20 +121,43 @@ def test_threshold_grid():
 def test_write_classification_and_lasso_plots(tmp_path, data):
     y, scores = data
     paths = plots.write_classification_plots(
-        tmp_path / "cls", y_train=y, y_test=y[:30], scores_train=scores,
-        scores_test={m: s[:30] for m, s in scores.items()}, cv_aucs={"svm": [0.8, 0.9], "knn": [0.7, 0.6]},
-        dca_thresholds=plots.threshold_grid(0.05, 0.95, 0.05), dpi=60,
+        tmp_path / "cls",
+        y_train=y,
+        y_test=y[:30],
+        scores_train=scores,
+        scores_test={m: s[:30] for m, s in scores.items()},
+        cv_aucs={"svm": [0.8, 0.9], "knn": [0.7, 0.6]},
+        dca_thresholds=plots.threshold_grid(0.05, 0.95, 0.05),
+        dpi=60,
     )
-    expected = {"roc_train", "roc_test", "roc_train_csv", "roc_test_csv", "confusion_train", "confusion_test",
-                "cv_auc", "cv_auc_csv", "calibration_test", "calibration_test_csv", "dca_test", "dca_test_csv"}
+    expected = {
+        "roc_train",
+        "roc_test",
+        "roc_train_csv",
+        "roc_test_csv",
+        "confusion_train",
+        "confusion_test",
+        "cv_auc",
+        "cv_auc_csv",
+        "calibration_test",
+        "calibration_test_csv",
+        "dca_test",
+        "dca_test_csv",
+    }
     assert set(paths) == expected
     for name, p in paths.items():
         assert p.exists() and p.stat().st_size > 0, name
     assert pd.read_csv(paths["roc_test_csv"]).columns.tolist() == ["model", "fpr", "tpr", "threshold"]
     rng = np.random.default_rng(0)
     lp = plots.write_lasso_plots(
-        tmp_path / "lasso", alphas=np.logspace(-1, -3, 5), mse_path=rng.random((5, 3)), chosen_alpha=0.01,
-        coef_path=rng.normal(size=(4, 5)), feature_names=list("abcd"), coefs=[0.0, 0.5, -0.2, 0.0], dpi=60,
+        tmp_path / "lasso",
+        alphas=np.logspace(-1, -3, 5),
+        mse_path=rng.random((5, 3)),
+        chosen_alpha=0.01,
+        coef_path=rng.normal(size=(4, 5)),
+        feature_names=list("abcd"),
+        coefs=[0.0, 0.5, -0.2, 0.0],
+        dpi=60,
     )
     for p in lp.values():
         assert p.exists() and p.stat().st_size > 0

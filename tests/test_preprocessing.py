@@ -67,7 +67,9 @@ def _extent(image: sitk.Image) -> np.ndarray:
 
 def _physical_box(image: sitk.Image, arr_bool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     idx = np.argwhere(arr_bool)[:, ::-1]  # (x, y, z)
-    pts = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in (idx.min(0), idx.max(0))])
+    pts = np.array(
+        [image.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in (idx.min(0), idx.max(0))]
+    )
     return pts.min(0), pts.max(0)
 
 
@@ -133,7 +135,9 @@ def test_bone_crop_contains_bone_and_lesion_and_ignores_specks():
         assert np.all(lo >= lo_c - 1.5) and np.all(hi <= hi_c + 1.5)
     speck = np.asarray(image.TransformIndexToPhysicalPoint((2, 2, 2)))
     assert np.any(speck < lo_c - 3.0)  # the speck did not stretch the box
-    assert all(0 <= s for s in box.start) and all(e <= n for e, n in zip(box.stop, resampled.GetSize(), strict=True))
+    assert all(0 <= s for s in box.start) and all(
+        e <= n for e, n in zip(box.stop, resampled.GetSize(), strict=True)
+    )
 
 
 def test_crop_uses_the_image_only():
@@ -171,7 +175,10 @@ def test_preprocess_case_outputs_and_geometry():
     assert result.image.GetPixelID() == sitk.sitkFloat32
     assert 0.0 <= arr.min() and arr.max() <= 1.0
     assert result.mask.GetPixelID() == sitk.sitkUInt8
-    ok = result.image.GetSize() == result.mask.GetSize() and result.image.GetOrigin() == result.mask.GetOrigin()
+    ok = (
+        result.image.GetSize() == result.mask.GetSize()
+        and result.image.GetOrigin() == result.mask.GetOrigin()
+    )
     assert ok
     geo = result.geometry
     assert geo["original_size"] == list(image.GetSize())
@@ -226,13 +233,24 @@ def _write_cohort(root: Path, n: int = 3) -> Path:
         labelmap = sitk.Cast(mask, sitk.sitkUInt8) * 1
         sitk.WriteImage(image, str(root / "images" / f"case{i}.nii.gz"))
         sitk.WriteImage(labelmap, str(root / "masks" / f"case{i}.nii.gz"))
-        rows.append({"case_id": f"case{i}", "label": i % 2, "image": f"images/case{i}.nii.gz", "mask": f"masks/case{i}.nii.gz"})
+        rows.append(
+            {
+                "case_id": f"case{i}",
+                "label": i % 2,
+                "image": f"images/case{i}.nii.gz",
+                "mask": f"masks/case{i}.nii.gz",
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 COHORT_OPTIONS = {k: v for k, v in OPTIONS.items()}
@@ -284,7 +302,12 @@ def test_preprocess_stage_reads_params(tmp_path):
             "image_interpolator": "linear",
             "mask_interpolator": "nearest",
             "hu_window": [-200, 1800],
-            "crop": {"bone_threshold_hu": 200, "min_component_ml": 0.01, "margin_mm": 3.0, "min_size_vox": [24, 24, 24]},
+            "crop": {
+                "bone_threshold_hu": 200,
+                "min_component_ml": 0.01,
+                "margin_mm": 3.0,
+                "min_size_vox": [24, 24, 24],
+            },
             "n_jobs": 1,
             "out_dir": str(tmp_path / "pre"),
         },
@@ -294,3 +317,33 @@ def test_preprocess_stage_reads_params(tmp_path):
     table = read_preprocessed(tmp_path / "pre")
     assert list(table["case_id"]) == ["case0", "case1"]
     assert sitk.ReadImage(table["image"][0]).GetSize() == (24, 24, 24)
+
+
+@pytest.mark.parametrize("interpolator", ["bspline", "linear"])
+def test_crop_resampling_equals_full_resampling_then_crop(interpolator):
+    from bonemet.preprocessing import CropBox
+
+    image, _ = _phantom(size=(60, 50, 24))
+    options = dict(OPTIONS, image_interpolator=interpolator, min_size_vox=(40, 8, 8))
+    result = preprocess_image(image, **options)
+    box = CropBox(tuple(result.geometry["crop_start_index"]), tuple(result.geometry["crop_size"]))
+    full = resample_image(image, options["target_spacing_mm"], interpolator)
+    expected = normalise_intensity(crop_to_box(full, box, pad_value=-200.0), options["hu_window"])
+    assert result.image.GetOrigin() == pytest.approx(expected.GetOrigin())
+    np.testing.assert_allclose(
+        sitk.GetArrayViewFromImage(result.image), sitk.GetArrayViewFromImage(expected), atol=1e-4
+    )
+
+
+def test_non_identity_direction_keeps_lesion_and_maps_back():
+    image, mask = _phantom(size=(60, 60, 24), radius_mm=5.0)
+    direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # axes swapped and flipped
+    image.SetDirection(direction)
+    mask.SetDirection(direction)
+    result = preprocess_case(image, mask, **dict(OPTIONS, target_spacing_mm=(1.0, 1.0, 1.0)))
+    assert result.image.GetDirection() == pytest.approx(direction)
+    assert result.geometry["mask_voxels_outside_crop"] == 0
+    assert dice(map_mask_to_original(result.mask, image), mask) > 0.85
+    lo_c, hi_c = _physical_box(result.image, np.ones(result.image.GetSize()[::-1], bool))
+    lo, hi = _physical_box(image, sitk.GetArrayViewFromImage(image) > 200)
+    assert np.all(lo >= lo_c - 1.0) and np.all(hi <= hi_c + 1.0)

@@ -108,7 +108,11 @@ def test_split_stage_reads_manifest_and_params(tmp_path):
         cohort / "manifest.csv", index=False
     )
     out = tmp_path / "splits.json"
-    params = {"seed": 3, "data": {"cohort_dir": str(cohort)}, "split": {"test_size": 0.3, "n_folds": 3, "out": str(out)}}
+    params = {
+        "seed": 3,
+        "data": {"cohort_dir": str(cohort)},
+        "split": {"test_size": 0.3, "n_folds": 3, "out": str(out)},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["split", "--params", str(tmp_path / "params.yaml")]) == 0
     splits = read_splits(out)

@@ -40,7 +40,9 @@ def _check_counts(labels: Sequence[int], n_folds: int, what: str) -> None:
         )
 
 
-def _stratified_folds(ids: list[str], labels: list[int], n_folds: int, seed: int, what: str) -> dict[str, int]:
+def _stratified_folds(
+    ids: list[str], labels: list[int], n_folds: int, seed: int, what: str
+) -> dict[str, int]:
     from sklearn.model_selection import StratifiedKFold
 
     _check_counts(labels, n_folds, what)
@@ -91,7 +93,9 @@ def make_splits(
     # Enough cases per class that train (after the test split) still has n_folds of each.
     needed = int(np.ceil(n_folds / (1.0 - float(test_size)))) + 1
     _check_counts(labs, needed, f"train/test split with test_size {test_size} then {n_folds} folds in train")
-    train, test = train_test_split(ids, test_size=float(test_size), stratify=labs, random_state=seed, shuffle=True)
+    train, test = train_test_split(
+        ids, test_size=float(test_size), stratify=labs, random_state=seed, shuffle=True
+    )
     label_of = dict(zip(ids, labs, strict=True))
     train, test = sorted(train), sorted(test)
     train_folds = _stratified_folds(train, [label_of[c] for c in train], n_folds, seed, "train folds")

@@ -213,7 +213,7 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
 
     # trabecular texture on the bodies' bounding box
     bone = rho_body <= 0
-    yy, xx = np.nonzero((rho_xy <= 0))
+    yy, xx = np.nonzero(rho_xy <= 0)
     y0, y1, x0, x1 = yy.min(), yy.max() + 1, xx.min(), xx.max() + 1
     sig_lo = [max(TRABECULAR_SIGMAS_MM[0] / d, 0.3) for d in (dz, sy, sx)]
     sig_hi = [TRABECULAR_SIGMAS_MM[1] / d for d in (dz, sy, sx)]

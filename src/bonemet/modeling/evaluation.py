@@ -47,6 +47,7 @@ __all__ = [
     "bootstrap_ci",
     "brier_score",
     "confusion_counts",
+    "cv_auc_summary",
     "delong_auc",
     "delong_test",
     "f1_from_labels",
@@ -54,7 +55,16 @@ __all__ = [
 ]
 
 #: Metric names in the order Table 1 shows them.
-METRICS: tuple[str, ...] = ("accuracy", "auc", "sensitivity", "specificity", "precision", "npv", "f1", "brier")
+METRICS: tuple[str, ...] = (
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "brier",
+)
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
@@ -146,4 +156,29 @@ def binary_metrics(
         out[f"recall{suffix}"] = out[f"sensitivity{suffix}"]
     methods["recall"] = methods["sensitivity"]
     out["ci_method"] = methods
+    return out
+
+
+def cv_auc_summary(cv_aucs: dict[str, Sequence[float]]) -> dict[str, dict[str, float | int | None]]:
+    """Per model: mean, sd (ddof=1), median, min, max and number of defined fold AUCs (DVC metrics).
+
+    Folds whose AUC is undefined (NaN: one class in the fold) are left out and counted in ``n_undefined``;
+    statistics of a model with no defined fold are None.
+    """
+    out: dict[str, dict[str, float | int | None]] = {}
+    for model, aucs in cv_aucs.items():
+        a = np.asarray(aucs, dtype=float)
+        ok = a[np.isfinite(a)]
+        stats: dict[str, float | int | None] = {"n_folds": int(len(ok)), "n_undefined": int(len(a) - len(ok))}
+        if len(ok):
+            stats.update(
+                mean=float(ok.mean()),
+                sd=float(ok.std(ddof=1)) if len(ok) > 1 else None,
+                median=float(np.median(ok)),
+                min=float(ok.min()),
+                max=float(ok.max()),
+            )
+        else:
+            stats.update(mean=None, sd=None, median=None, min=None, max=None)
+        out[model] = stats
     return out

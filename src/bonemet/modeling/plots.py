@@ -90,10 +90,18 @@ def plot_roc(
     for color, model in zip(_colors(len(scores)), scores, strict=True):
         pts = table[table["model"] == model]
         auc, lo, hi = auc_ci_delong(y_true, scores[model], alpha=alpha, method=auc_ci)
-        ax.plot(pts["fpr"], pts["tpr"], color=color, lw=1.6, label=f"{model}: AUC {auc:.3f} ({lo:.3f}-{hi:.3f})")
+        ax.plot(
+            pts["fpr"], pts["tpr"], color=color, lw=1.6, label=f"{model}: AUC {auc:.3f} ({lo:.3f}-{hi:.3f})"
+        )
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false positive rate)",
-           ylabel="sensitivity (true positive rate)", title=title, aspect="equal")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity (true positive rate)",
+        title=title,
+        aspect="equal",
+    )
     ax.legend(loc="lower right", fontsize=7, title=f"AUC ({level} CI, DeLong)", title_fontsize=7)
     ax.grid(alpha=0.3)
     return fig
@@ -102,7 +110,9 @@ def plot_roc(
 # ------------------------------------------------------------------------------------- CV box plot
 def cv_auc_table(cv_aucs: Mapping[str, Sequence[float]]) -> pd.DataFrame:
     """Fold AUCs in long format: columns model, fold (0-based), auc."""
-    rows = [{"model": m, "fold": i, "auc": float(a)} for m, aucs in cv_aucs.items() for i, a in enumerate(aucs)]
+    rows = [
+        {"model": m, "fold": i, "auc": float(a)} for m, aucs in cv_aucs.items() for i, a in enumerate(aucs)
+    ]
     return pd.DataFrame(rows, columns=["model", "fold", "auc"])
 
 
@@ -111,19 +121,31 @@ def plot_cv_auc_box(cv_aucs: Mapping[str, Sequence[float]], title: str = "Cross-
     models = list(cv_aucs)
     data = [np.asarray([a for a in cv_aucs[m] if np.isfinite(a)], dtype=float) for m in models]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(models) + 2), 4.5))
-    ax.boxplot(data, showmeans=True, meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "k"})
+    ax.boxplot(  # fliers off: every fold value is drawn as a point below
+        data,
+        showmeans=True,
+        showfliers=False,
+        meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "k"},
+    )
     ax.set_xticks(range(1, len(models) + 1), labels=models)
     rng = np.random.default_rng(0)  # jitter only, fixed for identical figures
     for i, (color, d) in enumerate(zip(_colors(len(models)), data, strict=True), start=1):
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=12, color=color, alpha=0.8, zorder=3)
-    ax.set(ylabel="AUC per fold", title=title, ylim=(min(0.4, *(d.min() for d in data if len(d))) - 0.02, 1.02))
+    lows = [float(d.min()) for d in data if len(d)]
+    ax.set(
+        ylabel="AUC per fold (triangle: mean)",
+        title=title,
+        ylim=(max(0.0, min(lows, default=0.5) - 0.05), 1.02),
+    )
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
 
 # ------------------------------------------------------------------------------------------ LASSO
-def plot_lasso_cv(alphas: ArrayLike, mse_path: np.ndarray, chosen_alpha: float, title: str = "LASSO CV") -> Figure:
+def plot_lasso_cv(
+    alphas: ArrayLike, mse_path: np.ndarray, chosen_alpha: float, title: str = "LASSO CV"
+) -> Figure:
     """Mean CV MSE +/- sd against log(lambda) with a vertical line at the chosen lambda.
 
     ``alphas`` (n_alphas,) and ``mse_path`` (n_alphas, n_folds) as scikit-learn's ``LassoCV``
@@ -154,7 +176,9 @@ def plot_lasso_path(
     a = np.asarray(alphas, dtype=float)
     coefs = np.asarray(coef_path, dtype=float)
     if coefs.ndim != 2 or coefs.shape[1] != a.shape[0]:
-        raise EvaluationInputError(f"coef_path: expected shape (n_features, {a.shape[0]}), found {coefs.shape}")
+        raise EvaluationInputError(
+            f"coef_path: expected shape (n_features, {a.shape[0]}), found {coefs.shape}"
+        )
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     x = np.log(a)
     for i, row in enumerate(coefs):
@@ -175,7 +199,9 @@ def plot_lasso_coefficients(
     """Horizontal bars of the nonzero coefficients, sorted by value (the study's Fig. 4c)."""
     c = np.asarray(coefs, dtype=float)
     if len(feature_names) != len(c):
-        raise EvaluationInputError(f"feature_names: expected {len(c)} names like coefs, found {len(feature_names)}")
+        raise EvaluationInputError(
+            f"feature_names: expected {len(c)} names like coefs, found {len(feature_names)}"
+        )
     keep = np.flatnonzero(c != 0)
     order = keep[np.argsort(c[keep], kind="mergesort")]
     fig, ax = plt.subplots(figsize=(7.0, max(2.0, 0.28 * len(order) + 1.2)))
@@ -208,8 +234,15 @@ def plot_confusion_matrices(
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, cm.max()))
         for (i, j), v in np.ndenumerate(cm):
             frac = v / max(1, cm[i].sum())
-            ax.text(j, i, f"{v}\n{frac:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if v > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                f"{v}\n{frac:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if v > cm.max() / 2 else "black",
+            )
         ax.set_xticks([0, 1], labels=list(class_names), fontsize=7)
         ax.set_yticks([0, 1], labels=list(class_names), fontsize=7)
         ax.set_xlabel("predicted", fontsize=7)
@@ -233,8 +266,16 @@ def calibration_table(
     for model, s in scores.items():
         y, s = check_binary(y_true, s)
         frac, mean = calibration_curve(y, np.clip(s, 0.0, 1.0), n_bins=n_bins, strategy=strategy)
-        frames.append(pd.DataFrame({"model": model, "mean_predicted": mean, "fraction_positive": frac,
-                                    "brier": brier_score(y, s)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "mean_predicted": mean,
+                    "fraction_positive": frac,
+                    "brier": brier_score(y, s),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -255,10 +296,23 @@ def plot_calibration(
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfectly calibrated")
     for color, model in zip(_colors(len(scores)), scores, strict=True):
         pts = table[table["model"] == model]
-        ax.plot(pts["mean_predicted"], pts["fraction_positive"], "o-", ms=3, lw=1.2, color=color,
-                label=f"{model}: Brier {pts['brier'].iloc[0]:.3f}")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="mean predicted probability",
-           ylabel="observed fraction positive", title=f"{title} ({n_bins} {strategy} bins)", aspect="equal")
+        ax.plot(
+            pts["mean_predicted"],
+            pts["fraction_positive"],
+            "o-",
+            ms=3,
+            lw=1.2,
+            color=color,
+            label=f"{model}: Brier {pts['brier'].iloc[0]:.3f}",
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="mean predicted probability",
+        ylabel="observed fraction positive",
+        title=f"{title} ({n_bins} {strategy} bins)",
+        aspect="equal",
+    )
     ax.legend(loc="upper left", fontsize=7)
     ax.grid(alpha=0.3)
     return fig
@@ -286,12 +340,20 @@ def net_benefit_treat_all(y_true: ArrayLike, thresholds: ArrayLike) -> np.ndarra
     return prev - (1.0 - prev) * pt / (1.0 - pt)
 
 
-def decision_curve_table(y_true: ArrayLike, scores: Mapping[str, ArrayLike], thresholds: ArrayLike) -> pd.DataFrame:
+def decision_curve_table(
+    y_true: ArrayLike, scores: Mapping[str, ArrayLike], thresholds: ArrayLike
+) -> pd.DataFrame:
     """Net benefit per threshold: columns model, threshold, net_benefit; includes treat all / treat none."""
     pt = np.asarray(thresholds, dtype=float)
-    frames = [pd.DataFrame({"model": m, "threshold": pt, "net_benefit": net_benefit(y_true, s, pt)})
-              for m, s in scores.items()]
-    frames.append(pd.DataFrame({"model": "treat all", "threshold": pt, "net_benefit": net_benefit_treat_all(y_true, pt)}))
+    frames = [
+        pd.DataFrame({"model": m, "threshold": pt, "net_benefit": net_benefit(y_true, s, pt)})
+        for m, s in scores.items()
+    ]
+    frames.append(
+        pd.DataFrame(
+            {"model": "treat all", "threshold": pt, "net_benefit": net_benefit_treat_all(y_true, pt)}
+        )
+    )
     frames.append(pd.DataFrame({"model": "treat none", "threshold": pt, "net_benefit": np.zeros_like(pt)}))
     return pd.concat(frames, ignore_index=True)
 
@@ -310,8 +372,13 @@ def plot_decision_curve(
     for model, style in (("treat all", ":"), ("treat none", "-")):
         pts = table[table["model"] == model]
         ax.plot(pts["threshold"], pts["net_benefit"], ls=style, color="k", lw=1.0, label=model)
-    ax.set(xlim=(float(np.min(thresholds)), float(np.max(thresholds))), ylim=(-0.05, max(0.05, prev) + 0.05),
-           xlabel="threshold probability", ylabel="net benefit", title=title)
+    ax.set(
+        xlim=(float(np.min(thresholds)), float(np.max(thresholds))),
+        ylim=(-0.05, max(0.05, prev) + 0.05),
+        xlabel="threshold probability",
+        ylabel="net benefit",
+        title=title,
+    )
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     return fig
@@ -321,7 +388,9 @@ def plot_decision_curve(
 def threshold_grid(start: float, stop: float, step: float) -> np.ndarray:
     """Threshold probabilities start, start + step, ..., stop (inclusive, no float drift)."""
     if not 0.0 < start <= stop < 1.0 or step <= 0.0:
-        raise EvaluationInputError(f"threshold grid: expected 0 < start <= stop < 1 and step > 0, found {start}, {stop}, {step}")
+        raise EvaluationInputError(
+            f"threshold grid: expected 0 < start <= stop < 1 and step > 0, found {start}, {stop}, {step}"
+        )
     n = int(round((stop - start) / step)) + 1
     return np.round(start + step * np.arange(n), 10)
 
@@ -355,22 +424,38 @@ def write_classification_plots(
         paths[f"roc_{set_name}"] = save_figure(fig, out / f"roc_{set_name}.png", dpi=dpi)
         paths[f"roc_{set_name}_csv"] = write_plot_csv(roc_table(y, scores), out / f"roc_{set_name}.csv")
         preds = {m: (np.asarray(s, dtype=float) >= threshold).astype(int) for m, s in scores.items()}
-        fig = plot_confusion_matrices(y, preds, title=f"Confusion matrices ({set_name}, threshold {threshold:g})")
+        fig = plot_confusion_matrices(
+            y, preds, title=f"Confusion matrices ({set_name}, threshold {threshold:g})"
+        )
         paths[f"confusion_{set_name}"] = save_figure(fig, out / f"confusion_{set_name}.png", dpi=dpi)
     if cv_aucs:
         paths["cv_auc"] = save_figure(plot_cv_auc_box(cv_aucs), out / "cv_auc.png", dpi=dpi)
         paths["cv_auc_csv"] = write_plot_csv(cv_auc_table(cv_aucs), out / "cv_auc.csv")
-    fig = plot_calibration(y_test, scores_test, n_bins=calibration_bins, strategy=calibration_strategy,
-                           title="Calibration (test)")
+    fig = plot_calibration(
+        y_test,
+        scores_test,
+        n_bins=calibration_bins,
+        strategy=calibration_strategy,
+        title="Calibration (test)",
+    )
     paths["calibration_test"] = save_figure(fig, out / "calibration_test.png", dpi=dpi)
     paths["calibration_test_csv"] = write_plot_csv(
         calibration_table(y_test, scores_test, n_bins=calibration_bins, strategy=calibration_strategy),
         out / "calibration_test.csv",
     )
-    pts = threshold_grid(0.01, 0.99, 0.01) if dca_thresholds is None else np.asarray(dca_thresholds, dtype=float)
-    paths["dca_test"] = save_figure(plot_decision_curve(y_test, scores_test, pts, title="Decision curve (test)"),
-                                    out / "dca_test.png", dpi=dpi)
-    paths["dca_test_csv"] = write_plot_csv(decision_curve_table(y_test, scores_test, pts), out / "dca_test.csv")
+    pts = (
+        threshold_grid(0.01, 0.99, 0.01)
+        if dca_thresholds is None
+        else np.asarray(dca_thresholds, dtype=float)
+    )
+    paths["dca_test"] = save_figure(
+        plot_decision_curve(y_test, scores_test, pts, title="Decision curve (test)"),
+        out / "dca_test.png",
+        dpi=dpi,
+    )
+    paths["dca_test_csv"] = write_plot_csv(
+        decision_curve_table(y_test, scores_test, pts), out / "dca_test.csv"
+    )
     log.info("classification figures written to %s (%d files)", out, len(paths))
     return paths
 
@@ -399,12 +484,23 @@ def write_lasso_plots(
     paths = {
         "lasso_cv": save_figure(plot_lasso_cv(a, mse, chosen_alpha), out / "lasso_cv.png", dpi=dpi),
         "lasso_cv_csv": write_plot_csv(
-            pd.DataFrame({"lambda": a, "log_lambda": np.log(a), "mse_mean": mse.mean(axis=1), "mse_sd": mse.std(axis=1)}),
+            pd.DataFrame(
+                {
+                    "lambda": a,
+                    "log_lambda": np.log(a),
+                    "mse_mean": mse.mean(axis=1),
+                    "mse_sd": mse.std(axis=1),
+                }
+            ),
             out / "lasso_cv.csv",
         ),
         "lasso_path": save_figure(
-            plot_lasso_path(a if path_alphas is None else path_alphas, coef_path, chosen_alpha), out / "lasso_path.png", dpi=dpi
+            plot_lasso_path(a if path_alphas is None else path_alphas, coef_path, chosen_alpha),
+            out / "lasso_path.png",
+            dpi=dpi,
         ),
-        "lasso_coefficients": save_figure(plot_lasso_coefficients(feature_names, coefs), out / "lasso_coefficients.png", dpi=dpi),
+        "lasso_coefficients": save_figure(
+            plot_lasso_coefficients(feature_names, coefs), out / "lasso_coefficients.png", dpi=dpi
+        ),
     }
     return paths

@@ -34,7 +34,9 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def check_binary(y_true: Sequence[int] | np.ndarray, *others: Sequence[float] | np.ndarray) -> tuple[np.ndarray, ...]:
+def check_binary(
+    y_true: Sequence[int] | np.ndarray, *others: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, ...]:
     """Return ``y_true`` as int 0/1 and ``others`` as float arrays of the same length.
 
     Raises EvaluationInputError when a label is not 0/1, lengths differ, or a score is not finite.
@@ -44,14 +46,20 @@ def check_binary(y_true: Sequence[int] | np.ndarray, *others: Sequence[float] | 
         raise EvaluationInputError(f"y_true: expected a 1-D array of 0/1 labels, found shape {y.shape}")
     bad = ~np.isin(y, (0, 1))
     if bad.any():
-        raise EvaluationInputError(f"y_true: expected labels 0/1, found {sorted(set(np.asarray(y)[bad].tolist()))[:5]}")
+        raise EvaluationInputError(
+            f"y_true: expected labels 0/1, found {sorted(set(np.asarray(y)[bad].tolist()))[:5]}"
+        )
     out: list[np.ndarray] = [y.astype(np.int64)]
     for i, arr in enumerate(others):
         a = np.asarray(arr, dtype=np.float64)
         if a.shape != y.shape:
-            raise EvaluationInputError(f"argument {i + 1}: expected shape {y.shape} like y_true, found {a.shape}")
+            raise EvaluationInputError(
+                f"argument {i + 1}: expected shape {y.shape} like y_true, found {a.shape}"
+            )
         if not np.isfinite(a).all():
-            raise EvaluationInputError(f"argument {i + 1}: expected finite scores, found {int((~np.isfinite(a)).sum())} NaN/inf")
+            raise EvaluationInputError(
+                f"argument {i + 1}: expected finite scores, found {int((~np.isfinite(a)).sum())} NaN/inf"
+            )
         out.append(a)
     return tuple(out)
 
@@ -86,7 +94,9 @@ def _structural_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     return aucs, v10, v01
 
 
-def delong_covariance(y_true: Sequence[int] | np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def delong_covariance(
+    y_true: Sequence[int] | np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """AUCs and their DeLong covariance matrix for k scores of the same cases.
 
     ``scores`` has shape (k, N). Returns ``(aucs (k,), cov (k, k))``. Both classes must be present
@@ -99,14 +109,18 @@ def delong_covariance(y_true: Sequence[int] | np.ndarray, scores: np.ndarray) ->
         raise EvaluationInputError(f"scores: expected {y.shape[0]} columns like y_true, found {s.shape[1]}")
     m, n = int(y.sum()), int((1 - y).sum())
     if m == 0 or n == 0:
-        raise EvaluationInputError(f"y_true: AUC needs both classes, found {m} positive and {n} negative cases")
+        raise EvaluationInputError(
+            f"y_true: AUC needs both classes, found {m} positive and {n} negative cases"
+        )
     aucs, v10, v01 = _structural_components(y, s)
     s10 = np.atleast_2d(np.cov(v10, ddof=1)) if m > 1 else np.zeros((s.shape[0], s.shape[0]))
     s01 = np.atleast_2d(np.cov(v01, ddof=1)) if n > 1 else np.zeros((s.shape[0], s.shape[0]))
     return aucs, s10 / m + s01 / n
 
 
-def delong_auc(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] | np.ndarray) -> tuple[float, float]:
+def delong_auc(
+    y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] | np.ndarray
+) -> tuple[float, float]:
     """ROC AUC and its DeLong variance (Sun & Xu 2014 fast midrank algorithm)."""
     y, s = check_binary(y_true, y_score)
     aucs, cov = delong_covariance(y, s[None, :])

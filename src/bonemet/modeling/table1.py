@@ -184,7 +184,9 @@ def table1_markdown(
         lines.append(f"Best model (bold): {best_model}.")
     if bayes_auc is not None:
         best = _best_row(df, best_model)
-        text = f"Bayes-optimal AUC of this cohort (ceiling for any classifier): {float(bayes_auc):.{decimals}f}."
+        text = (
+            f"Bayes-optimal AUC of this cohort (ceiling for any classifier): {float(bayes_auc):.{decimals}f}."
+        )
         if best is not None and math.isfinite(best["auc"]):
             how = "" if best_model is not None else " (highest test AUC)"
             text += (
@@ -234,7 +236,9 @@ def delong_comparison_table(
         if other == best:
             continue
         a, b, z, p = delong_test(y, scores[best], s)
-        rows.append({"best": best, "other": other, "auc_best": a, "auc_other": b, "auc_diff": a - b, "z": z, "p": p})
+        rows.append(
+            {"best": best, "other": other, "auc_best": a, "auc_other": b, "auc_diff": a - b, "z": z, "p": p}
+        )
     df = pd.DataFrame(rows, columns=["best", "other", "auc_best", "auc_other", "auc_diff", "z", "p"])
     df["p_holm"] = holm_adjust(df["p"].to_numpy()) if len(df) else []
     return df
@@ -246,12 +250,17 @@ def _p(p: float) -> str:
 
 def delong_comparison_markdown(df: pd.DataFrame, decimals: int = 3) -> str:
     """The :func:`delong_comparison_table` frame as Markdown."""
-    lines = ["| best | other | AUC best | AUC other | difference | z | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| best | other | AUC best | AUC other | difference | z | p | p (Holm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in df.iterrows():
         lines.append(
             f"| {r['best']} | {r['other']} | {r['auc_best']:.{decimals}f} | {r['auc_other']:.{decimals}f} | "
             f"{r['auc_diff']:+.{decimals}f} | {r['z']:.2f} | {_p(r['p'])} | {_p(r['p_holm'])} |"
         )
     lines.append("")
-    lines.append("Two-sided DeLong test for correlated ROC curves (same test cases); Holm-adjusted over the rows.")
+    lines.append(
+        "Two-sided DeLong test for correlated ROC curves (same test cases); Holm-adjusted over the rows."
+    )
     return "\n".join(lines) + "\n"

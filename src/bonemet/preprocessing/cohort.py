@@ -27,7 +27,9 @@ def _resolve_jobs(n_jobs: int, n_cases: int) -> int:
     return max(1, min(n_cases, cores if n_jobs == -1 else n_jobs))
 
 
-def _process_case(case: Case, out_dir: Path, mask_label: int, options: dict[str, Any], single_thread: bool) -> dict:
+def _process_case(
+    case: Case, out_dir: Path, mask_label: int, options: dict[str, Any], single_thread: bool
+) -> dict:
     """Preprocess one case and write its three files; returns its row of ``cases.csv``."""
     import SimpleITK as sitk
 
@@ -114,10 +116,13 @@ def preprocess_cohort(
                 rows[case.case_id] = _process_case(case, tmp, int(mask_label), options, False)
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(_process_case, case, tmp, int(mask_label), options, True) for case in cases]
+                futures = [
+                    pool.submit(_process_case, case, tmp, int(mask_label), options, True) for case in cases
+                ]
                 try:
-                    for future in progress(as_completed(futures), total=len(cases), desc="preprocess",
-                                           disable=not show_progress):
+                    for future in progress(
+                        as_completed(futures), total=len(cases), desc="preprocess", disable=not show_progress
+                    ):
                         row = future.result()  # re-raises the worker's PreprocessError naming the case
                         rows[row["case_id"]] = row
                 except BaseException:

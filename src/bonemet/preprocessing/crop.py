@@ -35,7 +35,9 @@ def bone_mask(image_hu: sitk.Image, bone_threshold_hu: float, min_component_ml: 
     Small components are noise specks or calcifications, not the spine. When no component is
     that large, the largest one is kept. Returns uint8 0/1 (all zero when no voxel is bright).
     """
-    binary = sitk.Cast(sitk.Greater(sitk.Cast(image_hu, sitk.sitkFloat32), float(bone_threshold_hu)), sitk.sitkUInt8)
+    binary = sitk.Cast(
+        sitk.Greater(sitk.Cast(image_hu, sitk.sitkFloat32), float(bone_threshold_hu)), sitk.sitkUInt8
+    )
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(binary, True), sortByObjectSize=True)
     arr = sitk.GetArrayViewFromImage(labels)
     if arr.max() == 0:
@@ -50,6 +52,7 @@ def bone_mask(image_hu: sitk.Image, bone_threshold_hu: float, min_component_ml: 
 
 def _index_to_grid(image: sitk.Image, grid: sitk.Image, index: np.ndarray) -> np.ndarray:
     """Continuous indices (N, 3) of ``image`` -> continuous indices in ``grid`` (via physical space)."""
+
     def matrix(img: sitk.Image) -> np.ndarray:
         d = img.GetDimension()
         return np.asarray(img.GetDirection(), float).reshape(d, d) @ np.diag(img.GetSpacing())
@@ -100,7 +103,9 @@ def bone_crop_box(
             other = tuple(a for a in range(dim) if a != axis)
             present = np.flatnonzero(bone.any(axis=other))
             first[dim - 1 - axis], last[dim - 1 - axis] = present[0], present[-1]
-        corners = np.array([[(first, last)[(c >> a) & 1][a] for a in range(dim)] for c in range(2**dim)], float)
+        corners = np.array(
+            [[(first, last)[(c >> a) & 1][a] for a in range(dim)] for c in range(2**dim)], float
+        )
         in_grid = _index_to_grid(image_hu, grid, corners)
         lo = np.floor(in_grid.min(axis=0) + 1e-6).astype(int)
         hi = np.ceil(in_grid.max(axis=0) - 1e-6).astype(int) + 1
@@ -177,4 +182,3 @@ def voxels_outside_box(mask: sitk.Image, grid: sitk.Image, box: CropBox) -> tupl
     start, stop = np.asarray(box.start) - 0.5, np.asarray(box.stop) - 0.5
     inside = np.all((in_grid >= start) & (in_grid < stop), axis=1)
     return int(len(idx)), int(np.sum(~inside))
-

@@ -77,7 +77,9 @@ def _preprocess(
     reference = box_reference(grid, box)
     source = sitk.Cast(source_region(image_hu, reference, SOURCE_PAD_VOX), sitk.sitkFloat32)
     # Outside the CT (padding) takes the window minimum: 0 after normalisation.
-    resampled = sitk.Resample(source, reference, sitk.Transform(), INTERPOLATORS[image_interpolator], lo, sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        source, reference, sitk.Transform(), INTERPOLATORS[image_interpolator], lo, sitk.sitkFloat32
+    )
     image = normalise_intensity(resampled, hu_window)
     grid_size = grid.GetSize()
     geometry: dict[str, Any] = {
@@ -90,22 +92,30 @@ def _preprocess(
         "resampled_size": list(grid_size),
         "crop_start_index": list(box.start),
         "crop_size": list(box.size),
-        "padded": bool(any(s < 0 for s in box.start) or any(e > n for e, n in zip(box.stop, grid_size, strict=True))),
+        "padded": bool(
+            any(s < 0 for s in box.start) or any(e > n for e, n in zip(box.stop, grid_size, strict=True))
+        ),
         "cropped_origin_mm": list(image.GetOrigin()),
         "hu_window": [float(v) for v in hu_window],
     }
     mask = None
     if manual_mask is not None:
-        mask = resample_mask(source_region(manual_mask, reference, SOURCE_PAD_VOX), reference, mask_interpolator)
+        mask = resample_mask(
+            source_region(manual_mask, reference, SOURCE_PAD_VOX), reference, mask_interpolator
+        )
         total, outside = voxels_outside_box(manual_mask, grid, box)
         geometry["mask_voxels"] = int(sitk.GetArrayViewFromImage(mask).sum())
         geometry["mask_voxels_outside_crop"] = outside  # counted on the original grid
         if geometry["mask_voxels"] == 0:
-            log.warning("%s: the lesion mask is empty after preprocessing (%d voxels before)", _where(case_id), total)
+            log.warning(
+                "%s: the lesion mask is empty after preprocessing (%d voxels before)", _where(case_id), total
+            )
         if outside:
             log.warning(
                 "%s: %d of %d lesion voxels fall outside the bone crop (raise preprocess.crop.margin_mm)",
-                _where(case_id), outside, total,
+                _where(case_id),
+                outside,
+                total,
             )
     return PreprocessedCase(image=image, mask=mask, geometry=geometry)
 
@@ -124,20 +134,30 @@ def preprocess_image(
 ) -> PreprocessedCase:
     """Preprocess a CT without a mask (inference on a new CT); ``mask`` of the result is None.
 
-    Steps: resample to ``target_spacing_mm`` (mm) with ``image_interpolator``; find the bone box
-    (voxels above ``bone_threshold_hu`` HU plus ``margin_mm`` mm, at least ``min_size_vox``
-    voxels) on the resampled CT; crop (padding with the window minimum where needed);
-    clip to ``hu_window`` (HU) and scale to [0, 1].
+    Steps: find the bone box (voxels above ``bone_threshold_hu`` HU, components of at least
+    ``min_component_ml`` ml, plus ``margin_mm`` mm, at least ``min_size_vox`` voxels) on the
+    CT, in the index space of the grid resampled to ``target_spacing_mm`` (mm, same origin,
+    direction and physical extent); resample the box with ``image_interpolator`` (padding with
+    the window minimum outside the CT); clip to ``hu_window`` (HU) and scale to [0, 1]. The
+    values equal resampling the whole CT (:func:`resample_image`) then cropping
+    (:func:`crop_to_box`), at a fraction of the cost.
 
     ``geometry`` holds the original size/spacing/origin/direction, the resampled spacing and
     size, the crop start index (in the resampled grid; negative where padded) and size, so a
     result can be mapped back; :func:`map_mask_to_original` only needs the output's header.
     """
     return _preprocess(
-        image_hu, None,
-        target_spacing_mm=target_spacing_mm, image_interpolator=image_interpolator, hu_window=hu_window,
-        bone_threshold_hu=bone_threshold_hu, margin_mm=margin_mm, min_size_vox=min_size_vox,
-        min_component_ml=min_component_ml, mask_interpolator="nearest", case_id=case_id,
+        image_hu,
+        None,
+        target_spacing_mm=target_spacing_mm,
+        image_interpolator=image_interpolator,
+        hu_window=hu_window,
+        bone_threshold_hu=bone_threshold_hu,
+        margin_mm=margin_mm,
+        min_size_vox=min_size_vox,
+        min_component_ml=min_component_ml,
+        mask_interpolator="nearest",
+        case_id=case_id,
     )
 
 
@@ -167,10 +187,17 @@ def preprocess_case(
         PreprocessError: the mask is not on the image's grid, or the image is not 3D.
     """
     return _preprocess(
-        image_hu, manual_mask,
-        target_spacing_mm=target_spacing_mm, image_interpolator=image_interpolator, hu_window=hu_window,
-        bone_threshold_hu=bone_threshold_hu, margin_mm=margin_mm, min_size_vox=min_size_vox,
-        min_component_ml=min_component_ml, mask_interpolator=mask_interpolator, case_id=case_id,
+        image_hu,
+        manual_mask,
+        target_spacing_mm=target_spacing_mm,
+        image_interpolator=image_interpolator,
+        hu_window=hu_window,
+        bone_threshold_hu=bone_threshold_hu,
+        margin_mm=margin_mm,
+        min_size_vox=min_size_vox,
+        min_component_ml=min_component_ml,
+        mask_interpolator=mask_interpolator,
+        case_id=case_id,
     )
 
 

@@ -24,7 +24,9 @@ INTERPOLATORS: dict[str, int] = {
 def _check_spacing(spacing_mm: Sequence[float], dimension: int) -> tuple[float, ...]:
     spacing = tuple(float(s) for s in spacing_mm)
     if len(spacing) != dimension or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"target spacing must be {dimension} positive numbers in mm, found {list(spacing_mm)}")
+        raise ValueError(
+            f"target spacing must be {dimension} positive numbers in mm, found {list(spacing_mm)}"
+        )
     return spacing
 
 
@@ -45,7 +47,9 @@ def resampled_grid(image: sitk.Image, spacing_mm: Sequence[float]) -> sitk.Image
     return reference
 
 
-def resample_image(image: sitk.Image, spacing_mm: Sequence[float], interpolator: str = "bspline") -> sitk.Image:
+def resample_image(
+    image: sitk.Image, spacing_mm: Sequence[float], interpolator: str = "bspline"
+) -> sitk.Image:
     """Resample a CT image (HU) to ``spacing_mm`` and return it as float32.
 
     Args:
@@ -83,13 +87,17 @@ def resample_mask(mask: sitk.Image, reference: sitk.Image, interpolator: str = "
     """
     binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
     if interpolator == "nearest":
-        return sitk.Cast(resample_to_reference(binary, reference, sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
+        return sitk.Cast(
+            resample_to_reference(binary, reference, sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8
+        )
     if interpolator == "linear":
         fraction = resample_to_reference(sitk.Cast(binary, sitk.sitkFloat32), reference, sitk.sitkLinear, 0)
         return sitk.Cast(sitk.GreaterEqual(fraction, 0.5), sitk.sitkUInt8)
     raise ValueError(f"mask interpolator must be one of {MASK_INTERPOLATORS}, found '{interpolator}'")
 
 
-def resample_mask_to_spacing(mask: sitk.Image, spacing_mm: Sequence[float], interpolator: str = "nearest") -> sitk.Image:
+def resample_mask_to_spacing(
+    mask: sitk.Image, spacing_mm: Sequence[float], interpolator: str = "nearest"
+) -> sitk.Image:
     """Resample a binary mask to ``spacing_mm`` (mm), same physical extent; uint8 0/1."""
     return resample_mask(mask, resampled_grid(mask, spacing_mm), interpolator)

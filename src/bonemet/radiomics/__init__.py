@@ -10,6 +10,7 @@ from bonemet.radiomics.extraction import (
     expected_feature_names,
     extract_cohort,
     extract_features,
+    plain_pyradiomics,
     resolve_n_jobs,
 )
 from bonemet.radiomics.settings import (
@@ -36,6 +37,7 @@ __all__ = [
     "extract_features",
     "load_settings_file",
     "extract_sources",
+    "plain_pyradiomics",
     "resolve_n_jobs",
     "source_cases",
     "settings_digest",

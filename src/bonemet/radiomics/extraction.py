@@ -361,3 +361,20 @@ def expected_feature_names(settings: Mapping[str, Any]) -> list[str]:
     phantom_settings = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
     phantom_settings["setting"]["label"] = 1
     return list(extract_features(image, mask, phantom_settings, case_id="<phantom>"))
+
+
+def plain_pyradiomics(cases: Sequence[CaseInput | tuple], settings: Mapping[str, Any]) -> list[dict[str, float]]:
+    """Reference loop for benchmarks: ``RadiomicsFeatureExtractor.execute`` on each case in turn.
+
+    No checks, no cache, no processes: what a user of plain PyRadiomics would write.
+    """
+    from radiomics import featureextractor
+
+    params = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
+    extractor = featureextractor.RadiomicsFeatureExtractor(params)
+    out = []
+    for case in cases:
+        image, mask = (case.image, case.mask) if isinstance(case, CaseInput) else (case[2], case[3])
+        result = extractor.execute(str(image), str(mask))
+        out.append({k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")})
+    return out

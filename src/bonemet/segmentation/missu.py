@@ -191,7 +191,8 @@ class MISSU(nn.Module):
             positional embedding (one token per voxel at 1/8 scale). Other inputs divisible by 8
             are accepted: the embedding is then resampled trilinearly.
         widths: channels of the encoder at scales 1, 1/2, 1/4, 1/8 (paper: 16, 32, 64, 128).
-        blocks: residual blocks at those scales (paper: 1, 2, 2, 4).
+        blocks: residual blocks at those scales (paper: 1, 2, 2, 4; 0 allowed, e.g. to spare
+            full-size convolutions on a CPU).
         embed_dim: transformer width E (paper 512); divisible by ``num_heads`` and by 4, and E/4
             by ``groups``.
         num_layers: transformer layers (paper 4).
@@ -205,6 +206,8 @@ class MISSU(nn.Module):
             zero distillation term.
         fusion_dilations: dilation rates of the fusion block's parallel 3^3 convs (1, 2, 3).
         teacher_trainable: whether the fusion blocks learn (see module docstring).
+        distill_scales: decoder scales that get a teacher, as downsampling factors (8, 4, 2, 1:
+            all four, the default). Leaving out 1 spares the costliest, full-size teacher.
 
     Forward:
         ``x`` (B, in_channels, D, H, W) with D, H, W divisible by 8. Eval mode returns logits
@@ -230,6 +233,7 @@ class MISSU(nn.Module):
         self_distillation: bool = True,
         fusion_dilations: Sequence[int] = (1, 2, 3),
         teacher_trainable: bool = True,
+        distill_scales: Sequence[int] = (8, 4, 2, 1),
     ) -> None:
         super().__init__()
         in_channels = _check_positive_int("in_channels", in_channels)
@@ -237,7 +241,7 @@ class MISSU(nn.Module):
         self.roi_size = check_roi_size(roi_size, DOWNSAMPLE_FACTOR, "MISSU")
         groups = _check_positive_int("groups", groups)
         widths = self._check_levels("widths", widths, groups)
-        blocks = self._check_levels("blocks", blocks, None)
+        blocks = self._check_levels("blocks", blocks, None, minimum=0)
         embed_dim = _check_positive_int("embed_dim", embed_dim)
         num_heads = _check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
@@ -263,12 +267,25 @@ class MISSU(nn.Module):
                 f"MISSU: fusion_dilations must be a non-empty list of rates; found {fusion_dilations!r}"
             )
         fusion_dilations = [_check_positive_int("fusion_dilations[]", r) for r in fusion_dilations]
+        valid_scales = tuple(DOWNSAMPLE_FACTOR >> i for i in range(N_SCALES))  # 8, 4, 2, 1
+        if (
+            isinstance(distill_scales, (str, bytes))
+            or not isinstance(distill_scales, Sequence)
+            or not distill_scales
+            or any(isinstance(f, bool) or f not in valid_scales for f in distill_scales)
+            or len(set(distill_scales)) != len(distill_scales)
+        ):
+            raise NetworkConfigError(
+                f"MISSU: distill_scales must be distinct downsampling factors from {valid_scales}; "
+                f"found {distill_scales!r}"
+            )
 
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.embed_dim = embed_dim
         self.self_distillation = bool(self_distillation)
         self.teacher_trainable = bool(teacher_trainable)
+        self.distill_scales = tuple(sorted((int(f) for f in distill_scales), reverse=True))
 
         # Encoder: full-size stem then three stride-2 stages.
         self.stem = nn.Sequential(
@@ -325,30 +342,34 @@ class MISSU(nn.Module):
         )
         self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
 
-        # Self-distillation teachers, one per decoder scale (coarsest first). Inputs: the decoder
-        # features at that scale, the encoder features at that scale, the coarser decoder features.
-        self.fusion: nn.ModuleList | None = None
+        # Self-distillation teachers, keyed by the downsampling factor of their decoder scale
+        # ("8" coarsest ... "1" full size). Inputs: the decoder features at that scale, the encoder
+        # features at that scale, the coarser decoder features (none at 1/8).
+        self.fusion: nn.ModuleDict | None = None
         if self.self_distillation:
             enc_widths = [widths[3], widths[2], widths[1], widths[0]]
-            self.fusion = nn.ModuleList(
-                LocalMultiScaleFusion(
-                    dec_widths[i],
-                    [dec_widths[i], enc_widths[i]] + ([dec_widths[i - 1]] if i else []),
-                    fusion_dilations,
-                    groups,
-                )
-                for i in range(N_SCALES)
+            self.fusion = nn.ModuleDict(
+                {
+                    str(DOWNSAMPLE_FACTOR >> i): LocalMultiScaleFusion(
+                        dec_widths[i],
+                        [dec_widths[i], enc_widths[i]] + ([dec_widths[i - 1]] if i else []),
+                        fusion_dilations,
+                        groups,
+                    )
+                    for i in range(N_SCALES)
+                    if DOWNSAMPLE_FACTOR >> i in self.distill_scales
+                }
             )
             if not self.teacher_trainable:
                 self.fusion.requires_grad_(False)
 
     @staticmethod
-    def _check_levels(name: str, values: object, groups: int | None) -> list[int]:
+    def _check_levels(name: str, values: object, groups: int | None, minimum: int = 1) -> list[int]:
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != N_SCALES:
             raise NetworkConfigError(
                 f"MISSU: {name} must list {N_SCALES} integers (scales 1, 1/2, 1/4, 1/8); found {values!r}"
             )
-        out = [_check_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
+        out = [_check_positive_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
         if groups is not None and any(v % groups for v in out):
             raise NetworkConfigError(
                 f"MISSU: every entry of {name} must be divisible by groups={groups}; found {tuple(out)}"
@@ -373,7 +394,9 @@ class MISSU(nn.Module):
         try:
             self.load_state_dict(given, strict=False)
         except RuntimeError as exc:  # shape mismatches
-            raise NetworkConfigError(f"MISSU: state dict does not fit this network: {str(exc)[:500]}") from exc
+            raise NetworkConfigError(
+                f"MISSU: state dict does not fit this network: {str(exc)[:500]}"
+            ) from exc
 
     def _positional(self, grid: Sequence[int]) -> torch.Tensor:
         pos = self.pos_embed
@@ -419,10 +442,14 @@ class MISSU(nn.Module):
 
     def _distillation(self, decoded: list[torch.Tensor], skips: list[torch.Tensor]) -> torch.Tensor:
         """Sum over decoder scales of KL(teacher || student); teacher = local multi-scale fusion."""
-        if self.fusion is None:
-            return decoded[-1].new_zeros(())
         total = decoded[-1].new_zeros((), dtype=torch.float32)
-        for i, fusion in enumerate(self.fusion):
+        if self.fusion is None:
+            return total
+        for i in range(N_SCALES):
+            key = str(DOWNSAMPLE_FACTOR >> i)
+            if key not in self.fusion:
+                continue
+            fusion = self.fusion[key]
             inputs = [decoded[i].detach(), skips[i].detach()]
             if i:
                 inputs.append(decoded[i - 1].detach())
