@@ -168,7 +168,7 @@ def test_clean_cohort_passes(tmp_path, caplog):
     assert code == 0, text
     assert report["passed"] and report["n_cases"] == 4 and report["cases"] == {}
     assert errors == ""
-    assert "PASSED" in text
+    assert "PASSED" in text and "rules checked" in text and "hu_air_or_fat [hard]: ok" in text
     m = report["measurements"][0]
     assert m["image_3d"] and m["mask_grid_ok"] and m["mask_label_voxels"] > 0
     assert m["hu_min"] <= -900 and m["hu_max"] >= 600

@@ -64,9 +64,12 @@ LYTIC_FLOOR_HU = -40.0
 BLASTIC_CONTRAST_HU = 280.0  # blastic mean = bone mean + this + slope * density (density >= 0)
 BLASTIC_SLOPE_HU = 250.0
 BLASTIC_CEILING_HU = 1600.0
-HETEROGENEITY_BASE_HU = 35.0  # internal texture sd = base * exp(gain * heterogeneity)
+HETEROGENEITY_FLOOR_HU = 15.0  # internal texture sd = floor + base * exp(gain * heterogeneity)
+HETEROGENEITY_BASE_HU = 40.0
 HETEROGENEITY_GAIN = 0.5
-LESION_TEXTURE_SIGMA_MM = 1.3
+LESION_TEXTURE_SIGMA_MM = 1.8  # correlation length of the internal texture (at least half a slice along z)
+LYTIC_MAX_BELOW_BONE_HU = 40.0  # a lytic lesion's texture never rises above bone mean - this
+BLASTIC_MIN_ABOVE_BONE_HU = 80.0  # a blastic lesion's texture never falls below bone mean + this
 IRREGULARITY_MAX = 0.32  # boundary amplitude = max * sigmoid(gain * irregularity)
 IRREGULARITY_GAIN = 1.2
 LOBES = 14
@@ -101,7 +104,7 @@ def lesion_mean_hu(density: float, bone_mean_hu: float) -> float:
 
 def lesion_texture_sd_hu(heterogeneity: float) -> float:
     """Internal texture sd (HU) from the heterogeneity latent."""
-    return HETEROGENEITY_BASE_HU * math.exp(HETEROGENEITY_GAIN * heterogeneity)
+    return HETEROGENEITY_FLOOR_HU + HETEROGENEITY_BASE_HU * math.exp(HETEROGENEITY_GAIN * heterogeneity)
 
 
 def irregularity_amplitude(irregularity: float) -> float:
@@ -229,7 +232,7 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     hu = np.where(post, np.where(rho_post > -POSTERIOR_CORTEX_MM, 0.9 * p.cortical_hu, post_interior), hu)
 
     # --- lesion in the middle body ---
-    occupancy, lesion_info = _paint_lesion(p, rng, hu, xa, ya, zf, (dz, sy, sx), rho_body0, s, byc, bw, ba, bp)
+    occupancy, lesion_info = _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, (dz, sy, sx), rho_body0, s, byc, bw, ba, bp)
 
     # --- scanner: slice profile, PSF, noise, offset ---
     image = hu.reshape(nz, n_sub, ny, nx).mean(axis=1)
@@ -280,7 +283,7 @@ def _posterior_elements(xa, ya, s, canal_y, with_transverse: bool) -> np.ndarray
     return np.minimum.reduce(parts).astype(np.float32)
 
 
-def _paint_lesion(p, rng, hu, xa, ya, zf, fine_spacing, rho_body0, s, byc, bw, ba, bp):
+def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc, bw, ba, bp):
     """Paint the lesion into ``hu`` (fine grid) and return its occupancy (float32) and a summary."""
     r = p.radius_mm
     amp = irregularity_amplitude(p.irregularity)
@@ -318,10 +321,21 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, fine_spacing, rho_body0, s, byc, bw, b
     inside = (dist <= boundary) & (rho_body0[box] <= -CORTEX_MM)
     mean = lesion_mean_hu(p.density, p.trabecular_mean_hu)
     tex_sd = lesion_texture_sd_hu(p.heterogeneity)
-    sigma = [LESION_TEXTURE_SIGMA_MM / d for d in fine_spacing]
-    texture = _unit_field(rng, dist.shape, sigma)
+    # the texture lives on the output slices (constant within a slice's sub-slices) so that the
+    # slice profile does not wash it out: its sd stays a direct image of the heterogeneity latent
+    k0, k1 = iz0 // n_sub, (iz1 - 1) // n_sub + 1
+    slice_mm = dz * n_sub
+    sigma = [max(LESION_TEXTURE_SIGMA_MM / slice_mm, 0.5), LESION_TEXTURE_SIGMA_MM / sy, LESION_TEXTURE_SIGMA_MM / sx]
+    coarse = _unit_field(rng, (k1 - k0, dist.shape[1], dist.shape[2]), sigma)
+    texture = np.repeat(coarse, n_sub, axis=0)[iz0 - k0 * n_sub : iz1 - k0 * n_sub]
+    values = mean + tex_sd * texture
+    bone_mean = p.trabecular_mean_hu
+    if p.density < 0:
+        values = np.minimum(values, bone_mean - LYTIC_MAX_BELOW_BONE_HU)
+    else:
+        values = np.maximum(values, bone_mean + BLASTIC_MIN_ABOVE_BONE_HU)
     region = hu[box]
-    region[inside] = (mean + tex_sd * texture)[inside]
+    region[inside] = values[inside]
     occupancy = np.zeros(hu.shape, dtype=np.float32)
     occupancy[box] = inside
     info = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class ModelResult:
     train_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
     scores: dict[str, np.ndarray] = field(repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def cv_auc_mean(self) -> float:
@@ -363,21 +365,30 @@ def run_training(
                             "n_test": len(test_ids), "n_features": len(primary_cols), "select": dict(select_params),
                             "inner_folds": inner_folds, "outer_folds": len(outer)})
         log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(outer))
+        t_sel = time.perf_counter()
         inner = precompute_folds(X_train, y_train, _inner_splits(y_train, inner_folds, seed), select_params, seed)
         outer_folds: list[FoldData] = precompute_folds(X_train, y_train, outer, select_params, seed)
+        selection_s = time.perf_counter() - t_sel
+        log.info("selection precomputed for %d folds in %.1f s", len(inner) + len(outer_folds), selection_s)
+        tracker.log_metrics({"time_selection_s": selection_s})
 
         for model in progress(models, desc="models", unit="model"):
             with tracker.run(model, tags={"model": model}, nested=True):
+                t0 = time.perf_counter()
                 tuned = tune_model(model, inner, spaces.get(model, {}), n_trials_for(model), seed,
                                    fixed_params=fixed_all.get(model), pruner_startup_trials=startup, tracker=tracker)
+                t1 = time.perf_counter()
                 cv_aucs = [fold_auc(model, tuned.best_params, fold, seed) for fold in outer_folds]
+                t2 = time.perf_counter()
                 pipeline = build_pipeline(model, tuned.best_params, select_params, seed).fit(X_train, y_train)
                 s_train = pipeline.predict_proba(X_train)[:, 1]
                 s_test = pipeline.predict_proba(X_test)[:, 1]
                 m_train = _set_metrics(y_train, s_train, evaluate_params, seed)
                 m_test = _set_metrics(y_test, s_test, evaluate_params, seed)
+                t3 = time.perf_counter()
                 res = ModelResult(model, tuned, cv_aucs, pipeline, m_train, m_test,
-                                  {"train": s_train, "test": s_test})
+                                  {"train": s_train, "test": s_test},
+                                  {"tune_s": t1 - t0, "cv_s": t2 - t1, "final_fit_eval_s": t3 - t2})
                 results[model] = res
                 tracker.log_params({"model": model, **{f"hp.{k}": v for k, v in tuned.best_params.items()},
                                     "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned})
@@ -395,9 +406,11 @@ def run_training(
                 out_dir.mkdir(parents=True, exist_ok=True)
                 _save_pipeline(pipeline, out_dir / f"{model}.skops")
                 if log_models:
-                    _log_model(tracker, pipeline, X_test[primary_cols].head(5))
-                log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f", model, res.cv_auc_mean, res.cv_auc_sd,
-                         m_test["auc"])
+                    _log_model(tracker, pipeline, X_test[primary_cols].head(5).astype(np.float64))
+                res.seconds["total_s"] = time.perf_counter() - t0
+                tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
+                log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean, res.cv_auc_sd,
+                         m_test["auc"], ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()))
 
         best = max(results, key=lambda m: results[m].cv_auc_mean)
         selected = {"feature_source": feature_source, **selection_summary(results[best].pipeline)}
@@ -408,7 +421,7 @@ def run_training(
             "feature_source": feature_source,
             "trusted_types": list(TRUSTED_TYPES),
             "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "test_auc": _none(r.test_metrics["auc"]),
-                           "params": r.tuning.best_params} for m, r in results.items()},
+                           "params": r.tuning.best_params, "seconds": r.seconds} for m, r in results.items()},
         })
         cv_doc = {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs} for m, r in results.items()}
         write_json(metrics_dir / "cv_auc.json", cv_doc)

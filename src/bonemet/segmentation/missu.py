@@ -66,10 +66,10 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.GroupNorm(groups, channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv3d(channels, channels, kernel_size=3, padding=1),
             nn.GroupNorm(groups, channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv3d(channels, channels, kernel_size=3, padding=1),
         )
 
@@ -115,7 +115,7 @@ class LocalMultiScaleFusion(nn.Module):
             nn.Sequential(
                 nn.Conv3d(channels, channels, kernel_size=3, padding=r, dilation=r, bias=False),
                 nn.GroupNorm(groups, channels),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),
             )
             for r in dilations
         )
@@ -306,7 +306,7 @@ class MISSU(nn.Module):
         # Bridge to tokens at 1/8 scale.
         self.bridge = nn.Sequential(
             nn.GroupNorm(groups, widths[-1]),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv3d(widths[-1], embed_dim, kernel_size=3, padding=1),
         )
         grid = tuple(d // DOWNSAMPLE_FACTOR for d in self.roi_size)
@@ -333,7 +333,7 @@ class MISSU(nn.Module):
         self.decoder_in = nn.Sequential(
             nn.Conv3d(embed_dim, e4, kernel_size=3, padding=1),
             nn.GroupNorm(groups, e4),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             ResidualBlock(e4, groups),
         )
         dec_widths = [e4, widths[2], widths[1], widths[0]]  # decoder channels at 1/8, 1/4, 1/2, 1

@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     report_dir = args.report or get(cfg, "report_dir")
     report.write(report_dir)
 
-    for line in report.to_text().rstrip().splitlines():
-        log.info("%s", line)
+    for line in report.summary_text().rstrip().splitlines():
+        if line.strip():
+            log.info("%s", line)
     for case in report.warned_cases:
         rules = ", ".join(f.rule for f in report.failures[case])
         log.warning("case '%s': soft rule(s) broken: %s", case, rules)

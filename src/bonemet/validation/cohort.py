@@ -135,8 +135,13 @@ class CohortReport:
             parts.append(f"{len(self.manifest_failures)} manifest-level failure(s)")
         return f"cohort {self.cohort_dir}: {self.n_cases} case(s), {verdict} ({', '.join(parts)})"
 
-    def to_text(self) -> str:
-        """Readable report: the verdict, then one block per failing case listing each rule broken."""
+    def summary_text(self) -> str:
+        """The verdict, then one block per failing case listing each rule broken."""
+        return self.to_text(with_rules=False)
+
+    def to_text(self, with_rules: bool = True) -> str:
+        """Readable report: the verdict, one block per failing case listing each rule broken, and
+        (``with_rules``) the list of rules checked with their outcome."""
         lines = [self.summary(), ""]
         if self.manifest_failures:
             lines.append("manifest:")
@@ -147,7 +152,13 @@ class CohortReport:
             lines += [f"  [{f.severity}] {f.rule}: {f.detail}" for f in fs]
             lines.append("")
         if self.passed and not self.failures and not self.manifest_failures:
-            lines.append("every rule passed for every case.")
+            lines += ["every rule passed for every case.", ""]
+        if with_rules and self.rule_results:
+            lines.append("rules checked (Great Expectations):")
+            for r in self.rule_results:
+                n = len(r.failing_ids)
+                outcome = "ok" if r.success else (f"FAILED for {n} case(s)" if n else "FAILED")
+                lines.append(f"  {r.rule} [{r.severity}]: {outcome}")
         return "\n".join(lines).rstrip() + "\n"
 
     def write(self, report_dir: str | Path) -> None:
@@ -198,7 +209,7 @@ def _measure_image(path: Path, case_id: str) -> tuple[dict[str, Any], sitk.Image
         return m, None
     try:
         image = read_image(path, case_id=case_id)
-    except ImageReadError as exc:
+    except (ImageReadError, OSError) as exc:  # OSError: e.g. permission denied
         m["image_readable"] = False
         m["image_error"] = str(exc)
         return m, None
@@ -237,7 +248,7 @@ def _measure_mask(
         return m
     try:
         mask = read_image(path, case_id=case_id)
-    except ImageReadError as exc:
+    except (ImageReadError, OSError) as exc:  # OSError: e.g. permission denied
         m[f"{kind}_readable"] = False
         m[f"{kind}_error"] = str(exc)
         return m

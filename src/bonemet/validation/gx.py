@@ -24,6 +24,8 @@ import pandas as pd
 # Library-internal configuration of GX itself: never send usage statistics. Set before the
 # import so that no code path of GX can read it unset; the context config below says the same.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# GX logs INFO chatter while importing; keep its loggers at WARNING from the start.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 import great_expectations as gx  # noqa: E402
 from great_expectations.data_context.types.base import (  # noqa: E402

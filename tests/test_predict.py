@@ -1,0 +1,337 @@
+"""`bonemet predict`: prediction from a CT with a given mask or a segmenter, any format and grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from bonemet.data.io import ImageReadError, read_image, read_mask, same_grid, write_image
+from bonemet.serving.checks import check_feature_frame
+from bonemet.serving.predict import (
+    MissuSegmenter,
+    PredictError,
+    case_id_from_path,
+    lesion_volume_ml,
+    predict_case,
+)
+
+# A small subset of the PyRadiomics settings keeps each extraction well under a second.
+SETTINGS = {
+    "imageType": {"Original": {}},
+    "featureClass": {"firstorder": None, "shape": None},
+    "setting": {"binWidth": 25.0, "label": 1, "additionalInfo": False, "geometryTolerance": 1e-4},
+}
+PREPROCESS = {  # coarse grid and small crop: the synthetic 'small' CTs are ~32^3 voxels of ~2.4 mm
+    "target_spacing_mm": [3.0, 3.0, 3.0], "image_interpolator": "linear", "hu_window": [-200.0, 1800.0],
+    "bone_threshold_hu": 200.0, "margin_mm": 6.0, "min_size_vox": [16, 16, 16], "min_component_ml": 0.5,
+}
+
+
+class SklearnClassifier:
+    """Stands in for the registered pyfunc: same input checks, same output columns."""
+
+    def __init__(self, pipeline, feature_names, name="bonemet-classifier", version="7"):
+        self.pipeline, self.feature_names, self.name, self.version = pipeline, list(feature_names), name, version
+        self.seen: list[pd.DataFrame] = []
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        self.seen.append(features)
+        x = check_feature_frame(features, self.feature_names)
+        proba = self.pipeline.predict_proba(x)[:, 1]
+        return pd.DataFrame({"probability_breast": proba, "label": (proba >= 0.5).astype(int)})
+
+
+class SphereSegmenter:
+    """A fake segmenter: a sphere of ``radius_mm`` around the CT's centre, on the CT's grid."""
+
+    name, version = "fake-missu", "3"
+
+    def __init__(self, radius_mm: float = 8.0, empty: bool = False, off_grid: bool = False):
+        self.radius_mm, self.empty, self.off_grid = radius_mm, empty, off_grid
+        self.calls = 0
+
+    def segment(self, image_hu: sitk.Image, case_id: str) -> sitk.Image:
+        self.calls += 1
+        size = np.asarray(image_hu.GetSize())
+        zz, yy, xx = np.indices(size[::-1])
+        idx = np.stack([xx, yy, zz], -1).reshape(-1, 3).astype(float)
+        direction = np.asarray(image_hu.GetDirection()).reshape(3, 3)
+        to_phys = direction @ np.diag(image_hu.GetSpacing())
+        centre = (size - 1) / 2.0
+        dist = np.linalg.norm((idx - centre) @ to_phys.T, axis=1).reshape(size[::-1])
+        mask = sitk.GetImageFromArray(((dist <= self.radius_mm) & (not self.empty)).astype(np.uint8))
+        mask.CopyInformation(image_hu)
+        if self.off_grid:
+            mask.SetOrigin(tuple(o + 5.0 for o in image_hu.GetOrigin()))
+        return mask
+
+
+class BrightIsLesion(torch.nn.Module):
+    """A fixed 'network' for the real preprocessing path: lesion logit grows with intensity."""
+
+    def forward(self, x):
+        fg = 20 * (x - 0.5)
+        return torch.cat([-fg, fg], dim=1)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from bonemet.data.manifest import read_manifest
+    from bonemet.data.synthetic import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, n_cases=6, n_positive=3, seed=0, size="small", show_progress=False)
+    return read_manifest(out)
+
+
+@pytest.fixture(scope="module")
+def classifier(cohort):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from bonemet.radiomics import extract_features
+
+    rows = [extract_features(c.image, c.manual_mask, SETTINGS, c.case_id) for c in cohort]
+    table = pd.DataFrame(rows)
+    labels = [c.label for c in cohort]
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(table, labels)
+    return SklearnClassifier(pipeline, table.columns)
+
+
+def _predict(image, mask=None, segmenter=None, classifier=None, **kw):
+    return predict_case(image, mask, segmenter=segmenter, classifier=classifier, radiomics_settings=SETTINGS,
+                        mask_label=1, threshold=kw.pop("threshold", 0.5), **kw)
+
+
+def test_case_id_from_path(tmp_path):
+    assert case_id_from_path("a/b/case_007.nii.gz") == "case_007"
+    assert case_id_from_path("x.nrrd") == "x"
+    (tmp_path / "series.dir").mkdir()
+    assert case_id_from_path(tmp_path / "series.dir") == "series.dir"
+
+
+def test_with_given_mask_matches_direct_classification(cohort, classifier):
+    case = cohort[3]
+    out = _predict(case.image, case.manual_mask, classifier=classifier)
+    json.dumps(out, allow_nan=False)  # the command prints it
+    mask = read_mask(case.manual_mask, 1)
+    assert out["case_id"] == case.case_id and out["mask_source"] == "given"
+    assert out["models"]["segmenter"] is None and out["models"]["classifier"] == {"name": "bonemet-classifier",
+                                                                                   "version": "7"}
+    assert out["lesion_volume_ml"] == pytest.approx(lesion_volume_ml(mask))
+    assert out["lesion_voxels"] == int(sitk.GetArrayViewFromImage(mask).sum()) > 0
+    direct = classifier.pipeline.predict_proba(classifier.seen[-1])[0, 1]
+    assert out["probability_breast"] == pytest.approx(direct)
+    assert out["label"] == int(direct >= 0.5) and out["n_features"] == len(classifier.feature_names)
+    # the threshold is the caller's, not the classifier's
+    assert _predict(case.image, case.manual_mask, classifier=classifier, threshold=0.0)["label"] == 1
+    assert _predict(case.image, case.manual_mask, classifier=classifier, threshold=1.0)["label"] == int(direct >= 1)
+
+
+def test_segmenter_path_and_save_mask(cohort, classifier, tmp_path):
+    case = cohort[0]
+    segmenter = SphereSegmenter(radius_mm=8.0)
+    saved = tmp_path / "out" / "lesion.nii.gz"
+    out = _predict(case.image, segmenter=segmenter, classifier=classifier, save_mask=saved)
+    assert segmenter.calls == 1 and out["mask_source"] == "missu"
+    assert out["models"]["segmenter"] == {"name": "fake-missu", "version": "3"}
+    written = read_image(saved)
+    ok, why = same_grid(read_image(case.image), written)
+    assert ok, why
+    assert int(sitk.GetArrayViewFromImage(written).sum()) == out["lesion_voxels"]
+    assert out["lesion_volume_ml"] == pytest.approx(4 / 3 * np.pi * 8.0**3 / 1000, rel=0.35)
+    assert out["saved_mask"] == str(saved) and not list(saved.parent.glob(".*"))  # no temp left behind
+    # a given mask wins: the segmenter is not called
+    _predict(case.image, case.manual_mask, segmenter=segmenter, classifier=classifier)
+    assert segmenter.calls == 1
+
+
+def _oblique(image: sitk.Image, spacing=(0.9, 1.7, 3.1)) -> sitk.Image:
+    """Same voxels with an anisotropic spacing and a rotated (oblique) direction."""
+    out = sitk.Image(image)
+    rot = sitk.VersorTransform((0.3, 0.2, 1.0), 0.5).GetMatrix()
+    out.SetDirection(rot)
+    out.SetSpacing(spacing)
+    out.SetOrigin((-40.0, 12.5, 300.0))
+    return out
+
+
+def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, tmp_path):
+    """MissuSegmenter: preprocessing (resample, crop) and mapping back on an oblique grid."""
+    case = cohort[1]
+    image = _oblique(read_image(case.image))
+    mask = _oblique(read_mask(case.manual_mask, 1))
+    write_image(image, tmp_path / "oblique.nrrd")
+    write_image(mask, tmp_path / "oblique_mask.nrrd")
+    given = _predict(tmp_path / "oblique.nrrd", tmp_path / "oblique_mask.nrrd", classifier=classifier)
+    voxels = int(sitk.GetArrayViewFromImage(mask).sum())
+    assert given["lesion_volume_ml"] == pytest.approx(voxels * 0.9 * 1.7 * 3.1 / 1000)
+
+    segmenter = MissuSegmenter.from_metadata(
+        BrightIsLesion(), {"preprocess": PREPROCESS, "roi_size": [16, 16, 16], "overlap": 0.25,
+                           "sw_batch_size": 2, "threshold": 0.5, "largest_component": True},
+        name="bonemet-missu", version="1",
+    )
+    out = _predict(tmp_path / "oblique.nrrd", segmenter=segmenter, classifier=classifier,
+                   save_mask=tmp_path / "auto.nii.gz")
+    auto = read_image(tmp_path / "auto.nii.gz")
+    ok, why = same_grid(image, auto)
+    assert ok, why
+    # the 'network' marks dense bone (HU > 800): check it maps back onto the right voxels
+    bone = sitk.GetArrayViewFromImage(image) > 800
+    found = sitk.GetArrayViewFromImage(auto) > 0
+    assert out["lesion_voxels"] > 0 and (found & bone).sum() / found.sum() > 0.8
+
+
+def test_missu_segmenter_metadata_fallback_and_missing_keys():
+    meta = {"roi_size": [16, 16, 16], "overlap": 0.5, "sw_batch_size": 1, "threshold": 0.4, "largest_component": False}
+    seg = MissuSegmenter.from_metadata(BrightIsLesion(), meta, fallback={"preprocess": PREPROCESS, "overlap": 0.1})
+    assert seg.preprocess == PREPROCESS and seg.overlap == 0.5 and seg.roi_size == (16, 16, 16)
+    with pytest.raises(PredictError, match="lacks preprocess"):
+        MissuSegmenter.from_metadata(BrightIsLesion(), meta)
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """Write ``image`` as an int16 CT DICOM series (one file per slice)."""
+    folder.mkdir()
+    image = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{v:.10g}" for v in (*direction[0::3], *direction[1::3]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.424242"
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.4242", "0020|000e": series_uid,
+            "0020|0037": orientation, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0032": "\\".join(f"{v:.10g}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0028|0030": "\\".join(f"{v:.10g}" for v in image.GetSpacing()[:2]),
+            "0018|0050": f"{image.GetSpacing()[2]:.10g}",
+        }.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_folder(cohort, classifier, tmp_path):
+    case = cohort[4]
+    _write_dicom_series(read_image(case.image), tmp_path / "dicom_ct")
+    ct = read_image(tmp_path / "dicom_ct")
+    mask = read_mask(case.manual_mask, 1)
+    assert ct.GetSize() == mask.GetSize()
+    mask.CopyInformation(ct)  # DICOM stores the geometry as decimal strings
+    write_image(mask, tmp_path / "mask.nii.gz")
+    out = _predict(tmp_path / "dicom_ct", tmp_path / "mask.nii.gz", classifier=classifier)
+    assert out["case_id"] == "dicom_ct" and out["mask_source"] == "given"
+    assert 0.0 <= out["probability_breast"] <= 1.0
+    assert out["lesion_volume_ml"] == pytest.approx(lesion_volume_ml(mask))
+
+
+def test_bad_inputs_give_clear_errors(cohort, classifier, tmp_path):
+    case = cohort[2]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"this is not a NIfTI file at all" * 10)
+    with pytest.raises(ImageReadError, match="corrupt.nii.gz"):
+        _predict(corrupt, classifier=classifier, segmenter=SphereSegmenter())
+    with pytest.raises(ImageReadError, match="not found"):
+        _predict(tmp_path / "missing.nrrd", classifier=classifier, segmenter=SphereSegmenter())
+
+    shifted = read_mask(case.manual_mask, 1)
+    shifted.SetOrigin(tuple(o + 3.0 for o in shifted.GetOrigin()))
+    write_image(shifted, tmp_path / "shifted.nii.gz")
+    with pytest.raises(PredictError, match=r"shifted.nii.gz is not on the grid.*origin"):
+        _predict(case.image, tmp_path / "shifted.nii.gz", classifier=classifier)
+
+    empty = sitk.Image(shifted)
+    empty.CopyInformation(read_image(case.image))
+    empty = empty * 0
+    write_image(empty, tmp_path / "empty.nii.gz")
+    with pytest.raises(PredictError, match="no lesion found"):
+        _predict(case.image, tmp_path / "empty.nii.gz", classifier=classifier)
+    with pytest.raises(PredictError, match="no lesion found"):
+        _predict(case.image, segmenter=SphereSegmenter(empty=True), classifier=classifier)
+    with pytest.raises(PredictError, match="off the CT's grid"):
+        _predict(case.image, segmenter=SphereSegmenter(off_grid=True), classifier=classifier)
+    with pytest.raises(PredictError, match="no segmentation model"):
+        _predict(case.image, classifier=classifier)
+
+
+def test_feature_mismatch_names_the_missing_columns(cohort, classifier):
+    case = cohort[3]
+    other = SklearnClassifier(classifier.pipeline, [*classifier.feature_names, "wavelet-LLH_glcm_Idm"])
+    with pytest.raises(PredictError, match="wavelet-LLH_glcm_Idm"):
+        _predict(case.image, case.manual_mask, classifier=other)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch, classifier):
+    """params file with the small settings; loaders replaced by the test models (no MLflow store)."""
+    import bonemet.tracking.loaders as loaders
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "radiomics.yaml").write_text(yaml.safe_dump(SETTINGS))
+    params = {
+        "data": {"mask_label": 1},
+        "validate": {"grid_tolerance_mm": 0.01},
+        "radiomics": {"settings_file": "radiomics.yaml", "bin_width": 25, "resampled_spacing_mm": [],
+                      "interpolator": "sitkBSpline", "normalize": False, "label": 1},
+        "register": {"model_name": "bonemet-classifier", "segmentation_model_name": "bonemet-missu",
+                     "threshold": 0.5, "store_dir": str(tmp_path / "mlruns")},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    loaded: list[tuple[str, str]] = []
+
+    def fake_classifier(name, alias):
+        loaded.append((name, alias))
+        classifier.threshold = 0.5
+        return classifier
+
+    def fake_segmenter(name, alias, device="cpu"):
+        loaded.append((name, alias))
+        meta = {"preprocess": PREPROCESS, "roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2,
+                "threshold": 0.5, "largest_component": True}
+        return BrightIsLesion(), meta, "5"
+
+    monkeypatch.setattr(loaders, "load_classifier", fake_classifier)
+    monkeypatch.setattr(loaders, "load_segmenter", fake_segmenter)
+    return loaded
+
+
+def test_command_prints_json(cohort, cli_env, capsys, tmp_path):
+    from bonemet.cli import main
+
+    case = cohort[5]
+    assert main(["predict", str(case.image), "--alias", "production", "--save-mask", "m.nii.gz"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mask_source"] == "missu" and out["alias"] == "production"
+    assert out["models"]["segmenter"] == {"name": "bonemet-missu", "version": "5"}
+    assert cli_env == [("bonemet-classifier", "production"), ("bonemet-missu", "production")]
+    assert (tmp_path / "m.nii.gz").is_file()
+
+    cli_env.clear()
+    assert main(["predict", str(case.image), "--mask", str(case.manual_mask), "--threshold", "0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mask_source"] == "given" and out["label"] == 1 and out["threshold"] == 0.0
+    assert cli_env == [("bonemet-classifier", "staging")]  # no segmenter loaded when a mask is given
+
+
+def test_command_bad_file_exits_1_without_traceback(cli_env, capsys, tmp_path):
+    from bonemet.cli import main
+
+    (tmp_path / "broken.nrrd").write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\n")
+    assert main(["predict", str(tmp_path / "broken.nrrd")]) == 1
+    err = capsys.readouterr()
+    assert "broken.nrrd" in err.err and "Traceback" not in err.err and err.out == ""
+    assert cli_env == []  # failed before loading any model
