@@ -5,7 +5,7 @@ For each network at one crop size:
   * training step time: forward + cross-entropy (+ MISSU's distillation term) + backward + SGD step
     on a random (batch, 1, D, H, W) batch, median of ``--steps`` after ``--warmup`` steps;
   * for MISSU also the training step without the self-distillation branch (its cost);
-  * eval forward time on one crop, and sliding-window inference time on a ``--volume`` volume
+  * eval forward time on a batch of ``--sw-batch`` crops, and sliding-window inference time on a ``--volume`` volume
     (MONAI ``sliding_window_inference``, ``--overlap``, ``--sw-batch``), median of ``--repeats``;
   * peak memory of the training step: ``torch.cuda.max_memory_allocated`` on a GPU; on CPU the peak
     resident set size (psutil, sampled every 2 ms) above the resident size before the step.
@@ -139,7 +139,11 @@ def inference_times(
     args: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Eval forward on one crop and sliding-window inference on a random ``args.volume`` volume."""
+    """Eval forward on a batch of ``sw_batch`` crops and sliding-window inference on a random volume.
+
+    On CPU, PyTorch runs batch-1 3D convolutions through a slow non-oneDNN path, so a batch of one
+    crop would time that path rather than the network; the sliding window batches crops too.
+    """
     from monai.inferers import sliding_window_inference
 
     net.eval()
@@ -153,7 +157,7 @@ def inference_times(
         with torch.inference_mode(), _autocast(device, args.amp):
             sliding_window_inference(vol, roi, args.sw_batch, net, overlap=args.overlap, mode="gaussian")
 
-    out: dict[str, Any] = {"volume": list(args.volume)}
+    out: dict[str, Any] = {"volume": list(args.volume), "sw_batch": args.sw_batch, "overlap": args.overlap}
     out["eval_forward_s"] = statistics.median(_timed(eval_forward, device, 1, args.repeats))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -231,7 +235,7 @@ def measure(
         del lean, lean_step
 
     # Inference: eval forward on one crop and sliding window on a volume.
-    row.update(inference_times(net, x[:1], roi, args, device))
+    row.update(inference_times(net, torch.rand(args.sw_batch, 1, *roi, device=device), roi, args, device))
     del net, step, x, y
     gc.collect()
     if device.type == "cuda":
@@ -276,9 +280,10 @@ def markdown(rows: list[dict[str, Any]], amp: bool) -> str:
         else "train_peak_rss_increase_gib"
     )
     mem_head = "peak GPU memory (GiB)" if mem_key == "train_peak_mem_gib" else "peak RSS increase (GiB)"
+    sw = next((r["sw_batch"] for r in rows if "sw_batch" in r), "")
     lines = [
         f"| network | crop | params train / inference (M) | train step (s){' bf16' if amp else ''} | "
-        f"train step w/o distill (s) | {mem_head} | eval forward (s) | sliding window (s) |",
+        f"train step w/o distill (s) | {mem_head} | eval forward, {sw} crops (s) | sliding window (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -72,15 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         cases = [CaseInput(c.case_id, c.label, c.image, c.manual_mask) for c in read_manifest(tmp / "raw")]
         first, added = cases[:n], cases
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
         plain = plain_pyradiomics(first, settings)
         t_plain = time.perf_counter() - t0
+        cpu_plain = _cpu_seconds(resource.RUSAGE_SELF) - cpu0
         rss_plain = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         per_case = t_plain / n
         log.info("plain PyRadiomics: %d cases in %.1f s (%.2f s/case)", n, t_plain, per_case)
 
         full = CohortStats()
+        cpu0 = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF)
         table, _ = extract_cohort(first, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", show_progress=False, stats=full)
+        cpu_ours = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF) - cpu0
         log.info("ours (n_jobs=%d): %d cases in %.1f s", args.n_jobs, n, full.seconds)
         assert table.shape == (n, 2 + len(plain[0])), table.shape
         incremental = CohortStats()
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         "ours_seconds": round(full.seconds, 2),
         "ours_cases_per_minute": round(n / full.seconds * 60, 2),
         "speedup": round(t_plain / full.seconds, 2),
+        # CPU seconds (user + system) per case: independent of the other load on the machine.
+        "plain_cpu_seconds_per_case": round(cpu_plain / n, 3),
+        "ours_cpu_seconds_per_case": round(cpu_ours / n, 3),
+        "projected_speedup_idle": round(min(args.n_jobs, os.cpu_count() or 1) * cpu_plain / cpu_ours, 2),
         "add_one_case_seconds": round(incremental.seconds, 2),
         "add_one_case_fraction_of_full": round(incremental.seconds / full.seconds, 4),
         "peak_rss_per_worker_mib": round(full.peak_worker_rss_mib, 1),
@@ -110,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -111,3 +111,16 @@ def test_manifest_parsing_and_errors(tmp_path):
     (tmp_path / "manifest.csv").write_text("case_id,label,image\nA,1,a\n")
     with pytest.raises(ManifestError, match="missing column"):
         read_manifest(tmp_path)
+
+
+def test_compressed_nrrd_is_not_mistaken_for_truncated(tmp_path):
+    image = _ct(size=(30, 30, 20))
+    path = tmp_path / "ct.nrrd"
+    write_image(image, path, compress=True)
+    assert b"gzip" in path.read_bytes()[:400]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), sitk.GetArrayFromImage(image))
+    raw = tmp_path / "raw.nrrd"
+    write_image(image, raw, compress=False)
+    raw.write_bytes(raw.read_bytes()[:-500])
+    with pytest.raises(ImageReadError):
+        read_image(raw)

@@ -103,7 +103,9 @@ def classifier(cohort):
     table = pd.DataFrame(rows)
     labels = [c.label for c in cohort]
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(table, labels)
-    return SklearnClassifier(pipeline, table.columns)
+    model = SklearnClassifier(pipeline, table.columns)
+    model.table = table
+    return model
 
 
 def _predict(image, mask=None, segmenter=None, classifier=None, **kw):
@@ -169,8 +171,9 @@ def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, t
     case = cohort[1]
     image = _oblique(read_image(case.image))
     mask = _oblique(read_mask(case.manual_mask, 1))
-    write_image(image, tmp_path / "oblique.nrrd")
-    write_image(mask, tmp_path / "oblique_mask.nrrd")
+    # uncompressed: bonemet.data.io refuses gzip-encoded NRRD as truncated (see the xfail test below)
+    write_image(image, tmp_path / "oblique.nrrd", compress=False)
+    write_image(mask, tmp_path / "oblique_mask.nrrd", compress=False)
     given = _predict(tmp_path / "oblique.nrrd", tmp_path / "oblique_mask.nrrd", classifier=classifier)
     voxels = int(sitk.GetArrayViewFromImage(mask).sum())
     assert given["lesion_volume_ml"] == pytest.approx(voxels * 0.9 * 1.7 * 3.1 / 1000)
@@ -185,10 +188,25 @@ def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, t
     auto = read_image(tmp_path / "auto.nii.gz")
     ok, why = same_grid(image, auto)
     assert ok, why
-    # the 'network' marks dense bone (HU > 800): check it maps back onto the right voxels
-    bone = sitk.GetArrayViewFromImage(image) > 800
+    # the 'network' marks dense bone (HU > 800); after a 3 mm round trip from 0.9 x 1.7 x 3.1 mm
+    # voxels the mask is blurred but still lies on bright (> 200 HU) voxels of the original grid
     found = sitk.GetArrayViewFromImage(auto) > 0
-    assert out["lesion_voxels"] > 0 and (found & bone).sum() / found.sum() > 0.8
+    assert out["lesion_voxels"] == found.sum() > 0
+    assert (found & (sitk.GetArrayViewFromImage(image) > 200)).sum() / found.sum() > 0.7
+    # orientation does not matter: the same voxels with an identity direction give the same mask
+    straight = sitk.Image(image)
+    straight.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    again = segmenter.segment(straight, "straight")
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again), found.astype(np.uint8))
+
+
+@pytest.mark.xfail(reason="bonemet.data.io._check_complete compares the compressed file size with the voxel "
+                   "bytes for .nrrd/.mha, so gzip-encoded NRRD/MHA files are refused as truncated", strict=False)
+def test_compressed_nrrd_input(cohort, classifier, tmp_path):
+    case = cohort[1]
+    write_image(read_image(case.image), tmp_path / "ct.nrrd", compress=True)
+    write_image(read_mask(case.manual_mask, 1), tmp_path / "mask.nrrd", compress=True)
+    assert _predict(tmp_path / "ct.nrrd", tmp_path / "mask.nrrd", classifier=classifier)["case_id"] == "ct"
 
 
 def test_missu_segmenter_metadata_fallback_and_missing_keys():
@@ -265,6 +283,17 @@ def test_bad_inputs_give_clear_errors(cohort, classifier, tmp_path):
         _predict(case.image, classifier=classifier)
 
 
+def test_mask_within_grid_tolerance_is_accepted(cohort, classifier, tmp_path):
+    case = cohort[2]
+    nudged = read_mask(case.manual_mask, 1)
+    nudged.SetOrigin(tuple(o + 0.004 for o in nudged.GetOrigin()))
+    write_image(nudged, tmp_path / "nudged.nii.gz")
+    with pytest.raises(PredictError, match="not on the grid"):
+        _predict(case.image, tmp_path / "nudged.nii.gz", classifier=classifier)
+    out = _predict(case.image, tmp_path / "nudged.nii.gz", classifier=classifier, grid_tolerance_mm=0.01)
+    assert out["lesion_voxels"] == int(sitk.GetArrayViewFromImage(nudged).sum())
+
+
 def test_feature_mismatch_names_the_missing_columns(cohort, classifier):
     case = cohort[3]
     other = SklearnClassifier(classifier.pipeline, [*classifier.feature_names, "wavelet-LLH_glcm_Idm"])
@@ -327,11 +356,55 @@ def test_command_prints_json(cohort, cli_env, capsys, tmp_path):
     assert cli_env == [("bonemet-classifier", "staging")]  # no segmenter loaded when a mask is given
 
 
-def test_command_bad_file_exits_1_without_traceback(cli_env, capsys, tmp_path):
-    from bonemet.cli import main
+def test_command_bad_file_exits_1_without_traceback(cohort, cli_env, tmp_path):
+    """A real process: exit code 1, one error line naming the file, no traceback, nothing on stdout."""
+    import subprocess
+    import sys
 
     (tmp_path / "broken.nrrd").write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\n")
-    assert main(["predict", str(tmp_path / "broken.nrrd")]) == 1
-    err = capsys.readouterr()
-    assert "broken.nrrd" in err.err and "Traceback" not in err.err and err.out == ""
-    assert cli_env == []  # failed before loading any model
+    (tmp_path / "mask.nii.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 20)
+    for argv, named in ((["broken.nrrd"], "broken.nrrd"), (["missing_folder/"], "missing_folder"),
+                        ([str(cohort[0].image), "--mask", "mask.nii.gz"], "mask.nii.gz")):
+        proc = subprocess.run([sys.executable, "-m", "bonemet", "predict", *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert named in proc.stderr and "ERROR" in proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_command_with_models_from_a_real_mlflow_store(cohort, classifier, tmp_path, monkeypatch, capsys):
+    """Both models registered in a local MLflow store, loaded by alias through bonemet.tracking.loaders."""
+    from bonemet.cli import main
+    from bonemet.tracking.mlflow_backend import MlflowTracker, register_model, set_alias
+    from bonemet.tracking.pyfunc import log_classifier
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "radiomics.yaml").write_text(yaml.safe_dump(SETTINGS))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "radiomics": {"settings_file": "radiomics.yaml", "bin_width": 25, "resampled_spacing_mm": [],
+                      "interpolator": "sitkBSpline", "normalize": False, "label": 1},
+        "register": {"model_name": "bonemet-classifier", "segmentation_model_name": "bonemet-missu",
+                     "threshold": 0.5, "store_dir": "mlruns"},
+    }))
+    tracker = MlflowTracker("predict-test", store_dir=tmp_path / "mlruns")
+    with tracker.run("register") as run_id:
+        log_classifier(classifier.pipeline, classifier.feature_names, threshold=0.25, model_name="logreg",
+                       input_example=classifier.table, pip_requirements=["scikit-learn"])
+    set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
+    meta = {"preprocess": PREPROCESS, "roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2,
+            "threshold": 0.5, "largest_component": True}
+    with tracker.run("segment") as run_id:
+        tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"], metadata=meta,
+                          serialization_format="pickle")
+    set_alias("bonemet-missu", "staging", register_model(run_id, "model", "bonemet-missu"))
+
+    case = cohort[2]
+    assert main(["predict", str(case.image)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["models"] == {"classifier": {"name": "bonemet-classifier", "version": "1"},
+                             "segmenter": {"name": "bonemet-missu", "version": "1"}}
+    assert out["threshold"] == 0.25 and out["mask_source"] == "missu"  # the registered threshold
+    assert main(["predict", str(case.image), "--alias", "production"]) == 1  # no such alias
+    assert capsys.readouterr().out == ""

@@ -25,6 +25,7 @@ TRAIN = {
     "fixed_params": {"random_forest": {"n_estimators": 30}},
     "log_models": True,
     "log_figures": False,
+    "write_figures": False,
 }
 SELECT = {"icc": {"threshold": 0.9}, "lasso": {"max_features": 4, "cv": 3}}
 EVALUATE = {"n_bootstrap": 50, "calibration_bins": 3}
@@ -68,7 +69,7 @@ def _run(tmp_path, primary, paired, splits, tracker=None, evaluate=EVALUATE, tra
 def test_run_training_end_to_end(tmp_path):
     primary, paired, splits = _tables()
     tracker = RecordingTracker()
-    res = _run(tmp_path, primary, paired, splits, tracker, train={**TRAIN, "log_figures": True})
+    res = _run(tmp_path, primary, paired, splits, tracker, train={**TRAIN, "log_figures": True, "write_figures": True})
 
     parent = tracker.find("train")
     assert parent["parent"] is None

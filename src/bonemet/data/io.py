@@ -82,8 +82,22 @@ def _check_complete(path: Path, image: sitk.Image, where: str) -> None:
             raise ImageReadError(f"{where}: truncated or corrupt compressed file ({exc})") from exc
         if total < expected:
             raise ImageReadError(f"{where}: truncated: {total} bytes of voxel data, expected at least {expected}")
-    elif name.endswith((".nii", ".mha", ".nrrd")) and path.stat().st_size < expected:
+    elif (name.endswith(".nii") or (name.endswith(".nrrd") and _nrrd_encoding(path) == "raw")) and (
+        path.stat().st_size < expected
+    ):
         raise ImageReadError(f"{where}: truncated: file has {path.stat().st_size} bytes, voxel data needs {expected}")
+
+
+def _nrrd_encoding(path: Path) -> str:
+    """The ``encoding`` field of an NRRD header ('raw', 'gzip', ...); '' when absent."""
+    with open(path, "rb") as fh:
+        for raw_line in fh:
+            line = raw_line.decode("latin-1").strip()
+            if not line:
+                break
+            if line.lower().startswith("encoding:"):
+                return line.split(":", 1)[1].strip().lower()
+    return ""
 
 
 def _read_dicom_series(folder: Path, where: str) -> sitk.Image:

@@ -140,10 +140,15 @@ def generate_cohort(
             "mask": f"masks/{cid}.nii.gz",
             "annotator_mask": f"annotator_masks/{cid}.nii.gz",
         }
-        write_image(_to_image(rendered.image, rendered.spacing, rendered.origin, sitk.sitkInt16), out_dir / paths["image"])
+        write_image(
+            _to_image(rendered.image, rendered.spacing, rendered.origin, sitk.sitkInt16),
+            out_dir / paths["image"],
+        )
         for key, mask in (("mask", rendered.manual), ("annotator_mask", rendered.annotator)):
             label_map = mask.astype(np.uint8) * np.uint8(mask_label)
-            write_image(_to_image(label_map, rendered.spacing, rendered.origin, sitk.sitkUInt8), out_dir / paths[key])
+            write_image(
+                _to_image(label_map, rendered.spacing, rendered.origin, sitk.sitkUInt8), out_dir / paths[key]
+            )
         rows.append(
             {
                 "case_id": cid,
@@ -173,13 +178,17 @@ def generate_cohort(
             "note": "latents | label ~ N(mean_label, covariance); size and scanner independent of label",
         },
         "bayes_auc": bayes_auc(),
+        "bayes_auc_method": "exact: Phi(mahalanobis_distance / sqrt(2)) for Gaussian latents with a shared covariance",
         "single_latent_auc": single_latent_auc(),
         "realised_llr_auc": empirical_auc(llr, labels),
         "dice_annotator_mean": float(np.mean([c["dice_annotator"] for c in cases])),
         "lesion_volume_ml_median": float(np.median([c["lesion_volume_ml"] for c in cases])),
     }
     write_json(out_dir / COHORT_JSON, _round({**summary, "cases": cases}))
-    log.info(
+    # plain read permissions (temporary files and folders are created private)
+    (out_dir / COHORT_JSON).chmod(0o644)
+    out_dir.chmod(0o755)
+    log.debug(
         "wrote %d cases (%d positive) to %s; Bayes AUC %.3f, realised LLR AUC %.3f",
         n_cases,
         n_positive,

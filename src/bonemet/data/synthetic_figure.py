@@ -34,7 +34,9 @@ def plot_cohort_cases(
     if case_ids is None:
         ones = [c.case_id for c in cases if c.label == 1]
         zeros = [c.case_id for c in cases if c.label == 0]
-        case_ids = [cid for pair in zip(ones, zeros, strict=False) for cid in pair][:n] or [c.case_id for c in cases[:n]]
+        case_ids = [cid for pair in zip(ones, zeros, strict=False) for cid in pair][:n] or [
+            c.case_id for c in cases[:n]
+        ]
     unknown = [cid for cid in case_ids if cid not in by_id]
     if unknown:
         raise ValueError(f"{cohort_dir}: case id(s) {', '.join(unknown)} not in the manifest")
@@ -47,7 +49,9 @@ def plot_cohort_cases(
         mask = sitk.GetArrayFromImage(read_mask(case.manual_mask, mask_label, case_id=cid)).astype(bool)
         annot = None
         if case.annotator_mask is not None and case.annotator_mask.exists():
-            annot = sitk.GetArrayFromImage(read_mask(case.annotator_mask, mask_label, case_id=cid)).astype(bool)
+            annot = sitk.GetArrayFromImage(read_mask(case.annotator_mask, mask_label, case_id=cid)).astype(
+                bool
+            )
         sx, sy, sz = image.GetSpacing()
         zz, yy, xx = np.nonzero(mask) if mask.any() else [np.array([s // 2]) for s in mask.shape]
         k, j = int(np.median(zz)), int(np.median(xx))
@@ -61,7 +65,14 @@ def plot_cohort_cases(
         ax.axis("off")
         ax = axes[row, 1]
         sag = arr[:, :, j]
-        ax.imshow(sag, cmap="gray", vmin=DISPLAY_WINDOW_HU[0], vmax=DISPLAY_WINDOW_HU[1], aspect=sz / sy, origin="lower")
+        ax.imshow(
+            sag,
+            cmap="gray",
+            vmin=DISPLAY_WINDOW_HU[0],
+            vmax=DISPLAY_WINDOW_HU[1],
+            aspect=sz / sy,
+            origin="lower",
+        )
         if mask[:, :, j].any():
             ax.contour(mask[:, :, j], levels=[0.5], colors="red", linewidths=0.8, origin="lower")
         ax.set_title(f"sagittal x={j} (spacing {sx:.2f}x{sy:.2f}x{sz:.2f} mm)", fontsize=9)

@@ -131,7 +131,8 @@ def single_latent_auc() -> dict[str, float]:
     """Exact AUC of each latent used alone (oriented towards label 1)."""
     mu0, mu1, cov = _moments()
     return {
-        name: _normal_cdf(abs(mu1[i] - mu0[i]) / math.sqrt(2.0 * cov[i, i])) for i, name in enumerate(LATENT_NAMES)
+        name: _normal_cdf(abs(mu1[i] - mu0[i]) / math.sqrt(2.0 * cov[i, i]))
+        for i, name in enumerate(LATENT_NAMES)
     }
 
 
@@ -149,7 +150,9 @@ def empirical_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels).astype(bool)
     pos, neg = scores[labels], scores[~labels]
     if len(pos) == 0 or len(neg) == 0:
-        raise SyntheticParamsError(f"AUC needs both classes; found {len(pos)} positive and {len(neg)} negative")
+        raise SyntheticParamsError(
+            f"AUC needs both classes; found {len(pos)} positive and {len(neg)} negative"
+        )
     order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
     ranks = np.empty(len(order), dtype=float)
     ranks[order] = np.arange(1, len(order) + 1)

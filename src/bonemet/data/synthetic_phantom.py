@@ -20,6 +20,11 @@ The scanner is simulated by rendering at <= 1 mm along z and averaging into slic
 case's thickness (slice profile), an in-plane Gaussian point-spread function, additive
 noise and a small HU offset. The "manual" mask is the set of voxels at least half covered by
 the lesion; the "annotator" mask moves that boundary by a smooth random field of ~1 mm.
+
+Determinism across machines: geometry, transcendental functions (power, exp, tanh) and
+reductions are computed in float64, so that CPU-specific SIMD code paths (whose results can
+differ in the last bits) cannot flip a voxel of the int16 output; float32 is used only for
+arrays built from exact operations.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ IRREGULARITY_GAIN = 1.2
 LOBES = 14
 LOBE_CONCENTRATION = 5.0
 LESION_MARGIN_MM = 1.0  # keep the nominal sphere this far inside the trabecular compartment
+LESION_RIM_MM = 1.5  # trabecular rim kept between lesion and cortex (a blastic lesion never fuses with it)
 
 # Annotator boundary perturbation (mm).
 ANNOTATOR_FIELD_SD_MM = 0.9
@@ -122,7 +128,7 @@ def _superellipse(x, y, cx, cy, ax, ay_neg, ay_pos=None, p=2.0):
 def _unit_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox) -> np.ndarray:
     """Gaussian-smoothed white noise scaled to unit sd (float32)."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="reflect")
-    sd = float(field.std())
+    sd = float(field.std(dtype=np.float64))
     return field / (sd if sd > 0 else 1.0)
 
 
@@ -160,20 +166,22 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     s = p.anatomy_scale
 
     # Image-frame coordinates (mm, centred), then the anatomy frame (rotate, shift).
-    xi = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) * sx
-    yi = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) * sy
+    xi = (np.arange(nx, dtype=np.float64) - (nx - 1) / 2) * sx
+    yi = (np.arange(ny, dtype=np.float64) - (ny - 1) / 2) * sy
     zc = (np.arange(nz, dtype=np.float64) - (nz - 1) / 2) * sz
-    zf = (zc[:, None] + (np.arange(n_sub) + 0.5) * dz - sz / 2).reshape(-1).astype(np.float32)
+    zf = (zc[:, None] + (np.arange(n_sub) + 0.5) * dz - sz / 2).reshape(-1)
     theta = math.radians(p.rotation_deg)
     cos_t, sin_t = math.cos(theta), math.sin(theta)
     X, Y = np.meshgrid(xi - p.shift_mm[0], yi - p.shift_mm[1], indexing="xy")
-    xa = (cos_t * X + sin_t * Y).astype(np.float32)
-    ya = (-sin_t * X + cos_t * Y).astype(np.float32)
+    xa = cos_t * X + sin_t * Y
+    ya = -sin_t * X + cos_t * Y
 
     # --- in-plane soft tissue (2D, extruded along z) ---
     tissue = np.full((ny, nx), FAT_HU, dtype=np.float32)
     for side in (-1, 1):
-        tissue[_superellipse(xa, ya, side * 34 * s, BODY_CENTRE_Y * s + 2 * s, 9 * s, 12 * s)[0] <= 0] = MUSCLE_HU
+        tissue[_superellipse(xa, ya, side * 34 * s, BODY_CENTRE_Y * s + 2 * s, 9 * s, 12 * s)[0] <= 0] = (
+            MUSCLE_HU
+        )
         tissue[_superellipse(xa, ya, side * 18 * s, 30 * s, 12 * s, 11 * s)[0] <= 0] = MUSCLE_HU
     tissue[_superellipse(xa, ya, 10 * s, -38 * s, 10 * s, 10 * s)[0] <= 0] = BLOOD_HU
     tissue[_superellipse(xa, ya, -13 * s, -40 * s, 7 * s, 6 * s)[0] <= 0] = BLOOD_HU - 2
@@ -182,7 +190,12 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     tissue[_superellipse(xa, ya, gx, -34 * s, 6 * s, 4.5 * s)[0] <= 0] = AIR_HU
 
     # vertebral body cross-section, disc outline, canal
-    bw, ba, bp, byc = BODY_HALF_WIDTH * s, BODY_HALF_DEPTH_ANT * s, BODY_HALF_DEPTH_POST * s, BODY_CENTRE_Y * s
+    bw, ba, bp, byc = (
+        BODY_HALF_WIDTH * s,
+        BODY_HALF_DEPTH_ANT * s,
+        BODY_HALF_DEPTH_POST * s,
+        BODY_CENTRE_Y * s,
+    )
     rho_xy, q_xy = _superellipse(xa, ya, 0.0, byc, bw, ba, bp, p=2.4)
     disc_hu = np.where(rho_xy < -6 * s, DISC_NUCLEUS_HU, DISC_ANNULUS_HU).astype(np.float32)
     tissue = np.where(rho_xy <= 0.5, disc_hu, tissue)
@@ -190,8 +203,7 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     tissue[_superellipse(xa, ya, 0.0, canal_y, 10 * s, 7.5 * s)[0] <= 0] = CANAL_HU
 
     # posterior elements (2D parts; z-extent per vertebra below)
-    post_xy = _posterior_elements(xa, ya, s, canal_y, with_transverse=False)
-    trans_xy = _posterior_elements(xa, ya, s, canal_y, with_transverse=True)
+    posterior_parts = _posterior_elements(xa, ya, s, canal_y)
 
     # --- 3D bone at the fine z resolution ---
     hu = np.broadcast_to(tissue, (len(zf), ny, nx)).copy()
@@ -203,16 +215,14 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     rho_post = None
     for k in (-1, 0, 1):
         zk = z0 + k * period
-        rz = (np.abs(zf - zk)[:, None, None] - half_h[None]).astype(np.float32)
+        rz = np.abs(zf - zk)[:, None, None] - half_h[None]
         rk = np.maximum(rho_xy[None], rz)
         rho_body = rk if rho_body is None else np.minimum(rho_body, rk)
         if k == 0:
             rho_body0 = rk
-        dzp = np.abs(zf - zk - 1.0 * s)[:, None, None]
-        rp = np.maximum(post_xy[None], (dzp - 12.0 * s).astype(np.float32))
-        rt = np.maximum(trans_xy[None], (dzp - 4.5 * s).astype(np.float32))
-        rp = np.minimum(rp, rt)
-        rho_post = rp if rho_post is None else np.minimum(rho_post, rp)
+        for rho_part, z_centre, z_half in posterior_parts:
+            rp = np.maximum(rho_part[None], (np.abs(zf - zk - z_centre) - z_half)[:, None, None])
+            rho_post = rp if rho_post is None else np.minimum(rho_post, rp)
 
     # trabecular texture on the bodies' bounding box
     bone = rho_body <= 0
@@ -222,8 +232,8 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     sig_hi = [TRABECULAR_SIGMAS_MM[1] / d for d in (dz, sy, sx)]
     white = rng.standard_normal((len(zf), y1 - y0, x1 - x0)).astype(np.float32)
     band = ndimage.gaussian_filter(white, sig_lo) - ndimage.gaussian_filter(white, sig_hi)
-    band = np.tanh(1.3 * band / max(float(band.std()), 1e-6))
-    band /= max(float(band.std()), 1e-6)
+    band64 = np.tanh(1.3 * band.astype(np.float64) / max(float(band.std(dtype=np.float64)), 1e-6))
+    band = (band64 / max(float(band64.std()), 1e-6)).astype(np.float32)
     trab = np.full(hu.shape, p.trabecular_mean_hu, dtype=np.float32)
     trab[:, y0:y1, x0:x1] += p.trabecular_texture_sd_hu * band
     hu = np.where(bone, np.where(rho_body > -CORTEX_MM, p.cortical_hu, trab), hu)
@@ -232,10 +242,12 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     hu = np.where(post, np.where(rho_post > -POSTERIOR_CORTEX_MM, 0.9 * p.cortical_hu, post_interior), hu)
 
     # --- lesion in the middle body ---
-    occupancy, lesion_info = _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, (dz, sy, sx), rho_body0, s, byc, bw, ba, bp)
+    occupancy, lesion_info = _paint_lesion(
+        p, rng, hu, xa, ya, zf, n_sub, (dz, sy, sx), rho_body0, s, byc, bw, ba, bp
+    )
 
     # --- scanner: slice profile, PSF, noise, offset ---
-    image = hu.reshape(nz, n_sub, ny, nx).mean(axis=1)
+    image = hu.reshape(nz, n_sub, ny, nx).mean(axis=1, dtype=np.float64)
     manual = occupancy.reshape(nz, n_sub, ny, nx).mean(axis=1) >= 0.5
     if not manual.any():  # a lesion thinner than half a slice: keep its most covered voxel
         occ = occupancy.reshape(nz, n_sub, ny, nx).mean(axis=1)
@@ -264,23 +276,35 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     return RenderedCase(image, manual, annotator, (sx, sy, sz), origin, summary)
 
 
-def _posterior_elements(xa, ya, s, canal_y, with_transverse: bool) -> np.ndarray:
-    """Signed distance (mm) to the posterior arch in-plane; transverse processes alone if asked."""
-    if with_transverse:
-        return np.minimum(
-            _superellipse(xa, ya, -27 * s, canal_y - 3 * s, 12 * s, 3.5 * s, p=3)[0],
-            _superellipse(xa, ya, 27 * s, canal_y - 3 * s, 12 * s, 3.5 * s, p=3)[0],
-        ).astype(np.float32)
-    parts = []
-    for side in (-1, 1):
-        parts.append(_superellipse(xa, ya, side * 14 * s, canal_y - 2 * s, 3.5 * s, 7 * s, p=4)[0])  # pedicle
-        parts.append(_superellipse(xa, ya, side * 16 * s, canal_y + 8 * s, 4.5 * s, 4.5 * s)[0])  # facet
+def _posterior_elements(xa, ya, s, canal_y) -> list[tuple[np.ndarray, float, float]]:
+    """The posterior arch as ``(in-plane signed distance mm, z centre mm, z half-extent mm)`` parts.
+
+    z is relative to the vertebral body's centre: pedicles and transverse processes sit at
+    its upper half, the spinous process lower; the articular pillars span the whole level.
+    """
+    pedicles = np.minimum(
+        _superellipse(xa, ya, -14 * s, canal_y - 2 * s, 3.5 * s, 7 * s, p=4)[0],
+        _superellipse(xa, ya, 14 * s, canal_y - 2 * s, 3.5 * s, 7 * s, p=4)[0],
+    )
+    facets = np.minimum(
+        _superellipse(xa, ya, -16 * s, canal_y + 8 * s, 4.5 * s, 4.5 * s)[0],
+        _superellipse(xa, ya, 16 * s, canal_y + 8 * s, 4.5 * s, 4.5 * s)[0],
+    )
     outer = _superellipse(xa, ya, 0.0, canal_y, 17 * s, 13 * s)[0]
     inner = _superellipse(xa, ya, 0.0, canal_y, 11.5 * s, 8.5 * s)[0]
     lamina = np.maximum(np.maximum(outer, -inner), canal_y + 2 * s - ya)
-    parts.append(lamina)
-    parts.append(_superellipse(xa, ya, 0.0, canal_y + 20 * s, 3 * s, 12 * s, p=4)[0])  # spinous
-    return np.minimum.reduce(parts).astype(np.float32)
+    spinous = _superellipse(xa, ya, 0.0, canal_y + 20 * s, 3 * s, 12 * s, p=4)[0]
+    transverse = np.minimum(
+        _superellipse(xa, ya, -27 * s, canal_y - 3 * s, 12 * s, 3.5 * s, p=3)[0],
+        _superellipse(xa, ya, 27 * s, canal_y - 3 * s, 12 * s, 3.5 * s, p=3)[0],
+    )
+    return [
+        (pedicles, 3 * s, 8 * s),
+        (facets, 0.0, 13 * s),
+        (lamina, -1 * s, 11 * s),
+        (spinous, -5 * s, 8 * s),
+        (transverse, 3 * s, 4.5 * s),
+    ]
 
 
 def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc, bw, ba, bp):
@@ -318,14 +342,18 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc
     u = np.stack([bx, by, bz], axis=-1).reshape(-1, 3) / np.maximum(dist.reshape(-1, 1), 1e-6)
     lobe = np.clip(lobes(u).reshape(dist.shape), -2.5, 2.5)
     boundary = r * np.maximum(1.0 + amp * lobe, 0.4)
-    inside = (dist <= boundary) & (rho_body0[box] <= -CORTEX_MM)
+    inside = (dist <= boundary) & (rho_body0[box] <= -(CORTEX_MM + LESION_RIM_MM))
     mean = lesion_mean_hu(p.density, p.trabecular_mean_hu)
     tex_sd = lesion_texture_sd_hu(p.heterogeneity)
     # the texture lives on the output slices (constant within a slice's sub-slices) so that the
     # slice profile does not wash it out: its sd stays a direct image of the heterogeneity latent
     k0, k1 = iz0 // n_sub, (iz1 - 1) // n_sub + 1
     slice_mm = dz * n_sub
-    sigma = [max(LESION_TEXTURE_SIGMA_MM / slice_mm, 0.5), LESION_TEXTURE_SIGMA_MM / sy, LESION_TEXTURE_SIGMA_MM / sx]
+    sigma = [
+        max(LESION_TEXTURE_SIGMA_MM / slice_mm, 0.5),
+        LESION_TEXTURE_SIGMA_MM / sy,
+        LESION_TEXTURE_SIGMA_MM / sx,
+    ]
     coarse = _unit_field(rng, (k1 - k0, dist.shape[1], dist.shape[2]), sigma)
     texture = np.repeat(coarse, n_sub, axis=0)[iz0 - k0 * n_sub : iz1 - k0 * n_sub]
     values = mean + tex_sd * texture

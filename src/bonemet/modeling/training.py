@@ -312,7 +312,7 @@ def run_training(
     ``splits``: the ``data/splits.json`` dict (train, test, train_folds).
     ``train_params`` keys: models, n_trials ({model: n} or int; ``default`` key allowed),
     inner_folds, pruner_startup_trials, search_space {model: {hp: spec}}, fixed_params {model: {}},
-    log_models, log_figures (bool). ``evaluate_params``: threshold, alpha, n_bootstrap, auc_ci,
+    log_models, log_figures, write_figures (bool). ``evaluate_params``: threshold, alpha, n_bootstrap, auc_ci,
     calibration_bins, calibration_strategy, dca_thresholds, figure_dpi, decimals.
     Writes ``out_dir/<model>.skops``, ``out_dir/selected_features.json``, ``out_dir/index.json``,
     ``metrics_dir/cv_auc.json``, ``metrics_dir/table1.json`` (+ ``table1.md``), figures and CSVs
@@ -348,6 +348,7 @@ def run_training(
     startup = int(train_params.get("pruner_startup_trials", 5))
     log_models = bool(train_params.get("log_models", True))
     log_figures = bool(train_params.get("log_figures", True))
+    write_figures = bool(train_params.get("write_figures", True))
 
     def n_trials_for(model: str) -> int:
         if isinstance(n_trials_cfg, Mapping):
@@ -365,16 +366,18 @@ def run_training(
                             "n_test": len(test_ids), "n_features": len(primary_cols), "select": dict(select_params),
                             "inner_folds": inner_folds, "outer_folds": len(outer)})
         log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(outer))
-        t_sel = time.perf_counter()
+        t_sel, c_sel = time.perf_counter(), time.process_time()
         inner = precompute_folds(X_train, y_train, _inner_splits(y_train, inner_folds, seed), select_params, seed)
         outer_folds: list[FoldData] = precompute_folds(X_train, y_train, outer, select_params, seed)
         selection_s = time.perf_counter() - t_sel
-        log.info("selection precomputed for %d folds in %.1f s", len(inner) + len(outer_folds), selection_s)
-        tracker.log_metrics({"time_selection_s": selection_s})
+        selection_cpu_s = time.process_time() - c_sel
+        log.info("selection precomputed for %d folds in %.1f s (CPU %.1f s)", len(inner) + len(outer_folds),
+                 selection_s, selection_cpu_s)
+        tracker.log_metrics({"time_selection_s": selection_s, "time_selection_cpu_s": selection_cpu_s})
 
         for model in progress(models, desc="models", unit="model"):
             with tracker.run(model, tags={"model": model}, nested=True):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 tuned = tune_model(model, inner, spaces.get(model, {}), n_trials_for(model), seed,
                                    fixed_params=fixed_all.get(model), pruner_startup_trials=startup, tracker=tracker)
                 t1 = time.perf_counter()
@@ -408,6 +411,7 @@ def run_training(
                 if log_models:
                     _log_model(tracker, pipeline, X_test[primary_cols].head(5).astype(np.float64))
                 res.seconds["total_s"] = time.perf_counter() - t0
+                res.seconds["total_cpu_s"] = time.process_time() - c0
                 tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
                 log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean, res.cv_auc_sd,
                          m_test["auc"], ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()))
@@ -435,7 +439,9 @@ def run_training(
         with atomic_path(metrics_dir / "delong_test.md") as tmp:
             tmp.write_text(delong_comparison_markdown(delong))
         y_sets = {"train": y_train, "test": y_test}
-        figures = _figures(results, y_sets, plots_dir, results[best].pipeline.named_steps["lasso"], evaluate_params)
+        figures: list[Path] = []
+        if write_figures:
+            figures = _figures(results, y_sets, plots_dir, results[best].pipeline.named_steps["lasso"], evaluate_params)
         tracker.set_tags({"best_model": best})
         tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
                                      "best_test_auc": results[best].test_metrics["auc"],

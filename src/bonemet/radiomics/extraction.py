@@ -31,7 +31,6 @@ from bonemet.utils import atomic_path, file_md5, progress
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("case_id", "label")
 CACHE_FORMAT = 1  # bump when the cache entry layout changes
 
 
@@ -122,6 +121,7 @@ _CHATTY_LOGGERS = ("radiomics", "pykwalify")
 @contextlib.contextmanager
 def _quiet_radiomics() -> Iterator[None]:
     """Silence PyRadiomics' and its schema validator's loggers for the duration."""
+    import radiomics  # noqa: F401  - its import sets its logger's level: import first, then override
     loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
     previous = [lg.level for lg in loggers]
     for lg in loggers:
@@ -253,9 +253,12 @@ def _peak_rss_mib() -> float:
 
 
 def resolve_n_jobs(n_jobs: int) -> int:
-    """-1 means all cores; otherwise at least 1."""
+    """-1 means all cores this process may run on; otherwise at least 1."""
     if n_jobs is None or n_jobs < 0:
-        return max(1, os.cpu_count() or 1)
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
     return max(1, int(n_jobs))
 
 
@@ -406,11 +409,11 @@ def plain_pyradiomics(cases: Sequence[CaseInput | tuple], settings: Mapping[str,
     from radiomics import featureextractor
 
     params = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
-    with _quiet_radiomics():
-        extractor = featureextractor.RadiomicsFeatureExtractor(params)
     out = []
-    for case in cases:
-        image, mask = (case.image, case.mask) if isinstance(case, CaseInput) else (case[2], case[3])
-        result = extractor.execute(str(image), str(mask))
-        out.append({k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")})
+    with _quiet_radiomics():  # same logging as ours: no INFO chatter
+        extractor = featureextractor.RadiomicsFeatureExtractor(params)
+        for case in cases:
+            image, mask = (case.image, case.mask) if isinstance(case, CaseInput) else (case[2], case[3])
+            result = extractor.execute(str(image), str(mask))
+            out.append({k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")})
     return out

@@ -67,6 +67,7 @@ class TrainConfig:
     intensity_scale: float = 0.1
     overlap: float = 0.25
     sw_batch_size: int = 4
+    val_mode: str = "full"         # full: sliding window over whole volumes | crops: one lesion-centred roi crop per case
     grad_clip: float | None = 12.0
     device: str = "auto"           # auto | cpu | cuda
     amp: bool = True               # autocast on CUDA only
@@ -89,6 +90,8 @@ class TrainConfig:
             raise TrainingConfigError(f"lr_schedule must be poly, cosine or constant; found '{self.lr_schedule}'")
         if self.patience < 1:
             raise TrainingConfigError(f"patience must be >= 1; found {self.patience}")
+        if self.val_mode not in {"full", "crops"}:
+            raise TrainingConfigError(f"val_mode must be full or crops; found '{self.val_mode}'")
         if not 0.0 <= self.overlap < 1.0:
             raise TrainingConfigError(f"overlap must be in [0, 1); found {self.overlap}")
 
@@ -173,11 +176,20 @@ def make_loss(config: TrainConfig):
 
 
 def evaluate(model: Any, items: Sequence[Mapping[str, Any]], config: TrainConfig, loss_fn: Any, device: Any) -> tuple[float, float]:
-    """Mean validation loss and mean Dice over whole volumes (sliding-window inference)."""
+    """Mean validation loss and mean Dice per case.
+
+    ``config.val_mode`` "full": sliding-window inference over whole volumes (what the
+    out-of-fold prediction does); "crops": one lesion-centred ``roi_size`` crop per case (a
+    cheap proxy for CPU budgets).
+    """
     import torch
+
+    from bonemet.segmentation.data import lesion_centred_crop
 
     losses, dices = [], []
     for item in items:
+        if config.val_mode == "crops":
+            item = lesion_centred_crop(item, config.roi_size)
         logits = sliding_window_logits(
             model, item["image"], config.roi_size, config.overlap, config.sw_batch_size, device
         )

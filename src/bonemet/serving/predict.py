@@ -223,6 +223,7 @@ def load_inputs(
                 f"case '{case_id}': mask {mask_path} is not on the grid of the CT {image_path}: mask {reason} "
                 "(expected the CT's size, spacing, origin and direction)"
             )
+        mask.CopyInformation(image)  # within tolerance: the CT's exact geometry from here on
         _require_lesion(mask, case_id, f"the mask {mask_path} has no voxel with label {mask_label}")
         inputs.mask_path, inputs.mask = mask_path, mask
     inputs.seconds["read"] = time.perf_counter() - start

@@ -17,16 +17,24 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output cohort folder (must be missing or empty unless --force)")
-    parser.add_argument("--n", type=int, default=None, help="number of cases (default: params data.synthetic.n_cases)")
+    parser.add_argument(
+        "--n", type=int, default=None, help="number of cases (default: params data.synthetic.n_cases)"
+    )
     parser.add_argument(
         "--n-positive",
         type=int,
         default=None,
         help="label-1 cases (default: params data.synthetic.n_positive, scaled to --n when --n is given)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="cohort seed (default: params data.synthetic.seed)")
-    parser.add_argument("--small", action="store_true", help="tiny volumes (~32^3 voxels, coarse spacing) for tests")
-    parser.add_argument("--figure", default=None, metavar="PATH", help="also write a PNG of a few cases to PATH")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="cohort seed (default: params data.synthetic.seed)"
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="tiny volumes (~32^3 voxels, coarse spacing) for tests"
+    )
+    parser.add_argument(
+        "--figure", default=None, metavar="PATH", help="also write a PNG of a few cases to PATH"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -52,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     params = params_from(args)
     n_cases, n_positive = resolve_counts(
-        args.n, args.n_positive, int(get(params, "data.synthetic.n_cases")), int(get(params, "data.synthetic.n_positive"))
+        args.n,
+        args.n_positive,
+        int(get(params, "data.synthetic.n_cases")),
+        int(get(params, "data.synthetic.n_positive")),
     )
     seed = int(get(params, "data.synthetic.seed")) if args.seed is None else args.seed
     mask_label = int(get(params, "data.mask_label", 1))
@@ -75,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
     except SyntheticParamsError as exc:
         log.error("%s", exc)
         return 1
+    log.info(
+        "wrote %d cases (%d positive, seed %d) to %s; Bayes AUC %.3f",
+        n_cases,
+        n_positive,
+        seed,
+        out,
+        summary["bayes_auc"],
+    )
     if args.figure:
         plot_cases(out, None, args.figure)
     print(json.dumps({"out": str(out), **summary}, indent=2, sort_keys=True))

@@ -86,6 +86,32 @@ def load_classifier(name: str, alias: str) -> RegisteredClassifier:
     return RegisteredClassifier(model, name, version, feature_names, None if threshold is None else float(threshold))
 
 
+def _evaluable(network: Any) -> Any:
+    """The network in eval mode; a ``pt2`` (torch.export) module, which refuses ``eval()``, is wrapped.
+
+    ``mlflow.pytorch`` logs ``pt2`` by default; the sliding-window inference calls
+    ``model.eval()``, which an exported GraphModule answers with an error. The wrapper keeps it
+    out of the module tree so that ``eval()`` reaches only the wrapper.
+    """
+    import torch
+
+    try:
+        network.eval()
+        return network
+    except (NotImplementedError, RuntimeError):
+        pass
+
+    class ExportedNetwork(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self._inner = (inner,)  # a tuple: not a registered child, so eval() stays here
+
+        def forward(self, x):
+            return self._inner[0](x)
+
+    return ExportedNetwork(network).eval()
+
+
 def load_segmenter(name: str, alias: str, device: str = "cpu") -> tuple[Any, dict[str, Any], str]:
     """Load the segmentation network ``name@alias`` (pytorch flavour) onto ``device``.
 
@@ -104,6 +130,6 @@ def load_segmenter(name: str, alias: str, device: str = "cpu") -> tuple[Any, dic
         metadata = dict(mlflow.models.get_model_info(uri).metadata or {})
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
-    network.eval()
+    network = _evaluable(network)
     log.info("segmenter %s version %s (alias '%s') on %s", name, version, alias, device)
     return network, metadata, version
