@@ -34,6 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# benchmarks/ holds radiomics.py: drop this folder from the import path so that `radiomics`
+# means PyRadiomics.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 log = logging.getLogger("benchmarks.predict")
 
 

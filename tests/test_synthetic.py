@@ -183,6 +183,7 @@ def test_bad_arguments_are_refused(tmp_path, small_cohort):
         generate_cohort(tmp_path / "a", n_cases=4, n_positive=4, size="small")
     with pytest.raises(SyntheticParamsError, match="size"):
         generate_cohort(tmp_path / "b", n_cases=4, n_positive=2, size="huge")
+    assert not (tmp_path / "b").exists()
     out, _ = small_cohort
     with pytest.raises(CohortExistsError, match="not empty"):
         generate_cohort(out, n_cases=4, n_positive=2, size="small")

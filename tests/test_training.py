@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -160,3 +161,34 @@ def test_stage_falls_back_to_annotator_features_when_auto_is_missing(tmp_path, c
     (tmp_path / "annotator.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="auto.parquet"):
         _read_tables(tmp_path, "auto")
+
+
+def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
+    import yaml
+
+    from bonemet.cli import main
+    from bonemet.config import deep_merge, load_params
+
+    primary, paired, splits = _tables()
+    (tmp_path / "data" / "features").mkdir(parents=True)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    primary.to_parquet(tmp_path / "data" / "features" / "auto.parquet")
+    paired.to_parquet(tmp_path / "data" / "features" / "manual.parquet")
+    (tmp_path / "data" / "splits.json").write_text(json.dumps(splits))
+    (tmp_path / "data" / "raw" / "cohort.json").write_text(json.dumps({"bayes_auc": 0.88}))
+    params = deep_merge(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), {
+        "split": {"out": "data/splits.json"},
+        "data": {"cohort_dir": "data/raw"},
+        "select": SELECT,
+        "train": {**TRAIN, "models": ["logreg", "knn"], "n_trials": 1, "log_models": False},
+        "evaluate": EVALUATE,
+    })
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-mlflow"]) == 0
+    table1 = json.loads((tmp_path / "metrics" / "table1.json").read_text())
+    assert set(table1["models"]) == {"logreg", "knn"}
+    assert table1["bayes_optimal"]["auc"] == 0.88
+    assert (tmp_path / "metrics" / "cv_auc.json").is_file()
+    assert (tmp_path / "models" / "selected_features.json").is_file()
+    assert (tmp_path / "models" / "logreg.skops").is_file()

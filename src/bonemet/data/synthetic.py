@@ -120,6 +120,8 @@ def generate_cohort(
         CohortExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
     check_counts(n_cases, n_positive)
+    if size not in ("full", "small"):
+        raise SyntheticParamsError(f"size must be 'full' or 'small'; found {size!r}")
     if not 1 <= int(mask_label) <= 255:
         raise SyntheticParamsError(f"mask_label must be in 1..255 (uint8 label map); found {mask_label}")
     out_dir = Path(out_dir)

@@ -14,7 +14,9 @@ posterior, z superior, LPS-like), rotated and shifted per case:
 * one lesion inside the middle vertebral body: a sphere of radius r whose boundary is
   perturbed by lobes (margin irregularity), filled with a mean HU set by the density latent
   (lytic: below the bone; blastic: above it; never equal) plus a smooth internal texture
-  whose amplitude is set by the heterogeneity latent.
+  whose amplitude is set by the heterogeneity latent (clipped so that no lesion voxel reaches
+  the bone's mean HU: the lesion stays segmentable). A 1.5 mm trabecular rim separates the
+  lesion from the cortex; lesions larger than the body are cut to its trabecular compartment.
 
 The scanner is simulated by rendering at <= 1 mm along z and averaging into slices of the
 case's thickness (slice profile), an in-plane Gaussian point-spread function, additive

@@ -430,11 +430,14 @@ class MISSU(nn.Module):
         tokens = self.transformer(tokens)
         h = tokens.transpose(1, 2).reshape(b, e, *grid)
 
-        # Decoder, coarsest first; keep per-scale features for the distillation.
-        decoded = [self.decoder_in(h)]
+        # Decoder, coarsest first; in training keep the per-scale features (the students).
+        h = self.decoder_in(h)
+        decoded = [h]
         for up, skip in zip(self.up_steps, reversed(skips[:-1]), strict=True):
-            decoded.append(up(decoded[-1], skip))
-        logits = self.head(decoded[-1])
+            h = up(h, skip)
+            if self.training:
+                decoded.append(h)
+        logits = self.head(h)
 
         if not self.training:
             return logits

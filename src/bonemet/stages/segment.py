@@ -191,7 +191,8 @@ def _log_final_model(seg, params, name, net_kwargs, config, result, tracker, par
     }
     tracker.log_dict(metadata, "model_metadata.json")
     tracker.log_model(result.best_model.eval(), name="model", flavor="pytorch",
-                      pip_requirements=MODEL_REQUIREMENTS, metadata=metadata)
+                      pip_requirements=MODEL_REQUIREMENTS, metadata=metadata,
+                      serialization_format="pickle")  # pt2 (torch.export) would need a traced example
     if not register or parent_id is None:
         return
     from bonemet.tracking.mlflow_backend import register_model, set_alias
