@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
     parser.add_argument("--matrix", type=int, default=512, help="in-plane matrix of the padded 'clinical' CTs")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None, help="segment profile (default: params segment.profile)")
     parser.add_argument("--seed", type=int, default=20240638)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -173,14 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     from bonemet.segmentation.networks import build_network
     from bonemet.serving.predict import MissuSegmenter, predict_case
     from bonemet.stages.predict import segmentation_fallback
+    from bonemet.stages.segment import resolve_params
 
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     params = load_params(args.params)
     settings = _settings(params)
-    fallback = segmentation_fallback(params)
-    roi = tuple(fallback["roi_size"] or (64, 64, 64))
-    network = build_network("missu", in_channels=1, out_channels=2, roi_size=roi).eval()
+    fallback = segmentation_fallback(params, args.profile)
+    seg = resolve_params(params, args.profile)
+    roi = tuple(fallback["roi_size"])
+    net_kwargs = dict((seg.get("networks") or {}).get(seg["model"], {}) or {})
+    network = build_network(seg["model"], in_channels=1, out_channels=2, roi_size=roi, **net_kwargs).eval()
     missu = MissuSegmenter(
         model=network, preprocess=fallback["preprocess"], roi_size=roi,
         overlap=float(fallback["overlap"] if fallback["overlap"] is not None else 0.25),
@@ -188,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         threshold=float(fallback["threshold"] if fallback["threshold"] is not None else 0.5),
         largest_component=True,
     )
-    results: dict = {"threads": args.threads, "roi_size": list(roi), "n_cases": args.n_cases,
+    results: dict = {"threads": args.threads, "profile": seg["profile"], "network": seg["model"],
+                     "network_kwargs": net_kwargs, "roi_size": list(roi), "overlap": missu.overlap,
+                     "sw_batch_size": missu.sw_batch_size, "n_parameters": sum(p.numel() for p in network.parameters()),
+                     "n_cases": args.n_cases,
                      "repeats": args.repeats, "settings": {k: sorted(v or {}) for k, v in settings.items()
                                                            if k != "setting"}}
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -171,7 +171,6 @@ def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, t
     case = cohort[1]
     image = _oblique(read_image(case.image))
     mask = _oblique(read_mask(case.manual_mask, 1))
-    # uncompressed: bonemet.data.io refuses gzip-encoded NRRD as truncated (see the xfail test below)
     write_image(image, tmp_path / "oblique.nrrd", compress=False)
     write_image(mask, tmp_path / "oblique_mask.nrrd", compress=False)
     given = _predict(tmp_path / "oblique.nrrd", tmp_path / "oblique_mask.nrrd", classifier=classifier)
@@ -200,8 +199,6 @@ def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, t
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again), found.astype(np.uint8))
 
 
-@pytest.mark.xfail(reason="bonemet.data.io._check_complete compares the compressed file size with the voxel "
-                   "bytes for .nrrd/.mha, so gzip-encoded NRRD/MHA files are refused as truncated", strict=False)
 def test_compressed_nrrd_input(cohort, classifier, tmp_path):
     case = cohort[1]
     write_image(read_image(case.image), tmp_path / "ct.nrrd", compress=True)

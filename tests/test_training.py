@@ -192,3 +192,20 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
     assert (tmp_path / "metrics" / "cv_auc.json").is_file()
     assert (tmp_path / "models" / "selected_features.json").is_file()
     assert (tmp_path / "models" / "logreg.skops").is_file()
+
+
+def test_logged_mlflow_model_loads_back_with_skops(tmp_path):
+    import mlflow
+
+    from bonemet.tracking.mlflow_backend import MlflowTracker
+
+    primary, paired, splits = _tables()
+    tracker = MlflowTracker("bonemet-classification", store_dir=tmp_path / "mlruns", default_tags={"data_md5": "abc"})
+    res = _run(tmp_path, primary, paired, splits, tracker=tracker, train={**TRAIN, "models": ["knn"]})
+    runs = mlflow.search_runs(experiment_names=["bonemet-classification"])
+    child = runs[runs["tags.mlflow.runName"] == "knn"].iloc[0]
+    assert child["tags.data_md5"] == "abc" and child["tags.mlflow.parentRunId"]
+    assert child["metrics.test_auc"] == pytest.approx(res.models["knn"].test_metrics["auc"])
+    loaded = mlflow.sklearn.load_model(f"runs:/{child['run_id']}/model")
+    rows = primary.drop(columns=["case_id", "label"]).iloc[:4]
+    np.testing.assert_allclose(loaded.predict_proba(rows), res.models["knn"].pipeline.predict_proba(rows))

@@ -461,10 +461,14 @@ def _none(v: Any) -> float | None:
 
 
 def _log_model(tracker: Tracker, pipeline: Any, input_example: pd.DataFrame) -> None:
-    """Log the fitted pipeline as an MLflow sklearn model (skops format, our classes trusted)."""
-    import importlib.metadata as md
+    """Log the fitted pipeline as an MLflow sklearn model (skops format, its types trusted).
 
-    import bonemet
+    The signature is inferred by MLflow from ``input_example`` and the pipeline's ``predict``
+    (labels); ``mlflow.sklearn.load_model`` gives back the pipeline with ``predict_proba``. The
+    served model (probability + label, input checks) is the pyfunc the register stage logs.
+    The ``bonemet`` package must be importable where the model is loaded (our transformers).
+    """
+    import importlib.metadata as md
 
     reqs = []
     for dist in ("scikit-learn", "xgboost", "lightgbm", "skops", "pandas", "numpy", "scipy"):
@@ -482,10 +486,8 @@ def _log_model(tracker: Tracker, pipeline: Any, input_example: pd.DataFrame) -> 
         flavor="sklearn",
         input_example=input_example,
         pip_requirements=reqs,
-        code_paths=[str(Path(bonemet.__file__).parent)],
         serialization_format="skops",
         skops_trusted_types=trusted_types(pipeline),
-        pyfunc_predict_fn="predict_proba",
     )
 
 

@@ -43,11 +43,15 @@ def radiomics_settings(params: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def segmentation_fallback(params: dict[str, Any]) -> dict[str, Any]:
-    """Inference settings from params, for a segmentation model logged without them in its metadata."""
-    from bonemet.config import get
+def segmentation_fallback(params: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+    """Inference settings from params (``segment`` with its profile merged, ``preprocess``).
 
-    seg = params.get("segment") or {}
+    Used only for keys the registered segmentation model lacks in its metadata.
+    """
+    from bonemet.config import get
+    from bonemet.stages.segment import resolve_params
+
+    seg = resolve_params(params, profile) if params.get("segment") else {}
     pre = params.get("preprocess") or {}
     crop = pre.get("crop") or {}
     preprocess = None
