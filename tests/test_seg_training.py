@@ -154,3 +154,51 @@ def test_fold_checks_and_validation_split():
         check_folds(cases, {"c0": 0, "c1": 1})
     train, val = split_validation([f"c{i}" for i in range(10)], 0.2, seed=1)
     assert len(val) == 2 and not set(train) & set(val) and len(train) == 8
+
+
+def test_segment_stage_end_to_end(tmp_path, monkeypatch):
+    """The stage with the repository's params (profile cpu), shrunk: outputs, MLflow runs, registry."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from bonemet.stages import segment
+
+    cases = _make_cohort(tmp_path, 4)
+    manifest = pd.DataFrame({
+        "case_id": [c.case_id for c in cases], "label": [i % 2 for i in range(4)],
+        "image": [c.original_image.name for c in cases], "mask": [c.original_mask.name for c in cases],
+    })
+    manifest.to_csv(tmp_path / "raw" / "manifest.csv", index=False)
+    (tmp_path / "splits.json").write_text(json.dumps({"all_folds": {c.case_id: i % 2 for i, c in enumerate(cases)}}))
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["data"]["cohort_dir"] = str(tmp_path / "raw")
+    seg = params["segment"]
+    seg.update({"preprocessed_dir": str(tmp_path / "pre"), "splits": str(tmp_path / "splits.json"),
+                "model": "unet", "roi_size": list(ROI), "num_threads": 1})
+    seg["profiles"]["cpu"].update({"roi_size": list(ROI), "train": {**seg["profiles"]["cpu"]["train"], "max_epochs": 1}})
+    seg["profiles"]["cpu"]["networks"]["unet"] = {k: list(v) for k, v in TINY_UNET.items() if k != "num_res_units"}
+    seg["profiles"]["cpu"]["networks"]["unet"]["num_res_units"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    args = argparse.Namespace(params="params.yaml", profile=None, folds=None, no_register=False)
+    assert segment.run(args) == 0
+
+    assert sorted(p.name for p in Path("data/auto_masks").glob("*.nii.gz")) == sorted(
+        f"{c.case_id}.nii.gz" for c in cases)
+    summary = json.loads(Path("metrics/segmentation.json").read_text())
+    assert summary["n_cases"] == 4 and 0.0 <= summary["dice_mean"] <= 1.0 and summary["profile"] == "cpu"
+    assert len(pd.read_csv("metrics/segmentation_cases.csv")) == 4
+    assert sorted(p.name for p in Path("plots/segmentation/curves").glob("*.csv")) == ["fold-0.csv", "fold-1.csv"]
+    assert Path("plots/segmentation/curves.png").is_file()
+
+    from bonemet.tracking.mlflow_backend import alias_version, load_model
+
+    assert alias_version("bonemet-missu", "staging") == "1"
+    model = load_model("models:/bonemet-missu@staging", flavor="pytorch")
+    import torch
+
+    assert tuple(model.eval()(torch.zeros(1, 1, *ROI)).shape) == (1, 2, *ROI)

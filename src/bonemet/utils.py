@@ -58,6 +58,10 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp/mkdtemp create private (0600/0700) paths; outputs get the usual permissions.
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():
