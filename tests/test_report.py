@@ -36,7 +36,7 @@ def test_report_embeds_metrics_tables_and_figures(tmp_path):
         context={"git commit": "abc123"},
     )
 
-    page = out.read_text()
+    page = out.read_text(encoding="utf-8")
     assert "dice.mean" in page and "0.9123" in page
     assert "<td>svm</td><td>test</td><td>0.95</td>" in page
     assert page.count("data:image/png;base64,") == 1

@@ -25,7 +25,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"params file not found: {path} (run from the repository root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ParamsError(f"params file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -155,7 +155,7 @@ def read_splits(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SplitError(f"{path}: splits file not found (run `bonemet split`)")
     try:
-        splits = json.loads(path.read_text())
+        splits = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise SplitError(f"{path}: not valid JSON ({exc})") from exc
     return validate_splits(splits, str(path))

@@ -80,7 +80,7 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically, sorted keys, 2-space indent, NaN refused."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n", encoding="utf-8")
 
 
 def _json_default(obj: Any) -> Any:

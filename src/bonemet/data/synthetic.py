@@ -211,7 +211,7 @@ def _case_record(params: CaseParams, render_summary: dict[str, Any]) -> dict[str
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     lines = [",".join(MANIFEST_COLUMNS)]
     lines += [",".join(str(row[c]) for c in MANIFEST_COLUMNS) for row in rows]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def plot_cases(cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, n: int = 4) -> Path:

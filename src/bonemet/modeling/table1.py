@@ -214,7 +214,7 @@ def write_table1(
     write_json(json_path, table1_json(df, bayes_auc, best_model))
     text = table1_markdown(df, bayes_auc, best_model, decimals=decimals, alpha=alpha)
     with atomic_path(md_path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     log.info("Table 1 written: %s, %s (%d rows)", json_path, md_path, len(df))
 
 

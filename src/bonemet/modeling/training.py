@@ -437,7 +437,7 @@ def run_training(
                      decimals=int(evaluate_params.get("decimals", 3)))
         delong = delong_comparison_table(y_test, {m: r.scores["test"] for m, r in results.items()}, best)
         with atomic_path(metrics_dir / "delong_test.md") as tmp:
-            tmp.write_text(delong_comparison_markdown(delong))
+            tmp.write_text(delong_comparison_markdown(delong), encoding="utf-8")
         y_sets = {"train": y_train, "test": y_test}
         figures: list[Path] = []
         if write_figures:

@@ -208,7 +208,7 @@ def cache_key(image: str | Path, mask: str | Path, settings: Mapping[str, Any]) 
 
 def _read_cache(path: Path) -> dict[str, float] | None:
     try:
-        entry = json.loads(path.read_text())
+        entry = json.loads(path.read_text(encoding="utf-8"))
         return dict(zip(entry["names"], (float(v) for v in entry["values"]), strict=True))
     except FileNotFoundError:
         return None
@@ -220,7 +220,7 @@ def _read_cache(path: Path) -> dict[str, float] | None:
 def _write_cache(path: Path, case_id: str, features: Mapping[str, float]) -> None:
     entry = {"case_id": case_id, "names": list(features), "values": [float(v) for v in features.values()]}
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(entry))
+        tmp.write_text(json.dumps(entry), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RadiomicsSettingsError(f"{path}: PyRadiomics settings file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise RadiomicsSettingsError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):

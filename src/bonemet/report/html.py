@@ -122,10 +122,11 @@ def build_report(
     if md_files or json_files:
         body.append("<h2>Metrics</h2>")
     for path in md_files:
-        body.append(f"<h3>{html.escape(path.name)}</h3>{markdown_table(path.read_text())}")
+        table = markdown_table(path.read_text(encoding="utf-8"))
+        body.append(f"<h3>{html.escape(path.name)}</h3>{table}")
     for path in json_files:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             log.warning("skipping %s: not valid JSON (%s)", path, exc)
             continue
@@ -144,9 +145,10 @@ def build_report(
             continue
         body.append(f"<h2>{html.escape(heading)}</h2>")
         if path.suffix == ".md":
-            body.append(markdown_table(path.read_text()))
+            body.append(markdown_table(path.read_text(encoding="utf-8")))
         else:
-            body.append(f"<pre>{html.escape(path.read_text()[:20000])}</pre>")
+            text = path.read_text(encoding="utf-8")[:20000]
+            body.append(f"<pre>{html.escape(text)}</pre>")
 
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -156,6 +158,6 @@ def build_report(
     )
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        tmp.write_text(page)
+        tmp.write_text(page, encoding="utf-8")
     log.info("report written: %s (%d KiB)", out_path, len(page) // 1024)
     return out_path

@@ -37,12 +37,12 @@ def git_commit() -> str:
 def data_md5(data_dvc: str | Path = "data.dvc", lock: str | Path = "dvc.lock") -> str:
     """The md5 DVC recorded for the raw cohort (data.dvc first, then dvc.lock), or 'unknown'."""
     try:
-        doc = yaml.safe_load(Path(data_dvc).read_text())
+        doc = yaml.safe_load(Path(data_dvc).read_text(encoding="utf-8"))
         return str(doc["outs"][0]["md5"])
     except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
         pass
     try:
-        doc = yaml.safe_load(Path(lock).read_text())
+        doc = yaml.safe_load(Path(lock).read_text(encoding="utf-8"))
         for stage in doc.get("stages", {}).values():
             for dep in stage.get("deps", []):
                 if dep.get("path", "").rstrip("/") == "data/raw":

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(get(params, "data.cohort_dir"))
     originals = {c.case_id: (c.image, c.manual_mask) for c in manifest}
     cases = load_cases(seg["preprocessed_dir"], originals)
-    splits = json.loads(Path(seg["splits"]).read_text())
+    splits = json.loads(Path(seg["splits"]).read_text(encoding="utf-8"))
     folds = {k: int(v) for k, v in splits["all_folds"].items()}
     if args.folds:
         keep = {int(f) for f in args.folds.split(",")}

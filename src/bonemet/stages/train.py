@@ -61,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"train.feature_source: expected one of {sorted(PAIRS)}, found {source!r}")
     features_dir = Path(args.features or train.get("features_dir", "data/features"))
     primary, paired, primary_name, paired_name = _read_tables(features_dir, source)
-    splits = json.loads(Path(args.splits or get(params, "split.out")).read_text())
+    splits = json.loads(Path(args.splits or get(params, "split.out")).read_text(encoding="utf-8"))
     cohort_json = Path(get(params, "data.cohort_dir")) / "cohort.json"
     bayes_auc = None
     if cohort_json.is_file():
-        bayes_auc = json.loads(cohort_json.read_text()).get("bayes_auc")
+        bayes_auc = json.loads(cohort_json.read_text(encoding="utf-8")).get("bayes_auc")
         log.info("cohort ceiling from %s: Bayes-optimal AUC %s", cohort_json, bayes_auc)
     tracker = NullTracker() if args.no_mlflow else mlflow_tracker(str(train.get("experiment", "bonemet-classification")))
     log.info("training on %s features (ICC paired with %s), %d cases x %d columns", primary_name, paired_name,

@@ -52,7 +52,7 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
         from bonemet.tracking.pyfunc import load_pipeline
 
         self.pipeline = load_pipeline(context.artifacts["pipeline"])
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        meta = json.loads(Path(context.artifacts["meta"]).read_text(encoding="utf-8"))
         self.feature_names: list[str] = meta["feature_names"]
         self.threshold: float = float(meta["threshold"])
         self.model_name: str = meta.get("model_name", "")
@@ -94,7 +94,10 @@ def log_classifier(
         meta_path = Path(tmp) / META_FILE
         dump_pipeline(pipeline, pipe_path)
         meta_path.write_text(
-            json.dumps({"feature_names": list(feature_names), "threshold": threshold, "model_name": model_name})
+            json.dumps(
+                {"feature_names": list(feature_names), "threshold": threshold, "model_name": model_name}
+            ),
+            encoding="utf-8",
         )
         example = input_example.loc[:, list(feature_names)].astype("float64")
         proba = pipeline.predict_proba(example)[:, 1]

@@ -167,7 +167,7 @@ class CohortReport:
         report_dir.mkdir(parents=True, exist_ok=True)
         write_json(report_dir / "report.json", self.to_dict())
         with atomic_path(report_dir / "report.txt") as tmp:
-            tmp.write_text(self.to_text())
+            tmp.write_text(self.to_text(), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- measurements
