@@ -44,7 +44,7 @@ def _run_variant(spec: dict[str, Any], queue: Any) -> None:
 
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.data import SegCase
-    from bonemet.segmentation.networks import build_network
+    from bonemet.segmentation.networks import build_network, count_parameters
     from bonemet.segmentation.training import TrainConfig
 
     torch.set_num_threads(spec["threads"])
@@ -72,6 +72,7 @@ def _run_variant(spec: dict[str, Any], queue: Any) -> None:
         "seconds_per_epoch": sum(f.train_seconds for f in result.folds) / max(1, sum(len(f.history) for f in result.folds)),
         "infer_seconds_per_case": sum(f.infer_seconds_per_case * f.n_test for f in result.folds) / max(1, n_test),
         "n_parameters": result.folds[0].n_parameters,
+        "n_parameters_inference": count_parameters(factory(), inference_only=True),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if torch.cuda.is_available():

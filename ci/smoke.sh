@@ -28,4 +28,8 @@ echo "== second repro must do nothing"
 "$BIN/dvc" repro | tee repro2.log
 if grep -q "Running stage" repro2.log; then echo "error: second dvc repro re-ran a stage"; exit 1; fi
 "$BIN/dvc" status
+echo "== dvc exp run -S changes one param and reruns only what depends on it"
+"$BIN/dvc" exp run -q -S split.test_size=0.4 split
+"$BIN/dvc" exp show --no-pager --csv > exp_show.csv
+grep -q "0.4" exp_show.csv || { echo "error: experiment with split.test_size=0.4 not listed"; exit 1; }
 echo "smoke run passed in $work"

@@ -184,7 +184,7 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    args = argparse.Namespace(params="params.yaml", profile=None, folds=None, no_register=False)
+    args = argparse.Namespace(params="params.yaml", profile=None, folds=None, model=None, no_register=False)
     assert segment.run(args) == 0
 
     assert sorted(p.name for p in Path("data/auto_masks").glob("*.nii.gz")) == sorted(
@@ -202,3 +202,16 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch):
     import torch
 
     assert tuple(model.eval()(torch.zeros(1, 1, *ROI)).shape) == (1, 2, *ROI)
+
+
+def test_only_folds_runs_a_subset(tmp_path):
+    cases = _make_cohort(tmp_path, 4)
+    folds = {c.case_id: i % 2 for i, c in enumerate(cases)}
+    tracker = RecordingTracker()
+    with tracker.run("segment"):
+        run_cross_validation(
+            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=1),
+            tmp_path / "auto_masks", tmp_path / "work", tracker, only_folds=[1],
+        )
+    assert sorted(p.name for p in (tmp_path / "auto_masks").glob("*.nii.gz")) == ["case-01.nii.gz", "case-03.nii.gz"]
+    assert [r["name"] for r in tracker.runs if r["parent"] == "segment"] == ["fold-1"]

@@ -129,6 +129,7 @@ def run_cross_validation(
     threshold: float = 0.5,
     largest_component: bool = True,
     fold_params: Mapping[str, Any] | None = None,
+    only_folds: Sequence[int] | None = None,
 ) -> CVResult:
     """Train one model per fold and write every case's out-of-fold mask into ``masks_dir``.
 
@@ -144,6 +145,8 @@ def run_cross_validation(
         threshold: lesion probability threshold on the original grid.
         largest_component: keep only the largest connected component of each mask.
         fold_params: extra params logged on every fold run (e.g. the network's sizes).
+        only_folds: run just these folds (debugging, benchmarks); masks are then written only
+            for their cases.
 
     Raises:
         FoldAssignmentError: cases and folds disagree.
@@ -156,6 +159,8 @@ def run_cross_validation(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     fold_ids = check_folds(cases, folds)
+    if only_folds is not None:
+        fold_ids = [f for f in fold_ids if f in {int(k) for k in only_folds}]
     by_id = {c.case_id: c for c in cases}
     log.info("loading %d preprocessed volumes", len(cases))
     volumes = {c.case_id: load_volume(c) for c in progress(cases, total=len(cases), desc="load")}
@@ -227,7 +232,8 @@ def run_cross_validation(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         written = {p.name.removesuffix(".nii.gz") for p in Path(tmp_masks).glob("*.nii.gz")}
-        missing = sorted(set(by_id) - written)
+        expected = {cid for cid in by_id if int(folds[cid]) in fold_ids}
+        missing = sorted(expected - written)
         if missing:
             raise CaseInferenceError(f"no automatic mask was written for case(s): {', '.join(missing)}")
     return CVResult(case_rows=rows, folds=results, best_fold=best_fold, best_model=best_model, best_run_id=best_run)

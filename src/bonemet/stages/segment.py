@@ -23,8 +23,9 @@ MODEL_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "SimpleITK==2.5.7", "nump
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, help="params profile (default: params segment.profile)")
-    parser.add_argument("--folds", default=None, help="comma-separated fold numbers to run (default: all; "
-                        "a partial run does not write data/auto_masks completely and is for debugging)")
+    parser.add_argument("--folds", default=None, help="comma-separated fold numbers to run (default: all); "
+                        "a partial run writes masks only for those folds' cases: for debugging and timing")
+    parser.add_argument("--model", default=None, help="network (default: params segment.model)")
     parser.add_argument("--no-register", action="store_true", help="do not register the final model")
 
 
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     seg = resolve_params(params, args.profile)
     seed = int(get(params, "seed"))
     config = train_config(seg, seed)
-    name = seg["model"]
+    name = args.model or seg["model"]
     net_kwargs = dict((seg.get("networks") or {}).get(name, {}) or {})
 
     def factory():
@@ -90,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
     cases = load_cases(seg["preprocessed_dir"], originals)
     splits = json.loads(Path(seg["splits"]).read_text(encoding="utf-8"))
     folds = {k: int(v) for k, v in splits["all_folds"].items()}
-    if args.folds:
-        keep = {int(f) for f in args.folds.split(",")}
-        cases = [c for c in cases if folds.get(c.case_id) in keep]
-        folds = {c.case_id: folds[c.case_id] for c in cases}
+    only_folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     log.info("segment: %s, profile '%s', %d cases, %d folds, roi %s, %d threads, device %s", name, seg["profile"],
              len(cases), len(set(folds.values())), config.roi_size, config.num_threads, config.device)
 
@@ -112,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             cases, folds, factory, config, seg["masks_dir"], seg["work_dir"], tracker,
             val_fraction=float(seg["val_fraction"]), threshold=float(seg["threshold"]),
             largest_component=bool(seg["largest_component"]), fold_params={"model": name, "network": net_kwargs},
+            only_folds=only_folds,
         )
         wall = time.perf_counter() - start
         table = pd.DataFrame(result.case_rows).sort_values("case_id")
