@@ -228,6 +228,10 @@ def test_unknown_network_name_lists_the_valid_ones():
         ("missu", dict(out_channels=0), "out_channels must be an integer >= 1"),
         ("missu", dict(num_layers=0), "num_layers must be an integer >= 1"),
         ("missu", dict(fusion_dilations=()), "fusion_dilations"),
+        ("missu", dict(stem_stride=3), r"stem_stride must be one of \(1, 2\); found 3"),
+        ("missu", dict(stem_stride=0), "stem_stride must be one of"),
+        ("missu", dict(stem_stride=True), "stem_stride must be one of"),
+        ("missu", dict(stem_stride=2, roi_size=(32, 32, 24)), r"divisible by 16.*\(32, 32, 24\)"),
         ("missu", dict(depth=3), r"missu: unknown argument\(s\) \['depth'\]"),
         ("unet", dict(roi_size=(20, 32, 32)), "divisible by 8"),  # tiny strides (2, 2, 2)
         ("unet", dict(out_channels=0), "out_channels must be an integer >= 1"),
@@ -252,6 +256,34 @@ def test_missu_refuses_inputs_it_cannot_take():
         net(torch.randn(1, 1, 16, 12, 16))
     with pytest.raises(NetworkInputError, match=r"\(B, 1, D, H, W\); found shape \(1, 2, 16, 16, 16\)"):
         net(torch.randn(1, 2, 16, 16, 16))
+
+
+def test_stem_stride_two_runs_level_one_at_half_size_and_returns_full_size_logits():
+    ref = _tiny("missu", (32, 32, 32))
+    net = _tiny("missu", (32, 32, 32), stem_stride=2)
+    assert ref.stem[0].stride == (1, 1, 1) and isinstance(ref.final_up, torch.nn.Identity)
+    assert net.stem[0].stride == (2, 2, 2)
+    assert tuple(net.pos_embed.shape[2:]) == (2, 2, 2)  # tokens at 1/16 of the crop
+    seen = {}
+
+    def record(module, inputs, output):
+        seen["level1"] = tuple(output.shape)
+
+    net.encoder_blocks[0].register_forward_hook(record)
+    net.train()
+    logits, distill = net(torch.randn(2, 1, 32, 32, 32))
+    assert seen["level1"][2:] == (16, 16, 16)
+    assert logits.shape == (2, 2, 32, 32, 32)
+    assert distill.item() > 0
+    (logits.sum() + distill).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 48, 32, 16))  # other multiples of 16: embedding resampled
+    assert out.shape == (1, 2, 48, 32, 16)
+    with pytest.raises(NetworkInputError, match=r"divisible by 16; found \(24, 32, 32\)"):
+        net(torch.randn(1, 1, 24, 32, 32))
+    assert input_divisor("missu", stem_stride=2) == 16
 
 
 def test_input_divisor_matches_what_each_network_needs():

@@ -9,7 +9,15 @@ import SimpleITK as sitk
 
 from bonemet.data.io import read_image, write_image
 from bonemet.segmentation.cv import FoldAssignmentError, check_folds, run_cross_validation, split_validation
-from bonemet.segmentation.data import SegCase, load_cases, load_volume
+from bonemet.segmentation.data import (
+    BG_INDICES,
+    FG_INDICES,
+    SegCase,
+    load_cases,
+    load_volume,
+    train_transforms,
+    with_crop_indices,
+)
 from bonemet.segmentation.networks import build_network
 from bonemet.segmentation.training import EarlyStopping, TrainConfig, train_model
 from bonemet.tracking.base import RecordingTracker
@@ -215,3 +223,23 @@ def test_only_folds_runs_a_subset(tmp_path):
         )
     assert sorted(p.name for p in (tmp_path / "auto_masks").glob("*.nii.gz")) == ["case-01.nii.gz", "case-03.nii.gz"]
     assert [r["name"] for r in tracker.runs if r["parent"] == "segment"] == ["fold-1"]
+
+
+def test_precomputed_crop_indices_pad_and_give_the_same_kind_of_crops():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.1, 1.0, (1, 12, 20, 20)).astype(np.float32)
+    image[:, :, :2] = 0.0  # outside the body: never a background crop centre
+    label = np.zeros_like(image)
+    label[:, 5:8, 9:12, 9:12] = 1.0
+    item = with_crop_indices({"image": image, "label": label}, ROI)
+    assert item["image"].shape == (1, 16, 20, 20) and item["label"].shape == (1, 16, 20, 20)
+    assert len(item[FG_INDICES]) == 27
+    padded = item["label"][0].ravel()
+    assert (padded[item[FG_INDICES]] == 1).all() and (padded[item[BG_INDICES]] == 0).all()
+    assert (item["image"][0].ravel()[item[BG_INDICES]] > 0).all()
+    transform = train_transforms(ROI, pos=1.0, neg=0.0, num_samples=4, seed=0, indexed=True)
+    crops = transform(dict(item))
+    assert len(crops) == 4
+    for crop in crops:
+        assert tuple(crop["image"].shape) == (1, *ROI)
+        assert float(crop["label"].sum()) > 0  # pos only: every crop holds lesion

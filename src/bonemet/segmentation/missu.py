@@ -33,6 +33,14 @@ pulled towards what its neighbourhood and coarser context predict). With
 ``teacher_trainable=False`` the teacher output is detached as well and the fusion weights are frozen
 at their seeded random initialisation, which is what the release does.
 
+Stem stride (a CPU variant; default 1 = the reference architecture). With ``stem_stride=2`` the
+stem conv has stride 2, so the four levels run at 1/2, 1/4, 1/8, 1/16 of the input (tokens at
+1/16) and the decoder ends with one more learned x2 upsampling (2^3 transposed conv, GroupNorm,
+ReLU) back to full size before the 1x1 head. No 3^3 convolution then runs at full resolution,
+which makes a training step several times cheaper on a CPU. ``distill_scales`` still name
+*levels* by their factor relative to level 1 (8, 4, 2, 1), so the teacher at "1" sits at 1/2 of
+the input with ``stem_stride=2``.
+
 The inference path (eval mode) never calls the fusion blocks; ``self_distillation=False`` does not
 even build them (the state dict then lacks their weights: load with ``strict=False`` or use
 :meth:`MISSU.load_inference_state_dict`).
@@ -47,8 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DOWNSAMPLE_FACTOR = 8  # three stride-2 stages: tokens live at 1/8 of the crop size
-N_SCALES = 4  # encoder / decoder scales: 1, 1/2, 1/4, 1/8
+DOWNSAMPLE_FACTOR = 8  # three stride-2 stages: tokens live at 1/8 of level 1 (stem_stride x 1/8 of the input)
+N_SCALES = 4  # encoder / decoder scales: 1, 1/2, 1/4, 1/8 of level 1
+STEM_STRIDES = (1, 2)  # 1: reference (level 1 at full size); 2: level 1 at half size
 
 
 class NetworkConfigError(ValueError):
@@ -187,9 +196,10 @@ class MISSU(nn.Module):
     Args:
         in_channels: image channels (1 for CT).
         out_channels: classes, background included (2: background, lesion).
-        roi_size: training crop (D, H, W) in voxels; each divisible by 8. Sizes the learned
-            positional embedding (one token per voxel at 1/8 scale). Other inputs divisible by 8
-            are accepted: the embedding is then resampled trilinearly.
+        roi_size: training crop (D, H, W) in voxels; each divisible by 8 x ``stem_stride``. Sizes
+            the learned positional embedding (one token per voxel at 1/8 of level 1). Other inputs
+            divisible by 8 x ``stem_stride`` are accepted: the embedding is then resampled
+            trilinearly.
         widths: channels of the encoder at scales 1, 1/2, 1/4, 1/8 (paper: 16, 32, 64, 128).
         blocks: residual blocks at those scales (paper: 1, 2, 2, 4; 0 allowed, e.g. to spare
             full-size convolutions on a CPU).
@@ -206,11 +216,14 @@ class MISSU(nn.Module):
             zero distillation term.
         fusion_dilations: dilation rates of the fusion block's parallel 3^3 convs (1, 2, 3).
         teacher_trainable: whether the fusion blocks learn (see module docstring).
-        distill_scales: decoder scales that get a teacher, as downsampling factors (8, 4, 2, 1:
-            all four, the default). Leaving out 1 spares the costliest, full-size teacher.
+        distill_scales: decoder scales that get a teacher, as downsampling factors relative to
+            level 1 (8, 4, 2, 1: all four, the default). Leaving out 1 spares the costliest,
+            level-1 teacher.
+        stem_stride: stride of the stem conv, 1 (reference: level 1 at full size) or 2 (level 1
+            at half size, one extra learned x2 upsampling before the head; see module docstring).
 
     Forward:
-        ``x`` (B, in_channels, D, H, W) with D, H, W divisible by 8. Eval mode returns logits
+        ``x`` (B, in_channels, D, H, W) with D, H, W divisible by 8 x ``stem_stride``. Eval mode returns logits
         (B, out_channels, D, H, W). Training mode returns ``(logits, distillation)``, the second an
         unweighted scalar tensor (0 without self-distillation).
     """
@@ -234,11 +247,16 @@ class MISSU(nn.Module):
         fusion_dilations: Sequence[int] = (1, 2, 3),
         teacher_trainable: bool = True,
         distill_scales: Sequence[int] = (8, 4, 2, 1),
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         in_channels = _check_positive_int("in_channels", in_channels)
         out_channels = _check_positive_int("out_channels", out_channels)
-        self.roi_size = check_roi_size(roi_size, DOWNSAMPLE_FACTOR, "MISSU")
+        if isinstance(stem_stride, bool) or stem_stride not in STEM_STRIDES:
+            raise NetworkConfigError(f"MISSU: stem_stride must be one of {STEM_STRIDES}; found {stem_stride!r}")
+        self.stem_stride = int(stem_stride)
+        self.divisor = DOWNSAMPLE_FACTOR * self.stem_stride
+        self.roi_size = check_roi_size(roi_size, self.divisor, "MISSU")
         groups = _check_positive_int("groups", groups)
         widths = self._check_levels("widths", widths, groups)
         blocks = self._check_levels("blocks", blocks, None, minimum=0)
@@ -287,9 +305,10 @@ class MISSU(nn.Module):
         self.teacher_trainable = bool(teacher_trainable)
         self.distill_scales = tuple(sorted((int(f) for f in distill_scales), reverse=True))
 
-        # Encoder: full-size stem then three stride-2 stages.
+        # Encoder: stem (full size, or half size with stem_stride 2) then three stride-2 stages.
         self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, widths[0], kernel_size=3, padding=1), nn.Dropout3d(dropout)
+            nn.Conv3d(in_channels, widths[0], kernel_size=3, stride=self.stem_stride, padding=1),
+            nn.Dropout3d(dropout),
         )
         self.downs = nn.ModuleList(
             [nn.Identity()]
@@ -309,7 +328,7 @@ class MISSU(nn.Module):
             nn.ReLU(),
             nn.Conv3d(widths[-1], embed_dim, kernel_size=3, padding=1),
         )
-        grid = tuple(d // DOWNSAMPLE_FACTOR for d in self.roi_size)
+        grid = tuple(d // self.divisor for d in self.roi_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *grid))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.embed_dropout = nn.Dropout(embed_dropout)
@@ -340,6 +359,16 @@ class MISSU(nn.Module):
         self.up_steps = nn.ModuleList(
             UpStep(dec_widths[i], dec_widths[i + 1], groups) for i in range(N_SCALES - 1)
         )
+        # stem_stride 2: level 1 is at half size; one learned x2 upsampling back to the input grid.
+        self.final_up: nn.Module = nn.Identity()
+        if self.stem_stride > 1:
+            self.final_up = nn.Sequential(
+                nn.ConvTranspose3d(
+                    widths[0], widths[0], kernel_size=self.stem_stride, stride=self.stem_stride
+                ),
+                nn.GroupNorm(groups, widths[0]),
+                nn.ReLU(),
+            )
         self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
 
         # Self-distillation teachers, keyed by the downsampling factor of their decoder scale
@@ -409,9 +438,10 @@ class MISSU(nn.Module):
             raise NetworkInputError(
                 f"MISSU: input must be (B, {self.in_channels}, D, H, W); found shape {tuple(x.shape)}"
             )
-        if any(d % DOWNSAMPLE_FACTOR for d in x.shape[2:]):
+        if any(d % self.divisor for d in x.shape[2:]):
             raise NetworkInputError(
-                f"MISSU: input D, H, W must be divisible by {DOWNSAMPLE_FACTOR}; found {tuple(x.shape[2:])}"
+                f"MISSU: input D, H, W must be divisible by {self.divisor}; found {tuple(x.shape[2:])} "
+                f"(8 x stem_stride {self.stem_stride})"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -437,7 +467,7 @@ class MISSU(nn.Module):
             h = up(h, skip)
             if self.training:
                 decoded.append(h)
-        logits = self.head(h)
+        logits = self.head(self.final_up(h))
 
         if not self.training:
             return logits

@@ -5,7 +5,7 @@
 (B, in_channels, D, H, W) to logits (B, out_channels, D, H, W) in eval mode; MISSU in training
 mode returns ``(logits, distillation)`` (see :mod:`bonemet.segmentation.missu`).
 
-Input sizes each network accepts (D, H, W, voxels): MISSU any multiple of 8; UNet any multiple of
+Input sizes each network accepts (D, H, W, voxels): MISSU any multiple of 8 x ``stem_stride``; UNet any multiple of
 the product of its strides (16 by default); UNETR exactly ``roi_size`` (a multiple of its 16^3
 patches); SwinUNETR any multiple of 32 with at least one dimension >= 64.
 """
@@ -184,7 +184,8 @@ def build_network(
 def input_divisor(name: str, **kwargs: Any) -> int:
     """Each spatial input dimension (voxels) must be a multiple of this for network ``name``."""
     if name == "missu":
-        return 8
+        stride = kwargs.get("stem_stride", 1)
+        return 8 * (int(stride) if isinstance(stride, int) and not isinstance(stride, bool) else 1)
     if name == "unet":
         return _unet_divisor(kwargs.get("strides", UNET_DEFAULTS["strides"]))
     if name == "unetr":

@@ -230,7 +230,7 @@ def train_model(
     import torch
     from monai.data import DataLoader, Dataset
 
-    from bonemet.segmentation.data import train_transforms
+    from bonemet.segmentation.data import train_transforms, with_crop_indices
 
     tracker = tracker or NullTracker()
     if not train_items:
@@ -244,9 +244,9 @@ def train_model(
     transform = train_transforms(
         config.roi_size, config.pos, config.neg, config.num_samples, config.flip_prob, config.rotate_prob,
         config.rotate_range_deg, config.intensity_prob, config.intensity_shift, config.intensity_scale,
-        seed=config.seed,
+        seed=config.seed, indexed=True,
     )
-    dataset = Dataset([{"image": it["image"], "label": it["label"]} for it in train_items], transform=transform)
+    dataset = Dataset([with_crop_indices(it, config.roi_size) for it in train_items], transform=transform)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=0, generator=generator)
 
