@@ -30,7 +30,11 @@ $(STAMP): pyproject.toml requirements.lock
 # params say `synthetic` and the folder is missing, regenerated from its seed (byte-identical,
 # so `dvc status data.dvc` stays clean).
 data: $(STAMP)
-	$(BIN)/bonemet ensure-data
+	@if [ ! -f data/raw/manifest.csv ]; then \
+		$(BIN)/bonemet ensure-data && $(BIN)/dvc commit -q data.dvc </dev/null; \
+	else \
+		$(BIN)/bonemet ensure-data; \
+	fi
 
 run: data
 	@test -d .dvc || { echo "error: no .dvc folder: run from a clone of the bonemet repository"; exit 1; }
