@@ -71,3 +71,19 @@ def mlflow_tracker(experiment: str, store_dir: str = "mlruns"):
         store_dir=store_dir,
         default_tags=run_tags(),
     )
+
+
+def radiomics_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """PyRadiomics settings as the extract stage builds them (settings file + ``radiomics`` params)."""
+    from bonemet.config import get, section
+    from bonemet.radiomics import build_settings, load_settings_file
+
+    cfg = section(params, "radiomics")
+    return build_settings(
+        load_settings_file(get(cfg, "settings_file")),
+        bin_width=get(cfg, "bin_width"),
+        resampled_spacing_mm=get(cfg, "resampled_spacing_mm"),
+        interpolator=get(cfg, "interpolator"),
+        normalize=get(cfg, "normalize"),
+        label=get(cfg, "label"),
+    )

@@ -21,21 +21,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bonemet.config import get, section
     from bonemet.data.manifest import read_manifest
-    from bonemet.radiomics import build_settings, extract_sources, load_settings_file
-    from bonemet.stages._common import mlflow_tracker, params_from
+    from bonemet.radiomics import extract_sources
+    from bonemet.stages._common import mlflow_tracker, params_from, radiomics_settings
     from bonemet.tracking.base import NullTracker
 
     params = params_from(args)
     cfg = section(params, "radiomics")
     cohort = args.cohort or get(params, "data.cohort_dir")
-    settings = build_settings(
-        load_settings_file(get(cfg, "settings_file")),
-        bin_width=get(cfg, "bin_width"),
-        resampled_spacing_mm=get(cfg, "resampled_spacing_mm"),
-        interpolator=get(cfg, "interpolator"),
-        normalize=get(cfg, "normalize"),
-        label=get(cfg, "label"),
-    )
+    settings = radiomics_settings(params)
     cases = read_manifest(cohort)
     tracker = NullTracker() if args.no_tracking else mlflow_tracker("bonemet-radiomics")
     try:

@@ -27,22 +27,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for segmentation (default cpu)")
 
 
-def radiomics_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """PyRadiomics settings as the extract stage builds them (settings file + ``radiomics`` params)."""
-    from bonemet.config import get, section
-    from bonemet.radiomics import build_settings, load_settings_file
-
-    cfg = section(params, "radiomics")
-    return build_settings(
-        load_settings_file(get(cfg, "settings_file")),
-        bin_width=get(cfg, "bin_width"),
-        resampled_spacing_mm=get(cfg, "resampled_spacing_mm"),
-        interpolator=get(cfg, "interpolator"),
-        normalize=get(cfg, "normalize"),
-        label=get(cfg, "label"),
-    )
-
-
 def segmentation_fallback(params: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
     """Inference settings from params (``segment`` with its profile merged, ``preprocess``).
 
@@ -99,7 +83,7 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
 
     from bonemet.config import get, section
     from bonemet.serving.predict import MissuSegmenter, load_inputs, predict_inputs
-    from bonemet.stages._common import params_from
+    from bonemet.stages._common import params_from, radiomics_settings
 
     params = params_from(args)
     reg = section(params, "register")
