@@ -243,3 +243,10 @@ def test_precomputed_crop_indices_pad_and_give_the_same_kind_of_crops():
     for crop in crops:
         assert tuple(crop["image"].shape) == (1, *ROI)
         assert float(crop["label"].sum()) > 0  # pos only: every crop holds lesion
+
+
+def test_val_overlap_defaults_to_overlap_and_is_range_checked():
+    assert TrainConfig().val_overlap is None
+    assert TrainConfig(val_overlap=0.0).val_overlap == 0.0
+    with pytest.raises(ValueError, match=r"val_overlap must be in \[0, 1\) or null; found 1.0"):
+        TrainConfig(val_overlap=1.0)

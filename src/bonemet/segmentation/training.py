@@ -68,6 +68,7 @@ class TrainConfig:
     overlap: float = 0.25
     sw_batch_size: int = 4
     val_mode: str = "full"         # full: sliding window over whole volumes | crops: one lesion-centred roi crop per case
+    val_overlap: float | None = None  # sliding-window overlap of the per-epoch validation (None: ``overlap``)
     grad_clip: float | None = 12.0
     device: str = "auto"           # auto | cpu | cuda
     amp: bool = True               # autocast on CUDA only
@@ -94,6 +95,8 @@ class TrainConfig:
             raise TrainingConfigError(f"val_mode must be full or crops; found '{self.val_mode}'")
         if not 0.0 <= self.overlap < 1.0:
             raise TrainingConfigError(f"overlap must be in [0, 1); found {self.overlap}")
+        if self.val_overlap is not None and not 0.0 <= self.val_overlap < 1.0:
+            raise TrainingConfigError(f"val_overlap must be in [0, 1) or null; found {self.val_overlap}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
@@ -180,7 +183,8 @@ def evaluate(model: Any, items: Sequence[Mapping[str, Any]], config: TrainConfig
 
     ``config.val_mode`` "full": sliding-window inference over whole volumes (what the
     out-of-fold prediction does); "crops": one lesion-centred ``roi_size`` crop per case (a
-    cheap proxy for CPU budgets).
+    cheap proxy for CPU budgets). The windows overlap by ``config.val_overlap`` (``overlap``
+    when None): 0 makes full validation about 3x cheaper on a CPU.
     """
     import torch
 
@@ -190,8 +194,9 @@ def evaluate(model: Any, items: Sequence[Mapping[str, Any]], config: TrainConfig
     for item in items:
         if config.val_mode == "crops":
             item = lesion_centred_crop(item, config.roi_size)
+        overlap = config.overlap if config.val_overlap is None else config.val_overlap
         logits = sliding_window_logits(
-            model, item["image"], config.roi_size, config.overlap, config.sw_batch_size, device
+            model, item["image"], config.roi_size, overlap, config.sw_batch_size, device
         )
         label = torch.as_tensor(item["label"])[None].to(device)
         with torch.no_grad():
