@@ -113,6 +113,7 @@ def test_register_best_gate_and_pyfunc_input_checks(store):
     assert alias_version("bonemet-classifier", "staging") == "1"
     [v1] = model_versions("bonemet-classifier")
     assert "test AUC 0.900" in v1["description"] and v1["tags"]["data_md5"] == "d41d8"
+    assert v1["aliases"] == ["staging"]
 
     # A worse new version is registered but does not take the alias.
     _fake_train_run("bonemet-classification", {"svm": (0.90, 0.80)})

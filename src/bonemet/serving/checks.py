@@ -48,13 +48,16 @@ def check_feature_frame(frame: pd.DataFrame, feature_names: Sequence[str]) -> pd
     if unknown:
         raise FeatureInputError(f"unknown columns: {_some(unknown)} (expected the model's {len(names)} feature columns)")
     features = frame.loc[:, names]
+    # dtype-level checks (not per-column Series): this runs on every served request.
     bad_type = [
-        c for c in names if not (pd.api.types.is_numeric_dtype(features[c]) and not pd.api.types.is_bool_dtype(features[c]))
+        c
+        for c, dtype in zip(names, features.dtypes, strict=True)
+        if not (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype))
     ]
     if bad_type:
         converted = features[bad_type].apply(pd.to_numeric, errors="coerce")
         offending = [c for c in bad_type if converted[c].isna().any() and features[c].notna().any()]
-        if offending or any(pd.api.types.is_bool_dtype(features[c]) for c in bad_type):
+        if offending or any(pd.api.types.is_bool_dtype(features[c].dtype) for c in bad_type):
             col = (offending or bad_type)[0]
             rows = [str(i) for i in features.index[converted[col].isna() & features[col].notna()]][:_SHOW]
             raise FeatureInputError(

@@ -174,10 +174,17 @@ def model_versions(name: str) -> list[dict[str, Any]]:
         found = MlflowClient().search_model_versions(f"name='{name}'")
     except mlflow.exceptions.MlflowException:
         return []
+    # search results do not carry aliases: read them from the registered model.
+    try:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (MlflowClient().get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+    except mlflow.exceptions.MlflowException:
+        by_version = {}
     rows = [
         {
             "version": str(mv.version),
-            "aliases": list(mv.aliases or []),
+            "aliases": sorted(set(mv.aliases or []) | set(by_version.get(str(mv.version), []))),
             "run_id": mv.run_id,
             "tags": dict(mv.tags or {}),
             "description": mv.description or "",
