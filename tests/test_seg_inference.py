@@ -12,6 +12,7 @@ from bonemet.segmentation.data import SegCase
 from bonemet.segmentation.inference import (
     CaseInferenceError,
     keep_largest_component,
+    mirror_flips,
     predict_case,
     probability_to_original,
     sliding_window_logits,
@@ -38,6 +39,38 @@ def test_volume_smaller_than_roi_is_padded():
     assert tuple(logits.shape) == (1, 2, 5, 7, 9)
     pred = logits.argmax(1)[0].numpy()
     assert pred.sum() == 1 and pred[2, 3, 4] == 1
+
+
+class ShiftRight(torch.nn.Module):
+    """A fixed 'network' that is not mirror-symmetric: the lesion logit of a voxel is its left neighbour's intensity."""
+
+    def forward(self, x):
+        fg = torch.nn.functional.pad(x, (1, 0))[..., :-1]
+        return torch.cat([-fg, fg], dim=1)
+
+
+def test_mirror_flips_are_every_combination():
+    assert mirror_flips(None) == [()]
+    assert mirror_flips([2, 0]) == [(), (0,), (2,), (0, 2)]
+    assert len(mirror_flips([0, 1, 2])) == 8
+    for bad in ([3], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="mirror_axes"):
+            mirror_flips(bad)
+
+
+def test_mirroring_averages_flipped_back_predictions():
+    image = np.zeros((1, 6, 6, 6), np.float32)
+    image[0, 3, 3, 3] = 1.0
+    net = ShiftRight()
+    plain = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant")[0, 1].numpy()
+    assert plain[3, 3, 4] == pytest.approx(1.0) and plain[3, 3, 2] == 0.0
+    # flipped along W, the shift goes the other way once flipped back: the average is symmetric
+    mirrored = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", mirror_axes=[2])[0, 1]
+    mirrored = mirrored.numpy()
+    assert mirrored[3, 3, 4] == pytest.approx(0.5) and mirrored[3, 3, 2] == pytest.approx(0.5)
+    # mirroring an axis the network treats symmetrically changes nothing
+    same = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", mirror_axes=[0, 1])[0, 1]
+    np.testing.assert_allclose(same.numpy(), plain, atol=1e-6)
 
 
 def test_keep_largest_component():

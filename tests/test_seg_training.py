@@ -19,7 +19,7 @@ from bonemet.segmentation.data import (
     with_crop_indices,
 )
 from bonemet.segmentation.networks import build_network
-from bonemet.segmentation.training import EarlyStopping, TrainConfig, train_model
+from bonemet.segmentation.training import EarlyStopping, TrainConfig, TrainingConfigError, train_model
 from bonemet.tracking.base import RecordingTracker
 
 ROI = (16, 16, 16)
@@ -123,8 +123,9 @@ def test_cross_validation_writes_one_mask_per_case(tmp_path):
     tracker = RecordingTracker()
     with tracker.run("segment"):
         result = run_cross_validation(
-            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=2),
-            tmp_path / "auto_masks", tmp_path / "work", tracker, val_fraction=0.25,
+            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET),
+            _config(max_epochs=2, mirror_axes=(2,)), tmp_path / "auto_masks", tmp_path / "work", tracker,
+            val_fraction=0.25,
         )
     written = sorted(p.name for p in (tmp_path / "auto_masks").glob("*.nii.gz"))
     assert written == sorted(f"{c.case_id}.nii.gz" for c in cases)
@@ -250,3 +251,10 @@ def test_val_overlap_defaults_to_overlap_and_is_range_checked():
     assert TrainConfig(val_overlap=0.0).val_overlap == 0.0
     with pytest.raises(ValueError, match=r"val_overlap must be in \[0, 1\) or null; found 1.0"):
         TrainConfig(val_overlap=1.0)
+
+
+def test_mirror_axes_are_checked_and_normalised():
+    assert TrainConfig().mirror_axes == ()
+    assert TrainConfig(mirror_axes=[2, 0]).mirror_axes == (0, 2)
+    with pytest.raises(TrainingConfigError, match=r"mirror_axes must be distinct spatial axes.*\[1, 1\]"):
+        TrainConfig(mirror_axes=[1, 1])

@@ -194,7 +194,7 @@ def run_cross_validation(
                     case = by_id[cid]
                     mask = predict_case(
                         result.model, case, fold_config.roi_size, fold_config.overlap, fold_config.sw_batch_size,
-                        result.device, threshold, largest_component,
+                        result.device, threshold, largest_component, mirror_axes=fold_config.mirror_axes,
                     )
                     write_image(mask, tmp_masks / f"{cid}.nii.gz")
                     row: dict[str, Any] = {"case_id": cid, "fold": fold}

@@ -9,6 +9,7 @@ background.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -37,6 +38,24 @@ def autocast_context(device: Any):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def check_mirror_axes(mirror_axes: Sequence[int] | None) -> tuple[int, ...]:
+    """Validated spatial mirror axes (0 = D, 1 = H, 2 = W) as a sorted tuple; ``None`` is ``()``.
+
+    Raises:
+        ValueError: an axis outside 0-2 or repeated.
+    """
+    axes = tuple(int(a) for a in (mirror_axes or ()))
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2 (D, H, W); found {list(axes)}")
+    return tuple(sorted(axes))
+
+
+def mirror_flips(mirror_axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """Every combination of ``mirror_axes`` (the identity first): 2**len(axes) flips, as nnU-Net mirrors."""
+    axes = check_mirror_axes(mirror_axes)
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
 def sliding_window_logits(
     model: Any,
     image: np.ndarray,
@@ -45,25 +64,36 @@ def sliding_window_logits(
     sw_batch_size: int = 4,
     device: Any = "cpu",
     mode: str = "gaussian",
+    mirror_axes: Sequence[int] | None = None,
 ):
     """Logits ``(1, C, D, H, W)`` (float32 torch tensor on ``device``) for a ``(1, D, H, W)`` image.
 
     A volume smaller than ``roi_size`` along any axis is padded (MONAI pads and crops back), so
-    the output always has the input's spatial shape.
+    the output always has the input's spatial shape. ``mirror_axes`` (spatial axes, 0 = D)
+    turns on test-time mirroring: the logits are averaged over every combination of flips of
+    those axes (``2**len(mirror_axes)`` passes), each flipped back before averaging.
     """
     import torch
     from monai.inferers import sliding_window_inference
 
+    flips = mirror_flips(mirror_axes)
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None].to(device)
     model.eval()
+    total = None
     with torch.no_grad(), autocast_context(torch.device(device)):
-        logits = sliding_window_inference(
-            x, roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size,
-            predictor=model, overlap=overlap, mode=mode, padding_mode="constant", cval=0.0,
-        )
-    if isinstance(logits, tuple | list):  # a network that still returns (logits, aux)
-        logits = logits[0]
-    return logits.float()
+        for flip in flips:
+            dims = tuple(a + 2 for a in flip)
+            xi = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(
+                xi, roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size,
+                predictor=model, overlap=overlap, mode=mode, padding_mode="constant", cval=0.0,
+            )
+            if isinstance(logits, tuple | list):  # a network that still returns (logits, aux)
+                logits = logits[0]
+            logits = logits.float()
+            logits = torch.flip(logits, dims) if dims else logits
+            total = logits if total is None else total + logits
+    return total / len(flips)
 
 
 def lesion_probability(logits) -> np.ndarray:
@@ -120,6 +150,7 @@ def predict_case(
     device: Any = "cpu",
     threshold: float = 0.5,
     largest_component: bool = True,
+    mirror_axes: Sequence[int] | None = None,
 ) -> sitk.Image:
     """Out-of-fold automatic mask of one :class:`~bonemet.segmentation.data.SegCase` on its original grid.
 
@@ -131,7 +162,8 @@ def predict_case(
         original_path = case.original_image if case.original_image is not None else case.image
         original = read_image(original_path, case_id=case.case_id)
         image = sitk.GetArrayFromImage(preprocessed)[None]
-        logits = sliding_window_logits(model, image, roi_size, overlap, sw_batch_size, device)
+        logits = sliding_window_logits(model, image, roi_size, overlap, sw_batch_size, device,
+                                       mirror_axes=mirror_axes)
         probability = lesion_probability(logits)
         return probability_to_original(probability, preprocessed, original, threshold, largest_component)
     except CaseInferenceError:
@@ -151,6 +183,7 @@ def segment_ct(
     threshold: float = 0.5,
     largest_component: bool = True,
     case_id: str | None = None,
+    mirror_axes: Sequence[int] | None = None,
 ) -> sitk.Image:
     """Segment a new CT (HU) end to end: preprocess, sliding-window inference, map back.
 
@@ -159,7 +192,8 @@ def segment_ct(
         image_hu: the CT in Hounsfield units, any grid.
         preprocess: keyword arguments of :func:`bonemet.preprocessing.preprocess_image` (the
             values the model was trained with; the registered model keeps them in its metadata).
-        roi_size, overlap, sw_batch_size, threshold, largest_component: as in :func:`predict_case`.
+        roi_size, overlap, sw_batch_size, threshold, largest_component, mirror_axes: as in
+            :func:`predict_case` (``mirror_axes``: test-time mirroring, see :func:`sliding_window_logits`).
 
     Returns:
         uint8 0/1 lesion mask on ``image_hu``'s grid.
@@ -169,7 +203,8 @@ def segment_ct(
     try:
         pre = preprocess_image(image_hu, case_id=case_id, **preprocess).image
         pre = sitk.Cast(pre, sitk.sitkFloat32)
-        logits = sliding_window_logits(model, sitk.GetArrayFromImage(pre)[None], roi_size, overlap, sw_batch_size, device)
+        logits = sliding_window_logits(model, sitk.GetArrayFromImage(pre)[None], roi_size, overlap, sw_batch_size,
+                                       device, mirror_axes=mirror_axes)
         return probability_to_original(lesion_probability(logits), pre, image_hu, threshold, largest_component)
     except Exception as exc:  # noqa: BLE001 - name the case whatever failed
         raise CaseInferenceError(f"case '{case_id or '?'}': segmentation of the CT failed: {exc}") from exc

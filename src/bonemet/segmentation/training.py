@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bonemet.segmentation.inference import autocast_context, sliding_window_logits
+from bonemet.segmentation.inference import autocast_context, check_mirror_axes, sliding_window_logits
 from bonemet.segmentation.metrics import dice as dice_score
 from bonemet.tracking.base import NullTracker, Tracker
 from bonemet.utils import seed_everything
@@ -67,6 +67,7 @@ class TrainConfig:
     intensity_scale: float = 0.1
     overlap: float = 0.25
     sw_batch_size: int = 4
+    mirror_axes: tuple[int, ...] = ()  # test-time mirroring of the out-of-fold inference (0 = D, 1 = H, 2 = W)
     val_mode: str = "full"         # full: sliding window over whole volumes | crops: one lesion-centred roi crop per case
     val_overlap: float | None = None  # sliding-window overlap of the per-epoch validation (None: ``overlap``)
     grad_clip: float | None = 12.0
@@ -78,6 +79,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(r) for r in self.roi_size)  # type: ignore[assignment]
+        try:
+            self.mirror_axes = check_mirror_axes(self.mirror_axes)
+        except ValueError as exc:
+            raise TrainingConfigError(str(exc)) from exc
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
             raise TrainingConfigError(f"roi_size must be three positive ints (D, H, W); found {self.roi_size}")
         if self.lr <= 0:

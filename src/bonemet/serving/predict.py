@@ -71,6 +71,8 @@ class MissuSegmenter:
         sw_batch_size: windows per forward pass.
         threshold: lesion probability at or above which a voxel is lesion.
         largest_component: keep only the largest connected component of the mask.
+        mirror_axes: test-time mirroring axes (0 = D, 1 = H, 2 = W); optional in the metadata
+            (models logged before it existed predict without mirroring).
         device: torch device ("cpu" or "cuda").
         name, version: registered model name and version, reported in the result.
     """
@@ -82,6 +84,7 @@ class MissuSegmenter:
     sw_batch_size: int
     threshold: float
     largest_component: bool
+    mirror_axes: tuple[int, ...] = ()
     device: str = "cpu"
     name: str = "bonemet-missu"
     version: str | None = None
@@ -131,6 +134,7 @@ class MissuSegmenter:
             sw_batch_size=int(values["sw_batch_size"]),
             threshold=float(values["threshold"]),
             largest_component=bool(values["largest_component"]),
+            mirror_axes=tuple(int(a) for a in (metadata.get("mirror_axes", fallback.get("mirror_axes")) or ())),
             device=device,
             name=name,
             version=version,
@@ -151,6 +155,7 @@ class MissuSegmenter:
             threshold=self.threshold,
             largest_component=self.largest_component,
             case_id=case_id,
+            mirror_axes=self.mirror_axes,
         )
 
 

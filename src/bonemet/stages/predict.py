@@ -52,6 +52,7 @@ def segmentation_fallback(params: dict[str, Any], profile: str | None = None) ->
         "roi_size": get(seg, "roi_size", None),
         "overlap": get(seg, "inference.overlap", None),
         "sw_batch_size": get(seg, "inference.sw_batch_size", None),
+        "mirror_axes": get(seg, "inference.mirror_axes", None),
         "threshold": get(seg, "threshold", None),
         "largest_component": get(seg, "largest_component", None),
     }

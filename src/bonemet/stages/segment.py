@@ -184,7 +184,8 @@ def _log_final_model(seg, params, name, net_kwargs, config, result, tracker, par
     metadata = {
         "network": name, "network_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in net_kwargs.items()},
         "roi_size": list(config.roi_size), "overlap": config.overlap, "sw_batch_size": config.sw_batch_size,
-        "threshold": float(seg["threshold"]), "largest_component": bool(seg["largest_component"]),
+        "mirror_axes": list(config.mirror_axes), "threshold": float(seg["threshold"]),
+        "largest_component": bool(seg["largest_component"]),
         "source_fold": result.best_fold, "source_run_id": result.best_run_id or "",
         "preprocess": _preprocess_kwargs(params),
     }
