@@ -1,6 +1,9 @@
 """One scikit-learn Pipeline from the raw feature row to the probability of breast origin.
 
-``ICC filter -> correlation filter -> [PCA] -> StandardScaler -> LASSO -> classifier``.
+``ICC filter -> correlation filter -> [PCA] -> scaler -> LASSO -> classifier``; the scaler is
+``StandardScaler`` (z-score, default), a Yeo-Johnson ``PowerTransformer`` or a normal-output
+``QuantileTransformer`` (param ``select.scaler``): radiomic features are often heavy-tailed, and
+LASSO and the linear classifiers treat a z-scored outlier as signal.
 Every data-dependent step lives in this one Pipeline, so cross-validation and the test set
 never leak into selection. The pipeline outputs pandas frames between steps (``set_output``)
 so feature names survive to the LASSO step and to ``selected_features.json``.
@@ -23,11 +26,14 @@ def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[s
     """The selection steps (unfitted) from the ``select`` params section.
 
     Keys: ``icc.threshold``, ``icc.form``, ``icc.paired_prefix``, ``correlation.enabled``,
-    ``correlation.threshold``, ``pca.enabled``, ``pca.n_components``, ``lasso.alpha`` (null = CV),
-    ``lasso.cv``, ``lasso.n_alphas``, ``lasso.max_features``, ``lasso.max_iter``.
+    ``correlation.threshold``, ``pca.enabled``, ``pca.n_components``, ``scaler`` (standard |
+    yeo-johnson | quantile), ``lasso.alpha`` (null = CV), ``lasso.cv``, ``lasso.n_alphas``,
+    ``lasso.max_features``, ``lasso.max_iter``.
+
+    Raises:
+        ValueError: an unknown ``scaler``.
     """
     from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
 
     from bonemet.selection import CorrelationFilter, ICCFilter, LassoSelector
 
@@ -52,7 +58,7 @@ def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[s
         steps.append(("correlation", CorrelationFilter(threshold=float(corr.get("threshold", 0.95)))))
     if pca.get("enabled", False):
         steps.append(("pca", PCA(n_components=pca.get("n_components", 0.95), random_state=seed)))
-    steps.append(("scaler", StandardScaler()))
+    steps.append(("scaler", build_scaler(str(select_params.get("scaler", "standard")), seed)))
     alpha = lasso.get("alpha")
     steps.append(
         (
@@ -68,6 +74,25 @@ def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[s
         )
     )
     return steps
+
+
+#: Values of ``select.scaler``.
+SCALERS = ("standard", "yeo-johnson", "quantile")
+
+
+def build_scaler(kind: str, seed: int) -> Any:
+    """The unfitted scaling step: ``standard`` (z-score), ``yeo-johnson`` (power transform, then
+    z-score) or ``quantile`` (rank-based map to a standard normal; robust to any tail)."""
+    from sklearn.preprocessing import PowerTransformer, QuantileTransformer, StandardScaler
+
+    if kind == "standard":
+        return StandardScaler()
+    if kind == "yeo-johnson":
+        return PowerTransformer(method="yeo-johnson", standardize=True)
+    if kind == "quantile":
+        # n_quantiles is capped by the rows of each fit (sklearn warns and caps it otherwise)
+        return QuantileTransformer(n_quantiles=100, output_distribution="normal", subsample=None, random_state=seed)
+    raise ValueError(f"select.scaler must be one of {list(SCALERS)}; found {kind!r}")
 
 
 def build_selection_pipeline(select_params: Mapping[str, Any], seed: int) -> Pipeline:
