@@ -258,3 +258,47 @@ def test_mirror_axes_are_checked_and_normalised():
     assert TrainConfig(mirror_axes=[2, 0]).mirror_axes == (0, 2)
     with pytest.raises(TrainingConfigError, match=r"mirror_axes must be distinct spatial axes.*\[1, 1\]"):
         TrainConfig(mirror_axes=[1, 1])
+
+
+def test_parallel_folds_match_sequential_and_replay_fold_runs_in_order(tmp_path):
+    cases = _make_cohort(tmp_path, 6)
+    folds = {c.case_id: i % 3 for i, c in enumerate(cases)}
+    outcomes = {}
+    for parallel in (1, 2):
+        tracker = RecordingTracker()
+        with tracker.run("segment"):
+            outcomes[parallel] = (run_cross_validation(
+                cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=2),
+                tmp_path / f"masks-{parallel}", tmp_path / f"work-{parallel}", tracker, val_fraction=0.25,
+                parallel_folds=parallel,
+            ), tracker)
+    (seq, seq_tracker), (par, par_tracker) = outcomes[1], outcomes[2]
+    # one thread per fold either way (num_threads=1): the same numbers, the same masks
+    assert [r["case_id"] for r in par.case_rows] == [r["case_id"] for r in seq.case_rows]
+    np.testing.assert_allclose([r["dice"] for r in par.case_rows], [r["dice"] for r in seq.case_rows])
+    for case in cases:
+        a = sitk.GetArrayFromImage(read_image(tmp_path / "masks-1" / f"{case.case_id}.nii.gz"))
+        b = sitk.GetArrayFromImage(read_image(tmp_path / "masks-2" / f"{case.case_id}.nii.gz"))
+        np.testing.assert_array_equal(a, b)
+    assert par.best_fold == seq.best_fold and par.best_model is not None
+    assert not par.best_model.training
+    # the workers' tracker calls are replayed as nested runs, in fold order, with every epoch
+    fold_runs = [r for r in par_tracker.runs if r["parent"] == "segment"]
+    assert [r["name"] for r in fold_runs] == ["fold-0", "fold-1", "fold-2"]
+    for run, ref in zip(fold_runs, [r for r in seq_tracker.runs if r["parent"] == "segment"], strict=True):
+        assert run["params"] == ref["params"]
+        assert [s for s, _ in run["metrics"]["val_dice"]] == [1, 2]
+        assert run["artifacts"] == ref["artifacts"]
+    assert par.best_run_id == seq.best_run_id  # RecordingTracker ids follow the run order
+
+
+def test_parallel_fold_failure_names_the_case(tmp_path):
+    cases = _make_cohort(tmp_path, 4)
+    folds = {c.case_id: i % 2 for i, c in enumerate(cases)}
+    (tmp_path / "raw" / "case-02_ct.nii.gz").write_bytes(b"corrupt")  # its original CT: inference fails
+    with pytest.raises(ValueError, match="case-02"):
+        run_cross_validation(
+            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=1),
+            tmp_path / "masks", tmp_path / "work", val_fraction=0.25, parallel_folds=2,
+        )
+    assert not (tmp_path / "masks").exists()

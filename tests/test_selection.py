@@ -153,3 +153,38 @@ def test_lasso_selector_fixed_alpha_and_fallback():
 @parametrize_with_checks([ICCFilter(), CorrelationFilter(), LassoSelector(random_state=0)])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+def test_scaler_choice_builds_the_named_transform_and_rejects_others(tmp_path):
+    from scipy.stats import skew
+    from sklearn.preprocessing import PowerTransformer, QuantileTransformer, StandardScaler
+
+    from bonemet.modeling.pipeline import build_pipeline, build_scaler
+    from bonemet.modeling.training import _save_pipeline, load_pipeline
+
+    rng = np.random.default_rng(0)
+    heavy = rng.lognormal(sigma=1.0, size=(120, 1))
+    assert isinstance(build_scaler("standard", 0), StandardScaler)
+    z = build_scaler("standard", 0).fit_transform(heavy)
+    yj = build_scaler("yeo-johnson", 0).fit_transform(heavy)
+    q = build_scaler("quantile", 0).fit_transform(heavy)
+    assert abs(skew(z[:, 0])) > 1.0  # a z-score keeps the tail
+    assert abs(skew(yj[:, 0])) < 0.3 and abs(skew(q[:, 0])) < 0.3
+    assert np.argsort(q[:, 0]).tolist() == np.argsort(heavy[:, 0]).tolist()  # monotone
+    with pytest.raises(ValueError, match=r"select.scaler must be one of \['standard', 'yeo-johnson', 'quantile'\]"):
+        build_scaler("robust", 0)
+
+    n, p = 80, 6
+    X = pd.DataFrame(rng.lognormal(size=(n, p)), columns=[f"f{i}" for i in range(p)])
+    y = (np.log(X["f0"]) + 0.5 * rng.normal(size=n) > 0).astype(int).to_numpy()
+    paired = X.add_prefix("paired__") * (1 + 0.01 * rng.normal(size=(n, p)))
+    data = pd.concat([X, paired], axis=1)
+    select = {"icc": {"threshold": 0.5}, "lasso": {"max_features": 3, "cv": 3}, "scaler": "yeo-johnson"}
+    pipe = build_pipeline("logreg", {"C": 1.0}, select, seed=0).fit(data, y)
+    assert isinstance(pipe.named_steps["scaler"], PowerTransformer)
+    assert "f0" in pipe.named_steps["lasso"].get_feature_names_out()
+    _save_pipeline(pipe, tmp_path / "m.skops")
+    again = load_pipeline(tmp_path / "m.skops")
+    np.testing.assert_allclose(again.predict_proba(X)[:, 1], pipe.predict_proba(X)[:, 1])
+    assert isinstance(build_pipeline("logreg", {}, {**select, "scaler": "quantile"}, 0).named_steps["scaler"],
+                      QuantileTransformer)

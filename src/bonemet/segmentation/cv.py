@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ def run_cross_validation(
     largest_component: bool = True,
     fold_params: Mapping[str, Any] | None = None,
     only_folds: Sequence[int] | None = None,
+    parallel_folds: int = 1,
 ) -> CVResult:
     """Train one model per fold and write every case's out-of-fold mask into ``masks_dir``.
 
@@ -147,14 +149,17 @@ def run_cross_validation(
         fold_params: extra params logged on every fold run (e.g. the network's sizes).
         only_folds: run just these folds (debugging, benchmarks); masks are then written only
             for their cases.
+        parallel_folds: train this many folds at once in forked worker processes (CPU only),
+            sharing ``config.num_threads`` between them. Small networks use 2 cores better as two
+            1-thread folds than as one 2-thread fold (1.6x the throughput of the cpu profile).
+            Each fold is seeded by its number, so only the thread count (floating-point summation
+            order) differs from a sequential run; the nested runs are replayed into ``tracker``
+            in fold order.
 
     Raises:
         FoldAssignmentError: cases and folds disagree.
         CaseInferenceError: a case could not be segmented (named); no partial ``masks_dir`` is left.
     """
-    import matplotlib.pyplot as plt
-    import torch
-
     tracker = tracker or NullTracker()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -164,76 +169,178 @@ def run_cross_validation(
     by_id = {c.case_id: c for c in cases}
     log.info("loading %d preprocessed volumes", len(cases))
     volumes = {c.case_id: load_volume(c) for c in progress(cases, total=len(cases), desc="load")}
+    parallel = _parallel_folds(parallel_folds, len(fold_ids), config)
+    threads = max(1, int(config.num_threads or os.cpu_count() or 1) // parallel)
 
     rows: list[dict[str, Any]] = []
     results: list[FoldResult] = []
     best_fold, best_dice, best_model, best_run = -1, -math.inf, None, None
     with atomic_path(masks_dir, is_dir=True) as tmp_masks:
+        jobs = []
         for fold in fold_ids:
             test_ids = sorted(cid for cid in by_id if int(folds[cid]) == fold)
             train_all = sorted(cid for cid in by_id if int(folds[cid]) != fold)
             train_ids, val_ids = split_validation(train_all, val_fraction, config.seed + fold)
-            fold_config = TrainConfig(**{**config.as_dict(), "seed": config.seed + fold})
-            with tracker.run(f"fold-{fold}", tags={"fold": str(fold)}, nested=True) as run_id:
-                tracker.log_params({
-                    **fold_config.as_dict(), **dict(fold_params or {}), "fold": fold, "n_train": len(train_ids),
-                    "n_val": len(val_ids), "n_test": len(test_ids), "val_fraction": val_fraction,
-                })
-                seed_everything(fold_config.seed)
-                model = model_factory()
-                n_params = count_parameters(model)
-                log.info("fold %d: train %d, validation %d, out-of-fold %d cases", fold, len(train_ids),
-                         len(val_ids), len(test_ids))
-                checkpoint = work_dir / f"fold-{fold}.pt"
-                result = train_model(
-                    model, [volumes[i] for i in train_ids], [volumes[i] for i in val_ids], fold_config, tracker,
-                    checkpoint_path=checkpoint,
-                )
-                start = time.perf_counter()
-                for cid in test_ids:
-                    case = by_id[cid]
-                    mask = predict_case(
-                        result.model, case, fold_config.roi_size, fold_config.overlap, fold_config.sw_batch_size,
-                        result.device, threshold, largest_component, mirror_axes=fold_config.mirror_axes,
-                    )
-                    write_image(mask, tmp_masks / f"{cid}.nii.gz")
-                    row: dict[str, Any] = {"case_id": cid, "fold": fold}
-                    if case.original_mask is not None:
-                        ref = read_mask(case.original_mask, label=1, case_id=cid)
-                        row.update(case_metrics(mask, ref, case_id=cid))
-                    rows.append(row)
-                infer_s = (time.perf_counter() - start) / max(1, len(test_ids))
-                fold_rows = [r for r in rows if r["fold"] == fold and "dice" in r]
-                fold_dice = float(np.mean([r["dice"] for r in fold_rows])) if fold_rows else math.nan
-                tracker.log_metrics({
-                    "best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
-                    "train_seconds": result.train_seconds, "infer_seconds_per_case": infer_s,
-                    "n_parameters": n_params, **({"oof_dice_mean": fold_dice} if fold_rows else {}),
-                })
-                fig = plot_curves({fold: result.history}, title=f"fold {fold}")
-                png = work_dir / f"fold-{fold}_curves.png"
-                fig.savefig(png, dpi=100)
-                plt.close(fig)
-                tracker.log_artifact(png, artifact_path="curves")
-                if checkpoint.exists():
-                    tracker.log_artifact(checkpoint, artifact_path="checkpoint")
-                results.append(FoldResult(
-                    fold=fold, history=result.history, best_epoch=result.best_epoch,
-                    best_val_dice=result.best_val_dice, n_train=len(train_ids), n_val=len(val_ids),
-                    n_test=len(test_ids), train_seconds=result.train_seconds, infer_seconds_per_case=infer_s,
-                    n_parameters=n_params, run_id=run_id,
-                ))
-                log.info("fold %d: best val Dice %.4f (epoch %d), out-of-fold Dice %.4f, %.0f s train",
-                         fold, result.best_val_dice, result.best_epoch, fold_dice, result.train_seconds)
-                if result.best_val_dice > best_dice:
-                    best_fold, best_dice, best_run = fold, result.best_val_dice, run_id
-                    best_model = result.model.to("cpu")
-                del model
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            fold_config = TrainConfig(**{**config.as_dict(), "seed": config.seed + fold,
+                                         **({"num_threads": threads} if parallel > 1 else {})})
+            jobs.append(_FoldJob(fold, train_ids, val_ids, test_ids, fold_config, Path(tmp_masks), work_dir,
+                                 threshold, largest_component, dict(fold_params or {}), val_fraction))
+        if parallel > 1:
+            log.info("training %d folds, %d at a time (%d torch thread(s) each)", len(jobs), parallel, threads)
+            outcomes = _run_parallel(jobs, by_id, volumes, model_factory, tracker, parallel)
+        else:
+            outcomes = (_train_fold(job, by_id, volumes, model_factory, tracker) for job in jobs)
+        for fold_result, fold_rows, model in outcomes:
+            rows.extend(fold_rows)
+            results.append(fold_result)
+            if fold_result.best_val_dice > best_dice:
+                best_fold, best_dice, best_run = fold_result.fold, fold_result.best_val_dice, fold_result.run_id
+                best_model = model
         written = {p.name.removesuffix(".nii.gz") for p in Path(tmp_masks).glob("*.nii.gz")}
         expected = {cid for cid in by_id if int(folds[cid]) in fold_ids}
         missing = sorted(expected - written)
         if missing:
             raise CaseInferenceError(f"no automatic mask was written for case(s): {', '.join(missing)}")
     return CVResult(case_rows=rows, folds=results, best_fold=best_fold, best_model=best_model, best_run_id=best_run)
+
+
+@dataclass
+class _FoldJob:
+    """Everything one fold needs besides the volumes (picklable)."""
+
+    fold: int
+    train_ids: list[str]
+    val_ids: list[str]
+    test_ids: list[str]
+    config: TrainConfig
+    masks_dir: Path
+    work_dir: Path
+    threshold: float
+    largest_component: bool
+    fold_params: dict[str, Any]
+    val_fraction: float
+
+
+def _parallel_folds(requested: int, n_folds: int, config: TrainConfig) -> int:
+    """How many folds to train at once: ``requested`` capped by the folds; 1 on CUDA or without fork."""
+    import multiprocessing
+
+    from bonemet.segmentation.training import resolve_device
+
+    n = max(1, min(int(requested), n_folds))
+    if n > 1 and resolve_device(config.device).type != "cpu":
+        log.warning("parallel_folds %d ignored: folds share one %s device, trained one at a time", n, config.device)
+        return 1
+    if n > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        log.warning("parallel_folds %d ignored: this platform cannot fork worker processes", n)
+        return 1
+    return n
+
+
+def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[str, Any],
+                model_factory: Callable[[], Any], tracker: Tracker) -> tuple[FoldResult, list[dict[str, Any]], Any]:
+    """Train one fold, write its out-of-fold masks, log its nested run; (result, case rows, best model on CPU)."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    fold, fold_config = job.fold, job.config
+    rows: list[dict[str, Any]] = []
+    with tracker.run(f"fold-{fold}", tags={"fold": str(fold)}, nested=True) as run_id:
+        tracker.log_params({
+            **fold_config.as_dict(), **job.fold_params, "fold": fold, "n_train": len(job.train_ids),
+            "n_val": len(job.val_ids), "n_test": len(job.test_ids), "val_fraction": job.val_fraction,
+        })
+        seed_everything(fold_config.seed)
+        model = model_factory()
+        n_params = count_parameters(model)
+        log.info("fold %d: train %d, validation %d, out-of-fold %d cases", fold, len(job.train_ids),
+                 len(job.val_ids), len(job.test_ids))
+        checkpoint = job.work_dir / f"fold-{fold}.pt"
+        result = train_model(
+            model, [volumes[i] for i in job.train_ids], [volumes[i] for i in job.val_ids], fold_config, tracker,
+            checkpoint_path=checkpoint,
+        )
+        start = time.perf_counter()
+        for cid in job.test_ids:
+            case = by_id[cid]
+            mask = predict_case(
+                result.model, case, fold_config.roi_size, fold_config.overlap, fold_config.sw_batch_size,
+                result.device, job.threshold, job.largest_component, mirror_axes=fold_config.mirror_axes,
+            )
+            write_image(mask, job.masks_dir / f"{cid}.nii.gz")
+            row: dict[str, Any] = {"case_id": cid, "fold": fold}
+            if case.original_mask is not None:
+                ref = read_mask(case.original_mask, label=1, case_id=cid)
+                row.update(case_metrics(mask, ref, case_id=cid))
+            rows.append(row)
+        infer_s = (time.perf_counter() - start) / max(1, len(job.test_ids))
+        fold_rows = [r for r in rows if "dice" in r]
+        fold_dice = float(np.mean([r["dice"] for r in fold_rows])) if fold_rows else math.nan
+        tracker.log_metrics({
+            "best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+            "train_seconds": result.train_seconds, "infer_seconds_per_case": infer_s,
+            "n_parameters": n_params, **({"oof_dice_mean": fold_dice} if fold_rows else {}),
+        })
+        fig = plot_curves({fold: result.history}, title=f"fold {fold}")
+        png = job.work_dir / f"fold-{fold}_curves.png"
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        tracker.log_artifact(png, artifact_path="curves")
+        if checkpoint.exists():
+            tracker.log_artifact(checkpoint, artifact_path="checkpoint")
+        fold_result = FoldResult(
+            fold=fold, history=result.history, best_epoch=result.best_epoch,
+            best_val_dice=result.best_val_dice, n_train=len(job.train_ids), n_val=len(job.val_ids),
+            n_test=len(job.test_ids), train_seconds=result.train_seconds, infer_seconds_per_case=infer_s,
+            n_parameters=n_params, run_id=run_id,
+        )
+        log.info("fold %d: best val Dice %.4f (epoch %d), out-of-fold Dice %.4f, %.0f s train",
+                 fold, result.best_val_dice, result.best_epoch, fold_dice, result.train_seconds)
+    best_model = result.model.to("cpu")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return fold_result, rows, best_model
+
+
+#: Set in the parent just before the worker processes fork; they read it instead of unpickling volumes.
+_FORK_STATE: dict[str, Any] = {}
+
+
+def _fold_worker(job: _FoldJob) -> tuple[list, FoldResult, list[dict[str, Any]], dict[str, Any]]:
+    """Worker process: train one fold with a call buffer as its tracker; the model goes back as a state dict."""
+    from bonemet.tracking.base import CallBuffer
+
+    buffer = CallBuffer()
+    fold_result, rows, model = _train_fold(job, _FORK_STATE["by_id"], _FORK_STATE["volumes"],
+                                           _FORK_STATE["factory"], buffer)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return buffer.calls, fold_result, rows, state
+
+
+def _run_parallel(jobs: Sequence[_FoldJob], by_id: Mapping[str, SegCase], volumes: Mapping[str, Any],
+                  model_factory: Callable[[], Any], tracker: Tracker, parallel: int):
+    """Train folds in ``parallel`` forked processes; yield their outcomes in fold order.
+
+    Each fold's tracker calls are replayed into ``tracker`` in the parent (in fold order, so the
+    nested runs appear as in a sequential run); a fold's failure (e.g. a case whose inference
+    fails) is raised here, naming the case.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bonemet.tracking.base import replay_calls
+
+    _FORK_STATE.update(by_id=by_id, volumes=volumes, factory=model_factory)
+    try:
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_fold_worker, job) for job in jobs]
+            for future in futures:
+                calls, fold_result, rows, state = future.result()
+                run_ids = replay_calls(calls, tracker)
+                fold_result.run_id = run_ids[0] if run_ids else None
+                model = model_factory()
+                model.load_state_dict(state)
+                yield fold_result, rows, model.eval()
+    finally:
+        _FORK_STATE.clear()

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             cases, folds, factory, config, seg["masks_dir"], seg["work_dir"], tracker,
             val_fraction=float(seg["val_fraction"]), threshold=float(seg["threshold"]),
             largest_component=bool(seg["largest_component"]), fold_params={"model": name, "network": net_kwargs},
-            only_folds=only_folds,
+            only_folds=only_folds, parallel_folds=int(seg.get("parallel_folds", 1) or 1),
         )
         wall = time.perf_counter() - start
         table = pd.DataFrame(result.case_rows).sort_values("case_id")

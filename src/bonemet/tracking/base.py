@@ -111,3 +111,68 @@ class RecordingTracker(Tracker):
             if record["name"] == name:
                 return record
         raise KeyError(name)
+
+
+class CallBuffer(Tracker):
+    """Records tracker calls (picklable) so another process's tracker can replay them in order.
+
+    A fold trained in a worker process logs into a ``CallBuffer``; the parent replays the calls
+    into the real tracker with :func:`replay_calls` (same runs, params, per-step metrics and
+    artifact files; only the timestamps are those of the replay). Figures and models are not
+    buffered: log them from the parent.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[None]:
+        self.calls.append(("run", (name,), {"tags": dict(tags or {}), "nested": nested}))
+        try:
+            yield None
+        finally:
+            self.calls.append(("end_run", (), {}))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.calls.append(("log_params", (dict(params),), {}))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.calls.append(("log_metrics", ({k: float(v) for k, v in metrics.items()},), {"step": step}))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.calls.append(("set_tags", (dict(tags),), {}))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.calls.append(("log_artifact", (str(path),), {"artifact_path": artifact_path}))
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self.calls.append(("log_dict", (dict(data), name), {}))
+
+    def log_table(self, table: Any, name: str) -> None:
+        self.calls.append(("log_table", (table, name), {}))
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        raise NotImplementedError("CallBuffer does not carry figures: save the figure and log_artifact the file")
+
+    def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
+        raise NotImplementedError("CallBuffer does not carry models: log the model from the parent process")
+
+
+def replay_calls(calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]], tracker: Tracker) -> list[str | None]:
+    """Replay a :class:`CallBuffer`'s calls into ``tracker``; returns the ids of the runs opened, in order."""
+    opened: list[Any] = []
+    run_ids: list[str | None] = []
+    try:
+        for method, args, kwargs in calls:
+            if method == "run":
+                context = tracker.run(*args, **kwargs)
+                run_ids.append(context.__enter__())
+                opened.append(context)
+            elif method == "end_run":
+                opened.pop().__exit__(None, None, None)
+            else:
+                getattr(tracker, method)(*args, **kwargs)
+    finally:
+        while opened:
+            opened.pop().__exit__(None, None, None)
+    return run_ids
