@@ -302,3 +302,9 @@ def test_parallel_fold_failure_names_the_case(tmp_path):
             tmp_path / "masks", tmp_path / "work", val_fraction=0.25, parallel_folds=2,
         )
     assert not (tmp_path / "masks").exists()
+
+
+def test_num_workers_is_checked():
+    assert TrainConfig().num_workers == 0
+    with pytest.raises(TrainingConfigError, match="num_workers must be >= 0; found -1"):
+        TrainConfig(num_workers=-1)
