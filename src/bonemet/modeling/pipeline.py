@@ -90,7 +90,7 @@ def build_scaler(kind: str, seed: int) -> Any:
     if kind == "yeo-johnson":
         return PowerTransformer(method="yeo-johnson", standardize=True)
     if kind == "quantile":
-        # n_quantiles is capped by the rows of each fit (sklearn warns and caps it otherwise)
+        # sklearn caps n_quantiles at the rows of a smaller fit (with a warning)
         return QuantileTransformer(n_quantiles=100, output_distribution="normal", subsample=None, random_state=seed)
     raise ValueError(f"select.scaler must be one of {list(SCALERS)}; found {kind!r}")
 
