@@ -212,6 +212,13 @@ def test_missu_segmenter_metadata_fallback_and_missing_keys():
     assert seg.preprocess == PREPROCESS and seg.overlap == 0.5 and seg.roi_size == (16, 16, 16)
     with pytest.raises(PredictError, match="lacks preprocess"):
         MissuSegmenter.from_metadata(BrightIsLesion(), meta)
+    # mirror_axes: optional; the model's own value, else the fallback's, else no mirroring
+    assert seg.mirror_axes == ()
+    full = {**meta, "preprocess": PREPROCESS}
+    assert MissuSegmenter.from_metadata(BrightIsLesion(), {**full, "mirror_axes": [2, 0]}).mirror_axes == (0, 2)
+    assert MissuSegmenter.from_metadata(BrightIsLesion(), full, fallback={"mirror_axes": [1]}).mirror_axes == (1,)
+    with pytest.raises(ValueError, match="mirror_axes must be distinct spatial axes"):
+        MissuSegmenter.from_metadata(BrightIsLesion(), {**full, "mirror_axes": [3]})
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path) -> None:

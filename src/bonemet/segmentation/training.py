@@ -75,7 +75,7 @@ class TrainConfig:
     amp: bool = True               # autocast on CUDA only
     num_threads: int | None = None
     num_workers: int = 0           # augmentation worker processes (0 = in the training process)
-    channels_last: bool = True     # channels-last 3D memory format for training (~30% faster steps on CPU)
+    channels_last: bool = True     # channels-last 3D memory format for training (~7% faster steps on CPU)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -71,8 +71,8 @@ class MissuSegmenter:
         sw_batch_size: windows per forward pass.
         threshold: lesion probability at or above which a voxel is lesion.
         largest_component: keep only the largest connected component of the mask.
-        mirror_axes: test-time mirroring axes (0 = D, 1 = H, 2 = W); optional in the metadata
-            (models logged before it existed predict without mirroring).
+        mirror_axes: test-time mirroring axes (0 = D, 1 = H, 2 = W); optional: a model logged
+            before the key existed takes ``fallback``'s value, and mirrors nothing without one.
         device: torch device ("cpu" or "cuda").
         name, version: registered model name and version, reported in the result.
     """
@@ -108,6 +108,8 @@ class MissuSegmenter:
         Raises:
             PredictError: a needed key is in neither mapping.
         """
+        from bonemet.segmentation.inference import check_mirror_axes
+
         metadata = dict(metadata or {})
         fallback = dict(fallback or {})
         values: dict[str, Any] = {}
@@ -134,7 +136,7 @@ class MissuSegmenter:
             sw_batch_size=int(values["sw_batch_size"]),
             threshold=float(values["threshold"]),
             largest_component=bool(values["largest_component"]),
-            mirror_axes=tuple(int(a) for a in (metadata.get("mirror_axes", fallback.get("mirror_axes")) or ())),
+            mirror_axes=check_mirror_axes(metadata.get("mirror_axes", fallback.get("mirror_axes"))),
             device=device,
             name=name,
             version=version,
