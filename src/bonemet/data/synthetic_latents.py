@@ -6,9 +6,9 @@ Each case draws three phenotype latents that depend on the label (1 = breast ori
     z = (density, heterogeneity, irregularity) | label ~ N(mu_label, Sigma)
 
 * ``density``: < 0 osteolytic (lesion darker than trabecular bone), > 0 osteoblastic (brighter);
-  the magnitude sets how far the lesion's mean HU is from the bone's.
+  the magnitude sets the lesion's mean HU (an absolute value, kept clear of the bone's).
 * ``heterogeneity``: log-scale of the lesion's internal HU texture (mixed lesions are high).
-* ``irregularity``: margin irregularity (amplitude of a lobulated boundary perturbation).
+* ``irregularity``: margin irregularity: how elongated and lobulated the lesion's boundary is.
 
 Lesion size, position and every scanner or anatomy variable are independent of the label.
 Because the class-conditional distributions are Gaussian with a shared covariance, the

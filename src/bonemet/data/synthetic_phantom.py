@@ -11,11 +11,11 @@ posterior, z superior, LPS-like), rotated and shifted per case:
 * intervertebral discs (annulus ~95 HU, nucleus ~70 HU), the spinal canal (~15 HU);
 * posterior elements (pedicles, laminae, spinous, articular and transverse processes) with a
   cortical shell;
-* one lesion inside the middle vertebral body: a sphere of radius r whose boundary is
-  perturbed by lobes (margin irregularity), filled with a mean HU set by the density latent
+* one lesion inside the middle vertebral body: an ellipsoid of mean radius r, elongated and
+  with a boundary perturbed by lobes in proportion to the margin irregularity, filled with a mean HU set by the density latent
   (lytic: below the bone; blastic: above it; never equal) plus a smooth internal texture
-  whose amplitude is set by the heterogeneity latent (clipped so that no lesion voxel reaches
-  the bone's mean HU: the lesion stays segmentable). A 1.5 mm trabecular rim separates the
+  whose amplitude is set by the heterogeneity latent (reflected at a limit so that no lesion
+  voxel reaches the bone's mean HU: the lesion stays segmentable). A 1.5 mm trabecular rim separates the
   lesion from the cortex; lesions larger than the body are cut to its trabecular compartment.
 
 The scanner is simulated by rendering at <= 1 mm along z and averaging into slices of the
@@ -64,23 +64,36 @@ DISC_NUCLEUS_HU = 70.0
 POSTERIOR_INTERIOR_EXTRA_HU = 80.0
 TRABECULAR_SIGMAS_MM = (0.6, 1.8)  # band-pass texture of trabecular bone
 
-# Lesion phenotype mapping (latent -> image), HU and mm.
-LYTIC_CONTRAST_HU = 150.0  # lytic mean = bone mean - this + slope * density (density < 0)
-LYTIC_SLOPE_HU = 55.0
-LYTIC_FLOOR_HU = -40.0
-BLASTIC_CONTRAST_HU = 280.0  # blastic mean = bone mean + this + slope * density (density >= 0)
+# Lesion phenotype mapping (latent -> image), HU and mm. The lesion's mean HU is absolute, not
+# relative to the case's trabecular bone: a lytic lesion is soft tissue replacing bone, whatever
+# the bone's density was (relative means made the bone's 190-290 HU range a nuisance as large as
+# two units of the density latent for lytic lesions).
+LYTIC_HU_AT_ZERO = 60.0  # lytic mean = this + slope * density (density < 0)
+LYTIC_SLOPE_HU = 80.0
+LYTIC_FLOOR_HU = -150.0
+BLASTIC_HU_AT_ZERO = 500.0  # blastic mean = this + slope * density (density >= 0)
 BLASTIC_SLOPE_HU = 250.0
 BLASTIC_CEILING_HU = 1600.0
-HETEROGENEITY_FLOOR_HU = 15.0  # internal texture sd = floor + base * exp(gain * heterogeneity)
-HETEROGENEITY_BASE_HU = 40.0
-HETEROGENEITY_GAIN = 0.5
+HETEROGENEITY_FLOOR_HU = 10.0  # internal texture sd = floor + base * exp(gain * heterogeneity)
+HETEROGENEITY_BASE_HU = 45.0
+HETEROGENEITY_GAIN = 0.9
 LESION_TEXTURE_SIGMA_MM = 1.8  # correlation length of the internal texture (at least half a slice along z)
 LYTIC_MAX_BELOW_BONE_HU = 40.0  # a lytic lesion's texture never rises above bone mean - this
 BLASTIC_MIN_ABOVE_BONE_HU = 80.0  # a blastic lesion's texture never falls below bone mean + this
-IRREGULARITY_MAX = 0.32  # boundary amplitude = max * sigmoid(gain * irregularity)
-IRREGULARITY_GAIN = 1.2
+IRREGULARITY_MAX = 0.45  # irregularity amplitude = max * sigmoid(gain * irregularity)
+IRREGULARITY_GAIN = 1.5
+# An irregular lesion is both elongated and lobulated. Elongation: semi-axes r * exp(k * amp),
+# r, r * exp(-k * amp) (volume kept), so flatness runs from ~0.95 to ~0.35 with the latent: a
+# global shape that automatic masks reproduce (ICC >= 0.9 against the manual mask), where the
+# lobulation alone (sphericity) did not pass the study's ICC filter. Lobes on top: relative
+# amplitude LOBE_FRACTION * amp.
+ELONGATION_PER_AMPLITUDE = 1.5
+LOBE_FRACTION = 0.5
 LOBES = 14
 LOBE_CONCENTRATION = 5.0
+# The long axis lies along x (the vertebral body's widest extent), the short one along z, each
+# turned by a random angle of this sd (degrees) about every axis.
+LESION_ORIENTATION_SD_DEG = 20.0
 LESION_MARGIN_MM = 1.0  # keep the nominal sphere this far inside the trabecular compartment
 LESION_RIM_MM = 1.5  # trabecular rim kept between lesion and cortex (a blastic lesion never fuses with it)
 
@@ -104,10 +117,17 @@ class RenderedCase:
 
 
 def lesion_mean_hu(density: float, bone_mean_hu: float) -> float:
-    """Lesion mean HU from the density latent: lytic below, blastic above the bone, never equal."""
+    """Lesion mean HU from the density latent: lytic below, blastic above the bone, never equal.
+
+    The mean is absolute (``LYTIC_HU_AT_ZERO`` / ``BLASTIC_HU_AT_ZERO`` plus a slope times the
+    latent); ``bone_mean_hu`` only keeps it ``LYTIC_MAX_BELOW_BONE_HU`` below or
+    ``BLASTIC_MIN_ABOVE_BONE_HU`` above the bone, so that the lesion stays segmentable.
+    """
     if density < 0:
-        return max(LYTIC_FLOOR_HU, bone_mean_hu - LYTIC_CONTRAST_HU + LYTIC_SLOPE_HU * density)
-    return min(BLASTIC_CEILING_HU, bone_mean_hu + BLASTIC_CONTRAST_HU + BLASTIC_SLOPE_HU * density)
+        mean = max(LYTIC_FLOOR_HU, LYTIC_HU_AT_ZERO + LYTIC_SLOPE_HU * density)
+        return min(mean, bone_mean_hu - LYTIC_MAX_BELOW_BONE_HU)
+    mean = min(BLASTIC_CEILING_HU, BLASTIC_HU_AT_ZERO + BLASTIC_SLOPE_HU * density)
+    return max(mean, bone_mean_hu + BLASTIC_MIN_ABOVE_BONE_HU)
 
 
 def lesion_texture_sd_hu(heterogeneity: float) -> float:
@@ -116,7 +136,7 @@ def lesion_texture_sd_hu(heterogeneity: float) -> float:
 
 
 def irregularity_amplitude(irregularity: float) -> float:
-    """Relative amplitude of the lobulated boundary perturbation from the irregularity latent."""
+    """Irregularity amplitude (elongation and lobulation of the margin) from the latent."""
     return IRREGULARITY_MAX / (1.0 + math.exp(-IRREGULARITY_GAIN * irregularity))
 
 
@@ -318,17 +338,20 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc
     in_w, in_a, in_p = bw - CORTEX_MM, ba - CORTEX_MM, bp - CORTEX_MM
     in_h = BODY_HALF_HEIGHT * s * (1 - ENDPLATE_CONCAVITY) - CORTEX_MM
     ox, oy, oz = p.lesion_offset
-    room = lambda half: max(0.0, half - r - LESION_MARGIN_MM)  # noqa: E731
-    cx = ox * room(in_w) * 0.7
-    cy = byc + (oy * room(in_a) if oy < 0 else oy * room(in_p)) * 0.7
-    cz = oz * room(in_h)
+    elongation = math.exp(ELONGATION_PER_AMPLITUDE * amp)
+    axes = (elongation, 1.0, 1.0 / elongation)  # semi-axes / r along the lesion's own axes (x, y, z)
+    room = lambda half, axis: max(0.0, half - r * axes[axis] - LESION_MARGIN_MM)  # noqa: E731
+    cx = ox * room(in_w, 0) * 0.7
+    cy = byc + (oy * room(in_a, 1) if oy < 0 else oy * room(in_p, 1)) * 0.7
+    cz = oz * room(in_h, 2)
     # bounding box on the fine grid (image frame coordinates of the anatomy-frame centre)
     theta = math.radians(p.rotation_deg)
     cxi = math.cos(theta) * cx - math.sin(theta) * cy + p.shift_mm[0]
     cyi = math.sin(theta) * cx + math.cos(theta) * cy + p.shift_mm[1]
     dz, sy, sx = fine_spacing
     ny, nx = xa.shape
-    reach = r * (1 + 3 * amp) + 2.0
+    lobe_amp = LOBE_FRACTION * amp
+    reach = r * elongation * (1 + 2.5 * lobe_amp) + 2.0
     ix0 = max(0, int((cxi - reach) / sx + (nx - 1) / 2))
     ix1 = min(nx, int((cxi + reach) / sx + (nx - 1) / 2) + 2)
     iy0 = max(0, int((cyi - reach) / sy + (ny - 1) / 2))
@@ -340,11 +363,16 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc
     by = ya[box[1:]][None] - cy
     bz = (zf[iz0:iz1] - cz)[:, None, None]
     bx, by, bz = np.broadcast_arrays(bx, by, bz)
-    dist = np.sqrt(bx**2 + by**2 + bz**2)
-    u = np.stack([bx, by, bz], axis=-1).reshape(-1, 3) / np.maximum(dist.reshape(-1, 1), 1e-6)
+    # lesion frame: the anatomy-frame offsets along the lesion's axes (element-wise float64, no BLAS)
+    rot = _orientation(rng)
+    local = [bx * rot[0, j] + by * rot[1, j] + bz * rot[2, j] for j in range(3)]
+    dist = np.sqrt(local[0] ** 2 + local[1] ** 2 + local[2] ** 2)
+    u = np.stack(local, axis=-1).reshape(-1, 3) / np.maximum(dist.reshape(-1, 1), 1e-6)
+    # ellipsoidal radius: the offset in units of the ellipsoid's semi-axes
+    scaled = np.sqrt(sum((local[j] / axes[j]) ** 2 for j in range(3)))
     lobe = np.clip(lobes(u).reshape(dist.shape), -2.5, 2.5)
-    boundary = r * np.maximum(1.0 + amp * lobe, 0.4)
-    inside = (dist <= boundary) & (rho_body0[box] <= -(CORTEX_MM + LESION_RIM_MM))
+    boundary = r * np.maximum(1.0 + lobe_amp * lobe, 0.4)
+    inside = (scaled <= boundary) & (rho_body0[box] <= -(CORTEX_MM + LESION_RIM_MM))
     mean = lesion_mean_hu(p.density, p.trabecular_mean_hu)
     tex_sd = lesion_texture_sd_hu(p.heterogeneity)
     # the texture lives on the output slices (constant within a slice's sub-slices) so that the
@@ -360,10 +388,16 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc
     texture = np.repeat(coarse, n_sub, axis=0)[iz0 - k0 * n_sub : iz1 - k0 * n_sub]
     values = mean + tex_sd * texture
     bone_mean = p.trabecular_mean_hu
+    # Texture reaching past the limit is reflected back (not clipped), so that its spread keeps
+    # growing with the heterogeneity latent; the final clip only catches a reflection overshoot.
     if p.density < 0:
-        values = np.minimum(values, bone_mean - LYTIC_MAX_BELOW_BONE_HU)
+        limit = bone_mean - LYTIC_MAX_BELOW_BONE_HU
+        values = np.where(values > limit, 2 * limit - values, values)
+        values = np.minimum(values, limit)
     else:
-        values = np.maximum(values, bone_mean + BLASTIC_MIN_ABOVE_BONE_HU)
+        limit = bone_mean + BLASTIC_MIN_ABOVE_BONE_HU
+        values = np.where(values < limit, 2 * limit - values, values)
+        values = np.maximum(values, limit)
     region = hu[box]
     region[inside] = values[inside]
     occupancy = np.zeros(hu.shape, dtype=np.float32)
@@ -373,8 +407,18 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc
         "lesion_mean_hu": float(mean),
         "lesion_texture_sd_hu": float(tex_sd),
         "irregularity_amplitude": float(amp),
+        "elongation": float(elongation),
     }
     return occupancy, info
+
+
+def _orientation(rng: np.random.Generator) -> np.ndarray:
+    """Rotation matrix (columns: the lesion's axes in the anatomy frame) near the identity."""
+    ax, ay, az = np.radians(rng.normal(0.0, LESION_ORIENTATION_SD_DEG, size=3))
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
 
 
 def _annotator_mask(manual: np.ndarray, rng: np.random.Generator, spacing_zyx) -> np.ndarray:
