@@ -135,6 +135,27 @@ def test_lasso_selector_cv_keeps_signal_and_at_most_max_features():
     assert sel.alpha_ in set(sel.alphas_)
 
 
+def test_lasso_selector_one_standard_error_rule_is_sparser_and_within_one_se():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(120, 60))
+    y = (X[:, 3] - X[:, 7] + 0.3 * X[:, 11] + 0.8 * rng.normal(size=120) > 0).astype(int)
+    at_min = LassoSelector(max_features=60, random_state=0).fit(X, y)
+    at_1se = LassoSelector(max_features=60, random_state=0, lambda_rule="1se").fit(X, y)
+    assert at_min.alpha_ == at_min.alpha_min_
+    assert at_1se.alpha_min_ == at_min.alpha_
+    assert at_1se.alpha_ > at_1se.alpha_min_
+    assert at_1se.get_support().sum() < at_min.get_support().sum()
+    assert {3, 7} <= set(np.flatnonzero(at_1se.get_support()))
+    mean = at_1se.mse_path_.mean(axis=1)
+    best = int(np.argmin(mean))
+    se = at_1se.mse_path_[best].std(ddof=1) / np.sqrt(at_1se.mse_path_.shape[1])
+    chosen = int(np.flatnonzero(at_1se.alphas_ == at_1se.alpha_)[0])
+    assert mean[chosen] <= mean[best] + se
+    assert chosen == 0 or mean[chosen - 1] > mean[best] + se  # the largest such lambda
+    with pytest.raises(ValueError, match="lambda_rule"):
+        LassoSelector(lambda_rule="max").fit(X, y)
+
+
 def test_lasso_selector_fixed_alpha_and_fallback():
     rng = np.random.default_rng(4)
     X = rng.normal(size=(80, 30))

@@ -70,6 +70,7 @@ def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[s
                 max_features=int(lasso.get("max_features", 20)),
                 max_iter=int(lasso.get("max_iter", 10000)),
                 random_state=seed,
+                lambda_rule=str(lasso.get("lambda_rule", "min")),
             ),
         )
     )

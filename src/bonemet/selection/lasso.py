@@ -22,6 +22,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 log = logging.getLogger(__name__)
 
+LAMBDA_RULES = ("min", "1se")
+
 
 def _numeric_target(y) -> np.ndarray:
     """The target as float: numeric labels as they are, other labels as their sorted index."""
@@ -52,6 +54,11 @@ class LassoSelector(SelectorMixin, BaseEstimator):
         Coordinate-descent iterations.
     random_state : int or None
         Seeds the CV fold shuffle.
+    lambda_rule : {"min", "1se"}, default "min"
+        Which cross-validated lambda: "min" the one with the lowest mean CV error (scikit-learn's
+        ``LassoCV``, glmnet's ``lambda.min``); "1se" the largest lambda whose mean CV error is
+        within one standard error of that minimum (glmnet's ``lambda.1se``): a sparser model that
+        the CV cannot tell apart from the best one. Ignored when ``alpha`` is fixed.
 
     If no coefficient survives at the chosen lambda, the selector walks down the lambda path to
     the first (largest) lambda with a nonzero coefficient and keeps those features (again at most
@@ -62,6 +69,8 @@ class LassoSelector(SelectorMixin, BaseEstimator):
     ----------
     alpha_ : float
         Lambda used.
+    alpha_min_ : float
+        The lambda of the lowest mean CV error (equals ``alpha_`` under the "min" rule or a fixed alpha).
     coef_ : ndarray
         LASSO coefficients at ``alpha_`` (standardised units when the input is standardised).
     alphas_, mse_path_ : ndarray
@@ -82,6 +91,7 @@ class LassoSelector(SelectorMixin, BaseEstimator):
         max_features: int = 20,
         max_iter: int = 10000,
         random_state: int | None = None,
+        lambda_rule: str = "min",
     ) -> None:
         self.alpha = alpha
         self.cv = cv
@@ -89,6 +99,7 @@ class LassoSelector(SelectorMixin, BaseEstimator):
         self.max_features = max_features
         self.max_iter = max_iter
         self.random_state = random_state
+        self.lambda_rule = lambda_rule
 
     def _splitter(self, y: np.ndarray):
         values, counts = np.unique(y, return_counts=True)
@@ -103,6 +114,10 @@ class LassoSelector(SelectorMixin, BaseEstimator):
             raise ValueError(f"LassoSelector max_features must be >= 1, found {self.max_features}")
         if self.alpha is not None and float(self.alpha) < 0:
             raise ValueError(f"LassoSelector alpha must be >= 0 or None, found {self.alpha}")
+        if self.lambda_rule not in LAMBDA_RULES:
+            raise ValueError(
+                f"LassoSelector lambda_rule must be one of {', '.join(LAMBDA_RULES)}, found {self.lambda_rule!r}"
+            )
         Xv, yv = validate_data(self, X, y, dtype=np.float64, y_numeric=False)
         yf = _numeric_target(yv)
         with warnings.catch_warnings():
@@ -115,11 +130,15 @@ class LassoSelector(SelectorMixin, BaseEstimator):
                     random_state=self.random_state,
                 )
                 model.fit(Xv, yf)
-                self.alpha_ = float(model.alpha_)
                 self.alphas_ = np.asarray(model.alphas_)
                 self.mse_path_ = np.asarray(model.mse_path_)
+                self.alpha_min_ = float(model.alpha_)
+                self.alpha_ = self._chosen_alpha(self.alphas_, self.mse_path_, self.alpha_min_)
                 coef = np.asarray(model.coef_)
                 self.n_iter_ = int(model.n_iter_)
+                if self.alpha_ != self.alpha_min_:
+                    refit = Lasso(alpha=self.alpha_, max_iter=self.max_iter).fit(Xv, yf)
+                    coef, self.n_iter_ = np.asarray(refit.coef_), max(1, int(refit.n_iter_))
             else:
                 self.alpha_ = float(self.alpha) if self.alpha is not None else 0.0
                 coef, self.n_iter_ = np.zeros(Xv.shape[1]), 1
@@ -128,6 +147,7 @@ class LassoSelector(SelectorMixin, BaseEstimator):
                     coef, self.n_iter_ = fixed.coef_, max(1, int(fixed.n_iter_))
                 self.alphas_ = None
                 self.mse_path_ = None
+                self.alpha_min_ = self.alpha_
             path_grid = self.alphas_ if self.alphas_ is not None else int(self.n_alphas)
             alphas, coef_path, _ = lasso_path(
                 Xv - Xv.mean(axis=0), yf - yf.mean(), alphas=path_grid, max_iter=self.max_iter
@@ -162,6 +182,16 @@ class LassoSelector(SelectorMixin, BaseEstimator):
         support[nonzero] = True
         self.support_ = support
         return self
+
+    def _chosen_alpha(self, alphas: np.ndarray, mse_path: np.ndarray, alpha_min: float) -> float:
+        """Lambda by ``lambda_rule`` from the CV grid (descending) and its per-fold MSE."""
+        if self.lambda_rule == "min":
+            return alpha_min
+        mean = mse_path.mean(axis=1)
+        best = int(np.argmin(mean))
+        se = mse_path[best].std(ddof=1) / np.sqrt(mse_path.shape[1])
+        within = np.flatnonzero(mean <= mean[best] + se)
+        return float(alphas[within.min()])  # the grid descends: the lowest index is the largest lambda
 
     def _get_support_mask(self) -> np.ndarray:
         check_is_fitted(self, "support_")
