@@ -11,12 +11,13 @@ posterior, z superior, LPS-like), rotated and shifted per case:
 * intervertebral discs (annulus ~95 HU, nucleus ~70 HU), the spinal canal (~15 HU);
 * posterior elements (pedicles, laminae, spinous, articular and transverse processes) with a
   cortical shell;
-* one lesion inside the middle vertebral body: an ellipsoid of mean radius r, elongated and
-  with a boundary perturbed by lobes in proportion to the margin irregularity, filled with a mean HU set by the density latent
-  (lytic: below the bone; blastic: above it; never equal) plus a smooth internal texture
-  whose amplitude is set by the heterogeneity latent (reflected at a limit so that no lesion
-  voxel reaches the bone's mean HU: the lesion stays segmentable). A 1.5 mm trabecular rim separates the
-  lesion from the cortex; lesions larger than the body are cut to its trabecular compartment.
+* one lesion inside the middle vertebral body: an ellipsoid of mean radius r whose elongation
+  and lobulated boundary grow with the margin irregularity, filled with a mean HU set by the
+  density latent (lytic: below the bone; blastic: above it; never equal) plus a smooth internal
+  texture whose amplitude is set by the heterogeneity latent (reflected at a limit so that no
+  lesion voxel reaches the bone's mean HU: the lesion stays segmentable). A 1.5 mm trabecular
+  rim separates the lesion from the cortex; lesions larger than the body are cut to its
+  trabecular compartment.
 
 The scanner is simulated by rendering at <= 1 mm along z and averaging into slices of the
 case's thickness (slice profile), an in-plane Gaussian point-spread function, additive
@@ -94,7 +95,7 @@ LOBE_CONCENTRATION = 5.0
 # The long axis lies along x (the vertebral body's widest extent), the short one along z, each
 # turned by a random angle of this sd (degrees) about every axis.
 LESION_ORIENTATION_SD_DEG = 20.0
-LESION_MARGIN_MM = 1.0  # keep the nominal sphere this far inside the trabecular compartment
+LESION_MARGIN_MM = 1.0  # keep the nominal ellipsoid this far inside the trabecular compartment
 LESION_RIM_MM = 1.5  # trabecular rim kept between lesion and cortex (a blastic lesion never fuses with it)
 
 # Annotator boundary perturbation (mm).
@@ -389,15 +390,13 @@ def _paint_lesion(p, rng, hu, xa, ya, zf, n_sub, fine_spacing, rho_body0, s, byc
     values = mean + tex_sd * texture
     bone_mean = p.trabecular_mean_hu
     # Texture reaching past the limit is reflected back (not clipped), so that its spread keeps
-    # growing with the heterogeneity latent; the final clip only catches a reflection overshoot.
+    # growing with the heterogeneity latent.
     if p.density < 0:
         limit = bone_mean - LYTIC_MAX_BELOW_BONE_HU
         values = np.where(values > limit, 2 * limit - values, values)
-        values = np.minimum(values, limit)
     else:
         limit = bone_mean + BLASTIC_MIN_ABOVE_BONE_HU
         values = np.where(values < limit, 2 * limit - values, values)
-        values = np.maximum(values, limit)
     region = hu[box]
     region[inside] = values[inside]
     occupancy = np.zeros(hu.shape, dtype=np.float32)
