@@ -136,9 +136,6 @@ class LassoSelector(SelectorMixin, BaseEstimator):
                 self.alpha_ = self._chosen_alpha(self.alphas_, self.mse_path_, self.alpha_min_)
                 coef = np.asarray(model.coef_)
                 self.n_iter_ = int(model.n_iter_)
-                if self.alpha_ != self.alpha_min_:
-                    refit = Lasso(alpha=self.alpha_, max_iter=self.max_iter).fit(Xv, yf)
-                    coef, self.n_iter_ = np.asarray(refit.coef_), max(1, int(refit.n_iter_))
             else:
                 self.alpha_ = float(self.alpha) if self.alpha is not None else 0.0
                 coef, self.n_iter_ = np.zeros(Xv.shape[1]), 1
@@ -153,6 +150,8 @@ class LassoSelector(SelectorMixin, BaseEstimator):
                 Xv - Xv.mean(axis=0), yf - yf.mean(), alphas=path_grid, max_iter=self.max_iter
             )
         self.coef_path_ = np.asarray(coef_path)
+        if self.alpha_ != self.alpha_min_:  # the "1se" lambda: its coefficients are on the path already
+            coef = self.coef_path_[:, int(np.flatnonzero(self.alphas_ == self.alpha_)[0])]
         if self.alphas_ is None:
             self.path_alphas_ = np.asarray(alphas)
         else:
