@@ -22,8 +22,14 @@ from bonemet.modeling.evaluation import (
     f1_from_labels,
     wilson_ci,
 )
-from bonemet.modeling.stats import holm_adjust
-from bonemet.modeling.table1 import build_table1, delong_comparison_table, table1_markdown, write_table1
+from bonemet.modeling.stats import delong_difference, holm_adjust
+from bonemet.modeling.table1 import (
+    bayes_classifier_reference,
+    build_table1,
+    delong_comparison_table,
+    table1_markdown,
+    write_table1,
+)
 
 
 def _sample(n: int, seed: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +121,24 @@ def test_delong_test_pvalues_under_null_are_not_extreme():
     ps = np.asarray(ps)
     assert 0.3 < np.median(ps) < 0.7
     assert (ps < 0.05).mean() <= 0.15
+
+
+def test_delong_difference_interval_agrees_with_the_test():
+    """The CI of the AUC difference excludes 0 exactly when the two-sided p is below alpha."""
+    y, s = _sample(80, 11, shift=1.0)
+    d = delong_difference(y, s, s)
+    assert d["diff"] == d["diff_lo"] == d["diff_hi"] == 0.0 and d["p"] == 1.0
+    for seed in range(12):
+        rng = np.random.default_rng(200 + seed)
+        a, b = rng.normal(size=80) + y * 1.5, rng.normal(size=80) + y * rng.uniform(0.0, 1.5)
+        d = delong_difference(y, a, b, alpha=0.1)
+        auc_a, auc_b, z, p = delong_test(y, a, b)
+        assert (d["auc_a"], d["auc_b"], d["z"], d["p"]) == (auc_a, auc_b, z, p)
+        assert d["diff"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+        assert d["diff_lo"] < d["diff"] < d["diff_hi"]
+        assert (d["diff_lo"] > 0 or d["diff_hi"] < 0) == (d["p"] < 0.1)
+        wide = delong_difference(y, a, b, alpha=0.01)
+        assert wide["diff_lo"] < d["diff_lo"] and wide["diff_hi"] > d["diff_hi"]
 
 
 def test_delong_single_class_raises():
@@ -282,6 +306,32 @@ def test_write_table1_json_markdown(tmp_path):
         build_table1(res2, bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn"
     )
     assert j2.read_bytes() == j.read_bytes() and md2.read_bytes() == md.read_bytes()
+
+
+def test_bayes_classifier_reference_in_table1(tmp_path):
+    y, llr = _sample(60, 4, shift=2.0)
+    model = llr + np.random.default_rng(5).normal(scale=1.5, size=60)  # a noisier view of the same signal
+    ref = bayes_classifier_reference(y, model, llr)
+    assert ref["n"] == 60
+    assert ref["llr_auc"] == pytest.approx(roc_auc_score(y, llr))
+    assert ref["llr_auc_lo"] < ref["llr_auc"] < ref["llr_auc_hi"]
+    assert ref["model_minus_llr"] == pytest.approx(roc_auc_score(y, model) - roc_auc_score(y, llr))
+    assert ref["model_minus_llr"] < 0 and 0 < ref["p"] < 1
+    df = build_table1(_results(), bayes_auc=0.9, best_model="knn", bayes_reference=ref)
+    j, md = tmp_path / "t.json", tmp_path / "t.md"
+    write_table1(df, j, md)
+    doc = json.loads(j.read_text())["bayes_optimal"]
+    assert doc["auc"] == 0.9
+    assert doc["test_set_latent_llr"]["n"] == 60
+    assert doc["test_set_latent_llr"]["llr_auc"] == pytest.approx(ref["llr_auc"], abs=1e-6)
+    text = md.read_text()
+    assert "On these 60 test cases the Bayes classifier itself" in text
+    assert f"{ref['llr_auc']:.3f}" in text and f"{ref['model_minus_llr']:+.3f}" in text
+    # without a reference the footnote and the JSON block are absent
+    plain = build_table1(_results(), bayes_auc=0.9, best_model="knn")
+    write_table1(plain, j, md)
+    assert "test_set_latent_llr" not in j.read_text()
+    assert "Bayes classifier itself" not in md.read_text()
 
 
 def test_table1_markdown_without_bayes():

@@ -175,7 +175,11 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
     primary.to_parquet(tmp_path / "data" / "features" / "auto.parquet")
     paired.to_parquet(tmp_path / "data" / "features" / "manual.parquet")
     (tmp_path / "data" / "splits.json").write_text(json.dumps(splits))
-    (tmp_path / "data" / "raw" / "cohort.json").write_text(json.dumps({"bayes_auc": 0.88}))
+    # a synthetic cohort's cohort.json: the ceiling and each case's latent LLR (here label + noise)
+    llr = {c: float(y) + float(np.random.default_rng(i).normal()) for i, (c, y) in
+           enumerate(zip(primary["case_id"], primary["label"], strict=True))}
+    (tmp_path / "data" / "raw" / "cohort.json").write_text(json.dumps(
+        {"bayes_auc": 0.88, "cases": [{"case_id": c, "llr": v} for c, v in llr.items()]}))
     params = deep_merge(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), {
         "split": {"out": "data/splits.json"},
         "data": {"cohort_dir": "data/raw"},
@@ -189,6 +193,17 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
     table1 = json.loads((tmp_path / "metrics" / "table1.json").read_text())
     assert set(table1["models"]) == {"logreg", "knn"}
     assert table1["bayes_optimal"]["auc"] == 0.88
+    # the Bayes classifier scored on exactly the test cases, and the best model's paired distance to it
+    from sklearn.metrics import roc_auc_score
+
+    ref = table1["bayes_optimal"]["test_set_latent_llr"]
+    y_test = primary.set_index("case_id").loc[splits["test"], "label"]
+    assert ref["n"] == len(splits["test"])
+    assert ref["llr_auc"] == pytest.approx(roc_auc_score(y_test, [llr[c] for c in splits["test"]]), abs=1e-6)
+    best = json.loads((tmp_path / "models" / "index.json").read_text())["best_model"]
+    assert ref["model_minus_llr"] == pytest.approx(table1["models"][best]["test"]["auc"] - ref["llr_auc"], abs=1e-5)
+    assert ref["model_minus_llr_lo"] < ref["model_minus_llr"] < ref["model_minus_llr_hi"]
+    assert "Bayes classifier itself" in (tmp_path / "metrics" / "table1.md").read_text()
     assert (tmp_path / "metrics" / "cv_auc.json").is_file()
     assert (tmp_path / "models" / "selected_features.json").is_file()
     assert (tmp_path / "models" / "logreg.skops").is_file()

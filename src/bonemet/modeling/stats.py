@@ -155,6 +155,34 @@ def auc_ci_delong(
     return auc, float(min(max(lo, 0.0), 1.0)), float(min(max(hi, 0.0), 1.0))
 
 
+def delong_difference(
+    y_true: Sequence[int] | np.ndarray,
+    score_a: Sequence[float] | np.ndarray,
+    score_b: Sequence[float] | np.ndarray,
+    alpha: float = 0.05,
+) -> dict[str, float]:
+    """Paired DeLong comparison of two scores of the same cases, with a CI of the AUC difference.
+
+    Returns ``{auc_a, auc_b, diff (auc_a - auc_b), diff_lo, diff_hi, z, p}``: the (1 - alpha)
+    normal interval ``diff +/- z_crit * se`` with the DeLong variance of the difference
+    (var a + var b - 2 cov), the two-sided z test of ``diff = 0``. When that variance is 0
+    (identical rankings) the AUCs cannot differ: z = 0, p = 1 and the interval is the point.
+    """
+    alpha = _check_alpha(alpha)
+    y, a, b = check_binary(y_true, score_a, score_b)
+    aucs, cov = delong_covariance(y, np.vstack([a, b]))
+    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    diff = float(aucs[0] - aucs[1])
+    out = {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff}
+    if var <= 1e-15:
+        return {**out, "diff_lo": diff, "diff_hi": diff, "z": 0.0, "p": 1.0}
+    se = math.sqrt(var)
+    half = float(norm.ppf(1.0 - alpha / 2.0)) * se
+    z = diff / se
+    return {**out, "diff_lo": diff - half, "diff_hi": diff + half, "z": float(z),
+            "p": min(float(2.0 * norm.sf(abs(z))), 1.0)}
+
+
 def delong_test(
     y_true: Sequence[int] | np.ndarray,
     score_a: Sequence[float] | np.ndarray,
@@ -162,18 +190,11 @@ def delong_test(
 ) -> tuple[float, float, float, float]:
     """DeLong test of two correlated ROC curves on the same cases (two-sided).
 
-    Returns ``(auc_a, auc_b, z, p)``. When the variance of the difference is 0 (e.g. identical
-    rankings) the AUCs cannot differ: z = 0 and p = 1.
+    Returns ``(auc_a, auc_b, z, p)`` (see :func:`delong_difference`; z = 0, p = 1 when the
+    variance of the difference is 0, e.g. identical rankings).
     """
-    y, a, b = check_binary(y_true, score_a, score_b)
-    aucs, cov = delong_covariance(y, np.vstack([a, b]))
-    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
-    diff = float(aucs[0] - aucs[1])
-    if var <= 1e-15:
-        return float(aucs[0]), float(aucs[1]), 0.0, 1.0
-    z = diff / math.sqrt(var)
-    p = float(2.0 * norm.sf(abs(z)))
-    return float(aucs[0]), float(aucs[1]), float(z), min(p, 1.0)
+    d = delong_difference(y_true, score_a, score_b)
+    return d["auc_a"], d["auc_b"], d["z"], d["p"]
 
 
 def holm_adjust(pvalues: Sequence[float]) -> np.ndarray:

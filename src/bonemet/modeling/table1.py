@@ -3,6 +3,13 @@
 The JSON (``metrics/table1.json``) is DVC metrics: nested dicts of numbers,
 ``{"models": {model: {set: {metric: v, metric_lo: lo, metric_hi: hi, n: ...}}}, "bayes_optimal": {...}}``,
 with every undefined value written as ``null`` (never NaN).
+
+On a synthetic cohort the Bayes-optimal AUC is the cohort's expected ceiling. A 30 % test set is
+small (its AUC's CI is about +-0.1), so :func:`bayes_classifier_reference` also scores the Bayes
+classifier itself (the latents' log-likelihood ratio, which no image-based model sees) on the
+same test cases and compares the best model with it by a paired DeLong test: how far the model is
+from the best any classifier could do on *these* cases, and whether that distance is more than
+the split's noise.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bonemet.modeling.evaluation import METRICS
-from bonemet.modeling.stats import check_binary, delong_test, holm_adjust
+from bonemet.modeling.stats import auc_ci_delong, check_binary, delong_difference, delong_test, holm_adjust
 from bonemet.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -55,10 +62,34 @@ def _f(v: Any) -> float:
         return math.nan
 
 
+def bayes_classifier_reference(
+    y_true: Sequence[int] | np.ndarray,
+    model_scores: Sequence[float] | np.ndarray,
+    latent_llr: Sequence[float] | np.ndarray,
+    alpha: float = 0.05,
+    auc_ci: str = "normal",
+) -> dict[str, float]:
+    """The Bayes classifier on the same test cases as a model, and the model's paired distance to it.
+
+    ``latent_llr``: each test case's posterior log-likelihood ratio from the cohort's latents (the
+    synthetic cohort's ``cohort.json``). Returns ``{n, llr_auc, llr_auc_lo, llr_auc_hi,
+    model_minus_llr, model_minus_llr_lo, model_minus_llr_hi, p}``: the LLR's AUC with its DeLong
+    interval (``auc_ci`` form), and the model's AUC minus it with the paired DeLong interval and
+    two-sided p-value.
+    """
+    y, model, llr = check_binary(y_true, model_scores, latent_llr)
+    auc, lo, hi = auc_ci_delong(y, llr, alpha=alpha, method=auc_ci)
+    d = delong_difference(y, model, llr, alpha=alpha)
+    return {"n": int(y.shape[0]), "llr_auc": auc, "llr_auc_lo": lo, "llr_auc_hi": hi,
+            "model_minus_llr": d["diff"], "model_minus_llr_lo": d["diff_lo"],
+            "model_minus_llr_hi": d["diff_hi"], "p": d["p"]}
+
+
 def build_table1(
     results: Mapping[str, Mapping[str, Mapping[str, Any]]],
     bayes_auc: float | None = None,
     best_model: str | None = None,
+    bayes_reference: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """One row per model and set from ``{model: {"train": metrics, "test": metrics}}``.
 
@@ -66,7 +97,9 @@ def build_table1(
     every metric with ``_lo``/``_hi``, the counts, ``is_best``, and ``gap_to_bayes_auc``
     (``bayes_auc - auc``, NaN without ``bayes_auc``). Models keep their input order, sets are
     train then test (others after, in input order). The CI methods are kept in
-    ``df.attrs["ci_method"]``, ``bayes_auc`` and ``best_model`` in ``df.attrs`` too.
+    ``df.attrs["ci_method"]``, ``bayes_auc``, ``best_model`` and ``bayes_reference`` (the best
+    model against the Bayes classifier on the test cases, :func:`bayes_classifier_reference`) in
+    ``df.attrs`` too.
     """
     if best_model is not None and best_model not in results:
         raise Table1Error(f"best_model: expected one of {sorted(results)}, found {best_model!r}")
@@ -95,6 +128,7 @@ def build_table1(
     df.attrs["ci_method"] = ci_method
     df.attrs["bayes_auc"] = None if bayes_auc is None else float(bayes_auc)
     df.attrs["best_model"] = best_model
+    df.attrs["bayes_reference"] = None if bayes_reference is None else dict(bayes_reference)
     return df
 
 
@@ -135,6 +169,11 @@ def table1_json(
         best = _best_row(df, best_model)
         gap = None if best is None else _num(float(bayes_auc) - best["auc"], decimals)
         doc["bayes_optimal"] = {"auc": _num(bayes_auc, decimals), "best_test_auc_gap": gap}
+    reference = df.attrs.get("bayes_reference")
+    if reference:
+        doc.setdefault("bayes_optimal", {})["test_set_latent_llr"] = {
+            k: _num(v, decimals) for k, v in reference.items()
+        }
     return doc
 
 
@@ -194,6 +233,16 @@ def table1_markdown(
                 f"gap {float(bayes_auc) - best['auc']:.{decimals}f}."
             )
         lines.append(text)
+    reference = df.attrs.get("bayes_reference")
+    if reference:
+        r, f = reference, f".{decimals}f"
+        lines.append(
+            f"On these {r['n']} test cases the Bayes classifier itself (the latents' log-likelihood "
+            f"ratio, which no image-based model sees) reaches AUC {r['llr_auc']:{f}} "
+            f"({r['llr_auc_lo']:{f}}-{r['llr_auc_hi']:{f}}); best model minus it: "
+            f"{r['model_minus_llr']:+{f}} ({r['model_minus_llr_lo']:+{f}} to {r['model_minus_llr_hi']:+{f}}), "
+            f"paired DeLong p = {_p(r['p'])}."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -304,6 +304,7 @@ def run_training(
     metrics_dir: str | Path = "metrics",
     bayes_auc: float | None = None,
     feature_source: str = "auto",
+    case_llr: Mapping[str, float] | None = None,
 ) -> TrainingResults:
     """Train, cross-validate and evaluate every model in ``train_params['models']``.
 
@@ -317,8 +318,12 @@ def run_training(
     Writes ``out_dir/<model>.skops``, ``out_dir/selected_features.json``, ``out_dir/index.json``,
     ``metrics_dir/cv_auc.json``, ``metrics_dir/table1.json`` (+ ``table1.md``), figures and CSVs
     in ``plots_dir``. Logs a parent run ``train`` with a nested run per model to ``tracker``.
+    ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio}) come with a
+    synthetic cohort: Table 1 then also states the ceiling and, when every test case has an LLR,
+    the Bayes classifier's AUC on the test cases and the best model's paired distance to it.
     """
     from bonemet.modeling.table1 import (
+        bayes_classifier_reference,
         build_table1,
         delong_comparison_markdown,
         delong_comparison_table,
@@ -430,8 +435,19 @@ def run_training(
         cv_doc = {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs} for m, r in results.items()}
         write_json(metrics_dir / "cv_auc.json", cv_doc)
 
+        reference = None
+        if case_llr is not None and all(i in case_llr for i in test_ids):
+            reference = bayes_classifier_reference(
+                y_test, results[best].scores["test"], [float(case_llr[i]) for i in test_ids],
+                alpha=float(evaluate_params.get("alpha", 0.05)), auc_ci=str(evaluate_params.get("auc_ci", "normal")))
+            log.info("Bayes classifier (latents' LLR) on the %d test cases: AUC %.3f; %s minus it %+.3f "
+                     "(%+.3f to %+.3f), p %.3g", reference["n"], reference["llr_auc"], best,
+                     reference["model_minus_llr"], reference["model_minus_llr_lo"],
+                     reference["model_minus_llr_hi"], reference["p"])
+        elif case_llr is not None:
+            log.warning("cohort LLRs miss some test cases: no Bayes-classifier reference in Table 1")
         table = build_table1({m: {"train": r.train_metrics, "test": r.test_metrics} for m, r in results.items()},
-                             bayes_auc=bayes_auc, best_model=best)
+                             bayes_auc=bayes_auc, best_model=best, bayes_reference=reference)
         write_table1(table, metrics_dir / "table1.json", metrics_dir / "table1.md", bayes_auc=bayes_auc,
                      best_model=best, alpha=float(evaluate_params.get("alpha", 0.05)),
                      decimals=int(evaluate_params.get("decimals", 3)))
@@ -445,7 +461,10 @@ def run_training(
         tracker.set_tags({"best_model": best})
         tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
                                      "best_test_auc": results[best].test_metrics["auc"],
-                                     **({"bayes_auc": bayes_auc} if bayes_auc is not None else {})}))
+                                     **({"bayes_auc": bayes_auc} if bayes_auc is not None else {}),
+                                     **({"bayes_llr_test_auc": reference["llr_auc"],
+                                         "best_minus_bayes_llr_test_auc": reference["model_minus_llr"]}
+                                        if reference is not None else {})}))
         tracker.log_dict(selected, "selected_features.json")
         tracker.log_table(delong, "delong_test.csv")
         for path in (metrics_dir / "table1.json", metrics_dir / "table1.md", metrics_dir / "cv_auc.json",

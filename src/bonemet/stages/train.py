@@ -63,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
     primary, paired, primary_name, paired_name = _read_tables(features_dir, source)
     splits = json.loads(Path(args.splits or get(params, "split.out")).read_text(encoding="utf-8"))
     cohort_json = Path(get(params, "data.cohort_dir")) / "cohort.json"
-    bayes_auc = None
-    if cohort_json.is_file():
-        bayes_auc = json.loads(cohort_json.read_text(encoding="utf-8")).get("bayes_auc")
+    bayes_auc, case_llr = None, None
+    if cohort_json.is_file():  # a synthetic cohort: its ceiling and each case's Bayes score
+        cohort = json.loads(cohort_json.read_text(encoding="utf-8"))
+        bayes_auc = cohort.get("bayes_auc")
+        case_llr = {str(c["case_id"]): float(c["llr"]) for c in cohort.get("cases", [])
+                    if "case_id" in c and c.get("llr") is not None} or None
         log.info("cohort ceiling from %s: Bayes-optimal AUC %s", cohort_json, bayes_auc)
     tracker = NullTracker() if args.no_mlflow else mlflow_tracker(str(train.get("experiment", "bonemet-classification")))
     log.info("training on %s features (ICC paired with %s), %d cases x %d columns", primary_name, paired_name,
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_dir=train.get("metrics_dir", "metrics"),
         bayes_auc=bayes_auc,
         feature_source=primary_name,
+        case_llr=case_llr,
     )
     best = results.models[results.best_model]
     log.info("best model %s: CV AUC %.3f, test AUC %.3f", results.best_model, best.cv_auc_mean,
