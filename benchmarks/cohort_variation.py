@@ -6,7 +6,7 @@ asks the same question over many splits and several independent synthetic cohort
   * ``splits``: for each cohort folder, ``--repeats`` stratified 70/30 splits; on each, the
     study's selection (params ``select``: ICC, correlation filter, scaler, LASSO) fitted on the
     training part with a fixed logistic regression (C = 0.1, the cheap stand-in for the tuned
-    models, whose test AUCs lie within +-0.03 of it on the default split), and the latents' own
+    models: on the default split it scores 0.836, the eight tuned models 0.803-0.838), and the latents' own
     LLR (the Bayes classifier) on the same test cases. Prints mean +- sd of both and the mean
     gap to the cohort's Bayes AUC.
   * ``curve``: a learning curve: one fixed test set of ``--test-size`` cases, training sets of
