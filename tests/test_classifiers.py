@@ -70,6 +70,20 @@ def test_pca_step_is_optional():
     assert pipe.fit(X, y).predict_proba(X).shape == (60, 2)
 
 
+def test_optional_pca_works_on_z_scores_not_on_raw_feature_scales():
+    """Radiomic features differ by orders of magnitude (volumes vs ratios); PCA on raw values
+    would return the largest-valued feature as its first component. Rescaling a feature must
+    not change what the pipeline predicts."""
+    X, y = _frame()
+    select = {**SELECT, "pca": {"enabled": True, "n_components": 4}}
+    first = build_pipeline("logreg", {}, select, seed=0).fit(X, y)
+    rescaled = X.copy()
+    for col in ("f3", "paired__f3"):  # a reproducible (ICC-passing) noise feature, a million times larger
+        rescaled[col] = rescaled[col] * 1e6
+    second = build_pipeline("logreg", {}, select, seed=0).fit(rescaled, y)
+    np.testing.assert_allclose(first.predict_proba(X), second.predict_proba(rescaled), atol=1e-6)
+
+
 def test_suggest_rejects_malformed_space():
     class FakeTrial:
         def suggest_float(self, name, low, high, log=False):

@@ -1,6 +1,6 @@
 """One scikit-learn Pipeline from the raw feature row to the probability of breast origin.
 
-``ICC filter -> correlation filter -> [PCA] -> scaler -> LASSO -> classifier``; the scaler is
+``ICC filter -> correlation filter -> [z-score, PCA] -> scaler -> LASSO -> classifier``; the scaler is
 ``StandardScaler`` (z-score, default), a Yeo-Johnson ``PowerTransformer`` or a normal-output
 ``QuantileTransformer`` (param ``select.scaler``): radiomic features are often heavy-tailed, and
 LASSO and the linear classifiers treat a z-scored outlier as signal.
@@ -34,6 +34,7 @@ def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[s
         ValueError: an unknown ``scaler``.
     """
     from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
 
     from bonemet.selection import CorrelationFilter, ICCFilter, LassoSelector
 
@@ -57,6 +58,9 @@ def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[s
     if corr.get("enabled", True):
         steps.append(("correlation", CorrelationFilter(threshold=float(corr.get("threshold", 0.95)))))
     if pca.get("enabled", False):
+        # on z-scores (the correlation matrix): radiomic features span many orders of magnitude,
+        # and on raw values the first components would just be the largest-valued features
+        steps.append(("pca_scaler", StandardScaler()))
         steps.append(("pca", PCA(n_components=pca.get("n_components", 0.95), random_state=seed)))
     steps.append(("scaler", build_scaler(str(select_params.get("scaler", "standard")), seed)))
     alpha = lasso.get("alpha")
