@@ -37,18 +37,14 @@ import numpy as np
 import pandas as pd
 import yaml
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
-from sklearn.pipeline import Pipeline
 
-from bonemet.modeling.pipeline import build_selection
 from bonemet.modeling.training import assemble_features
+from latent_recovery import PAIRED, study_model  # sibling script (benchmarks/ is on sys.path)
 
 log = logging.getLogger("benchmarks.cohort_variation")
 
-PAIRED = {"auto": "manual", "manual": "auto", "annotator": "manual"}
-FIXED_C = 0.1
 TEST_FRACTION = 0.3
 
 
@@ -65,8 +61,7 @@ def load_cohort(folder: Path, source: str) -> tuple[pd.DataFrame, np.ndarray, np
 
 def study_auc(X: pd.DataFrame, y: np.ndarray, train: np.ndarray, test: np.ndarray, select: dict, seed: int) -> float:
     """Test AUC of the study's selection + logistic regression fitted on ``train`` rows."""
-    model = Pipeline([*build_selection(select, seed), ("clf", LogisticRegression(C=FIXED_C, max_iter=5000))])
-    model.set_output(transform="pandas").fit(X.iloc[train], y[train])
+    model = study_model(select, seed).fit(X.iloc[train], y[train])
     return float(roc_auc_score(y[test], model.predict_proba(X.iloc[test])[:, 1]))
 
 

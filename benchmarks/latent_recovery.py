@@ -46,6 +46,12 @@ PAIRED = {"auto": "manual", "manual": "auto", "annotator": "manual"}
 FIXED_C = 0.1
 
 
+def study_model(select: dict, seed: int) -> Pipeline:
+    """The study's selection (params ``select``) with a fixed logistic regression (C = FIXED_C)."""
+    clf = LogisticRegression(C=FIXED_C, max_iter=5000)
+    return Pipeline([*build_selection(select, seed), ("clf", clf)]).set_output(transform="pandas")
+
+
 def _auc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
@@ -86,8 +92,7 @@ def recovery(source: str, params: dict, features_dir: Path, cohort: pd.DataFrame
     seed = int(params["seed"])
 
     def pipeline() -> Pipeline:
-        clf = LogisticRegression(C=FIXED_C, max_iter=5000)
-        return Pipeline([*build_selection(params["select"], seed), ("clf", clf)]).set_output(transform="pandas")
+        return study_model(params["select"], seed)
 
     folds = {str(k): v for k, v in splits["train_folds"].items()}
     cv = []
