@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from bonemet import __version__
-from bonemet.config import ParamsError
+from bonemet.errors import UserError
 from bonemet.utils import setup_logging
 
 log = logging.getLogger("bonemet")
@@ -56,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Environment defaults of the command line (never set by the library): no telemetry or usage
+#: statistics from MLflow, DVC or Great Expectations, and matplotlib's file-only backend.
+ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MPLBACKEND": "Agg",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user's mistake (:class:`~bonemet.errors.UserError`) is printed as one
+    line with its exit code (1, or 2 for params); anything else is a bug and keeps its traceback."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -65,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except ParamsError as exc:
+    except UserError as exc:
+        log.debug("user error", exc_info=True)
         log.error("%s", exc)
-        return 2
+        return int(getattr(exc, "exit_code", 1))
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

@@ -1,26 +1,49 @@
-"""Loading `params.yaml`: the only place the entry points read tunables from.
+"""Settings: one typed, frozen spec per ``params.yaml`` section, and the loader that builds them.
 
-The library itself never reads params, argv or the environment: entry points call
-:func:`load_params` and pass explicit arguments on.
+``params.yaml`` is the only home of a tunable. The library has no defaults of its own: the
+entry points build a :class:`Params` with :func:`load_specs` and pass its sections (or values
+taken from them) to the library.
+
+* Every spec forbids unknown keys, and every field is required: a misspelt key is an error
+  naming its full path and the closest valid keys (``segment.train.lrr: unknown key; did you
+  mean lr?``), and a key missing from params.yaml is an error too. Wrong types and values out
+  of range are errors naming the key, the value found and what was expected.
+* ``segment.profile`` picks ``segment.profiles.<name>``, deep-merged over the common
+  ``segment`` keys; every profile is validated, not only the one in use.
+* Specs are pydantic models (frozen, so a stage cannot change its settings behind the params
+  file's back); ``spec.model_dump(mode="json")`` gives the plain values for logging.
+
+The library never reads params.yaml, argv or the environment itself.
 """
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bonemet.errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ParamsError(ValueError):
-    """A params file is missing, unreadable or lacks a required key."""
+class ParamsError(UserError, ValueError):
+    """A params file is missing or unreadable, or a key in it is unknown, missing or invalid."""
+
+    exit_code = 2
+
+
+# --- loading ---------------------------------------------------------------------------------
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read a params YAML file into a plain dict."""
+    """Read a params YAML file into a plain dict (no validation: see :func:`load_specs`)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path} (run from the repository root or pass --params)")
@@ -33,26 +56,6 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
-def get(params: Mapping[str, Any], dotted_key: str, default: Any = ...) -> Any:
-    """Look up ``"section.sub.key"`` in nested params; raise ParamsError naming the key if absent."""
-    node: Any = params
-    for part in dotted_key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            if default is not ...:
-                return default
-            raise ParamsError(f"params key '{dotted_key}' is missing (no '{part}')")
-        node = node[part]
-    return node
-
-
-def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """One top-level section of params as a dict (ParamsError if missing)."""
-    value = get(params, name)
-    if not isinstance(value, Mapping):
-        raise ParamsError(f"params section '{name}' must be a mapping, found {type(value).__name__}")
-    return dict(value)
-
-
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursively merge ``override`` into a copy of ``base`` (used for params profiles)."""
     out = dict(base)
@@ -62,3 +65,666 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             out[key] = value
     return out
+
+
+# --- field types -----------------------------------------------------------------------------
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+OpenFraction = Annotated[float, Field(gt=0, lt=1)]
+Overlap = Annotated[float, Field(ge=0, lt=1)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+#: worker processes: a positive count, or -1 for every core
+NJobs = Annotated[int, Field(ge=-1)]
+SpacingMM = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+SizeVox = tuple[PositiveInt, PositiveInt, PositiveInt]
+CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp")
+ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
+NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
+MaskSource = Literal["manual", "auto", "annotator"]
+
+
+class Spec(BaseModel):
+    """Base of every settings spec: frozen, every field required, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    def updated(self, changes: Mapping[str, Any]) -> typing.Self:
+        """A validated copy with ``changes`` applied; dotted keys reach nested specs (``"train.lr"``)."""
+        data = self.model_dump(mode="python")
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            if leaf not in node:
+                raise ParamsError(f"{dotted}: unknown key; valid keys: {', '.join(sorted(node))}")
+            node[leaf] = value
+        return validate_spec(type(self), data, where="")
+
+
+def _n_jobs_not_zero(value: int) -> int:
+    if value == 0:
+        raise ValueError("must be a positive number of processes or -1 (every core), not 0")
+    return value
+
+
+# --- search spaces (Optuna), one format for classifiers and segmentation ---------------------
+
+
+class FloatRange(Spec):
+    """A float hyperparameter in [low, high], log-uniform when ``log``."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high; found low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0; found low={self.low}")
+        return self
+
+
+class IntRange(Spec):
+    """An integer hyperparameter in [low, high] by ``step``, log-uniform when ``log``."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    step: PositiveInt
+    log: bool
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if not self.low <= self.high:
+            raise ValueError(f"low must not exceed high; found low={self.low}, high={self.high}")
+        if self.log and (self.low < 1 or self.step != 1):
+            raise ValueError("a log range needs low >= 1 and step 1")
+        return self
+
+
+class Choice(Spec):
+    """A categorical hyperparameter."""
+
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+SearchParam = Annotated[Union[FloatRange, IntRange, Choice], Field(discriminator="type")]  # noqa: UP007
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+class SyntheticSpec(Spec):
+    """``data.synthetic``: the default synthetic cohort."""
+
+    n_cases: Annotated[int, Field(ge=4)]
+    n_positive: PositiveInt
+    seed: int
+    size: Literal["full", "small"]
+
+    @model_validator(mode="after")
+    def _both_classes(self) -> SyntheticSpec:
+        if self.n_positive >= self.n_cases:
+            raise ValueError(f"n_positive must be below n_cases; found {self.n_positive} of {self.n_cases}")
+        return self
+
+
+class DataSpec(Spec):
+    """``data``: where the cohort lives and how its masks mark the lesion."""
+
+    cohort_dir: str
+    source: Literal["synthetic", "user"]
+    mask_label: PositiveInt
+    synthetic: SyntheticSpec
+
+
+class ValidateSpec(Spec):
+    """``validate``: the cohort rules (HU, mm, mL)."""
+
+    min_spacing_mm: PositiveFloat
+    max_spacing_mm: PositiveFloat
+    hu_min: float
+    hu_max: float
+    hu_air_max: float
+    hu_min_range: PositiveFloat
+    grid_tolerance_mm: PositiveFloat
+    lesion_volume_ml: tuple[NonNegativeFloat, PositiveFloat]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ValidateSpec:
+        if self.min_spacing_mm > self.max_spacing_mm:
+            raise ValueError("min_spacing_mm must not exceed max_spacing_mm")
+        if self.hu_min >= self.hu_max:
+            raise ValueError("hu_min must be below hu_max")
+        if self.lesion_volume_ml[0] >= self.lesion_volume_ml[1]:
+            raise ValueError("lesion_volume_ml must be [min, max] with min < max")
+        return self
+
+
+class CropSpec(Spec):
+    """``preprocess.crop``: the bone region the network sees."""
+
+    bone_threshold_hu: float
+    min_component_ml: NonNegativeFloat
+    margin_mm: NonNegativeFloat
+    min_size_vox: SizeVox
+
+
+class PreprocessSpec(Spec):
+    """``preprocess``: resampling, HU window and crop of the network inputs."""
+
+    target_spacing_mm: SpacingMM
+    image_interpolator: Literal["bspline", "linear"]
+    mask_interpolator: Literal["nearest", "linear"]
+    hu_window: tuple[float, float]
+    crop: CropSpec
+    n_jobs: NJobs
+    out_dir: str
+
+    _n_jobs = field_validator("n_jobs")(_n_jobs_not_zero)
+
+    @field_validator("hu_window")
+    @classmethod
+    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"must be [low, high] HU with low < high; found {list(value)}")
+        return value
+
+
+class SplitSpec(Spec):
+    """``split``: the train/test split and the folds."""
+
+    test_size: OpenFraction
+    n_folds: Annotated[int, Field(ge=2)]
+    out: str
+
+
+class SegTrainSpec(Spec):
+    """``segment.train``: the SGD loop, its schedule and early stopping."""
+
+    lr: PositiveFloat
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    nesterov: bool
+    weight_decay: NonNegativeFloat
+    lr_schedule: Literal["poly", "cosine", "constant"]
+    poly_power: PositiveFloat
+    lambda_dice: NonNegativeFloat
+    lambda_ce: NonNegativeFloat
+    batch_size: PositiveInt
+    num_samples: PositiveInt
+    max_epochs: PositiveInt
+    patience: PositiveInt
+    min_delta: NonNegativeFloat
+    min_epochs: PositiveInt
+    grad_clip: PositiveFloat | None
+    val_mode: Literal["full", "crops"]
+    val_overlap: Overlap | None
+    channels_last: bool
+    num_workers: NonNegativeInt
+
+
+class AugmentSpec(Spec):
+    """``segment.augment``: seeded MONAI augmentation (intensities in normalised units)."""
+
+    pos: NonNegativeFloat
+    neg: NonNegativeFloat
+    flip_prob: Probability
+    rotate_prob: Probability
+    rotate_range_deg: NonNegativeFloat
+    intensity_prob: Probability
+    intensity_shift: NonNegativeFloat
+    intensity_scale: NonNegativeFloat
+
+    @model_validator(mode="after")
+    def _some_crops(self) -> AugmentSpec:
+        if self.pos + self.neg <= 0:
+            raise ValueError("pos + neg must be > 0 (the ratio of lesion-centred to background crops)")
+        return self
+
+
+class InferenceSpec(Spec):
+    """``segment.inference``: sliding-window inference and test-time mirroring."""
+
+    overlap: Overlap
+    sw_batch_size: PositiveInt
+    mirror_axes: tuple[int, ...]
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _axes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(a not in (0, 1, 2) for a in value) or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct spatial axes among 0, 1, 2 (D, H, W); found {list(value)}")
+        return tuple(sorted(value))
+
+
+class MissuNetSpec(Spec):
+    """``segment.networks.missu``: MISSU's sizes (see :class:`bonemet.segmentation.missu.MISSU`)."""
+
+    widths: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt]
+    blocks: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]
+    embed_dim: PositiveInt
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    mlp_dim: PositiveInt
+    groups: PositiveInt
+    dropout: Overlap
+    embed_dropout: Overlap
+    attn_dropout: Overlap
+    fusion_dilations: tuple[PositiveInt, ...]
+    distill_scales: tuple[Literal[8, 4, 2, 1], ...]
+    stem_stride: Literal[1, 2]
+    self_distillation: bool
+    teacher_trainable: bool
+
+
+class NetworksSpec(Spec):
+    """``segment.networks``: keyword arguments of each network (MONAI's own for the baselines)."""
+
+    missu: MissuNetSpec
+    unet: dict[str, Any]
+    unetr: dict[str, Any]
+    swinunetr: dict[str, Any]
+
+
+class SegTuneSpec(Spec):
+    """``segment.tune``: Optuna over ``segment.train`` keys on the first fold's validation split."""
+
+    n_trials: NonNegativeInt
+    search_space: dict[str, SearchParam]
+
+    @field_validator("search_space")
+    @classmethod
+    def _train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        known = set(SegTrainSpec.model_fields)
+        for key in value:
+            if key not in known:
+                raise ValueError(f"'{key}' is not a segment.train key{_did_you_mean(key, known)}")
+        return value
+
+
+class SegmentSpec(Spec):
+    """``segment`` with its profile (``segment.profiles.<profile>``) merged in."""
+
+    profile: str
+    model: NetworkName
+    roi_size: SizeVox
+    distill_weight: NonNegativeFloat
+    val_fraction: Overlap
+    threshold: OpenFraction
+    largest_component: bool
+    device: Literal["auto", "cpu", "cuda"]
+    amp: bool
+    num_threads: PositiveInt | None
+    parallel_folds: PositiveInt
+    final_model: Literal["best_fold", "none"]
+    train: SegTrainSpec
+    augment: AugmentSpec
+    inference: InferenceSpec
+    networks: NetworksSpec
+    tune: SegTuneSpec
+    preprocessed_dir: str
+    splits: str
+    masks_dir: str
+    work_dir: str
+    metrics: str
+    cases_table: str
+    plots_dir: str
+    experiment: str
+    model_name: str
+    alias: str
+
+
+class ReportSpec(Spec):
+    """``report``: the HTML report."""
+
+    out: str
+    title: str
+    metrics_dir: str
+    plot_dirs: list[str]
+    extra_sections: dict[str, str]
+
+
+class RadiomicsSpec(Spec):
+    """``radiomics``: PyRadiomics settings over ``settings_file``, the pool and the cache."""
+
+    settings_file: str
+    bin_width: PositiveFloat
+    resampled_spacing_mm: tuple[()] | SpacingMM
+    interpolator: Literal[
+        "sitkNearestNeighbor", "sitkLinear", "sitkBSpline", "sitkGaussian", "sitkLabelGaussian",
+        "sitkHammingWindowedSinc", "sitkCosineWindowedSinc", "sitkWelchWindowedSinc",
+        "sitkLanczosWindowedSinc", "sitkBlackmanWindowedSinc",
+    ]
+    normalize: bool
+    n_jobs: NJobs
+    cache_dir: str
+    allow_drop: bool
+    sources: list[MaskSource] = Field(min_length=1)
+    experiment: str
+
+    _n_jobs = field_validator("n_jobs")(_n_jobs_not_zero)
+
+
+class TrackingSpec(Spec):
+    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)."""
+
+    store_dir: str
+
+
+class RegisterSpec(Spec):
+    """``register``: the registered classifier, its gate and where the stage reads and writes."""
+
+    experiment: str
+    model_name: str
+    segmentation_model_name: str
+    alias: str
+    min_test_auc: Probability
+    tolerance: NonNegativeFloat
+    threshold: Probability
+    models_dir: str
+    features_file: str
+    table1_md: str
+    out: str
+
+
+class EvaluateSpec(Spec):
+    """``evaluate``: metrics, intervals and figures."""
+
+    alpha: OpenFraction
+    threshold: Probability
+    n_bootstrap: PositiveInt
+    auc_ci: Literal["normal", "logit"]
+    calibration_bins: Annotated[int, Field(ge=2)]
+    calibration_strategy: Literal["quantile", "uniform"]
+    dca_thresholds: tuple[OpenFraction, OpenFraction, OpenFraction]
+    figure_dpi: Annotated[int, Field(ge=10, le=1200)]
+    decimals: Annotated[int, Field(ge=0, le=10)]
+
+    @field_validator("dca_thresholds")
+    @classmethod
+    def _grid(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"must be [start, stop, step] with start < stop; found {list(value)}")
+        return value
+
+
+class IccSpec(Spec):
+    """``select.icc``: the reproducibility filter (automatic vs manual masks)."""
+
+    enabled: bool
+    threshold: Annotated[float, Field(ge=-1, le=1)]
+    form: Literal["ICC(2,1)", "ICC(3,1)", "ICC(1,1)"]
+    paired_prefix: Annotated[str, Field(min_length=1)]
+    min_features: PositiveInt
+
+
+class CorrelationSpec(Spec):
+    """``select.correlation``: the redundancy filter."""
+
+    enabled: bool
+    threshold: Annotated[float, Field(gt=0, le=1)]
+
+
+class PcaSpec(Spec):
+    """``select.pca``: optional PCA on z-scores."""
+
+    enabled: bool
+    n_components: OpenFraction | PositiveInt
+
+
+class LassoSpec(Spec):
+    """``select.lasso``: the LASSO selector."""
+
+    alpha: PositiveFloat | None
+    lambda_rule: Literal["min", "1se"]
+    cv: Annotated[int, Field(ge=2)]
+    n_alphas: PositiveInt
+    max_features: PositiveInt
+    max_iter: PositiveInt
+
+
+class SelectSpec(Spec):
+    """``select``: feature selection, fitted inside every training fold."""
+
+    icc: IccSpec
+    correlation: CorrelationSpec
+    pca: PcaSpec
+    scaler: Literal["standard", "yeo-johnson", "quantile"]
+    lasso: LassoSpec
+
+
+class TrainSpec(Spec):
+    """``train``: the classifiers, their tuning and what the stage writes."""
+
+    feature_source: Literal["auto", "manual"]
+    features_dir: str
+    out_dir: str
+    plots_dir: str
+    metrics_dir: str
+    experiment: str
+    models: list[ClassifierName] = Field(min_length=1)
+    inner_folds: Annotated[int, Field(ge=2)]
+    pruner_startup_trials: NonNegativeInt
+    n_trials: dict[ClassifierName, NonNegativeInt]
+    log_models: bool
+    log_figures: bool
+    write_figures: bool
+    fixed_params: dict[ClassifierName, dict[str, Any]]
+    search_space: dict[ClassifierName, dict[str, SearchParam]]
+
+    @model_validator(mode="after")
+    def _per_model(self) -> TrainSpec:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models must not repeat a name; found {self.models}")
+        missing = [m for m in self.models if m not in self.n_trials]
+        if missing:
+            raise ValueError(f"n_trials has no entry for {', '.join(missing)} (one per model in 'models')")
+        return self
+
+
+class Params(Spec):
+    """The whole ``params.yaml``, validated; ``segment`` has its profile merged in."""
+
+    seed: int
+    tracking: TrackingSpec
+    data: DataSpec
+    #: the ``validate`` section (``validate`` is a pydantic method name)
+    validation: ValidateSpec = Field(alias="validate")
+    preprocess: PreprocessSpec
+    split: SplitSpec
+    segment: SegmentSpec
+    report: ReportSpec
+    radiomics: RadiomicsSpec
+    #: the ``register`` section (``register`` is a class method of every pydantic model)
+    registration: RegisterSpec = Field(alias="register")
+    evaluate: EvaluateSpec
+    select: SelectSpec
+    train: TrainSpec
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+
+# --- validation with readable errors ---------------------------------------------------------
+
+
+def _did_you_mean(key: str, valid: typing.Iterable[str]) -> str:
+    valid = sorted(str(v) for v in valid)
+    close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(close)}?"
+    return f"; valid keys: {', '.join(valid)}" if valid else ""
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types behind an annotation (Annotated, Optional and unions unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _is_spec(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
+    """Follow ``loc`` (a pydantic error location) through ``model``'s annotations.
+
+    Returns the types found at the end and the params-file path (discriminator tags, which
+    pydantic adds to locations, are left out of the path).
+    """
+    current: list[Any] = [model]
+    path: list[str] = []
+    for part in loc:
+        following: list[Any] = []
+        tagged = [k for k in current if _is_spec(k) and "type" in k.model_fields
+                  and part in typing.get_args(k.model_fields["type"].annotation)]
+        if tagged and not any(_is_spec(k) and part in _field_names(k) for k in current):
+            current = tagged  # a discriminated union's tag: keep the member it names
+            continue
+        for kind in current:
+            if _is_spec(kind):
+                fields = {(f.alias or name): f for name, f in kind.model_fields.items()}
+                if part in fields:
+                    following.extend(_unwrap(fields[part].annotation))
+                continue
+            origin = typing.get_origin(kind)
+            if origin in (dict, Mapping):
+                following.extend(_unwrap(typing.get_args(kind)[1]))
+            elif origin in (list, tuple) and isinstance(part, int):
+                args = [a for a in typing.get_args(kind) if a is not Ellipsis]
+                index = part if origin is tuple and len(args) > 1 and part < len(args) else 0
+                following.extend(_unwrap(args[index]) if args else [])
+        current = following
+        path.append(f"[{part}]" if isinstance(part, int) else str(part))
+    return current, path
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return sorted((f.alias or name) for name, f in model.model_fields.items())
+
+
+def _problems(model: type[BaseModel], error_list: list[Any]) -> list[tuple[list[str], str]]:
+    """``(params path parts, message)`` for each pydantic error."""
+    out = []
+    for error in error_list:
+        loc = tuple(error["loc"])
+        _, path = _walk(model, loc)
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            parent, _ = _walk(model, loc[:-1])
+            valid = [name for k in parent if _is_spec(k) for name in _field_names(k)]
+            message = f"unknown key{_did_you_mean(str(loc[-1]), valid)}"
+        elif kind == "missing" and loc and isinstance(loc[-1], int):
+            message = "too few values in this list"
+        elif kind == "missing":
+            message = "missing key: every setting lives in params.yaml, with no default elsewhere"
+        else:
+            found = error.get("input")
+            shown = repr(found)
+            if isinstance(found, Mapping | list | tuple) and len(shown) > 80:
+                shown = f"a {'mapping' if isinstance(found, Mapping) else 'list'} of {len(found)}"
+            message = f"{str(error['msg']).removeprefix('Value error, ')}; found {shown}"
+        out.append((path, message))
+    return out
+
+
+def _format(problems: list[tuple[list[str], str]], where: str = "") -> str:
+    """One line per problem (``path: message``); several are listed under a count."""
+    lines = []
+    for path, message in problems:
+        dotted = ".".join(([where] if where else []) + path).replace(".[", "[")
+        lines.append(f"{dotted or '(top level)'}: {message}")
+    lines = list(dict.fromkeys(lines))
+    if len(lines) == 1:
+        return lines[0]
+    return f"{len(lines)} problems in the params:\n  " + "\n  ".join(lines)
+
+
+SpecT = typing.TypeVar("SpecT", bound=BaseModel)
+
+
+def validate_spec(model: type[SpecT], data: Any, where: str) -> SpecT:
+    """``model`` built from ``data``; :class:`ParamsError` listing every problem with its full path.
+
+    ``where`` is the dotted params path of ``data`` (e.g. ``"segment"``), prefixed to each path.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format(_problems(model, exc.errors()), where)) from None
+
+
+def resolve_segment(raw: Mapping[str, Any], profile: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(segment with its profile merged, {profile: merged})`` from the raw ``segment`` section.
+
+    Raises:
+        ParamsError: an unknown profile, or no ``profiles`` mapping.
+    """
+    seg = dict(raw)
+    profiles = seg.pop("profiles", None)
+    if not isinstance(profiles, Mapping) or not profiles:
+        raise ParamsError("segment.profiles: missing key (a mapping of profile name -> overrides, e.g. cpu, paper)")
+    name = profile if profile is not None else seg.get("profile")
+    merged = {str(p): {**deep_merge(seg, dict(o or {})), "profile": str(p)} for p, o in profiles.items()}
+    if name not in merged:
+        raise ParamsError(f"segment.profile: '{name}' is not a profile{_did_you_mean(str(name), merged)}")
+    return merged[str(name)], merged
+
+
+def _profile_path(path: list[str], override: Mapping[str, Any], profile: str) -> list[str]:
+    """A ``segment.<key>`` path whose key the profile sets, pointed at ``segment.profiles.<profile>``."""
+    node: Any = override
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return ["segment", *path]
+        node = node[part]
+    return ["segment", "profiles", profile, *path]
+
+
+def build_specs(raw: Mapping[str, Any], *, segment_profile: str | None = None) -> Params:
+    """Validate a whole params mapping into :class:`Params` (every segment profile checked).
+
+    Raises:
+        ParamsError: every unknown, missing or invalid key, with its path.
+    """
+    if not isinstance(raw, Mapping):
+        raise ParamsError("params must be a mapping of sections")
+    data = dict(raw)
+    seg_raw = data.get("segment")
+    problems: list[tuple[list[str], str]] = []
+    if isinstance(seg_raw, Mapping):
+        chosen, merged = resolve_segment(seg_raw, segment_profile)
+        overrides = dict(seg_raw.get("profiles") or {})
+        for name, profile_data in merged.items():
+            try:
+                SegmentSpec.model_validate(profile_data)
+            except ValidationError as exc:
+                problems += [(_profile_path(path, overrides.get(name) or {}, name), message)
+                             for path, message in _problems(SegmentSpec, exc.errors())]
+        data["segment"] = chosen
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        problems += [(path, message) for path, message in _problems(Params, exc.errors())
+                     if not (path and path[0] == "segment")]  # segment: reported per profile above
+        if not problems:  # pragma: no cover - segment errors are always caught per profile
+            problems = _problems(Params, exc.errors())
+    if problems:
+        raise ParamsError(_format(problems))
+    return params
+
+
+def load_specs(path: str | Path = DEFAULT_PARAMS, *, segment_profile: str | None = None) -> Params:
+    """Read and validate a params file (see :func:`build_specs`)."""
+    return build_specs(load_params(path), segment_profile=segment_profile)

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from bonemet.errors import UserError
 from bonemet.utils import write_json
 
 SPLIT_KEYS = ("seed", "test_size", "n_folds", "train", "test", "train_folds", "all_folds")
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """Splits cannot be made, or a splits file is malformed; the message says what and where."""
 
 

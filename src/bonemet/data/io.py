@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from bonemet.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image or mask could not be read; the message names the file (and case) and why."""
 
 
@@ -119,8 +121,9 @@ def _read_dicom_series(folder: Path, where: str) -> sitk.Image:
     return reader.Execute()
 
 
-def read_mask(path: str | Path, label: int = 1, case_id: str | None = None) -> sitk.Image:
-    """Read a label map and return the binary mask (uint8, 0/1) of voxels equal to ``label``."""
+def read_mask(path: str | Path, *, label: int, case_id: str | None = None) -> sitk.Image:
+    """Read a label map and return the binary mask (uint8, 0/1) of voxels equal to ``label``
+    (``data.mask_label``)."""
     image = read_image(path, case_id=case_id)
     arr = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(arr.dtype, np.integer):
@@ -139,8 +142,9 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
     sitk.WriteImage(image, str(path), useCompression=compress)
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tol_mm: float = 1e-3) -> tuple[bool, str]:
-    """Whether two images share size, spacing, origin and direction (within ``tol_mm``).
+def same_grid(a: sitk.Image, b: sitk.Image, *, tol_mm: float) -> tuple[bool, str]:
+    """Whether two images share size, spacing, origin and direction (spacing and origin within
+    ``tol_mm`` mm: ``validate.grid_tolerance_mm`` for a user's files).
 
     Returns ``(ok, reason)``; ``reason`` says what differs, with both values.
     """

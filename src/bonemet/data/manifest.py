@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from bonemet.errors import UserError
+
 REQUIRED_COLUMNS = ("case_id", "label", "image", "mask")
 OPTIONAL_PATH_COLUMNS = ("annotator_mask",)
 MANIFEST_NAME = "manifest.csv"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest is missing or malformed; the message names rows/cases and the problem."""
 
 

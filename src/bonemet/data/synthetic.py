@@ -94,11 +94,12 @@ def _round(value: Any, digits: int = 6) -> Any:
 
 def generate_cohort(
     out_dir: str | Path,
-    n_cases: int = 178,
-    n_positive: int = 78,
-    seed: int = 20240638,
-    size: str = "full",
-    mask_label: int = 1,
+    *,
+    n_cases: int,
+    n_positive: int,
+    seed: int,
+    size: str,
+    mask_label: int,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:

@@ -24,9 +24,6 @@ def plot_cohort_cases(
     Works on any cohort in the bring-your-own format. ``case_ids`` None: the first ``n``
     cases, alternating labels where possible.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = read_manifest(cohort_dir)

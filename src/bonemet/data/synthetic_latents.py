@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bonemet.errors import UserError
+
 LATENT_NAMES: tuple[str, ...] = ("density", "heterogeneity", "irregularity")
 
 # Class means and shared covariance of the phenotype latents (unitless, standardised).
@@ -56,7 +58,7 @@ _STREAM_CASE = 2
 _STREAM_RENDER = 3
 
 
-class SyntheticParamsError(ValueError):
+class SyntheticParamsError(UserError, ValueError):
     """Invalid arguments to the synthetic cohort generator (names the argument and value)."""
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from bonemet.data.masks import volume_ml
 from bonemet.data.synthetic_latents import CaseParams
 
 FOV_XY_MM = 80.0  # in-plane field of view (mm)
@@ -287,13 +288,12 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
         annotator = manual.copy()
 
     origin = (float(-(nx - 1) / 2 * sx), float(-(ny - 1) / 2 * sy), float(p.origin_z_mm))
-    voxel_ml = sx * sy * sz / 1000.0
     lesion_vox = manual[manual]
     summary = {
         **lesion_info,
         "size_voxels": [nx, ny, nz],
-        "lesion_volume_ml": float(lesion_vox.size * voxel_ml),
-        "annotator_volume_ml": float(annotator.sum() * voxel_ml),
+        "lesion_volume_ml": volume_ml(lesion_vox.size, (sx, sy, sz)),
+        "annotator_volume_ml": volume_ml(int(annotator.sum()), (sx, sy, sz)),
         "dice_annotator": float(2 * (manual & annotator).sum() / (manual.sum() + annotator.sum())),
     }
     return RenderedCase(image, manual, annotator, (sx, sy, sz), origin, summary)

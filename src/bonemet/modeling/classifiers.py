@@ -14,14 +14,25 @@ unfitted scikit-learn-compatible classifier with ``predict_proba``. All run sing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sklearn.base import ClassifierMixin
 
+from bonemet.errors import UserError
 
-class UnknownModelError(ValueError):
-    """A model name not in :data:`CLASSIFIERS`."""
+
+class UnknownModelError(UserError, ValueError):
+    """A model name not in :data:`CLASSIFIERS`, or a hyperparameter its builder does not take."""
+
+
+def _pop_required(params: dict[str, Any], key: str, model: str) -> Any:
+    if key not in params:
+        raise UnknownModelError(
+            f"{model}: hyperparameter '{key}' is needed (give it in train.fixed_params.{model} or "
+            f"train.search_space.{model})"
+        )
+    return params.pop(key)
 
 
 def _svm(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
@@ -30,7 +41,7 @@ def _svm(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
     from sklearn.svm import SVC
 
     p = dict(params)
-    calibration_folds = int(p.pop("calibration_folds", 3))
+    calibration_folds = int(_pop_required(p, "calibration_folds", "svm"))
     svc = SVC(random_state=seed, **p)
     folds = StratifiedKFold(n_splits=calibration_folds, shuffle=True, random_state=seed)
     return CalibratedClassifierCV(svc, method="sigmoid", cv=folds)
@@ -39,8 +50,7 @@ def _svm(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
 def _logreg(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
     from sklearn.linear_model import LogisticRegression
 
-    p = {"solver": "saga", "max_iter": 5000, "l1_ratio": 0.0, **params}
-    return LogisticRegression(random_state=seed, **p)
+    return LogisticRegression(random_state=seed, **params)
 
 
 def _knn(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
@@ -64,8 +74,7 @@ def _extra_trees(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
 def _xgboost(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
     from xgboost import XGBClassifier
 
-    p = {"tree_method": "hist", "eval_metric": "logloss", **params}
-    return XGBClassifier(random_state=seed, n_jobs=1, verbosity=0, **p)
+    return XGBClassifier(random_state=seed, n_jobs=1, verbosity=0, **params)
 
 
 def _lightgbm(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
@@ -77,9 +86,9 @@ def _lightgbm(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
 def _mlp(params: Mapping[str, Any], seed: int) -> ClassifierMixin:
     from sklearn.neural_network import MLPClassifier
 
-    p = {"max_iter": 2000, **params}
-    n_layers = int(p.pop("n_layers", 1))
-    units = int(p.pop("hidden_units", 32))
+    p = dict(params)
+    n_layers = int(_pop_required(p, "n_layers", "mlp"))
+    units = int(_pop_required(p, "hidden_units", "mlp"))
     return MLPClassifier(hidden_layer_sizes=(units,) * n_layers, random_state=seed, **p)
 
 
@@ -107,8 +116,39 @@ DISPLAY_NAMES: dict[str, str] = {
 }
 
 
-def build_classifier(name: str, params: Mapping[str, Any] | None = None, seed: int = 0) -> ClassifierMixin:
-    """An unfitted classifier ``name`` (a key of :data:`CLASSIFIERS`) with ``params``."""
+def build_classifier(name: str, params: Mapping[str, Any], seed: int) -> ClassifierMixin:
+    """An unfitted classifier ``name`` (a key of :data:`CLASSIFIERS`) with ``params``; parameters
+    not given take the library's own defaults (scikit-learn's, XGBoost's, LightGBM's)."""
     if name not in CLASSIFIERS:
         raise UnknownModelError(f"unknown model {name!r}; expected one of {sorted(CLASSIFIERS)}")
-    return CLASSIFIERS[name](dict(params or {}), int(seed))
+    return CLASSIFIERS[name](dict(params), int(seed))
+
+
+#: Hyperparameters our builders take besides the estimator's own (``get_params``) keywords.
+_EXTRA_HYPERPARAMETERS = {"svm": {"calibration_folds"}, "mlp": {"n_layers", "hidden_units"}}
+#: Estimator keywords the builders set themselves (not a user's to choose).
+_RESERVED = {"random_state", "n_jobs", "verbosity", "verbose", "hidden_layer_sizes"}
+
+
+def hyperparameter_names(name: str) -> set[str]:
+    """The hyperparameter names classifier ``name`` accepts in fixed params and search spaces."""
+    if name == "svm":
+        from sklearn.svm import SVC
+
+        own = set(SVC().get_params(deep=False))
+    else:
+        probe = {"mlp": {"n_layers": 1, "hidden_units": 1}}.get(name, {})
+        own = set(build_classifier(name, probe, 0).get_params(deep=False))
+    return (own | _EXTRA_HYPERPARAMETERS.get(name, set())) - _RESERVED
+
+
+def check_hyperparameters(name: str, keys: Iterable[str], where: str) -> None:
+    """Raise :class:`UnknownModelError` naming ``where.<key>`` for any key ``name`` does not take."""
+    import difflib
+
+    valid = hyperparameter_names(name)
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"valid: {', '.join(sorted(valid))}"
+            raise UnknownModelError(f"{where}.{key}: {name} takes no hyperparameter '{key}'; {hint}")

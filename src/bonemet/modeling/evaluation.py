@@ -95,12 +95,12 @@ def brier_score(y_true: np.ndarray, y_score: np.ndarray) -> float:
 def binary_metrics(
     y_true: Sequence[int] | np.ndarray,
     y_score: Sequence[float] | np.ndarray,
-    threshold: float = 0.5,
+    threshold: float,
     *,
-    alpha: float = 0.05,
-    n_boot: int = 2000,
-    seed: int = 0,
-    auc_ci: str = "normal",
+    alpha: float,
+    n_boot: int,
+    seed: int,
+    auc_ci: str,
 ) -> dict[str, Any]:
     """All Table 1 metrics of probabilities ``y_score`` for labels ``y_true``, with intervals.
 

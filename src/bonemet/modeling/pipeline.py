@@ -12,72 +12,43 @@ so feature names survive to the LASSO step and to ``selected_features.json``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sklearn.pipeline import Pipeline
 
 from bonemet.modeling.classifiers import build_classifier
 
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import SelectSpec
+
 #: Name of the classifier step; everything before it is the selection part.
 CLASSIFIER_STEP = "clf"
 
 
-def build_selection(select_params: Mapping[str, Any], seed: int) -> list[tuple[str, Any]]:
-    """The selection steps (unfitted) from the ``select`` params section.
-
-    Keys: ``icc.threshold``, ``icc.form``, ``icc.paired_prefix``, ``correlation.enabled``,
-    ``correlation.threshold``, ``pca.enabled``, ``pca.n_components``, ``scaler`` (standard |
-    yeo-johnson | quantile), ``lasso.alpha`` (null = CV), ``lasso.cv``, ``lasso.n_alphas``,
-    ``lasso.max_features``, ``lasso.max_iter``.
-
-    Raises:
-        ValueError: an unknown ``scaler``.
-    """
+def build_selection(select: SelectSpec, seed: int) -> list[tuple[str, Any]]:
+    """The selection steps (unfitted) from the ``select`` params section."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
     from bonemet.selection import CorrelationFilter, ICCFilter, LassoSelector
 
-    icc = dict(select_params.get("icc", {}))
-    corr = dict(select_params.get("correlation", {}))
-    pca = dict(select_params.get("pca", {}))
-    lasso = dict(select_params.get("lasso", {}))
     steps: list[tuple[str, Any]] = []
-    if icc.get("enabled", True):
-        steps.append(
-            (
-                "icc",
-                ICCFilter(
-                    threshold=float(icc.get("threshold", 0.9)),
-                    icc_form=str(icc.get("form", "ICC(2,1)")),
-                    paired_prefix=str(icc.get("paired_prefix", "paired__")),
-                    min_features=int(icc.get("min_features", 1)),
-                ),
-            )
-        )
-    if corr.get("enabled", True):
-        steps.append(("correlation", CorrelationFilter(threshold=float(corr.get("threshold", 0.95)))))
-    if pca.get("enabled", False):
+    if select.icc.enabled:
+        icc = select.icc
+        steps.append(("icc", ICCFilter(threshold=icc.threshold, icc_form=icc.form, paired_prefix=icc.paired_prefix,
+                                       min_features=icc.min_features)))
+    if select.correlation.enabled:
+        steps.append(("correlation", CorrelationFilter(threshold=select.correlation.threshold)))
+    if select.pca.enabled:
         # on z-scores (the correlation matrix): radiomic features span many orders of magnitude,
         # and on raw values the first components would just be the largest-valued features
         steps.append(("pca_scaler", StandardScaler()))
-        steps.append(("pca", PCA(n_components=pca.get("n_components", 0.95), random_state=seed)))
-    steps.append(("scaler", build_scaler(str(select_params.get("scaler", "standard")), seed)))
-    alpha = lasso.get("alpha")
-    steps.append(
-        (
-            "lasso",
-            LassoSelector(
-                alpha=None if alpha is None else float(alpha),
-                cv=int(lasso.get("cv", 5)),
-                n_alphas=int(lasso.get("n_alphas", 100)),
-                max_features=int(lasso.get("max_features", 20)),
-                max_iter=int(lasso.get("max_iter", 10000)),
-                random_state=seed,
-                lambda_rule=str(lasso.get("lambda_rule", "min")),
-            ),
-        )
-    )
+        steps.append(("pca", PCA(n_components=select.pca.n_components, random_state=seed)))
+    steps.append(("scaler", build_scaler(select.scaler, seed)))
+    lasso = select.lasso
+    steps.append(("lasso", LassoSelector(alpha=lasso.alpha, cv=lasso.cv, n_alphas=lasso.n_alphas,
+                                         max_features=lasso.max_features, max_iter=lasso.max_iter,
+                                         random_state=seed, lambda_rule=lasso.lambda_rule)))
     return steps
 
 
@@ -100,15 +71,13 @@ def build_scaler(kind: str, seed: int) -> Any:
     raise ValueError(f"select.scaler must be one of {list(SCALERS)}; found {kind!r}")
 
 
-def build_selection_pipeline(select_params: Mapping[str, Any], seed: int) -> Pipeline:
+def build_selection_pipeline(select: SelectSpec, seed: int) -> Pipeline:
     """The selection part alone (used to precompute per-fold selections during tuning)."""
-    return Pipeline(build_selection(select_params, seed)).set_output(transform="pandas")
+    return Pipeline(build_selection(select, seed)).set_output(transform="pandas")
 
 
-def build_pipeline(
-    model_name: str, model_params: Mapping[str, Any] | None, select_params: Mapping[str, Any], seed: int
-) -> Pipeline:
+def build_pipeline(model_name: str, model_params: Mapping[str, Any], select: SelectSpec, seed: int) -> Pipeline:
     """The whole unfitted pipeline: selection steps then classifier ``model_name``."""
-    steps = build_selection(select_params, seed)
+    steps = build_selection(select, seed)
     steps.append((CLASSIFIER_STEP, build_classifier(model_name, model_params, seed)))
     return Pipeline(steps).set_output(transform="pandas")

@@ -17,17 +17,13 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from bonemet.modeling.evaluation import brier_score, confusion_counts  # noqa: E402
-from bonemet.modeling.stats import EvaluationInputError, auc_ci_delong, check_binary  # noqa: E402
+from bonemet.modeling.evaluation import brier_score, confusion_counts
+from bonemet.modeling.stats import EvaluationInputError, auc_ci_delong, check_binary
 from bonemet.utils import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -36,7 +32,7 @@ ArrayLike = Sequence[float] | np.ndarray
 
 
 # ----------------------------------------------------------------------------------------- output
-def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Write ``fig`` as an image (format from the suffix, PNG by default) atomically, then close it."""
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
@@ -80,8 +76,9 @@ def plot_roc(
     y_true: ArrayLike,
     scores: Mapping[str, ArrayLike],
     title: str = "ROC",
-    alpha: float = 0.05,
-    auc_ci: str = "normal",
+    *,
+    alpha: float,
+    auc_ci: str,
 ) -> Figure:
     """ROC curves of several models on one axes; legend: model, AUC and its DeLong (1-alpha) CI."""
     table = roc_table(y_true, scores)
@@ -257,7 +254,7 @@ def plot_confusion_matrices(
 
 # ------------------------------------------------------------------------------------ calibration
 def calibration_table(
-    y_true: ArrayLike, scores: Mapping[str, ArrayLike], n_bins: int = 5, strategy: str = "quantile"
+    y_true: ArrayLike, scores: Mapping[str, ArrayLike], n_bins: int, strategy: str
 ) -> pd.DataFrame:
     """Reliability points per model: columns model, mean_predicted, fraction_positive, brier."""
     from sklearn.calibration import calibration_curve
@@ -282,8 +279,8 @@ def calibration_table(
 def plot_calibration(
     y_true: ArrayLike,
     scores: Mapping[str, ArrayLike],
-    n_bins: int = 5,
-    strategy: str = "quantile",
+    n_bins: int,
+    strategy: str,
     title: str = "Calibration",
 ) -> Figure:
     """Reliability diagram (observed fraction positive against mean predicted probability per bin).
@@ -403,13 +400,13 @@ def write_classification_plots(
     scores_train: Mapping[str, ArrayLike],
     scores_test: Mapping[str, ArrayLike],
     cv_aucs: Mapping[str, Sequence[float]] | None = None,
-    threshold: float = 0.5,
-    alpha: float = 0.05,
-    auc_ci: str = "normal",
-    calibration_bins: int = 5,
-    calibration_strategy: str = "quantile",
+    threshold: float,
+    alpha: float,
+    auc_ci: str,
+    calibration_bins: int,
+    calibration_strategy: str,
     dca_thresholds: ArrayLike | None = None,
-    dpi: int = 150,
+    dpi: int,
 ) -> dict[str, Path]:
     """Write every classification figure and its CSV into ``out_dir``; return {name: path}.
 
@@ -470,7 +467,7 @@ def write_lasso_plots(
     feature_names: Sequence[str],
     coefs: ArrayLike,
     path_alphas: ArrayLike | None = None,
-    dpi: int = 150,
+    dpi: int,
 ) -> dict[str, Path]:
     """Write the study's Fig. 4 panels: ``lasso_cv.png/.csv``, ``lasso_path.png``, ``lasso_coefficients.png``.
 

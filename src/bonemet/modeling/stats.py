@@ -19,12 +19,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy.stats import norm, rankdata
 
+from bonemet.errors import UserError
+
 log = logging.getLogger(__name__)
 
 AUC_CI_METHODS = ("normal", "logit")
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(UserError, ValueError):
     """Inputs to a metric are malformed (shapes, labels, alpha)."""
 
 
@@ -130,8 +132,8 @@ def delong_auc(
 def auc_ci_delong(
     y_true: Sequence[int] | np.ndarray,
     y_score: Sequence[float] | np.ndarray,
-    alpha: float = 0.05,
-    method: str = "normal",
+    alpha: float,
+    method: str,
 ) -> tuple[float, float, float]:
     """AUC with a (1 - alpha) DeLong interval ``(auc, lo, hi)``.
 
@@ -159,7 +161,7 @@ def delong_difference(
     y_true: Sequence[int] | np.ndarray,
     score_a: Sequence[float] | np.ndarray,
     score_b: Sequence[float] | np.ndarray,
-    alpha: float = 0.05,
+    alpha: float,
 ) -> dict[str, float]:
     """Paired DeLong comparison of two scores of the same cases, with a CI of the AUC difference.
 
@@ -213,7 +215,7 @@ def holm_adjust(pvalues: Sequence[float]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ proportions
-def wilson_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float, float]:
+def wilson_ci(k: int, n: int, alpha: float) -> tuple[float, float, float]:
     """Proportion k/n with its Wilson score interval ``(p, lo, hi)``; all NaN when n == 0."""
     alpha = _check_alpha(alpha)
     if n < 0 or k < 0 or k > n:
@@ -234,9 +236,9 @@ def bootstrap_ci(
     metric_fn: Callable[[np.ndarray, np.ndarray], float],
     y_true: Sequence[int] | np.ndarray,
     y_other: Sequence[float] | np.ndarray,
-    n_boot: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
+    n_boot: int,
+    seed: int,
+    alpha: float,
 ) -> tuple[float, float, float]:
     """Metric on the sample with a stratified percentile bootstrap interval ``(value, lo, hi)``.
 

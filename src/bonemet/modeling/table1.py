@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bonemet.errors import BonemetError
 from bonemet.modeling.evaluation import METRICS
 from bonemet.modeling.stats import auc_ci_delong, check_binary, delong_difference, delong_test, holm_adjust
 from bonemet.utils import atomic_path, write_json
@@ -51,7 +52,7 @@ _MD_COLUMNS = (
 )
 
 
-class Table1Error(ValueError):
+class Table1Error(BonemetError, ValueError):
     """Table 1 inputs are inconsistent (missing model, missing metric)."""
 
 
@@ -66,8 +67,9 @@ def bayes_classifier_reference(
     y_true: Sequence[int] | np.ndarray,
     model_scores: Sequence[float] | np.ndarray,
     latent_llr: Sequence[float] | np.ndarray,
-    alpha: float = 0.05,
-    auc_ci: str = "normal",
+    *,
+    alpha: float,
+    auc_ci: str,
 ) -> dict[str, float]:
     """The Bayes classifier on the same test cases as a model, and the model's paired distance to it.
 
@@ -191,8 +193,9 @@ def table1_markdown(
     df: pd.DataFrame,
     bayes_auc: float | None = None,
     best_model: str | None = None,
-    decimals: int = 3,
-    alpha: float = 0.05,
+    *,
+    decimals: int,
+    alpha: float,
 ) -> str:
     """Table 1 as Markdown like the study's: every cell ``value (lo-hi)``, a footnote on CI methods."""
     bayes_auc = df.attrs.get("bayes_auc") if bayes_auc is None else bayes_auc
@@ -253,8 +256,8 @@ def write_table1(
     *,
     bayes_auc: float | None = None,
     best_model: str | None = None,
-    decimals: int = 3,
-    alpha: float = 0.05,
+    decimals: int,
+    alpha: float,
 ) -> None:
     """Write Table 1 atomically: DVC metrics JSON (null for undefined) and Markdown.
 
@@ -297,7 +300,7 @@ def _p(p: float) -> str:
     return "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
-def delong_comparison_markdown(df: pd.DataFrame, decimals: int = 3) -> str:
+def delong_comparison_markdown(df: pd.DataFrame, decimals: int) -> str:
     """The :func:`delong_comparison_table` frame as Markdown."""
     lines = [
         "| best | other | AUC best | AUC other | difference | z | p | p (Holm) |",

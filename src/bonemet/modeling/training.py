@@ -15,7 +15,8 @@ Protocol (documented choice; the study tuned once and cross-validated once):
    unbiased number.
 4. Final fit of each tuned pipeline on the whole training set; predictions on train and test;
    Table 1 with confidence intervals. The best model is the one with the highest ten-fold CV AUC
-   (chosen without looking at the test set).
+   (chosen without looking at the test set; ties go to the lower CV sd, then to the earlier model
+   in ``train.models``: :func:`choose_best_model`, which the register stage reads back).
 """
 
 from __future__ import annotations
@@ -26,33 +27,34 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from bonemet.errors import UserError
 from bonemet.modeling.classifiers import DISPLAY_NAMES
+from bonemet.modeling.persistence import save_pipeline, trusted_types
 from bonemet.modeling.pipeline import build_pipeline
 from bonemet.modeling.tuning import FoldData, TuningResult, fold_auc, precompute_folds, tune_model
 from bonemet.tracking import NullTracker, Tracker
 from bonemet.utils import atomic_path, progress, write_json
 
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import EvaluateSpec, SelectSpec, TrainSpec
+
 log = logging.getLogger(__name__)
 
 ID_COLUMN = "case_id"
 LABEL_COLUMN = "label"
-#: Our transformer classes, trusted when loading a skops file (pipelines saved by this stage).
-TRUSTED_TYPES: tuple[str, ...] = (
-    "bonemet.selection.icc.ICCFilter",
-    "bonemet.selection.filters.CorrelationFilter",
-    "bonemet.selection.lasso.LassoSelector",
-)
+#: Run ids and timings of a train run (they differ between runs of the same data and seed).
+PROVENANCE_FILE = "provenance.json"
 #: Metric names logged for every model (the MLflow UI compares runs side by side on these).
 SET_METRICS: tuple[str, ...] = ("auc", "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity",
                                 "precision", "npv", "f1", "brier")
 
 
-class TrainingInputError(ValueError):
+class TrainingInputError(UserError, ValueError):
     """Feature tables or splits that do not fit together."""
 
 
@@ -68,6 +70,7 @@ class ModelResult:
     test_metrics: dict[str, Any]
     scores: dict[str, np.ndarray] = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
 
     @property
     def cv_auc_mean(self) -> float:
@@ -139,18 +142,11 @@ def _inner_splits(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarr
     return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
-def _set_metrics(y: np.ndarray, score: np.ndarray, evaluate_params: Mapping[str, Any], seed: int) -> dict[str, Any]:
+def _set_metrics(y: np.ndarray, score: np.ndarray, evaluate: EvaluateSpec, seed: int) -> dict[str, Any]:
     from bonemet.modeling.evaluation import binary_metrics
 
-    return binary_metrics(
-        y,
-        score,
-        threshold=float(evaluate_params.get("threshold", 0.5)),
-        alpha=float(evaluate_params.get("alpha", 0.05)),
-        n_boot=int(evaluate_params.get("n_bootstrap", 2000)),
-        seed=seed,
-        auc_ci=str(evaluate_params.get("auc_ci", "normal")),
-    )
+    return binary_metrics(y, score, threshold=evaluate.threshold, alpha=evaluate.alpha,
+                          n_boot=evaluate.n_bootstrap, seed=seed, auc_ci=evaluate.auc_ci)
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -192,37 +188,15 @@ def selection_summary(pipeline: Any) -> dict[str, Any]:
     return out
 
 
-def _save_pipeline(pipeline: Any, path: Path) -> None:
-    import skops.io as sio
+def choose_best_model(cv_aucs: Mapping[str, Sequence[float]], order: Sequence[str]) -> str:
+    """The model with the highest mean CV AUC; ties go to the lower CV sd, then to the model
+    earlier in ``order`` (``train.models``). Never looks at a test set."""
+    def key(model: str) -> tuple[float, float, int]:
+        values = np.asarray(cv_aucs[model], dtype=float)
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return (-float(np.mean(values)), sd, list(order).index(model))
 
-    with atomic_path(path) as tmp:
-        sio.dump(pipeline, tmp)
-
-
-#: Module prefixes whose types a saved pipeline may hold (skops refuses anything else on load).
-ALLOWED_TYPE_PREFIXES: tuple[str, ...] = ("sklearn.", "numpy.", "xgboost.", "lightgbm.", "bonemet.", "builtins.",
-                                          "collections.", "scipy.")
-
-
-def _checked_types(untrusted: Sequence[str], where: str) -> list[str]:
-    bad = [t for t in untrusted if not t.startswith(ALLOWED_TYPE_PREFIXES)]
-    if bad:
-        raise TrainingInputError(f"{where}: unexpected types {bad[:5]}; expected {ALLOWED_TYPE_PREFIXES} only")
-    return list(untrusted)
-
-
-def trusted_types(pipeline: Any) -> list[str]:
-    """The types skops needs trusted to load ``pipeline`` (ours, sklearn internals, xgboost, lightgbm)."""
-    import skops.io as sio
-
-    return _checked_types(sio.get_untrusted_types(data=sio.dumps(pipeline)), "pipeline")
-
-
-def load_pipeline(path: str | Path) -> Any:
-    """Load a pipeline written by the train stage (skops), trusting only sklearn/xgboost/lightgbm and ours."""
-    import skops.io as sio
-
-    return sio.load(path, trusted=_checked_types(sio.get_untrusted_types(file=path), f"model file {path}"))
+    return min(cv_aucs, key=key)
 
 
 def _figures(
@@ -230,12 +204,11 @@ def _figures(
     y: Mapping[str, np.ndarray],
     plots_dir: Path,
     lasso: Any,
-    evaluate_params: Mapping[str, Any],
+    evaluate: EvaluateSpec,
 ) -> list[Path]:
     """Every classification figure (+ CSVs) and the LASSO panels (study's Figs. 4-6) into ``plots_dir``."""
     from bonemet.modeling import plots
 
-    dca = evaluate_params.get("dca_thresholds")
     paths = plots.write_classification_plots(
         plots_dir,
         y_train=y["train"],
@@ -243,13 +216,13 @@ def _figures(
         scores_train={display_name(m): r.scores["train"] for m, r in results.items()},
         scores_test={display_name(m): r.scores["test"] for m, r in results.items()},
         cv_aucs={display_name(m): r.cv_aucs for m, r in results.items()},
-        threshold=float(evaluate_params.get("threshold", 0.5)),
-        alpha=float(evaluate_params.get("alpha", 0.05)),
-        auc_ci=str(evaluate_params.get("auc_ci", "normal")),
-        calibration_bins=int(evaluate_params.get("calibration_bins", 5)),
-        calibration_strategy=str(evaluate_params.get("calibration_strategy", "quantile")),
-        dca_thresholds=None if dca is None else plots.threshold_grid(*[float(v) for v in dca]),
-        dpi=int(evaluate_params.get("figure_dpi", 150)),
+        threshold=evaluate.threshold,
+        alpha=evaluate.alpha,
+        auc_ci=evaluate.auc_ci,
+        calibration_bins=evaluate.calibration_bins,
+        calibration_strategy=evaluate.calibration_strategy,
+        dca_thresholds=plots.threshold_grid(*evaluate.dca_thresholds),
+        dpi=evaluate.figure_dpi,
     )
     if lasso.mse_path_ is not None:
         support = lasso.get_support()
@@ -263,25 +236,24 @@ def _figures(
                 feature_names=list(lasso.get_feature_names_out()),
                 coefs=lasso.coef_[support],
                 path_alphas=lasso.path_alphas_,
-                dpi=int(evaluate_params.get("figure_dpi", 150)),
+                dpi=evaluate.figure_dpi,
             )
         )
     return list(paths.values())
 
 
 def _model_figures(tracker: Tracker, model: str, y_test: np.ndarray, score: np.ndarray,
-                   evaluate_params: Mapping[str, Any]) -> None:
+                   evaluate: EvaluateSpec) -> None:
     """This model's test ROC and confusion matrix, logged to its own (nested) run."""
     import matplotlib.pyplot as plt
 
     from bonemet.modeling import plots
 
-    threshold = float(evaluate_params.get("threshold", 0.5))
+    threshold = evaluate.threshold
     name = display_name(model)
     for fig_name, fig in (
         ("roc_test.png", plots.plot_roc(y_test, {name: score}, title=f"ROC (test): {name}",
-                                        alpha=float(evaluate_params.get("alpha", 0.05)),
-                                        auc_ci=str(evaluate_params.get("auc_ci", "normal")))),
+                                        alpha=evaluate.alpha, auc_ci=evaluate.auc_ci)),
         ("confusion_test.png", plots.plot_confusion_matrices(
             y_test, {name: (score >= threshold).astype(int)}, title=f"Confusion (test): {name}", ncols=1)),
     ):
@@ -289,190 +261,219 @@ def _model_figures(tracker: Tracker, model: str, y_test: np.ndarray, score: np.n
         plt.close(fig)
 
 
-def run_training(
-    primary: pd.DataFrame,
-    paired: pd.DataFrame,
-    splits: Mapping[str, Any],
-    *,
-    select_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    evaluate_params: Mapping[str, Any],
-    seed: int,
-    tracker: Tracker | None = None,
-    out_dir: str | Path = "models",
-    plots_dir: str | Path = "plots/classification",
-    metrics_dir: str | Path = "metrics",
-    bayes_auc: float | None = None,
-    feature_source: str = "auto",
-    case_llr: Mapping[str, float] | None = None,
-) -> TrainingResults:
-    """Train, cross-validate and evaluate every model in ``train_params['models']``.
+@dataclass
+class _Data:
+    """The feature matrix split into the training and test cases, with the training folds."""
 
-    ``primary``/``paired``: feature tables (case_id, label, feature columns) of the primary source
-    (what the classifier is trained and served on) and of the other mask source (only for the ICC).
-    ``splits``: the ``data/splits.json`` dict (train, test, train_folds).
-    ``train_params`` keys: models, n_trials ({model: n} or int; ``default`` key allowed),
-    inner_folds, pruner_startup_trials, search_space {model: {hp: spec}}, fixed_params {model: {}},
-    log_models, log_figures, write_figures (bool). ``evaluate_params``: threshold, alpha, n_bootstrap, auc_ci,
-    calibration_bins, calibration_strategy, dca_thresholds, figure_dpi, decimals.
-    Writes ``out_dir/<model>.skops``, ``out_dir/selected_features.json``, ``out_dir/index.json``,
-    ``metrics_dir/cv_auc.json``, ``metrics_dir/table1.json`` (+ ``table1.md``), figures and CSVs
-    in ``plots_dir``. Logs a parent run ``train`` with a nested run per model to ``tracker``.
-    ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio}) come with a
-    synthetic cohort: Table 1 then also states the ceiling and, when every test case has an LLR,
-    the Bayes classifier's AUC on the test cases and the best model's paired distance to it.
-    """
-    from bonemet.modeling.table1 import (
-        bayes_classifier_reference,
-        build_table1,
-        delong_comparison_markdown,
-        delong_comparison_table,
-        write_table1,
-    )
+    X_train: pd.DataFrame
+    y_train: np.ndarray
+    X_test: pd.DataFrame
+    y_test: np.ndarray
+    train_ids: list[str]
+    test_ids: list[str]
+    primary_cols: list[str]
+    outer: list[tuple[np.ndarray, np.ndarray]]
 
-    tracker = tracker or NullTracker()
-    out_dir, plots_dir, metrics_dir = Path(out_dir), Path(plots_dir), Path(metrics_dir)
-    prefix = str(select_params.get("icc", {}).get("paired_prefix", "paired__"))
+
+def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[str, Any], prefix: str) -> _Data:
+    """Join the two sources and cut them by ``splits`` (train, test, train_folds)."""
     X, y = assemble_features(primary, paired, prefix)
     train_ids = [str(i) for i in splits["train"]]
     test_ids = [str(i) for i in splits["test"]]
     unknown = sorted(set(train_ids + test_ids) - set(X.index.astype(str)))
     if unknown:
         raise TrainingInputError(f"splits name cases missing from the feature tables: {unknown[:5]}")
+    if "train_folds" not in splits:
+        raise TrainingInputError("splits lack 'train_folds' (the ten folds in the training set): run `bonemet split`")
     X.index = X.index.astype(str)
     y_all = y.set_axis(X.index)
-    X_train, y_train = X.loc[train_ids], y_all.loc[train_ids].to_numpy()
-    X_test, y_test = X.loc[test_ids], y_all.loc[test_ids].to_numpy()
-    primary_cols = feature_columns(primary)
+    outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
+    return _Data(X.loc[train_ids], y_all.loc[train_ids].to_numpy(), X.loc[test_ids], y_all.loc[test_ids].to_numpy(),
+                 train_ids, test_ids, feature_columns(primary), outer)
 
-    models = list(train_params["models"])
-    n_trials_cfg = train_params.get("n_trials", 0)
-    spaces = train_params.get("search_space", {}) or {}
-    fixed_all = train_params.get("fixed_params", {}) or {}
-    inner_folds = int(train_params.get("inner_folds", 5))
-    startup = int(train_params.get("pruner_startup_trials", 5))
-    log_models = bool(train_params.get("log_models", True))
-    log_figures = bool(train_params.get("log_figures", True))
-    write_figures = bool(train_params.get("write_figures", True))
 
-    def n_trials_for(model: str) -> int:
-        if isinstance(n_trials_cfg, Mapping):
-            return int(n_trials_cfg.get(model, n_trials_cfg.get("default", 0)))
-        return int(n_trials_cfg)
+def _precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed: int,
+                          tracker: Tracker) -> tuple[list[FoldData], list[FoldData]]:
+    """Selection fitted once per inner fold (tuning) and per outer fold (CV), shared by every model."""
+    log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(data.outer))
+    t_sel, c_sel = time.perf_counter(), time.process_time()
+    inner = precompute_folds(data.X_train, data.y_train, _inner_splits(data.y_train, inner_folds, seed), select, seed)
+    outer = precompute_folds(data.X_train, data.y_train, data.outer, select, seed)
+    selection_s, selection_cpu_s = time.perf_counter() - t_sel, time.process_time() - c_sel
+    log.info("selection precomputed for %d folds in %.1f s (CPU %.1f s)", len(inner) + len(outer),
+             selection_s, selection_cpu_s)
+    tracker.log_metrics({"time_selection_s": selection_s, "time_selection_cpu_s": selection_cpu_s})
+    return inner, outer
 
-    if "train_folds" in splits:
-        outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
-    else:
-        outer = _inner_splits(y_train, int(train_params.get("outer_folds", 10)), seed)
 
+def _fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequence[FoldData], *,
+               select: SelectSpec, train: TrainSpec, evaluate: EvaluateSpec, seed: int,
+               tracker: Tracker) -> ModelResult:
+    """Tune one model, cross-validate it, fit it on the training set, score both sets, log its run."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    tuned = tune_model(model, inner, train.search_space.get(model, {}), train.n_trials[model], seed,
+                       fixed_params=train.fixed_params.get(model, {}),
+                       pruner_startup_trials=train.pruner_startup_trials, tracker=tracker)
+    t1 = time.perf_counter()
+    cv_aucs = [fold_auc(model, tuned.best_params, fold, seed) for fold in outer]
+    t2 = time.perf_counter()
+    pipeline = build_pipeline(model, tuned.best_params, select, seed).fit(data.X_train, data.y_train)
+    s_train = pipeline.predict_proba(data.X_train)[:, 1]
+    s_test = pipeline.predict_proba(data.X_test)[:, 1]
+    m_train = _set_metrics(data.y_train, s_train, evaluate, seed)
+    m_test = _set_metrics(data.y_test, s_test, evaluate, seed)
+    t3 = time.perf_counter()
+    res = ModelResult(model, tuned, cv_aucs, pipeline, m_train, m_test, {"train": s_train, "test": s_test},
+                      {"tune_s": t1 - t0, "cv_s": t2 - t1, "final_fit_eval_s": t3 - t2})
+    tracker.log_params({"model": model, **{f"hp.{k}": v for k, v in tuned.best_params.items()},
+                        "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned})
+    for k, auc in enumerate(cv_aucs):
+        tracker.log_metrics({"cv_auc": auc}, step=k)
+    metrics = {"cv_auc_mean": res.cv_auc_mean, "cv_auc_sd": res.cv_auc_sd, "inner_cv_auc": tuned.best_value}
+    for set_name, m in (("train", m_train), ("test", m_test)):
+        metrics.update({f"{set_name}_{k}": m[k] for k in SET_METRICS})
+    tracker.log_metrics(_finite(metrics))
+    if train.log_figures:
+        _model_figures(tracker, model, data.y_test, s_test, evaluate)
+    if len(tuned.trials):
+        tracker.log_table(tuned.trials, "optuna_trials.csv")
+    save_pipeline(pipeline, Path(train.out_dir) / f"{model}.skops")
+    if train.log_models:
+        _log_model(tracker, pipeline, data.X_test[data.primary_cols].head(5).astype(np.float64))
+    res.seconds["total_s"] = time.perf_counter() - t0
+    res.seconds["total_cpu_s"] = time.process_time() - c0
+    tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
+    log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean, res.cv_auc_sd, m_test["auc"],
+             ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()))
+    return res
+
+
+def _bayes_reference(data: _Data, best: ModelResult, case_llr: Mapping[str, float] | None,
+                     evaluate: EvaluateSpec) -> dict[str, float] | None:
+    """The latents' LLR scored on the test cases and the best model's paired distance to it."""
+    from bonemet.modeling.table1 import bayes_classifier_reference
+
+    if case_llr is None:
+        return None
+    if not all(i in case_llr for i in data.test_ids):
+        log.warning("cohort LLRs miss some test cases: no Bayes-classifier reference in Table 1")
+        return None
+    reference = bayes_classifier_reference(data.y_test, best.scores["test"], [float(case_llr[i]) for i in data.test_ids],
+                                           alpha=evaluate.alpha, auc_ci=evaluate.auc_ci)
+    log.info("Bayes classifier (latents' LLR) on the %d test cases: AUC %.3f; %s minus it %+.3f (%+.3f to %+.3f), "
+             "p %.3g", reference["n"], reference["llr_auc"], best.name, reference["model_minus_llr"],
+             reference["model_minus_llr_lo"], reference["model_minus_llr_hi"], reference["p"])
+    return reference
+
+
+def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *, feature_source: str,
+                   train: TrainSpec, evaluate: EvaluateSpec, bayes_auc: float | None,
+                   reference: Mapping[str, float] | None, tracker: Tracker,
+                   train_run_id: str | None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """models/ (index, selected features), metrics/ (CV AUCs, Table 1, DeLong), plots/; logged to the parent run."""
+    from bonemet.modeling.table1 import (
+        build_table1,
+        delong_comparison_markdown,
+        delong_comparison_table,
+        write_table1,
+    )
+
+    out_dir, plots_dir, metrics_dir = Path(train.out_dir), Path(train.plots_dir), Path(train.metrics_dir)
+    selected = {"feature_source": feature_source, **selection_summary(results[best].pipeline)}
+    write_json(out_dir / "selected_features.json", selected)
+    write_json(out_dir / "index.json", {
+        "best_model": best,
+        "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
+        "feature_source": feature_source,
+        "feature_names": data.primary_cols,
+        "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "cv_auc_sd": r.cv_auc_sd,
+                       "test_auc": _none(r.test_metrics["auc"]), "params": r.tuning.best_params}
+                   for m, r in results.items()},
+    })
+    # what differs between two runs of the same data and seed: kept out of index.json
+    write_json(out_dir / PROVENANCE_FILE, {
+        "train_run_id": train_run_id,
+        "models": {m: {"run_id": r.run_id, "seconds": r.seconds} for m, r in results.items()},
+    })
+    write_json(metrics_dir / "cv_auc.json", {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs}
+                                            for m, r in results.items()})
+    table = build_table1({m: {"train": r.train_metrics, "test": r.test_metrics} for m, r in results.items()},
+                         bayes_auc=bayes_auc, best_model=best, bayes_reference=reference)
+    write_table1(table, metrics_dir / "table1.json", metrics_dir / "table1.md", bayes_auc=bayes_auc,
+                 best_model=best, alpha=evaluate.alpha, decimals=evaluate.decimals)
+    delong = delong_comparison_table(data.y_test, {m: r.scores["test"] for m, r in results.items()}, best)
+    with atomic_path(metrics_dir / "delong_test.md") as tmp:
+        tmp.write_text(delong_comparison_markdown(delong, decimals=evaluate.decimals), encoding="utf-8")
+    figures: list[Path] = []
+    if train.write_figures:
+        figures = _figures(results, {"train": data.y_train, "test": data.y_test}, plots_dir,
+                           results[best].pipeline.named_steps["lasso"], evaluate)
+    tracker.set_tags({"best_model": best})
+    tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
+                                 "best_test_auc": results[best].test_metrics["auc"],
+                                 **({"bayes_auc": bayes_auc} if bayes_auc is not None else {}),
+                                 **({"bayes_llr_test_auc": reference["llr_auc"],
+                                     "best_minus_bayes_llr_test_auc": reference["model_minus_llr"]}
+                                    if reference is not None else {})}))
+    tracker.log_dict(selected, "selected_features.json")
+    tracker.log_table(delong, "delong_test.csv")
+    for path in (metrics_dir / "table1.json", metrics_dir / "table1.md", metrics_dir / "cv_auc.json",
+                 metrics_dir / "delong_test.md"):
+        tracker.log_artifact(path)
+    for path in figures:
+        tracker.log_artifact(path, artifact_path="plots")
+    return selected, table
+
+
+def run_training(
+    primary: pd.DataFrame,
+    paired: pd.DataFrame,
+    splits: Mapping[str, Any],
+    *,
+    select: SelectSpec,
+    train: TrainSpec,
+    evaluate: EvaluateSpec,
+    seed: int,
+    feature_source: str,
+    tracker: Tracker | None = None,
+    bayes_auc: float | None = None,
+    case_llr: Mapping[str, float] | None = None,
+) -> TrainingResults:
+    """Train, cross-validate and evaluate every model in ``train.models``.
+
+    ``primary``/``paired``: feature tables (case_id, label, feature columns) of the primary source
+    (what the classifier is trained and served on) and of the other mask source (only for the ICC).
+    ``splits``: the ``data/splits.json`` dict (train, test, train_folds).
+    ``select``, ``train``, ``evaluate``: the params sections of those names.
+    Writes ``<train.out_dir>/<model>.skops``, ``selected_features.json``, ``index.json``,
+    ``<train.metrics_dir>/cv_auc.json``, ``table1.json`` (+ ``table1.md``), ``delong_test.md``,
+    figures and CSVs in ``train.plots_dir``. Logs a parent run ``train`` with a nested run per model
+    to ``tracker``. ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio})
+    come with a synthetic cohort: Table 1 then also states the ceiling and, when every test case
+    has an LLR, the Bayes classifier's AUC on the test cases and the best model's paired distance
+    to it.
+    """
+    tracker = tracker or NullTracker()
+    data = _training_data(primary, paired, splits, select.icc.paired_prefix)
+    Path(train.out_dir).mkdir(parents=True, exist_ok=True)
     results: dict[str, ModelResult] = {}
-    with tracker.run("train", tags={"stage": "train", "feature_source": feature_source}):
-        tracker.log_params({"seed": seed, "feature_source": feature_source, "n_train": len(train_ids),
-                            "n_test": len(test_ids), "n_features": len(primary_cols), "select": dict(select_params),
-                            "inner_folds": inner_folds, "outer_folds": len(outer)})
-        log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(outer))
-        t_sel, c_sel = time.perf_counter(), time.process_time()
-        inner = precompute_folds(X_train, y_train, _inner_splits(y_train, inner_folds, seed), select_params, seed)
-        outer_folds: list[FoldData] = precompute_folds(X_train, y_train, outer, select_params, seed)
-        selection_s = time.perf_counter() - t_sel
-        selection_cpu_s = time.process_time() - c_sel
-        log.info("selection precomputed for %d folds in %.1f s (CPU %.1f s)", len(inner) + len(outer_folds),
-                 selection_s, selection_cpu_s)
-        tracker.log_metrics({"time_selection_s": selection_s, "time_selection_cpu_s": selection_cpu_s})
-
-        for model in progress(models, desc="models", unit="model"):
-            with tracker.run(model, tags={"model": model}, nested=True):
-                t0, c0 = time.perf_counter(), time.process_time()
-                tuned = tune_model(model, inner, spaces.get(model, {}), n_trials_for(model), seed,
-                                   fixed_params=fixed_all.get(model), pruner_startup_trials=startup, tracker=tracker)
-                t1 = time.perf_counter()
-                cv_aucs = [fold_auc(model, tuned.best_params, fold, seed) for fold in outer_folds]
-                t2 = time.perf_counter()
-                pipeline = build_pipeline(model, tuned.best_params, select_params, seed).fit(X_train, y_train)
-                s_train = pipeline.predict_proba(X_train)[:, 1]
-                s_test = pipeline.predict_proba(X_test)[:, 1]
-                m_train = _set_metrics(y_train, s_train, evaluate_params, seed)
-                m_test = _set_metrics(y_test, s_test, evaluate_params, seed)
-                t3 = time.perf_counter()
-                res = ModelResult(model, tuned, cv_aucs, pipeline, m_train, m_test,
-                                  {"train": s_train, "test": s_test},
-                                  {"tune_s": t1 - t0, "cv_s": t2 - t1, "final_fit_eval_s": t3 - t2})
-                results[model] = res
-                tracker.log_params({"model": model, **{f"hp.{k}": v for k, v in tuned.best_params.items()},
-                                    "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned})
-                for k, auc in enumerate(cv_aucs):
-                    tracker.log_metrics({"cv_auc": auc}, step=k)
-                metrics = {"cv_auc_mean": res.cv_auc_mean, "cv_auc_sd": res.cv_auc_sd,
-                           "inner_cv_auc": tuned.best_value}
-                for set_name, m in (("train", m_train), ("test", m_test)):
-                    metrics.update({f"{set_name}_{k}": m[k] for k in SET_METRICS})
-                tracker.log_metrics(_finite(metrics))
-                if log_figures:
-                    _model_figures(tracker, model, y_test, s_test, evaluate_params)
-                if len(tuned.trials):
-                    tracker.log_table(tuned.trials, "optuna_trials.csv")
-                out_dir.mkdir(parents=True, exist_ok=True)
-                _save_pipeline(pipeline, out_dir / f"{model}.skops")
-                if log_models:
-                    _log_model(tracker, pipeline, X_test[primary_cols].head(5).astype(np.float64))
-                res.seconds["total_s"] = time.perf_counter() - t0
-                res.seconds["total_cpu_s"] = time.process_time() - c0
-                tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
-                log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean, res.cv_auc_sd,
-                         m_test["auc"], ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()))
-
-        best = max(results, key=lambda m: results[m].cv_auc_mean)
-        selected = {"feature_source": feature_source, **selection_summary(results[best].pipeline)}
-        write_json(out_dir / "selected_features.json", selected)
-        write_json(out_dir / "index.json", {
-            "best_model": best,
-            "best_by": "cv_auc_mean",
-            "feature_source": feature_source,
-            "trusted_types": list(TRUSTED_TYPES),
-            "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "test_auc": _none(r.test_metrics["auc"]),
-                           "params": r.tuning.best_params, "seconds": r.seconds} for m, r in results.items()},
-        })
-        cv_doc = {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs} for m, r in results.items()}
-        write_json(metrics_dir / "cv_auc.json", cv_doc)
-
-        reference = None
-        if case_llr is not None and all(i in case_llr for i in test_ids):
-            reference = bayes_classifier_reference(
-                y_test, results[best].scores["test"], [float(case_llr[i]) for i in test_ids],
-                alpha=float(evaluate_params.get("alpha", 0.05)), auc_ci=str(evaluate_params.get("auc_ci", "normal")))
-            log.info("Bayes classifier (latents' LLR) on the %d test cases: AUC %.3f; %s minus it %+.3f "
-                     "(%+.3f to %+.3f), p %.3g", reference["n"], reference["llr_auc"], best,
-                     reference["model_minus_llr"], reference["model_minus_llr_lo"],
-                     reference["model_minus_llr_hi"], reference["p"])
-        elif case_llr is not None:
-            log.warning("cohort LLRs miss some test cases: no Bayes-classifier reference in Table 1")
-        table = build_table1({m: {"train": r.train_metrics, "test": r.test_metrics} for m, r in results.items()},
-                             bayes_auc=bayes_auc, best_model=best, bayes_reference=reference)
-        write_table1(table, metrics_dir / "table1.json", metrics_dir / "table1.md", bayes_auc=bayes_auc,
-                     best_model=best, alpha=float(evaluate_params.get("alpha", 0.05)),
-                     decimals=int(evaluate_params.get("decimals", 3)))
-        delong = delong_comparison_table(y_test, {m: r.scores["test"] for m, r in results.items()}, best)
-        with atomic_path(metrics_dir / "delong_test.md") as tmp:
-            tmp.write_text(delong_comparison_markdown(delong), encoding="utf-8")
-        y_sets = {"train": y_train, "test": y_test}
-        figures: list[Path] = []
-        if write_figures:
-            figures = _figures(results, y_sets, plots_dir, results[best].pipeline.named_steps["lasso"], evaluate_params)
-        tracker.set_tags({"best_model": best})
-        tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
-                                     "best_test_auc": results[best].test_metrics["auc"],
-                                     **({"bayes_auc": bayes_auc} if bayes_auc is not None else {}),
-                                     **({"bayes_llr_test_auc": reference["llr_auc"],
-                                         "best_minus_bayes_llr_test_auc": reference["model_minus_llr"]}
-                                        if reference is not None else {})}))
-        tracker.log_dict(selected, "selected_features.json")
-        tracker.log_table(delong, "delong_test.csv")
-        for path in (metrics_dir / "table1.json", metrics_dir / "table1.md", metrics_dir / "cv_auc.json",
-                     metrics_dir / "delong_test.md"):
-            tracker.log_artifact(path)
-        for path in figures:
-            tracker.log_artifact(path, artifact_path="plots")
-    return TrainingResults(results, best, selected, table, y_sets)
+    with tracker.run("train", tags={"stage": "train", "feature_source": feature_source}) as train_run_id:
+        tracker.log_params({"seed": seed, "feature_source": feature_source, "n_train": len(data.train_ids),
+                            "n_test": len(data.test_ids), "n_features": len(data.primary_cols),
+                            "select": select.model_dump(mode="json"), "inner_folds": train.inner_folds,
+                            "outer_folds": len(data.outer)})
+        inner, outer = _precompute_selection(data, select, train.inner_folds, seed, tracker)
+        for model in progress(train.models, desc="models", unit="model"):
+            with tracker.run(model, tags={"model": model}, nested=True) as model_run_id:
+                results[model] = _fit_model(model, data, inner, outer, select=select, train=train,
+                                            evaluate=evaluate, seed=seed, tracker=tracker)
+                results[model].run_id = model_run_id
+        best = choose_best_model({m: r.cv_aucs for m, r in results.items()}, train.models)
+        reference = _bayes_reference(data, results[best], case_llr, evaluate)
+        selected, table = _write_outputs(results, best, data, feature_source=feature_source, train=train,
+                                         evaluate=evaluate, bayes_auc=bayes_auc, reference=reference,
+                                         tracker=tracker, train_run_id=train_run_id)
+    return TrainingResults(results, best, selected, table, {"train": data.y_train, "test": data.y_test})
 
 
 def _none(v: Any) -> float | None:

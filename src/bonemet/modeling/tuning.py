@@ -17,20 +17,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from bonemet.modeling.classifiers import build_classifier
 from bonemet.modeling.pipeline import build_selection_pipeline
+from bonemet.search import suggest
 from bonemet.tracking import NullTracker, Tracker
 
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import Choice, FloatRange, IntRange, SelectSpec
+
 log = logging.getLogger(__name__)
-
-
-class SearchSpaceError(ValueError):
-    """A search-space entry in params is malformed."""
 
 
 @dataclass
@@ -59,7 +59,7 @@ def precompute_folds(
     X: pd.DataFrame,
     y: np.ndarray,
     splits: Sequence[tuple[np.ndarray, np.ndarray]],
-    select_params: Mapping[str, Any],
+    select: SelectSpec,
     seed: int,
 ) -> list[FoldData]:
     """Fit the selection part on each fold's training rows and transform its validation rows.
@@ -69,40 +69,11 @@ def precompute_folds(
     folds = []
     y = np.asarray(y)
     for train_idx, val_idx in splits:
-        selection = build_selection_pipeline(select_params, seed)
+        selection = build_selection_pipeline(select, seed)
         X_tr = selection.fit_transform(X.iloc[train_idx], y[train_idx])
         X_va = selection.transform(X.iloc[val_idx])
         folds.append(FoldData(X_tr, y[train_idx], X_va, y[val_idx]))
     return folds
-
-
-def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Hyperparameters for one trial from a params search space.
-
-    Each entry is ``{type: float|int|categorical, low, high, log, step, choices}``.
-    """
-    params: dict[str, Any] = {}
-    for name, spec in space.items():
-        kind = spec.get("type")
-        if kind == "float":
-            params[name] = trial.suggest_float(
-                name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False))
-            )
-        elif kind == "int":
-            params[name] = trial.suggest_int(
-                name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)),
-                step=int(spec.get("step", 1)),
-            )
-        elif kind == "categorical":
-            choices = list(spec.get("choices", []))
-            if not choices:
-                raise SearchSpaceError(f"search space '{name}': categorical needs non-empty 'choices'")
-            params[name] = trial.suggest_categorical(name, choices)
-        else:
-            raise SearchSpaceError(
-                f"search space '{name}': type must be float, int or categorical, found {kind!r}"
-            )
-    return params
 
 
 def fold_auc(model_name: str, params: Mapping[str, Any], fold: FoldData, seed: int) -> float:
@@ -131,11 +102,12 @@ class TrackerCallback:
 def tune_model(
     model_name: str,
     folds: Sequence[FoldData],
-    space: Mapping[str, Mapping[str, Any]],
+    space: Mapping[str, FloatRange | IntRange | Choice],
     n_trials: int,
     seed: int,
-    fixed_params: Mapping[str, Any] | None = None,
-    pruner_startup_trials: int = 5,
+    *,
+    fixed_params: Mapping[str, Any],
+    pruner_startup_trials: int,
     tracker: Tracker | None = None,
 ) -> TuningResult:
     """Tune ``model_name`` with Optuna TPE (seeded) and a median pruner over precomputed folds.
@@ -148,7 +120,7 @@ def tune_model(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = tracker or NullTracker()
-    fixed = dict(fixed_params or {})
+    fixed = dict(fixed_params)
     if not space or n_trials < 1:
         aucs = [fold_auc(model_name, fixed, fold, seed) for fold in folds]
         return TuningResult(model_name, fixed, float(np.mean(aucs)), 0, 0, pd.DataFrame())

@@ -10,7 +10,6 @@ from bonemet.preprocessing.intensity import normalise_intensity
 from bonemet.preprocessing.pipeline import (
     PreprocessedCase,
     PreprocessError,
-    dice,
     map_mask_to_original,
     preprocess_case,
     preprocess_image,
@@ -30,7 +29,6 @@ __all__ = [
     "bone_crop_box",
     "bone_mask",
     "crop_to_box",
-    "dice",
     "map_mask_to_original",
     "normalise_intensity",
     "preprocess_case",

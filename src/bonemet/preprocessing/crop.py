@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from bonemet.data.masks import volume_ml
+
 log = logging.getLogger(__name__)
 
 
@@ -42,9 +44,8 @@ def bone_mask(image_hu: sitk.Image, bone_threshold_hu: float, min_component_ml: 
     arr = sitk.GetArrayViewFromImage(labels)
     if arr.max() == 0:
         return binary
-    voxel_ml = float(np.prod(image_hu.GetSpacing())) / 1000.0
     counts = np.bincount(arr.ravel())[1:]
-    keep = max(1, int(np.sum(counts * voxel_ml >= min_component_ml)))
+    keep = max(1, int(np.sum(counts * volume_ml(1, image_hu.GetSpacing()) >= min_component_ml)))
     out = sitk.Cast(sitk.BinaryThreshold(labels, 1, keep, 1, 0), sitk.sitkUInt8)
     out.CopyInformation(image_hu)
     return out

@@ -14,7 +14,7 @@ def check_window(hu_window: Sequence[float]) -> tuple[float, float]:
     return float(hu_window[0]), float(hu_window[1])
 
 
-def normalise_intensity(image: sitk.Image, hu_window: Sequence[float] = (-200.0, 1800.0)) -> sitk.Image:
+def normalise_intensity(image: sitk.Image, hu_window: Sequence[float]) -> sitk.Image:
     """Clip a CT (HU) to ``hu_window`` and scale linearly to [0, 1]; float32.
 
     ``(x - lo) / (hi - lo)`` after clipping to ``[lo, hi]`` HU. Why a fixed window and not a

@@ -48,7 +48,7 @@ def resampled_grid(image: sitk.Image, spacing_mm: Sequence[float]) -> sitk.Image
 
 
 def resample_image(
-    image: sitk.Image, spacing_mm: Sequence[float], interpolator: str = "bspline"
+    image: sitk.Image, spacing_mm: Sequence[float], interpolator: str
 ) -> sitk.Image:
     """Resample a CT image (HU) to ``spacing_mm`` and return it as float32.
 
@@ -75,13 +75,13 @@ def resample_image(
 MASK_INTERPOLATORS = ("nearest", "linear")
 
 
-def resample_mask(mask: sitk.Image, reference: sitk.Image, interpolator: str = "nearest") -> sitk.Image:
+def resample_mask(mask: sitk.Image, reference: sitk.Image, interpolator: str) -> sitk.Image:
     """Resample a binary mask onto ``reference``'s grid; uint8 0/1 either way.
 
     Args:
         mask: binary mask (any pixel type; nonzero is lesion).
         reference: the target grid.
-        interpolator: ``"nearest"`` (the default: every output voxel copies one input voxel)
+        interpolator: ``"nearest"`` (every output voxel copies one input voxel)
             or ``"linear"`` (interpolate the 0/1 mask as a lesion fraction, keep voxels whose
             fraction is >= 0.5: a smoother, more faithful boundary when voxel sizes differ a lot).
     """
@@ -97,7 +97,7 @@ def resample_mask(mask: sitk.Image, reference: sitk.Image, interpolator: str = "
 
 
 def resample_mask_to_spacing(
-    mask: sitk.Image, spacing_mm: Sequence[float], interpolator: str = "nearest"
+    mask: sitk.Image, spacing_mm: Sequence[float], interpolator: str
 ) -> sitk.Image:
     """Resample a binary mask to ``spacing_mm`` (mm), same physical extent; uint8 0/1."""
     return resample_mask(mask, resampled_grid(mask, spacing_mm), interpolator)

@@ -18,6 +18,7 @@ from bonemet.radiomics.settings import (
     build_settings,
     load_settings_file,
     settings_digest,
+    settings_from_params,
 )
 from bonemet.radiomics.sources import SOURCES, MissingMaskError, extract_sources, source_cases
 
@@ -41,4 +42,5 @@ __all__ = [
     "resolve_n_jobs",
     "source_cases",
     "settings_digest",
+    "settings_from_params",
 ]

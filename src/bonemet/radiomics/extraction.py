@@ -26,6 +26,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from bonemet.data.io import read_image, read_mask, resample_to_reference, same_grid
+from bonemet.errors import UserError
 from bonemet.radiomics.settings import settings_digest
 from bonemet.utils import atomic_path, file_md5, progress
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the cache entry layout changes
 
 
-class BadMaskError(ValueError):
+class BadMaskError(UserError, ValueError):
     """A mask cannot give features (empty, one voxel, outside the image, rejected by PyRadiomics)."""
 
     def __init__(self, case_id: str, mask: str | Path | None, reason: str) -> None:
@@ -45,7 +46,7 @@ class BadMaskError(ValueError):
         super().__init__(f"case '{case_id}'{where}: {reason}")
 
 
-class FeatureNameMismatchError(ValueError):
+class FeatureNameMismatchError(UserError, ValueError):
     """Two cases gave different feature names under the same settings."""
 
 
@@ -83,12 +84,14 @@ def _count(mask: sitk.Image) -> int:
     return int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
 
 
-def check_mask(image: sitk.Image, mask: sitk.Image, case_id: str, mask_file: str | Path | None = None) -> sitk.Image:
+def check_mask(
+    image: sitk.Image, mask: sitk.Image, case_id: str, mask_file: str | Path | None, *, grid_tolerance_mm: float
+) -> sitk.Image:
     """Check a binary (0/1) mask against its image; return it on the image grid.
 
-    A mask on another grid that overlaps the image is resampled onto the image grid
-    (nearest neighbour). Raises :class:`BadMaskError` for an empty, one-voxel or
-    out-of-image mask.
+    A mask whose spacing or origin differs from the image's by more than ``grid_tolerance_mm``
+    but that overlaps the image is resampled onto the image grid (nearest neighbour). Raises
+    :class:`BadMaskError` for an empty, one-voxel or out-of-image mask.
     """
     n_voxels = _count(mask)
     if n_voxels == 0:
@@ -97,7 +100,7 @@ def check_mask(image: sitk.Image, mask: sitk.Image, case_id: str, mask_file: str
         raise BadMaskError(
             case_id, mask_file, "mask has a single lesion voxel: expected at least 2 (shape and texture need a region)"
         )
-    ok, reason = same_grid(image, mask, tol_mm=1e-3)
+    ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
     if not ok:
         moved = resample_to_reference(mask, image, sitk.sitkNearestNeighbor, 0)
         inside = _count(moved)
@@ -159,19 +162,23 @@ def extract_features(
     mask: sitk.Image | str | Path,
     settings: Mapping[str, Any],
     case_id: str,
+    *,
+    grid_tolerance_mm: float,
 ) -> dict[str, float]:
     """PyRadiomics features of one lesion mask, diagnostics dropped, in PyRadiomics' order.
 
     Args:
         image: the CT (HU) as a SimpleITK image or a file.
-        mask: label map (image or file); the lesion is ``settings["setting"]["label"]`` (default 1).
+        mask: label map (image or file); the lesion is ``settings["setting"]["label"]``.
         settings: PyRadiomics settings dict (``imageType``, ``featureClass``, ``setting``).
         case_id: names the case in errors.
+        grid_tolerance_mm: how far (mm) the mask's spacing and origin may differ from the image's
+            before the mask is resampled onto the image grid.
 
     Raises:
         BadMaskError: empty, one-voxel or out-of-image mask, or a mask PyRadiomics rejects.
     """
-    label = int(settings.get("setting", {}).get("label", 1))
+    label = int(settings["setting"]["label"])
     mask_file = None if isinstance(mask, sitk.Image) else Path(mask)
     if not isinstance(image, sitk.Image):
         image = read_image(image, case_id=case_id)
@@ -179,7 +186,7 @@ def extract_features(
         mask = _binary_mask(mask, label)
     else:
         mask = read_mask(mask, label=label, case_id=case_id)
-    mask = check_mask(image, mask, case_id, mask_file)
+    mask = check_mask(image, mask, case_id, mask_file, grid_tolerance_mm=grid_tolerance_mm)
 
     params = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
     params["setting"]["label"] = 1  # the mask is binary from here on
@@ -235,11 +242,12 @@ def _init_worker(sitk_threads: int) -> None:
 
 
 def _extract_task(
-    case: CaseInput, settings: Mapping[str, Any], cache_file: str | None
+    case: CaseInput, settings: Mapping[str, Any], cache_file: str | None, grid_tolerance_mm: float
 ) -> tuple[str, dict[str, float] | None, str | None, float]:
     """Worker: extract one case, write its cache entry; returns (case_id, features, bad-mask reason, RSS MiB)."""
     try:
-        features = extract_features(case.image, case.mask, settings, case.case_id)
+        features = extract_features(case.image, case.mask, settings, case.case_id,
+                                    grid_tolerance_mm=grid_tolerance_mm)
     except BadMaskError as exc:
         return case.case_id, None, exc.reason, _peak_rss_mib()
     if cache_file is not None:
@@ -266,9 +274,10 @@ def extract_cohort(
     cases: Sequence[CaseInput | tuple[str, int, str | Path, str | Path]],
     settings: Mapping[str, Any],
     *,
-    n_jobs: int = -1,
-    cache_dir: str | Path | None = None,
-    allow_drop: bool = False,
+    n_jobs: int,
+    cache_dir: str | Path | None,
+    allow_drop: bool,
+    grid_tolerance_mm: float,
     show_progress: bool = True,
     stats: CohortStats | None = None,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -282,6 +291,7 @@ def extract_cohort(
             ``None`` disables the cache.
         allow_drop: drop cases with bad masks (reported in the second return value) instead of
             raising.
+        grid_tolerance_mm: see :func:`extract_features`.
         show_progress: show a progress bar (cases done, rate, time left).
         stats: filled in with counts, seconds and the peak worker memory when given.
 
@@ -298,7 +308,7 @@ def extract_cohort(
     ids = [c.case_id for c in inputs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ValueError(f"duplicate case_id(s) in the extraction list: {', '.join(duplicates)}")
+        raise BadMaskError(duplicates[0], None, f"duplicate case_id(s) in the extraction list: {', '.join(duplicates)}")
     cache_path: dict[str, Path | None] = {}
     results: dict[str, dict[str, float]] = {}
     cache_root = Path(cache_dir) if cache_dir is not None else None
@@ -321,7 +331,8 @@ def extract_cohort(
     if todo and workers == 1:
         for case in progress(todo, total=len(todo), desc="radiomics", disable=not show_progress):
             path = cache_path[case.case_id]
-            case_id, features, reason, rss = _extract_task(case, settings, str(path) if path else None)
+            case_id, features, reason, rss = _extract_task(case, settings, str(path) if path else None,
+                                                           grid_tolerance_mm)
             peak_rss = max(peak_rss, rss)
             if reason is not None:
                 bad[case_id] = reason
@@ -330,7 +341,8 @@ def extract_cohort(
     elif todo:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
             futures = [
-                pool.submit(_extract_task, case, settings, str(cache_path[case.case_id]) if cache_path[case.case_id] else None)
+                pool.submit(_extract_task, case, settings,
+                            str(cache_path[case.case_id]) if cache_path[case.case_id] else None, grid_tolerance_mm)
                 for case in todo
             ]
             for future in progress(as_completed(futures), total=len(futures), desc="radiomics", disable=not show_progress):
@@ -398,7 +410,7 @@ def expected_feature_names(settings: Mapping[str, Any]) -> list[str]:
     mask.CopyInformation(image)
     phantom_settings = {key: dict(settings.get(key) or {}) for key in ("imageType", "featureClass", "setting")}
     phantom_settings["setting"]["label"] = 1
-    return list(extract_features(image, mask, phantom_settings, case_id="<phantom>"))
+    return list(extract_features(image, mask, phantom_settings, case_id="<phantom>", grid_tolerance_mm=0.01))
 
 
 def plain_pyradiomics(cases: Sequence[CaseInput | tuple], settings: Mapping[str, Any]) -> list[dict[str, float]]:

@@ -10,16 +10,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from bonemet.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import Params, RadiomicsSpec
 
 SECTIONS = ("imageType", "featureClass", "setting")
 
 
-class RadiomicsSettingsError(ValueError):
+class RadiomicsSettingsError(UserError, ValueError):
     """The PyRadiomics settings file is missing or malformed."""
 
 
@@ -40,45 +45,31 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     return {key: copy.deepcopy(data.get(key) or {}) for key in SECTIONS}
 
 
-def build_settings(
-    base: Mapping[str, Any],
-    *,
-    bin_width: float | None = None,
-    resampled_spacing_mm: Sequence[float] | None = None,
-    interpolator: str | None = None,
-    normalize: bool | None = None,
-    label: int | None = None,
-) -> dict[str, Any]:
-    """Merge the tunables from params.yaml over a settings dict (``None`` keeps the file's value).
+def build_settings(base: Mapping[str, Any], spec: RadiomicsSpec, *, label: int) -> dict[str, Any]:
+    """The tunables of ``spec`` merged over a settings dict in PyRadiomics' layout.
 
     Args:
-        base: settings in PyRadiomics' layout (from :func:`load_settings_file`).
-        bin_width: grey-level bin width in image units (HU for CT).
-        resampled_spacing_mm: isotropic or per-axis spacing (x, y, z) in mm; an empty list
-            disables resampling.
-        interpolator: SimpleITK interpolator name, e.g. ``sitkBSpline``.
-        normalize: z-score the image before extraction (False keeps HU).
-        label: value of the lesion in the mask files.
+        base: settings from :func:`load_settings_file` (image types, feature classes, fixed settings).
+        spec: the ``radiomics`` params: bin width (HU for CT), resampling spacing (x, y, z) in mm
+            (empty: none), interpolator (a SimpleITK name such as ``sitkBSpline``), normalisation.
+        label: value of the lesion in the mask files (``data.mask_label``).
     """
     settings = {key: copy.deepcopy(dict(base.get(key) or {})) for key in SECTIONS}
     setting = settings["setting"]
-    if bin_width is not None:
-        if bin_width <= 0:
-            raise RadiomicsSettingsError(f"bin_width must be > 0, found {bin_width}")
-        setting["binWidth"] = float(bin_width)
-    if resampled_spacing_mm is not None:
-        spacing = [float(s) for s in resampled_spacing_mm] or None
-        if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
-            raise RadiomicsSettingsError(f"resampled_spacing_mm must be 3 positive values in mm, found {resampled_spacing_mm}")
-        setting["resampledPixelSpacing"] = spacing
-    if interpolator is not None:
-        setting["interpolator"] = str(interpolator)
-    if normalize is not None:
-        setting["normalize"] = bool(normalize)
-    if label is not None:
-        setting["label"] = int(label)
+    setting["binWidth"] = float(spec.bin_width)
+    setting["resampledPixelSpacing"] = [float(s) for s in spec.resampled_spacing_mm] or None
+    setting["interpolator"] = str(spec.interpolator)
+    setting["normalize"] = bool(spec.normalize)
+    setting["label"] = int(label)
     setting["additionalInfo"] = False  # diagnostics are never features
     return settings
+
+
+def settings_from_params(params: Params) -> dict[str, Any]:
+    """The PyRadiomics settings of a project: ``radiomics.settings_file`` with the ``radiomics``
+    params over it and ``data.mask_label`` as the lesion label (extract and predict use this)."""
+    return build_settings(load_settings_file(params.radiomics.settings_file), params.radiomics,
+                          label=params.data.mask_label)
 
 
 def settings_digest(settings: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from bonemet.data.manifest import Case
+from bonemet.errors import UserError
 from bonemet.radiomics.extraction import (
     BadMaskError,
     CaseInput,
@@ -32,7 +33,7 @@ SOURCES = ("manual", "auto", "annotator")
 AUTO_MASK_SUFFIX = ".nii.gz"
 
 
-class MissingMaskError(ValueError):
+class MissingMaskError(UserError, ValueError):
     """A case lacks its mask file for a source."""
 
 
@@ -75,11 +76,12 @@ def extract_sources(
     settings: Mapping[str, Any],
     out_dir: str | Path,
     *,
-    sources: Sequence[str] = SOURCES,
-    auto_masks_dir: str | Path | None = None,
-    n_jobs: int = -1,
-    cache_dir: str | Path | None = None,
-    allow_drop: bool = False,
+    sources: Sequence[str],
+    auto_masks_dir: str | Path | None,
+    n_jobs: int,
+    cache_dir: str | Path | None,
+    allow_drop: bool,
+    grid_tolerance_mm: float,
     tracker: Tracker | None = None,
     show_progress: bool = True,
     log_params: Mapping[str, Any] | None = None,
@@ -129,6 +131,7 @@ def extract_sources(
                     n_jobs=n_jobs,
                     cache_dir=cache_dir,
                     allow_drop=allow_drop,
+                    grid_tolerance_mm=grid_tolerance_mm,
                     show_progress=show_progress,
                     stats=stats,
                 )

@@ -12,27 +12,32 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from bonemet.data.io import read_mask, write_image
+from bonemet.errors import UserError
 from bonemet.segmentation.data import SegCase, load_volume
-from bonemet.segmentation.inference import CaseInferenceError, predict_case
+from bonemet.segmentation.inference import CaseInferenceError, InferenceSettings, predict_case
 from bonemet.segmentation.metrics import case_metrics
-from bonemet.segmentation.training import TrainConfig, count_parameters, train_model
+from bonemet.segmentation.networks import count_parameters, network_from_spec
+from bonemet.segmentation.training import train_model
 from bonemet.tracking.base import NullTracker, Tracker
 from bonemet.utils import atomic_path, progress, seed_everything
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import SegmentSpec
 
 log = logging.getLogger(__name__)
 
 
-class FoldAssignmentError(ValueError):
+class FoldAssignmentError(UserError, ValueError):
     """Cases and folds do not match (a case without a fold, or a fold with unknown cases)."""
 
 
@@ -95,9 +100,6 @@ def check_folds(cases: Sequence[SegCase], folds: Mapping[str, int]) -> list[int]
 
 def plot_curves(histories: Mapping[int, Sequence[Mapping[str, float]]], title: str = ""):
     """Loss and Dice per epoch for each fold (like the study's Fig. 3): a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
@@ -121,47 +123,50 @@ def plot_curves(histories: Mapping[int, Sequence[Mapping[str, float]]], title: s
 def run_cross_validation(
     cases: Sequence[SegCase],
     folds: Mapping[str, int],
-    model_factory: Callable[[], Any],
-    config: TrainConfig,
-    masks_dir: str | Path,
-    work_dir: str | Path,
+    spec: SegmentSpec,
+    settings: InferenceSettings,
+    *,
+    seed: int,
+    mask_label: int,
+    grid_tolerance_mm: float,
+    num_threads: int,
+    figure_dpi: int,
     tracker: Tracker | None = None,
-    val_fraction: float = 0.1,
-    threshold: float = 0.5,
-    largest_component: bool = True,
     fold_params: Mapping[str, Any] | None = None,
     only_folds: Sequence[int] | None = None,
-    parallel_folds: int = 1,
 ) -> CVResult:
-    """Train one model per fold and write every case's out-of-fold mask into ``masks_dir``.
+    """Train one model per fold and write every case's out-of-fold mask into ``spec.masks_dir``.
 
     Args:
         cases: the preprocessed cases (with their original image and manual mask paths).
         folds: case_id -> fold number (``splits.json`` ``all_folds``).
-        model_factory: builds a fresh network for each fold.
-        config: training settings shared by the folds (seeded per fold: ``seed + fold``).
-        masks_dir: output folder, replaced atomically once every case has its mask.
-        work_dir: checkpoints and per-fold curve images (``fold-<k>.pt``, ``fold-<k>_curves.png``).
+        spec: the ``segment`` params (profile merged): the network (``model``, ``networks``),
+            training, ``val_fraction`` (of each fold's training cases, held out for early
+            stopping), ``masks_dir`` (replaced atomically once every case has its mask),
+            ``work_dir`` (checkpoints and per-fold curve images), ``parallel_folds``.
+        settings: how the folds' networks segment their held-out cases (threshold, windows...).
+        seed: fold ``k`` is seeded with ``seed + k``.
+        mask_label: the lesion value of the manual masks and of the written automatic masks.
+        grid_tolerance_mm: how far a manual mask's grid may differ from its CT's (mm).
+        num_threads: torch threads in all; ``parallel_folds`` folds share them.
+        figure_dpi: resolution of the per-fold curve images (``evaluate.figure_dpi``).
         tracker: one nested run ``fold-<k>`` per fold, inside whatever run the caller opened.
-        val_fraction: fraction of each fold's training cases held out for early stopping.
-        threshold: lesion probability threshold on the original grid.
-        largest_component: keep only the largest connected component of each mask.
         fold_params: extra params logged on every fold run (e.g. the network's sizes).
         only_folds: run just these folds (debugging, benchmarks); masks are then written only
             for their cases.
-        parallel_folds: train this many folds at once in forked worker processes (CPU only),
-            sharing ``config.num_threads`` between them. Small networks use 2 cores better as two
-            1-thread folds than as one 2-thread fold (1.6x the throughput of the cpu profile).
-            Each fold is seeded by its number, so only the thread count (floating-point summation
-            order) differs from a sequential run; the nested runs are replayed into ``tracker``
-            in fold order.
+
+    ``spec.parallel_folds`` > 1 trains that many folds at once in forked worker processes (CPU
+    only): small networks use 2 cores better as two 1-thread folds than as one 2-thread fold
+    (1.6x the throughput of the cpu profile). Each fold is seeded by its number, so only the
+    thread count (floating-point summation order) differs from a sequential run; the nested runs
+    are replayed into ``tracker`` in fold order.
 
     Raises:
         FoldAssignmentError: cases and folds disagree.
-        CaseInferenceError: a case could not be segmented (named); no partial ``masks_dir`` is left.
+        CaseInferenceError: a case got no mask; no partial mask folder is left.
     """
     tracker = tracker or NullTracker()
-    work_dir = Path(work_dir)
+    work_dir = Path(spec.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     fold_ids = check_folds(cases, folds)
     if only_folds is not None:
@@ -169,27 +174,26 @@ def run_cross_validation(
     by_id = {c.case_id: c for c in cases}
     log.info("loading %d preprocessed volumes", len(cases))
     volumes = {c.case_id: load_volume(c) for c in progress(cases, total=len(cases), desc="load")}
-    parallel = _parallel_folds(parallel_folds, len(fold_ids), config)
-    threads = max(1, int(config.num_threads or os.cpu_count() or 1) // parallel)
+    parallel = _parallel_folds(spec.parallel_folds, len(fold_ids), spec.device)
+    threads = max(1, int(num_threads) // parallel)
 
     rows: list[dict[str, Any]] = []
     results: list[FoldResult] = []
     best_fold, best_dice, best_model, best_run = -1, -math.inf, None, None
-    with atomic_path(masks_dir, is_dir=True) as tmp_masks:
+    with atomic_path(spec.masks_dir, is_dir=True) as tmp_masks:
         jobs = []
         for fold in fold_ids:
             test_ids = sorted(cid for cid in by_id if int(folds[cid]) == fold)
             train_all = sorted(cid for cid in by_id if int(folds[cid]) != fold)
-            train_ids, val_ids = split_validation(train_all, val_fraction, config.seed + fold)
-            fold_config = TrainConfig(**{**config.as_dict(), "seed": config.seed + fold,
-                                         **({"num_threads": threads} if parallel > 1 else {})})
-            jobs.append(_FoldJob(fold, train_ids, val_ids, test_ids, fold_config, Path(tmp_masks), work_dir,
-                                 threshold, largest_component, dict(fold_params or {}), val_fraction))
+            train_ids, val_ids = split_validation(train_all, spec.val_fraction, seed + fold)
+            jobs.append(_FoldJob(fold, train_ids, val_ids, test_ids, spec, settings, seed + fold, threads,
+                                 Path(tmp_masks), work_dir, mask_label, grid_tolerance_mm, figure_dpi,
+                                 dict(fold_params or {})))
         if parallel > 1:
             log.info("training %d folds, %d at a time (%d torch thread(s) each)", len(jobs), parallel, threads)
-            outcomes = _run_parallel(jobs, by_id, volumes, model_factory, tracker, parallel)
+            outcomes = _run_parallel(jobs, by_id, volumes, tracker, parallel)
         else:
-            outcomes = (_train_fold(job, by_id, volumes, model_factory, tracker) for job in jobs)
+            outcomes = (_train_fold(job, by_id, volumes, tracker) for job in jobs)
         for fold_result, fold_rows, model in outcomes:
             rows.extend(fold_rows)
             results.append(fold_result)
@@ -212,24 +216,27 @@ class _FoldJob:
     train_ids: list[str]
     val_ids: list[str]
     test_ids: list[str]
-    config: TrainConfig
+    spec: SegmentSpec
+    settings: InferenceSettings
+    seed: int
+    threads: int
     masks_dir: Path
     work_dir: Path
-    threshold: float
-    largest_component: bool
+    mask_label: int
+    grid_tolerance_mm: float
+    figure_dpi: int
     fold_params: dict[str, Any]
-    val_fraction: float
 
 
-def _parallel_folds(requested: int, n_folds: int, config: TrainConfig) -> int:
+def _parallel_folds(requested: int, n_folds: int, device: str) -> int:
     """How many folds to train at once: ``requested`` capped by the folds; 1 on CUDA or without fork."""
     import multiprocessing
 
     from bonemet.segmentation.training import resolve_device
 
     n = max(1, min(int(requested), n_folds))
-    if n > 1 and resolve_device(config.device).type != "cpu":
-        log.warning("parallel_folds %d ignored: folds share one %s device, trained one at a time", n, config.device)
+    if n > 1 and resolve_device(device).type != "cpu":
+        log.warning("parallel_folds %d ignored: folds share one %s device, trained one at a time", n, device)
         return 1
     if n > 1 and "fork" not in multiprocessing.get_all_start_methods():
         log.warning("parallel_folds %d ignored: this platform cannot fork worker processes", n)
@@ -238,40 +245,41 @@ def _parallel_folds(requested: int, n_folds: int, config: TrainConfig) -> int:
 
 
 def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[str, Any],
-                model_factory: Callable[[], Any], tracker: Tracker) -> tuple[FoldResult, list[dict[str, Any]], Any]:
+                tracker: Tracker) -> tuple[FoldResult, list[dict[str, Any]], Any]:
     """Train one fold, write its out-of-fold masks, log its nested run; (result, case rows, best model on CPU)."""
     import matplotlib.pyplot as plt
     import torch
 
-    fold, fold_config = job.fold, job.config
+    fold, spec = job.fold, job.spec
     rows: list[dict[str, Any]] = []
     with tracker.run(f"fold-{fold}", tags={"fold": str(fold)}, nested=True) as run_id:
         tracker.log_params({
-            **fold_config.as_dict(), **job.fold_params, "fold": fold, "n_train": len(job.train_ids),
-            "n_val": len(job.val_ids), "n_test": len(job.test_ids), "val_fraction": job.val_fraction,
+            "train": spec.train.model_dump(mode="json"), "augment": spec.augment.model_dump(mode="json"),
+            "inference": spec.inference.model_dump(mode="json"), "roi_size": list(spec.roi_size),
+            "distill_weight": spec.distill_weight, **job.fold_params, "fold": fold, "seed": job.seed,
+            "num_threads": job.threads, "n_train": len(job.train_ids), "n_val": len(job.val_ids),
+            "n_test": len(job.test_ids), "val_fraction": spec.val_fraction,
         })
-        seed_everything(fold_config.seed)
-        model = model_factory()
+        seed_everything(job.seed)
+        model = network_from_spec(spec)
         n_params = count_parameters(model)
         log.info("fold %d: train %d, validation %d, out-of-fold %d cases", fold, len(job.train_ids),
                  len(job.val_ids), len(job.test_ids))
         checkpoint = job.work_dir / f"fold-{fold}.pt"
         result = train_model(
-            model, [volumes[i] for i in job.train_ids], [volumes[i] for i in job.val_ids], fold_config, tracker,
-            checkpoint_path=checkpoint,
+            model, [volumes[i] for i in job.train_ids], [volumes[i] for i in job.val_ids], spec, seed=job.seed,
+            tracker=tracker, checkpoint_path=checkpoint,
         )
         start = time.perf_counter()
         for cid in job.test_ids:
             case = by_id[cid]
-            mask = predict_case(
-                result.model, case, fold_config.roi_size, fold_config.overlap, fold_config.sw_batch_size,
-                result.device, job.threshold, job.largest_component, mirror_axes=fold_config.mirror_axes,
-            )
-            write_image(mask, job.masks_dir / f"{cid}.nii.gz")
+            mask = predict_case(result.model, case, job.settings, device=result.device)
+            # the automatic mask carries the lesion label of the manual masks (data.mask_label)
+            write_image(sitk.Cast(mask * job.mask_label, sitk.sitkUInt8), job.masks_dir / f"{cid}.nii.gz")
             row: dict[str, Any] = {"case_id": cid, "fold": fold}
             if case.original_mask is not None:
-                ref = read_mask(case.original_mask, label=1, case_id=cid)
-                row.update(case_metrics(mask, ref, case_id=cid))
+                ref = read_mask(case.original_mask, label=job.mask_label, case_id=cid)
+                row.update(case_metrics(mask, ref, cid, grid_tolerance_mm=job.grid_tolerance_mm))
             rows.append(row)
         infer_s = (time.perf_counter() - start) / max(1, len(job.test_ids))
         fold_rows = [r for r in rows if "dice" in r]
@@ -283,7 +291,7 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
         })
         fig = plot_curves({fold: result.history}, title=f"fold {fold}")
         png = job.work_dir / f"fold-{fold}_curves.png"
-        fig.savefig(png, dpi=100)
+        fig.savefig(png, dpi=job.figure_dpi)
         plt.close(fig)
         tracker.log_artifact(png, artifact_path="curves")
         if checkpoint.exists():
@@ -308,18 +316,21 @@ _FORK_STATE: dict[str, Any] = {}
 
 
 def _fold_worker(job: _FoldJob) -> tuple[list, FoldResult, list[dict[str, Any]], dict[str, Any]]:
-    """Worker process: train one fold with a call buffer as its tracker; the model goes back as a state dict."""
+    """Worker process: train one fold with ``job.threads`` torch threads and a call buffer as its
+    tracker; the model goes back as a state dict."""
+    import torch
+
     from bonemet.tracking.base import CallBuffer
 
+    torch.set_num_threads(job.threads)  # this worker process's share of the cores
     buffer = CallBuffer()
-    fold_result, rows, model = _train_fold(job, _FORK_STATE["by_id"], _FORK_STATE["volumes"],
-                                           _FORK_STATE["factory"], buffer)
+    fold_result, rows, model = _train_fold(job, _FORK_STATE["by_id"], _FORK_STATE["volumes"], buffer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return buffer.calls, fold_result, rows, state
 
 
 def _run_parallel(jobs: Sequence[_FoldJob], by_id: Mapping[str, SegCase], volumes: Mapping[str, Any],
-                  model_factory: Callable[[], Any], tracker: Tracker, parallel: int):
+                  tracker: Tracker, parallel: int):
     """Train folds in ``parallel`` forked processes; yield their outcomes in fold order.
 
     Each fold's tracker calls are replayed into ``tracker`` in the parent (in fold order, so the
@@ -331,15 +342,16 @@ def _run_parallel(jobs: Sequence[_FoldJob], by_id: Mapping[str, SegCase], volume
 
     from bonemet.tracking.base import replay_calls
 
-    _FORK_STATE.update(by_id=by_id, volumes=volumes, factory=model_factory)
+    _FORK_STATE.update(by_id=by_id, volumes=volumes)
     try:
         with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("fork")) as pool:
             futures = [pool.submit(_fold_worker, job) for job in jobs]
+            job_of = {job.fold: job for job in jobs}
             for future in futures:
                 calls, fold_result, rows, state = future.result()
                 run_ids = replay_calls(calls, tracker)
                 fold_result.run_id = run_ids[0] if run_ids else None
-                model = model_factory()
+                model = network_from_spec(job_of[fold_result.fold].spec)
                 model.load_state_dict(state)
                 yield fold_result, rows, model.eval()
     finally:

@@ -11,13 +11,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
 from bonemet.data.io import read_image, read_mask
+from bonemet.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import AugmentSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ FG_INDICES = "fg_indices"  # keys of the precomputed crop-centre candidates (wit
 BG_INDICES = "bg_indices"
 
 
-class SegmentationDataError(ValueError):
+class SegmentationDataError(UserError, ValueError):
     """The preprocessed case table or one of its volumes is unusable."""
 
 
@@ -102,7 +106,7 @@ def load_volume(case: SegCase, with_label: bool = True) -> dict[str, Any]:
         "image": sitk.GetArrayFromImage(image)[None].astype(np.float32),
     }
     if with_label:
-        mask = read_mask(case.mask, label=1, case_id=case.case_id)
+        mask = read_mask(case.mask, label=1, case_id=case.case_id)  # written 0/1 by the preprocess stage
         if mask.GetSize() != image.GetSize():
             raise SegmentationDataError(
                 f"case '{case.case_id}': {case.mask} size {mask.GetSize()} != image size {image.GetSize()}"
@@ -113,20 +117,15 @@ def load_volume(case: SegCase, with_label: bool = True) -> dict[str, Any]:
 
 def train_transforms(
     roi_size: Sequence[int],
-    pos: float = 1.0,
-    neg: float = 1.0,
-    num_samples: int = 2,
-    flip_prob: float = 0.5,
-    rotate_prob: float = 0.2,
-    rotate_range_deg: float = 10.0,
-    intensity_prob: float = 0.5,
-    intensity_shift: float = 0.05,
-    intensity_scale: float = 0.1,
-    seed: int = 0,
+    augment: AugmentSpec,
+    *,
+    num_samples: int,
+    seed: int,
     indexed: bool = False,
 ):
-    """Seeded training augmentation: pad to the roi, pos/neg-balanced crops, flips, small
-    rotations (degrees), intensity shift (offset in normalised units) and scale (fraction).
+    """Seeded training augmentation (``segment.augment``): pad to the roi, ``num_samples``
+    pos/neg-balanced crops per volume, flips, small rotations (degrees), intensity shift (offset
+    in normalised units) and scale (fraction).
 
     With ``indexed`` the items come from :func:`with_crop_indices` (already padded, lesion and
     background voxel indices precomputed), which spares recomputing them for every crop: on a
@@ -144,25 +143,26 @@ def train_transforms(
     )
 
     keys = ["image", "label"]
-    rad = float(np.deg2rad(rotate_range_deg))
+    a = augment
+    rad = float(np.deg2rad(a.rotate_range_deg))
     index_keys = {"fg_indices_key": FG_INDICES, "bg_indices_key": BG_INDICES} if indexed else {}
     pad = [] if indexed else [SpatialPadd(keys=keys, spatial_size=tuple(roi_size), mode="constant")]
     transform = Compose(
         [
             *pad,
             RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=tuple(roi_size), pos=pos, neg=neg,
+                keys=keys, label_key="label", spatial_size=tuple(roi_size), pos=a.pos, neg=a.neg,
                 num_samples=num_samples, image_key="image", image_threshold=0.0, **index_keys,
             ),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
-            RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+            RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=0),
+            RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=1),
+            RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=2),
             RandRotated(
-                keys=keys, range_x=rad, range_y=rad, range_z=rad, prob=rotate_prob,
+                keys=keys, range_x=rad, range_y=rad, range_z=rad, prob=a.rotate_prob,
                 mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True,
             ),
-            RandScaleIntensityd(keys="image", factors=intensity_scale, prob=intensity_prob),
-            RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=intensity_prob),
+            RandScaleIntensityd(keys="image", factors=a.intensity_scale, prob=a.intensity_prob),
+            RandShiftIntensityd(keys="image", offsets=a.intensity_shift, prob=a.intensity_prob),
             EnsureTyped(keys=keys, track_meta=False),
         ]
     )

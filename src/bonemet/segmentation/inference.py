@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from bonemet.data.io import read_image, resample_to_reference
+from bonemet.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import InferenceSpec, PreprocessSpec, SegmentSpec
 
 log = logging.getLogger(__name__)
 
 
-class CaseInferenceError(ValueError):
+class CaseInferenceError(UserError, ValueError):
     """Inference failed for one case; the message names the case and the cause."""
 
 
@@ -60,11 +65,12 @@ def sliding_window_logits(
     model: Any,
     image: np.ndarray,
     roi_size: Sequence[int],
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
-    device: Any = "cpu",
+    *,
+    overlap: float,
+    sw_batch_size: int,
+    device: Any,
+    mirror_axes: Sequence[int],
     mode: str = "gaussian",
-    mirror_axes: Sequence[int] | None = None,
 ):
     """Logits ``(1, C, D, H, W)`` (float32 torch tensor on ``device``) for a ``(1, D, H, W)`` image.
 
@@ -118,8 +124,9 @@ def probability_to_original(
     probability: np.ndarray,
     preprocessed: sitk.Image,
     original: sitk.Image,
-    threshold: float = 0.5,
-    largest_component: bool = True,
+    *,
+    threshold: float,
+    largest_component: bool,
 ) -> sitk.Image:
     """Map a lesion probability in preprocessed space onto the original grid; binary uint8 mask.
 
@@ -141,59 +148,98 @@ def probability_to_original(
     return out
 
 
-def predict_case(
-    model: Any,
-    case: Any,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
-    device: Any = "cpu",
-    threshold: float = 0.5,
-    largest_component: bool = True,
-    mirror_axes: Sequence[int] | None = None,
-) -> sitk.Image:
-    """Out-of-fold automatic mask of one :class:`~bonemet.segmentation.data.SegCase` on its original grid.
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a trained network segments a CT: the settings it was trained and validated with.
 
-    Raises:
-        CaseInferenceError: naming the case, for any failure (unreadable image, network error...).
+    The segment stage logs them with the registered model (:meth:`to_metadata`), and
+    ``bonemet predict`` rebuilds them from there (:meth:`from_metadata`), so a new CT is
+    preprocessed and segmented exactly as the training cases were.
+
+    Attributes:
+        preprocess: the ``preprocess`` params (spacing in mm, HU window, bone crop).
+        roi_size: sliding-window size (D, H, W) in voxels at the preprocessing spacing.
+        inference: overlap, windows per forward pass and test-time mirroring axes.
+        threshold: lesion probability at or above which a voxel is lesion (original grid).
+        largest_component: keep only the largest connected component of the mask.
+    """
+
+    preprocess: PreprocessSpec
+    roi_size: tuple[int, int, int]
+    inference: InferenceSpec
+    threshold: float
+    largest_component: bool
+
+    @classmethod
+    def from_params(cls, preprocess: PreprocessSpec, segment: SegmentSpec) -> InferenceSettings:
+        return cls(preprocess, tuple(segment.roi_size), segment.inference, segment.threshold,
+                   segment.largest_component)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON-serialisable form, for the model's metadata."""
+        return {"preprocess": self.preprocess.model_dump(mode="json"), "roi_size": list(self.roi_size),
+                "inference": self.inference.model_dump(mode="json"), "threshold": float(self.threshold),
+                "largest_component": bool(self.largest_component)}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> InferenceSettings:
+        """Rebuild from :meth:`to_metadata`'s form; :class:`CaseInferenceError` naming ``where``
+        (e.g. the registered model) when a key is missing or invalid."""
+        from bonemet.config import InferenceSpec, ParamsError, PreprocessSpec, validate_spec
+
+        missing = [k for k in ("preprocess", "roi_size", "inference", "threshold", "largest_component")
+                   if k not in metadata]
+        if missing:
+            raise CaseInferenceError(
+                f"{where}: its metadata lacks {', '.join(missing)} (a model logged by an older bonemet: "
+                "run `bonemet segment` again to register one that carries its inference settings)")
+        try:
+            return cls(validate_spec(PreprocessSpec, metadata["preprocess"], "preprocess"),
+                       tuple(int(v) for v in metadata["roi_size"]),
+                       validate_spec(InferenceSpec, metadata["inference"], "inference"),
+                       float(metadata["threshold"]), bool(metadata["largest_component"]))
+        except (ParamsError, TypeError, ValueError) as exc:
+            raise CaseInferenceError(f"{where}: its inference settings are invalid: {exc}") from exc
+
+
+def _windows(settings: InferenceSettings) -> dict[str, Any]:
+    inference = settings.inference
+    return {"overlap": inference.overlap, "sw_batch_size": inference.sw_batch_size,
+            "mirror_axes": inference.mirror_axes}
+
+
+def predict_case(model: Any, case: Any, settings: InferenceSettings, *, device: Any) -> sitk.Image:
+    """Out-of-fold automatic mask of one :class:`~bonemet.segmentation.data.SegCase` (already
+    preprocessed) on its original grid, uint8 0/1.
+
+    A failure keeps its type (a user's unreadable file is an ``ImageReadError``) and gets a note
+    naming the case.
     """
     try:
         preprocessed = read_image(case.image, case_id=case.case_id, pixel_type=sitk.sitkFloat32)
         original_path = case.original_image if case.original_image is not None else case.image
         original = read_image(original_path, case_id=case.case_id)
         image = sitk.GetArrayFromImage(preprocessed)[None]
-        logits = sliding_window_logits(model, image, roi_size, overlap, sw_batch_size, device,
-                                       mirror_axes=mirror_axes)
+        logits = sliding_window_logits(model, image, settings.roi_size, device=device, **_windows(settings))
         probability = lesion_probability(logits)
-        return probability_to_original(probability, preprocessed, original, threshold, largest_component)
-    except CaseInferenceError:
+        return probability_to_original(probability, preprocessed, original, threshold=settings.threshold,
+                                       largest_component=settings.largest_component)
+    except Exception as exc:
+        exc.add_note(f"while segmenting case '{case.case_id}' ({case.image})")
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure must name the case
-        raise CaseInferenceError(f"case '{case.case_id}': inference failed on {case.image}: {exc}") from exc
 
 
 def segment_ct(
-    model: Any,
-    image_hu: sitk.Image,
-    preprocess: dict[str, Any],
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
-    device: Any = "cpu",
-    threshold: float = 0.5,
-    largest_component: bool = True,
-    case_id: str | None = None,
-    mirror_axes: Sequence[int] | None = None,
+    model: Any, image_hu: sitk.Image, settings: InferenceSettings, *, device: Any, case_id: str | None
 ) -> sitk.Image:
-    """Segment a new CT (HU) end to end: preprocess, sliding-window inference, map back.
+    """Segment a new CT (HU, any grid) end to end: preprocess, sliding-window inference, map back.
 
     Args:
         model: a trained network (e.g. ``models:/bonemet-missu@staging`` loaded with the pytorch flavour).
         image_hu: the CT in Hounsfield units, any grid.
-        preprocess: keyword arguments of :func:`bonemet.preprocessing.preprocess_image` (the
-            values the model was trained with; the registered model keeps them in its metadata).
-        roi_size, overlap, sw_batch_size, threshold, largest_component, mirror_axes: as in
-            :func:`predict_case` (``mirror_axes``: test-time mirroring, see :func:`sliding_window_logits`).
+        settings: the model's :class:`InferenceSettings`.
+        device: torch device.
+        case_id: names the case in errors and notes.
 
     Returns:
         uint8 0/1 lesion mask on ``image_hu``'s grid.
@@ -201,10 +247,11 @@ def segment_ct(
     from bonemet.preprocessing import preprocess_image
 
     try:
-        pre = preprocess_image(image_hu, case_id=case_id, **preprocess).image
-        pre = sitk.Cast(pre, sitk.sitkFloat32)
-        logits = sliding_window_logits(model, sitk.GetArrayFromImage(pre)[None], roi_size, overlap, sw_batch_size,
-                                       device, mirror_axes=mirror_axes)
-        return probability_to_original(lesion_probability(logits), pre, image_hu, threshold, largest_component)
-    except Exception as exc:  # noqa: BLE001 - name the case whatever failed
-        raise CaseInferenceError(f"case '{case_id or '?'}': segmentation of the CT failed: {exc}") from exc
+        pre = sitk.Cast(preprocess_image(image_hu, settings.preprocess, case_id=case_id).image, sitk.sitkFloat32)
+        logits = sliding_window_logits(model, sitk.GetArrayFromImage(pre)[None], settings.roi_size, device=device,
+                                       **_windows(settings))
+        return probability_to_original(lesion_probability(logits), pre, image_hu, threshold=settings.threshold,
+                                       largest_component=settings.largest_component)
+    except Exception as exc:
+        exc.add_note(f"while segmenting case '{case_id or '?'}'")
+        raise

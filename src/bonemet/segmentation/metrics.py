@@ -17,20 +17,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from bonemet.data.io import same_grid
+from bonemet.data.masks import dice, volume_ml
+from bonemet.errors import UserError
+
+__all__ = ["MaskGridError", "case_metrics", "dice", "hd95", "summarize", "surface_distances"]
 
 
-class MaskGridError(ValueError):
+class MaskGridError(UserError, ValueError):
     """Prediction and reference masks are not on the same grid."""
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice coefficient of two binary masks (1.0 when both are empty)."""
-    pred = np.asarray(pred).astype(bool)
-    ref = np.asarray(ref).astype(bool)
-    total = int(pred.sum()) + int(ref.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -76,22 +70,22 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
     return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
 
 
-def case_metrics(pred: sitk.Image, ref: sitk.Image, case_id: str = "") -> dict[str, Any]:
+def case_metrics(pred: sitk.Image, ref: sitk.Image, case_id: str, *, grid_tolerance_mm: float) -> dict[str, Any]:
     """Dice, HD95 (mm) and volume difference (mL, %) of a predicted vs a reference mask.
 
-    Both are binary SimpleITK masks on the same (original) grid; ``case_id`` names the case in
-    errors. Volume difference is prediction minus reference; its percentage is relative to the
+    Both are binary SimpleITK masks on the same (original) grid, within ``grid_tolerance_mm``
+    (``validate.grid_tolerance_mm``: the reference is the user's file); ``case_id`` names the
+    case in errors. Volume difference is prediction minus reference; its percentage is relative to the
     reference (NaN for an empty reference).
     """
-    ok, reason = same_grid(ref, pred)
+    ok, reason = same_grid(ref, pred, tol_mm=grid_tolerance_mm)
     if not ok:
         raise MaskGridError(f"case '{case_id}': predicted mask is not on the reference mask's grid: {reason}")
     p = sitk.GetArrayViewFromImage(pred) > 0
     r = sitk.GetArrayViewFromImage(ref) > 0
     spacing = tuple(float(s) for s in reversed(ref.GetSpacing()))  # array axis order (z, y, x)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    pred_ml = float(p.sum()) * voxel_ml
-    ref_ml = float(r.sum()) * voxel_ml
+    pred_ml = volume_ml(int(p.sum()), spacing)
+    ref_ml = volume_ml(int(r.sum()), spacing)
     return {
         "case_id": case_id,
         "dice": dice(p, r),

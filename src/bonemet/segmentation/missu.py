@@ -55,16 +55,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonemet.errors import BonemetError, UserError
+
 DOWNSAMPLE_FACTOR = 8  # three stride-2 stages: tokens live at 1/8 of level 1 (stem_stride x 1/8 of the input)
 N_SCALES = 4  # encoder / decoder scales: 1, 1/2, 1/4, 1/8 of level 1
 STEM_STRIDES = (1, 2)  # 1: reference (level 1 at full size); 2: level 1 at half size
 
 
-class NetworkConfigError(ValueError):
+class NetworkConfigError(UserError, ValueError):
     """A network was asked for with arguments that cannot build it."""
 
 
-class NetworkInputError(ValueError):
+class NetworkInputError(BonemetError, ValueError):
     """A tensor passed to a network has the wrong shape for it."""
 
 
@@ -230,24 +232,25 @@ class MISSU(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        roi_size: Sequence[int] = (96, 96, 96),
-        widths: Sequence[int] = (16, 32, 64, 128),
-        blocks: Sequence[int] = (1, 2, 2, 4),
-        embed_dim: int = 512,
-        num_layers: int = 4,
-        num_heads: int = 8,
-        mlp_dim: int = 1024,
-        groups: int = 8,
-        dropout: float = 0.2,
-        embed_dropout: float = 0.1,
-        attn_dropout: float = 0.1,
-        self_distillation: bool = True,
-        fusion_dilations: Sequence[int] = (1, 2, 3),
-        teacher_trainable: bool = True,
-        distill_scales: Sequence[int] = (8, 4, 2, 1),
-        stem_stride: int = 1,
+        *,
+        in_channels: int,
+        out_channels: int,
+        roi_size: Sequence[int],
+        widths: Sequence[int],
+        blocks: Sequence[int],
+        embed_dim: int,
+        num_layers: int,
+        num_heads: int,
+        mlp_dim: int,
+        groups: int,
+        dropout: float,
+        embed_dropout: float,
+        attn_dropout: float,
+        self_distillation: bool,
+        fusion_dilations: Sequence[int],
+        teacher_trainable: bool,
+        distill_scales: Sequence[int],
+        stem_stride: int,
     ) -> None:
         super().__init__()
         in_channels = _check_positive_int("in_channels", in_channels)
@@ -260,6 +263,27 @@ class MISSU(nn.Module):
         groups = _check_positive_int("groups", groups)
         widths = self._check_levels("widths", widths, groups)
         blocks = self._check_levels("blocks", blocks, None, minimum=0)
+        self._check_transformer(embed_dim, num_heads, groups)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.embed_dim = embed_dim
+        self.self_distillation = bool(self_distillation)
+        self.teacher_trainable = bool(teacher_trainable)
+        self.distill_scales = self._check_distill_scales(distill_scales)
+        # The build order below is the order of parameter initialisation: keep it for seeded runs.
+        self._build_encoder(widths, blocks, groups, _check_rate("dropout", dropout))
+        self._build_transformer(
+            widths[-1], groups, _check_positive_int("num_layers", num_layers), num_heads,
+            _check_positive_int("mlp_dim", mlp_dim), _check_rate("embed_dropout", embed_dropout),
+            _check_rate("attn_dropout", attn_dropout),
+        )
+        dec_widths = self._build_decoder(widths, groups)
+        self.fusion: nn.ModuleDict | None = None
+        if self.self_distillation:
+            self._build_teachers(widths, dec_widths, self._check_dilations(fusion_dilations), groups)
+
+    @staticmethod
+    def _check_transformer(embed_dim: object, num_heads: object, groups: int) -> None:
         embed_dim = _check_positive_int("embed_dim", embed_dim)
         num_heads = _check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
@@ -271,11 +295,9 @@ class MISSU(nn.Module):
                 f"MISSU: embed_dim must be divisible by 4 and embed_dim/4 by groups={groups} "
                 f"(the decoder starts at embed_dim/4 channels); found embed_dim={embed_dim}"
             )
-        num_layers = _check_positive_int("num_layers", num_layers)
-        mlp_dim = _check_positive_int("mlp_dim", mlp_dim)
-        dropout = _check_rate("dropout", dropout)
-        embed_dropout = _check_rate("embed_dropout", embed_dropout)
-        attn_dropout = _check_rate("attn_dropout", attn_dropout)
+
+    @staticmethod
+    def _check_dilations(fusion_dilations: object) -> list[int]:
         if (
             isinstance(fusion_dilations, (str, bytes))
             or not isinstance(fusion_dilations, Sequence)
@@ -284,7 +306,10 @@ class MISSU(nn.Module):
             raise NetworkConfigError(
                 f"MISSU: fusion_dilations must be a non-empty list of rates; found {fusion_dilations!r}"
             )
-        fusion_dilations = [_check_positive_int("fusion_dilations[]", r) for r in fusion_dilations]
+        return [_check_positive_int("fusion_dilations[]", r) for r in fusion_dilations]
+
+    @staticmethod
+    def _check_distill_scales(distill_scales: object) -> tuple[int, ...]:
         valid_scales = tuple(DOWNSAMPLE_FACTOR >> i for i in range(N_SCALES))  # 8, 4, 2, 1
         if (
             isinstance(distill_scales, (str, bytes))
@@ -297,17 +322,12 @@ class MISSU(nn.Module):
                 f"MISSU: distill_scales must be distinct downsampling factors from {valid_scales}; "
                 f"found {distill_scales!r}"
             )
+        return tuple(sorted((int(f) for f in distill_scales), reverse=True))
 
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.embed_dim = embed_dim
-        self.self_distillation = bool(self_distillation)
-        self.teacher_trainable = bool(teacher_trainable)
-        self.distill_scales = tuple(sorted((int(f) for f in distill_scales), reverse=True))
-
-        # Encoder: stem (full size, or half size with stem_stride 2) then three stride-2 stages.
+    def _build_encoder(self, widths: list[int], blocks: list[int], groups: int, dropout: float) -> None:
+        """Stem (full size, or half size with stem_stride 2), then three stride-2 stages."""
         self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, widths[0], kernel_size=3, stride=self.stem_stride, padding=1),
+            nn.Conv3d(self.in_channels, widths[0], kernel_size=3, stride=self.stem_stride, padding=1),
             nn.Dropout3d(dropout),
         )
         self.downs = nn.ModuleList(
@@ -322,18 +342,19 @@ class MISSU(nn.Module):
             for i in range(N_SCALES)
         )
 
-        # Bridge to tokens at 1/8 scale.
+    def _build_transformer(self, width: int, groups: int, num_layers: int, num_heads: int, mlp_dim: int,
+                           embed_dropout: float, attn_dropout: float) -> None:
+        """Bridge to tokens at 1/8 scale, learned positional embedding, pre-norm transformer."""
+        embed_dim = self.embed_dim
         self.bridge = nn.Sequential(
-            nn.GroupNorm(groups, widths[-1]),
+            nn.GroupNorm(groups, width),
             nn.ReLU(),
-            nn.Conv3d(widths[-1], embed_dim, kernel_size=3, padding=1),
+            nn.Conv3d(width, embed_dim, kernel_size=3, padding=1),
         )
         grid = tuple(d // self.divisor for d in self.roi_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *grid))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.embed_dropout = nn.Dropout(embed_dropout)
-
-        # Pre-norm transformer over the tokens.
         layer = nn.TransformerEncoderLayer(
             d_model=embed_dim,
             nhead=num_heads,
@@ -347,15 +368,17 @@ class MISSU(nn.Module):
             layer, num_layers=num_layers, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
         )
 
-        # Decoder.
-        e4 = embed_dim // 4
+    def _build_decoder(self, widths: list[int], groups: int) -> list[int]:
+        """Tokens back to E/4 channels, three up-steps with skips, the head; returns the decoder
+        widths at 1/8, 1/4, 1/2 and 1."""
+        e4 = self.embed_dim // 4
         self.decoder_in = nn.Sequential(
-            nn.Conv3d(embed_dim, e4, kernel_size=3, padding=1),
+            nn.Conv3d(self.embed_dim, e4, kernel_size=3, padding=1),
             nn.GroupNorm(groups, e4),
             nn.ReLU(),
             ResidualBlock(e4, groups),
         )
-        dec_widths = [e4, widths[2], widths[1], widths[0]]  # decoder channels at 1/8, 1/4, 1/2, 1
+        dec_widths = [e4, widths[2], widths[1], widths[0]]
         self.up_steps = nn.ModuleList(
             UpStep(dec_widths[i], dec_widths[i + 1], groups) for i in range(N_SCALES - 1)
         )
@@ -369,28 +392,28 @@ class MISSU(nn.Module):
                 nn.GroupNorm(groups, widths[0]),
                 nn.ReLU(),
             )
-        self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+        self.head = nn.Conv3d(widths[0], self.out_channels, kernel_size=1)
+        return dec_widths
 
-        # Self-distillation teachers, keyed by the downsampling factor of their decoder scale
-        # ("8" coarsest ... "1" full size). Inputs: the decoder features at that scale, the encoder
-        # features at that scale, the coarser decoder features (none at 1/8).
-        self.fusion: nn.ModuleDict | None = None
-        if self.self_distillation:
-            enc_widths = [widths[3], widths[2], widths[1], widths[0]]
-            self.fusion = nn.ModuleDict(
-                {
-                    str(DOWNSAMPLE_FACTOR >> i): LocalMultiScaleFusion(
-                        dec_widths[i],
-                        [dec_widths[i], enc_widths[i]] + ([dec_widths[i - 1]] if i else []),
-                        fusion_dilations,
-                        groups,
-                    )
-                    for i in range(N_SCALES)
-                    if DOWNSAMPLE_FACTOR >> i in self.distill_scales
-                }
-            )
-            if not self.teacher_trainable:
-                self.fusion.requires_grad_(False)
+    def _build_teachers(self, widths: list[int], dec_widths: list[int], dilations: list[int], groups: int) -> None:
+        """Self-distillation teachers, keyed by the downsampling factor of their decoder scale
+        ("8" coarsest ... "1" full size). Inputs: the decoder features at that scale, the encoder
+        features at that scale, the coarser decoder features (none at 1/8)."""
+        enc_widths = [widths[3], widths[2], widths[1], widths[0]]
+        self.fusion = nn.ModuleDict(
+            {
+                str(DOWNSAMPLE_FACTOR >> i): LocalMultiScaleFusion(
+                    dec_widths[i],
+                    [dec_widths[i], enc_widths[i]] + ([dec_widths[i - 1]] if i else []),
+                    dilations,
+                    groups,
+                )
+                for i in range(N_SCALES)
+                if DOWNSAMPLE_FACTOR >> i in self.distill_scales
+            }
+        )
+        if not self.teacher_trainable:
+            self.fusion.requires_grad_(False)
 
     @staticmethod
     def _check_levels(name: str, values: object, groups: int | None, minimum: int = 1) -> list[int]:

@@ -12,10 +12,11 @@ patches); SwinUNETR any multiple of 32 with at least one dimension >= 64.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -26,6 +27,9 @@ from bonemet.segmentation.missu import (
     check_roi_size,
 )
 
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import SegmentSpec
+
 __all__ = [
     "NETWORKS",
     "MISSU",
@@ -34,17 +38,14 @@ __all__ = [
     "build_network",
     "count_parameters",
     "input_divisor",
+    "network_from_spec",
+    "network_kwargs",
 ]
 
-# Defaults for the MONAI baselines (overridable by keyword).
-UNET_DEFAULTS: dict[str, Any] = {
-    "channels": (16, 32, 64, 128, 256),
-    "strides": (2, 2, 2, 2),
-    "num_res_units": 2,
-}
-UNETR_DEFAULTS: dict[str, Any] = {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
+#: CT in, background and lesion out: the channels of every network here.
+CT_CHANNELS = 1
+N_CLASSES = 2
 UNETR_PATCH = 16  # MONAI UNETR's ViT patch edge, voxels
-SWINUNETR_DEFAULTS: dict[str, Any] = {"feature_size": 24}
 SWINUNETR_DIVISOR = 32  # patch 2 x four merging stages: 2**5
 
 
@@ -55,8 +56,12 @@ def _checked_kwargs(
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", *reserved}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(allowed), n=2, cutoff=0.6)
+            hints.append(f"'{key}'" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
         raise NetworkConfigError(
-            f"{network}: unknown argument(s) {unknown}; expected some of {sorted(allowed)}"
+            f"segment.networks.{network}: unknown argument(s) {', '.join(hints)}; expected some of {sorted(allowed)}"
         )
     return kwargs
 
@@ -85,11 +90,8 @@ def _build_unet(in_channels: int, out_channels: int, roi_size: Sequence[int], **
     from monai.networks.nets import UNet
 
     _check_channels("unet", in_channels, out_channels)
-    args = {
-        **UNET_DEFAULTS,
-        **_checked_kwargs("unet", UNet, kwargs, ("spatial_dims", "in_channels", "out_channels")),
-    }
-    check_roi_size(roi_size, _unet_divisor(args["strides"]), "unet")
+    args = _checked_kwargs("unet", UNet, kwargs, ("spatial_dims", "in_channels", "out_channels"))
+    check_roi_size(roi_size, _unet_divisor(args.get("strides")), "unet")
     return _construct(
         "unet", UNet, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **args
     )
@@ -105,12 +107,7 @@ def _build_unetr(in_channels: int, out_channels: int, roi_size: Sequence[int], *
     from monai.networks.nets import UNETR
 
     _check_channels("unetr", in_channels, out_channels)
-    args = {
-        **UNETR_DEFAULTS,
-        **_checked_kwargs(
-            "unetr", UNETR, kwargs, ("spatial_dims", "in_channels", "out_channels", "img_size")
-        ),
-    }
+    args = _checked_kwargs("unetr", UNETR, kwargs, ("spatial_dims", "in_channels", "out_channels", "img_size"))
     roi = check_roi_size(roi_size, UNETR_PATCH, "unetr")
     return _construct(
         "unetr",
@@ -130,10 +127,7 @@ def _build_swinunetr(
     from monai.networks.nets import SwinUNETR
 
     _check_channels("swinunetr", in_channels, out_channels)
-    args = {
-        **SWINUNETR_DEFAULTS,
-        **_checked_kwargs("swinunetr", SwinUNETR, kwargs, ("spatial_dims", "in_channels", "out_channels")),
-    }
+    args = _checked_kwargs("swinunetr", SwinUNETR, kwargs, ("spatial_dims", "in_channels", "out_channels"))
     roi = check_roi_size(roi_size, SWINUNETR_DIVISOR, "swinunetr")
     if math.prod(d // SWINUNETR_DIVISOR for d in roi) < 2:
         # Its bottleneck sits at 1/32 scale and is instance-normalised: a single voxel there cannot be.
@@ -156,9 +150,10 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
 
 def build_network(
     name: str,
-    in_channels: int = 1,
-    out_channels: int = 2,
-    roi_size: Sequence[int] = (64, 64, 64),
+    *,
+    in_channels: int,
+    out_channels: int,
+    roi_size: Sequence[int],
     **kwargs: Any,
 ) -> nn.Module:
     """Build the segmentation network ``name`` for crops of ``roi_size`` (D, H, W) voxels.
@@ -181,13 +176,27 @@ def build_network(
     return builder(in_channels, out_channels, roi_size, **kwargs)
 
 
+def network_kwargs(spec: SegmentSpec, name: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of network ``name`` (default ``spec.model``) from ``segment.networks``."""
+    name = name or spec.model
+    value = getattr(spec.networks, name)
+    return value.model_dump(mode="python") if hasattr(value, "model_dump") else dict(value)
+
+
+def network_from_spec(spec: SegmentSpec, name: str | None = None) -> nn.Module:
+    """A fresh network ``name`` (default ``spec.model``) for CT crops of ``spec.roi_size`` voxels."""
+    name = name or spec.model
+    return build_network(name, in_channels=CT_CHANNELS, out_channels=N_CLASSES, roi_size=spec.roi_size,
+                         **network_kwargs(spec, name))
+
+
 def input_divisor(name: str, **kwargs: Any) -> int:
     """Each spatial input dimension (voxels) must be a multiple of this for network ``name``."""
     if name == "missu":
-        stride = kwargs.get("stem_stride", 1)
+        stride = kwargs["stem_stride"]
         return 8 * (int(stride) if isinstance(stride, int) and not isinstance(stride, bool) else 1)
     if name == "unet":
-        return _unet_divisor(kwargs.get("strides", UNET_DEFAULTS["strides"]))
+        return _unet_divisor(kwargs.get("strides"))
     if name == "unetr":
         return UNETR_PATCH
     if name == "swinunetr":

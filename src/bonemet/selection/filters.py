@@ -29,7 +29,7 @@ class CorrelationFilter(SelectorMixin, BaseEstimator):
         Number of features dropped as redundant.
     """
 
-    def __init__(self, threshold: float = 0.95) -> None:
+    def __init__(self, *, threshold: float) -> None:
         self.threshold = threshold
 
     def fit(self, X, y=None):

@@ -24,14 +24,16 @@ from sklearn.base import BaseEstimator
 from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from bonemet.errors import UserError
+
 ICC_FORMS = ("ICC(1,1)", "ICC(2,1)", "ICC(3,1)")
 
 
-class PairingError(ValueError):
+class PairingError(UserError, ValueError):
     """The input cannot be split into primary and paired feature values."""
 
 
-def icc(primary: np.ndarray, paired: np.ndarray, form: str = "ICC(2,1)") -> np.ndarray:
+def icc(primary: np.ndarray, paired: np.ndarray, form: str) -> np.ndarray:
     """Single-rater ICC per column between two measurements of the same subjects.
 
     ``primary`` and ``paired`` are ``(n_subjects, n_features)``; column ``j`` of both holds one
@@ -104,13 +106,7 @@ class ICCFilter(SelectorMixin, BaseEstimator):
         True when ``min_features`` overrode the threshold.
     """
 
-    def __init__(
-        self,
-        threshold: float = 0.9,
-        icc_form: str = "ICC(2,1)",
-        paired_prefix: str = "paired__",
-        min_features: int = 1,
-    ) -> None:
+    def __init__(self, *, threshold: float, icc_form: str, paired_prefix: str, min_features: int) -> None:
         self.threshold = threshold
         self.icc_form = icc_form
         self.paired_prefix = paired_prefix

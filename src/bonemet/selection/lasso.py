@@ -85,13 +85,14 @@ class LassoSelector(SelectorMixin, BaseEstimator):
 
     def __init__(
         self,
-        alpha: float | None = None,
-        cv: int = 5,
-        n_alphas: int = 100,
-        max_features: int = 20,
-        max_iter: int = 10000,
-        random_state: int | None = None,
-        lambda_rule: str = "min",
+        *,
+        alpha: float | None,
+        cv: int,
+        n_alphas: int,
+        max_features: int,
+        max_iter: int,
+        random_state: int | None,
+        lambda_rule: str,
     ) -> None:
         self.alpha = alpha
         self.cv = cv

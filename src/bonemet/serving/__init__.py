@@ -1,6 +1,9 @@
-"""Serving: input checks for feature rows, the promotion gate, and prediction from a CT."""
+"""Serving without a tracking backend: input checks for feature rows and prediction from a CT.
+
+The models arrive as objects (see :mod:`bonemet.serving.predict`); loading them from the
+MLflow registry is :mod:`bonemet.registry.loaders`' job.
+"""
 
 from bonemet.serving.checks import FeatureInputError, check_feature_frame
-from bonemet.serving.gate import PromotionDecision, decide_promotion
 
-__all__ = ["FeatureInputError", "PromotionDecision", "check_feature_frame", "decide_promotion"]
+__all__ = ["FeatureInputError", "check_feature_frame"]

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from bonemet.errors import UserError
+
 #: Columns a client may send besides the features; they are echoed back or ignored.
 PASSTHROUGH_COLUMNS = ("case_id", "label")
 _SHOW = 5
 
 
-class FeatureInputError(ValueError):
+class FeatureInputError(UserError, ValueError):
     """Feature rows do not match what the model expects."""
 
 

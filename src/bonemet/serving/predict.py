@@ -9,7 +9,7 @@ The models are passed in as objects, so this module never touches MLflow:
   lesion probability back onto the original grid);
 * a *classifier* has ``predict(features: DataFrame) -> DataFrame`` with a ``probability_breast``
   column (the registered ``bonemet-classifier`` pyfunc, see
-  :mod:`bonemet.tracking.loaders`); optional attributes ``feature_names``, ``name`` and
+  :mod:`bonemet.registry.loaders`); optional attributes ``feature_names``, ``name`` and
   ``version`` are used when present.
 
 Features come from the CT in HU (never the normalised network input) with the PyRadiomics
@@ -23,16 +23,21 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
 from bonemet.data.io import IMAGE_SUFFIXES, read_image, read_mask, same_grid, write_image
+from bonemet.data.masks import mask_volume_ml
+from bonemet.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.segmentation.inference import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ MASK_MISSU = "missu"
 _SHOW = 5
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """Prediction for a CT failed; the message names the case, the file, what was expected and found."""
 
 
@@ -64,101 +69,37 @@ class MissuSegmenter:
 
     Attributes:
         model: the network (``torch.nn.Module``), returning logits ``(B, 2, D, H, W)``.
-        preprocess: keyword arguments of :func:`bonemet.preprocessing.preprocess_image`
-            (target spacing in mm, HU window, bone crop...), as used for the training inputs.
-        roi_size: sliding-window size in voxels (D, H, W) at the preprocessing spacing.
-        overlap: sliding-window overlap fraction in [0, 1).
-        sw_batch_size: windows per forward pass.
-        threshold: lesion probability at or above which a voxel is lesion.
-        largest_component: keep only the largest connected component of the mask.
-        mirror_axes: test-time mirroring axes (0 = D, 1 = H, 2 = W); optional: a model logged
-            before the key existed takes ``fallback``'s value, and mirrors nothing without one.
+        settings: preprocessing, sliding window, mirroring, threshold and postprocessing, as
+            logged with the registered model (see
+            :class:`bonemet.segmentation.inference.InferenceSettings`).
         device: torch device ("cpu" or "cuda").
         name, version: registered model name and version, reported in the result.
     """
 
     model: Any
-    preprocess: dict[str, Any]
-    roi_size: Sequence[int]
-    overlap: float
-    sw_batch_size: int
-    threshold: float
-    largest_component: bool
-    mirror_axes: tuple[int, ...] = ()
-    device: str = "cpu"
-    name: str = "bonemet-missu"
-    version: str | None = None
-
-    #: keys of the logged model metadata (see ``bonemet.stages.segment``) this class needs.
-    METADATA_KEYS = ("preprocess", "roi_size", "overlap", "sw_batch_size", "threshold", "largest_component")
+    settings: InferenceSettings
+    device: str
+    name: str
+    version: str | None
 
     @classmethod
-    def from_metadata(
-        cls,
-        model: Any,
-        metadata: Mapping[str, Any] | None,
-        *,
-        fallback: Mapping[str, Any] | None = None,
-        device: str = "cpu",
-        name: str = "bonemet-missu",
-        version: str | None = None,
-    ) -> MissuSegmenter:
-        """Build from the metadata logged with the model; ``fallback`` fills keys it lacks.
+    def from_metadata(cls, model: Any, metadata: Mapping[str, Any], *, device: str, name: str,
+                      version: str | None) -> MissuSegmenter:
+        """Build from the metadata logged with the model by ``bonemet segment``.
 
         Raises:
-            PredictError: a needed key is in neither mapping.
+            CaseInferenceError: the metadata lacks the inference settings or holds invalid ones.
         """
-        from bonemet.segmentation.inference import check_mirror_axes
+        from bonemet.segmentation.inference import InferenceSettings
 
-        metadata = dict(metadata or {})
-        fallback = dict(fallback or {})
-        values: dict[str, Any] = {}
-        missing: list[str] = []
-        for key in cls.METADATA_KEYS:
-            if metadata.get(key) is not None:
-                values[key] = metadata[key]
-            elif fallback.get(key) is not None:
-                log.warning("segmentation model %s v%s carries no '%s': using %r from params", name, version, key,
-                            fallback[key])
-                values[key] = fallback[key]
-            else:
-                missing.append(key)
-        if missing:
-            raise PredictError(
-                f"segmentation model {name} version {version}: its metadata lacks {', '.join(missing)} "
-                "and params give no fallback (expected the keys logged by `bonemet segment`)"
-            )
-        return cls(
-            model=model,
-            preprocess=dict(values["preprocess"]),
-            roi_size=tuple(int(v) for v in values["roi_size"]),
-            overlap=float(values["overlap"]),
-            sw_batch_size=int(values["sw_batch_size"]),
-            threshold=float(values["threshold"]),
-            largest_component=bool(values["largest_component"]),
-            mirror_axes=check_mirror_axes(metadata.get("mirror_axes", fallback.get("mirror_axes"))),
-            device=device,
-            name=name,
-            version=version,
-        )
+        where = f"segmentation model {name} version {version}"
+        return cls(model, InferenceSettings.from_metadata(metadata, where), device, name, version)
 
     def segment(self, image_hu: sitk.Image, case_id: str) -> sitk.Image:
         """uint8 0/1 lesion mask on ``image_hu``'s grid (preprocess, sliding window, map back)."""
         from bonemet.segmentation.inference import segment_ct
 
-        return segment_ct(
-            self.model,
-            image_hu,
-            self.preprocess,
-            roi_size=self.roi_size,
-            overlap=self.overlap,
-            sw_batch_size=self.sw_batch_size,
-            device=self.device,
-            threshold=self.threshold,
-            largest_component=self.largest_component,
-            case_id=case_id,
-            mirror_axes=self.mirror_axes,
-        )
+        return segment_ct(self.model, image_hu, self.settings, device=self.device, case_id=case_id)
 
 
 @dataclass
@@ -184,18 +125,12 @@ def case_id_from_path(path: str | Path) -> str:
     return name
 
 
-def lesion_volume_ml(mask: sitk.Image) -> float:
-    """Volume of the nonzero voxels of ``mask`` in millilitres (voxel volume from its spacing in mm)."""
-    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
-    return voxels * float(np.prod(mask.GetSpacing())) / 1000.0
-
-
 def load_inputs(
     image_path: str | Path,
     mask_path: str | Path | None = None,
     *,
-    mask_label: int = 1,
-    grid_tolerance_mm: float = 1e-3,
+    mask_label: int,
+    grid_tolerance_mm: float,
 ) -> CaseInputs:
     """Read the CT (NIfTI, NRRD, MetaImage or a DICOM series folder) and the optional mask.
 
@@ -204,8 +139,9 @@ def load_inputs(
     Args:
         image_path: the CT in HU (DICOM rescale slope/intercept applied by the reader).
         mask_path: optional label map on the CT's grid; voxels equal to ``mask_label`` are lesion.
-        mask_label: lesion value in the mask file.
-        grid_tolerance_mm: how far (mm) the mask's spacing and origin may differ from the CT's.
+        mask_label: lesion value in the mask file (``data.mask_label``).
+        grid_tolerance_mm: how far (mm) the mask's spacing and origin may differ from the CT's
+            (``validate.grid_tolerance_mm``).
 
     Raises:
         bonemet.data.io.ImageReadError: a file is missing, unreadable, truncated or not an image.
@@ -290,6 +226,7 @@ def predict_inputs(
     classifier: Classifier,
     radiomics_settings: Mapping[str, Any],
     threshold: float,
+    grid_tolerance_mm: float,
     save_mask: str | Path | None = None,
 ) -> dict[str, Any]:
     """Predict for a CT already read by :func:`load_inputs` (see :func:`predict_case`)."""
@@ -305,7 +242,7 @@ def predict_inputs(
         start = time.perf_counter()
         mask = segmenter.segment(image, case_id)
         seconds["segment"] = time.perf_counter() - start
-        ok, reason = same_grid(image, mask)
+        ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
         if not ok:
             raise PredictError(
                 f"case '{case_id}': the segmentation model returned a mask off the CT's grid ({reason})"
@@ -325,7 +262,8 @@ def predict_inputs(
     from bonemet.radiomics import extract_features
 
     start = time.perf_counter()
-    features = extract_features(image, mask, _binary_settings(radiomics_settings), case_id)
+    features = extract_features(image, mask, _binary_settings(radiomics_settings), case_id,
+                                grid_tolerance_mm=grid_tolerance_mm)
     seconds["features"] = time.perf_counter() - start
     frame = _select_features(features, classifier, case_id)
 
@@ -346,7 +284,7 @@ def predict_inputs(
         "probability_breast": probability,
         "label": int(probability >= float(threshold)),
         "threshold": float(threshold),
-        "lesion_volume_ml": lesion_volume_ml(mask),
+        "lesion_volume_ml": mask_volume_ml(mask),
         "lesion_voxels": int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))),
         "mask_source": source,
         "mask": str(inputs.mask_path) if inputs.mask_path is not None else None,
@@ -373,8 +311,8 @@ def predict_case(
     radiomics_settings: Mapping[str, Any],
     mask_label: int,
     threshold: float,
+    grid_tolerance_mm: float,
     save_mask: str | Path | None = None,
-    grid_tolerance_mm: float = 1e-3,
 ) -> dict[str, Any]:
     """Probability that the bone metastasis in a CT comes from breast cancer.
 
@@ -410,5 +348,6 @@ def predict_case(
         classifier=classifier,
         radiomics_settings=radiomics_settings,
         threshold=threshold,
+        grid_tolerance_mm=grid_tolerance_mm,
         save_mask=save_mask,
     )

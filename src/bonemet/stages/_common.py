@@ -1,4 +1,4 @@
-"""Helpers shared by the entry points: params, tracking tags, the MLflow tracker."""
+"""Helpers shared by the entry points: validated params, tracking tags, the MLflow store."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from bonemet.config import load_params
+from bonemet.config import Params, load_specs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.registry.store import MlflowTracker
 
 log = logging.getLogger(__name__)
 
 
-def params_from(args: Any) -> dict[str, Any]:
-    """Load the params file named by ``--params``."""
-    return load_params(getattr(args, "params", "params.yaml"))
+def specs_from(args: Any, segment_profile: str | None = None) -> Params:
+    """The validated params file named by ``--params`` (every section checked, not only the stage's)."""
+    return load_specs(getattr(args, "params", "params.yaml"), segment_profile=segment_profile)
 
 
 def git_commit() -> str:
@@ -61,29 +64,20 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
-def mlflow_tracker(experiment: str, store_dir: str = "mlruns"):
-    """An MlflowTracker for ``experiment`` with the run tags; honours MLFLOW_TRACKING_URI."""
-    from bonemet.tracking.mlflow_backend import MlflowTracker
+def open_store(params: Params) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's store (``tracking.store_dir``); the URI."""
+    from bonemet.registry.store import configure
+
+    return configure(os.environ.get("MLFLOW_TRACKING_URI"), params.tracking.store_dir)
+
+
+def mlflow_tracker(params: Params, experiment: str) -> MlflowTracker:
+    """An MlflowTracker for ``experiment`` on the configured store, with the run tags."""
+    from bonemet.registry.store import MlflowTracker
 
     return MlflowTracker(
         experiment,
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
-        store_dir=store_dir,
+        store_dir=params.tracking.store_dir,
         default_tags=run_tags(),
-    )
-
-
-def radiomics_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """PyRadiomics settings as the extract stage builds them (settings file + ``radiomics`` params)."""
-    from bonemet.config import get, section
-    from bonemet.radiomics import build_settings, load_settings_file
-
-    cfg = section(params, "radiomics")
-    return build_settings(
-        load_settings_file(get(cfg, "settings_file")),
-        bin_width=get(cfg, "bin_width"),
-        resampled_spacing_mm=get(cfg, "resampled_spacing_mm"),
-        interpolator=get(cfg, "interpolator"),
-        normalize=get(cfg, "normalize"),
-        label=get(cfg, "label"),
     )

@@ -23,12 +23,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.config import ParamsError, get
-    from bonemet.stages._common import params_from
+    from bonemet.stages._common import specs_from
 
-    params = params_from(args)
-    cohort_dir = Path(get(params, "data.cohort_dir"))
-    source = get(params, "data.source")
+    params = specs_from(args)
+    cohort_dir = Path(params.data.cohort_dir)
+    source = params.data.source
     manifest = cohort_dir / MANIFEST
     if manifest.is_file():
         log.info("cohort present: %s (source: %s); nothing to do", cohort_dir, source)
@@ -42,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
             cohort_dir,
         )
         return 1
-    if source != "synthetic":
-        raise ParamsError(f"params key 'data.source' must be 'synthetic' or 'user'; found {source!r}")
     if cohort_dir.exists() and (not cohort_dir.is_dir() or any(cohort_dir.iterdir())):
         log.error(
             "%s exists without %s; not overwriting it. Remove it to regenerate the synthetic cohort, "
@@ -56,16 +53,16 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.data.synthetic import generate_cohort
     from bonemet.utils import atomic_path
 
-    synth = get(params, "data.synthetic")
-    log.info("no cohort in %s: generating the default synthetic cohort (seed %s)", cohort_dir, synth["seed"])
+    synth = params.data.synthetic
+    log.info("no cohort in %s: generating the default synthetic cohort (seed %s)", cohort_dir, synth.seed)
     with atomic_path(cohort_dir, is_dir=True) as tmp:
         summary = generate_cohort(
             tmp,
-            n_cases=int(synth["n_cases"]),
-            n_positive=int(synth["n_positive"]),
-            seed=int(synth["seed"]),
-            size=str(synth.get("size", "full")),
-            mask_label=int(get(params, "data.mask_label", 1)),
+            n_cases=synth.n_cases,
+            n_positive=synth.n_positive,
+            seed=synth.seed,
+            size=synth.size,
+            mask_label=params.data.mask_label,
             overwrite=True,
             show_progress=not args.no_progress,
         )

@@ -11,42 +11,41 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cohort", default=None, help="cohort folder (default: params data.cohort_dir)")
-    parser.add_argument("--auto-masks", default="data/auto_masks", help="automatic masks folder (segment stage output)")
-    parser.add_argument("--out", default="data/features", help="output folder for the feature tables")
+    parser.add_argument("--cohort-dir", default=None, help="cohort folder (default: params data.cohort_dir)")
+    parser.add_argument("--auto-masks", default=None,
+                        help="automatic masks folder (default: params segment.masks_dir, the segment stage's output)")
+    parser.add_argument("--out", default=None, help="output folder for the feature tables (default: params "
+                        "train.features_dir)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.config import get, section
     from bonemet.data.manifest import read_manifest
-    from bonemet.radiomics import extract_sources
-    from bonemet.stages._common import mlflow_tracker, params_from, radiomics_settings
+    from bonemet.radiomics import extract_sources, settings_from_params
+    from bonemet.stages._common import mlflow_tracker, specs_from
     from bonemet.tracking.base import NullTracker
 
-    params = params_from(args)
-    cfg = section(params, "radiomics")
-    cohort = args.cohort or get(params, "data.cohort_dir")
-    settings = radiomics_settings(params)
+    params = specs_from(args)
+    spec = params.radiomics
+    cohort = args.cohort_dir or params.data.cohort_dir
+    settings = settings_from_params(params)
     cases = read_manifest(cohort)
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker("bonemet-radiomics")
-    try:
-        summary = extract_sources(
-            cases,
-            settings,
-            args.out,
-            sources=list(get(cfg, "sources")),
-            auto_masks_dir=args.auto_masks,
-            n_jobs=int(get(cfg, "n_jobs")),
-            cache_dir=get(cfg, "cache_dir"),
-            allow_drop=bool(get(cfg, "allow_drop")),
-            tracker=tracker,
-            show_progress=not args.no_progress,
-            log_params={f"radiomics.{k}": v for k, v in cfg.items()} | {"cohort": str(cohort)},
-        )
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 1
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment)
+    summary = extract_sources(
+        cases,
+        settings,
+        args.out or params.train.features_dir,
+        sources=list(spec.sources),
+        auto_masks_dir=args.auto_masks or params.segment.masks_dir,
+        n_jobs=spec.n_jobs,
+        cache_dir=spec.cache_dir,
+        allow_drop=spec.allow_drop,
+        grid_tolerance_mm=params.validation.grid_tolerance_mm,
+        tracker=tracker,
+        show_progress=not args.no_progress,
+        log_params={"radiomics": spec.model_dump(mode="json"), "mask_label": params.data.mask_label,
+                    "cohort": str(cohort)},
+    )
     sys.stdout.write(json.dumps(summary["sources"], sort_keys=True) + "\n")
     return 0

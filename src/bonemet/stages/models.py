@@ -11,16 +11,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
+    from bonemet.registry.store import model_versions
+    from bonemet.stages._common import open_store, specs_from
 
-    from bonemet.config import section
-    from bonemet.stages._common import params_from
-    from bonemet.tracking.mlflow_backend import configure as configure_mlflow
-    from bonemet.tracking.mlflow_backend import model_versions
-
-    reg = section(params_from(args), "register")
-    configure_mlflow(os.environ.get("MLFLOW_TRACKING_URI"), reg.get("store_dir", "mlruns"))
-    names = args.model or [reg["model_name"], reg.get("segmentation_model_name", "bonemet-missu")]
+    params = specs_from(args)
+    reg = params.registration
+    open_store(params)
+    names = args.model or [reg.model_name, reg.segmentation_model_name]
     for name in names:
         rows = model_versions(name)
         print(f"{name}: {len(rows)} version(s)")

@@ -15,17 +15,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import os
 
-    from bonemet.config import section
-    from bonemet.stages._common import params_from
-    from bonemet.tracking.mlflow_backend import configure as configure_mlflow
-    from bonemet.tracking.mlflow_backend import model_versions, set_alias
+    from bonemet.registry.store import model_versions, set_alias
+    from bonemet.stages._common import open_store, specs_from
 
     log = logging.getLogger(__name__)
-    reg = section(params_from(args), "register")
-    configure_mlflow(os.environ.get("MLFLOW_TRACKING_URI"), reg.get("store_dir", "mlruns"))
-    name = args.model or reg["model_name"]
+    params = specs_from(args)
+    open_store(params)
+    name = args.model or params.registration.model_name
     versions = {v["version"] for v in model_versions(name)}
     if args.version not in versions:
         log.error("model '%s' has no version %s (versions: %s)", name, args.version, ", ".join(sorted(versions, key=int)) or "none")

@@ -1,73 +1,78 @@
-"""`bonemet register`: register the best classifier of the latest train run; gate it to `staging`."""
+"""`bonemet register`: register the train stage's best classifier; gate it to `staging`.
+
+Reads the train stage's outputs (``register.models_dir``: ``index.json`` names the best pipeline,
+``<best>.skops`` is it, ``provenance.json`` links the MLflow runs) and a few feature rows for
+the signature; writes ``register.out``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-
-from bonemet.stages._common import params_from, run_tags
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Runtime requirements of the served pyfunc (pinned like pyproject.toml). bonemet itself must be
-# installed where the model is loaded (`--env-manager local` in this project's venv).
-SERVING_REQUIREMENTS = [
-    "mlflow==3.17.2",
-    "scikit-learn==1.9.1",
-    "skops==0.16.0",
-    "numpy==2.4.6",
-    "pandas==3.1.1",
-    "scipy==1.17.1",
-    "xgboost-cpu==3.2.0",
-    "lightgbm==4.7.0",
-]
+#: Distributions the served pyfunc imports; their versions are read from this environment.
+SERVING_DISTRIBUTIONS = ("mlflow", "scikit-learn", "skops", "numpy", "pandas", "scipy", "xgboost-cpu", "lightgbm")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="registry metrics JSON (default: params register.out)")
 
 
-def run(args: argparse.Namespace) -> int:
-    import os
+def pinned(distributions: tuple[str, ...]) -> list[str]:
+    """``name==version`` for each installed distribution (``importlib.metadata``), in order."""
+    import importlib.metadata as md
 
+    return [f"{name}=={md.version(name)}" for name in distributions]
+
+
+def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from bonemet.config import section
-    from bonemet.tracking.mlflow_backend import configure as configure_mlflow
-    from bonemet.tracking.registry import RegistryError, register_best_classifier
+    from bonemet.modeling.persistence import load_pipeline
+    from bonemet.registry.registration import RegistryError, register_classifier
+    from bonemet.stages._common import open_store, run_tags, specs_from
     from bonemet.utils import write_json
 
-    params = params_from(args)
-    reg = section(params, "register")
-    configure_mlflow(os.environ.get("MLFLOW_TRACKING_URI"), reg.get("store_dir", "mlruns"))
-    features = pd.read_parquet(reg["features_file"])
-    feature_names = [c for c in features.columns if c not in ("case_id", "label")]
+    params = specs_from(args)
+    reg = params.registration
+    models_dir = Path(reg.models_dir)
+    try:
+        index = json.loads((models_dir / "index.json").read_text(encoding="utf-8"))
+        provenance = json.loads((models_dir / "provenance.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RegistryError(f"{models_dir}: the train stage's index.json/provenance.json cannot be read ({exc}); "
+                            "run `bonemet train` first") from exc
+    pipeline = load_pipeline(models_dir / index["models"][index["best_model"]]["path"])
+    features = pd.read_parquet(reg.features_file)
     description_extra = ""
     try:
-        with open(reg["table1_md"]) as fh:
-            description_extra = "\nTable 1:\n" + fh.read()
+        description_extra = "\nTable 1:\n" + Path(reg.table1_md).read_text(encoding="utf-8")
     except OSError:
-        log.warning("no Table 1 at %s: the model description will not include it", reg["table1_md"])
-    try:
-        result = register_best_classifier(
-            experiment=reg["experiment"],
-            model_name=reg["model_name"],
-            input_example=features.head(2),
-            feature_names=feature_names,
-            threshold=float(reg["threshold"]),
-            min_auc=float(reg["min_test_auc"]),
-            tolerance=float(reg["tolerance"]),
-            alias=reg["alias"],
-            pip_requirements=SERVING_REQUIREMENTS,
-            description_extra=description_extra,
-            tags=run_tags(),
-        )
-    except RegistryError as exc:
-        log.error("%s", exc)
-        return 1
+        log.warning("no Table 1 at %s: the model description will not include it", reg.table1_md)
+    open_store(params)
+    result = register_classifier(
+        experiment=reg.experiment,
+        store_dir=params.tracking.store_dir,
+        model_name=reg.model_name,
+        index=index,
+        provenance=provenance,
+        pipeline=pipeline,
+        input_example=features.head(2),
+        threshold=reg.threshold,
+        min_auc=reg.min_test_auc,
+        tolerance=reg.tolerance,
+        alias=reg.alias,
+        pip_requirements=pinned(SERVING_DISTRIBUTIONS),
+        description_extra=description_extra,
+        tags=run_tags(),
+    )
     print(f"{result.model_name} version {result.version} ({result.classifier}): "
-          f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg['alias']}': {result.reason}")
+          f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")
     summary = result.to_dict()
     summary["promoted"] = int(result.promoted)
-    write_json(args.out or reg["out"], summary)
+    write_json(args.out or reg.out, summary)
     return 0

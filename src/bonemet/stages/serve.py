@@ -20,15 +20,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from bonemet.config import section
-    from bonemet.stages._common import params_from
-    from bonemet.tracking.mlflow_backend import alias_version
-    from bonemet.tracking.mlflow_backend import configure as configure_mlflow
+    from bonemet.registry.store import alias_version
+    from bonemet.stages._common import open_store, specs_from
 
     log = logging.getLogger(__name__)
-    reg = section(params_from(args), "register")
-    uri = configure_mlflow(os.environ.get("MLFLOW_TRACKING_URI"), reg.get("store_dir", "mlruns"))
-    name = args.model or reg["model_name"]
+    params = specs_from(args)
+    uri = open_store(params)
+    name = args.model or params.registration.model_name
     version = alias_version(name, args.alias)
     if version is None:
         log.error("no model '%s@%s' in %s: run the pipeline (make run) or `bonemet promote`", name, args.alias, uri)

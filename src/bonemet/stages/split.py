@@ -6,9 +6,6 @@ import argparse
 import logging
 from collections import Counter
 
-from bonemet.config import get
-from bonemet.stages._common import params_from
-
 log = logging.getLogger(__name__)
 
 
@@ -20,16 +17,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bonemet.data.manifest import read_manifest
     from bonemet.splits import make_splits, write_splits
+    from bonemet.stages._common import specs_from
 
-    params = params_from(args)
-    cases = read_manifest(args.cohort_dir or get(params, "data.cohort_dir"))
-    out = args.out or get(params, "split.out")
+    params = specs_from(args)
+    cases = read_manifest(args.cohort_dir or params.data.cohort_dir)
+    out = args.out or params.split.out
     splits = make_splits(
         [c.case_id for c in cases],
         [c.label for c in cases],
-        test_size=float(get(params, "split.test_size")),
-        n_folds=int(get(params, "split.n_folds")),
-        seed=int(get(params, "seed")),
+        test_size=params.split.test_size,
+        n_folds=params.split.n_folds,
+        seed=params.seed,
     )
     write_splits(out, splits)
     label_of = {c.case_id: c.label for c in cases}

@@ -53,39 +53,30 @@ def resolve_counts(
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.config import get
-    from bonemet.data.synthetic import SyntheticParamsError, generate_cohort, plot_cases
-    from bonemet.stages._common import params_from
+    from bonemet.data.synthetic import generate_cohort, plot_cases
+    from bonemet.stages._common import specs_from
     from bonemet.utils import atomic_path
 
-    params = params_from(args)
-    n_cases, n_positive = resolve_counts(
-        args.n,
-        args.n_positive,
-        int(get(params, "data.synthetic.n_cases")),
-        int(get(params, "data.synthetic.n_positive")),
-    )
-    seed = int(get(params, "data.synthetic.seed")) if args.seed is None else args.seed
-    mask_label = int(get(params, "data.mask_label", 1))
+    params = specs_from(args)
+    synth = params.data.synthetic
+    n_cases, n_positive = resolve_counts(args.n, args.n_positive, synth.n_cases, synth.n_positive)
+    seed = synth.seed if args.seed is None else args.seed
+    mask_label = params.data.mask_label
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         log.error("%s: exists and is not empty; pass --force to replace it", out)
         return 1
-    try:
-        with atomic_path(out, is_dir=True) as tmp:
-            summary = generate_cohort(
-                tmp,
-                n_cases=n_cases,
-                n_positive=n_positive,
-                seed=seed,
-                size="small" if args.small else "full",
-                mask_label=mask_label,
-                overwrite=True,
-                show_progress=not args.no_progress,
-            )
-    except SyntheticParamsError as exc:
-        log.error("%s", exc)
-        return 1
+    with atomic_path(out, is_dir=True) as tmp:
+        summary = generate_cohort(
+            tmp,
+            n_cases=n_cases,
+            n_positive=n_positive,
+            seed=seed,
+            size="small" if args.small else "full",
+            mask_label=mask_label,
+            overwrite=True,
+            show_progress=not args.no_progress,
+        )
     log.info(
         "wrote %d cases (%d positive, seed %d) to %s; Bayes AUC %.3f",
         n_cases,

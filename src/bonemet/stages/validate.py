@@ -1,17 +1,16 @@
 """`bonemet validate COHORT_DIR [--report DIR]`: check a cohort before anything uses it.
 
-Writes ``report.json`` and ``report.txt`` (even when the cohort fails, so it can be read),
-logs the readable report, and exits 1 when a hard rule failed, naming every bad case and the
-rules it broke. Soft rules only warn. The cohort folder is only read.
+Logs the readable report and exits 1 when a hard rule failed, naming every bad case and the
+rules it broke; soft rules only warn. With ``--report DIR`` it also writes ``report.json`` and
+``report.txt`` there (even when the cohort fails, so they can be read); without it nothing is
+written, so checking another folder never touches the pipeline's ``data/validation``. The
+cohort folder is only read.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-
-from bonemet.config import get, section
-from bonemet.stages._common import params_from
 
 log = logging.getLogger(__name__)
 
@@ -22,31 +21,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--report",
         default=None,
         metavar="DIR",
-        help="folder for report.json/report.txt (default: params validate.report_dir)",
+        help="also write report.json and report.txt into DIR (default: write nothing)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from bonemet.stages._common import specs_from
     from bonemet.validation.cohort import validate_cohort
 
-    params = params_from(args)
-    cfg = section(params, "validate")
-    report = validate_cohort(
-        args.cohort_dir,
-        mask_label=int(get(params, "data.mask_label")),
-        min_spacing_mm=float(get(cfg, "min_spacing_mm")),
-        max_spacing_mm=float(get(cfg, "max_spacing_mm")),
-        hu_min=float(get(cfg, "hu_min")),
-        hu_max=float(get(cfg, "hu_max")),
-        hu_air_max=float(get(cfg, "hu_air_max")),
-        hu_min_range=float(get(cfg, "hu_min_range")),
-        grid_tolerance_mm=float(get(cfg, "grid_tolerance_mm")),
-        lesion_volume_ml=tuple(get(cfg, "lesion_volume_ml")),
-        show_progress=not args.no_progress,
-    )
-    report_dir = args.report or get(cfg, "report_dir")
-    report.write(report_dir)
+    params = specs_from(args)
+    report = validate_cohort(args.cohort_dir, params.validation, mask_label=params.data.mask_label,
+                             show_progress=not args.no_progress)
+    if args.report:
+        report.write(args.report)
 
     for line in report.summary_text().rstrip().splitlines():
         if line.strip():
@@ -54,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     for case in report.warned_cases:
         rules = ", ".join(f.rule for f in report.failures[case])
         log.warning("case '%s': soft rule(s) broken: %s", case, rules)
-    log.info("report written to %s/report.json and report.txt", report_dir)
+    if args.report:
+        log.info("report written to %s/report.json and report.txt", args.report)
     if report.passed:
         return 0
 

@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -32,8 +32,12 @@ import SimpleITK as sitk
 
 from bonemet.data.io import ImageReadError, read_image, same_grid
 from bonemet.data.manifest import MANIFEST_NAME, ManifestError, read_manifest_table
+from bonemet.data.masks import volume_ml
 from bonemet.utils import atomic_path, progress, write_json
 from bonemet.validation.gx import Rule, RuleResult, check_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import ValidateSpec
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +258,7 @@ def _measure_mask(
         return m
     m[f"{kind}_readable"] = True
     if image is not None:
-        ok, reason = same_grid(image, mask, grid_tolerance_mm)
+        ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
         m[f"{kind}_grid_ok"], m[f"{kind}_grid_reason"] = ok, reason
     if mask.GetNumberOfComponentsPerPixel() != 1:
         m[f"{kind}_error"] = f"{path}: mask has {mask.GetNumberOfComponentsPerPixel()} components per voxel"
@@ -275,7 +279,7 @@ def _measure_mask(
         values = np.unique(arr[other])
         shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
         m[f"{kind}_other_values"] = shown
-    m[f"{kind}_volume_ml"] = n_label * float(np.prod(mask.GetSpacing())) / 1000.0
+    m[f"{kind}_volume_ml"] = volume_ml(n_label, mask.GetSpacing())
     return m
 
 
@@ -607,36 +611,31 @@ def _collect(
 
 def validate_cohort(
     cohort_dir: str | Path,
+    spec: ValidateSpec,
     *,
-    mask_label: int = 1,
-    min_spacing_mm: float,
-    max_spacing_mm: float,
-    hu_min: float,
-    hu_max: float,
-    hu_air_max: float,
-    hu_min_range: float,
-    grid_tolerance_mm: float,
-    lesion_volume_ml: tuple[float, float],
+    mask_label: int,
     show_progress: bool = True,
 ) -> CohortReport:
     """Check a bring-your-own cohort folder; never modifies it and never raises for bad data.
 
     Args:
         cohort_dir: folder with ``manifest.csv`` (case_id,label,image,mask[,annotator_mask]).
-        mask_label: value of the lesion in the label maps.
-        min_spacing_mm, max_spacing_mm: plausible voxel spacing range (mm), every axis.
-        hu_min, hu_max: no voxel may lie outside [hu_min, hu_max] HU (CT in Hounsfield units;
-            scanners pad outside the field of view with down to -3024 HU).
-        hu_air_max: some voxel must be at or below this (HU): air or fat, present in any CT,
-            absent from MR or from CT stored without its rescale slope/intercept.
-        hu_min_range: the image's max - min must be at least this (HU).
-        grid_tolerance_mm: tolerance for a mask's spacing/origin to match its image's (mm).
-        lesion_volume_ml: (low, high) plausible lesion volume in mL; outside it only warns.
+        spec: the ``validate`` params: ``min_spacing_mm``/``max_spacing_mm`` (plausible voxel
+            spacing, every axis, mm); ``hu_min``/``hu_max`` (no voxel outside, HU; scanners pad
+            outside the field of view with down to -3024 HU); ``hu_air_max`` (some voxel at or
+            below it: air or fat, present in any CT, absent from MR or from CT stored without
+            its rescale slope/intercept); ``hu_min_range`` (max - min at least this, HU);
+            ``grid_tolerance_mm`` (a mask's spacing/origin vs its image's, mm);
+            ``lesion_volume_ml`` (plausible lesion volume, mL; outside it only warns).
+        mask_label: value of the lesion in the label maps (``data.mask_label``).
         show_progress: show a progress bar over cases.
 
     Returns:
         The :class:`CohortReport`; ``report.passed`` is False when any hard rule failed.
     """
+    min_spacing_mm, max_spacing_mm = spec.min_spacing_mm, spec.max_spacing_mm
+    hu_min, hu_max, hu_air_max, hu_min_range = spec.hu_min, spec.hu_max, spec.hu_air_max, spec.hu_min_range
+    grid_tolerance_mm, lesion_volume_ml = spec.grid_tolerance_mm, spec.lesion_volume_ml
     cohort_dir = Path(cohort_dir)
     low, high = (float(v) for v in lesion_volume_ml)
     params = {

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from bonemet.errors import UserError
 from bonemet.validation.gx import Rule, RuleResult, check_table
 
 ID_COLUMNS = ("case_id", "label")
@@ -24,7 +25,7 @@ NONFINITE_COLUMN = "n_nonfinite_features"
 _MAX_NAMED = 5
 
 
-class FeatureTableError(ValueError):
+class FeatureTableError(UserError, ValueError):
     """A feature table broke a hard rule; the message names the source, rules and cases."""
 
 

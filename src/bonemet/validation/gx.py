@@ -11,6 +11,7 @@ GX's own logging are off, so a call over a few hundred rows takes well under a s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,18 +22,23 @@ from typing import Any
 
 import pandas as pd
 
-# Library-internal configuration of GX itself: never send usage statistics. Set before the
-# import so that no code path of GX can read it unset; the context config below says the same.
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-# GX logs INFO chatter while importing; keep its loggers at WARNING from the start.
-logging.getLogger("great_expectations").setLevel(logging.WARNING)
+from bonemet.errors import BonemetError
 
-import great_expectations as gx  # noqa: E402
-from great_expectations.data_context.types.base import (  # noqa: E402
-    DataContextConfig,
-    InMemoryStoreBackendDefaults,
-    ProgressBarsConfig,
-)
+
+@functools.cache
+def _gx() -> Any:
+    """great_expectations, imported on first use (slow to import), with usage statistics off.
+
+    GX reads ``GX_ANALYTICS_ENABLED`` while importing, so it is set (unless the user set it)
+    just before the import, never at the import of this module; the context config below says
+    the same. GX logs INFO chatter while importing: its loggers stay at WARNING.
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations
+
+    return great_expectations
+
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ SEVERITIES = ("hard", "soft")
 _MAX_DETAIL_VALUES = 5
 
 
-class RuleError(ValueError):
+class RuleError(BonemetError, ValueError):
     """A rule is malformed: unknown expectation, bad arguments, duplicate name or severity."""
 
 
@@ -94,6 +100,13 @@ def _quiet_gx() -> None:
 
 def _context() -> Any:
     """A fresh in-memory GX context: no files, no analytics, no progress bars."""
+    gx = _gx()
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(),
         analytics_enabled=False,
@@ -105,7 +118,7 @@ def _context() -> Any:
 def _build_expectation(rule: Rule) -> Any:
     if rule.severity not in SEVERITIES:
         raise RuleError(f"rule '{rule.name}': severity '{rule.severity}' is not one of {SEVERITIES}")
-    cls = getattr(gx.expectations, rule.expectation, None)
+    cls = getattr(_gx().expectations, rule.expectation, None)
     if cls is None or not isinstance(cls, type):
         raise RuleError(
             f"rule '{rule.name}': '{rule.expectation}' is not a great_expectations.expectations class"
@@ -203,7 +216,7 @@ def check_table(
         batch = asset.add_batch_definition_whole_dataframe(name=f"{suite_name}_batch").get_batch(
             batch_parameters={"dataframe": table}
         )
-        suite = gx.ExpectationSuite(name=suite_name)
+        suite = _gx().ExpectationSuite(name=suite_name)
         for expectation in expectations:
             suite.add_expectation(expectation)
         validation = batch.validate(

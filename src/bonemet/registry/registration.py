@@ -1,8 +1,11 @@
-"""Registering the best classifier of a `train` run, and the promotion gate's bookkeeping.
+"""Registering the train stage's best classifier, and the promotion gate's bookkeeping.
 
-The choice (best mean CV AUC on the training set), the description (Table 1 rows, data hash,
-git commit) and the gate decision are all recorded in MLflow: a `register` run in the
-classification experiment, the model version's description and tags, and the alias.
+The register stage reads what the train stage wrote (``models/index.json`` names the best
+pipeline, chosen by :func:`bonemet.modeling.training.choose_best_model`; ``models/<best>.skops``
+is that pipeline): its inputs are files that DVC tracks, not "the latest run" in MLflow. The
+description (Table 1 rows, data hash, git commit) and the gate decision are recorded in MLflow:
+a `register` run in the classification experiment, the model version's description and tags,
+and the alias.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from bonemet.serving.gate import PromotionDecision, decide_promotion
-from bonemet.tracking.mlflow_backend import alias_version, set_alias
-from bonemet.tracking.pyfunc import log_classifier
+from bonemet.errors import UserError
+from bonemet.registry.gate import PromotionDecision, decide_promotion
+from bonemet.registry.pyfunc import log_classifier
+from bonemet.registry.store import alias_version, ensure_experiment, set_alias
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +30,8 @@ SELECTION_METRIC = "cv_auc_mean"
 TEST_METRIC = "test_auc"
 
 
-class RegistryError(RuntimeError):
-    """The runs needed for registration are missing or incomplete."""
+class RegistryError(UserError, RuntimeError):
+    """The train stage's outputs needed for registration are missing or incomplete."""
 
 
 @dataclass
@@ -46,40 +50,7 @@ class RegistrationResult:
         return asdict(self)
 
 
-def latest_train_runs(experiment: str, parent_name: str = "train") -> tuple[Any, list[Any]]:
-    """The latest finished parent run called ``parent_name`` and its nested runs."""
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        raise RegistryError(f"experiment '{experiment}' not found: run the train stage first")
-    client = MlflowClient()
-    parents = [
-        r
-        for r in client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"attributes.run_name = '{parent_name}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=20,
-        )
-        if "mlflow.parentRunId" not in r.data.tags
-    ]
-    if not parents:
-        raise RegistryError(f"no finished '{parent_name}' run in experiment '{experiment}'")
-    parent = parents[0]
-    children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=500
-    )
-    return parent, children
-
-
-def best_child(children: Sequence[Any], metric: str = SELECTION_METRIC) -> Any:
-    """The nested run with the highest ``metric`` that has a logged model."""
-    scored = [c for c in children if metric in c.data.metrics and TEST_METRIC in c.data.metrics]
-    if not scored:
-        raise RegistryError(f"no classifier run carries the metrics '{metric}' and '{TEST_METRIC}'")
-    return max(scored, key=lambda c: (c.data.metrics[metric], c.data.metrics[TEST_METRIC]))
-
-
-def staging_test_auc(model_name: str, alias: str = "staging") -> tuple[str | None, float | None]:
+def staging_test_auc(model_name: str, alias: str) -> tuple[str | None, float | None]:
     """Version and recorded test AUC of ``model_name@alias`` (None, None when there is none)."""
     version = alias_version(model_name, alias)
     if version is None:
@@ -89,44 +60,58 @@ def staging_test_auc(model_name: str, alias: str = "staging") -> tuple[str | Non
     return version, float(value) if value is not None else None
 
 
-def register_best_classifier(
+def register_classifier(
     *,
     experiment: str,
+    store_dir: str,
     model_name: str,
+    index: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    pipeline: Any,
     input_example: pd.DataFrame,
-    feature_names: Sequence[str],
     threshold: float,
     min_auc: float,
     tolerance: float,
     alias: str,
     pip_requirements: Sequence[str],
-    description_extra: str = "",
-    tags: Mapping[str, str] | None = None,
+    description_extra: str,
+    tags: Mapping[str, str],
 ) -> RegistrationResult:
-    """Register the best classifier of the latest train run and apply the promotion gate."""
-    parent, children = latest_train_runs(experiment)
-    best = best_child(children)
-    classifier = best.data.tags.get("model", best.info.run_name)
-    cv_auc = float(best.data.metrics[SELECTION_METRIC])
-    test_auc = float(best.data.metrics[TEST_METRIC])
-    pipeline = mlflow.sklearn.load_model(f"runs:/{best.info.run_id}/model")
+    """Register the train stage's best pipeline as a new version of ``model_name`` and apply the gate.
+
+    Args:
+        index: the train stage's ``models/index.json`` (``best_model``, each model's CV and test
+            AUC, ``feature_names``); ``provenance``: its ``models/provenance.json`` (run ids).
+        pipeline: the fitted pipeline of ``index["best_model"]`` (``models/<best>.skops``).
+        input_example: a few feature rows for the model's signature.
+        threshold: probability of breast origin at or above which the label is 1.
+        min_auc, tolerance, alias: the gate (see :func:`bonemet.registry.gate.decide_promotion`).
+        pip_requirements: the served model's requirements.
+        description_extra: appended to the version's description (e.g. Table 1).
+        tags: run tags (git commit, data hash).
+    """
+    classifier = str(index["best_model"])
+    entry = index["models"][classifier]
+    cv_auc, test_auc = float(entry["cv_auc_mean"]), float(entry["test_auc"])
+    source_run_id = str((provenance.get("models", {}).get(classifier) or {}).get("run_id") or "")
+    train_run_id = str(provenance.get("train_run_id") or "")
     current_version, current_auc = staging_test_auc(model_name, alias)
     decision: PromotionDecision = decide_promotion(test_auc, current_auc, min_auc=min_auc, tolerance=tolerance)
-    exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
-    run_tags = {**dict(tags or {}), "source_run_id": best.info.run_id, "train_run_id": parent.info.run_id}
-    with mlflow.start_run(run_name="register", experiment_id=exp_id, tags=run_tags) as run:
+    exp_id = ensure_experiment(experiment, store_dir)
+    run_tags = {**dict(tags), "source_run_id": source_run_id, "train_run_id": train_run_id}
+    with mlflow.start_run(run_name="register", experiment_id=exp_id, tags=run_tags):
         mlflow.log_params({"classifier": classifier, "threshold": threshold, "min_auc": min_auc, "tolerance": tolerance})
         mlflow.log_metrics({SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc})
         info = log_classifier(
             pipeline,
-            feature_names,
+            list(index["feature_names"]),
             threshold=threshold,
             model_name=classifier,
             input_example=input_example,
             pip_requirements=pip_requirements,
         )
         description = (
-            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier}) from train run {parent.info.run_id}.\n"
+            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier}) from train run {train_run_id or '?'}.\n"
             f"mean CV AUC (training set) {cv_auc:.3f}; test AUC {test_auc:.3f}.\n"
             f"data_md5 {run_tags.get('data_md5', 'unknown')}; git_commit {run_tags.get('git_commit', 'unknown')}.\n"
             + description_extra
@@ -137,7 +122,7 @@ def register_best_classifier(
             TEST_METRIC: f"{test_auc:.6f}",
             "data_md5": run_tags.get("data_md5", "unknown"),
             "git_commit": run_tags.get("git_commit", "unknown"),
-            "source_run_id": best.info.run_id,
+            "source_run_id": source_run_id,
         }
         mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
         MlflowClient().update_model_version(model_name, mv.version, description=description)
@@ -154,11 +139,10 @@ def register_best_classifier(
             model_name, mv.version, classifier, decision.reason,
             f"alias '{alias}' set" if decision.promote else f"alias '{alias}' unchanged",
         )
-        del run
     return RegistrationResult(
         model_name=model_name,
         version=str(mv.version),
-        source_run_id=best.info.run_id,
+        source_run_id=source_run_id,
         classifier=classifier,
         cv_auc_mean=cv_auc,
         test_auc=test_auc,

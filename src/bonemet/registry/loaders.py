@@ -2,7 +2,7 @@
 
 Each loader resolves ``name@alias`` to a version first and loads that exact version
 (``models:/name/version``), so the version reported is the one used. Call
-:func:`bonemet.tracking.mlflow_backend.configure` before loading.
+:func:`bonemet.registry.store.configure` before loading.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from bonemet.tracking.mlflow_backend import alias_version
+from bonemet.errors import UserError
+from bonemet.registry.store import alias_version
 
 log = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError, ValueError):
     """No registered model version answers to ``name@alias``, or it cannot be loaded."""
 
 
@@ -52,14 +53,16 @@ class RegisteredClassifier:
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """``probability_breast`` and ``label`` per row; input problems raise ValueError, not MlflowException."""
+        from bonemet.serving.predict import PredictError
+
         try:
             return self.model.predict(features)
         except MlflowException as exc:
-            raise ValueError(f"{self.name} version {self.version} refused the features: {exc.message}") from exc
+            raise PredictError(f"{self.name} version {self.version} refused the features: {exc.message}") from exc
 
 
 def load_classifier(name: str, alias: str) -> RegisteredClassifier:
-    """Load ``name@alias`` (the pyfunc logged by :func:`bonemet.tracking.pyfunc.log_classifier`).
+    """Load ``name@alias`` (the pyfunc logged by :func:`bonemet.registry.pyfunc.log_classifier`).
 
     Raises:
         ModelNotFoundError: no such alias, or the model cannot be loaded.

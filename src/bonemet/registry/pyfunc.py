@@ -3,7 +3,8 @@
 It checks the input rows (bonemet.serving.checks) and answers, per row, the probability of
 breast origin and the label at the registered threshold. Bad input raises an MlflowException
 with INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400 (never 500).
-The pipeline is stored with skops; only types from the modules in TRUSTED_MODULES are loaded.
+The pipeline is stored with skops; only types from the modules in
+:data:`bonemet.modeling.persistence.TRUSTED_MODULES` are loaded.
 """
 
 from __future__ import annotations
@@ -20,36 +21,19 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from bonemet.modeling.persistence import save_pipeline
+
 log = logging.getLogger(__name__)
 
-TRUSTED_MODULES = ("bonemet", "sklearn", "numpy", "scipy", "xgboost", "lightgbm", "builtins", "collections")
 PIPELINE_FILE = "pipeline.skops"
 META_FILE = "classifier.json"
-
-
-def dump_pipeline(pipeline: Any, path: str | Path) -> None:
-    """Save a fitted pipeline with skops."""
-    import skops.io as sio
-
-    sio.dump(pipeline, str(path))
-
-
-def load_pipeline(path: str | Path) -> Any:
-    """Load a skops pipeline, trusting only types from TRUSTED_MODULES."""
-    import skops.io as sio
-
-    untrusted = sio.get_untrusted_types(file=str(path))
-    refused = [t for t in untrusted if t.split(".")[0] not in TRUSTED_MODULES]
-    if refused:
-        raise ValueError(f"{path}: refusing to load untrusted types {refused}")
-    return sio.load(str(path), trusted=untrusted)
 
 
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc model: feature rows in, ``probability_breast`` and ``label`` out."""
 
     def load_context(self, context: Any) -> None:
-        from bonemet.tracking.pyfunc import load_pipeline
+        from bonemet.modeling.persistence import load_pipeline
 
         self.pipeline = load_pipeline(context.artifacts["pipeline"])
         meta = json.loads(Path(context.artifacts["meta"]).read_text(encoding="utf-8"))
@@ -92,7 +76,7 @@ def log_classifier(
     with tempfile.TemporaryDirectory() as tmp:
         pipe_path = Path(tmp) / PIPELINE_FILE
         meta_path = Path(tmp) / META_FILE
-        dump_pipeline(pipeline, pipe_path)
+        save_pipeline(pipeline, pipe_path)
         meta_path.write_text(
             json.dumps(
                 {"feature_names": list(feature_names), "threshold": threshold, "model_name": model_name}

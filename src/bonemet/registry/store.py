@@ -1,7 +1,8 @@
-"""MLflow tracker and registry helpers: the only module that imports mlflow.
+"""The MLflow store: configuration, the tracker, versions and aliases.
 
-Default store: ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts``;
-``MLFLOW_TRACKING_URI`` (read by the entry point, passed in here) points at a team server.
+The project's store: ``sqlite:///<tracking.store_dir>/mlflow.db`` with artifacts under
+``<tracking.store_dir>/artifacts``; ``MLFLOW_TRACKING_URI`` (read by the entry point, passed in
+here) points at a team server instead.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,17 +22,13 @@ from bonemet.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE_DIR = Path("mlruns")
-
-
-def default_tracking_uri(store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
+def default_tracking_uri(store_dir: str | Path) -> str:
     """SQLite backend inside ``store_dir`` (absolute, so it works from any working directory)."""
     return f"sqlite:///{(Path(store_dir) / 'mlflow.db').resolve()}"
 
 
-def configure(tracking_uri: str | None = None, store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
+def configure(tracking_uri: str | None, store_dir: str | Path) -> str:
     """Point MLflow at ``tracking_uri`` (or the local SQLite store); returns the URI used."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri or default_tracking_uri(store_dir)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -41,15 +37,24 @@ def configure(tracking_uri: str | None = None, store_dir: str | Path = DEFAULT_S
     return uri
 
 
-def ensure_experiment(name: str, store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
-    """Create the experiment if needed (artifacts under ``store_dir/artifacts`` for a local store)."""
+#: The MLflow UI (3.x) opens an experiment on its runs, not on its GenAI overview, with this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(name: str, store_dir: str | Path) -> str:
+    """The experiment's id, created if needed (artifacts under ``store_dir/artifacts`` for a local
+    store) and tagged as a model-training experiment so that the UI opens on its runs."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     artifact_location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         artifact_location = (Path(store_dir) / "artifacts" / name).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return mlflow.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -70,8 +75,9 @@ class MlflowTracker(Tracker):
     def __init__(
         self,
         experiment: str,
-        tracking_uri: str | None = None,
-        store_dir: str | Path = DEFAULT_STORE_DIR,
+        *,
+        tracking_uri: str | None,
+        store_dir: str | Path,
         default_tags: Mapping[str, str] | None = None,
     ) -> None:
         self.tracking_uri = configure(tracking_uri, store_dir)
@@ -129,7 +135,7 @@ class MlflowTracker(Tracker):
         return module.log_model(model, name=name, **kwargs)
 
 
-def client(tracking_uri: str | None = None, store_dir: str | Path = DEFAULT_STORE_DIR) -> MlflowClient:
+def client(tracking_uri: str | None, store_dir: str | Path) -> MlflowClient:
     """An MlflowClient on the configured store."""
     uri = configure(tracking_uri, store_dir)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
