@@ -33,8 +33,10 @@ re-raised as ours. Patient-identifying tags are never logged nor put in messages
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,13 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from bonemet import __version__
 from bonemet.data.dicom_series import (
     DicomWriteError,
+    dicom_truncation,
     grid_affine,
     series_instance_uid,
     slice_headers,
@@ -105,6 +108,12 @@ _LESION_CATEGORY = ("49755003", "SCT", "Morphologically Abnormal Structure")
 _LESION_TYPE = ("52988006", "SCT", "Lesion")
 
 
+# What pydicom and highdicom raise on a malformed file's content (parsed lazily, on access).
+_MALFORMED = (
+    AttributeError, KeyError, ValueError, TypeError, IndexError, OSError, EOFError, struct.error, BytesLengthException
+)
+
+
 class MaskFormatError(ImageReadError):
     """A DICOM mask (RTSTRUCT or SEG) cannot be read as a lesion mask on the given image."""
 
@@ -123,8 +132,8 @@ def dicom_modality(path: str | Path) -> str | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
     except (InvalidDicomError, EOFError, IsADirectoryError):
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MaskFormatError(f"{path}: cannot be read ({exc})") from exc
+    except (OSError, ValueError, KeyError, TypeError, struct.error, BytesLengthException) as exc:
+        raise MaskFormatError(f"{path}: a damaged DICOM file ({exc}); export it again") from exc
     return str(ds.get("Modality", "")).strip().upper() or None
 
 
@@ -133,11 +142,15 @@ def _read_dicom(path: Path, where: str, modality: str, fix: str) -> Dataset:
     if not path.is_file():
         raise MaskFormatError(f"{where}: file not found; {fix}")
     try:
-        ds = pydicom.dcmread(path)
+        data = path.read_bytes()
+        ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
         raise MaskFormatError(f"{where}: not a DICOM file; expected a DICOM {modality}; {fix}") from exc
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error, BytesLengthException) as exc:
         raise MaskFormatError(f"{where}: unreadable or truncated DICOM file ({exc}); {fix}") from exc
+    problem = dicom_truncation(data)
+    if problem:
+        raise MaskFormatError(f"{where}: truncated or damaged DICOM file ({problem}); {fix}")
     found = str(ds.get("Modality", "")).strip().upper()
     if found != modality:
         raise MaskFormatError(
@@ -189,6 +202,9 @@ def _parse_rtstruct(ds: Dataset) -> _StructureSet:
 
     Only pydicom access happens here, so that any error it raises means a malformed file.
     """
+    for keyword in ("StructureSetROISequence", "ROIContourSequence"):
+        if keyword not in ds:
+            raise ValueError(f"no {keyword}, which every RTSTRUCT has")
     roi_names = {int(item.ROINumber): str(item.get("ROIName", "")) for item in ds.get("StructureSetROISequence", [])}
     contours: dict[int, list[_Contour]] = {}
     for roi_item in ds.get("ROIContourSequence", []):
@@ -211,8 +227,10 @@ def _load_rtstruct(path: Path, where: str, fix: str) -> _StructureSet:
     ds = _read_dicom(path, where, "RTSTRUCT", fix)
     try:
         return _parse_rtstruct(ds)
-    except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
-        raise MaskFormatError(f"{where}: malformed RTSTRUCT ({exc}); export the structure set again") from exc
+    except _MALFORMED as exc:
+        raise MaskFormatError(
+            f"{where}: malformed or truncated RTSTRUCT ({exc}); export the structure set again"
+        ) from exc
 
 
 def rtstruct_roi_names(path: str | Path, *, case_id: str | None = None) -> list[str]:
@@ -222,7 +240,8 @@ def rtstruct_roi_names(path: str | Path, *, case_id: str | None = None) -> list[
 
 
 def _quoted(names: Sequence[str]) -> str:
-    return ", ".join(f"'{n}'" for n in names) if names else "none"
+    """"ROIs 'a', 'b'" (or "no ROI at all")."""
+    return "ROIs " + ", ".join(f"'{n}'" for n in names) if names else "no ROI at all"
 
 
 def read_rtstruct_mask(
@@ -262,7 +281,7 @@ def read_rtstruct_mask(
     names = list(structures.roi_names.values())
     if not numbers:
         raise MaskFormatError(
-            f"{where}: no ROI named '{roi}'; the RTSTRUCT holds ROIs {_quoted(names)}: "
+            f"{where}: no ROI named '{roi}'; the RTSTRUCT holds {_quoted(names)}: "
             "set the case's roi to one of them"
         )
     if len(numbers) > 1:
@@ -473,6 +492,8 @@ def write_rtstruct(
     ds.StructureSetLabel = structure_set_label[:16]
     ds.StructureSetDate = now.strftime("%Y%m%d")
     ds.StructureSetTime = now.strftime("%H%M%S")
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
 
     def image_ref(header: Dataset) -> Dataset:
         item = Dataset()
@@ -543,14 +564,14 @@ def _load_seg(path: Path, where: str, fix: str):
     ds = _read_dicom(path, where, "SEG", fix)
     try:
         return hd.seg.Segmentation.from_dataset(ds, copy=False)
-    except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+    except _MALFORMED as exc:
         raise MaskFormatError(f"{where}: malformed DICOM SEG ({exc}); export the segmentation again") from exc
 
 
 def _segment_labels(seg, where: str) -> dict[int, str]:
     try:
         return {int(n): str(seg.get_segment_description(n).segment_label) for n in seg.segment_numbers}
-    except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+    except _MALFORMED as exc:
         raise MaskFormatError(f"{where}: malformed segment descriptions ({exc}); export the segmentation again") from exc
 
 
@@ -562,7 +583,7 @@ def seg_segment_labels(path: str | Path, *, case_id: str | None = None) -> dict[
 
 
 def _segments_text(labels: dict[int, str]) -> str:
-    return ", ".join(f"{n} '{label}'" for n, label in labels.items()) or "none"
+    return ", ".join(f"{n} '{label}'" for n, label in labels.items()) or "no segment at all"
 
 
 def _resolve_segment(segment: int | str, labels: dict[int, str], where: str) -> int:
@@ -677,7 +698,7 @@ def read_seg_mask(
     _check_referenced_series(_seg_referenced_series(seg), reference_series_uid, where, "SEG")
     try:
         frames = [f for f in _parse_seg_frames(seg) if f.segment in (None, number)]
-    except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+    except _MALFORMED as exc:
         raise MaskFormatError(f"{where}: malformed frame geometry in the SEG ({exc}); export it again") from exc
 
     n_i, n_j, n_k = reference_image.GetSize()
@@ -849,7 +870,7 @@ def read_lesion_mask(
         if not roi:
             names = rtstruct_roi_names(path, case_id=case_id)
             raise MaskFormatError(
-                f"{where}: an RTSTRUCT needs the lesion's ROI name; it holds ROIs {_quoted(names)}: "
+                f"{where}: an RTSTRUCT needs the lesion's ROI name; it holds {_quoted(names)}: "
                 "set the case's roi to one of them"
             )
         return read_rtstruct_mask(path, reference_image, roi, case_id=case_id, reference_series_uid=reference_series_uid)

@@ -16,7 +16,7 @@ never logged.
 from __future__ import annotations
 
 import logging
-import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IDENTIFYING_KEYWORDS",
     "DicomWriteError",
+    "dicom_truncation",
     "grid_affine",
     "series_instance_uid",
     "slice_headers",
@@ -218,6 +219,7 @@ def _ct_slice(pixels: np.ndarray, uids: Mapping[str, str], patient: Mapping[str,
     ds.SoftwareVersions = __version__
     ds.PositionReferenceIndicator = ""
     ds.PatientPosition = ""
+    ds.Laterality = ""
     ds.KVP = ""
     ds.AcquisitionNumber = 1
     ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
@@ -233,13 +235,120 @@ def _ct_slice(pixels: np.ndarray, uids: Mapping[str, str], patient: Mapping[str,
     return ds
 
 
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
+
+
+class _Truncated(Exception):
+    """Internal: the byte stream ends inside an element or an open sequence."""
+
+
+def dicom_truncation(data: bytes) -> str | None:
+    """Why a DICOM file's bytes are incomplete, or None when its element structure is whole.
+
+    pydicom reads a file cut short without complaint, stopping at the last whole element or
+    sequence item (a structure set cut after its third contour reads as three contours), so
+    readers of user files check first that every element fits in the file and every
+    undefined-length sequence and item is closed by its delimiter. Deflated transfer syntaxes
+    are not checked (None).
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return "no DICOM preamble"
+    try:
+        pos = 132
+        while pos + 4 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+            pos = _skip_element(data, pos, explicit=True, little=True)
+        syntax = _file_meta_syntax(data[132:pos])
+        if syntax in _DEFLATED:
+            return None
+        explicit, little = syntax != "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2"
+        while pos < len(data):
+            pos = _skip_element(data, pos, explicit=explicit, little=little)
+    except _Truncated as exc:
+        return str(exc)
+    return None
+
+
+def _file_meta_syntax(meta: bytes) -> str:
+    """TransferSyntaxUID (0002,0010) from the raw file meta group (explicit VR little endian)."""
+    pos = 0
+    while pos + 8 <= len(meta):
+        group, element = struct.unpack_from("<HH", meta, pos)
+        length = struct.unpack_from("<H", meta, pos + 6)[0]
+        header = 8
+        if meta[pos + 4:pos + 6] in _LONG_VRS:
+            length, header = struct.unpack_from("<I", meta, pos + 8)[0], 12
+        if (group, element) == (0x0002, 0x0010):
+            return meta[pos + header:pos + header + length].decode("ascii", "replace").strip("\x00 ")
+        pos += header + length
+    return "1.2.840.10008.1.2.1"
+
+
+def _skip_element(data: bytes, pos: int, *, explicit: bool, little: bool) -> int:
+    """Position after the element at ``pos`` (descending into undefined-length values)."""
+    order = "<" if little else ">"
+    if pos + 8 > len(data):
+        raise _Truncated(f"the file ends inside an element header at byte {pos}")
+    group, element = struct.unpack_from(order + "HH", data, pos)
+    tag = (group << 16) | element
+    if tag in (_ITEM, _ITEM_END, _SEQUENCE_END):
+        raise _Truncated(f"an item or delimiter outside a sequence at byte {pos}")
+    vr = data[pos + 4:pos + 6]
+    if explicit and vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            raise _Truncated(f"the file ends inside an element header at byte {pos}")
+        length, header = struct.unpack_from(order + "I", data, pos + 8)[0], 12
+    elif explicit:
+        length, header = struct.unpack_from(order + "H", data, pos + 6)[0], 8
+    else:
+        length, header = struct.unpack_from(order + "I", data, pos + 4)[0], 8
+    pos += header
+    if length == _UNDEFINED:
+        # Items of an undefined-length UN value are implicit VR little endian (PS3.5 6.2.2).
+        implicit_inside = explicit and vr == b"UN"
+        return _skip_items(data, pos, explicit=explicit and not implicit_inside, little=little or implicit_inside)
+    if pos + length > len(data):
+        raise _Truncated(f"the file ends inside element ({group:04X},{element:04X}): {len(data) - pos} of {length} bytes")
+    return pos + length
+
+
+def _skip_items(data: bytes, pos: int, *, explicit: bool, little: bool) -> int:
+    """Position after the sequence delimiter closing the items that start at ``pos``."""
+    order = "<" if little else ">"
+    while True:
+        if pos + 8 > len(data):
+            raise _Truncated("the file ends inside a sequence (no sequence delimiter)")
+        group, element, length = struct.unpack_from(order + "HHI", data, pos)
+        tag = (group << 16) | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Truncated(f"expected a sequence item at byte {pos - 8}, found ({group:04X},{element:04X})")
+        if length != _UNDEFINED:
+            if pos + length > len(data):
+                raise _Truncated(f"the file ends inside a sequence item: {len(data) - pos} of {length} bytes")
+            pos += length
+            continue
+        while True:
+            if pos + 8 > len(data):
+                raise _Truncated("the file ends inside a sequence item (no item delimiter)")
+            group, element = struct.unpack_from(order + "HH", data, pos)
+            if (group << 16) | element == _ITEM_END:
+                pos += 8
+                break
+            pos = _skip_element(data, pos, explicit=explicit, little=little)
+
+
 def _read_header(path: Path, where: str) -> Dataset | None:
     """A file's header without pixel data; None for a file that is not DICOM."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, EOFError):
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, struct.error, BytesLengthException) as exc:
         raise ImageReadError(f"{where}: {path.name} is a damaged DICOM file ({exc})") from exc
 
 
