@@ -333,20 +333,41 @@ def test_seg_metadata(case, tmp_path):
     assert seg_segment_labels(manual) == {1: "met"}
 
 
-def _fractional_seg(case: Case, path: Path) -> Path:
+def _other_tools_seg(case: Case, path: Path, pixels: np.ndarray, seg_type: str, labels: list[str]) -> Path:
+    """A SEG made with highdicom directly, as another tool would (several segments, other types)."""
     import highdicom as hd
 
-    headers = slice_headers(case.series, case.ct)
-    description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="p", segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "x"),
-        segmented_property_type=hd.sr.CodedConcept("52988006", "SCT", "y"), algorithm_type="MANUAL")
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n, segment_label=label,
+            segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure"),
+            segmented_property_type=hd.sr.CodedConcept("52988006", "SCT", "Lesion"), algorithm_type="MANUAL")
+        for n, label in enumerate(labels, start=1)
+    ]
     seg = hd.seg.Segmentation(
-        source_images=headers, pixel_array=case.label.astype(np.float32) * 0.7, segmentation_type="FRACTIONAL",
-        segment_descriptions=[description], series_instance_uid=pydicom.uid.generate_uid(), series_number=1,
+        source_images=slice_headers(case.series, case.ct), pixel_array=pixels, segmentation_type=seg_type,
+        segment_descriptions=descriptions, series_instance_uid=pydicom.uid.generate_uid(), series_number=1,
         sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1, manufacturer="t",
         manufacturer_model_name="t", software_versions="1", device_serial_number="1")
     seg.save_as(path)
     return path
+
+
+def _fractional_seg(case: Case, path: Path) -> Path:
+    return _other_tools_seg(case, path, case.label.astype(np.float32) * 0.7, "FRACTIONAL", ["p"])
+
+
+@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+def test_seg_with_several_segments(case, tmp_path, seg_type):
+    bone = np.zeros_like(case.label)
+    bone[2:10, 2:6, 3:20] = 1
+    bone[case.label > 0] = 0
+    labels = (case.label + 2 * bone).astype(np.uint8)  # label-map style: 1 lesion, 2 bone
+    path = _other_tools_seg(case, tmp_path / "two.dcm", labels, seg_type, ["lesion", "bone"])
+    assert seg_segment_labels(path) == {1: "lesion", 2: "bone"}
+    np.testing.assert_array_equal(_array(read_seg_mask(path, case.ct, "bone", case_id="c1", grid_tolerance_mm=TOL)), bone)
+    np.testing.assert_array_equal(_array(read_seg_mask(path, case.ct, 1, case_id="c1", grid_tolerance_mm=TOL)),
+                                  case.label)
 
 
 # ------------------------------------------------------------------------------------------

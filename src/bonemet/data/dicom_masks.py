@@ -122,10 +122,13 @@ class MaskFormatError(ImageReadError):
 # Reading DICOM files
 
 
-def dicom_modality(path: str | Path) -> str | None:
+def dicom_modality(path: str | Path, *, case_id: str | None = None) -> str | None:
     """The Modality of a DICOM file (e.g. 'RTSTRUCT', 'SEG', 'CT'), or None if it is not DICOM.
 
     Reads the header only. A file that is not DICOM (NIfTI, NRRD, text...) gives None.
+
+    Raises:
+        MaskFormatError: a DICOM file too damaged to read its header.
     """
     path = Path(path)
     try:
@@ -133,7 +136,7 @@ def dicom_modality(path: str | Path) -> str | None:
     except (InvalidDicomError, EOFError, IsADirectoryError):
         return None
     except (OSError, ValueError, KeyError, TypeError, struct.error, BytesLengthException) as exc:
-        raise MaskFormatError(f"{path}: a damaged DICOM file ({exc}); export it again") from exc
+        raise MaskFormatError(f"{_describe(path, case_id)}: a damaged DICOM file ({exc}); export it again") from exc
     return str(ds.get("Modality", "")).strip().upper() or None
 
 
@@ -213,6 +216,8 @@ def _parse_rtstruct(ds: Dataset) -> _StructureSet:
             data = np.asarray([float(v) for v in item.get("ContourData", [])], dtype=float)
             if data.size % 3:
                 raise ValueError(f"ContourData holds {data.size} numbers, not a multiple of 3")
+            if not np.isfinite(data).all():
+                raise ValueError("ContourData holds a non-finite number")
             found.append(_Contour(str(item.get("ContourGeometricType", "")).upper(), data.reshape(-1, 3)))
     series: set[str] = set()
     for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
@@ -865,7 +870,7 @@ def read_lesion_mask(
     path = Path(path)
     where = _describe(path, case_id)
     is_image_file = path.name.lower().endswith(IMAGE_SUFFIXES)
-    modality = dicom_modality(path) if path.is_file() and not is_image_file else None
+    modality = dicom_modality(path, case_id=case_id) if path.is_file() and not is_image_file else None
     if modality == "RTSTRUCT":
         if not roi:
             names = rtstruct_roi_names(path, case_id=case_id)
