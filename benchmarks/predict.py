@@ -116,7 +116,7 @@ def _startup_seconds(repo: Path) -> dict[str, float]:
     """Wall time of a fresh process importing what `bonemet predict` imports."""
     code = (
         "import time; t=time.perf_counter(); import torch, monai, mlflow, radiomics, sklearn; "
-        "import bonemet.serving.predict, bonemet.tracking.loaders; print(time.perf_counter()-t)"
+        "import bonemet.serving.predict, bonemet.registry.loaders; print(time.perf_counter()-t)"
     )
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, check=True)
@@ -127,9 +127,9 @@ def _registry_load_seconds(missu, classifier_pipe_features, tmp: Path) -> dict[s
     """Time to load both models by alias from a local MLflow store (logged here first)."""
     import pandas as pd
 
-    from bonemet.tracking.loaders import load_classifier, load_segmenter
-    from bonemet.tracking.mlflow_backend import MlflowTracker, register_model, set_alias
-    from bonemet.tracking.pyfunc import log_classifier
+    from bonemet.registry.loaders import load_classifier, load_segmenter
+    from bonemet.registry.pyfunc import log_classifier
+    from bonemet.registry.store import MlflowTracker, register_model, set_alias
 
     pipe, names, row = classifier_pipe_features
     tracker = MlflowTracker("predict-benchmark", store_dir=tmp / "mlruns")

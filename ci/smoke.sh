@@ -32,4 +32,16 @@ echo "== dvc exp run -S changes one param and reruns only what depends on it"
 "$BIN/dvc" exp run -q -S split.test_size=0.4 split
 "$BIN/dvc" exp show --no-pager --csv > exp_show.csv
 grep -q "0.4" exp_show.csv || { echo "error: experiment with split.test_size=0.4 not listed"; exit 1; }
+echo "== a misspelt key fails dvc exp run, before any work"
+if "$BIN/dvc" exp run -S segment.train.lrr=0.1 segment > misspelt.log 2>&1; then
+  echo "error: dvc exp run -S segment.train.lrr=0.1 succeeded"; exit 1
+fi
+grep -q "lrr" misspelt.log || { cat misspelt.log; echo "error: DVC did not name the unknown key"; exit 1; }
+# '+key=value' makes DVC add the key: then the stage itself refuses it, naming it
+if "$BIN/dvc" exp run -S +segment.train.lrr=0.1 segment > misspelt.log 2>&1; then
+  echo "error: dvc exp run -S +segment.train.lrr=0.1 succeeded"; exit 1
+fi
+grep -q "segment.train.lrr: unknown key; did you mean lr?" misspelt.log \
+  || { cat misspelt.log; echo "error: the stage did not name the unknown key"; exit 1; }
+echo "misspelt keys refused"
 echo "smoke run passed in $work"

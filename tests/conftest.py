@@ -19,3 +19,34 @@ def _few_threads(monkeypatch):
     except ImportError:  # pragma: no cover
         pass
     yield
+
+
+@pytest.fixture(scope="session")
+def params():
+    """The repository's params.yaml as validated, frozen specs (tests derive settings with ``.updated``)."""
+    from pathlib import Path
+
+    from bonemet.config import load_specs
+
+    return load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    """``write(overrides, path=None)``: the repository's params.yaml with ``overrides`` deep-merged in,
+    written to ``path`` (default ``tmp_path / "params.yaml"``); returns the path. A complete,
+    valid file for the stage commands, which validate every section."""
+    from pathlib import Path
+
+    import yaml
+
+    from bonemet.config import deep_merge, load_params
+
+    repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
+
+    def write(overrides=None, path=None):
+        path = Path(path) if path is not None else tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(deep_merge(load_params(repo_params), overrides or {})), encoding="utf-8")
+        return path
+
+    return write

@@ -94,8 +94,8 @@ class Case:
         self.uid = series_instance_uid(self.series)
         self.mask = sitk.GetImageFromArray(self.label)
         self.mask.CopyInformation(self.ct)
-        self.rtstruct = write_rtstruct(self.mask, self.series, root / "rs.dcm", "lesion", algorithm_type="MANUAL")
-        self.seg = write_seg(self.mask, self.series, root / "seg.dcm", algorithm_type="AUTOMATIC")
+        self.rtstruct = write_rtstruct(self.mask, self.series, root / "rs.dcm", "lesion", algorithm_type="MANUAL", grid_tolerance_mm=TOL)
+        self.seg = write_seg(self.mask, self.series, root / "seg.dcm", algorithm_type="AUTOMATIC", grid_tolerance_mm=TOL)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_rtstruct_round_trip(tmp_path, name):
     case = Case(tmp_path, DIRECTIONS[name])
     mask = read_rtstruct_mask(case.rtstruct, case.ct, "lesion", case_id="c1", reference_series_uid=case.uid)
     assert mask.GetPixelID() == sitk.sitkUInt8
-    assert same_grid(case.ct, mask)[0]
+    assert same_grid(case.ct, mask, tol_mm=TOL)[0]
     assert _dice(_array(mask), case.label) >= 0.95
     np.testing.assert_array_equal(_array(mask), case.label)  # the iso-line contours round-trip exactly
 
@@ -284,8 +284,8 @@ def test_rtstruct_from_a_synthetic_cohort_case(tmp_path):
     write_dicom_series(image, tmp_path / "ct")
     ct = read_image(tmp_path / "ct")
     label.CopyInformation(ct)
-    write_rtstruct(label, tmp_path / "ct", tmp_path / "rs.dcm", "metastasis", algorithm_type="AUTOMATIC")
-    write_seg(label, tmp_path / "ct", tmp_path / "seg.dcm", algorithm_type="MANUAL")
+    write_rtstruct(label, tmp_path / "ct", tmp_path / "rs.dcm", "metastasis", algorithm_type="AUTOMATIC", grid_tolerance_mm=TOL)
+    write_seg(label, tmp_path / "ct", tmp_path / "seg.dcm", algorithm_type="MANUAL", grid_tolerance_mm=TOL)
     uid = series_instance_uid(tmp_path / "ct")
     from_rt = read_rtstruct_mask(tmp_path / "rs.dcm", ct, "metastasis", case_id="case_000", reference_series_uid=uid)
     assert _dice(_array(from_rt), _array(label)) >= 0.95
@@ -307,7 +307,7 @@ def test_seg_round_trip_is_exact(case):
     by_number = read_seg_mask(case.seg, case.ct, 1, case_id="c1", grid_tolerance_mm=TOL)
     np.testing.assert_array_equal(_array(by_label), case.label)
     np.testing.assert_array_equal(_array(by_number), case.label)
-    assert by_label.GetPixelID() == sitk.sitkUInt8 and same_grid(case.ct, by_label)[0]
+    assert by_label.GetPixelID() == sitk.sitkUInt8 and same_grid(case.ct, by_label, tol_mm=TOL)[0]
     assert seg_segment_labels(case.seg) == {1: "lesion"}
 
 
@@ -327,7 +327,7 @@ def test_seg_metadata(case, tmp_path):
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == case.uid
     assert ds.FrameOfReferenceUID == pydicom.dcmread(case.files[0], stop_before_pixels=True).FrameOfReferenceUID
     assert int(ds.NumberOfFrames) == int(case.label.reshape(SHAPE[0], -1).any(axis=1).sum())  # empty frames omitted
-    manual = write_seg(case.mask, case.series, tmp_path / "manual.dcm", algorithm_type="MANUAL", segment_label="met")
+    manual = write_seg(case.mask, case.series, tmp_path / "manual.dcm", algorithm_type="MANUAL", grid_tolerance_mm=TOL, segment_label="met")
     segment = pydicom.dcmread(manual).SegmentSequence[0]
     assert segment.SegmentAlgorithmType == "MANUAL" and "SegmentAlgorithmName" not in segment
     assert seg_segment_labels(manual) == {1: "met"}
@@ -386,7 +386,7 @@ def test_read_lesion_mask_dispatches_the_three_formats(case, tmp_path):
     renamed = shutil.copy(case.seg, tmp_path / "segmentation")
     from_renamed = read_lesion_mask(renamed, case.ct, label=1, roi=None, segment=1, **common)
     for mask in (from_nifti, from_rt, from_seg, from_renamed):
-        assert mask.GetPixelID() == sitk.sitkUInt8 and same_grid(case.ct, mask)[0]
+        assert mask.GetPixelID() == sitk.sitkUInt8 and same_grid(case.ct, mask, tol_mm=TOL)[0]
         np.testing.assert_array_equal(_array(mask), case.label)
     assert dicom_modality(case.rtstruct) == "RTSTRUCT" and dicom_modality(case.seg) == "SEG"
     assert dicom_modality(tmp_path / "mask.nii.gz") is None
@@ -579,8 +579,8 @@ def test_messages_carry_no_patient_data(tmp_path):
 
 
 def test_writers_refuse_bad_masks(case, tmp_path):
-    for writer in (lambda m, p: write_rtstruct(m, case.series, p, "lesion", algorithm_type="MANUAL"),
-                   lambda m, p: write_seg(m, case.series, p, algorithm_type="MANUAL")):
+    for writer in (lambda m, p: write_rtstruct(m, case.series, p, "lesion", algorithm_type="MANUAL", grid_tolerance_mm=TOL),
+                   lambda m, p: write_seg(m, case.series, p, algorithm_type="MANUAL", grid_tolerance_mm=TOL)):
         labels = sitk.GetImageFromArray((case.label * 2).astype(np.uint8))
         labels.CopyInformation(case.ct)
         with pytest.raises(DicomWriteError, match="binary 0/1"):
@@ -592,7 +592,7 @@ def test_writers_refuse_bad_masks(case, tmp_path):
             writer(case.mask[:, :, 2:], tmp_path / "c.dcm")
         assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(DicomWriteError, match="AUTOMATIC' or 'MANUAL'"):
-        write_seg(case.mask, case.series, tmp_path / "d.dcm", algorithm_type="auto")
+        write_seg(case.mask, case.series, tmp_path / "d.dcm", algorithm_type="auto", grid_tolerance_mm=TOL)
 
 
 def test_readers_leave_files_untouched(case):

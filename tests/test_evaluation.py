@@ -31,6 +31,19 @@ from bonemet.modeling.table1 import (
     write_table1,
 )
 
+#: 95 % intervals, DeLong normal form: what the reference values below are for (and params.yaml's evaluate)
+ALPHA = 0.05
+BM = {"alpha": ALPHA, "auc_ci": "normal"}
+
+
+
+
+@pytest.fixture(scope="module")
+def ev(params):
+    """params.yaml's ``evaluate`` section (alpha, auc_ci, decimals of Table 1)."""
+    assert (params.evaluate.alpha, params.evaluate.auc_ci) == (ALPHA, "normal")
+    return params.evaluate
+
 
 def _sample(n: int, seed: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -80,19 +93,20 @@ def test_delong_variance_close_to_bootstrap_variance():
 
 def test_auc_ci_contains_auc_and_is_clipped():
     y, s = _sample(80, 4, shift=1.0)
-    auc, lo, hi = auc_ci_delong(y, s)
+    auc, lo, hi = auc_ci_delong(y, s, ALPHA, "normal")
     assert lo < auc < hi
-    auc_l, lo_l, hi_l = auc_ci_delong(y, s, method="logit")
+    assert auc_ci_delong(y, s, 0.01, "normal")[1] < lo  # 99 % is wider
+    auc_l, lo_l, hi_l = auc_ci_delong(y, s, ALPHA, method="logit")
     assert auc_l == auc and lo_l < auc < hi_l and hi_l < 1
     # perfect separation: variance 0, interval collapses to [1, 1] and stays in [0, 1]
     yy = np.array([0, 0, 0, 1, 1, 1])
-    assert auc_ci_delong(yy, np.arange(6.0)) == (1.0, 1.0, 1.0)
+    assert auc_ci_delong(yy, np.arange(6.0), ALPHA, "normal") == (1.0, 1.0, 1.0)
     # wide interval near 1 is clipped
     y2 = np.array([0, 1, 0, 1, 1])
-    _, _, hi2 = auc_ci_delong(y2, np.array([0.1, 0.9, 0.6, 0.5, 0.8]))
+    _, _, hi2 = auc_ci_delong(y2, np.array([0.1, 0.9, 0.6, 0.5, 0.8]), ALPHA, "normal")
     assert hi2 <= 1.0
     with pytest.raises(EvaluationInputError):
-        auc_ci_delong(y, s, method="exact")
+        auc_ci_delong(y, s, ALPHA, method="exact")
 
 
 def test_delong_test_identical_scores_and_known_difference():
@@ -126,7 +140,7 @@ def test_delong_test_pvalues_under_null_are_not_extreme():
 def test_delong_difference_interval_agrees_with_the_test():
     """The CI of the AUC difference excludes 0 exactly when the two-sided p is below alpha."""
     y, s = _sample(80, 11, shift=1.0)
-    d = delong_difference(y, s, s)
+    d = delong_difference(y, s, s, alpha=ALPHA)
     assert d["diff"] == d["diff_lo"] == d["diff_hi"] == 0.0 and d["p"] == 1.0
     for seed in range(12):
         rng = np.random.default_rng(200 + seed)
@@ -163,11 +177,11 @@ def test_wilson_matches_newcombe(k, n, lo, hi):
 
 
 def test_wilson_edge_cases():
-    assert all(math.isnan(v) for v in wilson_ci(0, 0))
-    p, lo, hi = wilson_ci(20, 20)
+    assert all(math.isnan(v) for v in wilson_ci(0, 0, ALPHA))
+    p, lo, hi = wilson_ci(20, 20, ALPHA)
     assert p == 1.0 and hi == 1.0 and lo < 1.0
     with pytest.raises(EvaluationInputError):
-        wilson_ci(5, 3)
+        wilson_ci(5, 3, ALPHA)
     with pytest.raises(EvaluationInputError):
         wilson_ci(1, 3, alpha=1.5)
 
@@ -176,9 +190,9 @@ def test_wilson_edge_cases():
 def test_bootstrap_deterministic_and_seed_sensitive():
     y, s = _sample(50, 8)
     pred = (s > 0.5).astype(int)
-    a = bootstrap_ci(f1_from_labels, y, pred, n_boot=300, seed=11)
-    b = bootstrap_ci(f1_from_labels, y, pred, n_boot=300, seed=11)
-    c = bootstrap_ci(f1_from_labels, y, pred, n_boot=300, seed=12)
+    a = bootstrap_ci(f1_from_labels, y, pred, n_boot=300, seed=11, alpha=ALPHA)
+    b = bootstrap_ci(f1_from_labels, y, pred, n_boot=300, seed=11, alpha=ALPHA)
+    c = bootstrap_ci(f1_from_labels, y, pred, n_boot=300, seed=12, alpha=ALPHA)
     assert a == b
     assert a != c
     assert a[1] <= a[0] <= a[2]
@@ -187,13 +201,13 @@ def test_bootstrap_deterministic_and_seed_sensitive():
 def test_bootstrap_stratified_keeps_class_counts():
     y = np.array([0] * 7 + [1] * 3)
     seen = []
-    bootstrap_ci(lambda yt, _o: seen.append(int(yt.sum())) or 0.0, y, np.zeros(10), n_boot=50, seed=0)
+    bootstrap_ci(lambda yt, _o: seen.append(int(yt.sum())) or 0.0, y, np.zeros(10), n_boot=50, seed=0, alpha=ALPHA)
     assert set(seen) == {3}
 
 
 def test_bootstrap_all_undefined_gives_nan_bounds():
     y = np.zeros(6, dtype=int)
-    v, lo, hi = bootstrap_ci(f1_from_labels, y, np.zeros(6), n_boot=20, seed=0)
+    v, lo, hi = bootstrap_ci(f1_from_labels, y, np.zeros(6), n_boot=20, seed=0, alpha=ALPHA)
     assert math.isnan(v) and math.isnan(lo) and math.isnan(hi)
 
 
@@ -202,7 +216,7 @@ def test_binary_metrics_hand_example():
     # labels        1    1    1    1    0    0    0    0    0    0
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     s = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1, 0.1, 0.05])
-    m = binary_metrics(y, s, 0.5, alpha=0.05, n_boot=200, seed=1)
+    m = binary_metrics(y, s, 0.5, n_boot=200, seed=1, **BM)
     # predicted positive: 0.9 0.8 0.6 (TP=3), 0.7 (FP=1); FN=1 (0.3); TN=5
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 5, 1)
     assert (m["n"], m["n_pos"], m["n_neg"]) == (10, 4, 6)
@@ -228,39 +242,41 @@ def test_binary_metrics_hand_example():
     }
     for name in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "brier"):
         assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"], name
-    assert m == binary_metrics(y, s, 0.5, alpha=0.05, n_boot=200, seed=1)
+    assert m == binary_metrics(y, s, 0.5, n_boot=200, seed=1, **BM)
 
 
 def test_binary_metrics_edge_cases_do_not_crash():
     # one class only: AUC undefined, flagged
-    m = binary_metrics([1, 1, 1], [0.2, 0.7, 0.9], n_boot=20)
+    m = binary_metrics([1, 1, 1], [0.2, 0.7, 0.9], 0.5, n_boot=20, seed=0, **BM)
     assert m["auc_defined"] is False and math.isnan(m["auc"]) and math.isnan(m["specificity"])
     # no predicted positives: precision NaN, F1 = 0
-    m = binary_metrics([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], n_boot=20)
+    m = binary_metrics([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], 0.5, n_boot=20, seed=0, **BM)
     assert math.isnan(m["precision"]) and m["f1"] == 0.0 and m["sensitivity"] == 0.0
     with pytest.raises(EvaluationInputError):
-        binary_metrics([0, 2], [0.1, 0.2])
+        binary_metrics([0, 2], [0.1, 0.2], 0.5, n_boot=20, seed=0, **BM)
     with pytest.raises(EvaluationInputError):
-        binary_metrics([0, 1], [0.1, np.nan])
+        binary_metrics([0, 1], [0.1, np.nan], 0.5, n_boot=20, seed=0, **BM)
     with pytest.raises(EvaluationInputError):
-        binary_metrics([0, 1, 1], [0.1, 0.2])
+        binary_metrics([0, 1, 1], [0.1, 0.2], 0.5, n_boot=20, seed=0, **BM)
 
 
 # ------------------------------------------------------------------------------------------ Table 1
-def _results(seed: int = 0) -> dict:
+def _results(ev, seed: int = 0) -> dict:
+    """binary_metrics of three models with params.yaml's evaluate settings (100 resamples)."""
+    kw = dict(alpha=ev.alpha, n_boot=100, seed=seed, auc_ci=ev.auc_ci)
     out = {}
     for i, model in enumerate(["svm", "logistic_regression", "knn"]):
         y, s = _sample(40, seed + i, shift=1.0 + i)
         p = 1 / (1 + np.exp(-s))
         out[model] = {
-            "train": binary_metrics(y, p, n_boot=100, seed=seed),
-            "test": binary_metrics(y[:20], p[:20], n_boot=100, seed=seed),
+            "train": binary_metrics(y, p, ev.threshold, **kw),
+            "test": binary_metrics(y[:20], p[:20], ev.threshold, **kw),
         }
     return out
 
 
-def test_build_table1_shape_and_order():
-    df = build_table1(_results(), bayes_auc=0.95, best_model="knn")
+def test_build_table1_shape_and_order(ev):
+    df = build_table1(_results(ev), bayes_auc=0.95, best_model="knn")
     assert df.shape[0] == 6
     assert list(df[["model", "set"]].itertuples(index=False, name=None))[:2] == [
         ("svm", "train"),
@@ -272,13 +288,14 @@ def test_build_table1_shape_and_order():
     assert np.allclose(test_rows["gap_to_bayes_auc"], 0.95 - test_rows["auc"])
 
 
-def test_write_table1_json_markdown(tmp_path):
-    res = _results()
+def test_write_table1_json_markdown(tmp_path, ev):
+    res = _results(ev)
+    fmt = dict(decimals=ev.decimals, alpha=ev.alpha)
     # an undefined metric must become null, not NaN
     res["svm"]["test"]["precision"] = math.nan
     df = build_table1(res, bayes_auc=0.9, best_model="knn")
     j, md = tmp_path / "table1.json", tmp_path / "table1.md"
-    write_table1(df, j, md, bayes_auc=0.9, best_model="knn")
+    write_table1(df, j, md, bayes_auc=0.9, best_model="knn", **fmt)
     text = j.read_text()
     assert "NaN" not in text
     doc = json.loads(text)
@@ -298,28 +315,29 @@ def test_write_table1_json_markdown(tmp_path):
     # deterministic: same inputs, same bytes
     j2, md2 = tmp_path / "b.json", tmp_path / "b.md"
     write_table1(
-        build_table1(_results(), bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn"
+        build_table1(_results(ev), bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn",
+        **fmt,
     )
-    res2 = _results()
+    res2 = _results(ev)
     res2["svm"]["test"]["precision"] = math.nan
     write_table1(
-        build_table1(res2, bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn"
+        build_table1(res2, bayes_auc=0.9, best_model="knn"), j2, md2, bayes_auc=0.9, best_model="knn", **fmt
     )
     assert j2.read_bytes() == j.read_bytes() and md2.read_bytes() == md.read_bytes()
 
 
-def test_bayes_classifier_reference_in_table1(tmp_path):
+def test_bayes_classifier_reference_in_table1(tmp_path, ev):
     y, llr = _sample(60, 4, shift=2.0)
     model = llr + np.random.default_rng(5).normal(scale=1.5, size=60)  # a noisier view of the same signal
-    ref = bayes_classifier_reference(y, model, llr)
+    ref = bayes_classifier_reference(y, model, llr, alpha=ev.alpha, auc_ci=ev.auc_ci)
     assert ref["n"] == 60
     assert ref["llr_auc"] == pytest.approx(roc_auc_score(y, llr))
     assert ref["llr_auc_lo"] < ref["llr_auc"] < ref["llr_auc_hi"]
     assert ref["model_minus_llr"] == pytest.approx(roc_auc_score(y, model) - roc_auc_score(y, llr))
     assert ref["model_minus_llr"] < 0 and 0 < ref["p"] < 1
-    df = build_table1(_results(), bayes_auc=0.9, best_model="knn", bayes_reference=ref)
+    df = build_table1(_results(ev), bayes_auc=0.9, best_model="knn", bayes_reference=ref)
     j, md = tmp_path / "t.json", tmp_path / "t.md"
-    write_table1(df, j, md)
+    write_table1(df, j, md, decimals=ev.decimals, alpha=ev.alpha)
     doc = json.loads(j.read_text())["bayes_optimal"]
     assert doc["auc"] == 0.9
     assert doc["test_set_latent_llr"]["n"] == 60
@@ -328,16 +346,18 @@ def test_bayes_classifier_reference_in_table1(tmp_path):
     assert "On these 60 test cases the Bayes classifier itself" in text
     assert f"{ref['llr_auc']:.3f}" in text and f"{ref['model_minus_llr']:+.3f}" in text
     # without a reference the footnote and the JSON block are absent
-    plain = build_table1(_results(), bayes_auc=0.9, best_model="knn")
-    write_table1(plain, j, md)
+    plain = build_table1(_results(ev), bayes_auc=0.9, best_model="knn")
+    write_table1(plain, j, md, decimals=ev.decimals, alpha=ev.alpha)
     assert "test_set_latent_llr" not in j.read_text()
     assert "Bayes classifier itself" not in md.read_text()
 
 
-def test_table1_markdown_without_bayes():
-    df = build_table1(_results(), bayes_auc=None, best_model=None)
-    text = table1_markdown(df)
+def test_table1_markdown_without_bayes(ev):
+    df = build_table1(_results(ev), bayes_auc=None, best_model=None)
+    text = table1_markdown(df, decimals=ev.decimals, alpha=ev.alpha)
     assert "Bayes" not in text and text.count("\n| svm |") == 2
+    auc = df.loc[(df["model"] == "svm") & (df["set"] == "test"), "auc"].item()
+    assert f"{auc:.3f}" in text and f"{auc:.1f} (" in table1_markdown(df, decimals=1, alpha=ev.alpha)
 
 
 def test_delong_comparison_table():

@@ -62,5 +62,9 @@ def test_duplicate_case_nonpositive_volume_and_wrong_columns():
 def test_assert_feature_table_names_source_rule_and_cases():
     table = _table()
     table.loc[0, "label"] = 2
-    with pytest.raises(FeatureTableError, match=r"'auto'.*label_binary.*case0"):
+    with pytest.raises(FeatureTableError, match=r"'auto'.*label_binary.*case0") as info:
         assert_feature_table(table, NAMES, "auto")
+    # a user's bad table: the command line prints it as one line (exit 1); except ValueError still works
+    from bonemet.errors import UserError
+
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)

@@ -24,7 +24,7 @@ def test_roundtrip_formats_keep_pixels_and_geometry(tmp_path, suffix):
     path = tmp_path / f"ct{suffix}"
     write_image(image, path)
     back = read_image(path)
-    assert same_grid(image, back)[0]
+    assert same_grid(image, back, tol_mm=1e-6)[0]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
 
 
@@ -92,8 +92,14 @@ def test_read_mask_selects_label(tmp_path):
 def test_same_grid_reports_what_differs():
     a = _ct()
     b = _ct(spacing=(0.8, 0.8, 3.0))
-    ok, reason = same_grid(a, b)
+    ok, reason = same_grid(a, b, tol_mm=0.01)
     assert not ok and "spacing" in reason
+    # the tolerance (validate.grid_tolerance_mm) is the caller's: an origin 0.005 mm off passes at 0.01 mm only
+    c = _ct()
+    c.SetOrigin((10.005, -5.0, 3.0))
+    assert same_grid(a, c, tol_mm=0.01)[0]
+    ok, reason = same_grid(a, c, tol_mm=0.001)
+    assert not ok and "origin" in reason
 
 
 def test_manifest_parsing_and_errors(tmp_path):

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from bonemet.segmentation.missu import feature_kl
+from bonemet.config import load_specs
+from bonemet.segmentation.missu import MISSU, feature_kl
 from bonemet.segmentation.networks import (
+    CT_CHANNELS,
+    N_CLASSES,
     NETWORKS,
     NetworkConfigError,
     NetworkInputError,
     build_network,
     count_parameters,
     input_divisor,
+    network_from_spec,
+    network_kwargs,
 )
 
-TINY_MISSU = dict(
-    widths=(8, 8, 16, 16), blocks=(1, 1, 1, 2), embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64
-)
+#: MISSU's reference sizes: params.yaml's segment.networks.missu, which the ``paper`` profile keeps
+#: (dropouts, groups 8, fusion dilations, all four teachers, stem stride 1)
+REFERENCE_MISSU = load_specs(
+    Path(__file__).resolve().parents[1] / "params.yaml", segment_profile="paper"
+).segment.networks.missu.model_dump()
+TINY_MISSU = {
+    **REFERENCE_MISSU,
+    **dict(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 2), embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64),
+}
 TINY = {
     "missu": TINY_MISSU,
     "unet": dict(channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=1),
@@ -191,7 +204,7 @@ def test_same_seed_same_network_and_output():
     outs = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)
-        net = build_network("missu", roi_size=(16, 16, 16), **TINY_MISSU).eval()
+        net = build_network("missu", in_channels=1, out_channels=2, roi_size=(16, 16, 16), **TINY_MISSU).eval()
         with torch.no_grad():
             outs.append(net(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
@@ -202,8 +215,39 @@ def test_unknown_network_name_lists_the_valid_ones():
     with pytest.raises(
         ValueError, match=r"unknown segmentation network 'vnet'.*missu.*swinunetr.*unet.*unetr"
     ):
-        build_network("vnet")
+        build_network("vnet", in_channels=1, out_channels=2, roi_size=(32, 32, 32))
     assert set(NETWORKS) == {"missu", "unet", "unetr", "swinunetr"}
+
+
+def test_missu_has_no_defaults_of_its_own():
+    """Every MISSU size comes from params (segment.networks.missu): a missing one is an error."""
+    for key in ("groups", "dropout", "stem_stride", "self_distillation"):
+        kwargs = {k: v for k, v in TINY_MISSU.items() if k != key}
+        with pytest.raises(TypeError, match=f"missing 1 required keyword-only argument: '{key}'"):
+            build_network("missu", in_channels=1, out_channels=2, roi_size=(16, 16, 16), **kwargs)
+    with pytest.raises(TypeError):
+        build_network("missu", roi_size=(16, 16, 16), **TINY_MISSU)  # channels are required too
+
+
+def test_network_from_spec_builds_the_params_network(params):
+    seg = params.segment  # the default (cpu) profile: its own small MISSU with stem stride 2
+    assert network_kwargs(seg) == seg.networks.missu.model_dump()
+    assert network_kwargs(seg, "unet") == dict(seg.networks.unet)
+    torch.manual_seed(0)
+    net = network_from_spec(seg)
+    assert isinstance(net, MISSU) and net.stem_stride == seg.networks.missu.stem_stride == 2
+    assert net.in_channels == CT_CHANNELS == 1 and net.out_channels == N_CLASSES == 2
+    assert tuple(net.roi_size) == tuple(seg.roi_size)
+    torch.manual_seed(0)
+    same = build_network("missu", in_channels=1, out_channels=2, roi_size=seg.roi_size, **network_kwargs(seg))
+    for (name, a), b in zip(net.state_dict().items(), same.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # spec.model picks the network; a name overrides it, with that network's params keywords
+    unet = network_from_spec(seg.updated({"model": "unet"}))
+    assert type(unet) is type(network_from_spec(seg, "unet")) and not isinstance(unet, MISSU)
+    with torch.no_grad():
+        for model in (net, unet):
+            assert model.eval()(torch.zeros(1, 1, *seg.roi_size)).shape == (1, 2, *seg.roi_size)
 
 
 @pytest.mark.parametrize(
@@ -232,10 +276,11 @@ def test_unknown_network_name_lists_the_valid_ones():
         ("missu", dict(stem_stride=0), "stem_stride must be one of"),
         ("missu", dict(stem_stride=True), "stem_stride must be one of"),
         ("missu", dict(stem_stride=2, roi_size=(32, 32, 24)), r"divisible by 16.*\(32, 32, 24\)"),
-        ("missu", dict(depth=3), r"missu: unknown argument\(s\) \['depth'\]"),
+        ("missu", dict(depth=3), r"segment.networks.missu: unknown argument\(s\) 'depth'; expected some of"),
+        ("missu", dict(embed_dims=64), r"'embed_dims' \(did you mean embed_dim or embed_dropout\?\)"),
         ("unet", dict(roi_size=(20, 32, 32)), "divisible by 8"),  # tiny strides (2, 2, 2)
         ("unet", dict(out_channels=0), "out_channels must be an integer >= 1"),
-        ("unet", dict(chanels=(4, 8)), r"unet: unknown argument\(s\) \['chanels'\]"),
+        ("unet", dict(chanels=(4, 8)), r"segment.networks.unet: unknown argument\(s\) 'chanels' \(did you mean channels\?\)"),
         ("unetr", dict(roi_size=(32, 32, 24)), "divisible by 16"),
         ("unetr", dict(hidden_size=30), "unetr: cannot build"),
         ("unetr", dict(img_size=(32, 32, 32)), "unknown argument"),
@@ -244,7 +289,8 @@ def test_unknown_network_name_lists_the_valid_ones():
     ],
 )
 def test_bad_arguments_raise_value_error_with_clear_message(name, kwargs, message):
-    args = {**TINY[name], "roi_size": (32, 32, 32) if name != "swinunetr" else (64, 32, 32), **kwargs}
+    args = {"in_channels": 1, "out_channels": 2, **TINY[name],
+            "roi_size": (32, 32, 32) if name != "swinunetr" else (64, 32, 32), **kwargs}
     with pytest.raises(NetworkConfigError, match=message) as info:
         build_network(name, **args)
     assert isinstance(info.value, ValueError)
@@ -287,8 +333,8 @@ def test_stem_stride_two_runs_level_one_at_half_size_and_returns_full_size_logit
 
 
 def test_input_divisor_matches_what_each_network_needs():
-    assert input_divisor("missu") == 8
-    assert input_divisor("unet") == 16
+    assert input_divisor("missu", stem_stride=1) == 8
+    assert input_divisor("unet", strides=(2, 2, 2, 2)) == 16
     assert input_divisor("unet", strides=(2, 2, 2)) == 8
     assert input_divisor("unetr") == 16
     assert input_divisor("swinunetr") == 32

@@ -10,6 +10,12 @@ from bonemet.modeling import plots
 from bonemet.modeling.stats import EvaluationInputError
 
 
+@pytest.fixture(scope="module")
+def ev(params):
+    """params.yaml's ``evaluate`` section: intervals, calibration bins, figure resolution."""
+    return params.evaluate
+
+
 @pytest.fixture
 def data():
     rng = np.random.default_rng(0)
@@ -27,12 +33,12 @@ def _png_ok(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_roc_plot_and_table(tmp_path, data):
+def test_roc_plot_and_table(tmp_path, data, ev):
     y, scores = data
-    fig = plots.plot_roc(y, scores, title="ROC test")
+    fig = plots.plot_roc(y, scores, title="ROC test", alpha=ev.alpha, auc_ci=ev.auc_ci)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any(lab.startswith("svm: AUC ") and "(" in lab for lab in labels)
-    _png_ok(plots.save_figure(fig, tmp_path / "roc.png"))
+    _png_ok(plots.save_figure(fig, tmp_path / "roc.png", dpi=ev.figure_dpi))
     table = plots.roc_table(y, scores)
     assert list(table.columns) == ["model", "fpr", "tpr", "threshold"]
     for _, g in table.groupby("model"):
@@ -42,14 +48,14 @@ def test_roc_plot_and_table(tmp_path, data):
     assert set(back["model"]) == set(scores)
 
 
-def test_cv_box_plot(tmp_path, data):
+def test_cv_box_plot(tmp_path, data, ev):
     cv = {"svm": [0.9, 0.85, 0.95, 1.0], "knn": [0.7, 0.8, 0.75, np.nan]}
-    _png_ok(plots.save_figure(plots.plot_cv_auc_box(cv), tmp_path / "cv.png"))
+    _png_ok(plots.save_figure(plots.plot_cv_auc_box(cv), tmp_path / "cv.png", dpi=ev.figure_dpi))
     t = plots.cv_auc_table(cv)
     assert t.shape == (8, 3) and list(t.columns) == ["model", "fold", "auc"]
 
 
-def test_lasso_plots(tmp_path):
+def test_lasso_plots(tmp_path, ev):
     from sklearn.linear_model import LassoCV
 
     rng = np.random.default_rng(1)
@@ -58,30 +64,37 @@ def test_lasso_plots(tmp_path):
     lasso = LassoCV(cv=3, alphas=20, random_state=0).fit(x, yv)
     _png_ok(
         plots.save_figure(
-            plots.plot_lasso_cv(lasso.alphas_, lasso.mse_path_, lasso.alpha_), tmp_path / "cv.png"
+            plots.plot_lasso_cv(lasso.alphas_, lasso.mse_path_, lasso.alpha_), tmp_path / "cv.png",
+            dpi=ev.figure_dpi,
         )
     )
     from sklearn.linear_model import lasso_path
 
     alphas, coefs, _ = lasso_path(x, yv, alphas=lasso.alphas_)
-    _png_ok(plots.save_figure(plots.plot_lasso_path(alphas, coefs, lasso.alpha_), tmp_path / "path.png"))
+    _png_ok(plots.save_figure(plots.plot_lasso_path(alphas, coefs, lasso.alpha_), tmp_path / "path.png", ev.figure_dpi))
     names = [f"original_firstorder_F{i}" for i in range(8)]
     fig = plots.plot_lasso_coefficients(names, lasso.coef_)
     assert len(fig.axes[0].patches) == int((lasso.coef_ != 0).sum())
-    _png_ok(plots.save_figure(fig, tmp_path / "coef.png"))
+    _png_ok(plots.save_figure(fig, tmp_path / "coef.png", dpi=ev.figure_dpi))
     with pytest.raises(EvaluationInputError):
         plots.plot_lasso_cv(lasso.alphas_, lasso.mse_path_[:-1], lasso.alpha_)
 
 
-def test_confusion_calibration_dca_plots(tmp_path, data):
+def test_confusion_calibration_dca_plots(tmp_path, data, ev):
     y, scores = data
-    preds = {m: (s >= 0.5).astype(int) for m, s in scores.items()}
-    _png_ok(plots.save_figure(plots.plot_confusion_matrices(y, preds), tmp_path / "cm.png"))
-    fig = plots.plot_calibration(y, scores, n_bins=5)
+    dpi = ev.figure_dpi
+    preds = {m: (s >= ev.threshold).astype(int) for m, s in scores.items()}
+    _png_ok(plots.save_figure(plots.plot_confusion_matrices(y, preds), tmp_path / "cm.png", dpi))
+    fig = plots.plot_calibration(y, scores, n_bins=ev.calibration_bins, strategy=ev.calibration_strategy)
     assert any("Brier" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
-    _png_ok(plots.save_figure(fig, tmp_path / "cal.png"))
+    _png_ok(plots.save_figure(fig, tmp_path / "cal.png", dpi))
+    table = plots.calibration_table(y, scores, n_bins=ev.calibration_bins, strategy=ev.calibration_strategy)
+    assert set(table["model"]) == set(scores)
+    assert table.groupby("model").size().max() <= ev.calibration_bins
+    uniform = plots.calibration_table(y, scores, n_bins=3, strategy="uniform")
+    assert uniform.groupby("model").size().max() <= 3 and not uniform.equals(table)
     pts = np.linspace(0.05, 0.95, 19)
-    _png_ok(plots.save_figure(plots.plot_decision_curve(y, scores, pts), tmp_path / "dca.png"))
+    _png_ok(plots.save_figure(plots.plot_decision_curve(y, scores, pts), tmp_path / "dca.png", dpi))
     t = plots.decision_curve_table(y, scores, pts)
     assert set(t["model"]) == set(scores) | {"treat all", "treat none"}
 
@@ -100,15 +113,22 @@ def test_net_benefit_hand_example():
         plots.net_benefit(y, s, [0.0, 0.5])
 
 
-def test_save_figure_closes_and_is_atomic(tmp_path, data):
+def test_save_figure_closes_and_is_atomic(tmp_path, data, ev):
     import matplotlib.pyplot as plt
 
     y, scores = data
-    fig = plots.plot_roc(y, scores)
+    fig = plots.plot_roc(y, scores, alpha=ev.alpha, auc_ci=ev.auc_ci)
     n_before = len(plt.get_fignums())
-    plots.save_figure(fig, tmp_path / "sub" / "a.png")
+    plots.save_figure(fig, tmp_path / "sub" / "a.png", dpi=ev.figure_dpi)
     assert len(plt.get_fignums()) == n_before - 1
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.png"]
+    # the dpi is the caller's: twice the dpi, about twice the pixels per side (tight bounding box)
+    from PIL import Image
+
+    for dpi in (50, 100):
+        plots.save_figure(plots.plot_roc(y, scores, alpha=ev.alpha, auc_ci=ev.auc_ci), tmp_path / f"{dpi}.png", dpi)
+    small, large = (Image.open(tmp_path / f"{dpi}.png").size for dpi in (50, 100))
+    assert large == pytest.approx((2 * small[0], 2 * small[1]), rel=0.03)
 
 
 def test_threshold_grid():
@@ -118,7 +138,7 @@ def test_threshold_grid():
         plots.threshold_grid(0.0, 0.99, 0.01)
 
 
-def test_write_classification_and_lasso_plots(tmp_path, data):
+def test_write_classification_and_lasso_plots(tmp_path, data, ev):
     y, scores = data
     paths = plots.write_classification_plots(
         tmp_path / "cls",
@@ -128,6 +148,11 @@ def test_write_classification_and_lasso_plots(tmp_path, data):
         scores_test={m: s[:30] for m, s in scores.items()},
         cv_aucs={"svm": [0.8, 0.9], "knn": [0.7, 0.6]},
         dca_thresholds=plots.threshold_grid(0.05, 0.95, 0.05),
+        threshold=ev.threshold,
+        alpha=ev.alpha,
+        auc_ci=ev.auc_ci,
+        calibration_bins=ev.calibration_bins,
+        calibration_strategy=ev.calibration_strategy,
         dpi=60,
     )
     expected = {

@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+from bonemet.config import ParamsError
+from bonemet.data.io import ImageReadError
+from bonemet.data.masks import dice
 from bonemet.preprocessing import (
     PreprocessError,
     bone_crop_box,
     crop_to_box,
-    dice,
     map_mask_to_original,
     normalise_intensity,
     preprocess_case,
@@ -29,15 +31,21 @@ from bonemet.preprocessing import (
 
 SPACING = (0.8, 0.8, 2.0)
 ORIGIN = (-12.0, 30.0, 101.5)
-OPTIONS = dict(
-    target_spacing_mm=(1.5, 1.5, 1.5),
-    image_interpolator="bspline",
-    hu_window=(-200.0, 1800.0),
-    bone_threshold_hu=200.0,
-    margin_mm=3.0,
-    min_size_vox=(8, 8, 8),
-    min_component_ml=0.01,
-)
+#: over the repository's preprocess params (1.5 mm, bspline, [-200, 1800] HU, bone > 200 HU): a
+#: small margin, box and component size for the small phantoms
+SMALL = {"crop.margin_mm": 3.0, "crop.min_size_vox": [8, 8, 8], "crop.min_component_ml": 0.01, "n_jobs": 1}
+
+
+@pytest.fixture(scope="module")
+def spec(params):
+    """The preprocess spec of these tests (params.yaml with :data:`SMALL`)."""
+    return params.preprocess.updated(SMALL)
+
+
+@pytest.fixture(scope="module")
+def tol(params) -> float:
+    """How far a mask's grid may differ from its CT's (params validate.grid_tolerance_mm)."""
+    return params.validation.grid_tolerance_mm
 
 
 def _phantom(
@@ -88,9 +96,26 @@ def test_resample_image_keeps_extent_origin_direction(interpolator):
 def test_resample_rejects_bad_arguments():
     image, _ = _phantom()
     with pytest.raises(ValueError, match="spacing"):
-        resample_image(image, (1.0, 0.0, 1.0))
+        resample_image(image, (1.0, 0.0, 1.0), "bspline")
     with pytest.raises(ValueError, match="interpolator"):
         resample_image(image, (1.0, 1.0, 1.0), "cubic")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_interpolator": "cubic"}, r"image_interpolator: .*'bspline' or 'linear'.*found 'cubic'"),
+        ({"mask_interpolator": "bspline"}, r"mask_interpolator: .*found 'bspline'"),
+        ({"hu_window": [500, 100]}, r"hu_window: must be \[low, high\] HU with low < high; found \[500.0, 100.0\]"),
+        ({"n_jobs": 0}, r"n_jobs: must be a positive number of processes or -1"),
+        ({"target_spacing_mm": [1.0, 0.0, 1.0]}, r"target_spacing_mm\[1\]: .*greater than 0"),
+        ({"crop.min_size_vox": [32, 32]}, r"crop.min_size_vox"),
+        ({"crop.margin": 3.0}, r"crop.margin: unknown key"),
+    ],
+)
+def test_preprocess_spec_refuses_bad_settings_naming_the_key(spec, changes, message):
+    with pytest.raises(ParamsError, match=message):
+        spec.updated(changes)
 
 
 @pytest.mark.parametrize("interpolator", ["nearest", "linear"])
@@ -126,7 +151,7 @@ def test_bone_crop_contains_bone_and_lesion_and_ignores_specks():
     arr[2, 2, 2] = 1500  # a bright speck far from the bone: noise, not spine
     image2 = sitk.GetImageFromArray(arr)
     image2.CopyInformation(image)
-    resampled = resample_image(image2, (1.5, 1.5, 1.5))
+    resampled = resample_image(image2, (1.5, 1.5, 1.5), "bspline")
     box = bone_crop_box(resampled, 200.0, margin_mm=3.0, min_size_vox=(4, 4, 4), min_component_ml=0.05)
     crop = crop_to_box(resampled, box, pad_value=-200)
     lo_c, hi_c = _physical_box(crop, np.ones(crop.GetSize()[::-1], bool))
@@ -140,22 +165,21 @@ def test_bone_crop_contains_bone_and_lesion_and_ignores_specks():
     )
 
 
-def test_crop_uses_the_image_only():
+def test_crop_uses_the_image_only(spec, tol):
     image, mask = _phantom()
     empty = sitk.Image(mask)
     empty *= 0
-    a = preprocess_case(image, mask, **OPTIONS)
-    b = preprocess_case(image, empty, **OPTIONS)
-    c = preprocess_image(image, **OPTIONS)
+    a = preprocess_case(image, mask, spec, grid_tolerance_mm=tol)
+    b = preprocess_case(image, empty, spec, grid_tolerance_mm=tol)
+    c = preprocess_image(image, spec)
     assert a.geometry["crop_start_index"] == b.geometry["crop_start_index"] == c.geometry["crop_start_index"]
     assert a.geometry["crop_size"] == c.geometry["crop_size"]
     assert c.mask is None
 
 
-def test_small_volume_is_padded_to_minimum_size():
+def test_small_volume_is_padded_to_minimum_size(spec, tol):
     image, mask = _phantom(size=(20, 20, 8), bone_lo=(5, 5, 2), bone_hi=(15, 15, 6), radius_mm=2.0)
-    options = dict(OPTIONS, min_size_vox=(32, 32, 32))
-    result = preprocess_case(image, mask, **options)
+    result = preprocess_case(image, mask, spec.updated({"crop.min_size_vox": [32, 32, 32]}), grid_tolerance_mm=tol)
     assert result.image.GetSize() == (32, 32, 32)
     assert result.mask.GetSize() == (32, 32, 32)
     assert result.geometry["padded"] is True
@@ -164,13 +188,13 @@ def test_small_volume_is_padded_to_minimum_size():
     assert arr[0, 0, 0] == 0.0  # padding is the window minimum, 0 after scaling
     assert sitk.GetArrayViewFromImage(result.mask).sum() > 0
     # The padded output still sits in the original physical space: the lesion maps back.
-    back = map_mask_to_original(result.mask, image)
+    back = map_mask_to_original(result.mask, image, "nearest")
     assert dice(back, mask) > 0.5
 
 
-def test_preprocess_case_outputs_and_geometry():
+def test_preprocess_case_outputs_and_geometry(spec, tol):
     image, mask = _phantom()
-    result = preprocess_case(image, mask, case_id="c1", **OPTIONS)
+    result = preprocess_case(image, mask, spec, grid_tolerance_mm=tol, case_id="c1")
     arr = sitk.GetArrayViewFromImage(result.image)
     assert result.image.GetPixelID() == sitk.sitkFloat32
     assert 0.0 <= arr.min() and arr.max() <= 1.0
@@ -193,22 +217,31 @@ def test_preprocess_case_outputs_and_geometry():
     assert result.image.GetOrigin() == pytest.approx(expected)
 
 
-def test_mask_on_another_grid_is_refused_naming_the_case():
+def test_mask_on_another_grid_is_refused_naming_the_case(spec, tol):
     image, mask = _phantom()
+    shifted = sitk.Image(mask)
+    # within the tolerance (validate.grid_tolerance_mm) the mask is on the image's grid ...
+    shifted.SetOrigin(tuple(o + tol / 2 for o in ORIGIN))
+    assert preprocess_case(image, shifted, spec, grid_tolerance_mm=tol).mask is not None
+    # ... beyond it, it is not
+    shifted.SetOrigin(tuple(o + 2 * tol for o in ORIGIN))
+    with pytest.raises(PreprocessError, match="case 'bad'.*grid.*origin"):
+        preprocess_case(image, shifted, spec, grid_tolerance_mm=tol, case_id="bad")
     mask.SetOrigin((0.0, 0.0, 0.0))
     with pytest.raises(PreprocessError, match="case 'bad'.*grid"):
-        preprocess_case(image, mask, case_id="bad", **OPTIONS)
+        preprocess_case(image, mask, spec, grid_tolerance_mm=tol, case_id="bad")
 
 
 @pytest.mark.parametrize("spacing,radius_mm", [((0.7, 0.7, 2.5), 8.0), ((0.9, 0.9, 1.0), 10.0)])
-def test_round_trip_dice(spacing, radius_mm):
+def test_round_trip_dice(spec, tol, spacing, radius_mm):
     size = (110, 110, int(round(60 / spacing[2])))
     bone_lo = tuple(int(round((n * s / 2 - 20) / s)) for n, s in zip(size, spacing, strict=True))
     bone_hi = tuple(int(round((n * s / 2 + 20) / s)) for n, s in zip(size, spacing, strict=True))
     image, mask = _phantom(size=size, spacing=spacing, bone_lo=bone_lo, bone_hi=bone_hi, radius_mm=radius_mm)
-    options = dict(OPTIONS, target_spacing_mm=(1.0, 1.0, 1.0), margin_mm=10.0, min_size_vox=(64, 64, 64))
-    result = preprocess_case(image, mask, **options)
-    back = map_mask_to_original(result.mask, image)
+    options = spec.updated({"target_spacing_mm": [1.0, 1.0, 1.0], "crop.margin_mm": 10.0,
+                            "crop.min_size_vox": [64, 64, 64]})
+    result = preprocess_case(image, mask, options, grid_tolerance_mm=tol)
+    back = map_mask_to_original(result.mask, image, "nearest")
     assert back.GetPixelID() == sitk.sitkUInt8
     assert back.GetSize() == image.GetSize() and back.GetOrigin() == pytest.approx(image.GetOrigin())
     assert dice(back, mask) > 0.95
@@ -217,7 +250,7 @@ def test_round_trip_dice(spacing, radius_mm):
 def test_resample_mask_onto_reference_grid():
     image, mask = _phantom()
     ref = resampled_grid(image, (2.0, 2.0, 2.0))
-    out = resample_mask(mask, ref)
+    out = resample_mask(mask, ref, "nearest")
     assert out.GetSize() == ref.GetSize() and out.GetSpacing() == ref.GetSpacing()
 
 
@@ -253,15 +286,13 @@ def _tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-COHORT_OPTIONS = {k: v for k, v in OPTIONS.items()}
-
-
 @pytest.mark.parametrize("n_jobs", [1, 2])
-def test_preprocess_cohort_writes_every_case(tmp_path, n_jobs):
+def test_preprocess_cohort_writes_every_case(tmp_path, spec, tol, n_jobs):
     cohort = _write_cohort(tmp_path / "raw")
     before = _tree_digest(cohort)
     out = tmp_path / "pre"
-    table = preprocess_cohort(cohort, out, mask_label=1, n_jobs=n_jobs, show_progress=False, **COHORT_OPTIONS)
+    table = preprocess_cohort(cohort, spec.updated({"out_dir": str(out), "n_jobs": n_jobs}), mask_label=1,
+                              grid_tolerance_mm=tol, show_progress=False)
     assert list(table.columns) == ["case_id", "label", "image", "mask", "geometry"]
     assert list(table["case_id"]) == ["case0", "case1", "case2"]
     assert _tree_digest(cohort) == before  # input folder byte-identical
@@ -276,22 +307,46 @@ def test_preprocess_cohort_writes_every_case(tmp_path, n_jobs):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pre")]  # no temporary folder left
 
 
-def test_preprocess_cohort_failure_names_case_and_keeps_previous_output(tmp_path):
+def test_preprocess_cohort_failure_names_case_and_keeps_previous_output(tmp_path, spec, tol):
     cohort = _write_cohort(tmp_path / "raw")
     out = tmp_path / "pre"
-    preprocess_cohort(cohort, out, mask_label=1, n_jobs=1, show_progress=False, **COHORT_OPTIONS)
+    options = spec.updated({"out_dir": str(out), "n_jobs": 1})
+    preprocess_cohort(cohort, options, mask_label=1, grid_tolerance_mm=tol, show_progress=False)
     previous = _tree_digest(out)
     (cohort / "images" / "case1.nii.gz").write_bytes(b"not an image")
     before = _tree_digest(cohort)
-    with pytest.raises(ValueError, match="case1"):
-        preprocess_cohort(cohort, out, mask_label=1, n_jobs=1, show_progress=False, **COHORT_OPTIONS)
+    # a user's unreadable file: the reader's error (a ValueError), naming the case
+    with pytest.raises(ImageReadError, match="case 'case1'") as info:
+        preprocess_cohort(cohort, options, mask_label=1, grid_tolerance_mm=tol, show_progress=False)
+    assert isinstance(info.value, ValueError)
+    assert any("while preprocessing case 'case1'" in note for note in info.value.__notes__)
     assert _tree_digest(out) == previous
     assert _tree_digest(cohort) == before
 
 
-def test_preprocess_stage_reads_params(tmp_path):
-    import yaml
+def test_preprocess_cohort_bug_keeps_its_type_with_a_note_naming_the_case(tmp_path, spec, tol, monkeypatch):
+    """A failure that is not the user's (here a planted bug) is not re-wrapped as bad input."""
+    from bonemet.preprocessing import pipeline
 
+    cohort = _write_cohort(tmp_path / "raw")
+    out = tmp_path / "pre"
+
+    def broken(image, mask, spec, *, grid_tolerance_mm, case_id=None):
+        if case_id == "case2":
+            raise KeyError("planted")
+        return real(image, mask, spec, grid_tolerance_mm=grid_tolerance_mm, case_id=case_id)
+
+    real = pipeline.preprocess_case
+    monkeypatch.setattr(pipeline, "preprocess_case", broken)
+    with pytest.raises(KeyError, match="planted") as info:
+        preprocess_cohort(cohort, spec.updated({"out_dir": str(out), "n_jobs": 1}), mask_label=1,
+                          grid_tolerance_mm=tol, show_progress=False)
+    assert not isinstance(info.value, PreprocessError)
+    assert any("case 'case2'" in note for note in info.value.__notes__)
+    assert not out.exists()
+
+
+def test_preprocess_stage_reads_params(tmp_path, params_file):
     from bonemet.cli import main
 
     cohort = _write_cohort(tmp_path / "raw", n=2)
@@ -312,38 +367,43 @@ def test_preprocess_stage_reads_params(tmp_path):
             "out_dir": str(tmp_path / "pre"),
         },
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert main(["preprocess", "--params", str(tmp_path / "params.yaml")]) == 0
+    path = params_file(params)
+    assert main(["preprocess", "--params", str(path), "--no-progress"]) == 0
     table = read_preprocessed(tmp_path / "pre")
     assert list(table["case_id"]) == ["case0", "case1"]
     assert sitk.ReadImage(table["image"][0]).GetSize() == (24, 24, 24)
+    # --out and --n-jobs override preprocess.out_dir and preprocess.n_jobs
+    assert main(["preprocess", "--params", str(path), "--out", str(tmp_path / "other"), "--n-jobs", "2",
+                 "--no-progress"]) == 0
+    assert list(read_preprocessed(tmp_path / "other")["case_id"]) == ["case0", "case1"]
+    assert main(["preprocess", "--params", str(path), "--n-jobs", "0", "--no-progress"]) == 2
 
 
 @pytest.mark.parametrize("interpolator", ["bspline", "linear"])
-def test_crop_resampling_equals_full_resampling_then_crop(interpolator):
+def test_crop_resampling_equals_full_resampling_then_crop(spec, interpolator):
     from bonemet.preprocessing import CropBox
 
     image, _ = _phantom(size=(60, 50, 24))
-    options = dict(OPTIONS, image_interpolator=interpolator, min_size_vox=(40, 8, 8))
-    result = preprocess_image(image, **options)
+    options = spec.updated({"image_interpolator": interpolator, "crop.min_size_vox": [40, 8, 8]})
+    result = preprocess_image(image, options)
     box = CropBox(tuple(result.geometry["crop_start_index"]), tuple(result.geometry["crop_size"]))
-    full = resample_image(image, options["target_spacing_mm"], interpolator)
-    expected = normalise_intensity(crop_to_box(full, box, pad_value=-200.0), options["hu_window"])
+    full = resample_image(image, options.target_spacing_mm, interpolator)
+    expected = normalise_intensity(crop_to_box(full, box, pad_value=-200.0), options.hu_window)
     assert result.image.GetOrigin() == pytest.approx(expected.GetOrigin())
     np.testing.assert_allclose(
         sitk.GetArrayViewFromImage(result.image), sitk.GetArrayViewFromImage(expected), atol=1e-4
     )
 
 
-def test_non_identity_direction_keeps_lesion_and_maps_back():
+def test_non_identity_direction_keeps_lesion_and_maps_back(spec, tol):
     image, mask = _phantom(size=(60, 60, 24), radius_mm=5.0)
     direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # axes swapped and flipped
     image.SetDirection(direction)
     mask.SetDirection(direction)
-    result = preprocess_case(image, mask, **dict(OPTIONS, target_spacing_mm=(1.0, 1.0, 1.0)))
+    result = preprocess_case(image, mask, spec.updated({"target_spacing_mm": [1.0, 1.0, 1.0]}), grid_tolerance_mm=tol)
     assert result.image.GetDirection() == pytest.approx(direction)
     assert result.geometry["mask_voxels_outside_crop"] == 0
-    assert dice(map_mask_to_original(result.mask, image), mask) > 0.85
+    assert dice(map_mask_to_original(result.mask, image, "nearest"), mask) > 0.85
     lo_c, hi_c = _physical_box(result.image, np.ones(result.image.GetSize()[::-1], bool))
     lo, hi = _physical_box(image, sitk.GetArrayViewFromImage(image) > 200)
     assert np.all(lo >= lo_c - 1.0) and np.all(hi <= hi_c + 1.0)

@@ -19,7 +19,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bonemet.serving import FeatureInputError, check_feature_frame, decide_promotion
+from bonemet.modeling.persistence import save_pipeline
+from bonemet.modeling.training import choose_best_model
+from bonemet.registry.gate import decide_promotion
+from bonemet.serving import FeatureInputError, check_feature_frame
 
 FEATURES = [f"original_firstorder_F{i}" for i in range(6)]
 
@@ -34,7 +37,14 @@ def _table(n=40, seed=0):
     return df
 
 
+def test_gate_is_in_the_registry_not_in_serving():
+    import bonemet.serving
+
+    assert not hasattr(bonemet.serving, "decide_promotion")  # serving imports no tracking backend
+
+
 def test_gate_rules():
+    assert not decide_promotion(None, None, min_auc=0.7, tolerance=0.02).promote  # index.json's null AUC
     assert decide_promotion(0.9, None, min_auc=0.7, tolerance=0.02).promote
     assert not decide_promotion(0.6, None, min_auc=0.7, tolerance=0.02).promote
     held = decide_promotion(0.80, 0.85, min_auc=0.7, tolerance=0.02)
@@ -66,60 +76,93 @@ def test_feature_checks_name_the_problem():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    from bonemet.tracking.mlflow_backend import configure
+    from bonemet.registry.store import configure
 
     monkeypatch.chdir(tmp_path)
     uri = configure(None, tmp_path / "mlruns")
     return uri
 
 
-def _fake_train_run(experiment, aucs):
-    """A parent `train` run with one nested run per model, each with a logged sklearn pipeline."""
-    import mlflow
+def _train_outputs(models_dir, aucs, run="a"):
+    """What the train stage leaves in ``models_dir`` for the register stage.
 
-    from bonemet.tracking.mlflow_backend import ensure_experiment
-
-    exp_id = ensure_experiment(experiment, "mlruns")
+    ``aucs``: {model: (outer-fold CV AUCs, test AUC)}, in train.models order. Each model gets a
+    fitted (scikit-learn) pipeline in ``<model>.skops``; ``index.json`` names the best one by
+    :func:`choose_best_model` (CV AUC, never the test AUC) and ``provenance.json`` its run ids.
+    """
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
     df = _table()
-    with mlflow.start_run(run_name="train", experiment_id=exp_id):
-        for name, (cv_auc, test_auc) in aucs.items():
-            with mlflow.start_run(run_name=name, nested=True, experiment_id=exp_id, tags={"model": name}):
-                pipe = make_pipeline(StandardScaler(), LogisticRegression()).fit(df[FEATURES], df["label"])
-                mlflow.sklearn.log_model(pipe, name="model", serialization_format="skops",
-                                         pip_requirements=["scikit-learn"])
-                mlflow.log_metrics({"cv_auc_mean": cv_auc, "test_auc": test_auc})
+    entries = {}
+    for k, (name, (folds, test_auc)) in enumerate(aucs.items()):
+        pipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1 * (k + 1))).fit(df[FEATURES], df["label"])
+        save_pipeline(pipe, models_dir / f"{name}.skops")
+        entries[name] = {"path": f"{name}.skops", "cv_auc_mean": float(np.mean(folds)),
+                         "cv_auc_sd": float(np.std(folds, ddof=1)), "test_auc": test_auc, "params": {"C": 0.1 * (k + 1)}}
+    index = {"best_model": choose_best_model({m: f for m, (f, _) in aucs.items()}, list(aucs)),
+             "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
+             "feature_source": "auto", "feature_names": FEATURES, "models": entries}
+    provenance = {"train_run_id": f"train-{run}",
+                  "models": {m: {"run_id": f"{m}-{run}", "seconds": {"total_s": 1.0}} for m in aucs}}
+    (models_dir / "index.json").write_text(json.dumps(index))
+    (models_dir / "provenance.json").write_text(json.dumps(provenance))
     return df
 
 
-def _register(df, **kw):
-    from bonemet.tracking.registry import register_best_classifier
+def _register(models_dir, df, reg, **kw):
+    """register_classifier on the train outputs in ``models_dir``, as the register stage calls it."""
+    from bonemet.modeling.persistence import load_pipeline
+    from bonemet.registry.registration import register_classifier
 
-    args = dict(experiment="bonemet-classification", model_name="bonemet-classifier", input_example=df.head(2),
-                feature_names=FEATURES, threshold=0.5, min_auc=0.7, tolerance=0.02, alias="staging",
-                pip_requirements=["scikit-learn==1.9.1"], tags={"data_md5": "d41d8", "git_commit": "abc"})
+    index = json.loads((Path(models_dir) / "index.json").read_text())
+    args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, index=index,
+                provenance=json.loads((Path(models_dir) / "provenance.json").read_text()),
+                pipeline=load_pipeline(Path(models_dir) / index["models"][index["best_model"]]["path"]),
+                input_example=df.head(2), threshold=reg.threshold, min_auc=reg.min_test_auc,
+                tolerance=reg.tolerance, alias=reg.alias, pip_requirements=["scikit-learn==1.9.1"],
+                description_extra="\nTable 1:\n| svm | test | 0.900 |", tags={"data_md5": "d41d8", "git_commit": "abc"})
     args.update(kw)
-    return register_best_classifier(**args)
+    return register_classifier(**args)
 
 
-def test_register_best_gate_and_pyfunc_input_checks(store):
+@pytest.fixture
+def reg(params):
+    """params.yaml's register section: bonemet-classifier, alias staging, gate 0.70 / 0.02."""
+    assert (params.registration.min_test_auc, params.registration.tolerance) == (0.7, 0.02)
+    return params.registration
+
+
+def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    from bonemet.tracking.mlflow_backend import alias_version, model_versions
+    from bonemet.registry.store import alias_version, model_versions
 
-    df = _fake_train_run("bonemet-classification", {"svm": (0.93, 0.90), "knn": (0.85, 0.95)})
-    first = _register(df)
+    # svm has the best CV AUC, knn the best test AUC: the train stage's choice (CV) is registered
+    df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90), "knn": ([0.84, 0.86], 0.95)})
+    first = _register("models", df, reg)
     assert first.classifier == "svm" and first.promoted and first.version == "1"
-    assert alias_version("bonemet-classifier", "staging") == "1"
-    [v1] = model_versions("bonemet-classifier")
+    assert (first.cv_auc_mean, first.test_auc) == (pytest.approx(0.93), 0.90)
+    assert first.source_run_id == "svm-a"  # provenance.json links the version to the train stage's run
+    assert alias_version(reg.model_name, reg.alias) == "1"
+    [v1] = model_versions(reg.model_name)
     assert "test AUC 0.900" in v1["description"] and v1["tags"]["data_md5"] == "d41d8"
+    assert "from train run train-a" in v1["description"] and "Table 1:" in v1["description"]
+    assert v1["tags"]["source_run_id"] == "svm-a" and v1["tags"]["classifier"] == "svm"
     assert v1["aliases"] == ["staging"]
+    # the decision is recorded in a `register` run with the train run's ids
+    register_run = MlflowClient().get_run(v1["run_id"])
+    assert register_run.info.run_name == "register"
+    assert register_run.data.tags["train_run_id"] == "train-a" and register_run.data.tags["gate_decision"] == "promote"
 
     # A worse new version is registered but does not take the alias.
-    _fake_train_run("bonemet-classification", {"svm": (0.90, 0.80)})
-    second = _register(df)
+    df = _train_outputs("models", {"svm": ([0.89, 0.91], 0.80)}, run="b")
+    second = _register("models", df, reg)
     assert second.version == "2" and not second.promoted
-    assert alias_version("bonemet-classifier", "staging") == "1"
+    assert "worse than staging" in second.reason and second.staging_version == "1"
+    assert alias_version(reg.model_name, reg.alias) == "1"
+    assert MlflowClient().get_run(model_versions(reg.model_name)[1]["run_id"]).data.tags["gate_decision"] == "hold"
 
     model = mlflow.pyfunc.load_model("models:/bonemet-classifier@staging")
     out = model.predict(df.head(3))
@@ -149,10 +192,96 @@ def _post(port, payload: bytes | str):
         return err.code, err.read().decode()
 
 
+def test_register_takes_the_train_stage_tie_break(store, reg):
+    """Equal mean CV AUC: index.json names the model with the lower CV sd, and that one is registered."""
+    df = _train_outputs("models", {"svm": ([0.625, 0.875], 0.90), "knn": ([0.6875, 0.8125], 0.85)})
+    assert json.loads(Path("models/index.json").read_text())["best_model"] == "knn"
+    result = _register("models", df, reg)
+    assert result.classifier == "knn" and result.test_auc == 0.85 and result.promoted
+
+
+def test_register_holds_the_alias_when_the_test_auc_is_undefined(store, reg):
+    df = _train_outputs("models", {"svm": ([0.92, 0.94], None)})
+    result = _register("models", df, reg)
+    assert not result.promoted and "not a number" in result.reason
+
+
+def _stage_params(tmp_path, df):
+    """params.yaml for `bonemet register` in ``tmp_path``: the train outputs in models/, a feature table."""
+    import yaml
+
+    from bonemet.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["tracking"]["store_dir"] = "mlruns"
+    params["register"].update(models_dir="models", features_file="features/auto.parquet",
+                              table1_md="metrics/table1.md", out="metrics/registry.json")
+    (tmp_path / "features").mkdir()
+    df.to_parquet(tmp_path / "features" / "auto.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tmp_path, monkeypatch, capsys,
+                                                                       caplog):
+    from bonemet.cli import main
+    from bonemet.registry.store import alias_version, model_versions
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90), "knn": ([0.84, 0.86], 0.95)})
+    _stage_params(tmp_path, df)
+    assert main(["register"]) == 0
+    assert "bonemet-classifier version 1 (svm): promoted to 'staging'" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "metrics" / "registry.json").read_text())
+    assert summary["classifier"] == "svm" and summary["version"] == "1" and summary["promoted"] == 1
+    assert summary["source_run_id"] == "svm-a" and summary["test_auc"] == 0.90
+    assert alias_version("bonemet-classifier", "staging") == "1"
+    [version] = model_versions("bonemet-classifier")
+    assert "Table 1" not in version["description"]  # no metrics/table1.md: registered without it
+
+    # no train outputs: one line naming the folder and the fix, exit 1
+    for name in ("index.json", "provenance.json"):
+        (tmp_path / "models" / name).unlink()
+    caplog.clear()
+    assert main(["register"]) == 1
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.exc_info is None and "run `bonemet train` first" in error.getMessage()
+    assert error.getMessage().startswith("models: the train stage's index.json/provenance.json cannot be read")
+    assert len(model_versions("bonemet-classifier")) == 1
+
+
+def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, params):
+    """The contract between the stages: run_training's own models/ registers as it is."""
+    from bonemet.cli import main
+    from bonemet.modeling.training import run_training
+    from bonemet.registry.store import model_versions
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    df = _table(n=60)
+    paired = df.copy()
+    paired[FEATURES] = df[FEATURES] + np.random.default_rng(1).normal(scale=0.05, size=(60, len(FEATURES)))
+    ids = list(df["case_id"])
+    test = ids[::3]
+    train_ids = [i for i in ids if i not in test]
+    splits = {"train": train_ids, "test": test, "train_folds": {c: k % 3 for k, c in enumerate(train_ids)}}
+    train = params.train.updated({"models": ["logreg"], "n_trials": {"logreg": 0}, "inner_folds": 3,
+                                  "log_models": False, "log_figures": False, "write_figures": False,
+                                  "out_dir": "models", "metrics_dir": "metrics", "plots_dir": "plots"})
+    select = params.select.updated({"lasso.cv": 3, "lasso.max_features": 4})
+    res = run_training(df, paired, splits, select=select, train=train, evaluate=params.evaluate, seed=0,
+                       feature_source="auto")
+    _stage_params(tmp_path, df)
+    assert main(["register"]) == 0
+    summary = json.loads((tmp_path / "metrics" / "registry.json").read_text())
+    assert summary["classifier"] == "logreg" == res.best_model
+    assert summary["test_auc"] == pytest.approx(res.models["logreg"].test_metrics["auc"])
+    [version] = model_versions("bonemet-classifier")
+    assert "Table 1:" in version["description"]  # the train stage's metrics/table1.md
+
+
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_4xx_on_bad_input_and_keeps_serving(store, tmp_path):
-    df = _fake_train_run("bonemet-classification", {"svm": (0.93, 0.90)})
-    _register(df)
+def test_mlflow_models_serve_answers_4xx_on_bad_input_and_keeps_serving(store, tmp_path, reg):
+    df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90)})
+    _register("models", df, reg)
     port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     log = open(tmp_path / "serve.log", "w")

@@ -7,16 +7,29 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from bonemet.data.io import write_image
+from bonemet.data.io import ImageReadError, write_image
+from bonemet.data.masks import dice
 from bonemet.segmentation.data import SegCase
 from bonemet.segmentation.inference import (
     CaseInferenceError,
+    InferenceSettings,
     keep_largest_component,
     mirror_flips,
     predict_case,
     probability_to_original,
+    segment_ct,
     sliding_window_logits,
 )
+
+#: sliding-window arguments of the direct calls (no mirroring unless a test asks for it)
+WINDOWS = {"sw_batch_size": 4, "device": "cpu", "mirror_axes": ()}
+
+
+@pytest.fixture
+def settings(params):
+    """InferenceSettings from params.yaml (threshold 0.5, largest component) with 8^3 windows, overlap 0.5."""
+    segment = params.segment.updated({"roi_size": [8, 8, 8], "inference.overlap": 0.5, "inference.mirror_axes": []})
+    return InferenceSettings.from_params(params.preprocess, segment)
 
 
 class BrightIsLesion(torch.nn.Module):
@@ -35,7 +48,7 @@ class BrightIsLesion(torch.nn.Module):
 def test_volume_smaller_than_roi_is_padded():
     image = np.zeros((1, 5, 7, 9), np.float32)
     image[0, 2, 3, 4] = 1.0
-    logits = sliding_window_logits(BrightIsLesion((8, 8, 8)), image, (8, 8, 8), overlap=0.25)
+    logits = sliding_window_logits(BrightIsLesion((8, 8, 8)), image, (8, 8, 8), overlap=0.25, **WINDOWS)
     assert tuple(logits.shape) == (1, 2, 5, 7, 9)
     pred = logits.argmax(1)[0].numpy()
     assert pred.sum() == 1 and pred[2, 3, 4] == 1
@@ -62,14 +75,16 @@ def test_mirroring_averages_flipped_back_predictions():
     image = np.zeros((1, 6, 6, 6), np.float32)
     image[0, 3, 3, 3] = 1.0
     net = ShiftRight()
-    plain = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant")[0, 1].numpy()
+    plain = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", **WINDOWS)[0, 1].numpy()
     assert plain[3, 3, 4] == pytest.approx(1.0) and plain[3, 3, 2] == 0.0
     # flipped along W, the shift goes the other way once flipped back: the average is symmetric
-    mirrored = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", mirror_axes=[2])[0, 1]
+    windows = {**WINDOWS, "mirror_axes": [2]}
+    mirrored = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", **windows)[0, 1]
     mirrored = mirrored.numpy()
     assert mirrored[3, 3, 4] == pytest.approx(0.5) and mirrored[3, 3, 2] == pytest.approx(0.5)
     # mirroring an axis the network treats symmetrically changes nothing
-    same = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", mirror_axes=[0, 1])[0, 1]
+    windows = {**WINDOWS, "mirror_axes": [0, 1]}
+    same = sliding_window_logits(net, image, (6, 6, 6), overlap=0.0, mode="constant", **windows)[0, 1]
     np.testing.assert_allclose(same.numpy(), plain, atol=1e-6)
 
 
@@ -96,25 +111,108 @@ def _original_and_crop():
 def test_probability_maps_back_onto_original_grid():
     original, crop = _original_and_crop()
     prob = sitk.GetArrayFromImage(crop)
-    mask = probability_to_original(prob, crop, original)
+    mask = probability_to_original(prob, crop, original, threshold=0.5, largest_component=True)
     assert mask.GetSize() == original.GetSize() and mask.GetSpacing() == original.GetSpacing()
     expected = (sitk.GetArrayFromImage(original) > 500).astype(np.uint8)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
 
 
-def test_predict_case_writes_original_grid(tmp_path):
+def test_probability_threshold_and_largest_component_are_the_callers():
+    original, crop = _original_and_crop()
+    prob = sitk.GetArrayFromImage(crop) * 0.6  # lesion probability 0.6
+    prob[0, 0, 0] = 0.9  # a stray voxel, far from the lesion
+    kept = sitk.GetArrayFromImage(probability_to_original(prob, crop, original, threshold=0.5,
+                                                          largest_component=False))
+    largest = sitk.GetArrayFromImage(probability_to_original(prob, crop, original, threshold=0.5,
+                                                             largest_component=True))
+    strict = sitk.GetArrayFromImage(probability_to_original(prob, crop, original, threshold=0.7,
+                                                            largest_component=False))
+    lesion = (sitk.GetArrayFromImage(original) > 500).astype(np.uint8)
+    np.testing.assert_array_equal(largest, lesion)
+    assert kept.sum() > lesion.sum() and (kept & lesion).sum() == lesion.sum()
+    assert 0 < strict.sum() < lesion.sum() and not (strict & lesion).any()
+
+
+def test_predict_case_writes_original_grid(tmp_path, settings):
     original, crop = _original_and_crop()
     write_image(original, tmp_path / "ct.nii.gz")
     write_image(crop, tmp_path / "pre.nii.gz")
     case = SegCase("c1", tmp_path / "pre.nii.gz", tmp_path / "pre.nii.gz", original_image=tmp_path / "ct.nii.gz")
-    mask = predict_case(BrightIsLesion((8, 8, 8)), case, (8, 8, 8), overlap=0.5)
+    mask = predict_case(BrightIsLesion(settings.roi_size), case, settings, device="cpu")
     assert mask.GetSize() == original.GetSize()
     assert sitk.GetArrayFromImage(mask).sum() == (sitk.GetArrayFromImage(original) > 500).sum()
 
 
-def test_corrupt_image_names_case(tmp_path):
+def test_corrupt_image_names_case(tmp_path, settings):
+    """A user's unreadable file keeps the reader's error (a UserError naming the case), noted by inference."""
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not an image")
     case = SegCase("case-007", bad, bad)
-    with pytest.raises(CaseInferenceError, match="case-007"):
-        predict_case(BrightIsLesion((8, 8, 8)), case, (8, 8, 8))
+    with pytest.raises(ImageReadError, match="case 'case-007'") as info:
+        predict_case(BrightIsLesion(settings.roi_size), case, settings, device="cpu")
+    assert any("while segmenting case 'case-007'" in note for note in info.value.__notes__)
+
+
+class Broken(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("planted bug")
+
+
+def test_a_bug_during_inference_keeps_its_type_and_names_the_case(tmp_path, settings):
+    original, crop = _original_and_crop()
+    write_image(crop, tmp_path / "pre.nii.gz")
+    case = SegCase("case-008", tmp_path / "pre.nii.gz", tmp_path / "pre.nii.gz")
+    with pytest.raises(RuntimeError, match="planted bug") as info:
+        predict_case(Broken(), case, settings, device="cpu")
+    assert not isinstance(info.value, CaseInferenceError)
+    assert any("case 'case-008'" in note for note in info.value.__notes__)
+    with pytest.raises(RuntimeError, match="planted bug") as info:
+        segment_ct(Broken(), original, settings, device="cpu", case_id="new-ct")
+    assert any("case 'new-ct'" in note for note in info.value.__notes__)
+
+
+def test_segment_ct_preprocesses_with_the_settings_and_maps_back(params):
+    """A new CT (HU) end to end: bone crop, 1.5 mm grid, windows, threshold, back on the CT's grid."""
+    z, y, x = np.indices((20, 40, 40)).astype(float)
+    hu = np.full((20, 40, 40), 40.0)
+    hu[5:15, 10:30, 10:30] = 700.0  # bone (>= crop.bone_threshold_hu)
+    lesion = ((z - 10) * 2.0) ** 2 + ((y - 20) * 0.8) ** 2 + ((x - 20) * 0.8) ** 2 <= 5.0**2
+    hu[lesion] = 1500.0  # bright: BrightIsLesion's lesion (> 800 HU in the [-200, 1800] window)
+    image = sitk.GetImageFromArray(hu.astype(np.int16))
+    image.SetSpacing((0.8, 0.8, 2.0))
+    image.SetOrigin((-16.0, 4.0, 30.0))
+    segment = params.segment.updated({"roi_size": [16, 16, 16], "inference.mirror_axes": [0, 2]})
+    settings = InferenceSettings.from_params(params.preprocess, segment)
+    mask = segment_ct(BrightIsLesion((16, 16, 16)), image, settings, device="cpu", case_id="new")
+    assert mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
+    assert dice(mask, lesion.astype(np.uint8)) > 0.85
+    # the CT is windowed as the settings say: in [-200, 3800] HU the lesion scales to 0.425, below
+    # BrightIsLesion's 0.5, so nothing is lesion
+    wide = InferenceSettings.from_params(params.preprocess.updated({"hu_window": [-200, 3800]}), segment)
+    assert sitk.GetArrayFromImage(segment_ct(BrightIsLesion((16, 16, 16)), image, wide, device="cpu",
+                                             case_id="new")).sum() == 0
+
+
+def test_inference_settings_round_trip_through_model_metadata(params):
+    settings = InferenceSettings.from_params(params.preprocess, params.segment)
+    assert settings.roi_size == tuple(params.segment.roi_size) and settings.threshold == params.segment.threshold
+    assert settings.inference == params.segment.inference and settings.preprocess == params.preprocess
+    metadata = settings.to_metadata()
+    import json
+
+    assert InferenceSettings.from_metadata(json.loads(json.dumps(metadata)), "model m") == settings
+
+
+def test_inference_settings_from_incomplete_metadata_name_the_model(params):
+    """A model logged without its inference settings (an older bonemet) is refused: no params fallback."""
+    metadata = InferenceSettings.from_params(params.preprocess, params.segment).to_metadata()
+    where = "models:/bonemet-missu@staging"
+    partial = {k: v for k, v in metadata.items() if k not in ("preprocess", "threshold")}
+    with pytest.raises(CaseInferenceError, match=r"models:/bonemet-missu@staging: its metadata lacks preprocess, threshold"):
+        InferenceSettings.from_metadata(partial, where)
+    bad = {**metadata, "inference": {**metadata["inference"], "overlap": 1.5}}
+    with pytest.raises(CaseInferenceError, match=r"models:/bonemet-missu@staging: its inference settings are invalid.*overlap"):
+        InferenceSettings.from_metadata(bad, where)
+    extra = {**metadata, "preprocess": {**metadata["preprocess"], "spacing": [1, 1, 1]}}
+    with pytest.raises(CaseInferenceError, match=r"preprocess.spacing: unknown key"):
+        InferenceSettings.from_metadata(extra, where)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from bonemet.data import masks
 from bonemet.segmentation.metrics import MaskGridError, case_metrics, dice, hd95, summarize
+
+TOL = 0.01  # mm: params validate.grid_tolerance_mm
 
 
 def _sphere(shape, center, radius):
@@ -56,10 +59,10 @@ def test_empty_prediction_is_flagged():
     assert dice(empty, ref) == 0.0
     assert math.isinf(hd95(empty, ref, (1, 1, 1)))
     assert math.isnan(hd95(empty, empty, (1, 1, 1)))
-    row = case_metrics(_image(empty), _image(ref), case_id="c1")
+    row = case_metrics(_image(empty), _image(ref), case_id="c1", grid_tolerance_mm=TOL)
     assert row["empty_prediction"] and row["dice"] == 0.0
     assert row["volume_diff_pct"] == pytest.approx(-100.0)
-    summary = summarize([row, case_metrics(_image(ref), _image(ref), "c2")])
+    summary = summarize([row, case_metrics(_image(ref), _image(ref), "c2", grid_tolerance_mm=TOL)])
     assert summary["n_empty_predictions"] == 1
     assert summary["hd95_n"] == 1 and summary["hd95_mean"] == 0.0
     assert summary["dice_mean"] == pytest.approx(0.5)
@@ -70,7 +73,7 @@ def test_volume_difference_in_ml_uses_spacing():
     ref[:5] = 1  # 500 voxels
     pred = np.zeros_like(ref)
     pred[:4] = 1  # 400 voxels
-    row = case_metrics(_image(pred, (2.0, 2.0, 2.0)), _image(ref, (2.0, 2.0, 2.0)), case_id="c")
+    row = case_metrics(_image(pred, (2.0, 2.0, 2.0)), _image(ref, (2.0, 2.0, 2.0)), case_id="c", grid_tolerance_mm=TOL)
     assert row["ref_volume_ml"] == pytest.approx(500 * 8 / 1000)
     assert row["volume_diff_ml"] == pytest.approx(-100 * 8 / 1000)
     assert row["volume_diff_pct"] == pytest.approx(-20.0)
@@ -80,4 +83,21 @@ def test_grid_mismatch_names_case():
     a = _image(np.zeros((5, 5, 5), np.uint8))
     b = _image(np.zeros((5, 5, 6), np.uint8))
     with pytest.raises(MaskGridError, match="case 'x'"):
-        case_metrics(a, b, case_id="x")
+        case_metrics(a, b, case_id="x", grid_tolerance_mm=TOL)
+    # the reference is the user's file: its spacing may differ by the tolerance, not more
+    c = _image(np.zeros((5, 5, 5), np.uint8), (1.0, 1.0, 1.0 + TOL / 2))
+    assert case_metrics(a, c, case_id="x", grid_tolerance_mm=TOL)["dice"] == 1.0
+    with pytest.raises(MaskGridError, match="case 'x'.*spacing"):
+        case_metrics(a, c, case_id="x", grid_tolerance_mm=TOL / 10)
+
+
+def test_one_dice_and_volume_for_every_stage():
+    """segmentation.metrics.dice is data.masks.dice, on arrays and SimpleITK images alike."""
+    assert dice is masks.dice
+    a = _sphere((16, 16, 16), (8, 8, 8), 4)
+    b = _sphere((16, 16, 16), (8, 8, 10), 4)
+    expected = 2 * int((a & b).sum()) / int(a.sum() + b.sum())
+    assert dice(_image(a), _image(b)) == pytest.approx(expected) == dice(a, b)
+    assert dice(np.zeros((3, 3, 3)), np.zeros((3, 3, 3))) == 1.0
+    assert masks.volume_ml(500, (2.0, 2.0, 2.0)) == pytest.approx(4.0)  # 500 voxels of 8 mm^3
+    assert masks.mask_volume_ml(_image(a, (0.5, 0.5, 2.0))) == pytest.approx(a.sum() * 0.5 / 1000)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from bonemet.data.io import read_image, write_image
+from bonemet.config import ParamsError, SegmentSpec, build_specs, load_params
+from bonemet.data.io import ImageReadError, read_image, write_image
 from bonemet.segmentation.cv import FoldAssignmentError, check_folds, run_cross_validation, split_validation
 from bonemet.segmentation.data import (
     BG_INDICES,
@@ -18,15 +19,17 @@ from bonemet.segmentation.data import (
     train_transforms,
     with_crop_indices,
 )
-from bonemet.segmentation.networks import build_network
-from bonemet.segmentation.training import EarlyStopping, TrainConfig, TrainingConfigError, train_model
+from bonemet.segmentation.inference import InferenceSettings
+from bonemet.segmentation.missu import MISSU
+from bonemet.segmentation.networks import network_from_spec
+from bonemet.segmentation.training import EarlyStopping, TrainingConfigError, evaluate, make_loss, train_model
 from bonemet.tracking.base import RecordingTracker
 
 ROI = (16, 16, 16)
 TINY_UNET = {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1}
 TINY_MISSU = {
     "widths": (4, 8, 8, 8), "blocks": (1, 1, 1, 1), "embed_dim": 16, "num_layers": 1, "num_heads": 2,
-    "mlp_dim": 16, "groups": 2,
+    "mlp_dim": 16, "groups": 2, "stem_stride": 1,
 }
 
 
@@ -63,31 +66,59 @@ def _make_cohort(root, n_cases: int, seed: int = 0) -> list[SegCase]:
     return load_cases(pre, originals)
 
 
-def _config(**kw) -> TrainConfig:
-    base = dict(
-        roi_size=ROI, max_epochs=2, batch_size=2, num_samples=2, lr=0.05, momentum=0.9, patience=5,
-        overlap=0.25, sw_batch_size=2, rotate_prob=0.0, seed=0, num_threads=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+@pytest.fixture(scope="module")
+def seg(params) -> SegmentSpec:
+    """params.yaml's segment spec (cpu profile) shrunk for these tests: the tiny UNet on 16^3 crops,
+    two epochs, one fold at a time, no test-time mirroring."""
+    return params.segment.updated({
+        "model": "unet", "networks.unet": TINY_UNET, "roi_size": list(ROI), "parallel_folds": 1, "num_threads": 1,
+        "train.max_epochs": 2, "train.batch_size": 2, "train.num_samples": 2, "train.lr": 0.05,
+        "train.momentum": 0.9, "train.patience": 5, "train.val_overlap": None, "augment.rotate_prob": 0.0,
+        "inference.overlap": 0.25, "inference.sw_batch_size": 2, "inference.mirror_axes": [],
+    })
+
+
+@pytest.fixture
+def cv_kwargs(params):
+    """The keyword arguments of run_cross_validation that come from other params sections."""
+    return {"seed": 0, "mask_label": params.data.mask_label, "grid_tolerance_mm": params.validation.grid_tolerance_mm,
+            "num_threads": 1, "figure_dpi": params.evaluate.figure_dpi}
+
+
+def _cv_spec(seg: SegmentSpec, tmp_path, masks: str = "auto_masks", work: str = "work", **changes) -> SegmentSpec:
+    return seg.updated({"masks_dir": str(tmp_path / masks), "work_dir": str(tmp_path / work), **changes})
+
+
+def _settings(params, spec: SegmentSpec) -> InferenceSettings:
+    return InferenceSettings.from_params(params.preprocess, spec)
 
 
 def test_early_stopping_counts_epochs_without_improvement():
-    stopper = EarlyStopping(patience=3)
+    stopper = EarlyStopping(patience=3, min_delta=0.0)
     decisions = [stopper.step(v) for v in [1.0, 0.8, 0.9, 0.85, 0.81, 0.7]]
     assert decisions == [False, False, False, False, True, False]
 
 
-def test_training_stops_after_patience(tmp_path):
+def test_early_stopping_min_delta_is_the_smallest_improvement():
+    # with min_delta 0.05 a loss 0.03 lower is no improvement: 0.97 and 0.95 both count as bad epochs
+    stopper = EarlyStopping(patience=2, min_delta=0.05)
+    assert [stopper.step(v) for v in [1.0, 0.97, 0.95]] == [False, False, True]
+    stopper = EarlyStopping(patience=2, min_delta=0.05)
+    assert [stopper.step(v) for v in [1.0, 0.94, 0.92, 0.88]] == [False, False, False, False]
+    with pytest.raises(TrainingConfigError, match="patience must be >= 1; found 0"):
+        EarlyStopping(patience=0, min_delta=0.0)
+
+
+def test_training_stops_after_patience(tmp_path, seg):
     cases = _make_cohort(tmp_path, 2)
     items = [load_volume(c) for c in cases]
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
     dices = iter([0.1, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
     tracker = RecordingTracker()
+    spec = seg.updated({"train.max_epochs": 8, "train.patience": 3, "train.num_samples": 1, "train.batch_size": 1})
     with tracker.run("t"):
         result = train_model(
-            build_network("unet", roi_size=ROI, **TINY_UNET), items[:1], items[1:],
-            _config(max_epochs=8, patience=3, num_samples=1, batch_size=1), tracker,
+            network_from_spec(spec), items[:1], items[1:], spec, seed=0, tracker=tracker,
             validate=lambda model, epoch: (next(losses), next(dices)),
         )
     assert len(result.history) == 5  # best loss at epoch 2, then 3 epochs without improvement
@@ -95,38 +126,43 @@ def test_training_stops_after_patience(tmp_path):
     assert [s for s, _ in tracker.find("t")["metrics"]["val_loss"]] == [1, 2, 3, 4, 5]
 
 
-def test_training_learns_bright_spheres(tmp_path):
+def test_training_learns_bright_spheres(tmp_path, seg):
     cases = _make_cohort(tmp_path, 4)
     items = [load_volume(c) for c in cases]
-    result = train_model(
-        build_network("unet", roi_size=ROI, **TINY_UNET), items[:3], items[3:],
-        _config(max_epochs=12, num_samples=4, batch_size=4, lr=0.1, patience=20), None,
-    )
+    spec = seg.updated({"train.max_epochs": 12, "train.num_samples": 4, "train.batch_size": 4, "train.lr": 0.1,
+                        "train.patience": 20})
+    checkpoint = tmp_path / "best.pt"
+    result = train_model(network_from_spec(spec), items[:3], items[3:], spec, seed=0, checkpoint_path=checkpoint)
     losses = [h["train_loss"] for h in result.history]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
     assert result.best_val_dice > 0.3
+    # the best checkpoint records its epoch, its Dice and the spec it was trained with
+    import torch
+
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["epoch"] == result.best_epoch and saved["val_dice"] == pytest.approx(result.best_val_dice)
+    assert saved["spec"] == spec.model_dump(mode="json")
+    assert SegmentSpec.model_validate(saved["spec"]).train == spec.train
 
 
-def test_missu_distillation_path_trains(tmp_path):
+def test_missu_distillation_path_trains(tmp_path, seg):
     cases = _make_cohort(tmp_path, 2)
     items = [load_volume(c) for c in cases]
-    result = train_model(
-        build_network("missu", roi_size=ROI, **TINY_MISSU), items[:1], items[1:],
-        _config(max_epochs=1, distill_weight=0.5), None,
-    )
+    spec = seg.updated({"model": "missu", "train.max_epochs": 1, "distill_weight": 0.5,
+                        **{f"networks.missu.{k}": v for k, v in TINY_MISSU.items()}})
+    model = network_from_spec(spec)
+    assert isinstance(model, MISSU) and model.fusion is not None
+    result = train_model(model, items[:1], items[1:], spec, seed=0)
     assert np.isfinite(result.history[0]["train_loss"])
 
 
-def test_cross_validation_writes_one_mask_per_case(tmp_path):
+def test_cross_validation_writes_one_mask_per_case(tmp_path, params, seg, cv_kwargs):
     cases = _make_cohort(tmp_path, 6)
     folds = {c.case_id: i % 3 for i, c in enumerate(cases)}
     tracker = RecordingTracker()
+    spec = _cv_spec(seg, tmp_path, val_fraction=0.25, **{"inference.mirror_axes": [2]})
     with tracker.run("segment"):
-        result = run_cross_validation(
-            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET),
-            _config(max_epochs=2, mirror_axes=(2,)), tmp_path / "auto_masks", tmp_path / "work", tracker,
-            val_fraction=0.25,
-        )
+        result = run_cross_validation(cases, folds, spec, _settings(params, spec), tracker=tracker, **cv_kwargs)
     written = sorted(p.name for p in (tmp_path / "auto_masks").glob("*.nii.gz"))
     assert written == sorted(f"{c.case_id}.nii.gz" for c in cases)
     for case in cases:
@@ -142,19 +178,47 @@ def test_cross_validation_writes_one_mask_per_case(tmp_path):
         assert [s for s, _ in run["metrics"]["val_dice"]] == [1, 2]
         assert len(run["metrics"]["train_loss"]) == 2
         assert "curves/fold-" + run["name"][-1] + "_curves.png" in run["artifacts"]
+        assert run["params"]["train"] == spec.train.model_dump(mode="json")
+        assert run["params"]["inference"]["mirror_axes"] == [2]
     assert result.best_fold in (0, 1, 2) and result.best_model is not None
+    assert (tmp_path / "work" / f"fold-{result.best_fold}.pt").is_file()
 
 
-def test_failing_case_is_named_and_no_partial_output(tmp_path):
+def test_failing_case_is_named_and_no_partial_output(tmp_path, params, seg, cv_kwargs):
     cases = _make_cohort(tmp_path, 4)
     (tmp_path / "raw" / "case-02_ct.nii.gz").write_bytes(b"corrupt")
     folds = {c.case_id: i % 2 for i, c in enumerate(cases)}
-    with pytest.raises(ValueError, match="case-02"):
-        run_cross_validation(
-            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=1),
-            tmp_path / "auto_masks", tmp_path / "work", None,
-        )
+    spec = _cv_spec(seg, tmp_path, **{"train.max_epochs": 1})
+    # the user's unreadable CT: the reader's error (a ValueError), naming the case
+    with pytest.raises(ImageReadError, match="case 'case-02'") as info:
+        run_cross_validation(cases, folds, spec, _settings(params, spec), **cv_kwargs)
+    assert isinstance(info.value, ValueError)
+    assert any("while segmenting case 'case-02'" in note for note in info.value.__notes__)
     assert not (tmp_path / "auto_masks").exists()
+
+
+def test_automatic_masks_carry_the_mask_label(tmp_path, params, seg, cv_kwargs, monkeypatch):
+    """With data.mask_label 2 the manual masks are read as label 2 and the automatic ones written as 2."""
+    from bonemet.segmentation import cv
+
+    cases = _make_cohort(tmp_path, 4)
+    for case in cases:  # the raw manual masks store the lesion as 2
+        mask = read_image(case.original_mask)
+        write_image(sitk.Cast(mask * 2, sitk.sitkUInt8), case.original_mask)
+    folds = {c.case_id: i % 2 for i, c in enumerate(cases)}
+
+    def perfect(model, case, settings, *, device):  # the manual lesion as 0/1, as predict_case returns
+        return sitk.Cast(read_image(case.original_mask) > 0, sitk.sitkUInt8)
+
+    monkeypatch.setattr(cv, "predict_case", perfect)
+    spec = _cv_spec(seg, tmp_path, **{"train.max_epochs": 1})
+    result = run_cross_validation(cases, folds, spec, _settings(params, spec), only_folds=[1],
+                                  **{**cv_kwargs, "mask_label": 2})
+    for cid in ("case-01", "case-03"):
+        written = sitk.GetArrayFromImage(read_image(tmp_path / "auto_masks" / f"{cid}.nii.gz"))
+        assert set(np.unique(written)) == {0, 2}
+    assert [r["dice"] for r in result.case_rows] == [1.0, 1.0]
+    assert all(r["ref_volume_ml"] > 0 for r in result.case_rows)
 
 
 def test_fold_checks_and_validation_split():
@@ -165,13 +229,11 @@ def test_fold_checks_and_validation_split():
     assert len(val) == 2 and not set(train) & set(val) and len(train) == 8
 
 
-def test_segment_stage_end_to_end(tmp_path, monkeypatch):
+def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
     """The stage with the repository's params (profile cpu), shrunk: outputs, MLflow runs, registry."""
     import argparse
     import json
     from pathlib import Path
-
-    import yaml
 
     from bonemet.stages import segment
 
@@ -182,18 +244,19 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch):
     })
     manifest.to_csv(tmp_path / "raw" / "manifest.csv", index=False)
     (tmp_path / "splits.json").write_text(json.dumps({"all_folds": {c.case_id: i % 2 for i, c in enumerate(cases)}}))
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    params["data"]["cohort_dir"] = str(tmp_path / "raw")
-    seg = params["segment"]
-    seg.update({"preprocessed_dir": str(tmp_path / "pre"), "splits": str(tmp_path / "splits.json"),
-                "model": "unet", "roi_size": list(ROI), "num_threads": 1})
-    seg["profiles"]["cpu"].update({"roi_size": list(ROI), "train": {**seg["profiles"]["cpu"]["train"], "max_epochs": 1}})
-    seg["profiles"]["cpu"]["networks"]["unet"] = {k: list(v) for k, v in TINY_UNET.items() if k != "num_res_units"}
-    seg["profiles"]["cpu"]["networks"]["unet"]["num_res_units"] = 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_unet = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_UNET.items()}
+    params_file({
+        "data": {"cohort_dir": str(tmp_path / "raw")},
+        "segment": {
+            "preprocessed_dir": str(tmp_path / "pre"), "splits": str(tmp_path / "splits.json"), "model": "unet",
+            "roi_size": list(ROI), "num_threads": 1,
+            "profiles": {"cpu": {"roi_size": list(ROI), "train": {"max_epochs": 1}, "networks": {"unet": tiny_unet}}},
+        },
+    })
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    args = argparse.Namespace(params="params.yaml", profile=None, folds=None, model=None, no_register=False)
+    args = argparse.Namespace(params="params.yaml", profile=None, folds=None, model=None, no_register=False,
+                              no_tracking=False)
     assert segment.run(args) == 0
 
     assert sorted(p.name for p in Path("data/auto_masks").glob("*.nii.gz")) == sorted(
@@ -204,7 +267,7 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch):
     assert sorted(p.name for p in Path("plots/segmentation/curves").glob("*.csv")) == ["fold-0.csv", "fold-1.csv"]
     assert Path("plots/segmentation/curves.png").is_file()
 
-    from bonemet.tracking.mlflow_backend import alias_version, load_model
+    from bonemet.registry.store import alias_version, load_model
 
     assert alias_version("bonemet-missu", "staging") == "1"
     model = load_model("models:/bonemet-missu@staging", flavor="pytorch")
@@ -213,20 +276,19 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch):
     assert tuple(model.eval()(torch.zeros(1, 1, *ROI)).shape) == (1, 2, *ROI)
 
 
-def test_only_folds_runs_a_subset(tmp_path):
+def test_only_folds_runs_a_subset(tmp_path, params, seg, cv_kwargs):
     cases = _make_cohort(tmp_path, 4)
     folds = {c.case_id: i % 2 for i, c in enumerate(cases)}
     tracker = RecordingTracker()
+    spec = _cv_spec(seg, tmp_path, **{"train.max_epochs": 1})
     with tracker.run("segment"):
-        run_cross_validation(
-            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=1),
-            tmp_path / "auto_masks", tmp_path / "work", tracker, only_folds=[1],
-        )
+        run_cross_validation(cases, folds, spec, _settings(params, spec), tracker=tracker, only_folds=[1],
+                             **cv_kwargs)
     assert sorted(p.name for p in (tmp_path / "auto_masks").glob("*.nii.gz")) == ["case-01.nii.gz", "case-03.nii.gz"]
     assert [r["name"] for r in tracker.runs if r["parent"] == "segment"] == ["fold-1"]
 
 
-def test_precomputed_crop_indices_pad_and_give_the_same_kind_of_crops():
+def test_precomputed_crop_indices_pad_and_give_the_same_kind_of_crops(params):
     rng = np.random.default_rng(0)
     image = rng.uniform(0.1, 1.0, (1, 12, 20, 20)).astype(np.float32)
     image[:, :, :2] = 0.0  # outside the body: never a background crop centre
@@ -238,7 +300,8 @@ def test_precomputed_crop_indices_pad_and_give_the_same_kind_of_crops():
     padded = item["label"][0].ravel()
     assert (padded[item[FG_INDICES]] == 1).all() and (padded[item[BG_INDICES]] == 0).all()
     assert (item["image"][0].ravel()[item[BG_INDICES]] > 0).all()
-    transform = train_transforms(ROI, pos=1.0, neg=0.0, num_samples=4, seed=0, indexed=True)
+    augment = params.segment.augment.updated({"pos": 1.0, "neg": 0.0})
+    transform = train_transforms(ROI, augment, num_samples=4, seed=0, indexed=True)
     crops = transform(dict(item))
     assert len(crops) == 4
     for crop in crops:
@@ -246,32 +309,81 @@ def test_precomputed_crop_indices_pad_and_give_the_same_kind_of_crops():
         assert float(crop["label"].sum()) > 0  # pos only: every crop holds lesion
 
 
-def test_val_overlap_defaults_to_overlap_and_is_range_checked():
-    assert TrainConfig().val_overlap is None
-    assert TrainConfig(val_overlap=0.0).val_overlap == 0.0
-    with pytest.raises(ValueError, match=r"val_overlap must be in \[0, 1\) or null; found 1.0"):
-        TrainConfig(val_overlap=1.0)
+def test_validation_windows_follow_the_spec(seg, monkeypatch):
+    """val_overlap null: the validation windows overlap like inference's; validation never mirrors;
+    val_mode crops: one roi-sized crop per case."""
+    import torch
+
+    from bonemet.segmentation import training
+
+    seen = []
+
+    def windows(model, image, roi_size, *, overlap, sw_batch_size, device, mirror_axes, mode="gaussian"):
+        seen.append((tuple(image.shape), tuple(roi_size), overlap, sw_batch_size, tuple(mirror_axes)))
+        return torch.zeros(1, 2, *image.shape[1:])
+
+    monkeypatch.setattr(training, "sliding_window_logits", windows)
+    item = {"image": np.zeros((1, 20, 24, 24), np.float32), "label": np.zeros((1, 20, 24, 24), np.float32)}
+    spec = seg.updated({"train.val_overlap": None, "inference.overlap": 0.4, "inference.mirror_axes": [0, 1, 2]})
+    loss_fn = make_loss(spec.train)
+    assert evaluate(None, [item], spec, loss_fn, "cpu")[1] == 1.0  # empty vs empty
+    evaluate(None, [item], spec.updated({"train.val_overlap": 0.0}), loss_fn, "cpu")
+    evaluate(None, [item], spec.updated({"train.val_mode": "crops"}), loss_fn, "cpu")
+    assert seen == [
+        ((1, 20, 24, 24), ROI, 0.4, 2, ()),
+        ((1, 20, 24, 24), ROI, 0.0, 2, ()),
+        ((1, *ROI), ROI, 0.4, 2, ()),
+    ]
 
 
-def test_mirror_axes_are_checked_and_normalised():
-    assert TrainConfig().mirror_axes == ()
-    assert TrainConfig(mirror_axes=[2, 0]).mirror_axes == (0, 2)
-    with pytest.raises(TrainingConfigError, match=r"mirror_axes must be distinct spatial axes.*\[1, 1\]"):
-        TrainConfig(mirror_axes=[1, 1])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train.val_overlap": 1.0}, r"train.val_overlap: Input should be less than 1; found 1.0"),
+        ({"inference.mirror_axes": [1, 1]}, r"inference.mirror_axes: must be distinct spatial axes.*\[1, 1\]"),
+        ({"inference.mirror_axes": [3]}, r"inference.mirror_axes: must be distinct spatial axes"),
+        ({"train.num_workers": -1}, r"train.num_workers: Input should be greater than or equal to 0; found -1"),
+        ({"train.lr_schedule": "step"}, r"train.lr_schedule: Input should be 'poly', 'cosine' or 'constant'"),
+        ({"train.patience": 0}, r"train.patience: Input should be greater than or equal to 1"),
+        ({"augment.pos": 0.0, "augment.neg": 0.0}, r"augment: pos \+ neg must be > 0"),
+        ({"train.lrr": 0.1}, r"train.lrr: unknown key; did you mean lr\?"),
+    ],
+)
+def test_segment_spec_refuses_bad_settings_naming_the_key(seg, changes, message):
+    with pytest.raises(ParamsError, match=message):
+        seg.updated(changes)
 
 
-def test_parallel_folds_match_sequential_and_replay_fold_runs_in_order(tmp_path):
+def test_segment_spec_normalises_mirror_axes_and_keeps_val_overlap_null(seg):
+    assert seg.updated({"inference.mirror_axes": [2, 0]}).inference.mirror_axes == (0, 2)
+    assert seg.train.val_overlap is None and seg.updated({"train.val_overlap": 0.0}).train.val_overlap == 0.0
+
+
+def test_a_misspelt_training_key_in_params_is_an_error_with_a_suggestion():
+    """Unknown keys are no longer ignored: in the common keys or in a profile, with the full path."""
+    from pathlib import Path
+
+    raw = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    raw["segment"]["train"]["lrr"] = 0.1
+    with pytest.raises(ParamsError, match=r"segment.train.lrr: unknown key; did you mean lr\?"):
+        build_specs(raw)
+    raw = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    raw["segment"]["profiles"]["cpu"]["train"]["patiense"] = 3
+    with pytest.raises(ParamsError, match=r"segment.profiles.cpu.train.patiense: unknown key; did you mean patience\?"):
+        build_specs(raw)
+
+
+def test_parallel_folds_match_sequential_and_replay_fold_runs_in_order(tmp_path, params, seg, cv_kwargs):
     cases = _make_cohort(tmp_path, 6)
     folds = {c.case_id: i % 3 for i, c in enumerate(cases)}
     outcomes = {}
     for parallel in (1, 2):
         tracker = RecordingTracker()
+        spec = _cv_spec(seg, tmp_path, f"masks-{parallel}", f"work-{parallel}", val_fraction=0.25,
+                        parallel_folds=parallel)
         with tracker.run("segment"):
-            outcomes[parallel] = (run_cross_validation(
-                cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=2),
-                tmp_path / f"masks-{parallel}", tmp_path / f"work-{parallel}", tracker, val_fraction=0.25,
-                parallel_folds=parallel,
-            ), tracker)
+            outcomes[parallel] = (run_cross_validation(cases, folds, spec, _settings(params, spec), tracker=tracker,
+                                                       **cv_kwargs), tracker)
     (seq, seq_tracker), (par, par_tracker) = outcomes[1], outcomes[2]
     # one thread per fold either way (num_threads=1): the same numbers, the same masks
     assert [r["case_id"] for r in par.case_rows] == [r["case_id"] for r in seq.case_rows]
@@ -292,19 +404,16 @@ def test_parallel_folds_match_sequential_and_replay_fold_runs_in_order(tmp_path)
     assert par.best_run_id == seq.best_run_id  # RecordingTracker ids follow the run order
 
 
-def test_parallel_fold_failure_names_the_case(tmp_path):
+def test_parallel_fold_failure_names_the_case(tmp_path, params, seg, cv_kwargs):
     cases = _make_cohort(tmp_path, 4)
     folds = {c.case_id: i % 2 for i, c in enumerate(cases)}
     (tmp_path / "raw" / "case-02_ct.nii.gz").write_bytes(b"corrupt")  # its original CT: inference fails
-    with pytest.raises(ValueError, match="case-02"):
-        run_cross_validation(
-            cases, folds, lambda: build_network("unet", roi_size=ROI, **TINY_UNET), _config(max_epochs=1),
-            tmp_path / "masks", tmp_path / "work", val_fraction=0.25, parallel_folds=2,
-        )
+    spec = _cv_spec(seg, tmp_path, "masks", **{"train.max_epochs": 1, "val_fraction": 0.25, "parallel_folds": 2})
+    with pytest.raises(ImageReadError, match="case 'case-02'"):
+        run_cross_validation(cases, folds, spec, _settings(params, spec), **cv_kwargs)
     assert not (tmp_path / "masks").exists()
 
 
-def test_num_workers_is_checked():
-    assert TrainConfig().num_workers == 0
-    with pytest.raises(TrainingConfigError, match="num_workers must be >= 0; found -1"):
-        TrainConfig(num_workers=-1)
+def test_training_without_cases_is_refused(seg):
+    with pytest.raises(TrainingConfigError, match="no training cases"):
+        train_model(network_from_spec(seg), [], [], seg, seed=0)

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from bonemet.config import load_specs
 from bonemet.selection import CorrelationFilter, ICCFilter, LassoSelector, PairingError, icc
+
+#: params.yaml's ``select`` section: the transformers below are built from it (module level,
+#: because ``parametrize_with_checks`` needs the estimators at collection time)
+PARAMS = load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
+SELECT = PARAMS.select
+
+
+def _icc_filter(**changes) -> ICCFilter:
+    """An ICCFilter with params.yaml's ``select.icc`` settings, some changed."""
+    spec = SELECT.icc
+    kw = dict(threshold=spec.threshold, icc_form=spec.form, paired_prefix=spec.paired_prefix,
+              min_features=spec.min_features)
+    return ICCFilter(**{**kw, **changes})
+
+
+def _correlation_filter(**changes) -> CorrelationFilter:
+    return CorrelationFilter(**{"threshold": SELECT.correlation.threshold, **changes})
+
+
+def _lasso(**changes) -> LassoSelector:
+    """A LassoSelector with params.yaml's ``select.lasso`` settings (CV lambda), some changed."""
+    spec = SELECT.lasso
+    kw = dict(alpha=spec.alpha, cv=spec.cv, n_alphas=spec.n_alphas, max_features=spec.max_features,
+              max_iter=spec.max_iter, random_state=None, lambda_rule=spec.lambda_rule)
+    return LassoSelector(**{**kw, **changes})
 
 
 def _paired_frame(n: int = 60, p: int = 40, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -74,7 +102,7 @@ def test_icc_rejects_unknown_form_and_constant_feature_is_nan():
 
 def test_icc_filter_keeps_reliable_and_drops_noisy_features():
     frame, y, noise = _paired_frame()
-    filt = ICCFilter(threshold=0.9).fit(frame, y)
+    filt = _icc_filter(threshold=0.9).fit(frame, y)
     kept = set(filt.get_feature_names_out())
     reliable = {f"f{i:02d}" for i in range(40) if noise[i] < 1}
     assert kept == reliable
@@ -86,18 +114,20 @@ def test_icc_filter_keeps_reliable_and_drops_noisy_features():
 def test_icc_filter_uses_only_the_rows_it_is_fitted_on():
     frame, y, _ = _paired_frame()
     train = frame.iloc[:40]
-    first = ICCFilter().fit(train, y[:40]).icc_
+    first = _icc_filter().fit(train, y[:40]).icc_
     altered = frame.copy()
     altered.iloc[40:] = 1e6  # the rows outside training
-    second = ICCFilter().fit(altered.iloc[:40], y[:40]).icc_
+    second = _icc_filter().fit(altered.iloc[:40], y[:40]).icc_
     pd.testing.assert_series_equal(first, second)
-    expected = icc(train.filter(regex="^f").to_numpy(), train.filter(regex="^paired__").to_numpy())
-    np.testing.assert_allclose(first.to_numpy(), expected)
+    for form in ("ICC(2,1)", "ICC(3,1)"):  # the form is the filter's icc_form
+        expected = icc(train.filter(regex="^f").to_numpy(), train.filter(regex="^paired__").to_numpy(), form)
+        got = first if form == SELECT.icc.form else _icc_filter(icc_form=form).fit(train, y[:40]).icc_
+        np.testing.assert_allclose(got.to_numpy(), expected)
 
 
 def test_icc_filter_transform_serves_primary_only_rows():
     frame, y, _ = _paired_frame()
-    filt = ICCFilter().set_output(transform="pandas").fit(frame, y)
+    filt = _icc_filter().set_output(transform="pandas").fit(frame, y)
     with_pairs = filt.transform(frame)
     primary_only = filt.transform(frame[[c for c in frame.columns if not c.startswith("paired__")]])
     pd.testing.assert_frame_equal(with_pairs, primary_only)
@@ -107,8 +137,8 @@ def test_icc_filter_transform_serves_primary_only_rows():
 def test_icc_filter_missing_pair_and_min_features_fallback():
     frame, y, _ = _paired_frame(p=4)
     with pytest.raises(PairingError, match="paired__"):
-        ICCFilter().fit(frame.drop(columns=["paired__f01"]), y)
-    strict = ICCFilter(threshold=1.1, min_features=2).fit(frame, y)
+        _icc_filter().fit(frame.drop(columns=["paired__f01"]), y)
+    strict = _icc_filter(threshold=1.1, min_features=2).fit(frame, y)
     assert strict.fallback_ and strict.get_support().sum() == 2
 
 
@@ -116,17 +146,17 @@ def test_correlation_filter_drops_later_of_a_redundant_pair():
     rng = np.random.default_rng(1)
     a = rng.normal(size=50)
     X = pd.DataFrame({"a": a, "b": rng.normal(size=50), "a_copy": 2 * a + 0.01 * rng.normal(size=50)})
-    filt = CorrelationFilter(threshold=0.95).fit(X)
+    filt = _correlation_filter(threshold=0.95).fit(X)
     assert list(filt.get_feature_names_out()) == ["a", "b"]
     assert filt.n_dropped_ == 1
-    assert list(CorrelationFilter(threshold=1.0).fit(X).get_feature_names_out()) == ["a", "b", "a_copy"]
+    assert list(_correlation_filter(threshold=1.0).fit(X).get_feature_names_out()) == ["a", "b", "a_copy"]
 
 
 def test_lasso_selector_cv_keeps_signal_and_at_most_max_features():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(120, 60))
     y = (X[:, 3] - X[:, 7] + 0.5 * rng.normal(size=120) > 0).astype(int)
-    sel = LassoSelector(max_features=5, random_state=0).fit(X, y)
+    sel = _lasso(max_features=5, random_state=0).fit(X, y)
     support = np.flatnonzero(sel.get_support())
     assert 1 <= len(support) <= 5
     assert {3, 7} <= set(support)
@@ -139,8 +169,8 @@ def test_lasso_selector_one_standard_error_rule_is_sparser_and_within_one_se():
     rng = np.random.default_rng(5)
     X = rng.normal(size=(120, 60))
     y = (X[:, 3] - X[:, 7] + 0.3 * X[:, 11] + 0.8 * rng.normal(size=120) > 0).astype(int)
-    at_min = LassoSelector(max_features=60, random_state=0).fit(X, y)
-    at_1se = LassoSelector(max_features=60, random_state=0, lambda_rule="1se").fit(X, y)
+    at_min = _lasso(max_features=60, random_state=0, lambda_rule="min").fit(X, y)
+    at_1se = _lasso(max_features=60, random_state=0, lambda_rule="1se").fit(X, y)
     assert at_min.alpha_ == at_min.alpha_min_
     assert at_1se.alpha_min_ == at_min.alpha_
     assert at_1se.alpha_ > at_1se.alpha_min_
@@ -153,25 +183,25 @@ def test_lasso_selector_one_standard_error_rule_is_sparser_and_within_one_se():
     assert mean[chosen] <= mean[best] + se
     assert chosen == 0 or mean[chosen - 1] > mean[best] + se  # the largest such lambda
     with pytest.raises(ValueError, match="lambda_rule"):
-        LassoSelector(lambda_rule="max").fit(X, y)
+        _lasso(lambda_rule="max").fit(X, y)
 
 
 def test_lasso_selector_fixed_alpha_and_fallback():
     rng = np.random.default_rng(4)
     X = rng.normal(size=(80, 30))
     y = (X[:, 0] > 0).astype(int)
-    fixed = LassoSelector(alpha=0.0391).fit(X, y)
+    fixed = _lasso(alpha=0.0391).fit(X, y)
     assert fixed.alpha_ == pytest.approx(0.0391)
     assert fixed.alphas_ is None
     assert 0 in np.flatnonzero(fixed.get_support())
-    huge = LassoSelector(alpha=1e6).fit(X, y)  # no coefficient survives: fall back along the path
+    huge = _lasso(alpha=1e6).fit(X, y)  # no coefficient survives: fall back along the path
     assert huge.fallback_ and huge.get_support().sum() >= 1
     assert huge.get_support()[0]
     with pytest.raises(ValueError, match="max_features"):
-        LassoSelector(max_features=0).fit(X, y)
+        _lasso(max_features=0).fit(X, y)
 
 
-@parametrize_with_checks([ICCFilter(), CorrelationFilter(), LassoSelector(random_state=0)])
+@parametrize_with_checks([_icc_filter(), _correlation_filter(), _lasso(random_state=0)])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -180,8 +210,8 @@ def test_scaler_choice_builds_the_named_transform_and_rejects_others(tmp_path):
     from scipy.stats import skew
     from sklearn.preprocessing import PowerTransformer, QuantileTransformer, StandardScaler
 
+    from bonemet.modeling.persistence import load_pipeline, save_pipeline
     from bonemet.modeling.pipeline import build_pipeline, build_scaler
-    from bonemet.modeling.training import _save_pipeline, load_pipeline
 
     rng = np.random.default_rng(0)
     heavy = rng.lognormal(sigma=1.0, size=(120, 1))
@@ -200,12 +230,15 @@ def test_scaler_choice_builds_the_named_transform_and_rejects_others(tmp_path):
     y = (np.log(X["f0"]) + 0.5 * rng.normal(size=n) > 0).astype(int).to_numpy()
     paired = X.add_prefix("paired__") * (1 + 0.01 * rng.normal(size=(n, p)))
     data = pd.concat([X, paired], axis=1)
-    select = {"icc": {"threshold": 0.5}, "lasso": {"max_features": 3, "cv": 3}, "scaler": "yeo-johnson"}
-    pipe = build_pipeline("logreg", {"C": 1.0}, select, seed=0).fit(data, y)
+    select = SELECT.updated({"icc.threshold": 0.5, "lasso.max_features": 3, "lasso.cv": 3, "scaler": "yeo-johnson"})
+    logreg = dict(PARAMS.train.fixed_params["logreg"])
+    pipe = build_pipeline("logreg", {**logreg, "C": 1.0}, select, seed=0).fit(data, y)
     assert isinstance(pipe.named_steps["scaler"], PowerTransformer)
     assert "f0" in pipe.named_steps["lasso"].get_feature_names_out()
-    _save_pipeline(pipe, tmp_path / "m.skops")
+    save_pipeline(pipe, tmp_path / "m.skops")
     again = load_pipeline(tmp_path / "m.skops")
     np.testing.assert_allclose(again.predict_proba(X)[:, 1], pipe.predict_proba(X)[:, 1])
-    assert isinstance(build_pipeline("logreg", {}, {**select, "scaler": "quantile"}, 0).named_steps["scaler"],
+    assert isinstance(build_pipeline("logreg", logreg, select.updated({"scaler": "quantile"}), 0).named_steps["scaler"],
                       QuantileTransformer)
+    with pytest.raises(ValueError, match="scaler"):  # a spec cannot hold another scaler
+        select.updated({"scaler": "robust"})

@@ -95,9 +95,8 @@ def test_write_read_round_trip_and_validation(tmp_path):
         read_splits(path)
 
 
-def test_split_stage_reads_manifest_and_params(tmp_path):
+def test_split_stage_reads_manifest_and_params(tmp_path, params_file):
     import pandas as pd
-    import yaml
 
     from bonemet.cli import main
 
@@ -108,12 +107,21 @@ def test_split_stage_reads_manifest_and_params(tmp_path):
         cohort / "manifest.csv", index=False
     )
     out = tmp_path / "splits.json"
-    params = {
+    path = params_file({
         "seed": 3,
         "data": {"cohort_dir": str(cohort)},
         "split": {"test_size": 0.3, "n_folds": 3, "out": str(out)},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert main(["split", "--params", str(tmp_path / "params.yaml")]) == 0
+    })
+    assert main(["split", "--params", str(path)]) == 0
     splits = read_splits(out)
     assert splits == make_splits(ids, labels, test_size=0.3, n_folds=3, seed=3)
+
+
+def test_split_stage_refuses_a_misspelt_params_key(tmp_path, params_file, caplog):
+    from bonemet.cli import main
+
+    out = tmp_path / "splits.json"
+    path = params_file({"split": {"n_fold": 3, "out": str(out)}})
+    assert main(["split", "--params", str(path)]) == 2  # a params error, before anything is read or written
+    assert "split.n_fold: unknown key; did you mean n_folds?" in caplog.text
+    assert not out.exists()

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
 
 from bonemet.data.manifest import read_manifest
 from bonemet.data.synthetic import (
@@ -34,33 +33,40 @@ def _array(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def small_cohort(tmp_path_factory) -> tuple[Path, dict]:
+def label(params) -> int:
+    """The lesion value of the mask label maps (params data.mask_label)."""
+    return params.data.mask_label
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory, label) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("cohort") / "raw"
-    summary = generate_cohort(out, n_cases=8, n_positive=3, seed=SEED, size="small", show_progress=False)
+    summary = generate_cohort(out, n_cases=8, n_positive=3, seed=SEED, size="small", mask_label=label,
+                              show_progress=False)
     return out, summary
 
 
-def test_same_seed_gives_byte_identical_files(small_cohort, tmp_path):
+def test_same_seed_gives_byte_identical_files(small_cohort, tmp_path, label):
     out, _ = small_cohort
     again = tmp_path / "again"
-    generate_cohort(again, n_cases=8, n_positive=3, seed=SEED, size="small", show_progress=False)
+    generate_cohort(again, n_cases=8, n_positive=3, seed=SEED, size="small", mask_label=label, show_progress=False)
     first, second = _md5s(out), _md5s(again)
     assert len(first) == 8 * 3 + 2
     assert first == second
 
 
-def test_other_seed_gives_other_images(small_cohort, tmp_path):
+def test_other_seed_gives_other_images(small_cohort, tmp_path, label):
     out, _ = small_cohort
     other = tmp_path / "other"
-    generate_cohort(other, n_cases=8, n_positive=3, seed=SEED + 1, size="small", show_progress=False)
+    generate_cohort(other, n_cases=8, n_positive=3, seed=SEED + 1, size="small", mask_label=label, show_progress=False)
     a, b = _md5s(out), _md5s(other)
     assert all(a[f"images/case_{i:03d}.nii.gz"] != b[f"images/case_{i:03d}.nii.gz"] for i in range(8))
 
 
-def test_a_case_does_not_depend_on_the_cohort_size(small_cohort, tmp_path):
+def test_a_case_does_not_depend_on_the_cohort_size(small_cohort, tmp_path, label):
     out, _ = small_cohort
     fewer = tmp_path / "fewer"
-    generate_cohort(fewer, n_cases=3, n_positive=1, seed=SEED, size="small", show_progress=False)
+    generate_cohort(fewer, n_cases=3, n_positive=1, seed=SEED, size="small", mask_label=label, show_progress=False)
     # labels are re-drawn for another cohort size, so compare a case whose label agrees
     labels_big = {c.case_id: c.label for c in read_manifest(out)}
     compared = 0
@@ -117,9 +123,9 @@ def test_annotator_mask_differs_realistically(small_cohort):
     assert summary["dice_annotator_mean"] == pytest.approx(np.mean(dices), abs=1e-5)
 
 
-def test_full_size_spacing_and_volume(tmp_path):
+def test_full_size_spacing_and_volume(tmp_path, label):
     out = tmp_path / "full"
-    generate_cohort(out, n_cases=2, n_positive=1, seed=SEED, size="full", show_progress=False)
+    generate_cohort(out, n_cases=2, n_positive=1, seed=SEED, size="full", mask_label=label, show_progress=False)
     for case in read_manifest(out):
         image = sitk.ReadImage(str(case.image))
         sx, sy, sz = image.GetSpacing()
@@ -178,73 +184,103 @@ def test_lesion_size_is_independent_of_label():
     assert 0.45 < auc < 0.55
 
 
-def test_bad_arguments_are_refused(tmp_path, small_cohort):
+def test_bad_arguments_are_refused(tmp_path, small_cohort, label):
+    common = {"seed": SEED, "mask_label": label}
     with pytest.raises(SyntheticParamsError, match="n_positive"):
-        generate_cohort(tmp_path / "a", n_cases=4, n_positive=4, size="small")
+        generate_cohort(tmp_path / "a", n_cases=4, n_positive=4, size="small", **common)
     with pytest.raises(SyntheticParamsError, match="size"):
-        generate_cohort(tmp_path / "b", n_cases=4, n_positive=2, size="huge")
+        generate_cohort(tmp_path / "b", n_cases=4, n_positive=2, size="huge", **common)
     assert not (tmp_path / "b").exists()
+    with pytest.raises(SyntheticParamsError, match="mask_label"):
+        generate_cohort(tmp_path / "c", n_cases=4, n_positive=2, size="small", seed=SEED, mask_label=256)
+    assert not (tmp_path / "c").exists()
     out, _ = small_cohort
     with pytest.raises(CohortExistsError, match="not empty"):
-        generate_cohort(out, n_cases=4, n_positive=2, size="small")
+        generate_cohort(out, n_cases=4, n_positive=2, size="small", **common)
 
 
 def test_plot_cases_writes_a_png(small_cohort, tmp_path):
     out, _ = small_cohort
-    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png")
+    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png", mask_label=1)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _params_file(tmp_path: Path, cohort_dir: Path, source: str) -> Path:
-    params = {
-        "seed": 1,
-        "data": {
-            "cohort_dir": str(cohort_dir),
-            "source": source,
-            "mask_label": 1,
-            "synthetic": {"n_cases": 3, "n_positive": 1, "seed": SEED, "size": "small"},
-        },
-    }
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+@pytest.fixture
+def synth_params(params_file):
+    """``(cohort_dir, source) -> path`` of the repository's params with a 4-case small synthetic cohort."""
+
+    def write(cohort_dir: Path, source: str) -> Path:
+        return params_file({
+            "seed": 1,
+            "data": {
+                "cohort_dir": str(cohort_dir),
+                "source": source,
+                "mask_label": 1,
+                "synthetic": {"n_cases": 4, "n_positive": 1, "seed": SEED, "size": "small"},
+            },
+        })
+
+    return write
 
 
-def test_synth_command_refuses_non_empty_out_unless_forced(tmp_path):
+def test_synth_command_refuses_non_empty_out_unless_forced(tmp_path, synth_params):
     from bonemet.cli import main
 
-    params = _params_file(tmp_path, tmp_path / "unused", "synthetic")
+    params = synth_params(tmp_path / "unused", "synthetic")
     out = tmp_path / "cohort"
     args = ["synth", "--params", str(params), str(out), "--small", "--no-progress"]
-    figure = tmp_path / "figs" / "cases.png"
-    assert main(args + ["--figure", str(figure)]) == 0
-    assert len(read_manifest(out)) == 3
-    assert figure.is_file() and not list(out.glob("*.png"))
-    before = _md5s(out)
-    assert main(args + ["--n", "4"]) == 1
-    assert _md5s(out) == before
-    assert main(args + ["--n", "4", "--force"]) == 0
+    assert main(args) == 0
     assert len(read_manifest(out)) == 4
+    before = _md5s(out)
+    assert main(args + ["--n", "5"]) == 1
+    assert _md5s(out) == before
+    assert main(args + ["--n", "5", "--force"]) == 0
+    assert len(read_manifest(out)) == 5
+    # impossible counts are the user's mistake: one line, exit 1, the cohort kept
+    before = _md5s(out)
+    assert main(args + ["--n", "4", "--n-positive", "4", "--force"]) == 1
+    assert _md5s(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cohort")], "temporary folder left behind"
 
 
-def test_ensure_data_generates_once_then_does_nothing(tmp_path):
+def test_synth_command_writes_the_figure_outside_the_cohort(tmp_path, synth_params):
+    from bonemet.cli import main
+
+    params = synth_params(tmp_path / "unused", "synthetic")
+    out = tmp_path / "cohort"
+    figure = tmp_path / "figs" / "cases.png"
+    assert main(["synth", "--params", str(params), str(out), "--small", "--no-progress", "--figure", str(figure)]) == 0
+    assert len(read_manifest(out)) == 4
+    assert figure.is_file() and not list(out.glob("*.png"))
+
+
+def test_ensure_data_generates_once_then_does_nothing(tmp_path, synth_params):
     from bonemet.cli import main
 
     cohort = tmp_path / "data" / "raw"
-    params = _params_file(tmp_path, cohort, "synthetic")
+    params = synth_params(cohort, "synthetic")
     assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 0
     before = _md5s(cohort)
-    assert len(read_manifest(cohort)) == 3
+    assert len(read_manifest(cohort)) == 4
     assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 0
     assert _md5s(cohort) == before
 
 
-def test_ensure_data_with_user_source_and_no_cohort_fails_clearly(tmp_path, caplog):
+def test_synthetic_params_refuse_a_cohort_too_small_to_split(tmp_path, params_file, caplog):
+    from bonemet.cli import main
+
+    cohort = tmp_path / "raw"
+    path = params_file({"data": {"cohort_dir": str(cohort), "synthetic": {"n_cases": 3, "n_positive": 1}}})
+    assert main(["ensure-data", "--params", str(path), "--no-progress"]) == 2
+    assert "data.synthetic.n_cases" in caplog.text and "found 3" in caplog.text
+    assert not cohort.exists()
+
+
+def test_ensure_data_with_user_source_and_no_cohort_fails_clearly(tmp_path, caplog, synth_params):
     from bonemet.cli import main
 
     cohort = tmp_path / "mine"
-    params = _params_file(tmp_path, cohort, "user")
+    params = synth_params(cohort, "user")
     assert main(["ensure-data", "--params", str(params)]) == 1
     assert "dvc pull" in caplog.text and str(cohort) in caplog.text
     assert not cohort.exists()
@@ -259,12 +295,12 @@ def test_synth_counts_follow_params_unless_overridden():
     assert resolve_counts(10, 7, 178, 78) == (10, 7)
 
 
-def test_ensure_data_never_overwrites_a_folder_without_manifest(tmp_path):
+def test_ensure_data_never_overwrites_a_folder_without_manifest(tmp_path, synth_params):
     from bonemet.cli import main
 
     cohort = tmp_path / "raw"
     cohort.mkdir()
     (cohort / "notes.txt").write_text("mine")
-    params = _params_file(tmp_path, cohort, "synthetic")
+    params = synth_params(cohort, "synthetic")
     assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 1
     assert [p.name for p in cohort.iterdir()] == ["notes.txt"]

@@ -4,32 +4,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bonemet.modeling.training import TrainingInputError, assemble_features, load_pipeline, run_training
+from bonemet.modeling.persistence import load_pipeline
+from bonemet.modeling.training import TrainingInputError, assemble_features, choose_best_model, run_training
 from bonemet.tracking import RecordingTracker
 
 MODELS = ["logreg", "knn", "random_forest"]
-TRAIN = {
-    "models": MODELS,
-    "n_trials": {"default": 2},
-    "inner_folds": 3,
-    "pruner_startup_trials": 1,
-    "search_space": {
-        "logreg": {"C": {"type": "float", "low": 0.5, "high": 10.0, "log": True}},
-        "knn": {"n_neighbors": {"type": "int", "low": 3, "high": 9, "step": 2}},
-        "random_forest": {"max_depth": {"type": "int", "low": 2, "high": 4}},
-    },
-    "fixed_params": {"random_forest": {"n_estimators": 30}},
-    "log_models": True,
-    "log_figures": False,
-    "write_figures": False,
-}
-SELECT = {"icc": {"threshold": 0.9}, "lasso": {"max_features": 4, "cv": 3}}
-EVALUATE = {"n_bootstrap": 50, "calibration_bins": 3}
+
+
+
+@pytest.fixture(scope="module")
+def specs(params):
+    """params.yaml's select/train/evaluate, cut down for 60 cases: 2 trials per model, 3 inner folds."""
+    train = params.train.updated({
+        "models": MODELS,
+        "n_trials": {m: 2 for m in MODELS},
+        "inner_folds": 3,
+        "pruner_startup_trials": 1,
+        "search_space": {
+            "logreg": {"C": {"type": "float", "low": 0.5, "high": 10.0, "log": True}},
+            "knn": {"n_neighbors": {"type": "int", "low": 3, "high": 9, "step": 2, "log": False}},
+            "random_forest": {"max_depth": {"type": "int", "low": 2, "high": 4, "step": 1, "log": False}},
+        },
+        "fixed_params": {**params.train.fixed_params, "random_forest": {"n_estimators": 30}},
+        "log_models": True,
+        "log_figures": False,
+        "write_figures": False,
+    })
+    return SimpleNamespace(
+        select=params.select.updated({"lasso.max_features": 4, "lasso.cv": 3}),
+        train=train,
+        evaluate=params.evaluate.updated({"n_bootstrap": 50, "calibration_bins": 3}),
+    )
 
 
 def _tables(n: int = 60, p: int = 16, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -59,18 +70,32 @@ def _tables(n: int = 60, p: int = 16, seed: int = 0) -> tuple[pd.DataFrame, pd.D
     return table(X), table(X + rng.normal(size=(n, p)) * noise), splits
 
 
-def _run(tmp_path, primary, paired, splits, tracker=None, evaluate=EVALUATE, train=TRAIN):
+def _run(tmp_path, primary, paired, splits, specs, tracker=None, **train_changes):
+    """run_training writing under ``tmp_path`` (models/, plots/, metrics/), ``train_changes`` applied."""
+    train = specs.train.updated({"out_dir": str(tmp_path / "models"), "plots_dir": str(tmp_path / "plots"),
+                                 "metrics_dir": str(tmp_path / "metrics"), **train_changes})
     return run_training(
-        primary, paired, splits, select_params=SELECT, train_params=train, evaluate_params=evaluate, seed=3,
-        tracker=tracker or RecordingTracker(), out_dir=tmp_path / "models", plots_dir=tmp_path / "plots",
-        metrics_dir=tmp_path / "metrics", bayes_auc=0.9,
+        primary, paired, splits, select=specs.select, train=train, evaluate=specs.evaluate, seed=3,
+        feature_source="auto", tracker=tracker or RecordingTracker(), bayes_auc=0.9,
     )
 
 
-def test_run_training_end_to_end(tmp_path):
+@pytest.mark.parametrize(("cv_aucs", "order", "best"), [
+    ({"a": [0.8, 0.9], "b": [0.9, 0.95]}, ["a", "b"], "b"),                 # highest mean CV AUC
+    # ties (values exact in binary, so the means are equal): the lower sd, then the order given
+    ({"a": [0.625, 0.875], "b": [0.6875, 0.8125]}, ["a", "b"], "b"),
+    ({"a": [0.8, 0.9], "b": [0.8, 0.9]}, ["b", "a"], "b"),
+    ({"a": [0.8, 0.9], "b": [0.8, 0.9]}, ["a", "b"], "a"),
+    ({"knn": [0.75], "svm": [0.5, 1.0]}, ["svm", "knn"], "knn"),            # one fold: sd 0
+])
+def test_choose_best_model_by_cv_auc_then_sd_then_order(cv_aucs, order, best):
+    assert choose_best_model(cv_aucs, order) == best
+
+
+def test_run_training_end_to_end(tmp_path, specs):
     primary, paired, splits = _tables()
     tracker = RecordingTracker()
-    res = _run(tmp_path, primary, paired, splits, tracker, train={**TRAIN, "log_figures": True, "write_figures": True})
+    res = _run(tmp_path, primary, paired, splits, specs, tracker, log_figures=True, write_figures=True)
 
     parent = tracker.find("train")
     assert parent["parent"] is None
@@ -100,6 +125,24 @@ def test_run_training_end_to_end(tmp_path):
     assert all(not s["name"].startswith("paired__") for s in selected["lasso"]["selected"])
     index = json.loads((tmp_path / "models" / "index.json").read_text())
     assert index["best_model"] == res.best_model in MODELS
+    assert res.best_model == choose_best_model({m: r.cv_aucs for m, r in res.models.items()}, MODELS)
+    assert index["feature_source"] == "auto"
+    assert index["feature_names"] == [c for c in primary.columns if c not in ("case_id", "label")]
+    assert set(index["models"]) == set(MODELS)
+    for model, entry in index["models"].items():
+        r = res.models[model]
+        assert entry["path"] == f"{model}.skops" and (tmp_path / "models" / entry["path"]).is_file()
+        assert entry["cv_auc_mean"] == pytest.approx(r.cv_auc_mean) and entry["cv_auc_sd"] == pytest.approx(r.cv_auc_sd)
+        assert entry["test_auc"] == pytest.approx(r.test_metrics["auc"])
+        assert entry["params"] == r.tuning.best_params
+        assert "seconds" not in entry and "run_id" not in entry  # those are provenance
+    # run ids and timings: provenance.json, one run id per model run of the tracker
+    provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
+    run_ids = {r["name"]: f"run-{i}" for i, r in enumerate(tracker.runs, start=1)}
+    assert provenance["train_run_id"] == run_ids["train"]
+    for model in MODELS:
+        assert provenance["models"][model]["run_id"] == res.models[model].run_id == run_ids[model]
+        assert provenance["models"][model]["seconds"]["total_s"] > 0
 
     # the saved pipeline loads with skops and serves primary-only rows like the fitted one
     loaded = load_pipeline(tmp_path / "models" / f"{res.best_model}.skops")
@@ -107,16 +150,16 @@ def test_run_training_end_to_end(tmp_path):
     np.testing.assert_allclose(loaded.predict_proba(rows), res.models[res.best_model].pipeline.predict_proba(rows))
 
 
-def test_test_rows_never_reach_selection_tuning_or_cv(tmp_path):
+def test_test_rows_never_reach_selection_tuning_or_cv(tmp_path, specs):
     primary, paired, splits = _tables()
-    first = _run(tmp_path / "a", primary, paired, splits)
+    first = _run(tmp_path / "a", primary, paired, splits, specs)
     feature_cols = [c for c in primary.columns if c not in ("case_id", "label")]
     is_test = primary["case_id"].isin(splits["test"])
     altered_primary, altered_paired = primary.copy(), paired.copy()
     rng = np.random.default_rng(9)
     altered_primary.loc[is_test, feature_cols] = rng.normal(size=(int(is_test.sum()), len(feature_cols))) * 50
     altered_paired.loc[is_test, feature_cols] = rng.normal(size=(int(is_test.sum()), len(feature_cols))) * 50
-    second = _run(tmp_path / "b", altered_primary, altered_paired, splits)
+    second = _run(tmp_path / "b", altered_primary, altered_paired, splits, specs)
 
     assert first.selected_features == second.selected_features
     for model in MODELS:
@@ -127,24 +170,26 @@ def test_test_rows_never_reach_selection_tuning_or_cv(tmp_path):
         assert not np.allclose(a.scores["test"], b.scores["test"])  # the test rows did change
 
 
-def test_same_seed_same_table1(tmp_path):
+def test_same_seed_same_table1_and_model_index(tmp_path, specs):
     primary, paired, splits = _tables()
-    _run(tmp_path / "a", primary, paired, splits)
-    _run(tmp_path / "b", primary, paired, splits)
+    _run(tmp_path / "a", primary, paired, splits, specs)
+    _run(tmp_path / "b", primary, paired, splits, specs)
     assert (tmp_path / "a/metrics/table1.json").read_text() == (tmp_path / "b/metrics/table1.json").read_text()
+    # index.json holds no timings or run ids (they are in provenance.json): same data and seed, same bytes
+    assert (tmp_path / "a/models/index.json").read_bytes() == (tmp_path / "b/models/index.json").read_bytes()
 
 
 def test_assemble_features_checks_cases_and_labels():
     primary, paired, _ = _tables(n=12, p=3)
-    X, y = assemble_features(primary, paired)
+    X, y = assemble_features(primary, paired, "paired__")
     assert list(X.columns[:3]) == [c for c in primary.columns[2:]]
     assert all(c.startswith("paired__") for c in X.columns[3:])
     with pytest.raises(TrainingInputError, match="different cases"):
-        assemble_features(primary, paired.iloc[1:])
+        assemble_features(primary, paired.iloc[1:], "paired__")
     flipped = paired.copy()
     flipped.loc[0, "label"] = 1 - flipped.loc[0, "label"]
     with pytest.raises(TrainingInputError, match="labels differ"):
-        assemble_features(primary, flipped)
+        assemble_features(primary, flipped, "paired__")
 
 
 def test_stage_falls_back_to_annotator_features_when_auto_is_missing(tmp_path, caplog):
@@ -159,15 +204,15 @@ def test_stage_falls_back_to_annotator_features_when_auto_is_missing(tmp_path, c
     assert "stand-in" in caplog.text
     assert _read_tables(tmp_path, "manual")[2:] == ("manual", "annotator")
     (tmp_path / "annotator.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match="auto.parquet"):
+    with pytest.raises(TrainingInputError, match=r"auto\.parquet not found \(run `bonemet extract` first\)"):
         _read_tables(tmp_path, "auto")
 
 
-def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
+def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch, specs):
     import yaml
 
     from bonemet.cli import main
-    from bonemet.config import deep_merge, load_params
+    from bonemet.config import load_params
 
     primary, paired, splits = _tables()
     (tmp_path / "data" / "features").mkdir(parents=True)
@@ -180,16 +225,17 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
            enumerate(zip(primary["case_id"], primary["label"], strict=True))}
     (tmp_path / "data" / "raw" / "cohort.json").write_text(json.dumps(
         {"bayes_auc": 0.88, "cases": [{"case_id": c, "llr": v} for c, v in llr.items()]}))
-    params = deep_merge(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), {
-        "split": {"out": "data/splits.json"},
-        "data": {"cohort_dir": "data/raw"},
-        "select": SELECT,
-        "train": {**TRAIN, "models": ["logreg", "knn"], "n_trials": 1, "log_models": False},
-        "evaluate": EVALUATE,
-    })
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["split"]["out"] = "data/splits.json"
+    params["data"]["cohort_dir"] = "data/raw"
+    params["select"] = specs.select.model_dump(mode="json")
+    params["train"] = specs.train.updated(
+        {"models": ["logreg", "knn"], "n_trials": {"logreg": 1, "knn": 1}, "log_models": False}
+    ).model_dump(mode="json")
+    params["evaluate"] = specs.evaluate.model_dump(mode="json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--no-mlflow"]) == 0
+    assert main(["train", "--no-tracking"]) == 0
     table1 = json.loads((tmp_path / "metrics" / "table1.json").read_text())
     assert set(table1["models"]) == {"logreg", "knn"}
     assert table1["bayes_optimal"]["auc"] == 0.88
@@ -207,20 +253,50 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch):
     assert (tmp_path / "metrics" / "cv_auc.json").is_file()
     assert (tmp_path / "models" / "selected_features.json").is_file()
     assert (tmp_path / "models" / "logreg.skops").is_file()
+    provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
+    assert provenance["train_run_id"] is None  # --no-tracking: no runs
+    assert set(provenance["models"]) == {"logreg", "knn"}
 
 
-def test_logged_mlflow_model_loads_back_with_skops(tmp_path):
+def test_train_stage_refuses_a_misspelt_hyperparameter_before_training(tmp_path, monkeypatch, caplog, specs):
+    import yaml
+
+    from bonemet.cli import main
+    from bonemet.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["train"] = specs.train.updated(
+        {"fixed_params": {"knn": {"n_neighbour": 5}}, "features_dir": "nowhere"}
+    ).model_dump(mode="json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO"):
+        assert main(["train", "--no-tracking"]) == 1  # a user error: one line, no traceback
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert errors[0].getMessage() == ("train.fixed_params.knn.n_neighbour: knn takes no hyperparameter "
+                                      "'n_neighbour'; did you mean n_neighbors?")
+    assert not (tmp_path / "models").exists()  # refused before reading features or training
+
+
+def test_logged_mlflow_model_loads_back_with_skops(tmp_path, monkeypatch, specs):
     import mlflow
 
-    from bonemet.tracking.mlflow_backend import MlflowTracker
+    from bonemet.registry.store import MlflowTracker
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     primary, paired, splits = _tables()
-    tracker = MlflowTracker("bonemet-classification", store_dir=tmp_path / "mlruns", default_tags={"data_md5": "abc"})
-    res = _run(tmp_path, primary, paired, splits, tracker=tracker, train={**TRAIN, "models": ["knn"]})
+    tracker = MlflowTracker("bonemet-classification", tracking_uri=None, store_dir=tmp_path / "mlruns",
+                            default_tags={"data_md5": "abc"})
+    res = _run(tmp_path, primary, paired, splits, specs, tracker=tracker, models=["knn"])
     runs = mlflow.search_runs(experiment_names=["bonemet-classification"])
     child = runs[runs["tags.mlflow.runName"] == "knn"].iloc[0]
     assert child["tags.data_md5"] == "abc" and child["tags.mlflow.parentRunId"]
     assert child["metrics.test_auc"] == pytest.approx(res.models["knn"].test_metrics["auc"])
+    # provenance.json names the MLflow runs (the register stage reads them from there)
+    provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
+    assert provenance["models"]["knn"]["run_id"] == child["run_id"] == res.models["knn"].run_id
+    assert provenance["train_run_id"] == child["tags.mlflow.parentRunId"]
     loaded = mlflow.sklearn.load_model(f"runs:/{child['run_id']}/model")
     rows = primary.drop(columns=["case_id", "label"]).iloc[:4]
     np.testing.assert_allclose(loaded.predict_proba(rows), res.models["knn"].pipeline.predict_proba(rows))

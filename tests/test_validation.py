@@ -78,20 +78,8 @@ def test_check_table_rejects_malformed_rules(rules):
 
 # --------------------------------------------------------------------------- tiny cohorts
 SIZE = 24
-PARAMS = """
-data:
-  mask_label: 1
-validate:
-  min_spacing_mm: 0.1
-  max_spacing_mm: 10.0
-  hu_min: -3100
-  hu_max: 4000
-  hu_air_max: -200
-  hu_min_range: 800
-  grid_tolerance_mm: 0.01
-  lesion_volume_ml: [0.01, 200.0]
-  report_dir: unused_report_dir
-"""
+#: over the repository's params: the tiny test lesions (~0.05 mL) sit inside the plausible range
+PARAMS = {"data": {"mask_label": 1}, "validate": {"lesion_volume_ml": [0.01, 200.0]}}
 
 
 def _ct(rng: np.random.Generator, spacing=(0.8, 0.8, 2.0)) -> sitk.Image:
@@ -146,9 +134,18 @@ def _snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-def _validate(tmp_path: Path, cohort: Path, caplog, params_text: str = PARAMS) -> tuple[int, dict, str, str]:
-    params = tmp_path / "params.yaml"
-    params.write_text(params_text)
+@pytest.fixture
+def validate(tmp_path, caplog, params_file):
+    """``(cohort, overrides=PARAMS) -> (exit code, report.json, error lines, report.txt)`` of
+    ``bonemet validate COHORT --report DIR`` with the repository's params plus ``overrides``."""
+
+    def run(cohort: Path, overrides: dict = PARAMS) -> tuple[int, dict, str, str]:
+        return _validate(tmp_path, cohort, caplog, params_file(overrides))
+
+    return run
+
+
+def _validate(tmp_path: Path, cohort: Path, caplog, params: Path) -> tuple[int, dict, str, str]:
     report_dir = tmp_path / "report"
     before = _snapshot(cohort)
     caplog.clear()
@@ -162,9 +159,9 @@ def _validate(tmp_path: Path, cohort: Path, caplog, params_text: str = PARAMS) -
     return code, report, errors, (report_dir / "report.txt").read_text()
 
 
-def test_clean_cohort_passes(tmp_path, caplog):
+def test_clean_cohort_passes(tmp_path, caplog, validate):
     cohort = make_cohort(tmp_path)
-    code, report, errors, text = _validate(tmp_path, cohort, caplog)
+    code, report, errors, text = validate(cohort)
     assert code == 0, text
     assert report["passed"] and report["n_cases"] == 4 and report["cases"] == {}
     assert errors == ""
@@ -272,10 +269,10 @@ def _break_annotator(cohort):
         _break_annotator,
     ],
 )
-def test_bad_cohort_fails_naming_case_and_rule(tmp_path, caplog, breaker):
+def test_bad_cohort_fails_naming_case_and_rule(tmp_path, caplog, breaker, validate):
     cohort = make_cohort(tmp_path)
     case, rule, hint = breaker(cohort)
-    code, report, errors, text = _validate(tmp_path, cohort, caplog)
+    code, report, errors, text = validate(cohort)
     assert code == 1
     assert not report["passed"]
     assert f"case '{case}'" in errors and rule in errors and hint in errors, errors
@@ -286,50 +283,83 @@ def test_bad_cohort_fails_naming_case_and_rule(tmp_path, caplog, breaker):
     assert report["n_cases_failed"] == 1
 
 
-def test_one_class_only_fails_at_manifest_level(tmp_path, caplog):
+def test_one_class_only_fails_at_manifest_level(tmp_path, caplog, validate):
     cohort = make_cohort(tmp_path)
     _rewrite_manifest(cohort, lambda t: t.replace(",1,images", ",0,images"))
-    code, report, errors, text = _validate(tmp_path, cohort, caplog)
+    code, report, errors, text = validate(cohort)
     assert code == 1
     assert [f["rule"] for f in report["manifest_failures"]] == ["both_classes"]
     assert "both_classes" in errors and "['0']" in errors
 
 
-def test_several_bad_cases_are_all_named(tmp_path, caplog):
+def test_several_bad_cases_are_all_named(tmp_path, caplog, validate):
     cohort = make_cohort(tmp_path, n=5)
     _break_missing(cohort)
     _break_empty_mask(cohort)
     _break_truncated(cohort)
-    code, report, errors, _ = _validate(tmp_path, cohort, caplog)
+    code, report, errors, _ = validate(cohort)
     assert code == 1 and report["n_cases_failed"] == 3
     for case in ("c00", "c01", "c02"):
         assert f"case '{case}'" in errors
     assert "c03" not in errors and "c04" not in errors
 
 
-def test_soft_rules_only_warn(tmp_path, caplog):
+def test_soft_rules_only_warn(tmp_path, caplog, validate):
     cohort = make_cohort(tmp_path, annotator=False)
     mask = _sphere_mask(sitk.ReadImage(str(cohort / "images" / "c00.nii.gz")))
     mask[0, 0, 0] = 3  # a stray voxel of another label: warn, the lesion is still label 1
     _write(cohort, "masks/c00.nii.gz", mask)
-    code, report, errors, text = _validate(tmp_path, cohort, caplog)
+    code, report, errors, text = validate(cohort)
     assert code == 0 and report["passed"]
     assert [f["rule"] for f in report["cases"]["c00"]] == ["mask_binary"]
     assert report["cases"]["c00"][0]["severity"] == "soft" and "3" in report["cases"]["c00"][0]["detail"]
     assert any(r.levelno == logging.WARNING and "c00" in r.getMessage() for r in caplog.records)
     assert "annotator" not in json.dumps(report["cases"])
     # lesion volume below the range: soft too (every tiny lesion is 'too small' here)
-    small = PARAMS.replace("[0.01, 200.0]", "[0.5, 200.0]")
-    code, report, errors, _ = _validate(tmp_path, cohort, caplog, params_text=small)
+    small = {**PARAMS, "validate": {"lesion_volume_ml": [0.5, 200.0]}}
+    code, report, errors, _ = validate(cohort, small)
     assert code == 0 and all("mask_volume" in {f["rule"] for f in fs} for fs in report["cases"].values())
 
 
-def test_missing_manifest_and_missing_columns(tmp_path, caplog):
+def test_missing_manifest_and_missing_columns(tmp_path, caplog, validate):
     cohort = make_cohort(tmp_path)
     _rewrite_manifest(cohort, lambda t: t.replace("case_id,label,image,mask", "case,label,image,mask"))
-    code, report, errors, _ = _validate(tmp_path, cohort, caplog)
+    code, report, errors, _ = validate(cohort)
     assert code == 1 and report["manifest_failures"][0]["rule"] == "manifest_readable"
     assert "case_id" in errors
     (cohort / "manifest.csv").unlink()
-    code, report, errors, _ = _validate(tmp_path, cohort, caplog)
+    code, report, errors, _ = validate(cohort)
     assert code == 1 and "manifest not found" in errors
+
+
+def test_without_report_nothing_is_written(tmp_path, caplog, params_file, monkeypatch):
+    cohort = make_cohort(tmp_path)
+    params = params_file(PARAMS)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the pipeline's data/validation would be created here
+    before = _snapshot(tmp_path)
+    with caplog.at_level(logging.INFO):
+        assert main(["validate", str(cohort), "--params", str(params), "--no-progress"]) == 0
+    assert _snapshot(tmp_path) == before
+    assert "PASSED" in caplog.text and "report written" not in caplog.text
+
+
+def test_validate_cohort_uses_the_spec_and_mask_label(tmp_path, params):
+    from bonemet.validation.cohort import validate_cohort
+
+    cohort = make_cohort(tmp_path, annotator=False)
+    for i in range(4):  # lesions stored as label 2 (data.mask_label: 2)
+        path = cohort / "masks" / f"c{i:02d}.nii.gz"
+        _write(cohort, f"masks/c{i:02d}.nii.gz", sitk.ReadImage(str(path)) * 2)
+    spec = params.validation.updated({"lesion_volume_ml": [0.01, 200.0]})
+    report = validate_cohort(cohort, spec, mask_label=2, show_progress=False)
+    assert report.passed and report.failures == {}
+    assert (report.measurements["mask_label_voxels"] > 0).all()
+    report = validate_cohort(cohort, spec, mask_label=1, show_progress=False)
+    assert not report.passed and {f.rule for f in report.failures["c00"]} >= {"mask_nonempty"}
+    # the spec's rules are the ones applied: a spacing ceiling below the 2 mm slices fails every case
+    strict = spec.updated({"max_spacing_mm": 1.5})
+    report = validate_cohort(cohort, strict, mask_label=2, show_progress=False)
+    assert not report.passed and sorted(report.bad_cases) == ["c00", "c01", "c02", "c03"]
+    assert all("spacing_max" in {f.rule for f in report.failures[c]} for c in report.bad_cases)

@@ -100,7 +100,7 @@ class Spec(BaseModel):
             for part in parents:
                 node = node[part]
             if leaf not in node:
-                raise ParamsError(f"{dotted}: unknown key; valid keys: {', '.join(sorted(node))}")
+                raise ParamsError(f"{dotted}: unknown key{_did_you_mean(leaf, node)}")
             node[leaf] = value
         return validate_spec(type(self), data, where="")
 
@@ -634,7 +634,8 @@ def _problems(model: type[BaseModel], error_list: list[Any]) -> list[tuple[list[
             shown = repr(found)
             if isinstance(found, Mapping | list | tuple) and len(shown) > 80:
                 shown = f"a {'mapping' if isinstance(found, Mapping) else 'list'} of {len(found)}"
-            message = f"{str(error['msg']).removeprefix('Value error, ')}; found {shown}"
+            text = str(error["msg"]).removeprefix("Value error, ")
+            message = text if "; found " in text else f"{text}; found {shown}"
         out.append((path, message))
     return out
 
@@ -706,6 +707,11 @@ def build_specs(raw: Mapping[str, Any], *, segment_profile: str | None = None) -
     if isinstance(seg_raw, Mapping):
         chosen, merged = resolve_segment(seg_raw, segment_profile)
         overrides = dict(seg_raw.get("profiles") or {})
+        base = {k: v for k, v in seg_raw.items() if k != "profiles"}
+        try:  # the common keys are a whole configuration too, even where every profile overrides one
+            SegmentSpec.model_validate(base)
+        except ValidationError as exc:
+            problems += [(["segment", *path], message) for path, message in _problems(SegmentSpec, exc.errors())]
         for name, profile_data in merged.items():
             try:
                 SegmentSpec.model_validate(profile_data)

@@ -57,7 +57,7 @@ from bonemet.data.dicom_series import (
     series_instance_uid,
     slice_headers,
 )
-from bonemet.data.io import IMAGE_SUFFIXES, ImageReadError, _describe, read_image, read_mask, same_grid
+from bonemet.data.io import IMAGE_SUFFIXES, ImageReadError, describe_path, read_image, read_mask, same_grid
 from bonemet.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def dicom_modality(path: str | Path, *, case_id: str | None = None) -> str | Non
     except (InvalidDicomError, EOFError, IsADirectoryError):
         return None
     except (OSError, ValueError, KeyError, TypeError, struct.error, BytesLengthException) as exc:
-        raise MaskFormatError(f"{_describe(path, case_id)}: a damaged DICOM file ({exc}); export it again") from exc
+        raise MaskFormatError(f"{describe_path(path, case_id)}: a damaged DICOM file ({exc}); export it again") from exc
     return str(ds.get("Modality", "")).strip().upper() or None
 
 
@@ -241,7 +241,7 @@ def _load_rtstruct(path: Path, where: str, fix: str) -> _StructureSet:
 def rtstruct_roi_names(path: str | Path, *, case_id: str | None = None) -> list[str]:
     """The ROI names of an RTSTRUCT file, in file order (e.g. to check a manifest's roi column)."""
     path = Path(path)
-    return list(_load_rtstruct(path, _describe(path, case_id), "give an RTSTRUCT file").roi_names.values())
+    return list(_load_rtstruct(path, describe_path(path, case_id), "give an RTSTRUCT file").roi_names.values())
 
 
 def _quoted(names: Sequence[str]) -> str:
@@ -279,7 +279,7 @@ def read_rtstruct_mask(
             or another series referenced.
     """
     path = Path(rtstruct_path)
-    where = _describe(path, case_id)
+    where = describe_path(path, case_id)
     _check_reference_image(reference_image, where)
     structures = _load_rtstruct(path, where, "give the RTSTRUCT exported for this case")
     numbers = [number for number, name in structures.roi_names.items() if name == roi]
@@ -394,12 +394,23 @@ def _binary_array(mask: sitk.Image, where: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _series_for_mask(mask: sitk.Image, reference_series_dir: Path, where: str) -> list[Dataset]:
+def _writer_inputs(mask: sitk.Image, reference_series_dir: Path, where: str, algorithm_type: str,
+                   grid_tolerance_mm: float) -> tuple[list[Dataset], np.ndarray]:
+    """What both writers start from: the series' slice headers and the mask as a 0/1 array,
+    after checking the algorithm type, the mask's grid and its values."""
+    if algorithm_type not in ("AUTOMATIC", "MANUAL"):
+        raise DicomWriteError(f"{where}: algorithm_type must be 'AUTOMATIC' or 'MANUAL', found {algorithm_type!r}")
+    headers = _series_for_mask(mask, reference_series_dir, where, grid_tolerance_mm)
+    return headers, _binary_array(mask, where)
+
+
+def _series_for_mask(mask: sitk.Image, reference_series_dir: Path, where: str,
+                     grid_tolerance_mm: float) -> list[Dataset]:
     """Headers of the series, one per slice, after checking that ``mask`` is on its grid."""
     if mask.GetDimension() != 3:
         raise DicomWriteError(f"{where}: the mask is {mask.GetDimension()}D; expected 3D")
     series_image = read_image(reference_series_dir)
-    ok, reason = same_grid(series_image, mask)
+    ok, reason = same_grid(series_image, mask, tol_mm=grid_tolerance_mm)
     if not ok:
         raise DicomWriteError(
             f"{where}: the mask is not on the grid of the series {reference_series_dir} (mask {reason}); "
@@ -437,6 +448,7 @@ def write_rtstruct(
     roi_name: str,
     *,
     algorithm_type: AlgorithmType,
+    grid_tolerance_mm: float,
     algorithm_name: str = "bonemet MISSU",
     color: tuple[int, int, int] = (255, 0, 0),
     structure_set_label: str = "bonemet",
@@ -455,6 +467,8 @@ def write_rtstruct(
         out_path: the RTSTRUCT file to write (atomically).
         roi_name: ROIName of the structure.
         algorithm_type: ROIGenerationAlgorithm, "AUTOMATIC" (a model's mask) or "MANUAL".
+        grid_tolerance_mm: how far (mm) the mask's grid may differ from the series'
+            (``validate.grid_tolerance_mm``).
         algorithm_name: ROIGenerationDescription when ``algorithm_type`` is "AUTOMATIC".
         color: ROIDisplayColor, RGB 0-255.
         structure_set_label: StructureSetLabel.
@@ -466,10 +480,7 @@ def write_rtstruct(
     """
     reference_series_dir, out_path = Path(reference_series_dir), Path(out_path)
     where = str(out_path)
-    if algorithm_type not in ("AUTOMATIC", "MANUAL"):
-        raise DicomWriteError(f"{where}: algorithm_type must be 'AUTOMATIC' or 'MANUAL', found {algorithm_type!r}")
-    headers = _series_for_mask(mask, reference_series_dir, where)
-    array = _binary_array(mask, where)
+    headers, array = _writer_inputs(mask, reference_series_dir, where, algorithm_type, grid_tolerance_mm)
     affine = grid_affine(mask)
     first = headers[0]
     frame_uid = str(first.FrameOfReferenceUID)
@@ -583,7 +594,7 @@ def _segment_labels(seg, where: str) -> dict[int, str]:
 def seg_segment_labels(path: str | Path, *, case_id: str | None = None) -> dict[int, str]:
     """Segment number -> SegmentLabel of a DICOM SEG file (e.g. to check a manifest's segment)."""
     path = Path(path)
-    where = _describe(path, case_id)
+    where = describe_path(path, case_id)
     return _segment_labels(_load_seg(path, where, "give a DICOM SEG file"), where)
 
 
@@ -688,7 +699,7 @@ def read_seg_mask(
             or an empty segment.
     """
     path = Path(seg_path)
-    where = _describe(path, case_id)
+    where = describe_path(path, case_id)
     _check_reference_image(reference_image, where)
     fix = "give the DICOM SEG exported for this case"
     seg = _load_seg(path, where, fix)
@@ -757,6 +768,7 @@ def write_seg(
     out_path: str | Path,
     *,
     algorithm_type: AlgorithmType,
+    grid_tolerance_mm: float,
     segment_label: str = "lesion",
     algorithm_name: str = "bonemet MISSU",
     series_number: int = 300,
@@ -774,6 +786,8 @@ def write_seg(
         reference_series_dir: folder of the CT series.
         out_path: the SEG file to write (atomically).
         algorithm_type: "AUTOMATIC" (a model's mask, identified as ``algorithm_name``) or "MANUAL".
+        grid_tolerance_mm: how far (mm) the mask's grid may differ from the series'
+            (``validate.grid_tolerance_mm``).
         segment_label: SegmentLabel of segment 1.
         algorithm_name: AlgorithmName for an AUTOMATIC segment (version: bonemet's).
         series_number: SeriesNumber of the SEG series.
@@ -788,10 +802,7 @@ def write_seg(
 
     reference_series_dir, out_path = Path(reference_series_dir), Path(out_path)
     where = str(out_path)
-    if algorithm_type not in ("AUTOMATIC", "MANUAL"):
-        raise DicomWriteError(f"{where}: algorithm_type must be 'AUTOMATIC' or 'MANUAL', found {algorithm_type!r}")
-    headers = _series_for_mask(mask, reference_series_dir, where)
-    array = _binary_array(mask, where)
+    headers, array = _writer_inputs(mask, reference_series_dir, where, algorithm_type, grid_tolerance_mm)
     algorithm = None
     if algorithm_type == "AUTOMATIC":
         algorithm = hd.AlgorithmIdentificationSequence(
@@ -868,7 +879,7 @@ def read_lesion_mask(
         bonemet.data.io.ImageReadError: a label map that cannot be read.
     """
     path = Path(path)
-    where = _describe(path, case_id)
+    where = describe_path(path, case_id)
     is_image_file = path.name.lower().endswith(IMAGE_SUFFIXES)
     modality = dicom_modality(path, case_id=case_id) if path.is_file() and not is_image_file else None
     if modality == "RTSTRUCT":

@@ -29,7 +29,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from bonemet import __version__
-from bonemet.data.io import ImageReadError, _describe
+from bonemet.data.io import ImageReadError, describe_path
 from bonemet.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def series_instance_uid(folder: str | Path, *, case_id: str | None = None) -> st
         ImageReadError: no folder, no DICOM image slices, several series, or a damaged file.
     """
     folder = Path(folder)
-    headers = _series_headers(folder, _describe(folder, case_id))
+    headers = _series_headers(folder, describe_path(folder, case_id))
     return str(headers[0].SeriesInstanceUID)
 
 
@@ -397,7 +397,7 @@ def slice_headers(folder: str | Path, grid: sitk.Image, *, case_id: str | None =
         ImageReadError: the files do not make exactly one slice per k of ``grid``.
     """
     folder = Path(folder)
-    where = _describe(folder, case_id)
+    where = describe_path(folder, case_id)
     headers = _series_headers(folder, where)
     inverse = np.linalg.inv(grid_affine(grid))
     n_slices = grid.GetSize()[2]

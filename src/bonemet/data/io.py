@@ -27,7 +27,7 @@ class ImageReadError(UserError, ValueError):
     """An image or mask could not be read; the message names the file (and case) and why."""
 
 
-def _describe(path: Path, case_id: str | None) -> str:
+def describe_path(path: Path, case_id: str | None) -> str:
     return f"case '{case_id}': {path}" if case_id else str(path)
 
 
@@ -50,7 +50,7 @@ def read_image(path: str | Path, case_id: str | None = None, pixel_type: int | N
         ImageReadError: missing, unreadable, truncated or multi-series input.
     """
     path = Path(path)
-    where = _describe(path, case_id)
+    where = describe_path(path, case_id)
     if not path.exists():
         raise ImageReadError(f"{where}: file not found")
     try:
@@ -129,7 +129,7 @@ def read_mask(path: str | Path, *, label: int, case_id: str | None = None) -> si
     if not np.issubdtype(arr.dtype, np.integer):
         rounded = np.rint(arr)
         if not np.allclose(arr, rounded):
-            raise ImageReadError(f"{_describe(Path(path), case_id)}: mask holds non-integer values; expected a label map")
+            raise ImageReadError(f"{describe_path(Path(path), case_id)}: mask holds non-integer values; expected a label map")
     binary = sitk.Cast(sitk.Equal(sitk.Cast(image, sitk.sitkInt32), int(label)), sitk.sitkUInt8)
     return binary
 

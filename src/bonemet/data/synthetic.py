@@ -215,11 +215,12 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def plot_cases(cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, n: int = 4) -> Path:
+def plot_cases(cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, *, mask_label: int,
+               n: int = 4) -> Path:
     """Figure of a few cases: axial slice through the lesion with mask contours, and a sagittal view.
 
     ``case_ids`` None picks the first ``n`` cases of each label alternately. Returns ``path``.
     """
     from bonemet.data.synthetic_figure import plot_cohort_cases
 
-    return plot_cohort_cases(cohort_dir, case_ids, path, n=n)
+    return plot_cohort_cases(cohort_dir, case_ids, path, mask_label=mask_label, n=n)

@@ -17,7 +17,7 @@ DISPLAY_WINDOW_HU = (-250.0, 1250.0)
 
 
 def plot_cohort_cases(
-    cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, n: int = 4, mask_label: int = 1
+    cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, *, mask_label: int, n: int = 4
 ) -> Path:
     """Write a PNG with one row per case: axial slice (manual contour red, annotator yellow) and sagittal view.
 
@@ -43,10 +43,10 @@ def plot_cohort_cases(
         case = by_id[cid]
         image = read_image(case.image, case_id=cid)
         arr = sitk.GetArrayFromImage(image).astype(np.float32)
-        mask = sitk.GetArrayFromImage(read_mask(case.manual_mask, mask_label, case_id=cid)).astype(bool)
+        mask = sitk.GetArrayFromImage(read_mask(case.manual_mask, label=mask_label, case_id=cid)).astype(bool)
         annot = None
         if case.annotator_mask is not None and case.annotator_mask.exists():
-            annot = sitk.GetArrayFromImage(read_mask(case.annotator_mask, mask_label, case_id=cid)).astype(
+            annot = sitk.GetArrayFromImage(read_mask(case.annotator_mask, label=mask_label, case_id=cid)).astype(
                 bool
             )
         sx, sy, sz = image.GetSpacing()

@@ -193,9 +193,10 @@ def delong_test(
     """DeLong test of two correlated ROC curves on the same cases (two-sided).
 
     Returns ``(auc_a, auc_b, z, p)`` (see :func:`delong_difference`; z = 0, p = 1 when the
-    variance of the difference is 0, e.g. identical rankings).
+    variance of the difference is 0, e.g. identical rankings). A test has no interval: the
+    interval level passed on below changes nothing returned.
     """
-    d = delong_difference(y_true, score_a, score_b)
+    d = delong_difference(y_true, score_a, score_b, alpha=0.05)
     return d["auc_a"], d["auc_b"], d["z"], d["p"]
 
 

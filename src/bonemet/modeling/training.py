@@ -58,6 +58,10 @@ class TrainingInputError(UserError, ValueError):
     """Feature tables or splits that do not fit together."""
 
 
+class MissingFeatureTableError(TrainingInputError, FileNotFoundError):
+    """A feature table the train stage needs does not exist (the extract stage has not run)."""
+
+
 @dataclass
 class ModelResult:
     """Everything the stage produced for one classifier."""
@@ -97,9 +101,7 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in (ID_COLUMN, LABEL_COLUMN)]
 
 
-def assemble_features(
-    primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str = "paired__"
-) -> tuple[pd.DataFrame, pd.Series]:
+def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str) -> tuple[pd.DataFrame, pd.Series]:
     """Join two feature tables by case: primary columns, then the paired ones prefixed.
 
     Returns ``(X indexed by case_id, y)``. Raises :class:`TrainingInputError` when the case sets,

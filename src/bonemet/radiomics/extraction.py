@@ -101,7 +101,10 @@ def check_mask(
             case_id, mask_file, "mask has a single lesion voxel: expected at least 2 (shape and texture need a region)"
         )
     ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
-    if not ok:
+    if ok:  # within tolerance: the image's exact geometry from here on (PyRadiomics compares them exactly)
+        mask = sitk.Image(mask)
+        mask.CopyInformation(image)
+    else:
         moved = resample_to_reference(mask, image, sitk.sitkNearestNeighbor, 0)
         inside = _count(moved)
         if inside == 0:

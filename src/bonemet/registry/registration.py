@@ -11,6 +11,7 @@ and the alias.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -92,7 +93,8 @@ def register_classifier(
     """
     classifier = str(index["best_model"])
     entry = index["models"][classifier]
-    cv_auc, test_auc = float(entry["cv_auc_mean"]), float(entry["test_auc"])
+    cv_auc = float(entry["cv_auc_mean"])
+    test_auc = float("nan") if entry["test_auc"] is None else float(entry["test_auc"])  # undefined: one class
     source_run_id = str((provenance.get("models", {}).get(classifier) or {}).get("run_id") or "")
     train_run_id = str(provenance.get("train_run_id") or "")
     current_version, current_auc = staging_test_auc(model_name, alias)
@@ -101,7 +103,8 @@ def register_classifier(
     run_tags = {**dict(tags), "source_run_id": source_run_id, "train_run_id": train_run_id}
     with mlflow.start_run(run_name="register", experiment_id=exp_id, tags=run_tags):
         mlflow.log_params({"classifier": classifier, "threshold": threshold, "min_auc": min_auc, "tolerance": tolerance})
-        mlflow.log_metrics({SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc})
+        mlflow.log_metrics({k: v for k, v in {SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc}.items()
+                            if math.isfinite(v)})
         info = log_classifier(
             pipeline,
             list(index["feature_names"]),

@@ -97,8 +97,8 @@ def build_report(
     *,
     metrics_dir: str | Path,
     plot_dirs: Sequence[str | Path],
-    title: str = "bonemet pipeline report",
-    extra_sections: Sequence[tuple[str, str | Path]] = (),
+    title: str,
+    extra_sections: Sequence[tuple[str, str | Path]],
     context: dict[str, str] | None = None,
 ) -> Path:
     """Write one self-contained HTML file with every metrics file and PNG figure.

@@ -193,6 +193,8 @@ def network_from_spec(spec: SegmentSpec, name: str | None = None) -> nn.Module:
 def input_divisor(name: str, **kwargs: Any) -> int:
     """Each spatial input dimension (voxels) must be a multiple of this for network ``name``."""
     if name == "missu":
+        if "stem_stride" not in kwargs:
+            raise NetworkConfigError("missu: input_divisor needs stem_stride (segment.networks.missu.stem_stride)")
         stride = kwargs["stem_stride"]
         return 8 * (int(stride) if isinstance(stride, int) and not isinstance(stride, bool) else 1)
     if name == "unet":

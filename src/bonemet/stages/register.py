@@ -43,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         index = json.loads((models_dir / "index.json").read_text(encoding="utf-8"))
         provenance = json.loads((models_dir / "provenance.json").read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RegistryError(f"{models_dir}: the train stage's index.json/provenance.json cannot be read ({exc}); "
-                            "run `bonemet train` first") from exc
-    pipeline = load_pipeline(models_dir / index["models"][index["best_model"]]["path"])
+        best = index["models"][index["best_model"]]
+        pipeline_path = models_dir / best["path"]
+        if not {"cv_auc_mean", "test_auc"} <= set(best) or "feature_names" not in index:
+            raise KeyError("cv_auc_mean, test_auc or feature_names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{models_dir}: the train stage's index.json/provenance.json cannot be read or lack a "
+                            f"key ({exc}); run `bonemet train` first") from exc
+    pipeline = load_pipeline(pipeline_path)
     features = pd.read_parquet(reg.features_file)
     description_extra = ""
     try:

@@ -86,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
         summary["bayes_auc"],
     )
     if args.figure:
-        plot_cases(out, None, args.figure)
+        plot_cases(out, None, args.figure, mask_label=mask_label)
     print(json.dumps({"out": str(out), **summary}, indent=2, sort_keys=True))
     return 0

@@ -27,7 +27,7 @@ def _read_tables(features_dir: Path, source: str):
     """Primary and paired feature tables; 'auto' falls back to annotator features when auto is missing."""
     import pandas as pd
 
-    from bonemet.modeling.training import TrainingInputError
+    from bonemet.modeling.training import MissingFeatureTableError
 
     def path_of(name: str) -> Path:
         return features_dir / f"{name}.parquet"
@@ -43,7 +43,7 @@ def _read_tables(features_dir: Path, source: str):
                 paired_name = "annotator"
     for name in (primary_name, paired_name):
         if not path_of(name).is_file():
-            raise TrainingInputError(f"feature table {path_of(name)} not found (run `bonemet extract` first)")
+            raise MissingFeatureTableError(f"feature table {path_of(name)} not found (run `bonemet extract` first)")
     return pd.read_parquet(path_of(primary_name)), pd.read_parquet(path_of(paired_name)), primary_name, paired_name
 
 
