@@ -350,6 +350,12 @@ class SegTuneSpec(Spec):
         return value
 
 
+class SegGateSpec(Spec):
+    """``segment.gate``: what the registered segmentation model must reach before it gets the alias."""
+
+    min_dice: Probability
+
+
 class SegmentSpec(Spec):
     """``segment`` with its profile (``segment.profiles.<profile>``) merged in."""
 
@@ -380,6 +386,7 @@ class SegmentSpec(Spec):
     experiment: str
     model_name: str
     alias: str
+    gate: SegGateSpec
 
 
 class ReportSpec(Spec):
@@ -517,6 +524,17 @@ class OperatingPointSpec(Spec):
     fixed_threshold: Probability
 
 
+class DomainSpec(Spec):
+    """``train.domain``: the training cases' domain recorded with every model (bonemet.modeling.domain)."""
+
+    method: Literal["mahalanobis", "isolation_forest"]
+    max_flag_rate: OpenFraction
+    n_estimators: PositiveInt
+    size_margin: NonNegativeFloat
+    hu_margin: NonNegativeFloat
+    validation_report: str
+
+
 class TrainSpec(Spec):
     """``train``: the classifiers, their tuning, calibration and operating point, and what the stage writes."""
 
@@ -537,6 +555,7 @@ class TrainSpec(Spec):
     write_figures: bool
     fixed_params: dict[ClassifierName, dict[str, Any]]
     search_space: dict[ClassifierName, dict[str, SearchParam]]
+    domain: DomainSpec
 
     @model_validator(mode="after")
     def _per_model(self) -> TrainSpec:
