@@ -18,12 +18,14 @@ VOLUME = "original_shape_VoxelVolume"
 
 
 def feature_tables(n: int = 60, seed: int = 0, names: list[str] = NAMES) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(primary, paired)`` feature tables: case_id, label, then ``names``."""
+    """``(primary, paired)`` feature tables: case_id, label, then ``names``. The features' scales
+    and which carry the label are the same for every ``seed`` (one population); the cases differ."""
+    population = np.random.default_rng(12345)
+    scale = 10.0 ** population.uniform(-3, 5, size=len(names))
+    signal = np.zeros(len(names))
+    signal[population.choice(len(names), min(12, len(names)), replace=False)] = 1.0
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 2
-    scale = 10.0 ** rng.uniform(-3, 5, size=len(names))
-    signal = np.zeros(len(names))
-    signal[rng.choice(len(names), min(12, len(names)), replace=False)] = 1.0
     latent = rng.standard_normal((n, len(names))) + 0.9 * y[:, None] * signal
     values = scale * (1.0 + 0.25 * latent)
     volume = names.index(VOLUME) if VOLUME in names else None

@@ -95,6 +95,19 @@ def enable_tcp_nodelay() -> None:
     base_events._set_nodelay = _set_nodelay
 
 
+def hide_frame_values() -> None:
+    """Make pandas print a DataFrame as its summary (rows, columns, dtypes), never its values.
+
+    MLflow's scoring server puts the request's frame into the message of every error raised while
+    predicting (e.g. its own check of a ``threshold`` param that is not a number); with this, the
+    answer and the log name its shape and columns but carry no feature values. Process-wide: for
+    the server process only.
+    """
+    pd.set_option("display.large_repr", "info")
+    pd.set_option("display.max_rows", 0)  # every non-empty frame is "too long": the summary
+    pd.set_option("display.max_columns", 1)
+
+
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc model: feature rows in, probability, label and domain verdict out."""
 
@@ -116,10 +129,12 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
         if os.environ.get(_SERVER_MARKER):
             # In `mlflow models serve` only: full garbage collections would walk the ~200k
             # objects of mlflow, pandas and scikit-learn (110-130 ms, about one request in 300);
-            # frozen, they take ~1 ms. And keep-alive answers without the 40 ms Nagle stall.
+            # frozen, they take ~1 ms. Keep-alive answers without the 40 ms Nagle stall. And the
+            # input frame MLflow puts into its own error messages shows no values.
             import gc
 
             enable_tcp_nodelay()
+            hide_frame_values()
             gc.collect()
             gc.freeze()
 
