@@ -205,7 +205,7 @@ class TrainingDomain(BaseEstimator):
         """Per row, why it is out of domain (an empty list when it is in): features, lesion volume."""
         out: list[list[str]] = []
         scores = self.scores(Z)
-        what = "Mahalanobis distance" if self.method == "mahalanobis" else "isolation-forest score"
+        what = "squared Mahalanobis distance" if self.method == "mahalanobis" else "isolation-forest score"
         for i, score in enumerate(scores):
             reasons = []
             if score > self.threshold_:
