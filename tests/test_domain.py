@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     from bonemet.radiomics import extract_features
     from bonemet.registry.loaders import load_classifier
     from bonemet.registry.pyfunc import log_classifier
-    from bonemet.registry.store import configure, register_model, set_alias
+    from bonemet.registry.store import configure, ensure_experiment, register_model, set_alias
     from bonemet.validation.cohort import validate_cohort
 
     root = tmp_path_factory.mktemp("domain")
@@ -56,8 +56,7 @@ def trained(tmp_path_factory):
     import mlflow
 
     configure(None, root / "mlruns")
-    mlflow.set_experiment("domain-test")
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=ensure_experiment("domain-test", root / "mlruns")) as run:
         log_classifier(pipeline, list(table.columns), threshold=0.5, model_name="logreg", domain=domain,
                        check_rows=table)
     set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))

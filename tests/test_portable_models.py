@@ -76,17 +76,16 @@ def _requirements(model_uri: str) -> Path:
 def test_registered_models_load_in_a_fresh_environment(tmp_path, params, monkeypatch):
     import mlflow
     import torch
-    from serving_data import NAMES, feature_tables, fitted_domain, fitted_model
 
     from bonemet.registry.pyfunc import log_classifier
     from bonemet.registry.registration import log_segmenter
     from bonemet.registry.store import configure, register_model, set_alias
     from bonemet.segmentation.networks import network_from_spec
+    from serving_data import NAMES, feature_tables, fitted_domain, fitted_model
 
     monkeypatch.chdir(tmp_path)
     store = configure(None, tmp_path / "mlruns")
-    mlflow.set_experiment("portable")
-
+    mlflow.set_experiment("portable")  # its artifacts in ./mlruns: tmp_path
     primary, paired = feature_tables(n=60, seed=0)
     fitted = fitted_model(primary, paired, params)
     with mlflow.start_run() as run:

@@ -380,16 +380,15 @@ def test_mlflow_models_serve_1316_columns_behaviour(store, tmp_path, params):
     """The served model over HTTP: 400 naming the problem (never 500, never the values), bit-equal
     answers for 1, 3 and 20 rows, case_id, threshold, in_domain; ignored columns really ignored."""
     import mlflow
-    from serving_data import NAMES, VOLUME, feature_tables, fitted_domain, fitted_model
 
     from bonemet.registry.pyfunc import log_classifier
-    from bonemet.registry.store import register_model, set_alias
+    from bonemet.registry.store import ensure_experiment, register_model, set_alias
+    from serving_data import NAMES, VOLUME, feature_tables, fitted_domain, fitted_model
 
     primary, paired = feature_tables(n=60, seed=0)
     fitted = fitted_model(primary, paired, params)
     domain = fitted_domain(fitted, primary, params.train.domain)
-    mlflow.set_experiment("serve-test")
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=ensure_experiment("serve-test", "mlruns")) as run:
         info = log_classifier(fitted, NAMES, threshold=0.5, model_name="logreg", domain=domain, check_rows=primary)
     set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))
     assert info.metadata["serving_mode"] == "reduced"
@@ -437,7 +436,7 @@ def test_mlflow_models_serve_1316_columns_behaviour(store, tmp_path, params):
             "unknown column": (_split(one.assign(bogus=1.0)), "unknown columns: bogus"),
             "duplicate column": (json.dumps(duplicated), f"duplicate columns: {selected[0]}"),
             "missing selected": (_split(one.drop(columns=[selected[0]])), f"model reads: {selected[0]}"),
-            "text in selected": (with_value(selected[0], "12.5"), f"non-numeric values (text, true/false) in 1"),
+            "text in selected": (with_value(selected[0], "12.5"), "non-numeric values (text, true/false) in 1"),
             "true in selected": (with_value(selected[0], True), selected[0]),
             "null in selected": (with_value(selected[0], None), "null"),
             "NaN token": (_split(one).replace(json.dumps(float(one[selected[0]].iloc[0])), "NaN", 1), "NaN"),

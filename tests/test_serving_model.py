@@ -9,12 +9,11 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from serving_data import NAMES, VOLUME, feature_tables, fitted_domain, fitted_model
-
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from bonemet.modeling.reduction import decompose, serving_model
 from bonemet.serving.checks import FeatureContract, FeatureInputError
+from serving_data import NAMES, VOLUME, feature_tables, fitted_domain, fitted_model
 
 FEW = [f"original_firstorder_F{i}" for i in range(5)]
 
@@ -232,8 +231,8 @@ def test_domain_image_ranges_with_margins(tables, logreg, params):
                        "highest intensity 400 HU is below the training cases' 1500 to 2500 HU"]
 
 
-def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path):
-    """The logged model (no MLflow store: saved to a folder) answers as the pipeline does."""
+def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path, monkeypatch):
+    """The logged model, loaded back in this process, answers as the pipeline does."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -241,6 +240,7 @@ def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path)
 
     primary, _ = tables
     domain = fitted_domain(logreg, primary, params.train.domain)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root: ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     from bonemet.registry.pyfunc import log_classifier
 

@@ -120,7 +120,9 @@ class TrainingDomain(BaseEstimator):
 
     def _score_with(self, detector: Any, standardised: np.ndarray) -> np.ndarray:
         if self.method == "mahalanobis":
-            return np.asarray(detector.mahalanobis(standardised), dtype=np.float64)
+            # (x - mu)' P (x - mu), as LedoitWolf.mahalanobis, without its input validation (~1 ms a call)
+            diff = standardised - detector.location_
+            return np.einsum("ij,jk,ik->i", diff, detector.precision_, diff)
         return -np.asarray(detector.score_samples(standardised), dtype=np.float64)
 
     def fit(self, Z: Any, folds: Sequence[int], *, columns: Sequence[str],

@@ -101,32 +101,28 @@ class FeatureContract:
 
 
 def _numeric(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
-    """``frame[names]`` as float64; non-numbers (strings, booleans, null) and non-finite values refused."""
-    sub = frame[names]
-    # dtype-level checks (not per value): this runs on every served request
-    odd = [c for c, dtype in zip(names, sub.dtypes, strict=True)
-           if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)]
-    if odd:
-        wrong = []
-        converted = {}
-        for c in odd:
-            column = sub[c]
-            if pd.api.types.is_bool_dtype(column.dtype):
-                wrong.append(c)
-                continue
-            # an object column of numbers (JSON null among them, or integers among floats)
-            is_number = column.map(_is_number).to_numpy(dtype=bool)
-            if not is_number.all():
-                rows = [str(i) for i in frame.index[~is_number]]
-                wrong.append(f"{c} (row {_some(rows)})")
-                continue
-            converted[c] = pd.to_numeric(column)
-        if wrong:
-            raise FeatureInputError(
-                f"non-numeric values (text, true/false) in {len(wrong)} column(s): {_some(wrong)}; expected numbers"
-            )
-        sub = sub.assign(**converted)
-    values = sub.to_numpy(dtype=np.float64)
+    """``frame[names]`` as float64 ``(n_rows, len(names))``; non-numbers (strings, booleans, null)
+    and non-finite values refused. Column by column: on a 1316-column frame, taking a few columns
+    one at a time is ~10x cheaper than ``frame[names]`` (this runs on every served request)."""
+    values = np.empty((len(frame), len(names)), dtype=np.float64, order="F")
+    wrong = []
+    for j, name in enumerate(names):
+        column = frame[name]
+        dtype = column.dtype
+        if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
+            values[:, j] = column.to_numpy(dtype=np.float64, na_value=np.nan)
+            continue
+        # an object column of numbers (JSON null among them, or integers among floats) is fine
+        is_number = column.map(_is_number).to_numpy(dtype=bool) if not pd.api.types.is_bool_dtype(dtype) else None
+        if is_number is None or not is_number.all():
+            rows = [str(i) for i in frame.index[~is_number]] if is_number is not None else []
+            wrong.append(f"{name} (row {_some(rows)})" if rows else name)
+            continue
+        values[:, j] = pd.to_numeric(column).to_numpy(dtype=np.float64, na_value=np.nan)
+    if wrong:
+        raise FeatureInputError(
+            f"non-numeric values (text, true/false) in {len(wrong)} column(s): {_some(wrong)}; expected numbers"
+        )
     finite = np.isfinite(values)
     if not finite.all():
         bad_rows, bad_cols = np.where(~finite)

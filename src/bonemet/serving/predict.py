@@ -278,8 +278,9 @@ def predict_inputs(
     probability = float(answer["probability_breast"].iloc[0])
     if not np.isfinite(probability):
         raise PredictError(f"case '{case_id}': the classifier returned a non-finite probability ({probability})")
-    from bonemet.modeling.domain import case_domain  # in_domain, domain_reasons: features, volume, spacing, HU
+    from bonemet.modeling.domain import case_domain
 
+    # in_domain and domain_reasons: the classifier's features and lesion volume, the CT's spacing and HU
     domain = case_domain(answer.iloc[0], getattr(classifier, "domain", None), image)
     return {
         "input": str(inputs.image_path),
