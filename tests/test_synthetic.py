@@ -201,7 +201,7 @@ def test_bad_arguments_are_refused(tmp_path, small_cohort, label):
 
 def test_plot_cases_writes_a_png(small_cohort, tmp_path):
     out, _ = small_cohort
-    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png", mask_label=1)
+    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png", mask_label=1, grid_tolerance_mm=0.01)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

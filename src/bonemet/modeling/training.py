@@ -138,10 +138,20 @@ def _index_splits(ids: Sequence[str], fold_of: Mapping[str, int]) -> list[tuple[
     return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in sorted(set(folds))]
 
 
-def _inner_splits(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import StratifiedKFold
+def _inner_splits(y: np.ndarray, n_folds: int, seed: int,
+                  groups: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The tuning folds in the training set: stratified, and grouped by patient when ``groups``."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    if groups is None:
+        return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    if len(set(groups)) < n_folds:
+        raise TrainingInputError(
+            f"train.inner_folds {n_folds}: the training set holds only {len(set(groups))} patients "
+            "(folds are grouped by patient); lower train.inner_folds"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y, list(groups)))
 
 
 def _set_metrics(y: np.ndarray, score: np.ndarray, evaluate: EvaluateSpec, seed: int) -> dict[str, Any]:
@@ -275,6 +285,8 @@ class _Data:
     test_ids: list[str]
     primary_cols: list[str]
     outer: list[tuple[np.ndarray, np.ndarray]]
+    #: patient of each training case (splits' ``groups``), or None when the splits are not grouped
+    train_groups: list[str] | None = None
 
 
 def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[str, Any], prefix: str) -> _Data:
@@ -290,8 +302,10 @@ def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[
     X.index = X.index.astype(str)
     y_all = y.set_axis(X.index)
     outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
+    groups = splits.get("groups")
+    train_groups = [str(groups[i]) for i in train_ids] if groups else None
     return _Data(X.loc[train_ids], y_all.loc[train_ids].to_numpy(), X.loc[test_ids], y_all.loc[test_ids].to_numpy(),
-                 train_ids, test_ids, feature_columns(primary), outer)
+                 train_ids, test_ids, feature_columns(primary), outer, train_groups)
 
 
 def _precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed: int,
@@ -299,7 +313,8 @@ def _precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, see
     """Selection fitted once per inner fold (tuning) and per outer fold (CV), shared by every model."""
     log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(data.outer))
     t_sel, c_sel = time.perf_counter(), time.process_time()
-    inner = precompute_folds(data.X_train, data.y_train, _inner_splits(data.y_train, inner_folds, seed), select, seed)
+    inner_splits = _inner_splits(data.y_train, inner_folds, seed, data.train_groups)
+    inner = precompute_folds(data.X_train, data.y_train, inner_splits, select, seed)
     outer = precompute_folds(data.X_train, data.y_train, data.outer, select, seed)
     selection_s, selection_cpu_s = time.perf_counter() - t_sel, time.process_time() - c_sel
     log.info("selection precomputed for %d folds in %.1f s (CPU %.1f s)", len(inner) + len(outer),

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             seed=synth.seed,
             size=synth.size,
             mask_label=params.data.mask_label,
+            protocols=synth.protocols[: synth.sites],
             overwrite=True,
             show_progress=not args.no_progress,
         )
