@@ -101,11 +101,13 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in (ID_COLUMN, LABEL_COLUMN)]
 
 
-def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str) -> tuple[pd.DataFrame, pd.Series]:
-    """Join two feature tables by case: primary columns, then the paired ones prefixed.
+def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str,
+                      sites: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, pd.Series]:
+    """Join two feature tables by case: primary columns, then the paired ones prefixed, then
+    (with ``sites``, case id -> site) the ``site`` column that ComBat harmonisation reads.
 
     Returns ``(X indexed by case_id, y)``. Raises :class:`TrainingInputError` when the case sets,
-    feature columns or labels differ.
+    feature columns or labels differ, or a case has no site.
     """
     for name, table in (("primary", primary), ("paired", paired)):
         missing = {ID_COLUMN, LABEL_COLUMN} - set(table.columns)
@@ -129,6 +131,16 @@ def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix
         raise TrainingInputError(f"labels differ between the feature tables for cases {list(diff[:5])}")
     paired_part = q[cols].add_prefix(paired_prefix)
     X = pd.concat([p[cols], paired_part], axis=1).astype(np.float64)
+    if sites is not None:
+        from bonemet.data.manifest import SITE_COLUMN
+
+        lacking = [str(c) for c in X.index if not sites.get(str(c))]
+        if lacking:
+            raise TrainingInputError(
+                f"select.harmonize needs every case's site; the manifest gives none for {len(lacking)} case(s), "
+                f"e.g. {lacking[:5]}"
+            )
+        X[SITE_COLUMN] = [str(sites[str(c)]) for c in X.index]
     y = p[LABEL_COLUMN].astype(int)
     return X, y
 
@@ -169,6 +181,10 @@ def selection_summary(pipeline: Any) -> dict[str, Any]:
     """What the fitted selection steps kept: ICC count, correlation count, LASSO names and coefficients."""
     steps = dict(pipeline.named_steps)
     out: dict[str, Any] = {}
+    if "harmonize" in steps:
+        harmonize = steps["harmonize"]
+        out["harmonize"] = {"method": "ComBat", "sites": [str(s) for s in harmonize.sites_],
+                            "parametric": bool(harmonize.parametric), "mean_only": bool(harmonize.mean_only)}
     if "icc" in steps:
         icc = steps["icc"]
         out["icc"] = {
@@ -285,13 +301,16 @@ class _Data:
     test_ids: list[str]
     primary_cols: list[str]
     outer: list[tuple[np.ndarray, np.ndarray]]
+    #: the columns a served row holds: the primary features (and ``site`` when harmonised)
+    input_cols: list[str]
     #: patient of each training case (splits' ``groups``), or None when the splits are not grouped
     train_groups: list[str] | None = None
 
 
-def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[str, Any], prefix: str) -> _Data:
-    """Join the two sources and cut them by ``splits`` (train, test, train_folds)."""
-    X, y = assemble_features(primary, paired, prefix)
+def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[str, Any], prefix: str,
+                   sites: Mapping[str, str] | None = None) -> _Data:
+    """Join the two sources (and the sites) and cut them by ``splits`` (train, test, train_folds)."""
+    X, y = assemble_features(primary, paired, prefix, sites)
     train_ids = [str(i) for i in splits["train"]]
     test_ids = [str(i) for i in splits["test"]]
     unknown = sorted(set(train_ids + test_ids) - set(X.index.astype(str)))
@@ -304,8 +323,10 @@ def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[
     outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
     groups = splits.get("groups")
     train_groups = [str(groups[i]) for i in train_ids] if groups else None
+    primary_cols = feature_columns(primary)
+    input_cols = primary_cols + ([c for c in X.columns if c not in primary_cols and not c.startswith(prefix)])
     return _Data(X.loc[train_ids], y_all.loc[train_ids].to_numpy(), X.loc[test_ids], y_all.loc[test_ids].to_numpy(),
-                 train_ids, test_ids, feature_columns(primary), outer, train_groups)
+                 train_ids, test_ids, primary_cols, outer, input_cols, train_groups)
 
 
 def _precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed: int,
@@ -356,7 +377,8 @@ def _fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequen
         tracker.log_table(tuned.trials, "optuna_trials.csv")
     save_pipeline(pipeline, Path(train.out_dir) / f"{model}.skops")
     if train.log_models:
-        _log_model(tracker, pipeline, data.X_test[data.primary_cols].head(5).astype(np.float64))
+        example = data.X_test[data.input_cols].head(5)
+        _log_model(tracker, pipeline, example.astype({c: np.float64 for c in data.primary_cols}))
     res.seconds["total_s"] = time.perf_counter() - t0
     res.seconds["total_cpu_s"] = time.process_time() - c0
     tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
@@ -403,6 +425,8 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
         "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
         "feature_source": feature_source,
         "feature_names": data.primary_cols,
+        # besides the features, a served row must hold these (site: ComBat harmonisation is on)
+        "extra_input_columns": [c for c in data.input_cols if c not in data.primary_cols],
         "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "cv_auc_sd": r.cv_auc_sd,
                        "test_auc": _none(r.test_metrics["auc"]), "params": r.tuning.best_params}
                    for m, r in results.items()},
@@ -455,6 +479,7 @@ def run_training(
     tracker: Tracker | None = None,
     bayes_auc: float | None = None,
     case_llr: Mapping[str, float] | None = None,
+    sites: Mapping[str, str] | None = None,
 ) -> TrainingResults:
     """Train, cross-validate and evaluate every model in ``train.models``.
 
@@ -468,10 +493,18 @@ def run_training(
     to ``tracker``. ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio})
     come with a synthetic cohort: Table 1 then also states the ceiling and, when every test case
     has an LLR, the Bayes classifier's AUC on the test cases and the best model's paired distance
-    to it.
+    to it. ``sites`` ({case_id: site}, the manifest's site column) is required when
+    ``select.harmonize.enabled`` (ComBat reads it) and unused otherwise. When ``splits`` hold
+    ``groups`` (patients), the tuning folds are grouped by patient too.
     """
     tracker = tracker or NullTracker()
-    data = _training_data(primary, paired, splits, select.icc.paired_prefix)
+    if select.harmonize.enabled and not sites:
+        raise TrainingInputError(
+            "select.harmonize.enabled: ComBat needs each case's site, and the manifest has no site column "
+            "(add one, or set select.harmonize.enabled false)"
+        )
+    data = _training_data(primary, paired, splits, select.icc.paired_prefix,
+                          sites if select.harmonize.enabled else None)
     Path(train.out_dir).mkdir(parents=True, exist_ok=True)
     results: dict[str, ModelResult] = {}
     with tracker.run("train", tags={"stage": "train", "feature_source": feature_source}) as train_run_id:

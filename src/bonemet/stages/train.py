@@ -65,12 +65,17 @@ def run(args: argparse.Namespace) -> int:
     primary, paired, primary_name, paired_name = _read_tables(features_dir, source)
     splits = json.loads(Path(args.splits or params.split.out).read_text(encoding="utf-8"))
     bayes_auc, case_llr = _cohort_ceiling(Path(params.data.cohort_dir) / COHORT_JSON)
+    sites = None
+    if params.select.harmonize.enabled:
+        from bonemet.data.manifest import read_manifest
+
+        sites = {c.case_id: c.site for c in read_manifest(params.data.cohort_dir) if c.site}
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, train.experiment)
     log.info("training on %s features (ICC paired with %s), %d cases x %d columns", primary_name, paired_name,
              len(primary), primary.shape[1] - 2)
     results = run_training(
         primary, paired, splits, select=params.select, train=train, evaluate=params.evaluate, seed=params.seed,
-        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr,
+        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr, sites=sites,
     )
     best = results.models[results.best_model]
     log.info("best model %s: CV AUC %.3f, test AUC %.3f", results.best_model, best.cv_auc_mean,
