@@ -23,6 +23,11 @@ git init -q . && git config user.email smoke@bonemet && git config user.name smo
 "$BIN/dvc" init -q && "$BIN/dvc" config core.analytics false
 git add -A >/dev/null && git commit -qm smoke
 "$BIN/bonemet" ensure-data
+# ensure-data generated the cohort at data.cohort_dir (outside data/raw) and `dvc add`ed it: commit
+# the .dvc file as a user would
+test -f cohorts/smoke.dvc || { echo "error: ensure-data did not version the cohort (cohorts/smoke.dvc)"; exit 1; }
+git add -A >/dev/null && git commit -qm "smoke cohort"
+"$BIN/bonemet" ensure-data | tee ensure2.log
 "$BIN/dvc" repro
 echo "== second repro must do nothing"
 "$BIN/dvc" repro | tee repro2.log
