@@ -40,7 +40,8 @@ def test_dvc_pipeline_smoke_run(tmp_path):
     assert not (work / "data" / "raw").exists()
     dvc_file = yaml.safe_load((work / "cohorts" / "smoke.dvc").read_text())
     assert dvc_file["outs"][0]["path"] == "smoke" and dvc_file["outs"][0]["md5"].endswith(".dir")
-    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    first = work / "first_repro"  # the outputs of the first `dvc repro`, before the experiments
+    lock = yaml.safe_load((first / "dvc.lock").read_text())
     for stage in ("validate", "preprocess", "segment", "extract", "train"):
         assert "cohorts/smoke" in [d["path"] for d in lock["stages"][stage]["deps"]], stage
     # label 2 everywhere: validation, the automatic masks, Dice, every case's features
@@ -51,10 +52,10 @@ def test_dvc_pipeline_smoke_run(tmp_path):
 
     values = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "masks" / f"{cases[0]}.nii.gz"))))
     assert set(values.tolist()) == {0, 2}
-    auto = sorted((work / "data/auto_masks").glob("*.nii.gz"))
+    auto = sorted((first / "auto_masks").glob("*.nii.gz"))
     assert len(auto) == len(cases)
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(auto[0])))).tolist()) <= {0, 2}
-    seg = json.loads((work / "metrics/segmentation.json").read_text())
+    seg = json.loads((first / "metrics/segmentation.json").read_text())
     assert seg["n_cases"] == len(cases) and math.isfinite(seg["dice_mean"]) and seg["dice_mean"] > 0
     for source in ("manual", "auto", "annotator"):
         table = pd.read_parquet(work / "data/features" / f"{source}.parquet")
