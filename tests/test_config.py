@@ -165,7 +165,7 @@ def _write_params(tmp_path: Path, mutate) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stage", ["split", "preprocess", "segment", "extract", "train", "register", "report",
+@pytest.mark.parametrize("stage", ["split", "preprocess", "segment", "extract", "train", "evaluate", "register", "report",
                                    "validate"])
 def test_a_misspelt_key_fails_every_stage_command_with_the_message(tmp_path, stage):
     """`bonemet <stage>` validates the whole params file before it touches any data."""

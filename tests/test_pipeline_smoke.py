@@ -30,7 +30,8 @@ def test_dvc_pipeline_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     assert "second repro must do nothing" in proc.stdout and "smoke run passed" in proc.stdout
     assert "misspelt keys refused" in proc.stdout
-    for out in ["data/validation/report.json", "data/splits.json", "metrics/table1.json", "reports/index.html"]:
+    for out in ["data/validation/report.json", "data/splits.json", "metrics/table1.json", "metrics/summary.json",
+                "metrics/repeated.json", "reports/index.html"]:
         assert (work / out).exists(), out
 
     # the cohort lives outside data/raw, is versioned by DVC, and is a dependency of the stages

@@ -83,7 +83,7 @@ def test_lasso_plots(tmp_path, ev):
 def test_confusion_calibration_dca_plots(tmp_path, data, ev):
     y, scores = data
     dpi = ev.figure_dpi
-    preds = {m: (s >= ev.threshold).astype(int) for m, s in scores.items()}
+    preds = {m: (s >= 0.5).astype(int) for m, s in scores.items()}
     _png_ok(plots.save_figure(plots.plot_confusion_matrices(y, preds), tmp_path / "cm.png", dpi))
     fig = plots.plot_calibration(y, scores, n_bins=ev.calibration_bins, strategy=ev.calibration_strategy)
     assert any("Brier" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
@@ -148,31 +148,26 @@ def test_write_classification_and_lasso_plots(tmp_path, data, ev):
         scores_test={m: s[:30] for m, s in scores.items()},
         cv_aucs={"svm": [0.8, 0.9], "knn": [0.7, 0.6]},
         dca_thresholds=plots.threshold_grid(0.05, 0.95, 0.05),
-        threshold=ev.threshold,
+        thresholds={"svm": 0.5, "knn": 0.3, "noise": 0.5},
         alpha=ev.alpha,
         auc_ci=ev.auc_ci,
         calibration_bins=ev.calibration_bins,
         calibration_strategy=ev.calibration_strategy,
         dpi=60,
     )
-    expected = {
-        "roc_train",
-        "roc_test",
-        "roc_train_csv",
-        "roc_test_csv",
-        "confusion_train",
-        "confusion_test",
-        "cv_auc",
-        "cv_auc_csv",
-        "calibration_test",
-        "calibration_test_csv",
-        "dca_test",
-        "dca_test_csv",
-    }
+    expected = {"roc_train", "roc_test", "confusion_train", "confusion_test", "cv_auc", "cv_auc_csv",
+                "calibration_test", "dca_test"}
+    # the curves' data: one CSV per model in a folder (DVC plots draws a folder as one line per file)
+    expected |= {f"{curve}/{m}" for curve in ("roc_train", "roc_test", "calibration_test") for m in ("svm", "knn", "noise")}
+    expected |= {f"dca_test/{m}" for m in ("svm", "knn", "noise", "treat_all", "treat_none")}
     assert set(paths) == expected
     for name, p in paths.items():
         assert p.exists() and p.stat().st_size > 0, name
-    assert pd.read_csv(paths["roc_test_csv"]).columns.tolist() == ["model", "fpr", "tpr", "threshold"]
+    roc = pd.read_csv(paths["roc_test/svm"])
+    assert roc.columns.tolist() == ["fpr", "tpr", "threshold"] and roc["tpr"].iloc[-1] == 1.0
+    assert pd.read_csv(paths["calibration_test/knn"]).columns.tolist()[:2] == ["mean_predicted", "fraction_positive"]
+    assert sorted(p.name for p in (tmp_path / "cls" / "dca_test").iterdir()) == [
+        "knn.csv", "noise.csv", "svm.csv", "treat_all.csv", "treat_none.csv"]
     rng = np.random.default_rng(0)
     lp = plots.write_lasso_plots(
         tmp_path / "lasso",

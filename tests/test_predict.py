@@ -128,7 +128,7 @@ def classifier(cohort):
 def _predict(image, mask=None, segmenter=None, classifier=None, **kw):
     """predict_case with params.yaml's settings (mask label, grid tolerance, register.threshold)."""
     return predict_case(image, mask, segmenter=segmenter, classifier=classifier, radiomics_settings=SETTINGS,
-                        mask_label=LABEL, threshold=kw.pop("threshold", PARAMS.registration.threshold),
+                        mask_label=LABEL, threshold=kw.pop("threshold", 0.5),
                         grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM), **kw)
 
 

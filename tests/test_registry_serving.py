@@ -20,8 +20,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bonemet.modeling.persistence import save_pipeline
+from bonemet.modeling.repeated import best_by_repeats
 from bonemet.modeling.training import choose_best_model
-from bonemet.registry.gate import decide_promotion
+from bonemet.registry.gate import Estimate, decide_promotion
 from bonemet.serving import FeatureInputError, check_feature_frame
 
 FEATURES = [f"original_firstorder_F{i}" for i in range(6)]
@@ -43,14 +44,30 @@ def test_gate_is_in_the_registry_not_in_serving():
     assert not hasattr(bonemet.serving, "decide_promotion")  # serving imports no tracking backend
 
 
+GATE = dict(min_auc=0.7, min_auc_lower_bound=0.6, min_sensitivity=0.5, min_specificity=0.5, tolerance=0.02)
+
+
+def _est(auc=0.85, lo=0.75, sens=0.7, spec=0.8, data="d1"):
+    return Estimate(auc_mean=auc, auc_lower_bound=lo, sensitivity=sens, specificity=spec, data_md5=data)
+
+
 def test_gate_rules():
-    assert not decide_promotion(None, None, min_auc=0.7, tolerance=0.02).promote  # index.json's null AUC
-    assert decide_promotion(0.9, None, min_auc=0.7, tolerance=0.02).promote
-    assert not decide_promotion(0.6, None, min_auc=0.7, tolerance=0.02).promote
-    held = decide_promotion(0.80, 0.85, min_auc=0.7, tolerance=0.02)
-    assert not held.promote and "worse than staging" in held.reason
-    assert decide_promotion(0.84, 0.85, min_auc=0.7, tolerance=0.02).promote
-    assert not decide_promotion(float("nan"), 0.85, min_auc=0.7, tolerance=0.02).promote
+    assert decide_promotion(_est(), None, **GATE).promote
+    for bad, why in ((_est(auc=0.65), "mean test AUC 0.650 < 0.700"), (_est(lo=0.55), "lower bound 0.550 < 0.600"),
+                     (_est(sens=0.2), "mean sensitivity 0.200 < 0.500"), (_est(spec=0.1), "specificity 0.100"),
+                     (_est(auc=float("nan")), "not a number")):
+        decision = decide_promotion(bad, None, **GATE)
+        assert not decision.promote and why in decision.reason, decision.reason
+    # several failures are all named
+    assert decide_promotion(_est(sens=0.2, spec=0.1), None, **GATE).reason.count("<") == 2
+    # same data: compared with staging
+    held = decide_promotion(_est(auc=0.80), _est(auc=0.85), **GATE)
+    assert not held.promote and "worse than staging" in held.reason and held.compared_with_staging
+    within = decide_promotion(_est(auc=0.84), _est(auc=0.85), **GATE)
+    assert within.promote and within.compared_with_staging
+    # other data: not compared, and the reason says why
+    other = decide_promotion(_est(auc=0.80), _est(auc=0.95, data="d2"), **GATE)
+    assert other.promote and not other.compared_with_staging and "evaluated on other data" in other.reason
 
 
 def test_feature_checks_name_the_problem():
@@ -98,7 +115,8 @@ def _train_outputs(models_dir, aucs, run="a"):
         pipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1 * (k + 1))).fit(df[FEATURES], df["label"])
         save_pipeline(pipe, models_dir / f"{name}.skops")
         entries[name] = {"path": f"{name}.skops", "cv_auc_mean": float(np.mean(folds)),
-                         "cv_auc_sd": float(np.std(folds, ddof=1)), "test_auc": test_auc, "params": {"C": 0.1 * (k + 1)}}
+                         "cv_auc_sd": float(np.std(folds, ddof=1)), "test_auc": test_auc, "threshold": 0.4 + 0.1 * k,
+                         "params": {"C": 0.1 * (k + 1)}}
     index = {"best_model": choose_best_model({m: f for m, (f, _) in aucs.items()}, list(aucs)),
              "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
              "feature_source": "auto", "feature_names": FEATURES, "models": entries}
@@ -109,27 +127,44 @@ def _train_outputs(models_dir, aucs, run="a"):
     return df
 
 
-def _register(models_dir, df, reg, **kw):
-    """register_classifier on the train outputs in ``models_dir``, as the register stage calls it."""
+def _repeated(estimates, path=None):
+    """What the evaluate stage writes (``repeated.json``): ``estimates`` {model: (mean AUC, lower bound,
+    sensitivity, specificity)}; the registered model is :func:`best_by_repeats`' choice."""
+    models = {m: {"auc": {"mean": a, "lo": lo, "hi": None}, "sensitivity_mean": se, "specificity_mean": sp}
+              for m, (a, lo, se, sp) in estimates.items()}
+    doc = {"n_repeats": 10, "models": models}
+    doc["registered_model"] = best_by_repeats(doc, list(estimates))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc))
+    return doc
+
+
+def _register(models_dir, df, reg, repeated, data_md5="d41d8", **kw):
+    """register_classifier on the train and evaluate outputs, as the register stage calls it."""
     from bonemet.modeling.persistence import load_pipeline
     from bonemet.registry.registration import register_classifier
 
     index = json.loads((Path(models_dir) / "index.json").read_text())
-    args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, index=index,
-                provenance=json.loads((Path(models_dir) / "provenance.json").read_text()),
-                pipeline=load_pipeline(Path(models_dir) / index["models"][index["best_model"]]["path"]),
-                input_example=df.head(2), threshold=reg.threshold, min_auc=reg.min_test_auc,
+    classifier = repeated["registered_model"]
+    args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, classifier=classifier,
+                index=index, provenance=json.loads((Path(models_dir) / "provenance.json").read_text()),
+                repeated=repeated, pipeline=load_pipeline(Path(models_dir) / index["models"][classifier]["path"]),
+                input_example=df.head(2), min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound,
+                min_sensitivity=reg.min_sensitivity, min_specificity=reg.min_specificity,
                 tolerance=reg.tolerance, alias=reg.alias, pip_requirements=["scikit-learn==1.9.1"],
-                description_extra="\nTable 1:\n| svm | test | 0.900 |", tags={"data_md5": "d41d8", "git_commit": "abc"})
+                description_extra="\nTable 1:\n| svm | test | 0.900 |", tags={"data_md5": data_md5, "git_commit": "abc"})
     args.update(kw)
     return register_classifier(**args)
 
 
 @pytest.fixture
 def reg(params):
-    """params.yaml's register section: bonemet-classifier, alias staging, gate 0.70 / 0.02."""
-    assert (params.registration.min_test_auc, params.registration.tolerance) == (0.7, 0.02)
-    return params.registration
+    """params.yaml's register section: bonemet-classifier, alias staging, gate 0.70 / 0.60 / 0.5 / 0.5, 0.02."""
+    r = params.registration
+    assert (r.min_auc, r.min_auc_lower_bound, r.min_sensitivity, r.min_specificity, r.tolerance) == (
+        0.7, 0.6, 0.5, 0.5, 0.02)
+    return r
 
 
 def test_register_best_gate_and_pyfunc_input_checks(store, reg):
@@ -139,16 +174,21 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
 
     from bonemet.registry.store import alias_version, model_versions
 
-    # svm has the best CV AUC, knn the best test AUC: the train stage's choice (CV) is registered
+    # svm has the best CV AUC and the best repeated AUC, knn the best committed-split test AUC:
+    # the repeated estimate names the registered model
     df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90), "knn": ([0.84, 0.86], 0.95)})
-    first = _register("models", df, reg)
+    repeated = _repeated({"svm": (0.88, 0.80, 0.75, 0.85), "knn": (0.84, 0.76, 0.7, 0.8)})
+    first = _register("models", df, reg, repeated)
     assert first.classifier == "svm" and first.promoted and first.version == "1"
-    assert (first.cv_auc_mean, first.test_auc) == (pytest.approx(0.93), 0.90)
+    assert (first.cv_auc_mean, first.test_auc, first.threshold) == (pytest.approx(0.93), 0.90, 0.4)
+    assert (first.repeated_auc_mean, first.repeated_auc_lo) == (0.88, 0.80)
     assert first.source_run_id == "svm-a"  # provenance.json links the version to the train stage's run
     assert alias_version(reg.model_name, reg.alias) == "1"
     [v1] = model_versions(reg.model_name)
     assert "test AUC 0.900" in v1["description"] and v1["tags"]["data_md5"] == "d41d8"
-    assert "from train run train-a" in v1["description"] and "Table 1:" in v1["description"]
+    assert "repeated test AUC 0.880 (corrected lower bound 0.800)" in v1["description"]
+    assert (v1["tags"]["repeated_auc_mean"], v1["tags"]["threshold"]) == ("0.880000", "0.400000")
+    assert "(train run train-a)" in v1["description"] and "Table 1:" in v1["description"]
     assert v1["tags"]["source_run_id"] == "svm-a" and v1["tags"]["classifier"] == "svm"
     assert v1["aliases"] == ["staging"]
     # the decision is recorded in a `register` run with the train run's ids
@@ -156,13 +196,17 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     assert register_run.info.run_name == "register"
     assert register_run.data.tags["train_run_id"] == "train-a" and register_run.data.tags["gate_decision"] == "promote"
 
-    # A worse new version is registered but does not take the alias.
+    # A worse new version on the same data is registered but does not take the alias.
     df = _train_outputs("models", {"svm": ([0.89, 0.91], 0.80)}, run="b")
-    second = _register("models", df, reg)
-    assert second.version == "2" and not second.promoted
+    second = _register("models", df, reg, _repeated({"svm": (0.83, 0.75, 0.7, 0.8)}))
+    assert second.version == "2" and not second.promoted and second.compared_with_staging
     assert "worse than staging" in second.reason and second.staging_version == "1"
     assert alias_version(reg.model_name, reg.alias) == "1"
     assert MlflowClient().get_run(model_versions(reg.model_name)[1]["run_id"]).data.tags["gate_decision"] == "hold"
+    # The same numbers on other data are not compared with staging's: the reason says so.
+    third = _register("models", df, reg, _repeated({"svm": (0.83, 0.75, 0.7, 0.8)}), data_md5="other")
+    assert third.promoted and not third.compared_with_staging and "evaluated on other data" in third.reason
+    assert alias_version(reg.model_name, reg.alias) == "3"
 
     model = mlflow.pyfunc.load_model("models:/bonemet-classifier@staging")
     out = model.predict(df.head(3))
@@ -192,17 +236,15 @@ def _post(port, payload: bytes | str):
         return err.code, err.read().decode()
 
 
-def test_register_takes_the_train_stage_tie_break(store, reg):
-    """Equal mean CV AUC: index.json names the model with the lower CV sd, and that one is registered."""
-    df = _train_outputs("models", {"svm": ([0.625, 0.875], 0.90), "knn": ([0.6875, 0.8125], 0.85)})
-    assert json.loads(Path("models/index.json").read_text())["best_model"] == "knn"
-    result = _register("models", df, reg)
-    assert result.classifier == "knn" and result.test_auc == 0.85 and result.promoted
+def test_the_registered_model_ties_go_to_the_lower_bound_then_the_order():
+    assert _repeated({"svm": (0.85, 0.70, 0.7, 0.7), "knn": (0.85, 0.75, 0.7, 0.7)})["registered_model"] == "knn"
+    assert _repeated({"svm": (0.85, 0.75, 0.7, 0.7), "knn": (0.85, 0.75, 0.7, 0.7)})["registered_model"] == "svm"
+    assert _repeated({"svm": (None, None, 0.7, 0.7), "knn": (0.60, 0.5, 0.7, 0.7)})["registered_model"] == "knn"
 
 
-def test_register_holds_the_alias_when_the_test_auc_is_undefined(store, reg):
+def test_register_holds_the_alias_when_the_repeated_auc_is_undefined(store, reg):
     df = _train_outputs("models", {"svm": ([0.92, 0.94], None)})
-    result = _register("models", df, reg)
+    result = _register("models", df, reg, _repeated({"svm": (None, None, 0.7, 0.8)}))
     assert not result.promoted and "not a number" in result.reason
 
 
@@ -228,6 +270,7 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90), "knn": ([0.84, 0.86], 0.95)})
+    _repeated({"svm": (0.88, 0.80, 0.75, 0.85), "knn": (0.84, 0.76, 0.7, 0.8)}, tmp_path / "metrics" / "repeated.json")
     _stage_params(tmp_path, df)
     assert main(["register"]) == 0
     assert "bonemet-classifier version 1 (svm): promoted to 'staging'" in capsys.readouterr().out
@@ -244,8 +287,8 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
     caplog.clear()
     assert main(["register"]) == 1
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert error.exc_info is None and "run `bonemet train` first" in error.getMessage()
-    assert error.getMessage().startswith("models: the train stage's index.json/provenance.json cannot be read")
+    assert error.exc_info is None and "run `bonemet train` and `bonemet evaluate` first" in error.getMessage()
+    assert error.getMessage().startswith("models/index.json, provenance.json or metrics/repeated.json cannot be read")
     assert len(model_versions("bonemet-classifier")) == 1
 
 
@@ -269,6 +312,7 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     select = params.select.updated({"lasso.cv": 3, "lasso.max_features": 4})
     res = run_training(df, paired, splits, select=select, train=train, evaluate=params.evaluate, seed=0,
                        feature_source="auto")
+    _repeated({"logreg": (0.9, 0.8, 0.8, 0.8)}, tmp_path / "metrics" / "repeated.json")
     _stage_params(tmp_path, df)
     assert main(["register"]) == 0
     summary = json.loads((tmp_path / "metrics" / "registry.json").read_text())
@@ -281,7 +325,7 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_4xx_on_bad_input_and_keeps_serving(store, tmp_path, reg):
     df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90)})
-    _register("models", df, reg)
+    _register("models", df, reg, _repeated({"svm": (0.88, 0.80, 0.75, 0.85)}))
     port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     log = open(tmp_path / "serve.log", "w")

@@ -135,6 +135,8 @@ def test_run_training_end_to_end(tmp_path, specs):
         assert entry["cv_auc_mean"] == pytest.approx(r.cv_auc_mean) and entry["cv_auc_sd"] == pytest.approx(r.cv_auc_sd)
         assert entry["test_auc"] == pytest.approx(r.test_metrics["auc"])
         assert entry["params"] == r.tuning.best_params
+        assert entry["threshold"] == r.threshold == r.pipeline.threshold
+        assert table1["models"][model]["test"]["threshold"] == pytest.approx(r.threshold)
         assert "seconds" not in entry and "run_id" not in entry  # those are provenance
     # run ids and timings: provenance.json, one run id per model run of the tracker
     provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
@@ -166,6 +168,9 @@ def test_test_rows_never_reach_selection_tuning_or_cv(tmp_path, specs):
         a, b = first.models[model], second.models[model]
         assert a.tuning.best_params == b.tuning.best_params
         assert a.cv_aucs == b.cv_aucs
+        # calibration and the threshold are learnt from the training cases' out-of-fold scores only
+        np.testing.assert_array_equal(a.scores["oof"], b.scores["oof"])
+        assert a.threshold == b.threshold
         np.testing.assert_allclose(a.scores["train"], b.scores["train"])
         assert not np.allclose(a.scores["test"], b.scores["test"])  # the test rows did change
 
@@ -229,7 +234,7 @@ def test_assemble_features_checks_cases_and_labels():
 
 
 def test_stage_falls_back_to_annotator_features_when_auto_is_missing(tmp_path, caplog):
-    from bonemet.stages.train import _read_tables
+    from bonemet.modeling.training import read_feature_tables as _read_tables
 
     primary, paired, _ = _tables(n=10, p=2)
     primary.to_parquet(tmp_path / "annotator.parquet")

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("bonemet.stages.segment", "MISSU ten-fold training and out-of-fold automatic masks"),
     "extract": ("bonemet.stages.extract", "PyRadiomics features from manual, automatic and annotator masks"),
     "train": ("bonemet.stages.train", "ICC/LASSO selection, eight tuned classifiers, evaluation (Table 1)"),
+    "evaluate": ("bonemet.stages.evaluate", "the whole classification pipeline over repeated random splits"),
     "register": ("bonemet.stages.register", "register the best classifier and gate it to the alias 'staging'"),
     "report": ("bonemet.stages.report", "write the self-contained HTML report"),
     "promote": ("bonemet.stages.promote", "give a registered model version an alias (staging, production)"),

@@ -463,20 +463,26 @@ class RegisterSpec(Spec):
     model_name: str
     segmentation_model_name: str
     alias: str
-    min_test_auc: Probability
+    min_auc: Probability
+    min_auc_lower_bound: Probability
+    min_sensitivity: Probability
+    min_specificity: Probability
     tolerance: NonNegativeFloat
-    threshold: Probability
     models_dir: str
+    repeated: str
     features_file: str
     table1_md: str
     out: str
 
 
 class EvaluateSpec(Spec):
-    """``evaluate``: metrics, intervals and figures."""
+    """``evaluate``: metrics, intervals, figures and the repeated evaluation of the whole pipeline."""
 
+    repeats: Annotated[int, Field(ge=1)]
+    n_jobs: NJobs
+    out_dir: str
+    experiment: str
     alpha: OpenFraction
-    threshold: Probability
     n_bootstrap: PositiveInt
     auc_ci: Literal["normal", "logit"]
     calibration_bins: Annotated[int, Field(ge=2)]
@@ -484,6 +490,8 @@ class EvaluateSpec(Spec):
     dca_thresholds: tuple[OpenFraction, OpenFraction, OpenFraction]
     figure_dpi: Annotated[int, Field(ge=10, le=1200)]
     decimals: Annotated[int, Field(ge=0, le=10)]
+
+    _n_jobs = field_validator("n_jobs")(_n_jobs_not_zero)
 
     @field_validator("dca_thresholds")
     @classmethod
@@ -547,8 +555,16 @@ class SelectSpec(Spec):
     lasso: LassoSpec
 
 
+class OperatingPointSpec(Spec):
+    """``train.operating_point``: how the threshold is chosen on the calibrated out-of-fold scores."""
+
+    rule: Literal["youden", "sensitivity", "fixed"]
+    target_sensitivity: Probability
+    fixed_threshold: Probability
+
+
 class TrainSpec(Spec):
-    """``train``: the classifiers, their tuning and what the stage writes."""
+    """``train``: the classifiers, their tuning, calibration and operating point, and what the stage writes."""
 
     feature_source: Literal["auto", "manual"]
     features_dir: str
@@ -560,6 +576,8 @@ class TrainSpec(Spec):
     inner_folds: Annotated[int, Field(ge=2)]
     pruner_startup_trials: NonNegativeInt
     n_trials: dict[ClassifierName, NonNegativeInt]
+    calibration: Literal["sigmoid", "isotonic", "none"]
+    operating_point: OperatingPointSpec
     log_models: bool
     log_figures: bool
     write_figures: bool

@@ -217,6 +217,17 @@ def patients_on_both_sides(splits: Mapping[str, Any]) -> list[str]:
     return sorted(bad)
 
 
+def repeated_splits(
+    case_ids: Sequence[str], labels: Sequence[int], *, n_repeats: int, test_size: float, n_folds: int, seed: int,
+    groups: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The splits of repeats 1 .. ``n_repeats`` - 1 of the repeated evaluation: :func:`make_splits`
+    with seed ``seed + r`` (repeat 0 is the committed split, made with ``seed``), grouped by
+    patient when ``groups`` are given."""
+    return [make_splits(case_ids, labels, test_size=test_size, n_folds=n_folds, seed=seed + r, groups=groups)
+            for r in range(1, int(n_repeats))]
+
+
 def validate_splits(splits: Any, source: str = "splits") -> dict[str, Any]:
     """Check a splits mapping's structure; return it. Raises SplitError naming ``source``."""
     if not isinstance(splits, dict):

@@ -192,3 +192,9 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
     if problems:
         raise ManifestError(f"{cohort_dir / MANIFEST_NAME}: " + "; ".join(problems))
     return cases
+
+
+def manifest_sites(cohort_dir: str | Path) -> dict[str, str]:
+    """Case id -> site (the manifest's ``site`` column) for every case that names one; empty
+    without the column. What ComBat harmonisation (``select.harmonize``) reads."""
+    return {c.case_id: c.site for c in read_manifest(cohort_dir) if c.site}

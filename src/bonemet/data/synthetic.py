@@ -283,3 +283,18 @@ def plot_cases(cohort_dir: str | Path, case_ids: list[str] | None, path: str | P
 
     return plot_cohort_cases(cohort_dir, case_ids, path, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm,
                              n=n)
+
+
+def read_cohort_ceiling(cohort_dir: str | Path) -> tuple[float | None, dict[str, float] | None]:
+    """A synthetic cohort's Bayes-optimal AUC and each case's latent log-likelihood ratio, from its
+    ``cohort.json``; ``(None, None)`` for a cohort without one (a user's)."""
+    import json
+
+    path = Path(cohort_dir) / COHORT_JSON
+    if not path.is_file():
+        return None, None
+    cohort = json.loads(path.read_text(encoding="utf-8"))
+    case_llr = {str(c["case_id"]): float(c["llr"]) for c in cohort.get("cases", [])
+                if "case_id" in c and c.get("llr") is not None} or None
+    log.info("cohort ceiling from %s: Bayes-optimal AUC %s", path, cohort.get("bayes_auc"))
+    return cohort.get("bayes_auc"), case_llr

@@ -53,6 +53,24 @@ def write_plot_csv(df: pd.DataFrame, path: str | Path, decimals: int = 6) -> Pat
     return path
 
 
+def plot_file_name(model: str) -> str:
+    """A model's (display) name as a file name: ``Logistic regression`` -> ``logistic_regression``."""
+    return "".join(c if c.isalnum() else "_" for c in model.strip().lower()).strip("_") or "model"
+
+
+def write_plot_dir(df: pd.DataFrame, folder: str | Path, key: str) -> dict[str, Path]:
+    """One CSV per model (``df``'s ``model`` column, dropped from the files) in ``folder``,
+    replaced atomically; returns ``{"<key>/<file>": path}``."""
+    folder = Path(folder)
+    paths: dict[str, Path] = {}
+    with atomic_path(folder, is_dir=True) as tmp:
+        for model, part in df.groupby("model", sort=False):
+            name = plot_file_name(str(model))
+            part.drop(columns="model").round(6).to_csv(tmp / f"{name}.csv", index=False)
+            paths[f"{key}/{name}"] = folder / f"{name}.csv"
+    return paths
+
+
 def _colors(n: int) -> list:
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
@@ -400,7 +418,7 @@ def write_classification_plots(
     scores_train: Mapping[str, ArrayLike],
     scores_test: Mapping[str, ArrayLike],
     cv_aucs: Mapping[str, Sequence[float]] | None = None,
-    threshold: float,
+    thresholds: Mapping[str, float],
     alpha: float,
     auc_ci: str,
     calibration_bins: int,
@@ -408,22 +426,23 @@ def write_classification_plots(
     dca_thresholds: ArrayLike | None = None,
     dpi: int,
 ) -> dict[str, Path]:
-    """Write every classification figure and its CSV into ``out_dir``; return {name: path}.
+    """Write every classification figure and its data into ``out_dir``; return {name: path}.
 
-    Files: ``roc_train.png/.csv``, ``roc_test.png/.csv`` (Fig. 5), ``cv_auc.png/.csv`` (Fig. 6, when
-    ``cv_aucs`` is given), ``confusion_train.png``, ``confusion_test.png``, ``calibration_test.png/.csv``,
-    ``dca_test.png/.csv``. Calibration and decision curves are drawn on the test set only.
+    Files: ``roc_train.png``, ``roc_test.png`` (Fig. 5), ``cv_auc.png/.csv`` (Fig. 6, when
+    ``cv_aucs`` is given), ``confusion_train.png``, ``confusion_test.png`` (each model at its own
+    threshold, ``thresholds``), ``calibration_test.png``, ``dca_test.png``. The curves' data go
+    to one CSV per model in ``roc_train/``, ``roc_test/``, ``calibration_test/`` and ``dca_test/``
+    (``<model>.csv``; DVC plots draw a folder as one line per file, so ``dvc plots diff``
+    overlays two experiments' curves). Calibration and decision curves are on the test set only.
     """
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     for set_name, y, scores in (("train", y_train, scores_train), ("test", y_test, scores_test)):
         fig = plot_roc(y, scores, title=f"ROC ({set_name})", alpha=alpha, auc_ci=auc_ci)
         paths[f"roc_{set_name}"] = save_figure(fig, out / f"roc_{set_name}.png", dpi=dpi)
-        paths[f"roc_{set_name}_csv"] = write_plot_csv(roc_table(y, scores), out / f"roc_{set_name}.csv")
-        preds = {m: (np.asarray(s, dtype=float) >= threshold).astype(int) for m, s in scores.items()}
-        fig = plot_confusion_matrices(
-            y, preds, title=f"Confusion matrices ({set_name}, threshold {threshold:g})"
-        )
+        paths.update(write_plot_dir(roc_table(y, scores), out / f"roc_{set_name}", f"roc_{set_name}"))
+        preds = {m: (np.asarray(s, dtype=float) >= thresholds[m]).astype(int) for m, s in scores.items()}
+        fig = plot_confusion_matrices(y, preds, title=f"Confusion matrices ({set_name}, each model at its threshold)")
         paths[f"confusion_{set_name}"] = save_figure(fig, out / f"confusion_{set_name}.png", dpi=dpi)
     if cv_aucs:
         paths["cv_auc"] = save_figure(plot_cv_auc_box(cv_aucs), out / "cv_auc.png", dpi=dpi)
@@ -436,10 +455,10 @@ def write_classification_plots(
         title="Calibration (test)",
     )
     paths["calibration_test"] = save_figure(fig, out / "calibration_test.png", dpi=dpi)
-    paths["calibration_test_csv"] = write_plot_csv(
+    paths.update(write_plot_dir(
         calibration_table(y_test, scores_test, n_bins=calibration_bins, strategy=calibration_strategy),
-        out / "calibration_test.csv",
-    )
+        out / "calibration_test", "calibration_test",
+    ))
     pts = (
         threshold_grid(0.01, 0.99, 0.01)
         if dca_thresholds is None
@@ -450,9 +469,7 @@ def write_classification_plots(
         out / "dca_test.png",
         dpi=dpi,
     )
-    paths["dca_test_csv"] = write_plot_csv(
-        decision_curve_table(y_test, scores_test, pts), out / "dca_test.csv"
-    )
+    paths.update(write_plot_dir(decision_curve_table(y_test, scores_test, pts), out / "dca_test", "dca_test"))
     log.info("classification figures written to %s (%d files)", out, len(paths))
     return paths
 

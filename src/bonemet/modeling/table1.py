@@ -217,11 +217,14 @@ def table1_markdown(
             continue
         by_method.setdefault(_CI_NAMES.get(method, method), []).append(metric)
     foot = "; ".join(f"{', '.join(ms)}: {meth}" for meth, ms in by_method.items())
-    thr = df["threshold"].dropna().unique()
     lines.append("")
     lines.append(f"{level} confidence intervals in parentheses. CI methods: {foot}.")
-    if len(thr) == 1:
-        lines.append(f"Predicted positive (breast origin) when the probability is >= {thr[0]:g}.")
+    thresholds = df.drop_duplicates("model").set_index("model")["threshold"].dropna()
+    if len(thresholds):
+        lines.append(
+            "Predicted positive (breast origin) when the calibrated probability is at or above the model's "
+            "threshold, chosen on the training set's out-of-fold probabilities: "
+            + "; ".join(f"{m} {t:.{decimals}f}" for m, t in thresholds.items()) + ".")
     if best_model is not None:
         lines.append(f"Best model (bold): {best_model}.")
     if bayes_auc is not None:

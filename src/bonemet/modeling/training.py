@@ -33,10 +33,11 @@ import numpy as np
 import pandas as pd
 
 from bonemet.errors import UserError
+from bonemet.modeling.calibration import CalibratedPipeline, ScoreCalibrator, choose_threshold
 from bonemet.modeling.classifiers import DISPLAY_NAMES
 from bonemet.modeling.persistence import save_pipeline, trusted_types
 from bonemet.modeling.pipeline import build_pipeline
-from bonemet.modeling.tuning import FoldData, TuningResult, fold_auc, precompute_folds, tune_model
+from bonemet.modeling.tuning import FoldData, TuningResult, fold_scores, precompute_folds, tune_model
 from bonemet.tracking import NullTracker, Tracker
 from bonemet.utils import atomic_path, progress, write_json
 
@@ -69,10 +70,11 @@ class ModelResult:
     name: str
     tuning: TuningResult
     cv_aucs: list[float]
-    pipeline: Any
+    pipeline: CalibratedPipeline
+    threshold: float
     train_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
-    scores: dict[str, np.ndarray] = field(repr=False)
+    scores: dict[str, np.ndarray] = field(repr=False)  # calibrated: "train", "test", "oof" (training cases)
     seconds: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
 
@@ -94,6 +96,37 @@ class TrainingResults:
     selected_features: dict[str, Any]
     table1: pd.DataFrame
     y: dict[str, np.ndarray] = field(repr=False)
+
+
+#: The other source of each pair; the ICC compares a source with its pair.
+PAIRS = {"auto": "manual", "manual": "auto"}
+
+
+def read_feature_tables(features_dir: str | Path, source: str) -> tuple[pd.DataFrame, pd.DataFrame, str, str]:
+    """``(primary, paired, primary name, paired name)``: the feature tables of ``source`` ("auto"
+    or "manual") and of its pair for the ICC; "auto" falls back to the annotator masks' features
+    when the automatic ones are missing (a cohort without a segmentation run).
+
+    Raises:
+        MissingFeatureTableError: a table is missing (the extract stage has not run).
+    """
+    features_dir = Path(features_dir)
+
+    def path_of(name: str) -> Path:
+        return features_dir / f"{name}.parquet"
+
+    primary_name, paired_name = source, PAIRS[source]
+    for name in (primary_name, paired_name):
+        if name == "auto" and not path_of("auto").is_file() and path_of("annotator").is_file():
+            log.warning("%s missing: using annotator-mask features as the automatic-mask stand-in", path_of("auto"))
+            if name == primary_name:
+                primary_name = "annotator"
+            else:
+                paired_name = "annotator"
+    for name in (primary_name, paired_name):
+        if not path_of(name).is_file():
+            raise MissingFeatureTableError(f"feature table {path_of(name)} not found (run `bonemet extract` first)")
+    return pd.read_parquet(path_of(primary_name)), pd.read_parquet(path_of(paired_name)), primary_name, paired_name
 
 
 def feature_columns(table: pd.DataFrame) -> list[str]:
@@ -166,11 +199,12 @@ def _inner_splits(y: np.ndarray, n_folds: int, seed: int,
     return list(splitter.split(np.zeros(len(y)), y, list(groups)))
 
 
-def _set_metrics(y: np.ndarray, score: np.ndarray, evaluate: EvaluateSpec, seed: int) -> dict[str, Any]:
+def _set_metrics(y: np.ndarray, score: np.ndarray, threshold: float, evaluate: EvaluateSpec,
+                 seed: int) -> dict[str, Any]:
     from bonemet.modeling.evaluation import binary_metrics
 
-    return binary_metrics(y, score, threshold=evaluate.threshold, alpha=evaluate.alpha,
-                          n_boot=evaluate.n_bootstrap, seed=seed, auc_ci=evaluate.auc_ci)
+    return binary_metrics(y, score, threshold=threshold, alpha=evaluate.alpha, n_boot=evaluate.n_bootstrap,
+                          seed=seed, auc_ci=evaluate.auc_ci)
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -244,7 +278,7 @@ def _figures(
         scores_train={display_name(m): r.scores["train"] for m, r in results.items()},
         scores_test={display_name(m): r.scores["test"] for m, r in results.items()},
         cv_aucs={display_name(m): r.cv_aucs for m, r in results.items()},
-        threshold=evaluate.threshold,
+        thresholds={display_name(m): r.threshold for m, r in results.items()},
         alpha=evaluate.alpha,
         auc_ci=evaluate.auc_ci,
         calibration_bins=evaluate.calibration_bins,
@@ -270,14 +304,13 @@ def _figures(
     return list(paths.values())
 
 
-def _model_figures(tracker: Tracker, model: str, y_test: np.ndarray, score: np.ndarray,
+def _model_figures(tracker: Tracker, model: str, y_test: np.ndarray, score: np.ndarray, threshold: float,
                    evaluate: EvaluateSpec) -> None:
-    """This model's test ROC and confusion matrix, logged to its own (nested) run."""
+    """This model's test ROC and confusion matrix (at its threshold), logged to its own (nested) run."""
     import matplotlib.pyplot as plt
 
     from bonemet.modeling import plots
 
-    threshold = evaluate.threshold
     name = display_name(model)
     for fig_name, fig in (
         ("roc_test.png", plots.plot_roc(y_test, {name: score}, title=f"ROC (test): {name}",
@@ -311,25 +344,32 @@ def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[
                    sites: Mapping[str, str] | None = None) -> _Data:
     """Join the two sources (and the sites) and cut them by ``splits`` (train, test, train_folds)."""
     X, y = assemble_features(primary, paired, prefix, sites)
+    X.index = X.index.astype(str)
+    return split_data(X, y.set_axis(X.index), splits, feature_columns(primary), prefix)
+
+
+def split_data(X: pd.DataFrame, y: pd.Series, splits: Mapping[str, Any], primary_cols: Sequence[str],
+               paired_prefix: str) -> _Data:
+    """The feature matrix (rows indexed by case_id) cut into ``splits``' training and test cases,
+    with the training set's folds (``train_folds``) and, when the splits are grouped, the
+    training cases' patients (``groups``)."""
     train_ids = [str(i) for i in splits["train"]]
     test_ids = [str(i) for i in splits["test"]]
-    unknown = sorted(set(train_ids + test_ids) - set(X.index.astype(str)))
+    unknown = sorted(set(train_ids + test_ids) - set(X.index))
     if unknown:
         raise TrainingInputError(f"splits name cases missing from the feature tables: {unknown[:5]}")
     if "train_folds" not in splits:
         raise TrainingInputError("splits lack 'train_folds' (the ten folds in the training set): run `bonemet split`")
-    X.index = X.index.astype(str)
-    y_all = y.set_axis(X.index)
     outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
     groups = splits.get("groups")
     train_groups = [str(groups[i]) for i in train_ids] if groups else None
-    primary_cols = feature_columns(primary)
-    input_cols = primary_cols + ([c for c in X.columns if c not in primary_cols and not c.startswith(prefix)])
-    return _Data(X.loc[train_ids], y_all.loc[train_ids].to_numpy(), X.loc[test_ids], y_all.loc[test_ids].to_numpy(),
+    primary_cols = list(primary_cols)
+    input_cols = primary_cols + [c for c in X.columns if c not in primary_cols and not c.startswith(paired_prefix)]
+    return _Data(X.loc[train_ids], y.loc[train_ids].to_numpy(), X.loc[test_ids], y.loc[test_ids].to_numpy(),
                  train_ids, test_ids, primary_cols, outer, input_cols, train_groups)
 
 
-def _precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed: int,
+def precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed: int,
                           tracker: Tracker) -> tuple[list[FoldData], list[FoldData]]:
     """Selection fitted once per inner fold (tuning) and per outer fold (CV), shared by every model."""
     log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(data.outer))
@@ -344,47 +384,80 @@ def _precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, see
     return inner, outer
 
 
-def _fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequence[FoldData], *,
-               select: SelectSpec, train: TrainSpec, evaluate: EvaluateSpec, seed: int,
-               tracker: Tracker) -> ModelResult:
-    """Tune one model, cross-validate it, fit it on the training set, score both sets, log its run."""
+def fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequence[FoldData], *,
+              select: SelectSpec, train: TrainSpec, evaluate: EvaluateSpec, seed: int,
+              tracker: Tracker | None = None) -> ModelResult:
+    """Tune one model, cross-validate it, calibrate it and choose its threshold on the training set,
+    fit it on the whole training set and score both sets. Writes nothing.
+
+    1. Optuna on the inner folds (``inner``: selection precomputed per fold).
+    2. Ten-fold CV (``outer``): each fold's classifier, with the tuned hyperparameters, scores its
+       held-out cases: the fold AUCs (the study's Fig. 6) and an out-of-fold score per training case.
+    3. The calibrator (``train.calibration``) is fitted on those out-of-fold scores, and the
+       threshold (``train.operating_point``) chosen on their calibrated values.
+    4. The pipeline (selection + classifier) is fitted on the whole training set and wrapped with
+       the calibrator and threshold (:class:`~bonemet.modeling.calibration.CalibratedPipeline`).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    tracker = tracker or NullTracker()
     t0, c0 = time.perf_counter(), time.process_time()
     tuned = tune_model(model, inner, train.search_space.get(model, {}), train.n_trials[model], seed,
                        fixed_params=train.fixed_params.get(model, {}),
                        pruner_startup_trials=train.pruner_startup_trials, tracker=tracker)
     t1 = time.perf_counter()
-    cv_aucs = [fold_auc(model, tuned.best_params, fold, seed) for fold in outer]
+    oof = np.full(len(data.y_train), np.nan)
+    cv_aucs = []
+    for (_, val_idx), fold in zip(data.outer, outer, strict=True):
+        scores = fold_scores(model, tuned.best_params, fold, seed)
+        oof[val_idx] = scores
+        if len(np.unique(fold.y_val)) < 2:
+            raise TrainingInputError(f"a ten-fold CV fold of the training set holds one class only ({model})")
+        cv_aucs.append(float(roc_auc_score(fold.y_val, scores)))
     t2 = time.perf_counter()
+    calibrator = ScoreCalibrator(method=train.calibration).fit(oof, data.y_train)
+    oof_calibrated = calibrator.transform(oof)
+    threshold = choose_threshold(oof_calibrated, data.y_train, train.operating_point)
     pipeline = build_pipeline(model, tuned.best_params, select, seed).fit(data.X_train, data.y_train)
-    s_train = pipeline.predict_proba(data.X_train)[:, 1]
-    s_test = pipeline.predict_proba(data.X_test)[:, 1]
-    m_train = _set_metrics(data.y_train, s_train, evaluate, seed)
-    m_test = _set_metrics(data.y_test, s_test, evaluate, seed)
+    fitted = CalibratedPipeline(pipeline=pipeline, calibrator=calibrator, threshold=threshold)
+    s_train = fitted.predict_proba(data.X_train)[:, 1]
+    s_test = fitted.predict_proba(data.X_test)[:, 1]
+    m_train = _set_metrics(data.y_train, s_train, threshold, evaluate, seed)
+    m_test = _set_metrics(data.y_test, s_test, threshold, evaluate, seed)
     t3 = time.perf_counter()
-    res = ModelResult(model, tuned, cv_aucs, pipeline, m_train, m_test, {"train": s_train, "test": s_test},
-                      {"tune_s": t1 - t0, "cv_s": t2 - t1, "final_fit_eval_s": t3 - t2})
+    return ModelResult(model, tuned, cv_aucs, fitted, threshold, m_train, m_test,
+                       {"train": s_train, "test": s_test, "oof": oof_calibrated},
+                       {"tune_s": t1 - t0, "cv_s": t2 - t1, "final_fit_eval_s": t3 - t2,
+                        "total_s": time.perf_counter() - t0, "total_cpu_s": time.process_time() - c0})
+
+
+def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: EvaluateSpec,
+                  tracker: Tracker) -> None:
+    """The train stage's record of one model: its nested run's params, metrics, figures, trials
+    and model, and ``<train.out_dir>/<model>.skops``."""
+    model, tuned = res.name, res.tuning
     tracker.log_params({"model": model, **{f"hp.{k}": v for k, v in tuned.best_params.items()},
-                        "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned})
-    for k, auc in enumerate(cv_aucs):
+                        "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned, "calibration": train.calibration,
+                        "threshold_rule": train.operating_point.rule})
+    for k, auc in enumerate(res.cv_aucs):
         tracker.log_metrics({"cv_auc": auc}, step=k)
-    metrics = {"cv_auc_mean": res.cv_auc_mean, "cv_auc_sd": res.cv_auc_sd, "inner_cv_auc": tuned.best_value}
-    for set_name, m in (("train", m_train), ("test", m_test)):
+    metrics = {"cv_auc_mean": res.cv_auc_mean, "cv_auc_sd": res.cv_auc_sd, "inner_cv_auc": tuned.best_value,
+               "threshold": res.threshold}
+    for set_name, m in (("train", res.train_metrics), ("test", res.test_metrics)):
         metrics.update({f"{set_name}_{k}": m[k] for k in SET_METRICS})
     tracker.log_metrics(_finite(metrics))
     if train.log_figures:
-        _model_figures(tracker, model, data.y_test, s_test, evaluate)
+        _model_figures(tracker, model, data.y_test, res.scores["test"], res.threshold, evaluate)
     if len(tuned.trials):
         tracker.log_table(tuned.trials, "optuna_trials.csv")
-    save_pipeline(pipeline, Path(train.out_dir) / f"{model}.skops")
+    save_pipeline(res.pipeline, Path(train.out_dir) / f"{model}.skops")
     if train.log_models:
         example = data.X_test[data.input_cols].head(5)
-        _log_model(tracker, pipeline, example.astype({c: np.float64 for c in data.primary_cols}))
-    res.seconds["total_s"] = time.perf_counter() - t0
-    res.seconds["total_cpu_s"] = time.process_time() - c0
+        _log_model(tracker, res.pipeline, example.astype({c: np.float64 for c in data.primary_cols}))
     tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
-    log.info("%s: CV AUC %.3f +- %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean, res.cv_auc_sd, m_test["auc"],
+    log.info("%s: CV AUC %.3f +- %.3f, threshold %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean,
+             res.cv_auc_sd, res.threshold, res.test_metrics["auc"],
              ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items()))
-    return res
 
 
 def _bayes_reference(data: _Data, best: ModelResult, case_llr: Mapping[str, float] | None,
@@ -428,7 +501,8 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
         # besides the features, a served row must hold these (site: ComBat harmonisation is on)
         "extra_input_columns": [c for c in data.input_cols if c not in data.primary_cols],
         "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "cv_auc_sd": r.cv_auc_sd,
-                       "test_auc": _none(r.test_metrics["auc"]), "params": r.tuning.best_params}
+                       "threshold": r.threshold, "test_auc": _none(r.test_metrics["auc"]),
+                       "params": r.tuning.best_params}
                    for m, r in results.items()},
     })
     # what differs between two runs of the same data and seed: kept out of index.json
@@ -512,11 +586,12 @@ def run_training(
                             "n_test": len(data.test_ids), "n_features": len(data.primary_cols),
                             "select": select.model_dump(mode="json"), "inner_folds": train.inner_folds,
                             "outer_folds": len(data.outer)})
-        inner, outer = _precompute_selection(data, select, train.inner_folds, seed, tracker)
+        inner, outer = precompute_selection(data, select, train.inner_folds, seed, tracker)
         for model in progress(train.models, desc="models", unit="model"):
             with tracker.run(model, tags={"model": model}, nested=True) as model_run_id:
-                results[model] = _fit_model(model, data, inner, outer, select=select, train=train,
-                                            evaluate=evaluate, seed=seed, tracker=tracker)
+                results[model] = fit_model(model, data, inner, outer, select=select, train=train,
+                                           evaluate=evaluate, seed=seed, tracker=tracker)
+                _record_model(results[model], data, train=train, evaluate=evaluate, tracker=tracker)
                 results[model].run_id = model_run_id
         best = choose_best_model({m: r.cv_aucs for m, r in results.items()}, train.models)
         reference = _bayes_reference(data, results[best], case_llr, evaluate)

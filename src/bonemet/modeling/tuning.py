@@ -76,13 +76,19 @@ def precompute_folds(
     return folds
 
 
+def fold_scores(model_name: str, params: Mapping[str, Any], fold: FoldData, seed: int) -> np.ndarray:
+    """Fit classifier ``model_name`` on a fold's selected training rows; its probabilities of label 1
+    on the fold's validation rows."""
+    clf = build_classifier(model_name, params, seed)
+    clf.fit(fold.X_train, fold.y_train)
+    return clf.predict_proba(fold.X_val)[:, 1]
+
+
 def fold_auc(model_name: str, params: Mapping[str, Any], fold: FoldData, seed: int) -> float:
     """Fit classifier ``model_name`` on a fold's selected training rows; ROC AUC on its validation rows."""
     from sklearn.metrics import roc_auc_score
 
-    clf = build_classifier(model_name, params, seed)
-    clf.fit(fold.X_train, fold.y_train)
-    proba = clf.predict_proba(fold.X_val)[:, 1]
+    proba = fold_scores(model_name, params, fold, seed)
     if len(np.unique(fold.y_val)) < 2:
         raise ValueError(f"inner fold with {len(fold.y_val)} validation rows holds one class only")
     return float(roc_auc_score(fold.y_val, proba))

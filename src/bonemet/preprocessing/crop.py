@@ -67,7 +67,7 @@ def bone_crop_box(
     bone_threshold_hu: float,
     margin_mm: float,
     min_size_vox: Sequence[int],
-    min_component_ml: float = 1.0,
+    min_component_ml: float,
     grid: sitk.Image | None = None,
 ) -> CropBox:
     """The bounding box of the bone plus a margin, clamped to the grid, at least ``min_size_vox``.

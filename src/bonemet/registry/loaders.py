@@ -115,7 +115,7 @@ def _evaluable(network: Any) -> Any:
     return ExportedNetwork(network).eval()
 
 
-def load_segmenter(name: str, alias: str, device: str = "cpu") -> tuple[Any, dict[str, Any], str]:
+def load_segmenter(name: str, alias: str, *, device: str) -> tuple[Any, dict[str, Any], str]:
     """Load the segmentation network ``name@alias`` (pytorch flavour) onto ``device``.
 
     Returns:

@@ -1,8 +1,10 @@
-"""Registering the train stage's best classifier, and the promotion gate's bookkeeping.
+"""Registering the classifier the repeated evaluation names, and the promotion gate's bookkeeping.
 
-The register stage reads what the train stage wrote (``models/index.json`` names the best
-pipeline, chosen by :func:`bonemet.modeling.training.choose_best_model`; ``models/<best>.skops``
-is that pipeline): its inputs are files that DVC tracks, not "the latest run" in MLflow. The
+The register stage reads what the train and evaluate stages wrote: the evaluate stage's
+``repeated.json`` names the model to register (the highest mean test AUC over the repeated
+splits) and carries the estimate the gate judges; ``models/<model>.skops`` is that model fitted
+on the committed split's training set, and ``models/index.json`` its CV and test AUC, threshold
+and feature names: files that DVC tracks, not "the latest run" in MLflow. The
 description (Table 1 rows, data hash, git commit) and the gate decision are recorded in MLflow:
 a `register` run in the classification experiment, the model version's description and tags,
 and the alias.
@@ -21,7 +23,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from bonemet.errors import UserError
-from bonemet.registry.gate import PromotionDecision, decide_promotion
+from bonemet.registry.gate import Estimate, PromotionDecision, decide_promotion
 from bonemet.registry.pyfunc import log_classifier
 from bonemet.registry.store import alias_version, ensure_experiment, set_alias
 
@@ -29,10 +31,13 @@ log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "cv_auc_mean"
 TEST_METRIC = "test_auc"
+#: Version tags the gate reads back from the staging version.
+ESTIMATE_TAGS = {"auc_mean": "repeated_auc_mean", "auc_lower_bound": "repeated_auc_lo",
+                 "sensitivity": "repeated_sensitivity", "specificity": "repeated_specificity"}
 
 
 class RegistryError(UserError, RuntimeError):
-    """The train stage's outputs needed for registration are missing or incomplete."""
+    """The train or evaluate stage's outputs needed for registration are missing or incomplete."""
 
 
 @dataclass
@@ -41,24 +46,47 @@ class RegistrationResult:
     version: str
     source_run_id: str
     classifier: str
+    threshold: float
     cv_auc_mean: float
     test_auc: float
+    repeated_auc_mean: float
+    repeated_auc_lo: float
     promoted: bool
     reason: str
+    compared_with_staging: bool
     staging_version: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def staging_test_auc(model_name: str, alias: str) -> tuple[str | None, float | None]:
-    """Version and recorded test AUC of ``model_name@alias`` (None, None when there is none)."""
+def staging_estimate(model_name: str, alias: str) -> tuple[str | None, Estimate | None]:
+    """Version and recorded repeated estimate of ``model_name@alias`` (None, None when there is none)."""
     version = alias_version(model_name, alias)
     if version is None:
         return None, None
-    mv = MlflowClient().get_model_version(model_name, version)
-    value = mv.tags.get(TEST_METRIC)
-    return version, float(value) if value is not None else None
+    tags = MlflowClient().get_model_version(model_name, version).tags
+
+    def number(key: str) -> float:
+        try:
+            return float(tags[key])
+        except (KeyError, ValueError):
+            return math.nan
+
+    return version, Estimate(**{field: number(tag) for field, tag in ESTIMATE_TAGS.items()},
+                             data_md5=str(tags.get("data_md5", "unknown")))
+
+
+def estimate_of(repeated: Mapping[str, Any], model: str, data_md5: str) -> Estimate:
+    """The gate's view of ``model`` in the evaluate stage's ``repeated.json``."""
+    entry = repeated["models"][model]
+    return Estimate(auc_mean=_nan(entry["auc"]["mean"]), auc_lower_bound=_nan(entry["auc"]["lo"]),
+                    sensitivity=_nan(entry["sensitivity_mean"]), specificity=_nan(entry["specificity_mean"]),
+                    data_md5=data_md5)
+
+
+def _nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 def register_classifier(
@@ -66,45 +94,59 @@ def register_classifier(
     experiment: str,
     store_dir: str,
     model_name: str,
+    classifier: str,
     index: Mapping[str, Any],
     provenance: Mapping[str, Any],
+    repeated: Mapping[str, Any],
     pipeline: Any,
     input_example: pd.DataFrame,
-    threshold: float,
     min_auc: float,
+    min_auc_lower_bound: float,
+    min_sensitivity: float,
+    min_specificity: float,
     tolerance: float,
     alias: str,
     pip_requirements: Sequence[str],
     description_extra: str,
     tags: Mapping[str, str],
 ) -> RegistrationResult:
-    """Register the train stage's best pipeline as a new version of ``model_name`` and apply the gate.
+    """Register ``classifier``'s fitted pipeline as a new version of ``model_name`` and apply the gate.
 
     Args:
-        index: the train stage's ``models/index.json`` (``best_model``, each model's CV and test
-            AUC, ``feature_names``); ``provenance``: its ``models/provenance.json`` (run ids).
-        pipeline: the fitted pipeline of ``index["best_model"]`` (``models/<best>.skops``).
+        classifier: the model to register (the evaluate stage's ``registered_model``: the highest
+            mean repeated test AUC); ``pipeline`` is its fit on the committed split's training set
+            (``models/<classifier>.skops``), with its calibration and threshold.
+        index: the train stage's ``models/index.json`` (each model's CV and test AUC, threshold,
+            ``feature_names``); ``provenance``: its ``models/provenance.json`` (run ids).
+        repeated: the evaluate stage's ``repeated.json`` (the gate's estimate).
         input_example: a few feature rows for the model's signature.
-        threshold: probability of breast origin at or above which the label is 1.
-        min_auc, tolerance, alias: the gate (see :func:`bonemet.registry.gate.decide_promotion`).
+        min_auc, min_auc_lower_bound, min_sensitivity, min_specificity, tolerance, alias: the gate
+            (see :func:`bonemet.registry.gate.decide_promotion`).
         pip_requirements: the served model's requirements.
         description_extra: appended to the version's description (e.g. Table 1).
         tags: run tags (git commit, data hash).
     """
-    classifier = str(index["best_model"])
     entry = index["models"][classifier]
     cv_auc = float(entry["cv_auc_mean"])
     test_auc = float("nan") if entry["test_auc"] is None else float(entry["test_auc"])  # undefined: one class
+    threshold = float(entry["threshold"])
+    data_md5 = str(tags.get("data_md5", "unknown"))
+    estimate = estimate_of(repeated, classifier, data_md5)
     source_run_id = str((provenance.get("models", {}).get(classifier) or {}).get("run_id") or "")
     train_run_id = str(provenance.get("train_run_id") or "")
-    current_version, current_auc = staging_test_auc(model_name, alias)
-    decision: PromotionDecision = decide_promotion(test_auc, current_auc, min_auc=min_auc, tolerance=tolerance)
+    current_version, current = staging_estimate(model_name, alias)
+    decision: PromotionDecision = decide_promotion(
+        estimate, current, min_auc=min_auc, min_auc_lower_bound=min_auc_lower_bound,
+        min_sensitivity=min_sensitivity, min_specificity=min_specificity, tolerance=tolerance)
     exp_id = ensure_experiment(experiment, store_dir)
     run_tags = {**dict(tags), "source_run_id": source_run_id, "train_run_id": train_run_id}
     with mlflow.start_run(run_name="register", experiment_id=exp_id, tags=run_tags):
-        mlflow.log_params({"classifier": classifier, "threshold": threshold, "min_auc": min_auc, "tolerance": tolerance})
-        mlflow.log_metrics({k: v for k, v in {SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc}.items()
-                            if math.isfinite(v)})
+        mlflow.log_params({"classifier": classifier, "threshold": threshold, "min_auc": min_auc,
+                           "min_auc_lower_bound": min_auc_lower_bound, "min_sensitivity": min_sensitivity,
+                           "min_specificity": min_specificity, "tolerance": tolerance})
+        metrics = {SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc,
+                   **{tag: getattr(estimate, field) for field, tag in ESTIMATE_TAGS.items()}}
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         info = log_classifier(
             pipeline,
             list(index["feature_names"]),
@@ -114,16 +156,21 @@ def register_classifier(
             pip_requirements=pip_requirements,
         )
         description = (
-            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier}) from train run {train_run_id or '?'}.\n"
-            f"mean CV AUC (training set) {cv_auc:.3f}; test AUC {test_auc:.3f}.\n"
-            f"data_md5 {run_tags.get('data_md5', 'unknown')}; git_commit {run_tags.get('git_commit', 'unknown')}.\n"
+            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier} -> calibration) fitted on the committed "
+            f"split's training set (train run {train_run_id or '?'}); registered for the highest mean test AUC over "
+            f"{repeated['n_repeats']} repeated splits.\n"
+            f"repeated test AUC {estimate.auc_mean:.3f} (corrected lower bound {estimate.auc_lower_bound:.3f}); "
+            f"committed split: mean CV AUC {cv_auc:.3f}, test AUC {test_auc:.3f}; threshold {threshold:.3f}.\n"
+            f"data_md5 {data_md5}; git_commit {run_tags.get('git_commit', 'unknown')}.\n"
             + description_extra
         )
         version_tags = {
             "classifier": classifier,
             SELECTION_METRIC: f"{cv_auc:.6f}",
             TEST_METRIC: f"{test_auc:.6f}",
-            "data_md5": run_tags.get("data_md5", "unknown"),
+            "threshold": f"{threshold:.6f}",
+            **{tag: f"{getattr(estimate, field):.6f}" for field, tag in ESTIMATE_TAGS.items()},
+            "data_md5": data_md5,
             "git_commit": run_tags.get("git_commit", "unknown"),
             "source_run_id": source_run_id,
         }
@@ -132,24 +179,20 @@ def register_classifier(
         mlflow.set_tags({"gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason})
         mlflow.log_dict(
             {"version": str(mv.version), "promote": decision.promote, "reason": decision.reason,
-             "current_staging_version": current_version, "current_staging_auc": current_auc},
+             "compared_with_staging": decision.compared_with_staging,
+             "current_staging_version": current_version,
+             "current_staging_estimate": None if current is None else asdict(current),
+             "estimate": asdict(estimate)},
             "gate_decision.json",
         )
         if decision.promote:
             set_alias(model_name, alias, mv.version)
-        log.info(
-            "%s version %s (%s): %s -> %s",
-            model_name, mv.version, classifier, decision.reason,
-            f"alias '{alias}' set" if decision.promote else f"alias '{alias}' unchanged",
-        )
+        log.info("%s version %s (%s): %s -> %s", model_name, mv.version, classifier, decision.reason,
+                 f"alias '{alias}' set" if decision.promote else f"alias '{alias}' unchanged")
     return RegistrationResult(
-        model_name=model_name,
-        version=str(mv.version),
-        source_run_id=source_run_id,
-        classifier=classifier,
-        cv_auc_mean=cv_auc,
-        test_auc=test_auc,
-        promoted=decision.promote,
-        reason=decision.reason,
+        model_name=model_name, version=str(mv.version), source_run_id=source_run_id, classifier=classifier,
+        threshold=threshold, cv_auc_mean=cv_auc, test_auc=test_auc, repeated_auc_mean=estimate.auc_mean,
+        repeated_auc_lo=estimate.auc_lower_bound, promoted=decision.promote, reason=decision.reason,
+        compared_with_staging=decision.compared_with_staging,
         staging_version=str(mv.version) if decision.promote else current_version,
     )

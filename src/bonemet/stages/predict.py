@@ -23,8 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-mask", default=None, metavar="PATH",
                         help="write the lesion mask used (uint8 0/1 on the CT's grid), e.g. lesion.nii.gz")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="probability at or above which the label is 1 (default: the classifier's registered "
-                             "threshold, else params register.threshold)")
+                        help="probability at or above which the label is 1 (default: the threshold registered "
+                             "with the classifier, chosen on its training data)")
     parser.add_argument("--device", default="cpu", help="torch device for segmentation (default cpu)")
 
 
@@ -59,9 +59,12 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
         network, metadata, version = load_segmenter(reg.segmentation_model_name, args.alias, device=args.device)
         segmenter = MissuSegmenter.from_metadata(network, metadata, device=args.device,
                                                  name=reg.segmentation_model_name, version=version)
-    threshold = args.threshold
+    threshold = args.threshold if args.threshold is not None else classifier.threshold
     if threshold is None:
-        threshold = classifier.threshold if classifier.threshold is not None else reg.threshold
+        from bonemet.registry.loaders import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{reg.model_name}@{args.alias} carries no threshold (registered by an older "
+                                 "bonemet: run the pipeline again) and --threshold was not given")
     result = predict_inputs(
         inputs, segmenter=segmenter, classifier=classifier, radiomics_settings=settings,
         threshold=float(threshold), grid_tolerance_mm=tolerance, save_mask=args.save_mask,

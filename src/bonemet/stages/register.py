@@ -1,8 +1,11 @@
-"""`bonemet register`: register the train stage's best classifier; gate it to `staging`.
+"""`bonemet register`: register the classifier the repeated evaluation names; gate it to `staging`.
 
-Reads the train stage's outputs (``register.models_dir``: ``index.json`` names the best pipeline,
-``<best>.skops`` is it, ``provenance.json`` links the MLflow runs) and a few feature rows for
-the signature; writes ``register.out``.
+Reads the evaluate stage's ``register.repeated`` (``repeated.json``: the model with the highest
+mean repeated test AUC, and the estimate the gate judges), the train stage's outputs
+(``register.models_dir``: ``<model>.skops`` is that model fitted on the committed split's
+training set, with its calibration and threshold; ``index.json`` its metrics and feature names;
+``provenance.json`` the MLflow runs) and a few feature rows for the signature; writes
+``register.out``.
 """
 
 from __future__ import annotations
@@ -43,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         index = json.loads((models_dir / "index.json").read_text(encoding="utf-8"))
         provenance = json.loads((models_dir / "provenance.json").read_text(encoding="utf-8"))
-        best = index["models"][index["best_model"]]
-        pipeline_path = models_dir / best["path"]
-        if not {"cv_auc_mean", "test_auc"} <= set(best) or "feature_names" not in index:
-            raise KeyError("cv_auc_mean, test_auc or feature_names")
+        repeated = json.loads(Path(reg.repeated).read_text(encoding="utf-8"))
+        classifier = str(repeated["registered_model"])
+        entry = index["models"][classifier]
+        pipeline_path = models_dir / entry["path"]
+        if not {"cv_auc_mean", "test_auc", "threshold"} <= set(entry) or "feature_names" not in index:
+            raise KeyError("cv_auc_mean, test_auc, threshold or feature_names")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RegistryError(f"{models_dir}: the train stage's index.json/provenance.json cannot be read or lack a "
-                            f"key ({exc}); run `bonemet train` first") from exc
+        raise RegistryError(f"{models_dir}/index.json, provenance.json or {reg.repeated} cannot be read or lack a "
+                            f"key ({exc}); run `bonemet train` and `bonemet evaluate` first") from exc
     pipeline = load_pipeline(pipeline_path)
     features = pd.read_parquet(reg.features_file)
     description_extra = ""
@@ -62,12 +67,16 @@ def run(args: argparse.Namespace) -> int:
         experiment=reg.experiment,
         store_dir=params.tracking.store_dir,
         model_name=reg.model_name,
+        classifier=classifier,
         index=index,
         provenance=provenance,
+        repeated=repeated,
         pipeline=pipeline,
         input_example=features.head(2),
-        threshold=reg.threshold,
-        min_auc=reg.min_test_auc,
+        min_auc=reg.min_auc,
+        min_auc_lower_bound=reg.min_auc_lower_bound,
+        min_sensitivity=reg.min_sensitivity,
+        min_specificity=reg.min_specificity,
         tolerance=reg.tolerance,
         alias=reg.alias,
         pip_requirements=pinned(SERVING_DISTRIBUTIONS),

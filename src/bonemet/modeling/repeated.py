@@ -1,0 +1,234 @@
+"""Repeated evaluation of the whole classification pipeline over random train/test splits.
+
+One 70/30 split gives a test AUC whose split-to-split sd is about 0.04 on a cohort of this size,
+so one split is one draw. Radiomics methodologists report the mean over many random splits with
+the corrected resampled t interval (Nadeau & Bengio 2003; WORC does so over 100 splits). Here:
+
+* repeat 0 is the committed split of ``splits.json`` (the study's Table 1, read back from the
+  train stage's outputs, so it is that table exactly); repeat ``r`` >= 1 is a new stratified
+  split (grouped by patient when the manifest has ``patient_id``) with seed ``seed + r``;
+* in every repeat everything data-dependent is refitted on that repeat's training cases only:
+  ICC, the filters, LASSO, Optuna tuning, the ten-fold CV, calibration, threshold and the final
+  fit (:func:`bonemet.modeling.training.fit_model`, the train stage's own function); the model
+  of the repeat is the one its training set chooses (:func:`choose_best_model`); the repeat is
+  scored on its test cases, at each model's own threshold;
+* on a synthetic cohort each repeat also scores the Bayes classifier (the latents'
+  log-likelihood ratio, which no image-based model sees) on the same test cases: the paired
+  difference "chosen model minus LLR" is the honest distance to the ceiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bonemet.modeling.stats import corrected_resampled_t
+from bonemet.modeling.training import (
+    choose_best_model,
+    feature_columns,
+    fit_model,
+    precompute_selection,
+    split_data,
+)
+from bonemet.tracking import NullTracker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import EvaluateSpec, SelectSpec, TrainSpec
+
+log = logging.getLogger(__name__)
+
+#: per-model test metrics recorded in every repeat (at the model's own threshold)
+REPEAT_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "threshold")
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else math.nan
+
+
+def run_repeat(
+    X: pd.DataFrame,
+    y: pd.Series,
+    split: Mapping[str, Any],
+    *,
+    repeat: int,
+    primary_cols: Sequence[str],
+    select: SelectSpec,
+    train: TrainSpec,
+    evaluate: EvaluateSpec,
+    seed: int,
+    case_llr: Mapping[str, float] | None,
+) -> dict[str, Any]:
+    """One repeat: the whole pipeline refitted on ``split``'s training cases, scored on its test cases.
+
+    Returns ``{repeat, seed, n_train, n_test, chosen, models: {model: {auc, sensitivity,
+    specificity, accuracy, threshold, cv_auc_mean}}, llr_auc, chosen_minus_llr, seconds}``
+    (``llr_*`` NaN without latents). ``seed`` is the repeat's own seed (for its tuning and folds).
+    """
+    start = time.perf_counter()
+    data = split_data(X, y, split, primary_cols, select.icc.paired_prefix)
+    tracker = NullTracker()
+    inner, outer = precompute_selection(data, select, train.inner_folds, seed, tracker)
+    results = {m: fit_model(m, data, inner, outer, select=select, train=train, evaluate=evaluate, seed=seed,
+                            tracker=tracker) for m in train.models}
+    chosen = choose_best_model({m: r.cv_aucs for m, r in results.items()}, train.models)
+    models = {m: {**{k: float(r.test_metrics[k]) for k in REPEAT_METRICS}, "cv_auc_mean": r.cv_auc_mean}
+              for m, r in results.items()}
+    llr_auc = math.nan
+    if case_llr is not None and all(i in case_llr for i in data.test_ids):
+        llr_auc = _auc(data.y_test, np.asarray([case_llr[i] for i in data.test_ids], dtype=float))
+    record = {
+        "repeat": int(repeat), "seed": int(seed), "n_train": len(data.train_ids), "n_test": len(data.test_ids),
+        "chosen": chosen, "models": models, "llr_auc": llr_auc,
+        "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "seconds": round(time.perf_counter() - start, 1),
+    }
+    log.info("repeat %d: chosen %s, test AUC %.3f%s (%.0f s)", repeat, chosen, models[chosen]["auc"],
+             "" if math.isnan(llr_auc) else f", LLR {llr_auc:.3f}", record["seconds"])
+    return record
+
+
+def committed_repeat(table1: Mapping[str, Any], index: Mapping[str, Any], splits: Mapping[str, Any],
+                     seed: int) -> dict[str, Any]:
+    """Repeat 0 from the train stage's outputs (``metrics/table1.json``, ``models/index.json``): the
+    committed split, exactly as Table 1 reports it."""
+    models = {}
+    for model, sets in table1["models"].items():
+        test = sets["test"]
+        models[model] = {**{k: _float(test.get(k)) for k in REPEAT_METRICS},
+                         "cv_auc_mean": _float(index["models"][model]["cv_auc_mean"])}
+    chosen = str(index["best_model"])
+    reference = (table1.get("bayes_optimal") or {}).get("test_set_latent_llr") or {}
+    llr_auc = _float(reference.get("llr_auc"))
+    return {"repeat": 0, "seed": int(seed), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
+            "chosen": chosen, "models": models, "llr_auc": llr_auc,
+            "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "seconds": None}
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def run_repeats(
+    primary: pd.DataFrame,
+    paired: pd.DataFrame,
+    splits: Sequence[Mapping[str, Any]],
+    *,
+    first_repeat: int,
+    select: SelectSpec,
+    train: TrainSpec,
+    evaluate: EvaluateSpec,
+    seed: int,
+    case_llr: Mapping[str, float] | None,
+    n_jobs: int,
+    show_progress: bool = True,
+    sites: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_repeat` for each of ``splits`` (repeat ``first_repeat + i``, seed ``seed +
+    repeat``), in ``n_jobs`` processes (joblib, one thread each); records in repeat order.
+    ``sites`` (case id -> site) is what ComBat reads when ``select.harmonize.enabled``."""
+    from joblib import Parallel, delayed
+
+    from bonemet.modeling.training import assemble_features
+    from bonemet.utils import progress
+
+    if select.harmonize.enabled and not sites:
+        from bonemet.modeling.training import TrainingInputError
+
+        raise TrainingInputError("select.harmonize.enabled: ComBat needs each case's site, and the manifest has "
+                                 "no site column (add one, or set select.harmonize.enabled false)")
+    X, y = assemble_features(primary, paired, select.icc.paired_prefix, sites if select.harmonize.enabled else None)
+    X.index = X.index.astype(str)
+    y = y.set_axis(X.index)
+    cols = feature_columns(primary)
+    jobs = [delayed(_repeat_job)(X, y, split, first_repeat + i, cols, select, train, evaluate,
+                                 seed + first_repeat + i, case_llr) for i, split in enumerate(splits)]
+    if not jobs:
+        return []
+    workers = max(1, min(len(jobs), _cores() if n_jobs == -1 else n_jobs))
+    log.info("repeated evaluation: %d repeat(s) in %d process(es)", len(jobs), workers)
+    parallel = Parallel(n_jobs=workers, backend="loky", return_as="generator")
+    return list(progress(parallel(jobs), total=len(jobs), desc="repeats", unit="repeat", disable=not show_progress))
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _repeat_job(*args: Any) -> dict[str, Any]:
+    """A worker process: one BLAS/OpenMP thread (the processes are the parallelism)."""
+    from threadpoolctl import threadpool_limits
+
+    X, y, split, repeat, cols, select, train, evaluate, seed, case_llr = args
+    with threadpool_limits(limits=1):
+        return run_repeat(X, y, split, repeat=repeat, primary_cols=cols, select=select, train=train,
+                          evaluate=evaluate, seed=seed, case_llr=case_llr)
+
+
+def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str], *, alpha: float) -> dict[str, Any]:
+    """Per model and for the per-repeat chosen model: mean over repeats with the corrected resampled
+    t interval and the percentile range; how often each model was chosen; on a synthetic cohort the
+    LLR's AUC and the paired difference chosen minus LLR.
+
+    The correction uses the repeats' mean training and test sizes.
+    """
+    n_train = int(round(float(np.mean([r["n_train"] for r in records]))))
+    n_test = int(round(float(np.mean([r["n_test"] for r in records]))))
+
+    def interval(values: Sequence[float]) -> dict[str, float]:
+        return corrected_resampled_t(values, n_train=n_train, n_test=n_test, alpha=alpha)
+
+    per_model: dict[str, Any] = {}
+    for model in models:
+        entry: dict[str, Any] = {"auc": interval([r["models"][model]["auc"] for r in records])}
+        for metric in ("sensitivity", "specificity", "accuracy", "threshold"):
+            entry[f"{metric}_mean"] = float(np.nanmean([r["models"][model][metric] for r in records]))
+        entry["times_chosen"] = int(sum(r["chosen"] == model for r in records))
+        per_model[model] = entry
+    chosen_aucs = [r["models"][r["chosen"]]["auc"] for r in records]
+    chosen = {
+        "auc": interval(chosen_aucs),
+        "sensitivity_mean": float(np.nanmean([r["models"][r["chosen"]]["sensitivity"] for r in records])),
+        "specificity_mean": float(np.nanmean([r["models"][r["chosen"]]["specificity"] for r in records])),
+    }
+    out: dict[str, Any] = {
+        "n_repeats": len(records), "alpha": alpha, "n_train": n_train, "n_test": n_test,
+        "interval": "corrected resampled t (Nadeau & Bengio 2003): (1/R + n_test/n_train) s^2, t with R-1 df",
+        "models": per_model, "chosen": chosen,
+    }
+    llr = [r["llr_auc"] for r in records]
+    if all(np.isfinite(llr)):
+        out["llr"] = {"auc": interval(llr), "chosen_minus_llr": interval([r["chosen_minus_llr"] for r in records])}
+    return out
+
+
+def best_by_repeats(summary: Mapping[str, Any], order: Sequence[str]) -> str:
+    """The model with the highest mean repeated test AUC (ties: the higher corrected lower bound, then
+    ``order``): the one the register stage registers."""
+    def key(model: str) -> tuple[float, float, int]:
+        auc = summary["models"][model]["auc"]
+        return (-_finite_or(auc["mean"]), -_finite_or(auc["lo"]), list(order).index(model))
+
+    return min(summary["models"], key=key)
+
+
+def _finite_or(value: float, fallback: float = -math.inf) -> float:
+    return float(value) if value is not None and math.isfinite(value) else fallback
+
+
+def repeats_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per repeat and model: repeat, seed, model, chosen, the test metrics, the LLR's AUC."""
+    rows = [{"repeat": r["repeat"], "seed": r["seed"], "model": m, "chosen": m == r["chosen"], **values,
+             "llr_auc": r["llr_auc"]} for r in records for m, values in r["models"].items()]
+    return pd.DataFrame(rows)

@@ -1,0 +1,156 @@
+"""`bonemet evaluate`: the whole classification pipeline over repeated random splits.
+
+A stage of its own, after `train`, rather than a section of it: Table 1 (the committed split,
+the study's table) stays quick to reproduce and to compare on its own, while the repeats, the
+expensive part, rerun only when what they depend on changes and run in parallel processes.
+Repeat 0 is read back from the train stage's outputs, so it is Table 1 exactly.
+
+Writes ``evaluate.out_dir``/``repeated.json`` (per model and for the per-repeat chosen model:
+mean test AUC with the corrected resampled t interval and the percentile range, mean
+sensitivity / specificity / accuracy at the model's threshold, how often chosen; on a synthetic
+cohort the LLR and the paired gap), ``repeated.csv`` (one row per repeat and model) and
+``summary.json`` (the handful of headline numbers `dvc exp show` and `dvc metrics diff` compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    from bonemet.modeling.training import TrainingInputError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainingInputError(f"{path} cannot be read ({exc}): {hint}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from bonemet.data.manifest import manifest_sites
+    from bonemet.data.synthetic import read_cohort_ceiling
+    from bonemet.modeling.repeated import (
+        best_by_repeats,
+        committed_repeat,
+        repeats_table,
+        run_repeats,
+        summarize_repeats,
+    )
+    from bonemet.modeling.training import read_feature_tables
+    from bonemet.splits import read_splits, repeated_splits
+    from bonemet.stages._common import mlflow_tracker, specs_from
+    from bonemet.tracking import NullTracker
+    from bonemet.utils import atomic_path, write_json
+
+    params = specs_from(args)
+    ev, train = params.evaluate, params.train
+    primary, paired, primary_name, _ = read_feature_tables(train.features_dir, train.feature_source)
+    committed = read_splits(params.split.out)
+    table1 = _read_json(Path(train.metrics_dir) / "table1.json", "run `bonemet train` first")
+    index = _read_json(Path(train.out_dir) / "index.json", "run `bonemet train` first")
+    _, case_llr = read_cohort_ceiling(params.data.cohort_dir)
+    ids = [str(i) for i in primary["case_id"]]
+    labels = [int(v) for v in primary["label"]]
+    patients = committed.get("groups")  # the split stage's patients (manifest patient_id), when grouped
+    splits = repeated_splits(ids, labels, n_repeats=ev.repeats, test_size=params.split.test_size,
+                             n_folds=params.split.n_folds, seed=params.seed,
+                             groups=[str(patients[i]) for i in ids] if patients else None)
+    sites = manifest_sites(params.data.cohort_dir) if params.select.harmonize.enabled else None
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, ev.experiment)
+    with tracker.run("evaluate", tags={"stage": "evaluate", "feature_source": primary_name}):
+        tracker.log_params({"repeats": ev.repeats, "seed": params.seed, "test_size": params.split.test_size,
+                            "n_folds": params.split.n_folds, "n_jobs": ev.n_jobs})
+        records = [committed_repeat(table1, index, committed, params.seed)]
+        records += run_repeats(primary, paired, splits, first_repeat=1, select=params.select, train=train,
+                               evaluate=ev, seed=params.seed, case_llr=case_llr, n_jobs=ev.n_jobs,
+                               show_progress=not args.no_progress, sites=sites)
+        summary = summarize_repeats(records, train.models, alpha=ev.alpha)
+        registered = best_by_repeats(summary, train.models)
+        repeated = {**summary, "feature_source": primary_name, "registered_model": registered,
+                    "registered_by": "highest mean repeated test AUC (ties: higher corrected lower bound, then "
+                                     "train.models order)", "repeats": records}
+        headline = _headline(repeated, index, table1, Path(params.segment.metrics))
+        out = Path(ev.out_dir)
+        write_json(out / "repeated.json", _json_safe(repeated))
+        table = repeats_table(records)
+        with atomic_path(out / "repeated.csv") as tmp:
+            table.round(6).to_csv(tmp, index=False)
+        write_json(out / "summary.json", _json_safe(headline))
+        for record in records:
+            with tracker.run(f"repeat-{record['repeat']}", tags={"repeat": str(record["repeat"]),
+                                                                  "chosen": record["chosen"]}, nested=True):
+                tracker.log_params({"seed": record["seed"], "n_train": record["n_train"], "n_test": record["n_test"]})
+                tracker.log_metrics(_finite({f"{m}_{k}": v for m, values in record["models"].items()
+                                             for k, v in values.items()}
+                                            | {"chosen_auc": record["models"][record["chosen"]]["auc"],
+                                               "llr_auc": record["llr_auc"],
+                                               "chosen_minus_llr": record["chosen_minus_llr"]}))
+        tracker.log_metrics(_finite({k: v for k, v in headline.items() if isinstance(v, int | float)}))
+        tracker.set_tags({"registered_model": registered})
+        tracker.log_table(pd.DataFrame(table), "repeated.csv")
+        tracker.log_artifact(out / "repeated.json")
+        tracker.log_artifact(out / "summary.json")
+    chosen = summary["chosen"]["auc"]
+    log.info("repeated evaluation over %d splits: chosen model's test AUC %.3f (%.3f-%.3f)%s; registered model: %s",
+             len(records), chosen["mean"], chosen["lo"], chosen["hi"],
+             "" if "llr" not in summary else
+             f", minus the Bayes LLR {summary['llr']['chosen_minus_llr']['mean']:+.3f} "
+             f"({summary['llr']['chosen_minus_llr']['lo']:+.3f} to {summary['llr']['chosen_minus_llr']['hi']:+.3f})",
+             registered)
+    return 0
+
+
+def _headline(repeated: dict[str, Any], index: dict[str, Any], table1: dict[str, Any],
+              segmentation_json: Path) -> dict[str, Any]:
+    """The numbers worth a column in `dvc exp show`."""
+    best = str(index["best_model"])
+    registered = repeated["registered_model"]
+    chosen = repeated["chosen"]["auc"]
+    reg_auc = repeated["models"][registered]["auc"]
+    out: dict[str, Any] = {
+        "n_repeats": repeated["n_repeats"],
+        "best_model": best,
+        "best_model_table1_test_auc": table1["models"][best]["test"]["auc"],
+        "pipeline_repeated_auc": chosen["mean"], "pipeline_repeated_auc_lo": chosen["lo"],
+        "pipeline_repeated_auc_hi": chosen["hi"],
+        "registered_model": registered, "registered_repeated_auc": reg_auc["mean"],
+        "registered_repeated_auc_lo": reg_auc["lo"],
+    }
+    if "llr" in repeated:
+        gap = repeated["llr"]["chosen_minus_llr"]
+        out.update({"gap_to_llr": gap["mean"], "gap_to_llr_lo": gap["lo"], "gap_to_llr_hi": gap["hi"]})
+    if segmentation_json.is_file():
+        dice = json.loads(segmentation_json.read_text(encoding="utf-8")).get("dice_mean")
+        if dice is not None:
+            out["dice_mean"] = dice
+    return out
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf become null (JSON has no NaN); floats are rounded to 6 decimals (same bytes on rerun)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
