@@ -131,11 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         results = [{"cohort": str(c), "source": s,
                     "curve": learning_curve(c, s, params, args.train_sizes, args.repeats, args.test_size)}
                    for c, s in zip(args.cohorts, sources, strict=True)]
+    print_json(results, args.json)
+    return 0
+
+
+def print_json(results, path: str | None) -> None:
+    """The results as JSON on stdout, and into ``path`` when given."""
     text = json.dumps(results, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":

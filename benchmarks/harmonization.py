@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 import warnings
@@ -174,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
              result["combat_auc_mean"], result["combat_auc_sd"], result["combat_minus_raw_mean"],
              100 * result["share_combat_better"], result["site_auc_raw_mean"], result["site_auc_combat_mean"],
              result["bayes_auc"])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    _sibling("cohort_variation").print_json(result, args.json)
     return 0
 
 
