@@ -54,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
         raise RegistryError(f"{domain_path} not found (the domain of {classifier}'s training cases): run `bonemet train`")
     domain = load_pipeline(domain_path)
     features = pd.read_parquet(reg.features_file)
+    text_columns = [str(c) for c in index.get("extra_input_columns", [])]
+    if "site" in text_columns and "site" not in features.columns:  # ComBat: the rows need their site
+        from bonemet.data.manifest import manifest_sites
+
+        sites = manifest_sites(params.data.cohort_dir)
+        features = features.assign(site=features["case_id"].astype(str).map(sites))
+        features = features[features["site"].notna()]
     description_extra = ""
     try:
         description_extra = "\nTable 1:\n" + Path(reg.table1_md).read_text(encoding="utf-8")
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline=pipeline,
         domain=domain,
         check_rows=features,
-        text_columns=list(index.get("extra_input_columns", [])),
+        text_columns=text_columns,
         min_auc=reg.min_auc,
         min_auc_lower_bound=reg.min_auc_lower_bound,
         min_sensitivity=reg.min_sensitivity,
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         tolerance=reg.tolerance,
         alias=reg.alias,
         description_extra=description_extra,
-        tags=run_tags(),
+        tags=run_tags(params.data.cohort_dir),
     )
     print(f"{result.model_name} version {result.version} ({result.classifier}): "
           f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")

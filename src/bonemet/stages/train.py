@@ -25,6 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bonemet.data.manifest import manifest_sites
     from bonemet.data.synthetic import read_cohort_ceiling
     from bonemet.modeling.classifiers import check_hyperparameters
     from bonemet.modeling.training import read_feature_tables, run_training
@@ -43,25 +44,28 @@ def run(args: argparse.Namespace) -> int:
     primary, paired, primary_name, paired_name = read_feature_tables(features_dir, source)
     splits = json.loads(Path(args.splits or params.split.out).read_text(encoding="utf-8"))
     bayes_auc, case_llr = read_cohort_ceiling(params.data.cohort_dir)
+    sites = manifest_sites(params.data.cohort_dir) if params.select.harmonize.enabled else None
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, train.experiment)
     log.info("training on %s features (ICC paired with %s), %d cases x %d columns", primary_name, paired_name,
              len(primary), primary.shape[1] - 2)
     results = run_training(
         primary, paired, splits, select=params.select, train=train, evaluate=params.evaluate, seed=params.seed,
-        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr,
+        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr, sites=sites,
     )
     best = results.models[results.best_model]
     log.info("best model %s: CV AUC %.3f, test AUC %.3f", results.best_model, best.cv_auc_mean,
              best.test_metrics["auc"])
-    write_domains({name: r.pipeline for name, r in results.models.items()}, primary, splits, train, seed=params.seed)
+    write_domains({name: r.pipeline for name, r in results.models.items()}, primary, splits, train, seed=params.seed,
+                  sites=sites)
     return 0
 
 
-def write_domains(pipelines, primary, splits, train, *, seed: int) -> dict:
+def write_domains(pipelines, primary, splits, train, *, seed: int, sites=None) -> dict:
     """Fit and write each model's training domain (``<model>.domain.skops``, ``domain.json``).
 
     The domain is fitted on the training cases of ``splits`` as a served row holds them (the
-    primary source's feature columns), its threshold calibrated over ``splits``' ``train_folds``;
+    primary source's feature columns, and the ``site`` from ``sites`` (case id -> site) when the
+    pipeline harmonises per site), its threshold calibrated over ``splits``' ``train_folds``;
     spacing and intensity ranges come from ``train.domain.validation_report`` when it exists.
     """
     import numpy as np
@@ -75,6 +79,10 @@ def write_domains(pipelines, primary, splits, train, *, seed: int) -> dict:
     table = primary.set_index(primary[ID_COLUMN].astype(str))
     train_ids = [str(i) for i in splits["train"]]
     X = table.loc[train_ids, feature_columns(primary)].astype(np.float64)
+    if sites is not None:
+        from bonemet.data.manifest import SITE_COLUMN
+
+        X[SITE_COLUMN] = [str(sites[i]) for i in train_ids]
     folds = [int(splits["train_folds"][i]) for i in train_ids]
     report = Path(spec.validation_report)
     images = None
