@@ -45,7 +45,8 @@ def trained(tmp_path_factory):
     generate_cohort(root / "cohort", n_cases=10, n_positive=5, seed=3, size="small", mask_label=LABEL,
                     show_progress=False)
     cases = read_manifest(root / "cohort")
-    report = validate_cohort(root / "cohort", PARAMS.validation, mask_label=LABEL, show_progress=False).to_dict()
+    report = validate_cohort(root / "cohort", PARAMS.validation, mask_label=LABEL, roi=PARAMS.data.roi,
+                             segment=PARAMS.data.segment, show_progress=False).to_dict()
     table = pd.DataFrame([extract_features(c.image, c.manual_mask, SETTINGS, c.case_id,
                                            grid_tolerance_mm=TOLERANCE_MM) for c in cases])
     labels = np.asarray([c.label for c in cases])

@@ -265,3 +265,42 @@ def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path,
     info.value.message = f"Failed to predict data '{rows}'. \nError: {info.value.message}"
     assert info.value.message.startswith("unknown columns: bogus")
     assert json.loads(info.value.serialize_as_json())["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+def test_combat_pipeline_is_served_whole_and_needs_a_known_site(params, tmp_path, monkeypatch):
+    """select.harmonize: ComBat reads each row's site; the served model requires it and refuses a
+    site the training data never had (400), and answers bit for bit otherwise."""
+    import mlflow
+
+    from bonemet.modeling.calibration import CalibratedPipeline, ScoreCalibrator
+    from bonemet.modeling.pipeline import build_pipeline
+    from bonemet.modeling.training import assemble_features
+    from bonemet.registry.pyfunc import InputRefused, log_classifier
+
+    names = NAMES[:60]
+    primary, paired = feature_tables(n=40, seed=4, names=names)
+    sites = {c: ("A" if k % 2 else "B") for k, c in enumerate(primary["case_id"])}
+    select = params.select.updated({"harmonize.enabled": True, "lasso.cv": 3, "lasso.max_features": 5})
+    X, y = assemble_features(primary, paired, select.icc.paired_prefix, sites)
+    pipeline = build_pipeline("logreg", {"solver": "saga", "max_iter": 5000, "C": 1.0, "l1_ratio": 0.5}, select,
+                              0).fit(X, y.to_numpy())
+    served_rows = primary.assign(site=primary["case_id"].map(sites))
+    scores = pipeline.predict_proba(served_rows[[*names, "site"]])[:, 1]
+    model = CalibratedPipeline(pipeline=pipeline, calibrator=ScoreCalibrator(method="sigmoid").fit(scores, y),
+                               threshold=0.5)
+    plan = serving_model(model, names, served_rows, text_columns=["site"])
+    assert plan.model.mode == "full" and "text column(s) site" in plan.reason
+    domain = fitted_domain(model, served_rows[[*names, "site"]], params.train.domain)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = log_classifier(model, names, threshold=0.5, model_name="logreg", domain=domain,
+                              check_rows=served_rows, text_columns=["site"])
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    rows = served_rows.head(5)
+    out = loaded.predict(rows)
+    assert np.array_equal(out["probability_breast"].to_numpy(), model.predict_proba(rows[[*names, "site"]])[:, 1])
+    with pytest.raises(InputRefused, match="missing 1 of the 61 columns the model reads: site"):
+        loaded.predict(rows.drop(columns=["site"]))
+    with pytest.raises(InputRefused, match="site\\(s\\) C .* were not in the training data"):
+        loaded.predict(rows.assign(site="C"))
