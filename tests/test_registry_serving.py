@@ -458,3 +458,26 @@ def test_mlflow_models_serve_1316_columns_behaviour(store, tmp_path, params):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_serve_stage_runs_one_worker_per_core(store, tmp_path, monkeypatch, reg):
+    import subprocess as sp
+
+    from bonemet.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90)})
+    _register("models", df, reg, _repeated({"svm": (0.88, 0.80, 0.75, 0.85)}))
+    _stage_params(tmp_path, df)
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert main(["serve", "--port", "5009"]) == 0
+    [(cmd, env)] = calls
+    assert cmd[1:4] == ["models", "serve", "-m"] and cmd[4] == "models:/bonemet-classifier@staging"
+    assert cmd[cmd.index("-w") + 1] == "4" and cmd[cmd.index("-p") + 1] == "5009"
+    assert env["OMP_NUM_THREADS"] == "1" and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    calls.clear()
+    assert main(["serve", "--workers", "2"]) == 0
+    assert calls[0][0][calls[0][0].index("-w") + 1] == "2" and calls[0][1]["OMP_NUM_THREADS"] == "2"

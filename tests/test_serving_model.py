@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -259,12 +260,20 @@ def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path,
     for bad in ({"threshold": 1.5}, {"threshold": -0.1}):
         with pytest.raises(MlflowException, match="threshold must be within"):
             model.predict(rows, params=bad)
-    with pytest.raises(InputRefused, match="unknown columns: bogus") as info:
+    with pytest.raises(InputRefused, match="unknown columns: bogus") as refused:
         model.predict(rows.assign(bogus=1.0))
     # MLflow's scoring server prefixes the message with the input frame: ours keeps its own
-    info.value.message = f"Failed to predict data '{rows}'. \nError: {info.value.message}"
-    assert info.value.message.startswith("unknown columns: bogus")
-    assert json.loads(info.value.serialize_as_json())["error_code"] == "INVALID_PARAMETER_VALUE"
+    # the same artifact files read without MLflow answer the same
+    from bonemet.registry.pyfunc import FILES
+    from bonemet.serving.served import ServedClassifier
+
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    served = ServedClassifier.from_artifacts({k: folder / "artifacts" / f for k, f in FILES.items()}, name="m",
+                                             version="1")
+    pd.testing.assert_frame_equal(served.predict(rows), out)
+    refused.value.message = f"Failed to predict data '{rows}'. \nError: {refused.value.message}"
+    assert refused.value.message.startswith("unknown columns: bogus")
+    assert json.loads(refused.value.serialize_as_json())["error_code"] == "INVALID_PARAMETER_VALUE"
 
 
 def test_combat_pipeline_is_served_whole_and_needs_a_known_site(params, tmp_path, monkeypatch):
@@ -304,3 +313,19 @@ def test_combat_pipeline_is_served_whole_and_needs_a_known_site(params, tmp_path
         loaded.predict(rows.drop(columns=["site"]))
     with pytest.raises(InputRefused, match="site\\(s\\) C .* were not in the training data"):
         loaded.predict(rows.assign(site="C"))
+
+
+def test_tcp_nodelay_is_set_on_sockets_uvicorn_binds_with_proto_0(monkeypatch):
+    """With `-w N` uvicorn's listening socket has proto 0 and asyncio would leave Nagle on."""
+    import asyncio.base_events as base_events
+    import socket
+
+    from bonemet.registry.pyfunc import enable_tcp_nodelay
+
+    monkeypatch.setattr(base_events, "_set_nodelay", base_events._set_nodelay)  # restored after the test
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as sock:
+        base_events._set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # the stall of uvicorn #3149
+        enable_tcp_nodelay()
+        base_events._set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

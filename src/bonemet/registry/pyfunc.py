@@ -9,7 +9,9 @@ set-based name checks (duplicate, unknown and missing columns are refused, namin
 checks on the columns it reads only (numbers, not booleans, finite); the other known columns are
 accepted and ignored. The pipeline is served as
 :func:`bonemet.modeling.reduction.serving_model` made it: cut to the selected columns where its
-steps are column-wise, checked bit for bit against the full pipeline when logged.
+steps are column-wise, checked bit for bit against the full pipeline when logged. The work per
+request is :class:`bonemet.serving.served.ServedClassifier`'s (no MLflow there: code that reads
+the artifact files directly answers the same).
 
 Every answer row: ``case_id`` (when sent), ``probability_breast``, ``label`` (at the registered
 threshold, or the request's ``threshold`` param), ``in_domain`` and ``domain_reasons`` (see
@@ -37,17 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 log = logging.getLogger(__name__)
 
-PIPELINE_FILE = "pipeline.skops"
-SERVING_FILE = "serving.skops"
-DOMAIN_FILE = "domain.skops"
-META_FILE = "classifier.json"
+#: Artifact files, by their keys in bonemet.serving.served.
+FILES = {"pipeline": "pipeline.skops", "serving": "serving.skops", "domain": "domain.skops", "meta": "classifier.json"}
 #: Set by ``mlflow models serve`` in its server processes (``scoring_server._SERVER_MODEL_PATH``).
 _SERVER_MARKER = "__pyfunc_model_path__"
 
@@ -109,23 +108,18 @@ def hide_frame_values() -> None:
 
 
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc model: feature rows in, probability, label and domain verdict out."""
+    """pyfunc model: feature rows in, probability, label and domain verdict out
+    (:class:`bonemet.serving.served.ServedClassifier` does the work)."""
 
     def load_context(self, context: Any) -> None:
-        from bonemet.modeling.persistence import load_pipeline
-        from bonemet.serving.checks import FeatureContract
+        from bonemet.serving.served import ServedClassifier
 
-        meta = json.loads(Path(context.artifacts["meta"]).read_text(encoding="utf-8"))
-        self.serving = load_pipeline(context.artifacts["serving"])
-        self.domain = load_pipeline(context.artifacts["domain"])
+        self.served = ServedClassifier.from_artifacts(context.artifacts)
         #: every feature column the model accepts, in training order (clients send these)
-        self.feature_names: list[str] = list(meta["feature_names"])
-        self.threshold: float = float(meta["threshold"])
-        self.model_name: str = meta.get("model_name", "")
-        self.volume_column: str | None = meta.get("volume_column")
-        self.contract = FeatureContract(known=tuple(self.feature_names), required=tuple(self.serving.columns),
-                                        text_columns=tuple(self.serving.text_columns),
-                                        optional=(self.volume_column,) if self.volume_column else ())
+        self.feature_names: list[str] = self.served.feature_names
+        self.threshold: float = self.served.threshold
+        self.model_name: str = self.served.model_name
+        self.domain = self.served.domain
         if os.environ.get(_SERVER_MARKER):
             # In `mlflow models serve` only: full garbage collections would walk the ~200k
             # objects of mlflow, pandas and scikit-learn (110-130 ms, about one request in 300);
@@ -141,38 +135,12 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a signature
         """Probability of breast origin, label and domain verdict per row; case_id echoed when sent."""
         from bonemet.errors import UserError
-        from bonemet.serving.checks import FeatureInputError
 
         frame = pd.DataFrame(model_input) if isinstance(model_input, dict) else model_input
         try:
-            values, texts, optional = self.contract.read(frame)
-        except FeatureInputError as exc:
+            return self.served.answer(frame, (params or {}).get("threshold"))
+        except UserError as exc:  # bad rows, a bad threshold, a site the harmonisation never saw
             raise InputRefused(str(exc)) from exc
-        threshold = self._threshold(params)
-        try:
-            Z = self.serving.classifier_input(values, texts)
-        except UserError as exc:  # e.g. a site the harmonisation never saw
-            raise InputRefused(str(exc)) from exc
-        proba = np.asarray(self.serving.proba_of(Z), dtype=np.float64)
-        volumes = None
-        if self.volume_column in optional:
-            volumes = optional[self.volume_column] / 1000.0  # mm^3 -> mL
-        reasons = self.domain.feature_reasons(np.asarray(Z, dtype=np.float64), volumes)
-        out = pd.DataFrame({"probability_breast": proba, "label": (proba >= threshold).astype(int),
-                            "in_domain": [not r for r in reasons], "domain_reasons": reasons})
-        if "case_id" in frame.columns:
-            out.insert(0, "case_id", frame["case_id"].astype(str).to_numpy())
-        return out
-
-    def _threshold(self, params: dict[str, Any] | None) -> float:
-        value = (params or {}).get("threshold", self.threshold)
-        try:
-            threshold = float(value)
-        except (TypeError, ValueError):
-            raise InputRefused(f"threshold must be a number in [0, 1]; found {type(value).__name__}") from None
-        if not 0.0 <= threshold <= 1.0:
-            raise InputRefused(f"threshold must be within [0, 1]; found {threshold}")
-        return threshold
 
 
 def bonemet_code(tmp_dir: str | Path) -> str:
@@ -223,8 +191,7 @@ def log_classifier(
     plan = serving_model(pipeline, names, check_rows, text_columns=text_columns)
     log.info("%s served %s (%s)", model_name, plan.model.mode, plan.reason)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {key: Path(tmp) / file for key, file in
-                 (("pipeline", PIPELINE_FILE), ("serving", SERVING_FILE), ("domain", DOMAIN_FILE), ("meta", META_FILE))}
+        paths = {key: Path(tmp) / file for key, file in FILES.items()}
         save_pipeline(pipeline, paths["pipeline"])
         save_pipeline(plan.model, paths["serving"])
         save_pipeline(domain, paths["domain"])
