@@ -92,7 +92,7 @@ def test_manifest_carries_roi_segment_and_the_params_defaults(cohort):
 def test_validation_reads_rtstruct_and_seg_masks(cohort, params):
     from bonemet.validation.cohort import validate_cohort
 
-    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi="lesion", segment=None,
+    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi="lesion", segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.passed, report.to_text()
     m = report.measurements.set_index("case_id")
@@ -103,7 +103,7 @@ def test_validation_reads_rtstruct_and_seg_masks(cohort, params):
         assert m.loc[case.case_id, "mask_label_voxels"] == pytest.approx(truth, rel=0.05)
     assert "mask_dicom" in [r.rule for r in report.rule_results]
     # without the params default, case 1's RTSTRUCT has no ROI name: listed with the names it holds
-    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi=None, segment=None,
+    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.bad_cases == ["case_001"]
     (failure,) = report.failures["case_001"]
@@ -116,10 +116,11 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
 
     spec = params.preprocess.updated({"out_dir": str(tmp_path / "pre"), "n_jobs": 1,
                                       "target_spacing_mm": [2.5, 2.5, 2.5]})
-    table = preprocess_cohort(cohort.dicom, spec, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None,
+    table = preprocess_cohort(cohort.dicom, spec, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None, pseudonym_key=None,
                               show_progress=False)
     reference = preprocess_cohort(cohort.nifti, spec.updated({"out_dir": str(tmp_path / "pre_nifti")}), mask_label=1,
-                                  grid_tolerance_mm=TOL, roi=None, segment=None, show_progress=False)
+                                  grid_tolerance_mm=TOL, roi=None, segment=None, pseudonym_key=None,
+                                  show_progress=False)
     for a, b in zip(table["mask"], reference["mask"], strict=True):
         dicom_mask, nifti_mask = (_arr(read_image(tmp_path / d / name)) for d, name in (("pre", a), ("pre_nifti", b)))
         assert _dice(dicom_mask, nifti_mask) >= 0.95
@@ -205,7 +206,7 @@ def test_validation_lists_every_bad_dicom_mask_with_the_fix(cohort, params, tmp_
     from bonemet.validation.cohort import validate_cohort
 
     bad = _bad_cohort(cohort, tmp_path)
-    report = validate_cohort(bad, params.validation, mask_label=1, roi=None, segment=None, show_progress=False)
+    report = validate_cohort(bad, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None, show_progress=False)
     expected = {
         "unknown_roi": r"no ROI named 'tumour'; the RTSTRUCT holds ROIs 'GTV bone met': set the case's roi",
         "other_series": r"the RTSTRUCT was drawn on series .*, not on the image's series .*; give the RTSTRUCT",

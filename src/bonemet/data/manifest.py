@@ -110,8 +110,13 @@ def parse_segment(value: str | int | None) -> Segment | None:
     return int(text) if text.isdigit() else text
 
 
-def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
-    """Read ``manifest.csv`` as strings (no type coercion), checking the required columns."""
+def read_manifest_table(cohort_dir: str | Path, *, pseudonym_key: bytes | None) -> pd.DataFrame:
+    """Read ``manifest.csv`` as strings (no type coercion), checking the required columns.
+
+    With ``pseudonym_key`` (``data.pseudonymize``), non-empty ``case_id`` and ``patient_id``
+    cells are replaced by their pseudonyms (:mod:`bonemet.data.pseudonym`) before anything else
+    sees them; the manifest file itself is only read.
+    """
     cohort_dir = Path(cohort_dir)
     path = cohort_dir / MANIFEST_NAME
     if not cohort_dir.is_dir():
@@ -128,10 +133,17 @@ def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
     for col in table.columns:
         table[col] = table[col].str.strip()
+    if pseudonym_key is not None:
+        from bonemet.data.pseudonym import pseudonym
+
+        for col in ("case_id", PATIENT_COLUMN):
+            if col in table.columns:
+                table[col] = [pseudonym(v, pseudonym_key) if v else v for v in table[col]]
     return table
 
 
-def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None) -> list[Case]:
+def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None,
+                  pseudonym_key: bytes | None = None) -> list[Case]:
     """Parse the manifest into :class:`Case` objects.
 
     Args:
@@ -139,13 +151,16 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
         roi, segment: the params defaults (``data.roi``, ``data.segment``) for rows whose
             ``roi`` / ``segment`` cell is absent or empty; None leaves them unset, so an RTSTRUCT
             or SEG mask without one is an error when it is read.
+        pseudonym_key: replace case and patient ids by their pseudonyms (see
+            :func:`read_manifest_table`); the extra metadata columns are then dropped, since they
+            may identify too.
 
     Raises ManifestError for structural problems that make the cohort unusable (missing
     columns, empty or duplicate ids, labels outside {0, 1}, an empty patient_id in a manifest
     that has the column); file-level checks belong to :mod:`bonemet.validation`.
     """
     cohort_dir = Path(cohort_dir)
-    table = read_manifest_table(cohort_dir)
+    table = read_manifest_table(cohort_dir, pseudonym_key=pseudonym_key)
     problems: list[str] = []
     if table.empty:
         raise ManifestError(f"{cohort_dir / MANIFEST_NAME}: manifest has no cases")
@@ -153,7 +168,8 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
     for case_id in sorted(set(dup)):
         problems.append(f"case '{case_id}': duplicate case_id ({int((dup == case_id).sum())} rows)")
     cases: list[Case] = []
-    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    extra = [] if pseudonym_key is not None else [c for c in table.columns
+                                                  if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     has_patients = PATIENT_COLUMN in table.columns
     default_segment = parse_segment(segment)
     for row_no, row in enumerate(table.itertuples(index=False), start=2):
@@ -194,7 +210,8 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
     return cases
 
 
-def manifest_sites(cohort_dir: str | Path) -> dict[str, str]:
+def manifest_sites(cohort_dir: str | Path, *, pseudonym_key: bytes | None) -> dict[str, str]:
     """Case id -> site (the manifest's ``site`` column) for every case that names one; empty
     without the column. What ComBat harmonisation (``select.harmonize``) reads."""
-    return {c.case_id: c.site for c in read_manifest(cohort_dir) if c.site}
+    return {c.case_id: c.site for c in read_manifest(cohort_dir, roi=None, segment=None, pseudonym_key=pseudonym_key)
+            if c.site}

@@ -715,6 +715,7 @@ def validate_cohort(
     mask_label: int,
     roi: str | None,
     segment: int | str | None,
+    pseudonym_key: bytes | None,
     show_progress: bool = True,
 ) -> CohortReport:
     """Check a bring-your-own cohort folder; never modifies it and never raises for bad data.
@@ -756,7 +757,7 @@ def validate_cohort(
     }
     report = CohortReport(cohort_dir=str(cohort_dir), n_cases=0, params=params)
     try:
-        table = read_manifest_table(cohort_dir)
+        table = read_manifest_table(cohort_dir, pseudonym_key=pseudonym_key)
     except ManifestError as exc:
         report.manifest_failures.append(Failure("manifest_readable", "hard", str(exc)))
         return report
