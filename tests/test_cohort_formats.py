@@ -156,9 +156,14 @@ def test_the_cache_key_holds_the_roi_and_segment(cohort):
 
 
 def _bad_cohort(cohort: Cohort, root: Path) -> Path:
-    """One bad DICOM mask per case, each a mistake the brief lists."""
+    """One bad DICOM mask per case, each a mistake the brief lists. A cohort is self-contained
+    (paths leading out of it are refused): the good cohort's files are copied in."""
+    import shutil
+
     bad = root / "bad"
-    (bad / "masks").mkdir(parents=True)
+    shutil.copytree(cohort.dicom / "images", bad / "dicom_images")
+    shutil.copytree(cohort.dicom / "masks", bad / "masks")
+    shutil.copytree(cohort.nifti / "images", bad / "nifti_images")
     good = pd.read_csv(cohort.dicom / "manifest.csv", dtype=str, keep_default_na=False).set_index("case_id")
     rows = []
 
@@ -168,8 +173,8 @@ def _bad_cohort(cohort: Cohort, root: Path) -> Path:
 
     d = cohort.dicom
     # 1. unknown ROI name; 2. an RTSTRUCT of another case's series
-    row("unknown_roi", str(d / "images/case_000"), str(d / "masks/case_000_rs.dcm"), roi="tumour")
-    row("other_series", str(d / "images/case_000"), str(d / "masks/case_001_rs.dcm"), roi="lesion")
+    row("unknown_roi", "dicom_images/case_000", "masks/case_000_rs.dcm", roi="tumour")
+    row("other_series", "dicom_images/case_000", "masks/case_001_rs.dcm", roi="lesion")
     # 3. a structure outside the image: drawn on a copy of the CT moved 200 mm to the side
     ct = read_image(cohort.cases[0].image)
     moved = sitk.Image(ct)
@@ -179,12 +184,12 @@ def _bad_cohort(cohort: Cohort, root: Path) -> Path:
     mask.CopyInformation(read_image(root / "moved_series"))
     write_rtstruct(mask, root / "moved_series", bad / "masks/outside.dcm", "lesion", algorithm_type="MANUAL",
                    grid_tolerance_mm=TOL)
-    row("outside", str(cohort.cases[0].image), "masks/outside.dcm", roi="lesion")
+    row("outside", f"nifti_images/{cohort.cases[0].image.name}", "masks/outside.dcm", roi="lesion")
     # 4. an empty structure: the ROI without its contours
     ds = pydicom.dcmread(d / "masks/case_000_rs.dcm")
     del ds.ROIContourSequence[0].ContourSequence
     ds.save_as(bad / "masks/empty.dcm")
-    row("empty", str(d / "images/case_000"), "masks/empty.dcm", roi="GTV bone met")
+    row("empty", "dicom_images/case_000", "masks/empty.dcm", roi="GTV bone met")
     # 5. a SEG on another grid: made over a 2x finer series of the same CT
     fine = sitk.Resample(ct, [2 * s for s in ct.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor, ct.GetOrigin(),
                          [s / 2 for s in ct.GetSpacing()], ct.GetDirection(), 0, ct.GetPixelID())
@@ -193,11 +198,11 @@ def _bad_cohort(cohort: Cohort, root: Path) -> Path:
                               sitk.sitkNearestNeighbor, 0)
     fine_mask.CopyInformation(read_image(root / "fine_series"))
     write_seg(fine_mask, root / "fine_series", bad / "masks/fine_seg.dcm", algorithm_type="MANUAL", grid_tolerance_mm=TOL)
-    row("seg_grid", str(cohort.cases[0].image), "masks/fine_seg.dcm", segment="1")
+    row("seg_grid", f"nifti_images/{cohort.cases[0].image.name}", "masks/fine_seg.dcm", segment="1")
     # 6. an unknown segment
-    row("unknown_segment", str(d / "images/case_002"), str(d / "masks/case_002_seg.dcm"), segment="7", source="case_002")
+    row("unknown_segment", "dicom_images/case_002", "masks/case_002_seg.dcm", segment="7", source="case_002")
     # the classes: validation also checks both labels are present
-    row("fine_case", str(d / "images/case_003"), str(d / "masks/case_003_seg.dcm"), segment="1", source="case_003")
+    row("fine_case", "dicom_images/case_003", "masks/case_003_seg.dcm", segment="1", source="case_003")
     pd.DataFrame(rows).to_csv(bad / "manifest.csv", index=False)
     return bad
 

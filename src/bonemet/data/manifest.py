@@ -25,6 +25,9 @@ Optional columns (any may be absent; an empty cell means "not given"):
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,10 @@ PATIENT_COLUMN = "patient_id"
 SITE_COLUMN = "site"
 OPTIONAL_COLUMNS = (*OPTIONAL_PATH_COLUMNS, *MASK_REF_COLUMNS, PATIENT_COLUMN, SITE_COLUMN)
 MANIFEST_NAME = "manifest.csv"
+#: A case id names output files (``<case_id>.nii.gz``...): letters, digits, '.', '_', '-', not
+#: starting with a dot, and short enough for any file system.
+CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_ID_LENGTH = 64
 
 
 class ManifestError(UserError, ValueError):
@@ -124,8 +131,21 @@ def read_manifest_table(cohort_dir: str | Path, *, pseudonym_key: bytes | None) 
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found (expected columns {','.join(REQUIRED_COLUMNS)})")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is fine
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV "
+                            "(e.g. LibreOffice/Excel 'CSV UTF-8')") from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from exc
+    header = next(csv.reader(io.StringIO(text)), [])
+    names = [c.strip() for c in header]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header; "
+                            "keep one of each")
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ManifestError(f"{path}: not a readable CSV ({exc})") from exc
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -140,6 +160,29 @@ def read_manifest_table(cohort_dir: str | Path, *, pseudonym_key: bytes | None) 
             if col in table.columns:
                 table[col] = [pseudonym(v, pseudonym_key) if v else v for v in table[col]]
     return table
+
+
+def _id_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name output files, or None."""
+    if len(case_id) > MAX_ID_LENGTH:
+        return f"case_id is {len(case_id)} characters long; at most {MAX_ID_LENGTH} (it names output files)"
+    if not re.match(CASE_ID_PATTERN, case_id):
+        return ("case_id must be letters, digits, '.', '_' or '-', not starting with '.', '_' or '-' "
+                "(it names output files)")
+    return None
+
+
+def path_escapes(cohort_dir: Path, relative: str) -> bool:
+    """Whether ``relative`` (a manifest path) leads outside the cohort folder: absolute, through
+    '..', or through a link pointing out."""
+    if Path(relative).is_absolute():
+        return True
+    root = cohort_dir.resolve()
+    try:
+        (cohort_dir / relative).resolve().relative_to(root)
+    except ValueError:
+        return True
+    return False
 
 
 def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None,
@@ -183,6 +226,16 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
             continue
         if not row["image"] or not row["mask"]:
             problems.append(f"case '{case_id}': empty image or mask path")
+            continue
+        bad_id = _id_problem(case_id)
+        if bad_id:
+            problems.append(f"case '{case_id[:MAX_ID_LENGTH]}': {bad_id}")
+            continue
+        outside = [f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
+                   if row.get(col) and path_escapes(cohort_dir, row[col])]
+        if outside:
+            problems.append(f"case '{case_id}': {', '.join(outside)} point(s) outside the cohort folder; give paths "
+                            "relative to it, with no '..', absolute path or link leading out")
             continue
         if has_patients and not row[PATIENT_COLUMN]:
             problems.append(f"case '{case_id}': empty patient_id (the column is present: give every case its patient)")
