@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling.domain import domain_file
     from bonemet.modeling.persistence import load_pipeline
     from bonemet.registry.registration import RegistryError, register_classifier
-    from bonemet.stages._common import open_store, run_tags, specs_from
+    from bonemet.stages._common import open_store, pseudonym_key, run_tags, specs_from
     from bonemet.utils import write_json
 
     params = specs_from(args)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if "site" in text_columns and "site" not in features.columns:  # ComBat: the rows need their site
         from bonemet.data.manifest import manifest_sites
 
-        sites = manifest_sites(params.data.cohort_dir)
+        sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params))
         features = features.assign(site=features["case_id"].astype(str).map(sites))
         features = features[features["site"].notna()]
     description_extra = ""
