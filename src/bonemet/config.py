@@ -460,9 +460,13 @@ class RadiomicsSpec(Spec):
 
 
 class TrackingSpec(Spec):
-    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)."""
+    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)
+    and how long a stage waits for an unreachable server before it stops."""
 
     store_dir: str
+    http_max_retries: NonNegativeInt
+    http_backoff_factor: NonNegativeInt
+    http_timeout_s: PositiveInt
 
 
 class RegisterSpec(Spec):
