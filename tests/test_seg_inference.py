@@ -22,7 +22,7 @@ from bonemet.segmentation.inference import (
 )
 
 #: sliding-window arguments of the direct calls (no mirroring unless a test asks for it)
-WINDOWS = {"sw_batch_size": 4, "device": "cpu", "mirror_axes": ()}
+WINDOWS = {"sw_batch_size": 4, "device": "cpu", "mirror_axes": (), "channels_last": False}
 
 
 @pytest.fixture
