@@ -26,15 +26,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 
-# The raw cohort: the user's own (params.yaml data.cohort_dir, tracked by data.dvc) or, when
-# params say `synthetic` and the folder is missing, regenerated from its seed (byte-identical,
-# so `dvc status data.dvc` stays clean).
+# The raw cohort (params.yaml data.cohort_dir): the user's own or, when params say `synthetic` and
+# the folder is missing, regenerated from its seed (byte-identical, so `dvc status data.dvc` stays
+# clean). ensure-data also versions it with DVC: data.dvc tracks data/raw; a cohort elsewhere gets
+# `dvc add <cohort_dir>` (writes <cohort_dir>.dvc) the first time.
 data: $(STAMP)
-	@if [ ! -f data/raw/manifest.csv ]; then \
-		$(BIN)/bonemet ensure-data && $(BIN)/dvc commit -q data.dvc </dev/null; \
-	else \
-		$(BIN)/bonemet ensure-data; \
-	fi
+	$(BIN)/bonemet ensure-data
 
 run: data
 	@test -d .dvc || { echo "error: no .dvc folder: run from a clone of the bonemet repository"; exit 1; }

@@ -48,13 +48,15 @@ log = logging.getLogger("benchmarks.cohort_variation")
 TEST_FRACTION = 0.3
 
 
-def load_cohort(folder: Path, source: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, float]:
-    """Feature matrix (with the paired columns), labels, each case's LLR, and the Bayes AUC."""
+def load_cohort(folder: Path, source: str, paired_prefix: str = "paired__",
+                sites: dict[str, str] | None = None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, float]:
+    """Feature matrix (with the paired columns, and ``site`` when ``sites`` are given), labels,
+    each case's LLR, and the Bayes AUC."""
     doc = json.loads((folder / "raw" / "cohort.json").read_text())
     cases = pd.DataFrame(doc["cases"]).set_index("case_id")
     features = folder / "features"
     X, y = assemble_features(pd.read_parquet(features / f"{source}.parquet"),
-                             pd.read_parquet(features / f"{PAIRED[source]}.parquet"))
+                             pd.read_parquet(features / f"{PAIRED[source]}.parquet"), paired_prefix, sites)
     X.index = X.index.astype(str)
     return X, y.to_numpy().astype(int), cases.loc[X.index, "llr"].to_numpy(float), float(doc["bayes_auc"])
 
@@ -65,13 +67,16 @@ def study_auc(X: pd.DataFrame, y: np.ndarray, train: np.ndarray, test: np.ndarra
     return float(roc_auc_score(y[test], model.predict_proba(X.iloc[test])[:, 1]))
 
 
+def repeated_splits(y: np.ndarray, repeats: int, seed: int):
+    """The ``repeats`` stratified 70/30 (train, test) index pairs of this benchmark family."""
+    return StratifiedShuffleSplit(n_splits=repeats, test_size=TEST_FRACTION, random_state=seed).split(np.zeros(len(y)), y)
+
+
 def over_splits(folder: Path, source: str, params: dict, repeats: int) -> dict:
-    X, y, llr, bayes = load_cohort(folder, source)
+    X, y, llr, bayes = load_cohort(folder, source, params["select"]["icc"]["paired_prefix"])
     seed = int(params["seed"])
     model, ref = [], []
-    for i, (train, test) in enumerate(
-        StratifiedShuffleSplit(n_splits=repeats, test_size=TEST_FRACTION, random_state=seed).split(X, y)
-    ):
+    for i, (train, test) in enumerate(repeated_splits(y, repeats, seed)):
         model.append(study_auc(X, y, train, test, params["select"], seed))
         ref.append(float(roc_auc_score(y[test], llr[test])))
         log.info("%s split %d/%d: study %.3f, LLR %.3f", folder.name, i + 1, repeats, model[-1], ref[-1])
@@ -84,7 +89,7 @@ def over_splits(folder: Path, source: str, params: dict, repeats: int) -> dict:
 
 
 def learning_curve(folder: Path, source: str, params: dict, sizes: list[int], repeats: int, test_size: int) -> list[dict]:
-    X, y, llr, bayes = load_cohort(folder, source)
+    X, y, llr, bayes = load_cohort(folder, source, params["select"]["icc"]["paired_prefix"])
     seed = int(params["seed"])
     pool, test = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed)
     ref = float(roc_auc_score(y[test], llr[test]))
@@ -126,11 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         results = [{"cohort": str(c), "source": s,
                     "curve": learning_curve(c, s, params, args.train_sizes, args.repeats, args.test_size)}
                    for c, s in zip(args.cohorts, sources, strict=True)]
+    print_json(results, args.json)
+    return 0
+
+
+def print_json(results, path: str | None) -> None:
+    """The results as JSON on stdout, and into ``path`` when given."""
     text = json.dumps(results, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":

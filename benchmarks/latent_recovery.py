@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
+from bonemet.config import SelectSpec, validate_spec
 from bonemet.data.synthetic_latents import LATENT_NAMES
 from bonemet.modeling.pipeline import build_selection
 from bonemet.modeling.training import assemble_features
@@ -46,8 +48,11 @@ PAIRED = {"auto": "manual", "manual": "auto", "annotator": "manual"}
 FIXED_C = 0.1
 
 
-def study_model(select: dict, seed: int) -> Pipeline:
-    """The study's selection (params ``select``) with a fixed logistic regression (C = FIXED_C)."""
+def study_model(select: SelectSpec | Mapping, seed: int) -> Pipeline:
+    """The study's selection (params ``select``: the spec, or the raw mapping) with a fixed logistic
+    regression (C = FIXED_C)."""
+    if not isinstance(select, SelectSpec):
+        select = validate_spec(SelectSpec, select, "select")
     clf = LogisticRegression(C=FIXED_C, max_iter=5000)
     return Pipeline([*build_selection(select, seed), ("clf", clf)]).set_output(transform="pandas")
 
@@ -86,7 +91,8 @@ def recovery(source: str, params: dict, features_dir: Path, cohort: pd.DataFrame
     out["latent_llr_test_auc"] = round(_auc(latents.loc[test, "label"], latents.loc[test, "llr"]), 3)
     out["icc_pass"] = int((iccs >= params["select"]["icc"]["threshold"]).sum())
 
-    X, y = assemble_features(pd.read_parquet(features_dir / f"{source}.parquet"), pd.read_parquet(features_dir / f"{pair}.parquet"))
+    X, y = assemble_features(pd.read_parquet(features_dir / f"{source}.parquet"), pd.read_parquet(features_dir / f"{pair}.parquet"),
+                             params["select"]["icc"]["paired_prefix"])
     X.index = X.index.astype(str)
     y.index = X.index
     seed = int(params["seed"])

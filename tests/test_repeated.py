@@ -194,6 +194,27 @@ def test_repeats_refit_everything_on_their_own_training_cases(specs):
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in serial] == strip
 
 
+def test_repeats_keep_patients_whole_and_harmonise_with_the_sites(specs):
+    from bonemet.modeling.training import TrainingInputError
+    from bonemet.splits import patients_on_both_sides
+
+    primary, paired, _, llr = _cohort()
+    ids, labels = list(primary["case_id"]), list(primary["label"])
+    patients = [f"pt{i // 2:02d}" for i in range(len(ids))]
+    splits = repeated_splits(ids, labels, n_repeats=3, test_size=0.3, n_folds=3, seed=11, groups=patients)
+    assert all(split["groups"] == dict(zip(ids, patients, strict=True)) for split in splits)
+    assert all(patients_on_both_sides(split) == [] for split in splits)
+    select = specs.select.updated({"harmonize.enabled": True})
+    with pytest.raises(TrainingInputError, match="no site column"):
+        run_repeats(primary, paired, splits[:1], first_repeat=1, select=select, train=specs.train,
+                    evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False)
+    sites = {c: ("a", "b")[i % 2] for i, c in enumerate(ids)}
+    (record,) = run_repeats(primary, paired, splits[:1], first_repeat=1, select=select, train=specs.train,
+                            evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False,
+                            sites=sites)
+    assert record["chosen"] in MODELS and 0.0 <= record["models"]["logreg"]["auc"] <= 1.0
+
+
 def test_repeat_zero_is_table_1_and_the_summary(tmp_path, specs):
     primary, paired, committed, llr = _cohort()
     train = specs.train.updated({"out_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "metrics"),

@@ -201,7 +201,7 @@ def test_bad_arguments_are_refused(tmp_path, small_cohort, label):
 
 def test_plot_cases_writes_a_png(small_cohort, tmp_path):
     out, _ = small_cohort
-    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png", mask_label=1)
+    path = plot_cases(out, ["case_000", "case_001"], tmp_path / "fig.png", mask_label=1, grid_tolerance_mm=0.01)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -304,3 +304,111 @@ def test_ensure_data_never_overwrites_a_folder_without_manifest(tmp_path, synth_
     params = synth_params(cohort, "synthetic")
     assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 1
     assert [p.name for p in cohort.iterdir()] == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# Sites: a protocol per site (params data.synthetic.protocols), `bonemet synth --sites 2`
+
+
+def test_two_sites_with_the_second_protocol(tmp_path, params, label):
+    protocols = params.data.synthetic.protocols[:2]
+    site_a, site_b = protocols
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    generate_cohort(one, n_cases=4, n_positive=2, seed=SEED, size="small", mask_label=label, show_progress=False)
+    summary = generate_cohort(two, n_cases=4, n_positive=2, seed=SEED, size="small", mask_label=label,
+                              protocols=protocols, show_progress=False)
+    cases = read_manifest(two)
+    assert [c.site for c in cases] == ["site_a", "site_b", "site_a", "site_b"]
+    assert read_manifest(one)[0].site is None and "site" not in (one / "manifest.csv").read_text()
+    assert [s["name"] for s in summary["sites"]] == ["site_a", "site_b"]
+    # site_a is the cohort's own scanner: the very same files as the single-site cohort
+    for cid in ("case_000", "case_002"):
+        for sub in ("images", "masks", "annotator_masks"):
+            assert file_md5(two / sub / f"{cid}.nii.gz") == file_md5(one / sub / f"{cid}.nii.gz")
+    # site_b: the protocol's noise, kernel, offset and slice thickness, recorded per case
+    before = {c["case_id"]: c for c in json.loads((one / "cohort.json").read_text())["cases"]}
+    after = {c["case_id"]: c for c in json.loads((two / "cohort.json").read_text())["cases"]}
+    for cid in ("case_001", "case_003"):
+        a, b = before[cid], after[cid]
+        assert b["site"] == "site_b"
+        assert b["noise_sd_hu"] == pytest.approx(a["noise_sd_hu"] * site_b.noise_scale, abs=1e-5)
+        assert b["blur_sd_mm"] == pytest.approx(a["blur_sd_mm"] * site_b.blur_scale, abs=1e-5)
+        assert b["hu_offset"] == pytest.approx(a["hu_offset"] + site_b.hu_offset, abs=1e-5)
+        low, high = site_b.slice_thickness_mm
+        assert low <= b["spacing_mm"][2] <= high and b["spacing_mm"][:2] == a["spacing_mm"][:2]
+        assert b["density"] == a["density"] and b["label"] == a["label"]  # the lesion itself is the same
+        image_a, image_b = _array(one / "images" / f"{cid}.nii.gz"), _array(two / "images" / f"{cid}.nii.gz")
+        corner_a, corner_b = image_a[:, :4, :4].astype(float), image_b[:, :4, :4].astype(float)  # fat
+        assert corner_b.mean() - corner_a.mean() == pytest.approx(site_b.hu_offset, abs=12)
+        assert corner_b.std() > 1.4 * corner_a.std()
+    assert site_a.noise_scale == 1 and site_a.slice_thickness_mm is None
+
+
+def test_synth_command_sites(tmp_path, synth_params, caplog):
+    from bonemet.cli import main
+
+    params = synth_params(tmp_path / "unused", "synthetic")
+    out = tmp_path / "cohort"
+    assert main(["synth", "--params", str(params), str(out), "--small", "--no-progress", "--sites", "2"]) == 0
+    assert {c.site for c in read_manifest(out)} == {"site_a", "site_b"}
+    assert main(["synth", "--params", str(params), str(tmp_path / "three"), "--small", "--sites", "3"]) == 1
+    assert "describes 2 site(s)" in caplog.text
+
+
+def _dvc_repo(path: Path) -> Path:
+    import subprocess
+    import sys
+
+    path.mkdir(parents=True, exist_ok=True)
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=path, check=True)
+    subprocess.run([dvc, "config", "core.analytics", "false"], cwd=path, check=True)
+    (path / ".gitignore").write_text("/data/*\n!/data/.gitkeep\n")
+    return path
+
+
+def test_ensure_data_versions_a_cohort_outside_data_raw(tmp_path, synth_params, monkeypatch, caplog):
+    """cohort_dir elsewhere: `dvc add` once (cohorts/x.dvc), then a regenerated cohort must match it."""
+    import subprocess
+    import sys
+
+    from bonemet.cli import main
+    from bonemet.stages._common import cohort_dvc_file, data_md5
+
+    caplog.set_level("INFO")
+    repo = _dvc_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    params = synth_params(Path("cohorts/mine"), "synthetic")
+    assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 0
+    dvc_file = Path("cohorts/mine.dvc")
+    assert dvc_file.is_file() and cohort_dvc_file("cohorts/mine") == dvc_file
+    assert "/mine" in Path("cohorts/.gitignore").read_text()
+    recorded = data_md5("cohorts/mine")
+    assert recorded.endswith(".dir")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    status = subprocess.run([dvc, "status", str(dvc_file)], capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout
+    # the folder deleted: regenerated byte-identical and committed to the cache, the .dvc file unchanged
+    before = dvc_file.read_text()
+    subprocess.run(["rm", "-rf", "cohorts/mine"], check=True)
+    assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 0
+    assert dvc_file.read_text() == before and "matches cohorts/mine.dvc" in caplog.text
+    # regenerated with another seed: not what the .dvc file records, so the run stops
+    subprocess.run(["rm", "-rf", "cohorts/mine"], check=True)
+    other = synth_params(Path("cohorts/mine"), "synthetic")
+    text = other.read_text().replace(f"seed: {SEED}", "seed: 99")
+    other.write_text(text)
+    assert main(["ensure-data", "--params", str(other), "--no-progress"]) == 1
+    assert "differs from what cohorts/mine.dvc records" in caplog.text
+
+
+def test_ensure_data_explains_a_git_ignored_cohort_folder(tmp_path, synth_params, monkeypatch, caplog):
+    from bonemet.cli import main
+
+    repo = _dvc_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    params = synth_params(Path("data/mine"), "synthetic")
+    assert main(["ensure-data", "--params", str(params), "--no-progress"]) == 1
+    assert "data/mine.dvc would be ignored by git" in caplog.text and "cohorts/mine" in caplog.text

@@ -184,6 +184,42 @@ def test_same_seed_same_table1_and_model_index(tmp_path, specs):
     assert (tmp_path / "a/models/index.json").read_bytes() == (tmp_path / "b/models/index.json").read_bytes()
 
 
+def test_training_with_sites_and_patients(tmp_path, specs):
+    """ComBat on (select.harmonize), patients in the splits: the tuning folds keep patients whole,
+    the fitted pipelines need the site of each served row, index.json says so."""
+    from bonemet.modeling.training import _inner_splits
+    from bonemet.selection import SiteError
+
+    primary, paired, splits = _tables()
+    ids = list(primary["case_id"])
+    sites = {c: ("a", "b")[i % 2] for i, c in enumerate(ids)}
+    shifted = [c for c in ids if sites[c] == "b"]
+    cols = [c for c in primary.columns if c not in ("case_id", "label")]
+    for table in (primary, paired):
+        table.loc[table["case_id"].isin(shifted), cols] += 2.0  # site b reads every feature 2 higher
+    splits = {**splits, "groups": {c: f"pt{i // 2}" for i, c in enumerate(ids)}}
+    for k, (fit_rows, val_rows) in enumerate(_inner_splits(np.asarray(primary["label"]), 3, 0,
+                                                           [splits["groups"][c] for c in ids])):
+        assert {splits["groups"][ids[i]] for i in fit_rows}.isdisjoint({splits["groups"][ids[i]] for i in val_rows}), k
+    select = specs.select.updated({"harmonize.enabled": True})
+    with pytest.raises(TrainingInputError, match="no site column"):
+        run_training(primary, paired, splits, select=select, train=specs.train, evaluate=specs.evaluate, seed=3,
+                     feature_source="auto")
+    train = specs.train.updated({"out_dir": str(tmp_path / "models"), "plots_dir": str(tmp_path / "plots"),
+                                 "metrics_dir": str(tmp_path / "metrics")})
+    res = run_training(primary, paired, splits, select=select, train=train, evaluate=specs.evaluate, seed=3,
+                       feature_source="auto", tracker=RecordingTracker(), sites=sites)
+    assert res.selected_features["harmonize"]["sites"] == ["a", "b"]
+    index = json.loads((tmp_path / "models" / "index.json").read_text())
+    assert index["extra_input_columns"] == ["site"]
+    loaded = load_pipeline(tmp_path / "models" / f"{res.best_model}.skops")
+    rows = primary.drop(columns=["case_id", "label"]).iloc[:4]
+    proba = loaded.predict_proba(rows.assign(site=[sites[c] for c in ids[:4]]))
+    assert proba.shape == (4, 2) and np.isfinite(proba).all()
+    with pytest.raises(SiteError, match="no 'site' column"):
+        loaded.predict_proba(rows)
+
+
 def test_assemble_features_checks_cases_and_labels():
     primary, paired, _ = _tables(n=12, p=3)
     X, y = assemble_features(primary, paired, "paired__")

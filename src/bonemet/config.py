@@ -83,6 +83,8 @@ SizeVox = tuple[PositiveInt, PositiveInt, PositiveInt]
 CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp")
 ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
 NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
+#: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
+SegmentModel = Literal["missu", "unet", "unetr", "swinunetr", "external"]
 MaskSource = Literal["manual", "auto", "annotator"]
 
 
@@ -162,6 +164,24 @@ SearchParam = Annotated[Union[FloatRange, IntRange, Choice], Field(discriminator
 # --- sections --------------------------------------------------------------------------------
 
 
+class ProtocolSpec(Spec):
+    """``data.synthetic.protocols[i]``: one site's acquisition protocol, relative to the cohort's own
+    per-case scanner variation (see :mod:`bonemet.data.synthetic`)."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    noise_scale: PositiveFloat
+    blur_scale: PositiveFloat
+    hu_offset: float
+    slice_thickness_mm: tuple[PositiveFloat, PositiveFloat] | None
+
+    @field_validator("slice_thickness_mm")
+    @classmethod
+    def _thickness(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] <= value[1]:
+            raise ValueError(f"must be [low, high] mm with low <= high; found {list(value)}")
+        return value
+
+
 class SyntheticSpec(Spec):
     """``data.synthetic``: the default synthetic cohort."""
 
@@ -169,11 +189,18 @@ class SyntheticSpec(Spec):
     n_positive: PositiveInt
     seed: int
     size: Literal["full", "small"]
+    sites: PositiveInt
+    protocols: list[ProtocolSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _both_classes(self) -> SyntheticSpec:
         if self.n_positive >= self.n_cases:
             raise ValueError(f"n_positive must be below n_cases; found {self.n_positive} of {self.n_cases}")
+        if self.sites > len(self.protocols):
+            raise ValueError(f"sites must not exceed the {len(self.protocols)} protocols; found {self.sites}")
+        names = [p.name for p in self.protocols]
+        if len(set(names)) != len(names):
+            raise ValueError(f"protocol names must be unique; found {names}")
         return self
 
 
@@ -183,6 +210,8 @@ class DataSpec(Spec):
     cohort_dir: str
     source: Literal["synthetic", "user"]
     mask_label: PositiveInt
+    roi: Annotated[str, Field(min_length=1)] | None
+    segment: PositiveInt | Annotated[str, Field(min_length=1)] | None
     synthetic: SyntheticSpec
 
 
@@ -353,11 +382,19 @@ class SegTuneSpec(Spec):
         return value
 
 
+class ExternalMasksSpec(Spec):
+    """``segment.external``: automatic masks made elsewhere (``segment.model: external``)."""
+
+    masks_dir: Annotated[str, Field(min_length=1)]
+    label: PositiveInt
+
+
 class SegmentSpec(Spec):
     """``segment`` with its profile (``segment.profiles.<profile>``) merged in."""
 
     profile: str
-    model: NetworkName
+    model: SegmentModel
+    external: ExternalMasksSpec
     roi_size: SizeVox
     distill_weight: NonNegativeFloat
     val_fraction: Overlap
@@ -502,9 +539,18 @@ class LassoSpec(Spec):
     max_iter: PositiveInt
 
 
+class HarmonizeSpec(Spec):
+    """``select.harmonize``: ComBat per site, the pipeline's first step (off by default)."""
+
+    enabled: bool
+    parametric: bool
+    mean_only: bool
+
+
 class SelectSpec(Spec):
     """``select``: feature selection, fitted inside every training fold."""
 
+    harmonize: HarmonizeSpec
     icc: IccSpec
     correlation: CorrelationSpec
     pca: PcaSpec

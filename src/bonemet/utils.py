@@ -96,11 +96,17 @@ def _json_default(obj: Any) -> Any:
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    """MD5 of a file's bytes (used for cache keys, not security)."""
+    """MD5 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order:
+    a DICOM series); used for cache keys, not security."""
+    path = Path(path)
     h = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

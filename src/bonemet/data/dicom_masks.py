@@ -66,6 +66,7 @@ __all__ = [
     "DicomWriteError",
     "MaskFormatError",
     "dicom_modality",
+    "mask_format",
     "read_lesion_mask",
     "read_rtstruct_mask",
     "read_seg_mask",
@@ -841,6 +842,29 @@ def write_seg(
 # One reader for the rest of the code base
 
 
+MaskFormat = Literal["rtstruct", "seg", "labelmap"]
+
+
+def mask_format(path: str | Path, *, case_id: str | None = None) -> MaskFormat:
+    """How :func:`read_lesion_mask` reads ``path``: a DICOM RTSTRUCT, a DICOM SEG, or a label map
+    (anything else: NIfTI, NRRD, MetaImage, a DICOM series folder, a missing file). A DICOM file
+    of another modality is a ``MaskFormatError``; only its header is read."""
+    path = Path(path)
+    if not path.is_file() or path.name.lower().endswith(IMAGE_SUFFIXES):
+        return "labelmap"
+    modality = dicom_modality(path, case_id=case_id)
+    if modality == "RTSTRUCT":
+        return "rtstruct"
+    if modality in _SEG_MODALITIES:
+        return "seg"
+    if modality is not None:
+        raise MaskFormatError(
+            f"{describe_path(path, case_id)}: a DICOM {modality} file, not a mask; expected an RTSTRUCT, "
+            "a DICOM SEG or a label map"
+        )
+    return "labelmap"
+
+
 def read_lesion_mask(
     path: str | Path,
     reference_image: sitk.Image,
@@ -851,17 +875,19 @@ def read_lesion_mask(
     case_id: str,
     grid_tolerance_mm: float,
     reference_series_uid: str | None = None,
+    reference_image_path: str | Path | None = None,
 ) -> sitk.Image:
     """The lesion mask of a case, from an RTSTRUCT, a DICOM SEG or a label map.
 
-    The format comes from the file: a DICOM file of Modality RTSTRUCT (needs ``roi``) or SEG
-    (needs ``segment``); anything else (NIfTI, NRRD, MetaImage, a DICOM series folder) is a
-    label map whose voxels equal to ``label`` are the lesion, and must be on the reference
-    grid within ``grid_tolerance_mm`` (its geometry is then set to the reference's exactly).
+    The format comes from the file (:func:`mask_format`): a DICOM file of Modality RTSTRUCT
+    (needs ``roi``) or SEG (needs ``segment``); anything else (NIfTI, NRRD, MetaImage, a DICOM
+    series folder) is a label map whose voxels equal to ``label`` are the lesion, and must be on
+    the reference grid within ``grid_tolerance_mm`` (its geometry is then set to the reference's
+    exactly). Every reader of a manual or annotator mask in bonemet goes through here.
 
     Args:
         path: the mask file (or folder, for a label map stored as a DICOM series).
-        reference_image: the case's CT.
+        reference_image: the case's CT (only its geometry is used).
         label: lesion value of a label map (params ``data.mask_label``).
         roi: ROIName of the lesion in an RTSTRUCT (the manifest's roi column); else unused.
         segment: segment number or label in a SEG; else unused.
@@ -869,6 +895,9 @@ def read_lesion_mask(
         grid_tolerance_mm: mm a label map's or SEG's grid may differ from the CT's.
         reference_series_uid: the CT series' SeriesInstanceUID when the CT is a DICOM series
             (:func:`series_instance_uid`); a DICOM mask must then reference it.
+        reference_image_path: the CT's file or DICOM folder: when it is a DICOM series folder,
+            ``reference_series_uid`` is not given and the mask is a DICOM file, the series UID is
+            read from the folder's headers (so the mask must reference that series).
 
     Returns:
         uint8 0/1 mask with ``reference_image``'s geometry.
@@ -880,30 +909,28 @@ def read_lesion_mask(
     """
     path = Path(path)
     where = describe_path(path, case_id)
-    is_image_file = path.name.lower().endswith(IMAGE_SUFFIXES)
-    modality = dicom_modality(path, case_id=case_id) if path.is_file() and not is_image_file else None
-    if modality == "RTSTRUCT":
+    kind = mask_format(path, case_id=case_id)
+    if kind != "labelmap" and reference_series_uid is None and reference_image_path is not None \
+            and Path(reference_image_path).is_dir():
+        reference_series_uid = series_instance_uid(reference_image_path, case_id=case_id)
+    if kind == "rtstruct":
         if not roi:
             names = rtstruct_roi_names(path, case_id=case_id)
             raise MaskFormatError(
                 f"{where}: an RTSTRUCT needs the lesion's ROI name; it holds {_quoted(names)}: "
-                "set the case's roi to one of them"
+                "set the case's roi (manifest column roi, or params data.roi) to one of them"
             )
         return read_rtstruct_mask(path, reference_image, roi, case_id=case_id, reference_series_uid=reference_series_uid)
-    if modality in _SEG_MODALITIES:
+    if kind == "seg":
         if segment is None or segment == "":
             labels = seg_segment_labels(path, case_id=case_id)
             raise MaskFormatError(
                 f"{where}: a DICOM SEG needs the lesion's segment; it holds segments {_segments_text(labels)}: "
-                "set the case's segment to one of them"
+                "set the case's segment (manifest column segment, or params data.segment) to one of them"
             )
         return read_seg_mask(
             path, reference_image, segment, case_id=case_id, grid_tolerance_mm=grid_tolerance_mm,
             reference_series_uid=reference_series_uid,
-        )
-    if modality is not None:
-        raise MaskFormatError(
-            f"{where}: a DICOM {modality} file, not a mask; expected an RTSTRUCT, a DICOM SEG or a label map"
         )
     mask = read_mask(path, label=label, case_id=case_id)
     ok, reason = same_grid(reference_image, mask, tol_mm=grid_tolerance_mm)

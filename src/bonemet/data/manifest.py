@@ -10,6 +10,17 @@ Format (the one documented in the README):
 ``image`` and ``mask`` are paths relative to the cohort folder. ``label`` is 1 for breast
 origin, 0 for other origin. An optional ``annotator_mask`` column names a second reader's
 mask (used to study reproducibility under segmentation). Extra columns are kept as metadata.
+
+Optional columns (any may be absent; an empty cell means "not given"):
+
+* ``roi``: the lesion's ROIName when ``mask`` is a DICOM RTSTRUCT (params ``data.roi`` when
+  empty); ``segment``: its segment number (digits) or SegmentLabel when ``mask`` is a DICOM SEG
+  (params ``data.segment``). ``annotator_roi`` / ``annotator_segment`` do the same for
+  ``annotator_mask`` and default to the case's ``roi`` / ``segment``.
+* ``patient_id``: several lesions or CTs of one patient share it; every split keeps a patient's
+  cases together (:mod:`bonemet.splits`). When the column is present every row needs one.
+* ``site``: the centre or scanner of the CT, for the optional ComBat harmonisation
+  (params ``select.harmonize``).
 """
 
 from __future__ import annotations
@@ -23,6 +34,11 @@ from bonemet.errors import UserError
 
 REQUIRED_COLUMNS = ("case_id", "label", "image", "mask")
 OPTIONAL_PATH_COLUMNS = ("annotator_mask",)
+#: Optional columns with a meaning (not kept as metadata).
+MASK_REF_COLUMNS = ("roi", "segment", "annotator_roi", "annotator_segment")
+PATIENT_COLUMN = "patient_id"
+SITE_COLUMN = "site"
+OPTIONAL_COLUMNS = (*OPTIONAL_PATH_COLUMNS, *MASK_REF_COLUMNS, PATIENT_COLUMN, SITE_COLUMN)
 MANIFEST_NAME = "manifest.csv"
 
 
@@ -30,9 +46,26 @@ class ManifestError(UserError, ValueError):
     """The manifest is missing or malformed; the message names rows/cases and the problem."""
 
 
+Segment = int | str
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """Where one mask of a case is: the file, and which structure of it is the lesion.
+
+    ``roi`` matters for an RTSTRUCT, ``segment`` (number or label) for a DICOM SEG; a label map
+    ignores both (its lesion is the voxels equal to ``data.mask_label``).
+    """
+
+    path: Path
+    roi: str | None = None
+    segment: Segment | None = None
+
+
 @dataclass(frozen=True)
 class Case:
-    """One case of a cohort: its id, label, and absolute paths to image and masks."""
+    """One case of a cohort: its id, label, absolute paths to image and masks, and (optional)
+    the RTSTRUCT ROI / SEG segment of each mask, its patient and its site."""
 
     case_id: str
     label: int
@@ -40,6 +73,41 @@ class Case:
     manual_mask: Path
     annotator_mask: Path | None = None
     metadata: dict = field(default_factory=dict, compare=False)
+    roi: str | None = None
+    segment: Segment | None = None
+    annotator_roi: str | None = None
+    annotator_segment: Segment | None = None
+    #: None: the manifest has no patient_id column (each case is its own patient)
+    patient_id: str | None = None
+    site: str | None = None
+
+    def mask_ref(self, kind: str) -> MaskRef:
+        """The manual (``kind="manual"``) or annotator mask with its ROI / segment."""
+        if kind == "manual":
+            return MaskRef(self.manual_mask, self.roi, self.segment)
+        if kind == "annotator":
+            if self.annotator_mask is None:
+                raise ManifestError(f"case '{self.case_id}': no annotator_mask in the manifest")
+            return MaskRef(self.annotator_mask, self.annotator_roi or self.roi,
+                           self.annotator_segment if self.annotator_segment is not None else self.segment)
+        raise ValueError(f"mask kind must be 'manual' or 'annotator', found {kind!r}")
+
+    @property
+    def patient(self) -> str:
+        """The patient the splits group by: ``patient_id``, or the case itself without the column."""
+        return self.patient_id if self.patient_id is not None else self.case_id
+
+
+def parse_segment(value: str | int | None) -> Segment | None:
+    """A manifest's segment cell: digits are a segment number, other text a SegmentLabel, empty None."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if not text:
+        return None
+    return int(text) if text.isdigit() else text
 
 
 def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
@@ -63,12 +131,18 @@ def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
     return table
 
 
-def read_manifest(cohort_dir: str | Path) -> list[Case]:
+def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None) -> list[Case]:
     """Parse the manifest into :class:`Case` objects.
 
+    Args:
+        cohort_dir: the cohort folder.
+        roi, segment: the params defaults (``data.roi``, ``data.segment``) for rows whose
+            ``roi`` / ``segment`` cell is absent or empty; None leaves them unset, so an RTSTRUCT
+            or SEG mask without one is an error when it is read.
+
     Raises ManifestError for structural problems that make the cohort unusable (missing
-    columns, empty or duplicate ids, labels outside {0, 1}); file-level checks belong to
-    :mod:`bonemet.validation`.
+    columns, empty or duplicate ids, labels outside {0, 1}, an empty patient_id in a manifest
+    that has the column); file-level checks belong to :mod:`bonemet.validation`.
     """
     cohort_dir = Path(cohort_dir)
     table = read_manifest_table(cohort_dir)
@@ -79,7 +153,9 @@ def read_manifest(cohort_dir: str | Path) -> list[Case]:
     for case_id in sorted(set(dup)):
         problems.append(f"case '{case_id}': duplicate case_id ({int((dup == case_id).sum())} rows)")
     cases: list[Case] = []
-    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_PATH_COLUMNS]
+    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    has_patients = PATIENT_COLUMN in table.columns
+    default_segment = parse_segment(segment)
     for row_no, row in enumerate(table.itertuples(index=False), start=2):
         row = row._asdict()
         case_id = row["case_id"]
@@ -92,7 +168,11 @@ def read_manifest(cohort_dir: str | Path) -> list[Case]:
         if not row["image"] or not row["mask"]:
             problems.append(f"case '{case_id}': empty image or mask path")
             continue
+        if has_patients and not row[PATIENT_COLUMN]:
+            problems.append(f"case '{case_id}': empty patient_id (the column is present: give every case its patient)")
+            continue
         annot = row.get("annotator_mask") or None
+        case_segment = parse_segment(row.get("segment"))
         cases.append(
             Case(
                 case_id=case_id,
@@ -101,8 +181,20 @@ def read_manifest(cohort_dir: str | Path) -> list[Case]:
                 manual_mask=cohort_dir / row["mask"],
                 annotator_mask=(cohort_dir / annot) if annot else None,
                 metadata={k: row[k] for k in extra},
+                roi=row.get("roi") or roi,
+                segment=case_segment if case_segment is not None else default_segment,
+                annotator_roi=row.get("annotator_roi") or None,
+                annotator_segment=parse_segment(row.get("annotator_segment")),
+                patient_id=row[PATIENT_COLUMN] if has_patients else None,
+                site=row.get(SITE_COLUMN) or None,
             )
         )
     if problems:
         raise ManifestError(f"{cohort_dir / MANIFEST_NAME}: " + "; ".join(problems))
     return cases
+
+
+def manifest_sites(cohort_dir: str | Path) -> dict[str, str]:
+    """Case id -> site (the manifest's ``site`` column) for every case that names one; empty
+    without the column. What ComBat harmonisation (``select.harmonize``) reads."""
+    return {c.case_id: c.site for c in read_manifest(cohort_dir) if c.site}

@@ -12,13 +12,25 @@
 The label (1 = breast origin, 0 = other origin) acts on the image only through the lesion's
 phenotype latents (see :mod:`bonemet.data.synthetic_latents`); the anatomy and the scanner are
 described in :mod:`bonemet.data.synthetic_phantom`. The same seed gives byte-identical files.
+
+Sites. ``protocols`` (params ``data.synthetic.protocols``, the first ``data.synthetic.sites``
+of them) describe each site's acquisition as data: case ``i`` is scanned with
+``protocols[i % n_sites]``, so the site is independent of the label and of everything else
+drawn for the case. A protocol scales the case's noise sd (``noise_scale``) and in-plane
+point-spread sd (``blur_scale``; > 1 is a softer kernel), adds ``hu_offset`` HU, and maps the
+slice thickness into ``slice_thickness_mm`` (the same quantile of the new range; null keeps
+it). With more than one site the manifest gets a ``site`` column (the protocol names) and
+cohort.json each case's site and the protocols. One site with the identity protocol (the
+default) writes exactly the single-site cohort.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,9 +38,11 @@ import SimpleITK as sitk
 from bonemet.data.io import write_image
 from bonemet.data.synthetic_latents import (
     COVARIANCE,
+    FULL_SLICE_THICKNESS_MM,
     LATENT_NAMES,
     MEAN_LABEL0,
     MEAN_LABEL1,
+    SMALL_SLICE_THICKNESS_MM,
     CaseParams,
     SyntheticParamsError,
     bayes_auc,
@@ -44,10 +58,14 @@ from bonemet.data.synthetic_latents import (
 from bonemet.data.synthetic_phantom import render_case
 from bonemet.utils import progress, write_json
 
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import ProtocolSpec
+
 __all__ = [
     "LATENT_NAMES",
     "CohortExistsError",
     "SyntheticParamsError",
+    "apply_protocol",
     "bayes_auc",
     "generate_cohort",
     "plot_cases",
@@ -70,8 +88,29 @@ MANIFEST_COLUMNS = (
 )
 
 
+SITE_COLUMN = "site"
+
+
 class CohortExistsError(SyntheticParamsError):
     """The output folder already holds files and overwriting was not asked for."""
+
+
+def apply_protocol(params: CaseParams, protocol: ProtocolSpec, *, size: str) -> CaseParams:
+    """``params`` as scanned with ``protocol`` (noise and blur scaled, HU offset added, slice
+    thickness mapped into the protocol's range at the same quantile of the size's own range)."""
+    sx, sy, sz = params.spacing_mm
+    if protocol.slice_thickness_mm is not None:
+        lo0, hi0 = FULL_SLICE_THICKNESS_MM if size == "full" else SMALL_SLICE_THICKNESS_MM
+        lo, hi = protocol.slice_thickness_mm
+        quantile = min(1.0, max(0.0, (sz - lo0) / (hi0 - lo0)))
+        sz = round(float(lo + quantile * (hi - lo)), 4)
+    return dataclasses.replace(
+        params,
+        noise_sd_hu=params.noise_sd_hu * float(protocol.noise_scale),
+        blur_sd_mm=params.blur_sd_mm * float(protocol.blur_scale),
+        hu_offset=params.hu_offset + float(protocol.hu_offset),
+        spacing_mm=(sx, sy, sz),
+    )
 
 
 def _to_image(array: np.ndarray, spacing, origin, pixel_type: int) -> sitk.Image:
@@ -100,6 +139,7 @@ def generate_cohort(
     seed: int,
     size: str,
     mask_label: int,
+    protocols: Sequence[ProtocolSpec] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -113,6 +153,9 @@ def generate_cohort(
         size: "full" (0.6-1.0 mm in-plane, 1-3 mm slices, ~80x80x60 mm field of view) or
             "small" (~2.5 mm voxels, ~32x32x28 voxels) for tests.
         mask_label: value of lesion voxels in the mask label maps.
+        protocols: one acquisition protocol per site (params ``data.synthetic.protocols``, the
+            first ``sites``); case ``i`` gets ``protocols[i % len(protocols)]``. None: one site,
+            the cohort's own scanner variation only.
         overwrite: allow writing into a non-empty folder (files of the same name are replaced).
         show_progress: show a progress bar.
 
@@ -128,6 +171,11 @@ def generate_cohort(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CohortExistsError(f"{out_dir}: output folder is not empty (expected empty or missing)")
+    protocols = list(protocols or [])
+    names = [p.name for p in protocols]
+    if len(set(names)) != len(names):
+        raise SyntheticParamsError(f"protocol names must be unique; found {names}")
+    multi_site = len(protocols) > 1
     for sub in ("images", "masks", "annotator_masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -136,6 +184,9 @@ def generate_cohort(
     cases: list[dict[str, Any]] = []
     for index in progress(range(n_cases), total=n_cases, desc="synth", disable=not show_progress):
         params = sample_case_params(seed, index, int(labels[index]), size=size)
+        protocol = protocols[index % len(protocols)] if protocols else None
+        if protocol is not None:
+            params = apply_protocol(params, protocol, size=size)
         rendered = render_case(params, render_rng(seed, index))
         cid = params.case_id
         paths = {
@@ -158,11 +209,16 @@ def generate_cohort(
                 "label": str(params.label),
                 **paths,
                 **{f"spacing_{a}_mm": f"{v:.4f}" for a, v in zip("xyz", rendered.spacing, strict=True)},
+                **({SITE_COLUMN: protocol.name} if multi_site else {}),
             }
         )
-        cases.append(_case_record(params, rendered.summary))
+        record = _case_record(params, rendered.summary)
+        if multi_site:
+            record[SITE_COLUMN] = protocol.name
+        cases.append(record)
 
-    _write_manifest(out_dir / "manifest.csv", rows)
+    columns = (*MANIFEST_COLUMNS, SITE_COLUMN) if multi_site else MANIFEST_COLUMNS
+    _write_manifest(out_dir / "manifest.csv", rows, columns)
     llr = np.array([c["llr"] for c in cases])
     summary: dict[str, Any] = {
         "generator": "bonemet.data.synthetic",
@@ -187,6 +243,8 @@ def generate_cohort(
         "dice_annotator_mean": float(np.mean([c["dice_annotator"] for c in cases])),
         "lesion_volume_ml_median": float(np.median([c["lesion_volume_ml"] for c in cases])),
     }
+    if multi_site:
+        summary["sites"] = [p.model_dump(mode="json") for p in protocols]
     write_json(out_dir / COHORT_JSON, _round({**summary, "cases": cases}))
     # plain read permissions (temporary files and folders are created private)
     (out_dir / COHORT_JSON).chmod(0o644)
@@ -209,21 +267,22 @@ def _case_record(params: CaseParams, render_summary: dict[str, Any]) -> dict[str
     return record
 
 
-def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    lines = [",".join(MANIFEST_COLUMNS)]
-    lines += [",".join(str(row[c]) for c in MANIFEST_COLUMNS) for row in rows]
+def _write_manifest(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    lines = [",".join(columns)]
+    lines += [",".join(str(row[c]) for c in columns) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def plot_cases(cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, *, mask_label: int,
-               n: int = 4) -> Path:
+               grid_tolerance_mm: float, n: int = 4) -> Path:
     """Figure of a few cases: axial slice through the lesion with mask contours, and a sagittal view.
 
     ``case_ids`` None picks the first ``n`` cases of each label alternately. Returns ``path``.
     """
     from bonemet.data.synthetic_figure import plot_cohort_cases
 
-    return plot_cohort_cases(cohort_dir, case_ids, path, mask_label=mask_label, n=n)
+    return plot_cohort_cases(cohort_dir, case_ids, path, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm,
+                             n=n)
 
 
 def read_cohort_ceiling(cohort_dir: str | Path) -> tuple[float | None, dict[str, float] | None]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from bonemet.data.io import read_image, read_mask
+from bonemet.data.dicom_masks import read_lesion_mask
+from bonemet.data.io import read_image
 from bonemet.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -17,12 +18,14 @@ DISPLAY_WINDOW_HU = (-250.0, 1250.0)
 
 
 def plot_cohort_cases(
-    cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, *, mask_label: int, n: int = 4
+    cohort_dir: str | Path, case_ids: list[str] | None, path: str | Path, *, mask_label: int,
+    grid_tolerance_mm: float, n: int = 4,
 ) -> Path:
     """Write a PNG with one row per case: axial slice (manual contour red, annotator yellow) and sagittal view.
 
-    Works on any cohort in the bring-your-own format. ``case_ids`` None: the first ``n``
-    cases, alternating labels where possible.
+    Works on any cohort in the bring-your-own format (masks read as every stage reads them,
+    within ``grid_tolerance_mm`` of their CT's grid). ``case_ids`` None: the first ``n`` cases,
+    alternating labels where possible.
     """
     import matplotlib.pyplot as plt
 
@@ -43,12 +46,14 @@ def plot_cohort_cases(
         case = by_id[cid]
         image = read_image(case.image, case_id=cid)
         arr = sitk.GetArrayFromImage(image).astype(np.float32)
-        mask = sitk.GetArrayFromImage(read_mask(case.manual_mask, label=mask_label, case_id=cid)).astype(bool)
-        annot = None
-        if case.annotator_mask is not None and case.annotator_mask.exists():
-            annot = sitk.GetArrayFromImage(read_mask(case.annotator_mask, label=mask_label, case_id=cid)).astype(
-                bool
-            )
+        def lesion(kind: str, case=case, image=image, cid=cid) -> np.ndarray:
+            ref = case.mask_ref(kind)
+            mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment, case_id=cid,
+                                    grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.image)
+            return sitk.GetArrayFromImage(mask).astype(bool)
+
+        mask = lesion("manual")
+        annot = lesion("annotator") if case.annotator_mask is not None and case.annotator_mask.exists() else None
         sx, sy, sz = image.GetSpacing()
         zz, yy, xx = np.nonzero(mask) if mask.any() else [np.array([s // 2]) for s in mask.shape]
         k, j = int(np.median(zz)), int(np.median(xx))

@@ -1,6 +1,8 @@
 """One scikit-learn Pipeline from the raw feature row to the probability of breast origin.
 
-``ICC filter -> correlation filter -> [z-score, PCA] -> scaler -> LASSO -> classifier``; the scaler is
+``[ComBat] -> ICC filter -> correlation filter -> [z-score, PCA] -> scaler -> LASSO -> classifier``;
+ComBat harmonisation across the manifest's sites (``select.harmonize``, off by default) then
+needs the rows' ``site`` column (see :mod:`bonemet.selection.harmonize`); the scaler is
 ``StandardScaler`` (z-score, default), a Yeo-Johnson ``PowerTransformer`` or a normal-output
 ``QuantileTransformer`` (param ``select.scaler``): radiomic features are often heavy-tailed, and
 LASSO and the linear classifiers treat a z-scored outlier as signal.
@@ -30,9 +32,14 @@ def build_selection(select: SelectSpec, seed: int) -> list[tuple[str, Any]]:
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    from bonemet.selection import CorrelationFilter, ICCFilter, LassoSelector
+    from bonemet.data.manifest import SITE_COLUMN
+    from bonemet.selection import ComBatHarmonizer, CorrelationFilter, ICCFilter, LassoSelector
 
     steps: list[tuple[str, Any]] = []
+    if select.harmonize.enabled:
+        harmonize = select.harmonize
+        steps.append(("harmonize", ComBatHarmonizer(site_column=SITE_COLUMN, parametric=harmonize.parametric,
+                                                    mean_only=harmonize.mean_only)))
     if select.icc.enabled:
         icc = select.icc
         steps.append(("icc", ICCFilter(threshold=icc.threshold, icc_form=icc.form, paired_prefix=icc.paired_prefix,

@@ -73,7 +73,7 @@ def run_repeat(
     (``llr_*`` NaN without latents). ``seed`` is the repeat's own seed (for its tuning and folds).
     """
     start = time.perf_counter()
-    data = split_data(X, y, split, primary_cols)
+    data = split_data(X, y, split, primary_cols, select.icc.paired_prefix)
     tracker = NullTracker()
     inner, outer = precompute_selection(data, select, train.inner_folds, seed, tracker)
     results = {m: fit_model(m, data, inner, outer, select=select, train=train, evaluate=evaluate, seed=seed,
@@ -128,15 +128,22 @@ def run_repeats(
     case_llr: Mapping[str, float] | None,
     n_jobs: int,
     show_progress: bool = True,
+    sites: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_repeat` for each of ``splits`` (repeat ``first_repeat + i``, seed ``seed +
-    repeat``), in ``n_jobs`` processes (joblib, one thread each); records in repeat order."""
+    repeat``), in ``n_jobs`` processes (joblib, one thread each); records in repeat order.
+    ``sites`` (case id -> site) is what ComBat reads when ``select.harmonize.enabled``."""
     from joblib import Parallel, delayed
 
     from bonemet.modeling.training import assemble_features
     from bonemet.utils import progress
 
-    X, y = assemble_features(primary, paired, select.icc.paired_prefix)
+    if select.harmonize.enabled and not sites:
+        from bonemet.modeling.training import TrainingInputError
+
+        raise TrainingInputError("select.harmonize.enabled: ComBat needs each case's site, and the manifest has "
+                                 "no site column (add one, or set select.harmonize.enabled false)")
+    X, y = assemble_features(primary, paired, select.icc.paired_prefix, sites if select.harmonize.enabled else None)
     X.index = X.index.astype(str)
     y = y.set_axis(X.index)
     cols = feature_columns(primary)

@@ -134,11 +134,13 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in (ID_COLUMN, LABEL_COLUMN)]
 
 
-def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str) -> tuple[pd.DataFrame, pd.Series]:
-    """Join two feature tables by case: primary columns, then the paired ones prefixed.
+def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix: str,
+                      sites: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, pd.Series]:
+    """Join two feature tables by case: primary columns, then the paired ones prefixed, then
+    (with ``sites``, case id -> site) the ``site`` column that ComBat harmonisation reads.
 
     Returns ``(X indexed by case_id, y)``. Raises :class:`TrainingInputError` when the case sets,
-    feature columns or labels differ.
+    feature columns or labels differ, or a case has no site.
     """
     for name, table in (("primary", primary), ("paired", paired)):
         missing = {ID_COLUMN, LABEL_COLUMN} - set(table.columns)
@@ -162,6 +164,16 @@ def assemble_features(primary: pd.DataFrame, paired: pd.DataFrame, paired_prefix
         raise TrainingInputError(f"labels differ between the feature tables for cases {list(diff[:5])}")
     paired_part = q[cols].add_prefix(paired_prefix)
     X = pd.concat([p[cols], paired_part], axis=1).astype(np.float64)
+    if sites is not None:
+        from bonemet.data.manifest import SITE_COLUMN
+
+        lacking = [str(c) for c in X.index if not sites.get(str(c))]
+        if lacking:
+            raise TrainingInputError(
+                f"select.harmonize needs every case's site; the manifest gives none for {len(lacking)} case(s), "
+                f"e.g. {lacking[:5]}"
+            )
+        X[SITE_COLUMN] = [str(sites[str(c)]) for c in X.index]
     y = p[LABEL_COLUMN].astype(int)
     return X, y
 
@@ -171,10 +183,20 @@ def _index_splits(ids: Sequence[str], fold_of: Mapping[str, int]) -> list[tuple[
     return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in sorted(set(folds))]
 
 
-def _inner_splits(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import StratifiedKFold
+def _inner_splits(y: np.ndarray, n_folds: int, seed: int,
+                  groups: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The tuning folds in the training set: stratified, and grouped by patient when ``groups``."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    if groups is None:
+        return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    if len(set(groups)) < n_folds:
+        raise TrainingInputError(
+            f"train.inner_folds {n_folds}: the training set holds only {len(set(groups))} patients "
+            "(folds are grouped by patient); lower train.inner_folds"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y, list(groups)))
 
 
 def _set_metrics(y: np.ndarray, score: np.ndarray, threshold: float, evaluate: EvaluateSpec,
@@ -193,6 +215,10 @@ def selection_summary(pipeline: Any) -> dict[str, Any]:
     """What the fitted selection steps kept: ICC count, correlation count, LASSO names and coefficients."""
     steps = dict(pipeline.named_steps)
     out: dict[str, Any] = {}
+    if "harmonize" in steps:
+        harmonize = steps["harmonize"]
+        out["harmonize"] = {"method": "ComBat", "sites": [str(s) for s in harmonize.sites_],
+                            "parametric": bool(harmonize.parametric), "mean_only": bool(harmonize.mean_only)}
     if "icc" in steps:
         icc = steps["icc"]
         out["icc"] = {
@@ -308,18 +334,25 @@ class _Data:
     test_ids: list[str]
     primary_cols: list[str]
     outer: list[tuple[np.ndarray, np.ndarray]]
+    #: the columns a served row holds: the primary features (and ``site`` when harmonised)
+    input_cols: list[str]
+    #: patient of each training case (splits' ``groups``), or None when the splits are not grouped
+    train_groups: list[str] | None = None
 
 
-def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[str, Any], prefix: str) -> _Data:
-    """Join the two sources and cut them by ``splits`` (train, test, train_folds)."""
-    X, y = assemble_features(primary, paired, prefix)
+def _training_data(primary: pd.DataFrame, paired: pd.DataFrame, splits: Mapping[str, Any], prefix: str,
+                   sites: Mapping[str, str] | None = None) -> _Data:
+    """Join the two sources (and the sites) and cut them by ``splits`` (train, test, train_folds)."""
+    X, y = assemble_features(primary, paired, prefix, sites)
     X.index = X.index.astype(str)
-    return split_data(X, y.set_axis(X.index), splits, feature_columns(primary))
+    return split_data(X, y.set_axis(X.index), splits, feature_columns(primary), prefix)
 
 
-def split_data(X: pd.DataFrame, y: pd.Series, splits: Mapping[str, Any], primary_cols: Sequence[str]) -> _Data:
+def split_data(X: pd.DataFrame, y: pd.Series, splits: Mapping[str, Any], primary_cols: Sequence[str],
+               paired_prefix: str) -> _Data:
     """The feature matrix (rows indexed by case_id) cut into ``splits``' training and test cases,
-    with the training set's folds (``train_folds``)."""
+    with the training set's folds (``train_folds``) and, when the splits are grouped, the
+    training cases' patients (``groups``)."""
     train_ids = [str(i) for i in splits["train"]]
     test_ids = [str(i) for i in splits["test"]]
     unknown = sorted(set(train_ids + test_ids) - set(X.index))
@@ -328,8 +361,12 @@ def split_data(X: pd.DataFrame, y: pd.Series, splits: Mapping[str, Any], primary
     if "train_folds" not in splits:
         raise TrainingInputError("splits lack 'train_folds' (the ten folds in the training set): run `bonemet split`")
     outer = _index_splits(train_ids, {str(k): v for k, v in splits["train_folds"].items()})
+    groups = splits.get("groups")
+    train_groups = [str(groups[i]) for i in train_ids] if groups else None
+    primary_cols = list(primary_cols)
+    input_cols = primary_cols + [c for c in X.columns if c not in primary_cols and not c.startswith(paired_prefix)]
     return _Data(X.loc[train_ids], y.loc[train_ids].to_numpy(), X.loc[test_ids], y.loc[test_ids].to_numpy(),
-                 train_ids, test_ids, list(primary_cols), outer)
+                 train_ids, test_ids, primary_cols, outer, input_cols, train_groups)
 
 
 def precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed: int,
@@ -337,7 +374,8 @@ def precompute_selection(data: _Data, select: SelectSpec, inner_folds: int, seed
     """Selection fitted once per inner fold (tuning) and per outer fold (CV), shared by every model."""
     log.info("selection inside %d inner folds (tuning) and %d outer folds (CV)", inner_folds, len(data.outer))
     t_sel, c_sel = time.perf_counter(), time.process_time()
-    inner = precompute_folds(data.X_train, data.y_train, _inner_splits(data.y_train, inner_folds, seed), select, seed)
+    inner_splits = _inner_splits(data.y_train, inner_folds, seed, data.train_groups)
+    inner = precompute_folds(data.X_train, data.y_train, inner_splits, select, seed)
     outer = precompute_folds(data.X_train, data.y_train, data.outer, select, seed)
     selection_s, selection_cpu_s = time.perf_counter() - t_sel, time.process_time() - c_sel
     log.info("selection precomputed for %d folds in %.1f s (CPU %.1f s)", len(inner) + len(outer),
@@ -414,7 +452,8 @@ def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: 
         tracker.log_table(tuned.trials, "optuna_trials.csv")
     save_pipeline(res.pipeline, Path(train.out_dir) / f"{model}.skops")
     if train.log_models:
-        _log_model(tracker, res.pipeline, data.X_test[data.primary_cols].head(5).astype(np.float64))
+        example = data.X_test[data.input_cols].head(5)
+        _log_model(tracker, res.pipeline, example.astype({c: np.float64 for c in data.primary_cols}))
     tracker.log_metrics({f"time_{k}": v for k, v in res.seconds.items()})
     log.info("%s: CV AUC %.3f +- %.3f, threshold %.3f, test AUC %.3f (%s)", model, res.cv_auc_mean,
              res.cv_auc_sd, res.threshold, res.test_metrics["auc"],
@@ -459,6 +498,8 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
         "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
         "feature_source": feature_source,
         "feature_names": data.primary_cols,
+        # besides the features, a served row must hold these (site: ComBat harmonisation is on)
+        "extra_input_columns": [c for c in data.input_cols if c not in data.primary_cols],
         "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "cv_auc_sd": r.cv_auc_sd,
                        "threshold": r.threshold, "test_auc": _none(r.test_metrics["auc"]),
                        "params": r.tuning.best_params}
@@ -512,6 +553,7 @@ def run_training(
     tracker: Tracker | None = None,
     bayes_auc: float | None = None,
     case_llr: Mapping[str, float] | None = None,
+    sites: Mapping[str, str] | None = None,
 ) -> TrainingResults:
     """Train, cross-validate and evaluate every model in ``train.models``.
 
@@ -525,10 +567,18 @@ def run_training(
     to ``tracker``. ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio})
     come with a synthetic cohort: Table 1 then also states the ceiling and, when every test case
     has an LLR, the Bayes classifier's AUC on the test cases and the best model's paired distance
-    to it.
+    to it. ``sites`` ({case_id: site}, the manifest's site column) is required when
+    ``select.harmonize.enabled`` (ComBat reads it) and unused otherwise. When ``splits`` hold
+    ``groups`` (patients), the tuning folds are grouped by patient too.
     """
     tracker = tracker or NullTracker()
-    data = _training_data(primary, paired, splits, select.icc.paired_prefix)
+    if select.harmonize.enabled and not sites:
+        raise TrainingInputError(
+            "select.harmonize.enabled: ComBat needs each case's site, and the manifest has no site column "
+            "(add one, or set select.harmonize.enabled false)"
+        )
+    data = _training_data(primary, paired, splits, select.icc.paired_prefix,
+                          sites if select.harmonize.enabled else None)
     Path(train.out_dir).mkdir(parents=True, exist_ok=True)
     results: dict[str, ModelResult] = {}
     with tracker.run("train", tags={"stage": "train", "feature_source": feature_source}) as train_run_id:

@@ -38,14 +38,18 @@ def _process_case(
     """
     import SimpleITK as sitk
 
-    from bonemet.data.io import read_image, read_mask, write_image
+    from bonemet.data.dicom_masks import read_lesion_mask
+    from bonemet.data.io import read_image, write_image
     from bonemet.preprocessing.pipeline import preprocess_case
 
     if single_thread:  # one process per core already: avoid oversubscribing ITK threads
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         image = read_image(case.image, case_id=case.case_id)
-        mask = read_mask(case.manual_mask, label=mask_label, case_id=case.case_id)
+        ref = case.mask_ref("manual")
+        mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
+                                case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm,
+                                reference_image_path=case.image)
         result = preprocess_case(image, mask, spec, grid_tolerance_mm=grid_tolerance_mm, case_id=case.case_id)
         names = {
             "image": f"{case.case_id}_image.nii.gz",
@@ -67,6 +71,8 @@ def preprocess_cohort(
     *,
     mask_label: int,
     grid_tolerance_mm: float,
+    roi: str | None,
+    segment: int | str | None,
     show_progress: bool = True,
 ) -> pd.DataFrame:
     """Preprocess every case of a cohort's manifest into ``spec.out_dir``.
@@ -84,6 +90,8 @@ def preprocess_cohort(
             processes, -1 all cores; 1 runs in this process).
         mask_label: lesion label value in the mask label maps (``data.mask_label``).
         grid_tolerance_mm: how far a mask's spacing/origin may differ from its CT's (mm).
+        roi, segment: the lesion's RTSTRUCT ROI / SEG segment for cases whose manifest leaves it
+            empty (``data.roi``, ``data.segment``; None: such a case must give it).
         show_progress: show a progress bar on stderr.
 
     Returns:
@@ -93,7 +101,7 @@ def preprocess_cohort(
         PreprocessError / ImageReadError: naming the first failing case; the output folder is
         then left as it was.
     """
-    cases = read_manifest(cohort_dir)
+    cases = read_manifest(cohort_dir, roi=roi, segment=segment)
     jobs = _resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
     log.info("preprocessing %d cases from %s with %d process(es): %s", len(cases), cohort_dir, jobs,

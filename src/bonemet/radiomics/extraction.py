@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from bonemet.data.dicom_masks import MaskFormatError, mask_format, read_lesion_mask
 from bonemet.data.io import read_image, read_mask, resample_to_reference, same_grid
 from bonemet.errors import UserError
 from bonemet.radiomics.settings import settings_digest
@@ -52,12 +53,15 @@ class FeatureNameMismatchError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class CaseInput:
-    """One mask to extract: the case, its label (0/1) and the image and mask files."""
+    """One mask to extract: the case, its label (0/1), the image and mask files, and the lesion's
+    ROI / segment when the mask is a DICOM RTSTRUCT / SEG."""
 
     case_id: str
     label: int
     image: Path
     mask: Path
+    roi: str | None = None
+    segment: int | str | None = None
 
 
 @dataclass
@@ -167,27 +171,38 @@ def extract_features(
     case_id: str,
     *,
     grid_tolerance_mm: float,
+    roi: str | None = None,
+    segment: int | str | None = None,
 ) -> dict[str, float]:
     """PyRadiomics features of one lesion mask, diagnostics dropped, in PyRadiomics' order.
 
     Args:
-        image: the CT (HU) as a SimpleITK image or a file.
-        mask: label map (image or file); the lesion is ``settings["setting"]["label"]``.
+        image: the CT (HU) as a SimpleITK image, a file or a DICOM series folder.
+        mask: label map (image or file), or a DICOM RTSTRUCT / SEG file; the lesion of a label
+            map is ``settings["setting"]["label"]``.
         settings: PyRadiomics settings dict (``imageType``, ``featureClass``, ``setting``).
         case_id: names the case in errors.
         grid_tolerance_mm: how far (mm) the mask's spacing and origin may differ from the image's
             before the mask is resampled onto the image grid.
+        roi, segment: the lesion's ROI (RTSTRUCT) or segment (SEG) when ``mask`` is such a file:
+            it is then read onto the image by
+            :func:`~bonemet.data.dicom_masks.read_lesion_mask` (as every stage reads it).
 
     Raises:
         BadMaskError: empty, one-voxel or out-of-image mask, or a mask PyRadiomics rejects.
+        bonemet.data.dicom_masks.MaskFormatError: an RTSTRUCT / SEG that does not fit the image.
     """
     label = int(settings["setting"]["label"])
     mask_file = None if isinstance(mask, sitk.Image) else Path(mask)
+    image_path = None if isinstance(image, sitk.Image) else Path(image)
     if not isinstance(image, sitk.Image):
         image = read_image(image, case_id=case_id)
     if isinstance(mask, sitk.Image):
         mask = _binary_mask(mask, label)
-    else:
+    elif mask_format(mask_file, case_id=case_id) != "labelmap":
+        mask = read_lesion_mask(mask_file, image, label=label, roi=roi, segment=segment, case_id=case_id,
+                                grid_tolerance_mm=grid_tolerance_mm, reference_image_path=image_path)
+    else:  # a label map: on another grid it is resampled onto the image (check_mask), not refused
         mask = read_mask(mask, label=label, case_id=case_id)
     mask = check_mask(image, mask, case_id, mask_file, grid_tolerance_mm=grid_tolerance_mm)
 
@@ -207,10 +222,15 @@ def extract_features(
 # cache
 
 
-def cache_key(image: str | Path, mask: str | Path, settings: Mapping[str, Any]) -> str:
-    """Hash of the image bytes, the mask bytes, the settings and the PyRadiomics version."""
+def cache_key(image: str | Path, mask: str | Path, settings: Mapping[str, Any], *,
+              roi: str | None = None, segment: int | str | None = None) -> str:
+    """Hash of the image bytes (a DICOM folder's files), the mask bytes, the lesion's ROI /
+    segment in a DICOM mask, the settings and the PyRadiomics version."""
     h = hashlib.sha256()
-    for part in (str(CACHE_FORMAT), file_md5(image), file_md5(mask), settings_digest(settings)):
+    parts = [str(CACHE_FORMAT), file_md5(image), file_md5(mask), settings_digest(settings)]
+    if roi is not None or segment is not None:  # label maps keep the keys they always had
+        parts.append(json.dumps({"roi": roi, "segment": segment}, sort_keys=True))
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -250,9 +270,11 @@ def _extract_task(
     """Worker: extract one case, write its cache entry; returns (case_id, features, bad-mask reason, RSS MiB)."""
     try:
         features = extract_features(case.image, case.mask, settings, case.case_id,
-                                    grid_tolerance_mm=grid_tolerance_mm)
+                                    grid_tolerance_mm=grid_tolerance_mm, roi=case.roi, segment=case.segment)
     except BadMaskError as exc:
         return case.case_id, None, exc.reason, _peak_rss_mib()
+    except MaskFormatError as exc:  # an RTSTRUCT/SEG that gives no lesion on this image: a bad mask too
+        return case.case_id, None, str(exc), _peak_rss_mib()
     if cache_file is not None:
         _write_cache(Path(cache_file), case.case_id, features)
     return case.case_id, features, None, _peak_rss_mib()
@@ -319,7 +341,8 @@ def extract_cohort(
         cache_root.mkdir(parents=True, exist_ok=True)
     todo: list[CaseInput] = []
     for case in inputs:
-        path = cache_root / f"{cache_key(case.image, case.mask, settings)}.json" if cache_root is not None else None
+        path = (cache_root / f"{cache_key(case.image, case.mask, settings, roi=case.roi, segment=case.segment)}.json"
+                if cache_root is not None else None)
         cache_path[case.case_id] = path
         cached = _read_cache(path) if path is not None else None
         if cached is not None:

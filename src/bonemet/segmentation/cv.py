@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
-from bonemet.data.io import read_mask, write_image
+from bonemet.data.dicom_masks import read_lesion_mask
+from bonemet.data.io import write_image
 from bonemet.errors import UserError
 from bonemet.segmentation.data import SegCase, load_volume
 from bonemet.segmentation.inference import CaseInferenceError, InferenceSettings, predict_case
@@ -70,15 +71,40 @@ class CVResult:
     extra: dict = field(default_factory=dict)
 
 
-def split_validation(train_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded hold-out of ``fraction`` of ``train_ids`` (at least 1 when there are 2+) for early stopping."""
+def split_validation(train_ids: Sequence[str], fraction: float, seed: int,
+                     groups: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Seeded hold-out of ``fraction`` of ``train_ids`` (at least 1 when there are 2+) for early stopping.
+
+    With ``groups`` (case id -> patient id) whole patients are held out, drawn in a seeded order
+    until at least the ``fraction`` of cases is reached (and one patient stays for training).
+    """
     ids = sorted(train_ids)
     if len(ids) < 2 or fraction <= 0:
         return ids, []
     rng = np.random.default_rng(seed)
     n_val = min(len(ids) - 1, max(1, int(round(fraction * len(ids)))))
-    val = set(rng.choice(ids, size=n_val, replace=False).tolist())
-    return [i for i in ids if i not in val], sorted(val)
+    if groups is None:
+        val = set(rng.choice(ids, size=n_val, replace=False).tolist())
+        return [i for i in ids if i not in val], sorted(val)
+    patients = sorted({str(groups[i]) for i in ids})
+    if len(patients) < 2:
+        return ids, []
+    val_patients: set[str] = set()
+    held = 0
+    for patient in rng.permutation(patients)[:-1]:
+        if held >= n_val:
+            break
+        val_patients.add(str(patient))
+        held += sum(1 for i in ids if str(groups[i]) == patient)
+    return [i for i in ids if str(groups[i]) not in val_patients], sorted(i for i in ids if str(groups[i]) in val_patients)
+
+
+def manual_mask(case: SegCase, on_grid: sitk.Image, mask_label: int, grid_tolerance_mm: float) -> sitk.Image:
+    """The case's manual mask (label map, RTSTRUCT or SEG) on ``on_grid``, its original CT's grid
+    (e.g. the automatic mask written there): the reference of Dice, HD95 and volume difference."""
+    return read_lesion_mask(case.original_mask, on_grid, label=mask_label, roi=case.original_roi,
+                            segment=case.original_segment, case_id=case.case_id,
+                            grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.original_image)
 
 
 def check_folds(cases: Sequence[SegCase], folds: Mapping[str, int]) -> list[int]:
@@ -134,6 +160,7 @@ def run_cross_validation(
     tracker: Tracker | None = None,
     fold_params: Mapping[str, Any] | None = None,
     only_folds: Sequence[int] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> CVResult:
     """Train one model per fold and write every case's out-of-fold mask into ``spec.masks_dir``.
 
@@ -154,6 +181,8 @@ def run_cross_validation(
         fold_params: extra params logged on every fold run (e.g. the network's sizes).
         only_folds: run just these folds (debugging, benchmarks); masks are then written only
             for their cases.
+        groups: case id -> patient id (splits' ``groups``): the early-stopping hold-out of each
+            fold then keeps patients whole too. None: the cases are split one by one.
 
     ``spec.parallel_folds`` > 1 trains that many folds at once in forked worker processes (CPU
     only): small networks use 2 cores better as two 1-thread folds than as one 2-thread fold
@@ -185,7 +214,7 @@ def run_cross_validation(
         for fold in fold_ids:
             test_ids = sorted(cid for cid in by_id if int(folds[cid]) == fold)
             train_all = sorted(cid for cid in by_id if int(folds[cid]) != fold)
-            train_ids, val_ids = split_validation(train_all, spec.val_fraction, seed + fold)
+            train_ids, val_ids = split_validation(train_all, spec.val_fraction, seed + fold, groups)
             jobs.append(_FoldJob(fold, train_ids, val_ids, test_ids, spec, settings, seed + fold, threads,
                                  Path(tmp_masks), work_dir, mask_label, grid_tolerance_mm, figure_dpi,
                                  dict(fold_params or {})))
@@ -278,8 +307,8 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
             write_image(sitk.Cast(mask * job.mask_label, sitk.sitkUInt8), job.masks_dir / f"{cid}.nii.gz")
             row: dict[str, Any] = {"case_id": cid, "fold": fold}
             if case.original_mask is not None:
-                ref = read_mask(case.original_mask, label=job.mask_label, case_id=cid)
-                row.update(case_metrics(mask, ref, cid, grid_tolerance_mm=job.grid_tolerance_mm))
+                row.update(case_metrics(mask, manual_mask(case, mask, job.mask_label, job.grid_tolerance_mm),
+                                        cid, grid_tolerance_mm=job.grid_tolerance_mm))
             rows.append(row)
         infer_s = (time.perf_counter() - start) / max(1, len(job.test_ids))
         fold_rows = [r for r in rows if "dice" in r]

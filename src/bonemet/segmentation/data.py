@@ -18,6 +18,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from bonemet.data.io import read_image, read_mask
+from bonemet.data.manifest import Case
 from bonemet.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +41,7 @@ class SegCase:
 
     ``image``/``mask`` are the preprocessed volumes (training space); ``original_image`` and
     ``original_mask`` are the raw CT and manual mask (the grid the automatic mask is written on
-    and evaluated against).
+    and evaluated against), with the manual mask's RTSTRUCT ROI / SEG segment when it is one.
     """
 
     case_id: str
@@ -49,6 +50,8 @@ class SegCase:
     original_image: Path | None = None
     original_mask: Path | None = None
     label: int | None = None
+    original_roi: str | None = None
+    original_segment: int | str | None = None
 
 
 def _resolve(value: str, base: Path) -> Path:
@@ -61,14 +64,15 @@ def _resolve(value: str, base: Path) -> Path:
 
 
 def load_cases(
-    preprocessed_dir: str | Path, originals: Mapping[str, tuple[Path, Path]] | None = None
+    preprocessed_dir: str | Path, originals: Mapping[str, tuple[Path, Path] | Case] | None = None
 ) -> list[SegCase]:
     """Read ``cases.csv`` of the preprocess stage into :class:`SegCase` objects.
 
     Args:
         preprocessed_dir: folder with ``cases.csv`` (columns case_id, label, image, mask); relative
             paths are resolved against this folder first, then the working directory.
-        originals: case_id -> (raw image path, raw manual mask path), e.g. from the manifest.
+        originals: case_id -> the manifest's :class:`~bonemet.data.manifest.Case` (raw image and
+            manual mask with its ROI / segment), or a (raw image path, raw label-map mask path) pair.
     """
     preprocessed_dir = Path(preprocessed_dir)
     table_path = preprocessed_dir / PREPROCESSED_TABLE
@@ -85,14 +89,22 @@ def load_cases(
         if originals is not None and orig is None:
             raise SegmentationDataError(f"case '{cid}': in {table_path} but not in the raw manifest")
         label = row.get("label", "")
+        if isinstance(orig, Case):
+            ref = orig.mask_ref("manual")
+            image, mask, roi, segment = orig.image, ref.path, ref.roi, ref.segment
+        else:
+            image, mask = orig if orig else (None, None)
+            roi = segment = None
         cases.append(
             SegCase(
                 case_id=cid,
                 image=_resolve(row["image"], preprocessed_dir),
                 mask=_resolve(row["mask"], preprocessed_dir),
-                original_image=orig[0] if orig else None,
-                original_mask=orig[1] if orig else None,
+                original_image=image,
+                original_mask=mask,
                 label=int(label) if str(label).strip() not in ("", "nan") else None,
+                original_roi=roi,
+                original_segment=segment,
             )
         )
     return cases

@@ -41,6 +41,7 @@ def _read_json(path: Path, hint: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from bonemet.data.manifest import manifest_sites
     from bonemet.data.synthetic import read_cohort_ceiling
     from bonemet.modeling.repeated import (
         best_by_repeats,
@@ -64,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
     _, case_llr = read_cohort_ceiling(params.data.cohort_dir)
     ids = [str(i) for i in primary["case_id"]]
     labels = [int(v) for v in primary["label"]]
+    patients = committed.get("groups")  # the split stage's patients (manifest patient_id), when grouped
     splits = repeated_splits(ids, labels, n_repeats=ev.repeats, test_size=params.split.test_size,
-                             n_folds=params.split.n_folds, seed=params.seed)
+                             n_folds=params.split.n_folds, seed=params.seed,
+                             groups=[str(patients[i]) for i in ids] if patients else None)
+    sites = manifest_sites(params.data.cohort_dir) if params.select.harmonize.enabled else None
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, ev.experiment)
     with tracker.run("evaluate", tags={"stage": "evaluate", "feature_source": primary_name}):
         tracker.log_params({"repeats": ev.repeats, "seed": params.seed, "test_size": params.split.test_size,
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         records = [committed_repeat(table1, index, committed, params.seed)]
         records += run_repeats(primary, paired, splits, first_repeat=1, select=params.select, train=train,
                                evaluate=ev, seed=params.seed, case_llr=case_llr, n_jobs=ev.n_jobs,
-                               show_progress=not args.no_progress)
+                               show_progress=not args.no_progress, sites=sites)
         summary = summarize_repeats(records, train.models, alpha=ev.alpha)
         registered = best_by_repeats(summary, train.models)
         repeated = {**summary, "feature_source": primary_name, "registered_model": registered,

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     spec = params.radiomics
     cohort = args.cohort_dir or params.data.cohort_dir
     settings = settings_from_params(params)
-    cases = read_manifest(cohort)
+    cases = read_manifest(cohort, roi=params.data.roi, segment=params.data.segment)
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment)
     summary = extract_sources(
         cases,

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         alias=reg.alias,
         pip_requirements=pinned(SERVING_DISTRIBUTIONS),
         description_extra=description_extra,
-        tags=run_tags(),
+        tags=run_tags(params.data.cohort_dir),
     )
     print(f"{result.model_name} version {result.version} ({result.classifier}): "
           f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")

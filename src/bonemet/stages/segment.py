@@ -1,7 +1,10 @@
 """`bonemet segment`: ten-fold MISSU training, out-of-fold automatic masks, metrics, registered model.
 
 Params: the ``segment`` section; ``segment.profile`` picks ``segment.profiles.<name>``, merged
-over the common keys (``dvc exp run -S segment.profile=paper``).
+over the common keys (``dvc exp run -S segment.profile=paper``). With ``segment.model: external``
+nothing is trained: the masks in ``segment.external.masks_dir`` (made by nnU-Net,
+TotalSegmentator...) are checked and written as the automatic masks, scored against the manual
+masks like MISSU's, and nothing is registered.
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
     params = specs_from(args, segment_profile=args.profile)
     seg = params.segment if not args.model else params.segment.updated({"model": args.model})
     name = seg.model
+    manifest = read_manifest(params.data.cohort_dir, roi=params.data.roi, segment=params.data.segment)
+    if name == "external":
+        return _run_external(args, params, seg, manifest)
     num_threads = seg.num_threads or os.cpu_count() or 1
     torch.set_num_threads(num_threads)
     net_kwargs = network_kwargs(seg)
 
-    manifest = read_manifest(params.data.cohort_dir)
-    originals = {c.case_id: (c.image, c.manual_mask) for c in manifest}
-    cases = load_cases(seg.preprocessed_dir, originals)
+    cases = load_cases(seg.preprocessed_dir, {c.case_id: c for c in manifest})
     splits = json.loads(Path(seg.splits).read_text(encoding="utf-8"))
     folds = {k: int(v) for k, v in splits["all_folds"].items()}
     only_folds = [int(f) for f in args.folds.split(",")] if args.folds else None
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             grid_tolerance_mm=params.validation.grid_tolerance_mm, num_threads=num_threads,
             figure_dpi=params.evaluate.figure_dpi, tracker=tracker,
             fold_params={"model": name, "network": net_kwargs}, only_folds=only_folds,
+            groups=splits.get("groups"),
         )
         wall = time.perf_counter() - start
         table = pd.DataFrame(result.case_rows).sort_values("case_id")
@@ -99,6 +104,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_external(args, params, seg, manifest) -> int:
+    """``segment.model: external``: the external masks become the automatic masks; metrics, no model."""
+    import pandas as pd
+
+    from bonemet.segmentation.external import import_external_masks, resolve_external_dir
+    from bonemet.segmentation.metrics import summarize
+    from bonemet.stages._common import mlflow_tracker
+    from bonemet.tracking import NullTracker
+
+    external_dir = resolve_external_dir(seg.external.masks_dir, params.data.cohort_dir)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, seg.experiment)
+    start = time.perf_counter()
+    with tracker.run("segment", tags={"stage": "segment", "model": "external"}):
+        tracker.log_params({"model": "external", "external_masks_dir": str(external_dir),
+                            "external_label": seg.external.label, "mask_label": params.data.mask_label,
+                            "n_cases": len(manifest)})
+        rows = import_external_masks(manifest, external_dir, seg.masks_dir, label=seg.external.label,
+                                     mask_label=params.data.mask_label,
+                                     grid_tolerance_mm=params.validation.grid_tolerance_mm)
+        table = pd.DataFrame(rows).sort_values("case_id")
+        summary = summarize(rows)
+        summary.update({"model": "external", "external_masks_dir": str(external_dir), "n_folds": 0,
+                        "wall_seconds": round(time.perf_counter() - start, 1)})
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        _write_outputs(seg, summary, table, None, params.evaluate.figure_dpi)
+        tracker.log_table(table, "segmentation_cases.csv")
+        tracker.log_dict(summary, "segmentation.json")
+    log.info("segment (external masks from %s): mean Dice %.4f (sd %.4f) over %d cases", external_dir,
+             summary.get("dice_mean") or float("nan"), summary.get("dice_sd") or float("nan"), len(table))
+    return 0
+
+
 def _tune(seg, cases, folds, seed, tracker, load_volume):
     """Optuna on the first fold's training cases (its validation split); returns the tuned spec."""
     from bonemet.segmentation.cv import split_validation
@@ -117,7 +154,8 @@ def _tune(seg, cases, folds, seed, tracker, load_volume):
 
 
 def _write_outputs(seg, summary, table, result, dpi: int) -> None:
-    """metrics JSON, per-case CSV, per-fold curve CSVs (DVC plots) and the curves PNG."""
+    """metrics JSON, per-case CSV, per-fold curve CSVs (DVC plots) and the curves PNG (no curves
+    without a training ``result``: external masks)."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -129,15 +167,18 @@ def _write_outputs(seg, summary, table, result, dpi: int) -> None:
         table.to_csv(tmp, index=False)
     with atomic_path(seg.plots_dir, is_dir=True) as tmp_dir:
         (tmp_dir / "curves").mkdir()
-        for fold in result.folds:
-            pd.DataFrame(fold.history).to_csv(tmp_dir / "curves" / f"fold-{fold.fold}.csv", index=False)
-        fig = plot_curves({f.fold: f.history for f in result.folds}, title=f"{summary['model']}: loss and Dice per epoch")
-        fig.savefig(tmp_dir / "curves.png", dpi=dpi)
-        plt.close(fig)
+        if result is not None:
+            for fold in result.folds:
+                pd.DataFrame(fold.history).to_csv(tmp_dir / "curves" / f"fold-{fold.fold}.csv", index=False)
+            fig = plot_curves({f.fold: f.history for f in result.folds},
+                              title=f"{summary['model']}: loss and Dice per epoch")
+            fig.savefig(tmp_dir / "curves.png", dpi=dpi)
+            plt.close(fig)
         if "dice" in table.columns:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.hist(table["dice"], bins=20, range=(0, 1))
-            ax.set_xlabel("out-of-fold Dice (auto vs manual, original grid)")
+            ax.set_xlabel("Dice (auto vs manual, original grid)" if result is None
+                          else "out-of-fold Dice (auto vs manual, original grid)")
             ax.set_ylabel("cases")
             fig.tight_layout()
             fig.savefig(tmp_dir / "dice_histogram.png", dpi=dpi)

@@ -1,4 +1,5 @@
-"""`bonemet split`: stratified train/test split and cross-validation folds."""
+"""`bonemet split`: stratified train/test split and cross-validation folds (grouped by the manifest's
+patient_id when it has one)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ def run(args: argparse.Namespace) -> int:
     params = specs_from(args)
     cases = read_manifest(args.cohort_dir or params.data.cohort_dir)
     out = args.out or params.split.out
+    grouped = any(c.patient_id is not None for c in cases)
     splits = make_splits(
         [c.case_id for c in cases],
         [c.label for c in cases],
         test_size=params.split.test_size,
         n_folds=params.split.n_folds,
         seed=params.seed,
+        groups=[c.patient for c in cases] if grouped else None,
     )
     write_splits(out, splits)
     label_of = {c.case_id: c.label for c in cases}
@@ -40,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
         dict(sorted(Counter(label_of[c] for c in splits["test"]).items())),
         splits["n_folds"],
     )
+    if grouped:
+        log.info("splits grouped by patient: %d patients for %d cases", len({c.patient for c in cases}), len(cases))
     return 0

@@ -19,6 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bonemet.data.manifest import manifest_sites
     from bonemet.data.synthetic import read_cohort_ceiling
     from bonemet.modeling.classifiers import check_hyperparameters
     from bonemet.modeling.training import read_feature_tables, run_training
@@ -37,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
     primary, paired, primary_name, paired_name = read_feature_tables(features_dir, source)
     splits = json.loads(Path(args.splits or params.split.out).read_text(encoding="utf-8"))
     bayes_auc, case_llr = read_cohort_ceiling(params.data.cohort_dir)
+    sites = manifest_sites(params.data.cohort_dir) if params.select.harmonize.enabled else None
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, train.experiment)
     log.info("training on %s features (ICC paired with %s), %d cases x %d columns", primary_name, paired_name,
              len(primary), primary.shape[1] - 2)
     results = run_training(
         primary, paired, splits, select=params.select, train=train, evaluate=params.evaluate, seed=params.seed,
-        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr,
+        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr, sites=sites,
     )
     best = results.models[results.best_model]
     log.info("best model %s: CV AUC %.3f, test AUC %.3f", results.best_model, best.cv_auc_mean,

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = specs_from(args)
     report = validate_cohort(args.cohort_dir, params.validation, mask_label=params.data.mask_label,
-                             show_progress=not args.no_progress)
+                             roi=params.data.roi, segment=params.data.segment, show_progress=not args.no_progress)
     if args.report:
         report.write(args.report)
 

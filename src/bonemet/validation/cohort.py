@@ -3,12 +3,17 @@
 Two tables are built and checked with Great Expectations (through :mod:`bonemet.validation.gx`):
 
 * the manifest itself (one row per manifest row): unique, file-name-safe case ids, labels in
-  {0, 1}, both classes present, image and mask paths given;
+  {0, 1}, both classes present, image and mask paths given, a patient_id on every row when the
+  column is there (a site too, softly);
 * one row of measurements per case, computed here by reading every image and mask once
   (read-only; nothing is ever written inside the cohort folder): whether each file exists and
   is readable, the image's dimension, spacing (mm) and intensity range (HU), whether each mask
   lies on its image's grid, how many voxels hold ``mask_label`` or other values, and the
-  lesion volume (mL).
+  lesion volume (mL). A mask that is a DICOM RTSTRUCT or SEG is read as every stage reads it,
+  by :func:`bonemet.data.dicom_masks.read_lesion_mask` (with the case's ``roi`` / ``segment``
+  and the CT's series), and a failure (unknown ROI or segment, a structure outside the image
+  or empty, a SEG on another grid, a file drawn on another series) breaks rule
+  ``<mask>_dicom`` with that reader's message, which names the file, what it holds and the fix.
 
 Every rule is a GX expectation over those tables; the :class:`CohortReport` turns the GX
 results into per-case failures with readable details. Hard rules make the cohort unusable;
@@ -30,8 +35,16 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from bonemet.data.dicom_masks import mask_format, read_lesion_mask
 from bonemet.data.io import ImageReadError, read_image, same_grid
-from bonemet.data.manifest import MANIFEST_NAME, ManifestError, read_manifest_table
+from bonemet.data.manifest import (
+    MANIFEST_NAME,
+    PATIENT_COLUMN,
+    SITE_COLUMN,
+    ManifestError,
+    parse_segment,
+    read_manifest_table,
+)
 from bonemet.data.masks import volume_ml
 from bonemet.utils import atomic_path, progress, write_json
 from bonemet.validation.gx import Rule, RuleResult, check_table
@@ -202,6 +215,9 @@ def _empty_mask_measures(kind: str) -> dict[str, Any]:
         f"{kind}_other_voxels": np.nan,
         f"{kind}_other_values": "",
         f"{kind}_volume_ml": np.nan,
+        f"{kind}_format": "",
+        f"{kind}_dicom_ok": None,
+        f"{kind}_dicom_error": "",
     }
 
 
@@ -235,6 +251,30 @@ def _measure_image(path: Path, case_id: str) -> tuple[dict[str, Any], sitk.Image
     return m, image
 
 
+def _measure_dicom_mask(
+    m: dict[str, Any], path: Path, kind: str, case_id: str, image: sitk.Image | None, image_path: Path | None,
+    roi: str | None, segment: int | str | None, mask_label: int, grid_tolerance_mm: float,
+) -> dict[str, Any]:
+    """An RTSTRUCT / SEG mask, read onto its image as every stage reads it."""
+    m[f"{kind}_readable"] = True
+    if image is None:  # nothing to rasterise onto: the image rules already fail
+        return m
+    try:
+        mask = read_lesion_mask(path, image, label=mask_label, roi=roi, segment=segment, case_id=case_id,
+                                grid_tolerance_mm=grid_tolerance_mm, reference_image_path=image_path)
+    except (ImageReadError, OSError) as exc:  # MaskFormatError: the reader's message names file and fix
+        m[f"{kind}_dicom_ok"] = False
+        m[f"{kind}_dicom_error"] = str(exc)
+        return m
+    m[f"{kind}_dicom_ok"] = True
+    m[f"{kind}_grid_ok"] = True  # rasterised / placed on the image's grid
+    n_label = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    m[f"{kind}_label_voxels"] = n_label
+    m[f"{kind}_other_voxels"] = 0
+    m[f"{kind}_volume_ml"] = volume_ml(n_label, mask.GetSpacing())
+    return m
+
+
 def _measure_mask(
     path: Path | None,
     kind: str,
@@ -242,6 +282,10 @@ def _measure_mask(
     image: sitk.Image | None,
     mask_label: int,
     grid_tolerance_mm: float,
+    *,
+    image_path: Path | None = None,
+    roi: str | None = None,
+    segment: int | str | None = None,
 ) -> dict[str, Any]:
     m = _empty_mask_measures(kind)
     if path is None:
@@ -250,6 +294,15 @@ def _measure_mask(
     if not m[f"{kind}_exists"]:
         m[f"{kind}_error"] = f"{path}: file not found"
         return m
+    try:
+        m[f"{kind}_format"] = mask_format(path, case_id=case_id)
+    except (ImageReadError, OSError) as exc:  # a damaged DICOM file, or a DICOM image that is no mask
+        m[f"{kind}_readable"] = False
+        m[f"{kind}_error"] = str(exc)
+        return m
+    if m[f"{kind}_format"] != "labelmap":
+        return _measure_dicom_mask(m, path, kind, case_id, image, image_path, roi, segment, mask_label,
+                                   grid_tolerance_mm)
     try:
         mask = read_image(path, case_id=case_id)
     except (ImageReadError, OSError) as exc:  # OSError: e.g. permission denied
@@ -289,6 +342,8 @@ def measure_cohort(
     *,
     mask_label: int,
     grid_tolerance_mm: float,
+    roi: str | None,
+    segment: int | str | None,
     show_progress: bool = True,
 ) -> pd.DataFrame:
     """Read every case's image and masks once and return one row of measurements per manifest row.
@@ -297,7 +352,9 @@ def measure_cohort(
     measures (exists, readable, error, 3d, shape, spacing in mm, HU min/max/range) and, for
     ``mask`` and ``annotator_mask``, exists/readable/error, grid_ok/grid_reason, label_voxels
     (voxels == ``mask_label``), other_voxels (non-zero voxels of another value), other_values,
-    volume_ml (label voxels x voxel volume, mL). Values that could not be measured are null.
+    volume_ml (label voxels x voxel volume, mL), format (labelmap, rtstruct, seg), and for a
+    DICOM mask dicom_ok/dicom_error (read onto the image with the row's roi / segment, else the
+    params defaults ``roi`` / ``segment``). Values that could not be measured are null.
     """
     cohort_dir = Path(cohort_dir)
     rows: list[dict[str, Any]] = []
@@ -307,23 +364,32 @@ def measure_cohort(
     ):
         case_id = rec["case_id"] or f"row {row_no}"
         out: dict[str, Any] = {"case_id": case_id, "row": row_no}
-        if rec.get("image"):
-            measures, image = _measure_image(cohort_dir / rec["image"], case_id)
+        image_path = cohort_dir / rec["image"] if rec.get("image") else None
+        if image_path is not None:
+            measures, image = _measure_image(image_path, case_id)
         else:
             measures, image = _empty_image_measures(), None
         out.update(measures)
+        case_roi = rec.get("roi") or roi
+        case_segment = parse_segment(rec.get("segment"))
+        case_segment = case_segment if case_segment is not None else parse_segment(segment)
+        refs = {"mask": (case_roi, case_segment),
+                "annotator_mask": (rec.get("annotator_roi") or case_roi,
+                                   parse_segment(rec.get("annotator_segment")) or case_segment)}
         for kind in MASK_KINDS:
             rel = rec.get(kind) or ""
+            kind_roi, kind_segment = refs[kind]
             out.update(
                 _measure_mask(
-                    cohort_dir / rel if rel else None, kind, case_id, image, mask_label, grid_tolerance_mm
+                    cohort_dir / rel if rel else None, kind, case_id, image, mask_label, grid_tolerance_mm,
+                    image_path=image_path, roi=kind_roi, segment=kind_segment,
                 )
             )
         rows.append(out)
         del image
     frame = pd.DataFrame(rows)
     for col in frame.columns:
-        if col.endswith(("_exists", "_readable", "_3d", "_grid_ok")):
+        if col.endswith(("_exists", "_readable", "_3d", "_grid_ok", "_dicom_ok")):
             frame[col] = frame[col].astype(object)
     return frame
 
@@ -387,6 +453,25 @@ def _manifest_rules() -> list[tuple[Rule, Detail]]:
     return rules
 
 
+def _optional_column_rules(columns: Sequence[str]) -> list[tuple[Rule, Detail]]:
+    """Rules of the optional columns the manifest has: a patient_id on every row (hard: the
+    splits group by it), a site on every row (soft: only ComBat harmonisation needs it)."""
+    rules: list[tuple[Rule, Detail]] = []
+    if PATIENT_COLUMN in columns:
+        rules.append((
+            Rule("patient_id_given", "ExpectColumnValueLengthsToBeBetween", {"column": PATIENT_COLUMN, "min_value": 1},
+                 description="every case names its patient (the splits keep a patient's cases together)"),
+            lambda r: f"empty patient_id on line {r['row']}: give every case its patient, or drop the column",
+        ))
+    if SITE_COLUMN in columns:
+        rules.append((
+            Rule("site_given", "ExpectColumnValueLengthsToBeBetween", {"column": SITE_COLUMN, "min_value": 1},
+                 severity="soft", description="every case names its site (select.harmonize needs it)"),
+            lambda r: f"empty site on line {r['row']}: harmonisation (select.harmonize) would refuse this case",
+        ))
+    return rules
+
+
 def _manifest_table_rules() -> list[tuple[Rule, str]]:
     return [
         (
@@ -421,6 +506,7 @@ def _case_rules(
     hu_min_range: float,
     lesion_volume_ml: tuple[float, float],
     mask_label: int,
+    dicom_kinds: Sequence[str] = (),
 ) -> list[tuple[Rule, Detail]]:
     true = {"value_set": [True]}
     rules: list[tuple[Rule, Detail]] = [
@@ -546,6 +632,19 @@ def _case_rules(
                 ),
                 lambda r, k=kind: f"{k} {r[f'{k}_grid_reason']}",
             ),
+        ]
+        if kind in dicom_kinds:
+            rules.append((
+                Rule(
+                    f"{kind}_dicom",
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": f"{kind}_dicom_ok", **true},
+                    description=(f"an RTSTRUCT/SEG {kind} gives the lesion on its image: the case's ROI or segment "
+                                 "exists, drawn on this series and grid, inside the image and not empty"),
+                ),
+                lambda r, k=kind: str(r[f"{k}_dicom_error"]),
+            ))
+        rules += [
             (
                 Rule(
                     f"{kind}_nonempty",
@@ -614,6 +713,8 @@ def validate_cohort(
     spec: ValidateSpec,
     *,
     mask_label: int,
+    roi: str | None,
+    segment: int | str | None,
     show_progress: bool = True,
 ) -> CohortReport:
     """Check a bring-your-own cohort folder; never modifies it and never raises for bad data.
@@ -628,6 +729,8 @@ def validate_cohort(
             ``grid_tolerance_mm`` (a mask's spacing/origin vs its image's, mm);
             ``lesion_volume_ml`` (plausible lesion volume, mL; outside it only warns).
         mask_label: value of the lesion in the label maps (``data.mask_label``).
+        roi, segment: the lesion's ROI in RTSTRUCT masks / segment in SEG masks for rows whose
+            manifest cell is empty (``data.roi``, ``data.segment``; None: the row must give it).
         show_progress: show a progress bar over cases.
 
     Returns:
@@ -648,6 +751,8 @@ def validate_cohort(
         "hu_min_range": hu_min_range,
         "grid_tolerance_mm": grid_tolerance_mm,
         "lesion_volume_ml": [low, high],
+        "roi": roi,
+        "segment": segment,
     }
     report = CohortReport(cohort_dir=str(cohort_dir), n_cases=0, params=params)
     try:
@@ -665,7 +770,7 @@ def validate_cohort(
         cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
     ]
     manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
-    row_rules = _manifest_rules()
+    row_rules = _manifest_rules() + _optional_column_rules(list(table.columns))
     table_rules = _manifest_table_rules()
     results = check_table(
         manifest, [r for r, _ in row_rules] + [r for r, _ in table_rules], suite_name="manifest"
@@ -686,6 +791,8 @@ def validate_cohort(
         table,
         mask_label=mask_label,
         grid_tolerance_mm=grid_tolerance_mm,
+        roi=roi,
+        segment=segment,
         show_progress=show_progress,
     )
     kinds = ["mask"]
@@ -701,6 +808,7 @@ def validate_cohort(
         hu_min_range=hu_min_range,
         lesion_volume_ml=(low, high),
         mask_label=mask_label,
+        dicom_kinds=[k for k in kinds if measurements[f"{k}_format"].isin(["rtstruct", "seg"]).any()],
     )
     results = check_table(measurements, [r for r, _ in case_rules], suite_name="cases")
     _collect(results, {r.name: d for r, d in case_rules}, measurements, failures)
