@@ -24,6 +24,7 @@ from bonemet.serving.predict import MissuSegmenter, PredictError, case_id_from_p
 PARAMS = load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
 LABEL = PARAMS.data.mask_label
 TOLERANCE_MM = PARAMS.validation.grid_tolerance_mm
+MIN_LESION_ML = PARAMS.validation.lesion_volume_ml[0]
 # A PyRadiomics settings file with a small subset of the features keeps each extraction well under a
 # second; params.yaml's radiomics values go over it (bin width 25 HU, no resampling here).
 SETTINGS_FILE = {
@@ -129,7 +130,8 @@ def _predict(image, mask=None, segmenter=None, classifier=None, **kw):
     """predict_case with params.yaml's settings (mask label, grid tolerance, register.threshold)."""
     return predict_case(image, mask, segmenter=segmenter, classifier=classifier, radiomics_settings=SETTINGS,
                         mask_label=LABEL, threshold=kw.pop("threshold", 0.5),
-                        grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM), **kw)
+                        grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM),
+                        min_lesion_ml=kw.pop("min_lesion_ml", MIN_LESION_ML), **kw)
 
 
 def test_case_id_from_path(tmp_path):
@@ -306,8 +308,6 @@ def test_bad_inputs_give_clear_errors(cohort, classifier, tmp_path):
     write_image(empty, tmp_path / "empty.nii.gz")
     with pytest.raises(PredictError, match="no lesion found"):
         _predict(case.image, tmp_path / "empty.nii.gz", classifier=classifier)
-    with pytest.raises(PredictError, match="no lesion found"):
-        _predict(case.image, segmenter=SphereSegmenter(empty=True), classifier=classifier)
     with pytest.raises(PredictError, match="off the CT's grid"):
         _predict(case.image, segmenter=SphereSegmenter(off_grid=True), classifier=classifier)
     with pytest.raises(PredictError, match="no segmentation model"):
@@ -360,12 +360,12 @@ def cli_env(tmp_path, monkeypatch, classifier):
     _params_file(tmp_path, tmp_path / "mlruns")
     env = SimpleNamespace(loaded=[], segmenter={"network": BrightIsLesion(), "metadata": _metadata()})
 
-    def fake_classifier(name, alias):
+    def fake_classifier(name, alias, *, tracking_uri, store_dir):
         env.loaded.append((name, alias))
         classifier.threshold = 0.5
         return classifier
 
-    def fake_segmenter(name, alias, device="cpu"):
+    def fake_segmenter(name, alias, *, device, tracking_uri, store_dir):
         env.loaded.append((name, alias))
         return env.segmenter["network"], env.segmenter["metadata"], "5"
 
@@ -455,8 +455,8 @@ def test_command_bad_file_exits_1_without_traceback(cohort, cli_env, tmp_path):
 
     # a bug (here: a segmentation model whose metadata is not a mapping) is a traceback, not one line
     script = ("import sys, bonemet.registry.loaders as L\n"
-              "L.load_segmenter = lambda name, alias, device='cpu': (None, None, '1')\n"
-              "L.load_classifier = lambda name, alias: None\n"
+              "L.load_segmenter = lambda name, alias, **kw: (None, None, '1')\n"
+              "L.load_classifier = lambda name, alias, **kw: type('C', (), {'threshold': 0.5})()\n"
               "from bonemet.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "predict", str(cohort[0].image)], cwd=tmp_path,
