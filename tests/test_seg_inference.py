@@ -404,3 +404,29 @@ def test_bone_margin_needs_the_bone_threshold_inside_the_window(params_file):
         load_specs(path)
     assert load_specs(params_file({"preprocess": {"hu_window": [300, 1800]},
                                    "segment": {"inference": {"bone_margin_mm": None}}})) is not None
+
+
+def test_clinical_size_ct_from_a_synthetic_case(tmp_path):
+    """512 x 512-like matrix at the asked spacing, air outside a body, the spine repeated along z, bone
+    spread over the body (ribs, pelvis), the case's lesion once in the mask, inside bone."""
+    from bonemet.data.manifest import read_manifest
+    from bonemet.data.io import read_mask
+    from bonemet.data.synthetic import generate_cohort
+    from bonemet.data.synthetic_clinical import clinical_ct
+    from bonemet.preprocessing.crop import bone_crop_box
+
+    generate_cohort(tmp_path, n_cases=2, n_positive=1, seed=1, size="small", mask_label=1, show_progress=False)
+    case = read_manifest(tmp_path)[0]
+    source = sitk.ReadImage(str(case.image))
+    source_mask = read_mask(case.manual_mask, label=1)
+    image, mask = clinical_ct(source, source_mask, size=(160, 160, 60), spacing_mm=(2.5, 2.5, 3.0), seed=0)
+    assert image.GetSize() == mask.GetSize() == (160, 160, 60) and image.GetSpacing() == (2.5, 2.5, 3.0)
+    hu = sitk.GetArrayFromImage(image)
+    assert hu.dtype == np.int16 and hu[0, 0, 0] == -1000 and hu[:, 80, 80].max() > -200  # air outside, body inside
+    lesion_ml = np.count_nonzero(sitk.GetArrayViewFromImage(mask)) * 2.5 * 2.5 * 3.0 / 1000
+    assert lesion_ml == pytest.approx(np.count_nonzero(sitk.GetArrayViewFromImage(source_mask))
+                                      * np.prod(source.GetSpacing()) / 1000, rel=0.5)
+    box = bone_crop_box(image, 200, 0.0, (1, 1, 1), 1.0)
+    assert box.size[0] > 0.5 * 160 and box.size[2] > 0.9 * 60  # ribs and pelvis spread the bone
+    with pytest.raises(ValueError, match="does not fit"):
+        clinical_ct(source, source_mask, size=(8, 8, 8), spacing_mm=(0.5, 0.5, 1.0), seed=0)

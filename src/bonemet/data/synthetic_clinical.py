@@ -8,9 +8,9 @@ posterior part of a body (an ellipse of fat with a muscle wall and noise) surrou
 with ribs in the upper slices (arcs around the body, every ``RIB_PITCH_MM``) and iliac wings
 in the lower slices, so that the bone a crop finds spans the body as in an abdominal CT.
 
-The lesion mask is the union of the copies' lesions (every lesion voxel is marked), on the
-clinical CT's grid. The result is meant for speed measurements and plumbing tests (sizes,
-reading, cropping, sliding windows, mapping back); its Dice is not the cohort's.
+The lesion mask is the middle copy's lesion (the case's own, once; the other copies' lesions
+are in the image but not in the mask), on the clinical CT's grid. The result is meant for speed
+measurements and plumbing tests (sizes, reading, cropping, sliding windows, mapping back).
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def clinical_ct(
     y0 = min(max(y0, 0), ny - by)
     copies = int(np.ceil(nz / bz))
     z_start = (nz - copies * bz) // 2  # centred: the middle copy is whole
+    middle = copies // 2
     for k in range(copies):
         lo, hi = z_start + k * bz, z_start + (k + 1) * bz
         clo, chi = max(lo, 0), min(hi, nz)
@@ -114,7 +115,8 @@ def clinical_ct(
             continue
         src = slice(clo - lo, chi - lo)
         volume[clo:chi, y0:y0 + by, x0:x0 + bx] = block[src]
-        lesion[clo:chi, y0:y0 + by, x0:x0 + bx] = block_mask[src]
+        if k == middle:
+            lesion[clo:chi, y0:y0 + by, x0:x0 + bx] = block_mask[src]
 
     origin = (-(nx - 1) / 2 * spacing[0], -(ny - 1) / 2 * spacing[1], -(nz - 1) / 2 * spacing[2])
     out = sitk.GetImageFromArray(np.clip(np.rint(volume), -1024, 3071).astype(np.int16))
