@@ -409,8 +409,8 @@ def test_bone_margin_needs_the_bone_threshold_inside_the_window(params_file):
 def test_clinical_size_ct_from_a_synthetic_case(tmp_path):
     """512 x 512-like matrix at the asked spacing, air outside a body, the spine repeated along z, bone
     spread over the body (ribs, pelvis), the case's lesion once in the mask, inside bone."""
-    from bonemet.data.manifest import read_manifest
     from bonemet.data.io import read_mask
+    from bonemet.data.manifest import read_manifest
     from bonemet.data.synthetic import generate_cohort
     from bonemet.data.synthetic_clinical import clinical_ct
     from bonemet.preprocessing.crop import bone_crop_box
