@@ -873,3 +873,65 @@ def test_given_mask_path_imports_neither_torch_nor_mlflow(store, cohort, tmp_pat
     assert out["status"] == "classified" and out["models"]["classifier"] == {"name": "bonemet-classifier",
                                                                               "version": "1"}
     assert out["threshold"] == 0.25 and "load_models" in out["seconds"]
+
+
+# --- the README's prediction commands, as written -------------------------------------------------
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_readme_predict_command_parses():
+    import shlex
+
+    from bonemet.cli import build_parser
+
+    lines = [line.split("#")[0].strip() for line in README.splitlines() if line.startswith(".venv/bin/bonemet predict")]
+    assert len(lines) >= 8
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert args.command == "predict", line
+        assert (args.image is None) != (args.input is None), line  # one CT, or a batch
+        assert (args.input is None) == (args.output is None), line
+
+
+def test_the_readme_batch_manifest_works_as_written(cohort, cli_env, capsys, tmp_path):
+    """The bring-your-own section's prediction manifest, made from synthetic cases (a label map, a DICOM
+    series with its RTSTRUCT, a DICOM series to segment), predicted by the README's command."""
+    import io
+    import re
+
+    from bonemet.cli import main
+    from bonemet.data.dicom_masks import write_rtstruct
+    from bonemet.data.dicom_series import write_dicom_series
+
+    section = README[README.index("### Predicting new CTs in bulk"):README.index("## Tracking, registry, serving")]
+    block = re.findall(r"```csv\n(.*?)```", section, flags=re.S)[0]
+    manifest = pd.read_csv(io.StringIO(block), dtype=str, keep_default_na=False)
+    for row, case in zip(manifest.to_dict("records"), cohort, strict=False):
+        image, mask = read_image(case.image), read_mask(case.manual_mask, label=LABEL)
+        image_path = tmp_path / "new" / row["image"]
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        if image_path.name.endswith(".nii.gz"):
+            write_image(image, image_path)
+        else:
+            write_dicom_series(image, image_path)
+            mask.CopyInformation(read_image(image_path))
+        if row["mask"].endswith("_rtstruct.dcm"):
+            write_rtstruct(mask, image_path, tmp_path / "new" / row["mask"], row["roi"], algorithm_type="MANUAL",
+                           grid_tolerance_mm=TOLERANCE_MM)
+        elif row["mask"]:
+            write_image(sitk.Cast(mask * LABEL, sitk.sitkUInt8), tmp_path / "new" / row["mask"])
+    (tmp_path / "new" / "predict.csv").write_text(block, encoding="utf-8")
+    command = re.findall(r"\.venv/bin/bonemet (predict -i new/predict\.csv -o \S+)", section)[0].split()
+    assert main(command + ["--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"] == 3
+    import csv
+
+    with open(tmp_path / "new" / "results.csv", newline="") as fh:
+        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    assert [rows[c]["mask_source"] for c in manifest["case_id"]] == ["given", "given", "missu"]
+    assert all(r["status"] != "failed" for r in rows.values()), rows
+    assert rows["N002"]["mask"].endswith("N002_rtstruct.dcm")
+    assert int(rows["N002"]["lesion_voxels"]) == int(sitk.GetArrayViewFromImage(
+        read_mask(cohort[1].manual_mask, label=LABEL)).sum())
