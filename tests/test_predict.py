@@ -466,24 +466,9 @@ def test_command_bad_file_exits_1_without_traceback(cohort, cli_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_command_with_models_from_a_real_mlflow_store(cohort, classifier, tmp_path, monkeypatch, capsys):
+def test_command_with_models_from_a_real_mlflow_store(store, cohort, capsys):
     """Both models registered in a local MLflow store, loaded by alias through bonemet.registry.loaders."""
     from bonemet.cli import main
-    from bonemet.registry.pyfunc import log_classifier
-    from bonemet.registry.store import MlflowTracker, register_model, set_alias
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _params_file(tmp_path, "mlruns")
-    tracker = MlflowTracker("predict-test", tracking_uri=None, store_dir=tmp_path / "mlruns")
-    with tracker.run("register") as run_id:
-        log_classifier(classifier.pipeline, classifier.feature_names, threshold=0.25, model_name="logreg",
-                       input_example=classifier.table, pip_requirements=["scikit-learn"])
-    set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
-    with tracker.run("segment") as run_id:
-        tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
-                          metadata=_metadata(), serialization_format="pickle")
-    set_alias("bonemet-missu", "staging", register_model(run_id, "model", "bonemet-missu"))
 
     case = cohort[2]
     assert main(["predict", str(case.image)]) == 0
