@@ -92,6 +92,37 @@ def run_tags(cohort_dir: str | Path) -> dict[str, str]:
     return tags
 
 
+def pseudonym_key(params: Params) -> bytes | None:
+    """The pseudonymisation key from the environment variable ``data.pseudonym_key_env`` when
+    ``data.pseudonymize`` is on (None when off).
+
+    Raises:
+        PseudonymKeyError: pseudonymisation is on and the variable is unset or too short.
+    """
+    from bonemet.data.pseudonym import PseudonymKeyError, check_key
+
+    if not params.data.pseudonymize:
+        return None
+    name = params.data.pseudonym_key_env
+    value = os.environ.get(name)
+    if not value:
+        raise PseudonymKeyError(
+            f"data.pseudonymize is on but ${name} is not set: export the cohort's key (the same one every "
+            f"stage and `bonemet pseudonyms` use), e.g. `export {name}=$(openssl rand -hex 32)` once, kept "
+            "outside the repository"
+        )
+    return check_key(value.encode("utf-8"), f"${name}")
+
+
+def read_cases(params: Params, cohort_dir: str | None = None) -> list:
+    """The cohort's cases (``data.cohort_dir`` unless given) with the params' ROI / segment defaults
+    and, when on, pseudonymous ids."""
+    from bonemet.data.manifest import read_manifest
+
+    return read_manifest(cohort_dir or params.data.cohort_dir, roi=params.data.roi, segment=params.data.segment,
+                         pseudonym_key=pseudonym_key(params))
+
+
 def open_store(params: Params) -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's store (``tracking.store_dir``); the URI."""
     from bonemet.registry.store import configure

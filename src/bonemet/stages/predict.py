@@ -98,7 +98,9 @@ def _run_batch(args: argparse.Namespace, predictor: _Predictor) -> int:
     if args.image is not None or args.mask is not None or args.save_mask is not None:
         raise UserError("give either one CT (IMAGE [--mask M] [--save-mask P]) or -i/-o, not both "
                         "(a manifest's mask column gives the masks of a batch, --save-masks DIR saves them)")
-    cases = read_batch_input(args.input)
+    from dataclasses import replace
+
+    cases = [replace(c, case_id=predictor.pseudonym(c.case_id)) for c in read_batch_input(args.input)]
     save_dir = Path(args.save_masks) if args.save_masks else None
 
     def one(case):
@@ -124,14 +126,24 @@ class _Predictor:
 
         from bonemet.radiomics import settings_from_params
         from bonemet.registry.local import default_tracking_uri
+        from bonemet.stages._common import pseudonym_key
 
         self.args, self.params = args, params
         self.tolerance = params.validation.grid_tolerance_mm
         self.min_lesion_ml = float(params.validation.lesion_volume_ml[0])
         self.settings = settings_from_params(params)
         self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(params.tracking.store_dir)
+        self.key = pseudonym_key(params)
         self._classifier = None
         self._segmenter = None
+
+    def pseudonym(self, case_id: str) -> str:
+        """``case_id``, or its pseudonym when ``data.pseudonymize`` is on."""
+        if self.key is None:
+            return case_id
+        from bonemet.data.pseudonym import pseudonym
+
+        return pseudonym(case_id, self.key)
 
     def run_gc(self, work):
         """Run ``work`` with the garbage collector on (segmentation makes garbage)."""
@@ -186,6 +198,8 @@ class _Predictor:
         # Read (and check) the CT and mask before loading any model: a bad file fails in a second.
         inputs = load_inputs(image, mask, mask_label=self.params.data.mask_label, grid_tolerance_mm=self.tolerance,
                              case_id=case_id, roi=roi, segment=segment)
+        if case_id is None:  # an id from the file name is pseudonymised like a manifest's (a batch's already are)
+            inputs.case_id = self.pseudonym(inputs.case_id)
         check_save_mask(save_mask, inputs.image_path, inputs.case_id)
         start = time.perf_counter()
         classifier = self.classifier
