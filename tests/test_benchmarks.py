@@ -28,7 +28,7 @@ QUICK: dict[str, tuple[list[str], set[str]]] = {
     "latent_recovery.py": (["--quick", "{tmp}/cohort", "--json", "{json}"], None),
 }
 #: scripts whose quick mode another test runs (gpu_check.sh --cpu runs networks.py and segmentation.py --quick)
-TESTED_ELSEWHERE = {"harmonization.py": "tests/test_benchmark_harmonization.py",
+TESTED_ELSEWHERE = {"harmonization.py": "tests/test_benchmark_harmonization.py", "fuzz.py": "tests/test_fuzz.py",
                     "networks.py": "tests/test_benchmarks.py", "segmentation.py": "tests/test_benchmarks.py"}
 #: scripts without a quick mode yet, and who brings it (issue 16 §1, issue 13)
 PENDING = {"serving.py": "the serving branch (issue 16 §1)", "cohort_variation.py": "the cohorts branch (issue 13)"}
