@@ -920,3 +920,19 @@ def test_the_readme_batch_manifest_works_as_written(cohort, cli_env, capsys, tmp
     assert rows["N002"]["mask"].endswith("N002_rtstruct.dcm")
     assert int(rows["N002"]["lesion_voxels"]) == int(sitk.GetArrayViewFromImage(
         read_mask(cohort[1].manual_mask, label=LABEL)).sum())
+
+
+def test_batch_with_a_missing_model_fails_before_any_case(cohort, cli_env, monkeypatch, caplog, tmp_path):
+    """A model that cannot be loaded is the command's error (exit 1, one line), not a failed row per case."""
+    import bonemet.registry.loaders as loaders
+    from bonemet.cli import main
+
+    def missing(name, alias, **kw):
+        raise loaders.ModelNotFoundError(f"no registered model '{name}@{alias}'")
+
+    monkeypatch.setattr(loaders, "load_segmenter", missing)
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    write_image(read_image(cohort[0].image), folder / "a.nii.gz")
+    assert main(["predict", "-i", str(folder), "-o", "r.csv", "--no-progress"]) == 1
+    assert "no registered model 'bonemet-missu@staging'" in caplog.text and not (tmp_path / "r.csv").exists()

@@ -102,6 +102,10 @@ def _run_batch(args: argparse.Namespace, predictor: _Predictor) -> int:
 
     cases = [replace(c, case_id=predictor.pseudonym(c.case_id)) for c in read_batch_input(args.input)]
     save_dir = Path(args.save_masks) if args.save_masks else None
+    # the models first: a missing or broken model fails the command, not every case in turn
+    predictor.classifier  # noqa: B018
+    if any(case.mask is None for case in cases):
+        predictor.segmenter  # noqa: B018
 
     def one(case):
         save = save_dir / f"{case.case_id}.nii.gz" if save_dir is not None else None
