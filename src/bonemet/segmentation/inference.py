@@ -180,7 +180,11 @@ def sliding_window_logits(
         model.to(memory_format=memory_format)
     weight = torch.as_tensor(importance_map(roi, mode), device=device)
     out = None
+    # the weights' sum at each voxel: every run window once per flip
     count = torch.zeros(padded, dtype=torch.float32, device=device)
+    for z, y, w in starts:
+        count[z:z + roi[0], y:y + roi[1], w:w + roi[2]] += weight
+    count *= len(flips)
     jobs = [(tuple(int(v) for v in start), flip) for start in starts for flip in flips]
     model.eval()
     with torch.no_grad(), autocast_context(device):
@@ -198,9 +202,7 @@ def sliding_window_logits(
                 out = torch.zeros((logits.shape[1], *padded), dtype=torch.float32, device=device)
             for k, ((z, y, w), flip) in enumerate(batch):
                 window = torch.flip(logits[k], tuple(a + 1 for a in flip)) if flip else logits[k]
-                region = (slice(z, z + roi[0]), slice(y, y + roi[1]), slice(w, w + roi[2]))
-                out[(slice(None), *region)] += window * weight
-                count[region] += weight
+                out[:, z:z + roi[0], y:y + roi[1], w:w + roi[2]].addcmul_(window, weight)
     if out is None:  # no window ran (nothing to keep): background everywhere
         out = torch.zeros((2, *padded), dtype=torch.float32, device=device)
     covered = count > 0
