@@ -476,6 +476,7 @@ def test_command_with_models_from_a_real_mlflow_store(store, cohort, capsys):
     assert out["models"] == {"classifier": {"name": "bonemet-classifier", "version": "1"},
                              "segmenter": {"name": "bonemet-missu", "version": "1"}}
     assert out["threshold"] == 0.25 and out["mask_source"] == "missu"  # the registered threshold
+    assert isinstance(out["in_domain"], bool) and isinstance(out["domain_reasons"], list)
     # the settings travelled with the model: the same mask as the library with INFERENCE
     direct = MissuSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-missu", "1").segment(
         read_image(case.image), case.case_id)
@@ -545,25 +546,36 @@ def test_lesion_below_the_validated_minimum_is_too_small_to_classify(cohort, cla
     assert 0.0 <= at_minimum["probability_breast"] <= 1.0
 
 
-def test_domain_fields_come_from_the_classifiers_answer(cohort, classifier):
-    """The registered model's training-domain verdict, when its answer carries one, is passed on."""
+def test_domain_fields_come_from_the_classifiers_answer_and_domain(cohort, classifier):
+    """The registered model's training-domain verdict (its answer's domain_reasons, and the CT against
+    its domain) is passed on; without an answer (no lesion) the CT alone is checked; a classifier
+    that knows no domain gives null."""
     from bonemet.serving.predict import domain_fields
 
-    assert domain_fields(None) == {"in_domain": None, "domain_reasons": []}
+    image = read_image(cohort[0].image)
+    assert domain_fields(None, classifier, image) == {"in_domain": None, "domain_reasons": []}
     answer = pd.DataFrame({"probability_breast": [0.4], "label": [0], "in_domain": [False],
                            "domain_reasons": [["lesion volume 300 mL above the training range"]]})
-    assert domain_fields(answer) == {"in_domain": False,
-                                     "domain_reasons": ["lesion volume 300 mL above the training range"]}
+    assert domain_fields(answer, classifier, image) == {
+        "in_domain": False, "domain_reasons": ["lesion volume 300 mL above the training range"]}
+
+    class Domain:
+        def image_reasons(self, measures):
+            return [f"in-plane spacing {measures['spacing_max_mm']:.2f} mm outside the training range"]
 
     class WithDomain(SklearnClassifier):
+        domain = Domain()
+
         def predict(self, features):
             out = super().predict(features)
             out["in_domain"], out["domain_reasons"] = True, [[]]
             return out
 
-    case = cohort[3]
-    out = _predict(case.image, case.manual_mask, classifier=WithDomain(classifier.pipeline, classifier.feature_names))
-    assert out["in_domain"] is True and out["domain_reasons"] == []
+    model = WithDomain(classifier.pipeline, classifier.feature_names)
+    out = _predict(cohort[3].image, cohort[3].manual_mask, classifier=model)
+    assert out["in_domain"] is False and out["domain_reasons"][0].startswith("in-plane spacing")
+    none = _predict(cohort[3].image, segmenter=SphereSegmenter(empty=True), classifier=model)
+    assert none["status"] == "no_lesion" and none["in_domain"] is False and len(none["domain_reasons"]) == 1
 
 
 def test_command_no_lesion_prints_the_result_and_exits_0(cohort, cli_env, capsys):
@@ -778,9 +790,13 @@ def store(cohort, classifier, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _params_file(tmp_path, "mlruns")
     tracker = MlflowTracker("predict-test", tracking_uri=None, store_dir=tmp_path / "mlruns")
+    from bonemet.modeling.domain import fit_training_domain
+
+    domain = fit_training_domain(classifier.pipeline, classifier.table, np.arange(len(classifier.table)) % 2,
+                                 PARAMS.train.domain, seed=0)
     with tracker.run("register") as run_id:
         log_classifier(classifier.pipeline, classifier.feature_names, threshold=0.25, model_name="logreg",
-                       input_example=classifier.table, pip_requirements=["scikit-learn"])
+                       domain=domain, check_rows=classifier.table)
     set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
     with tracker.run("segment") as run_id:
         tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
@@ -798,7 +814,7 @@ def test_local_store_read_without_mlflow_matches_mlflow(store, classifier):
     from bonemet.registry.loaders import load_classifier
     from bonemet.registry.local import default_tracking_uri, resolve_alias
     from bonemet.registry.store import client
-    from bonemet.serving.classifier import ServedClassifier
+    from bonemet.serving.served import ServedClassifier
 
     uri = default_tracking_uri(store)
     local = resolve_alias(uri, "bonemet-classifier", "staging")
@@ -817,6 +833,7 @@ def test_local_store_read_without_mlflow_matches_mlflow(store, classifier):
     theirs = pyfunc.predict(rows)
     np.testing.assert_array_equal(ours["probability_breast"].to_numpy(), theirs["probability_breast"].to_numpy())
     np.testing.assert_array_equal(ours["label"].to_numpy(), theirs["label"].to_numpy())
+    assert list(ours["in_domain"]) == list(theirs["in_domain"])
 
 
 def test_untrusted_pipeline_is_refused_by_the_fast_path(classifier, tmp_path):
@@ -825,14 +842,14 @@ def test_untrusted_pipeline_is_refused_by_the_fast_path(classifier, tmp_path):
     import skops.io as sio
 
     from bonemet.modeling.persistence import UntrustedPipelineError
-    from bonemet.serving.classifier import ClassifierArtifactsError, ServedClassifier
+    from bonemet.serving.served import ClassifierArtifactsError, ServedClassifier
 
     sio.dump({"pipeline": classifier.pipeline, "extra": SimpleNamespace(x=1)}, tmp_path / "p.skops")
     (tmp_path / "meta.json").write_text(json.dumps({"feature_names": ["a"], "threshold": 0.5}))
+    artifacts = {"serving": tmp_path / "p.skops", "domain": tmp_path / "p.skops", "meta": tmp_path / "meta.json"}
     with pytest.raises(UntrustedPipelineError, match="types.SimpleNamespace"):
-        ServedClassifier.from_artifacts({"pipeline": tmp_path / "p.skops", "meta": tmp_path / "meta.json"},
-                                        name="m", version="1")
-    with pytest.raises(ClassifierArtifactsError, match="its artifacts lack pipeline"):
+        ServedClassifier.from_artifacts(artifacts, name="m", version="1")
+    with pytest.raises(ClassifierArtifactsError, match="its artifacts lack serving, domain"):
         ServedClassifier.from_artifacts({"meta": tmp_path / "meta.json"}, name="m", version="1")
 
 
@@ -936,3 +953,4 @@ def test_batch_with_a_missing_model_fails_before_any_case(cohort, cli_env, monke
     write_image(read_image(cohort[0].image), folder / "a.nii.gz")
     assert main(["predict", "-i", str(folder), "-o", "r.csv", "--no-progress"]) == 1
     assert "no registered model 'bonemet-missu@staging'" in caplog.text and not (tmp_path / "r.csv").exists()
+

@@ -384,6 +384,12 @@ class SegTuneSpec(Spec):
         return value
 
 
+class SegGateSpec(Spec):
+    """``segment.gate``: what the registered segmentation model must reach before it gets the alias."""
+
+    min_dice: Probability
+
+
 class ExternalMasksSpec(Spec):
     """``segment.external``: automatic masks made elsewhere (``segment.model: external``)."""
 
@@ -422,6 +428,7 @@ class SegmentSpec(Spec):
     experiment: str
     model_name: str
     alias: str
+    gate: SegGateSpec
 
 
 class ReportSpec(Spec):
@@ -456,9 +463,13 @@ class RadiomicsSpec(Spec):
 
 
 class TrackingSpec(Spec):
-    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)."""
+    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)
+    and how long a stage waits for an unreachable server before it stops."""
 
     store_dir: str
+    http_max_retries: NonNegativeInt
+    http_backoff_factor: NonNegativeInt
+    http_timeout_s: PositiveInt
 
 
 class RegisterSpec(Spec):
@@ -568,6 +579,17 @@ class OperatingPointSpec(Spec):
     fixed_threshold: Probability
 
 
+class DomainSpec(Spec):
+    """``train.domain``: the training cases' domain recorded with every model (bonemet.modeling.domain)."""
+
+    method: Literal["mahalanobis", "isolation_forest"]
+    max_flag_rate: OpenFraction
+    n_estimators: PositiveInt
+    size_margin: NonNegativeFloat
+    hu_margin: NonNegativeFloat
+    validation_report: str
+
+
 class TrainSpec(Spec):
     """``train``: the classifiers, their tuning, calibration and operating point, and what the stage writes."""
 
@@ -588,6 +610,7 @@ class TrainSpec(Spec):
     write_figures: bool
     fixed_params: dict[ClassifierName, dict[str, Any]]
     search_space: dict[ClassifierName, dict[str, SearchParam]]
+    domain: DomainSpec
 
     @model_validator(mode="after")
     def _per_model(self) -> TrainSpec:

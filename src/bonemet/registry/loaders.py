@@ -3,7 +3,8 @@
 Each loader resolves ``name@alias`` to a version first and loads that exact version, so the
 version reported is the one used. For the project's local store (SQLite + artifacts on disk) the
 alias and the version's model folder are read without MLflow (:mod:`bonemet.registry.local`),
-and the classifier is read from its artifacts (:class:`bonemet.serving.classifier.ServedClassifier`):
+and the classifier is read from its artifacts (:class:`bonemet.serving.served.ServedClassifier`, what
+the served pyfunc itself runs):
 ``bonemet predict`` with a given mask then never imports MLflow (1.7 s) or torch. Any other store
 (``MLFLOW_TRACKING_URI`` pointing at a server) goes through MLflow, which is then imported.
 """
@@ -49,8 +50,10 @@ class RegisteredClassifier:
     Attributes:
         model: the loaded MLflow pyfunc model.
         name, version: registered name and version.
-        feature_names: the columns the model expects, in order.
+        feature_names: the feature columns the model accepts (its training columns), in order.
         threshold: the probability threshold registered with the model.
+        domain: the domain of its training cases (:class:`bonemet.modeling.domain.TrainingDomain`),
+            None for a model registered without one.
     """
 
     model: Any
@@ -58,6 +61,7 @@ class RegisteredClassifier:
     version: str
     feature_names: list[str]
     threshold: float | None
+    domain: Any = None
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """``probability_breast`` and ``label`` per row; input problems raise ValueError, not MlflowException."""
@@ -82,7 +86,7 @@ def load_classifier(name: str, alias: str, *, tracking_uri: str, store_dir: str)
         store_dir: the local store's folder (``tracking.store_dir``).
 
     Returns:
-        a :class:`~bonemet.serving.classifier.ServedClassifier` (local store, no MLflow) or a
+        a :class:`~bonemet.serving.served.ServedClassifier` (local store, no MLflow) or a
         :class:`RegisteredClassifier`; both have ``predict``, ``feature_names``, ``threshold``,
         ``name`` and ``version``.
 
@@ -95,7 +99,7 @@ def load_classifier(name: str, alias: str, *, tracking_uri: str, store_dir: str)
     if local is not None:
         artifacts = pyfunc_artifacts(local.model_dir, read_mlmodel(local.model_dir))
         if artifacts is not None:
-            from bonemet.serving.classifier import ServedClassifier
+            from bonemet.serving.served import ServedClassifier
 
             model = ServedClassifier.from_artifacts(artifacts, name=name, version=local.version)
             log.info("classifier %s version %s (alias '%s') from %s: %d features, threshold %s", name,
@@ -115,10 +119,12 @@ def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str, store
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
     feature_names: list[str] = []
     threshold: float | None = None
+    domain = None
     try:
         inner = model.unwrap_python_model()
         feature_names = list(getattr(inner, "feature_names", []) or [])
         threshold = getattr(inner, "threshold", None)
+        domain = getattr(inner, "domain", None)
     except (MlflowException, AttributeError):
         pass
     if not feature_names:
@@ -127,7 +133,8 @@ def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str, store
             feature_names = [n for n in schema.input_names() if n not in ("case_id", "label")]
     log.info("classifier %s version %s (alias '%s'): %d features, threshold %s", name, version, alias,
              len(feature_names), threshold)
-    return RegisteredClassifier(model, name, version, feature_names, None if threshold is None else float(threshold))
+    return RegisteredClassifier(model, name, version, feature_names, None if threshold is None else float(threshold),
+                                domain)
 
 
 def _evaluable(network: Any) -> Any:

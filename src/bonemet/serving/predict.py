@@ -284,21 +284,26 @@ def _model_ref(model: Any, default_name: str) -> dict[str, str | None]:
     return {"name": str(getattr(model, "name", None) or default_name), "version": None if version is None else str(version)}
 
 
-def domain_fields(answer: pd.DataFrame | None) -> dict[str, Any]:
-    """``in_domain`` and ``domain_reasons`` of a result: from the classifier's answer when it carries
-    them (the registered model's training-domain check); ``None`` and ``[]`` otherwise."""
-    if answer is None or "in_domain" not in answer.columns:
+def domain_fields(answer: pd.DataFrame | None, classifier: Any, image: sitk.Image) -> dict[str, Any]:
+    """``in_domain`` and ``domain_reasons`` of a result (:func:`bonemet.modeling.domain.case_domain`):
+    the classifier's verdict on the features and lesion volume (its answer's ``domain_reasons``)
+    and the CT's spacing and intensities against its training domain (``classifier.domain``).
+    Without an answer (no lesion, too small) only the CT is checked. ``None`` and ``[]`` when the
+    classifier knows no domain."""
+    domain = getattr(classifier, "domain", None)
+    answered = answer is not None and "domain_reasons" in answer.columns
+    if domain is None and not answered:
         return {"in_domain": None, "domain_reasons": []}
-    row = answer.iloc[0]
-    reasons = row["domain_reasons"] if "domain_reasons" in answer.columns else []
-    return {"in_domain": bool(row["in_domain"]), "domain_reasons": [str(r) for r in (reasons or [])]}
+    from bonemet.modeling.domain import case_domain
+
+    return case_domain(answer.iloc[0] if answered else {}, domain, image)
 
 
 def failed_result(case_id: str, image_path: str | Path, reason: str) -> dict[str, Any]:
     """The result of a case that could not be predicted (batch prediction): same fields, no answer."""
     return {
         "case_id": case_id, "input": str(image_path), "status": FAILED, "reason": reason,
-        "probability_breast": None, "label": None, "threshold": None, **domain_fields(None),
+        "probability_breast": None, "label": None, "threshold": None, "in_domain": None, "domain_reasons": [],
         "lesion_volume_ml": None, "lesion_voxels": None, "min_lesion_ml": None, "mask_source": None, "mask": None,
         "saved_mask": None, "n_features": None, "models": {"classifier": None, "segmenter": None},
         "image": {"size": None, "spacing_mm": None}, "seconds": {},
@@ -388,7 +393,7 @@ def predict_inputs(
         "probability_breast": probability,
         "label": None if probability is None else int(probability >= float(threshold)),
         "threshold": float(threshold),
-        **domain_fields(answer),
+        **domain_fields(answer, classifier, image),
         "lesion_volume_ml": volume,
         "lesion_voxels": voxels,
         "min_lesion_ml": float(min_lesion_ml),
