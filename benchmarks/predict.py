@@ -14,7 +14,7 @@ clinical-size CT made from it (:func:`bonemet.data.synthetic_clinical.clinical_c
 
 Models: the classifier is the project's pipeline (``build_pipeline('svm', ...)`` with params
 ``select``) fitted on jittered copies of the cohort's feature rows (its cost, not its answer,
-is measured) and logged as the register stage logs it. The segmentation model is the profile's
+is measured) and logged as the register stage logs it (with its training domain). The segmentation model is the profile's
 MISSU (``cpu``): untrained by default, with its lesion output turned off (a forward pass costs
 the same whatever the weights, but an untrained mask is noise: the command then answers
 ``no_lesion`` and the features' cost is the given-mask run's), or the network trained by
@@ -88,6 +88,7 @@ def _register_models(work: Path, params: Any, feature_rows: list[dict[str, float
     import pandas as pd
     import torch
 
+    from bonemet.modeling.domain import fit_training_domain
     from bonemet.modeling.pipeline import build_pipeline
     from bonemet.registry.pyfunc import log_classifier
     from bonemet.registry.store import MlflowTracker, register_model, set_alias
@@ -119,9 +120,9 @@ def _register_models(work: Path, params: Any, feature_rows: list[dict[str, float
                                                          for k, v in network_kwargs(seg).items()},
                 **settings.to_metadata(), "source_fold": 0, "source_run_id": ""}
     tracker = MlflowTracker("predict-benchmark", tracking_uri=None, store_dir=work / "mlruns")
+    domain = fit_training_domain(pipeline, table, np.arange(len(table)) % 5, params.train.domain, seed=seed)
     with tracker.run("register") as run_id:
-        log_classifier(pipeline, names, threshold=0.5, model_name="svm", input_example=table.head(2),
-                       pip_requirements=["scikit-learn"])
+        log_classifier(pipeline, names, threshold=0.5, model_name="svm", domain=domain, check_rows=table)
     set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
     with tracker.run("segment") as run_id:
         tracker.log_model(network.eval(), name="model", flavor="pytorch", pip_requirements=["torch"],
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a trained network from benchmarks/inference.py --save-model (default untrained)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=20240638)
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                        help="only these runs (by their names in the results, e.g. 'native CT, given mask')")
     parser.add_argument("--quick", action="store_true", help="small CTs, cheap features, one run (CI runs this)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         results = []
         for name, (image, mask, extra) in runs.items():
-            if args.quick and name not in QUICK_RUNS:
+            if (args.quick and name not in QUICK_RUNS) or (args.runs and name not in args.runs):
                 continue
             measured = [_command(params_path, image, mask, extra, work) for _ in range(repeats)]
             row = {"run": name, "size": list(read_image(image).GetSize()), **_median_row(measured)}

@@ -31,14 +31,18 @@ def _not_found(name: str, alias: str, tracking_uri: str, hint: str) -> ModelNotF
     return ModelNotFoundError(f"no registered model '{name}@{alias}' in the MLflow store {tracking_uri}: {hint}")
 
 
-def _mlflow_version(name: str, alias: str, tracking_uri: str, store_dir: str, hint: str) -> str:
-    """The version of ``name@alias`` asked of MLflow (a remote or unusual store)."""
+def _mlflow_version(name: str, alias: str, tracking_uri: str | None, store_dir: str | None, hint: str) -> str:
+    """The version of ``name@alias`` asked of MLflow (a remote or unusual store; the store MLflow is
+    configured with when ``tracking_uri`` is None)."""
+    import mlflow
+
     from bonemet.registry.store import alias_version, configure
 
-    configure(tracking_uri, store_dir)
+    if tracking_uri is not None:
+        configure(tracking_uri, store_dir or ".")
     version = alias_version(name, alias)
     if version is None:
-        raise _not_found(name, alias, tracking_uri, hint)
+        raise _not_found(name, alias, tracking_uri or mlflow.get_tracking_uri(), hint)
     return version
 
 
@@ -78,11 +82,13 @@ class RegisteredClassifier:
 _CLASSIFIER_HINT = "run the pipeline (`make run`) or `bonemet promote VERSION --alias ALIAS`"
 
 
-def load_classifier(name: str, alias: str, *, tracking_uri: str, store_dir: str) -> Any:
+def load_classifier(name: str, alias: str, *, tracking_uri: str | None = None, store_dir: str | None = None) -> Any:
     """Load ``name@alias`` (the pyfunc logged by :func:`bonemet.registry.pyfunc.log_classifier`).
 
     Args:
-        tracking_uri: the store (``MLFLOW_TRACKING_URI`` or the project's local store).
+        tracking_uri: the store (``MLFLOW_TRACKING_URI`` or the project's local store); None: the
+            store MLflow is already configured with (:func:`bonemet.registry.store.configure`),
+            through MLflow.
         store_dir: the local store's folder (``tracking.store_dir``).
 
     Returns:
@@ -93,7 +99,7 @@ def load_classifier(name: str, alias: str, *, tracking_uri: str, store_dir: str)
     Raises:
         ModelNotFoundError: no such alias, or the model cannot be loaded.
     """
-    local = resolve_alias(tracking_uri, name, alias)
+    local = resolve_alias(tracking_uri, name, alias) if tracking_uri else None
     if local is False:
         raise _not_found(name, alias, tracking_uri, _CLASSIFIER_HINT)
     if local is not None:
@@ -108,7 +114,8 @@ def load_classifier(name: str, alias: str, *, tracking_uri: str, store_dir: str)
     return _load_classifier_with_mlflow(name, alias, tracking_uri, store_dir)
 
 
-def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str, store_dir: str) -> RegisteredClassifier:
+def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str | None,
+                                 store_dir: str | None) -> RegisteredClassifier:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -166,12 +173,13 @@ def _evaluable(network: Any) -> Any:
 _SEGMENTER_HINT = "run `bonemet segment`, or give the lesion mask with --mask"
 
 
-def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str,
-                   store_dir: str) -> tuple[Any, dict[str, Any], str]:
+def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str | None = None,
+                   store_dir: str | None = None) -> tuple[Any, dict[str, Any], str]:
     """Load the segmentation network ``name@alias`` (pytorch flavour) onto ``device``.
 
-    The alias and the model folder come from the local store when it can be read directly; the
-    network is always loaded with ``mlflow.pytorch`` (the flavour that logged it).
+    The alias and the model folder come from the local store when it can be read directly
+    (``tracking_uri`` as for :func:`load_classifier`); the network is always loaded with
+    ``mlflow.pytorch`` (the flavour that logged it).
 
     Returns:
         ``(network, metadata, version)``: the ``torch.nn.Module`` in eval mode, the metadata
@@ -183,7 +191,7 @@ def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    local = resolve_alias(tracking_uri, name, alias)
+    local = resolve_alias(tracking_uri, name, alias) if tracking_uri else None
     if local is False:
         raise _not_found(name, alias, tracking_uri, _SEGMENTER_HINT)
     try:
