@@ -319,7 +319,7 @@ def test_validation_windows_follow_the_spec(seg, monkeypatch):
 
     seen = []
 
-    def windows(model, image, roi_size, *, overlap, sw_batch_size, device, mirror_axes, mode="gaussian"):
+    def windows(model, image, roi_size, *, overlap, sw_batch_size, device, mirror_axes, channels_last, mode="gaussian"):
         seen.append((tuple(image.shape), tuple(roi_size), overlap, sw_batch_size, tuple(mirror_axes)))
         return torch.zeros(1, 2, *image.shape[1:])
 

@@ -327,6 +327,9 @@ class InferenceSpec(Spec):
     overlap: Overlap
     sw_batch_size: PositiveInt
     mirror_axes: tuple[int, ...]
+    roi_size: SizeVox | None
+    bone_margin_mm: NonNegativeFloat | None
+    channels_last: bool
 
     @field_validator("mirror_axes")
     @classmethod
@@ -639,6 +642,17 @@ class Params(Spec):
     train: TrainSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _bone_margin_needs_bone_in_window(self) -> Params:
+        lo, hi = self.preprocess.hu_window
+        threshold = self.preprocess.crop.bone_threshold_hu
+        if self.segment.inference.bone_margin_mm is not None and not lo < threshold < hi:
+            raise ValueError(
+                f"segment.inference.bone_margin_mm is set, so preprocess.crop.bone_threshold_hu ({threshold} HU) "
+                f"must lie inside preprocess.hu_window {[lo, hi]} (the bone is found on the normalised crop); "
+                "set bone_margin_mm to null or widen the window")
+        return self
 
 
 # --- validation with readable errors ---------------------------------------------------------

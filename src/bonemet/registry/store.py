@@ -22,15 +22,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bonemet.errors import UserError
+from bonemet.registry.local import default_tracking_uri
 from bonemet.tracking.base import Tracker
 from bonemet.utils import UNWRITABLE
 
 log = logging.getLogger(__name__)
-
-def default_tracking_uri(store_dir: str | Path) -> str:
-    """SQLite backend inside ``store_dir`` (absolute, so it works from any working directory)."""
-    return f"sqlite:///{(Path(store_dir) / 'mlflow.db').resolve()}"
-
 
 def configure(tracking_uri: str | None, store_dir: str | Path) -> str:
     """Point MLflow at ``tracking_uri`` (or the local SQLite store); returns the URI used."""

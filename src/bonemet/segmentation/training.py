@@ -123,7 +123,7 @@ def evaluate(model: Any, items: Sequence[Mapping[str, Any]], spec: SegmentSpec, 
             item = lesion_centred_crop(item, spec.roi_size)
         logits = sliding_window_logits(
             model, item["image"], spec.roi_size, overlap=overlap, sw_batch_size=spec.inference.sw_batch_size,
-            device=device, mirror_axes=(),
+            device=device, mirror_axes=(), channels_last=train.channels_last,
         )
         label = torch.as_tensor(item["label"])[None].to(device)
         with torch.no_grad():
