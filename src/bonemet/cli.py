@@ -15,7 +15,7 @@ import sys
 
 from bonemet import __version__
 from bonemet.errors import UserError
-from bonemet.utils import setup_logging
+from bonemet.utils import capture_warnings, configure_progress, setup_logging
 
 log = logging.getLogger("bonemet")
 
@@ -39,10 +39,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Commands that write a log of their own (``<tracking.log_dir>/<command>.log``: the log lines and every
+#: warning in full): the DVC stages. The others (and ``validate`` without ``--report``) write nothing.
+LOGGED = {"preprocess", "split", "segment", "extract", "train", "evaluate", "register", "report"}
+
+
+def stage_log(args: argparse.Namespace) -> str | None:
+    """Where this command's log goes (None: nowhere; its warnings are still counted on screen)."""
+    if args.command not in LOGGED and not (args.command == "validate" and getattr(args, "report", None)):
+        return None
+    try:  # the stage itself validates the params and names any mistake; here only the folder is read
+        from bonemet.config import load_params
+
+        log_dir = load_params(args.params)["tracking"]["log_dir"]
+    except Exception:  # noqa: BLE001 - the stage reports a broken params file itself
+        return None
+    return os.path.join(str(log_dir), f"{args.command}.log")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonemet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bonemet {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -74,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     line with its exit code (1, or 2 for params); anything else is a bug and keeps its traceback."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # BONEMET_PROGRESS=0 (CI sets it) hides every progress bar; the --no-progress flags do it per command
+    configure_progress(os.environ.get("BONEMET_PROGRESS", "1").strip().lower() not in {"0", "false", "off", "no"})
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -81,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with capture_warnings(stage_log(args), args.command):
+            return int(args._run(args) or 0)
     except UserError as exc:
         log.debug("user error", exc_info=True)
         log.error("%s", exc)

@@ -110,20 +110,183 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: Progress bars on or off for the whole process (the command line turns them off for
+#: ``BONEMET_PROGRESS=0``, as CI does); each call's ``disable`` comes on top.
+_PROGRESS = {"enabled": True}
+
+
+def configure_progress(enabled: bool) -> None:
+    """Turn every progress bar of this process (and of the workers it forks) on or off."""
+    _PROGRESS["enabled"] = bool(enabled)
+
+
+def _bar_desc(desc: str) -> str:
+    prefix = _LOG_CONTEXT.get("prefix")
+    return f"{prefix} {desc}" if prefix else desc
+
+
 def progress(
     iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "case", disable: bool = False
 ) -> Iterator[T]:
-    """A tqdm bar on stderr with counts, rate and time left."""
+    """A tqdm bar on stderr with counts, rate and time left (the one progress helper)."""
     from tqdm.auto import tqdm
 
     return iter(
         tqdm(
             iterable,
             total=total,
-            desc=desc,
+            desc=_bar_desc(desc),
             unit=unit,
             dynamic_ncols=True,
-            disable=disable,
+            disable=disable or not _PROGRESS["enabled"],
             mininterval=1.0,
         )
     )
+
+
+def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:
+    """A tqdm bar advanced by hand (``bar.update(1)``; a context manager) for callback-driven loops
+    such as Optuna's trials; same look and switch as :func:`progress`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=_bar_desc(desc), unit=unit, dynamic_ncols=True, mininterval=1.0,
+                disable=disable or not _PROGRESS["enabled"])
+
+
+# --- log context and captured warnings ---------------------------------------------------------
+
+#: ``prefix``: put before every log line and bar of this process (a fold worker: "[fold 3]").
+_LOG_CONTEXT: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def log_context(prefix: str) -> Iterator[None]:
+    """Prefix every log record made in this process (and every progress bar's label) with ``prefix``,
+    e.g. ``[fold 3]`` in a fold worker, so interleaved lines of parallel workers say whose they are."""
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = old_factory(*args, **kwargs)
+        record.msg = f"{prefix} {record.msg}"
+        return record
+
+    previous = _LOG_CONTEXT.get("prefix")
+    _LOG_CONTEXT["prefix"] = prefix
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(old_factory)
+        if previous is None:
+            _LOG_CONTEXT.pop("prefix", None)
+        else:
+            _LOG_CONTEXT["prefix"] = previous
+
+
+#: The marker of a captured warning's first line in a stage log (what the summary counts).
+WARNING_MARK = "[warning] "
+_CAPTURE: dict[str, Any] = {}
+
+
+def _write_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                   line: str | None = None) -> None:
+    """``warnings.showwarning`` while a capture is active: one entry in the log file, nothing on screen."""
+    path = _CAPTURE.get("path")
+    if path is None:
+        return
+    where = f"{category.__name__} at {_short_path(filename)}:{lineno}"
+    prefix = _LOG_CONTEXT.get("prefix")
+    text = str(message).strip().replace("\n", "\n    ")
+    entry = f"{WARNING_MARK}{where}{' ' + prefix if prefix else ''}\n    {text}\n"
+    with open(path, "a", encoding="utf-8") as fh:  # one append per warning: safe across forked workers
+        fh.write(entry)
+
+
+def _short_path(filename: str) -> str:
+    """``site-packages/sklearn/x.py`` -> ``sklearn/x.py``; our own files relative to the package."""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dist-packages", "src"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return Path(filename).name
+
+
+def active_warnings_log() -> Path | None:
+    """The log file warnings are captured into in this process, or None."""
+    return _CAPTURE.get("path")
+
+
+def warning_counts(path: str | Path) -> dict[str, int]:
+    """``{"Category at file:line": count}`` from a stage log (every process's warnings)."""
+    counts: dict[str, int] = {}
+    for text in Path(path).read_text(encoding="utf-8").splitlines():
+        if text.startswith(WARNING_MARK):
+            key = text[len(WARNING_MARK):].split(" [", 1)[0]
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@contextlib.contextmanager
+def capture_warnings(path: str | Path | None, stage: str) -> Iterator[None]:
+    """Send every Python warning of this stage (and of the worker processes it forks, or that call
+    :func:`worker_warnings`) to ``path`` in full, none to the screen; at the end log one line per
+    kind (category and place) with its count. ``path`` None: counted in memory only, no file.
+
+    A warning a user cannot act on (a library's deprecation notice, a convergence note inside
+    tuning) then costs one summary line instead of pages of repeats.
+    """
+    import tempfile
+    import warnings
+
+    own = path is None
+    if own:
+        fd, name = tempfile.mkstemp(prefix=f"bonemet-{stage}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    else:
+        log_path = Path(path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("", encoding="utf-8")
+    previous = _CAPTURE.get("path")
+    _CAPTURE["path"] = log_path
+    handler = None
+    if not own:  # the stage's log lines go to the file too
+        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _write_warning
+        try:
+            yield
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+            _CAPTURE["path"] = previous
+            counts = warning_counts(log_path)
+            where = f" (full text: {log_path})" if not own else ""
+            for kind, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+                log.warning("%s: %d warning(s) %s%s", stage, count, kind, where)
+            if own:
+                log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def worker_warnings(path: str | Path | None) -> Iterator[None]:
+    """In a worker process that was not forked from a capturing stage (a spawned loky worker):
+    write its warnings into the stage's log ``path`` (:func:`active_warnings_log` in the parent)."""
+    import warnings
+
+    if path is None:
+        yield
+        return
+    previous = _CAPTURE.get("path")
+    _CAPTURE["path"] = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _write_warning
+        try:
+            yield
+        finally:
+            _CAPTURE["path"] = previous

@@ -11,14 +11,14 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from bonemet.tracking.base import Tracker
+from bonemet.tracking.base import DatasetInput, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,52 @@ class MlflowTracker(Tracker):
         tracking_uri: str | None,
         store_dir: str | Path,
         default_tags: Mapping[str, str] | None = None,
+        inputs: Sequence[DatasetInput] = (),
+        system_metrics: bool = False,
+        system_metrics_interval_s: float | None = None,
     ) -> None:
+        """``inputs``: datasets logged on every run this tracker opens (parent and nested), so the
+        UI's Dataset column says which data each run saw. ``system_metrics``: CPU, memory (and
+        GPU) use sampled every ``system_metrics_interval_s`` seconds on the top-level runs."""
         self.tracking_uri = configure(tracking_uri, store_dir)
         self.experiment_id = ensure_experiment(experiment, store_dir)
         self.default_tags = {k: str(v) for k, v in (default_tags or {}).items()}
+        self.inputs = tuple(inputs)
+        self.system_metrics = system_metrics
+        if system_metrics and system_metrics_interval_s is not None:
+            mlflow.system_metrics.set_system_metrics_sampling_interval(system_metrics_interval_s)
 
     @contextlib.contextmanager
     def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str]:
         nested = nested or mlflow.active_run() is not None
         all_tags = {**self.default_tags, **{k: str(v) for k, v in (tags or {}).items()}}
         with mlflow.start_run(
-            run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags
+            run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags,
+            log_system_metrics=self.system_metrics and not nested,
         ) as active:
+            for dataset in self.inputs:
+                self.log_input(dataset)
             yield active.info.run_id
+            if not nested:
+                self._log_stage_log()
+
+    def _log_stage_log(self) -> None:
+        """The stage's log (its lines and warnings in full), and the warning count, on the top-level run."""
+        from bonemet.utils import active_warnings_log, warning_counts
+
+        path = active_warnings_log()
+        if path is None or not path.is_file():
+            return
+        mlflow.log_metric("warnings", float(sum(warning_counts(path).values())))
+        if path.stat().st_size:
+            mlflow.log_artifact(str(path), artifact_path="logs")
+
+    def log_input(self, dataset: DatasetInput) -> None:
+        import mlflow.data
+
+        data = mlflow.data.from_pandas(dataset.table, source=dataset.source, name=dataset.name,
+                                       digest=dataset.digest[:36])
+        mlflow.log_input(data, context=dataset.context, tags={k: str(v) for k, v in dataset.tags.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         mlflow.log_params(_flatten(params))

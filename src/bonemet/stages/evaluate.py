@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bonemet.modeling.training import read_feature_tables
     from bonemet.splits import read_splits, repeated_splits
-    from bonemet.stages._common import mlflow_tracker, specs_from
+    from bonemet.stages._common import cohort_input, feature_inputs, mlflow_tracker, specs_from
     from bonemet.tracking import NullTracker
     from bonemet.utils import atomic_path, write_json
 
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
                              n_folds=params.split.n_folds, seed=params.seed,
                              groups=[str(patients[i]) for i in ids] if patients else None)
     sites = manifest_sites(params.data.cohort_dir) if params.select.harmonize.enabled else None
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, ev.experiment)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(
+        params, ev.experiment, long_running=True,
+        inputs=[cohort_input(params), *feature_inputs(train.features_dir, [primary_name])])
     with tracker.run("evaluate", tags={"stage": "evaluate", "feature_source": primary_name}):
         tracker.log_params({"repeats": ev.repeats, "seed": params.seed, "test_size": params.split.test_size,
                             "n_folds": params.split.n_folds, "n_jobs": ev.n_jobs})

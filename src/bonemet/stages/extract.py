@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bonemet.data.manifest import read_manifest
     from bonemet.radiomics import extract_sources, settings_from_params
-    from bonemet.stages._common import mlflow_tracker, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, specs_from
     from bonemet.tracking.base import NullTracker
 
     params = specs_from(args)
@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     cohort = args.cohort_dir or params.data.cohort_dir
     settings = settings_from_params(params)
     cases = read_manifest(cohort, roi=params.data.roi, segment=params.data.segment)
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment, long_running=True,
+                                                                    inputs=[cohort_input(params)])
     summary = extract_sources(
         cases,
         settings,
