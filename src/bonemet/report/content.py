@@ -153,7 +153,7 @@ def cohort_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
             out["spacing_summary"] = {
                 "inplane": f"{sig(measures['inplane_mm'].min())}\u2013{sig(measures['inplane_mm'].max())} mm",
                 "slice": f"{sig(measures['slice_mm'].min())}\u2013{sig(measures['slice_mm'].max())} mm",
-                "hu": f"{sig(measures['hu_min'].min())} to {sig(measures['hu_max'].max())} HU",
+                "hu": f"{measures['hu_min'].min():.0f} to {measures['hu_max'].max():.0f} HU",
             }
     return out
 
@@ -337,7 +337,7 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
         best = table1.get("best_model")
         out["best_model"] = names.get(best, best)
         rows = []
-        for model, sets in table1["models"].items():
+        for model, sets in _in_model_order(table1["models"]):
             for set_name in ("train", "test"):
                 if set_name not in sets:
                     continue
@@ -366,7 +366,7 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
     cv = read_json(inputs.metrics_dir / "cv_auc.json")
     if cv is not None:
         out["cv"] = [[names.get(m, m), sig(v["mean"]), sig(v["sd"]), f"{sig(min(v['folds']))}\u2013{sig(max(v['folds']))}",
-                      str(len(v["folds"]))] for m, v in cv.items()]
+                      str(len(v["folds"]))] for m, v in _in_model_order(cv)]
     repeated = read_json(inputs.repeated_json)
     if repeated is not None:
         out["repeated"] = {
@@ -375,7 +375,7 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
             "registered": names.get(repeated.get("registered_model"), repeated.get("registered_model")),
             "rows": [[names.get(m, m), with_ci(v["auc"]["mean"], v["auc"]["lo"], v["auc"]["hi"]),
                       sig(v.get("sensitivity_mean")), sig(v.get("specificity_mean")), sig(v.get("accuracy_mean")),
-                      str(v.get("times_chosen", 0))] for m, v in repeated["models"].items()],
+                      str(v.get("times_chosen", 0))] for m, v in _in_model_order(repeated["models"])],
             "chosen": with_ci(repeated["chosen"]["auc"]["mean"], repeated["chosen"]["auc"]["lo"],
                               repeated["chosen"]["auc"]["hi"]),
         }
@@ -398,6 +398,12 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
         ("confusion_test.png", "confusion matrices, test set (each model at its threshold)"),
     ) if (uri := figures.file_uri(plots / name))]
     return out
+
+
+def _in_model_order(by_model: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Items in the study's model order (the classifier zoo's), unknown models last."""
+    order = list(model_names())
+    return sorted(by_model.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
 
 
 # --- 6. registry ----------------------------------------------------------------------------------
@@ -472,7 +478,7 @@ def replication_section(inputs: ReportInputs, *, dice_mean: float | None, settin
             rows.append({"model": names.get(model, model), "set": set_name, "first": set_name == "train",
                          "paper_auc": with_ci(p["auc"], p["auc_lo"], p["auc_hi"]),
                          "ours_auc": with_ci(o.get("auc"), o.get("auc_lo"), o.get("auc_hi")),
-                         "diff": "n/a" if diff is None else f"{'+' if diff >= 0 else ''}{sig(diff)}",
+                         "diff": "n/a" if diff is None else f"{'+' if diff > 0 else ''}{sig(diff)}",
                          "paper": [sig(p[k]) for k in ("accuracy", "sensitivity", "specificity")],
                          "ours": [sig(o.get(k)) for k in ("accuracy", "sensitivity", "specificity")]})
     return {"citation": paper["citation"], "doi": paper["doi"], "rows": rows, "note": paper["table1_note"],
@@ -488,5 +494,11 @@ def params_differences(current: Mapping[str, Any], baseline: Mapping[str, Any] |
     if baseline is None:
         return None
     ours, theirs = _flatten(current), _flatten(baseline)
-    return [[key, _value(ours.get(key, "(absent)")), _value(theirs.get(key, "(absent)"))]
+
+    def raw(value: Any) -> str:  # as written in params.yaml
+        if isinstance(value, list | tuple):
+            return ", ".join(raw(v) for v in value)
+        return "null" if value is None else str(value)
+
+    return [[key, raw(ours.get(key, "(absent)")), raw(theirs.get(key, "(absent)"))]
             for key in sorted(set(ours) | set(theirs)) if ours.get(key, "(absent)") != theirs.get(key, "(absent)")]
