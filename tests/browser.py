@@ -75,3 +75,28 @@ def screenshot(url: str, path: Path, *, width: int, height: int, wait_ms: int = 
     _run([f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url], timeout)
     assert path.is_file() and path.stat().st_size > 1000, f"no screenshot written to {path}"
     return path
+
+
+#: The report's sections, in the study's order.
+SECTION_IDS = ["cohort", "examples", "segmentation", "radiomics", "classifiers", "registry", "replication",
+               "provenance"]
+#: Markdown a reader must never see as literal characters: bold, table rules, headings, code, links.
+MARKDOWN = [re.compile(p, re.M) for p in (r"\*\*\w", r"^\s*\|?\s*-{3,}\s*\|", r"^#{1,6} ", r"`[^`\n]+`",
+                                          r"\[[^\]\n]+\]\([^)\n]+\)")]
+
+
+def check_report_in_browser(page: Path, out_dir: Path, sections: list[str] = SECTION_IDS) -> dict:
+    """Open the report in headless Chromium at 1400 px: every image decoded, every section there in
+    order, no literal Markdown, no horizontal scrolling; a screenshot of its top in ``out_dir``."""
+    seen = measure_page(page, width=1400)
+    assert seen["images"], "the report shows no image"
+    broken = [i["alt"] for i in seen["images"] if not i["w"]]
+    assert not broken, f"images that did not decode: {broken}"
+    assert [s for s in seen["sections"] if s in sections] == sections, seen["sections"]
+    for pattern in MARKDOWN:
+        found = pattern.search(seen["text"])
+        assert found is None, f"literal Markdown in the page: {found.group(0)!r}"
+    assert seen["scrollWidth"] <= seen["innerWidth"], f"page {seen['scrollWidth']} px wide in a 1400 px window"
+    shot = screenshot(page.as_uri(), out_dir / f"{page.stem}.png", width=1400, height=1800)
+    print(f"report screenshot: {shot}")
+    return seen

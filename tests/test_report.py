@@ -18,12 +18,7 @@ import pytest
 import yaml
 
 from bonemet.report.content import example_cases, params_differences, published_study, run_url, sig, with_ci
-
-SECTION_IDS = ["cohort", "examples", "segmentation", "radiomics", "classifiers", "registry", "replication",
-               "provenance"]
-#: Markdown a reader must never see as literal characters.
-MARKDOWN = [re.compile(p, re.M) for p in (r"\*\*\w", r"^\s*\|?\s*-{3,}\s*\|", r"^#{1,6} ", r"`[^`\n]+`",
-                                          r"\[[^\]\n]+\]\([^)\n]+\)")]
+from browser import SECTION_IDS, check_report_in_browser  # noqa: E402
 
 
 def test_numbers_get_three_significant_digits_and_undefined_says_so():
@@ -63,25 +58,6 @@ def test_the_published_study_ships_with_the_package_for_every_model():
 def test_run_links_need_a_ui_address():
     assert run_url(None, "abc") is None
     assert run_url("http://127.0.0.1:5000/", "abc") == "http://127.0.0.1:5000/#/runs/abc"
-
-
-def check_page_in_browser(page: Path, out_dir: Path, sections: list[str]) -> dict:
-    """Open the report in headless Chromium at 1400 px: every image decoded, every section there,
-    no literal Markdown, no horizontal scrolling; a screenshot of the first screen in ``out_dir``."""
-    from browser import measure_page, screenshot
-
-    seen = measure_page(page, width=1400)
-    assert seen["images"], "the report shows no image"
-    broken = [i["alt"] for i in seen["images"] if not i["w"]]
-    assert not broken, f"images that did not decode: {broken}"
-    assert [s for s in seen["sections"] if s in sections] == sections, seen["sections"]
-    for pattern in MARKDOWN:
-        found = pattern.search(seen["text"])
-        assert found is None, f"literal Markdown in the page: {found.group(0)!r}"
-    assert seen["scrollWidth"] <= seen["innerWidth"], f"page {seen['scrollWidth']} px wide in a 1400 px window"
-    shot = screenshot(page.as_uri(), out_dir / f"{page.stem}.png", width=1400, height=1800)
-    print(f"report screenshot: {shot}")
-    return seen
 
 
 @pytest.fixture
@@ -125,4 +101,4 @@ def test_a_report_after_validation_only_builds_in_order_and_names_what_is_missin
     assert main(["report", "--no-tracking", "--out", "with_plan.html"]) == 0
     with_plan = Path("with_plan.html").read_text(encoding="utf-8")
     assert '<section id="plan">' in with_plan and "<td>spacing_mm</td><td>1.500, 1.500, 1.500</td>" in with_plan
-    check_page_in_browser(page.resolve(), tmp_path / "screenshots", SECTION_IDS)
+    check_report_in_browser(page.resolve(), tmp_path / "screenshots")

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # a command not built yet is simply not offered
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        command.add_argument("--no-progress", action="store_true",
+                             help="hide the progress bars (BONEMET_PROGRESS=0 hides them for every command)")
         module.configure(command)
         command.set_defaults(_run=module.run)
     return parser
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if args.no_progress:
+        configure_progress(False)
     try:
         with capture_warnings(stage_log(args), args.command):
             return int(args._run(args) or 0)

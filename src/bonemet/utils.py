@@ -218,12 +218,20 @@ def active_warnings_log() -> Path | None:
 
 def warning_counts(path: str | Path) -> dict[str, int]:
     """``{"Category at file:line": count}`` from a stage log (every process's warnings)."""
-    counts: dict[str, int] = {}
-    for text in Path(path).read_text(encoding="utf-8").splitlines():
+    return {kind: count for kind, (count, _) in _warning_kinds(path).items()}
+
+
+def _warning_kinds(path: str | Path) -> dict[str, tuple[int, str]]:
+    """``{kind: (count, first message's first line)}`` from a stage log."""
+    kinds: dict[str, tuple[int, str]] = {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, text in enumerate(lines):
         if text.startswith(WARNING_MARK):
             key = text[len(WARNING_MARK):].split(" [", 1)[0]
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+            first = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            count, message = kinds.get(key, (0, first))
+            kinds[key] = (count + 1, message)
+    return kinds
 
 
 @contextlib.contextmanager
@@ -264,10 +272,10 @@ def capture_warnings(path: str | Path | None, stage: str) -> Iterator[None]:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
             _CAPTURE["path"] = previous
-            counts = warning_counts(log_path)
             where = f" (full text: {log_path})" if not own else ""
-            for kind, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-                log.warning("%s: %d warning(s) %s%s", stage, count, kind, where)
+            for kind, (count, message) in sorted(_warning_kinds(log_path).items(), key=lambda kv: (-kv[1][0], kv[0])):
+                short = message if len(message) <= 90 else message[:87] + "..."
+                log.warning("%s: %d x %s: %s%s", stage, count, kind, short, where)
             if own:
                 log_path.unlink(missing_ok=True)
 

@@ -121,9 +121,13 @@ class MlflowTracker(Tracker):
 
     def log_input(self, dataset: DatasetInput) -> None:
         import mlflow.data
+        from mlflow.data.dataset_source_registry import get_registered_sources
 
-        data = mlflow.data.from_pandas(dataset.table, source=dataset.source, name=dataset.name,
-                                       digest=dataset.digest[:36])
+        # a local file's source, named explicitly: resolving a path string matches two registered
+        # local sources and warns on every run
+        local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+        data = mlflow.data.from_pandas(dataset.table, source=local(Path(dataset.source).resolve().as_uri()),
+                                       name=dataset.name, digest=dataset.digest[:36])
         mlflow.log_input(data, context=dataset.context, tags={k: str(v) for k, v in dataset.tags.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:

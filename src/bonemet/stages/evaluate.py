@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
