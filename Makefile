@@ -56,6 +56,7 @@ exp: data
 # The MLflow UI on the project's store (runs, nested fold and model runs, datasets, registered models).
 ui: $(STAMP)
 	@mkdir -p $(STORE)/artifacts
+	@echo "MLflow UI: open http://$(UI_HOST):$(UI_PORT)/#/experiments?workflowType=machine_learning (Ctrl-C stops it)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(STORE)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/$(STORE)/artifacts --host $(UI_HOST) --port $(UI_PORT)
 

@@ -72,9 +72,9 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-def _api(url: str, path: str, body: dict | None = None, **query: str) -> dict:
+def _api(url: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
     """One MLflow REST call (POST with a JSON body, else GET with ``query``)."""
-    target = f"{url}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    target = f"{url}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(target, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -201,6 +201,7 @@ def _check_tracking_server(url: str, work: Path, *, cohort_md5: str, n_cases: in
 
     ids = json.dumps([r["info"]["run_id"] for r in models])
     exp_id = json.dumps([experiments["bonemet-classification"]["experiment_id"]])
-    compare = f"{url}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(exp_id)}"
+    compare = (f"{url}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(exp_id)}"
+               "&workflowType=machine_learning")
     shot = screenshot(compare, shots / "mlflow-compare-classifiers.png", width=1600, height=1000, wait_ms=20000)
     print(f"MLflow UI screenshot: {shot}")

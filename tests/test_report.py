@@ -57,7 +57,7 @@ def test_the_published_study_ships_with_the_package_for_every_model():
 
 def test_run_links_need_a_ui_address():
     assert run_url(None, "abc") is None
-    assert run_url("http://127.0.0.1:5000/", "abc") == "http://127.0.0.1:5000/#/runs/abc"
+    assert run_url("http://127.0.0.1:5000/", "abc") == "http://127.0.0.1:5000/#/runs/abc?workflowType=machine_learning"
 
 
 @pytest.fixture

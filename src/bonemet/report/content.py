@@ -409,11 +409,16 @@ def _in_model_order(by_model: Mapping[str, Any]) -> list[tuple[str, Any]]:
 # --- 6. registry ----------------------------------------------------------------------------------
 
 
+#: The MLflow UI (3.x) shows training runs, not its GenAI pages, in this mode (it remembers the switch).
+UI_MODE = "workflowType=machine_learning"
+
+
 def run_url(ui_url: str | None, run_id: str | None) -> str | None:
-    """The MLflow UI page of a run (``#/runs/<id>`` opens it in its experiment); None without a UI address."""
+    """The MLflow UI page of a run (``#/runs/<id>`` opens it in its experiment, in the UI's model
+    training mode); None without a UI address."""
     if not ui_url or not run_id:
         return None
-    return f"{ui_url.rstrip('/')}/#/runs/{run_id}"
+    return f"{ui_url.rstrip('/')}/#/runs/{run_id}?{UI_MODE}"
 
 
 def registry_section(inputs: ReportInputs, store: Mapping[str, Any] | None, ui_url: str | None) -> dict[str, Any]:
