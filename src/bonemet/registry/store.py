@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,12 @@ class MlflowTracker(Tracker):
         # a local file's source, named explicitly: resolving a path string matches two registered
         # local sources and warns on every run
         local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
-        data = mlflow.data.from_pandas(dataset.table, source=local(Path(dataset.source).resolve().as_uri()),
-                                       name=dataset.name, digest=dataset.digest[:36])
-        mlflow.log_input(data, context=dataset.context, tags={k: str(v) for k, v in dataset.tags.items()})
+        with warnings.catch_warnings():
+            # the schema's hint on integer columns is about a model's inputs at inference, not a dataset record
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            data = mlflow.data.from_pandas(dataset.table, source=local(Path(dataset.source).resolve().as_uri()),
+                                           name=dataset.name, digest=dataset.digest[:36])
+            mlflow.log_input(data, context=dataset.context, tags={k: str(v) for k, v in dataset.tags.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         mlflow.log_params(_flatten(params))
