@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -183,6 +184,8 @@ def log_context(prefix: str) -> Iterator[None]:
             _LOG_CONTEXT["prefix"] = previous
 
 
+#: Terminal colour codes some libraries put into warnings (not for a log file).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: The marker of a captured warning's first line in a stage log (what the summary counts).
 WARNING_MARK = "[warning] "
 _CAPTURE: dict[str, Any] = {}
@@ -196,7 +199,7 @@ def _write_warning(message: Any, category: type, filename: str, lineno: int, fil
         return
     where = f"{category.__name__} at {_short_path(filename)}:{lineno}"
     prefix = _LOG_CONTEXT.get("prefix")
-    text = str(message).strip().replace("\n", "\n    ")
+    text = _ANSI.sub("", str(message)).strip().replace("\n", "\n    ")
     entry = f"{WARNING_MARK}{where}{' ' + prefix if prefix else ''}\n    {text}\n"
     with open(path, "a", encoding="utf-8") as fh:  # one append per warning: safe across forked workers
         fh.write(entry)
