@@ -104,16 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.no_progress:
         configure_progress(False)
-    try:
-        with capture_warnings(stage_log(args), args.command):
+    with capture_warnings(stage_log(args), args.command):  # a user's mistake goes into the stage's log too
+        try:
             return int(args._run(args) or 0)
-    except UserError as exc:
-        log.debug("user error", exc_info=True)
-        log.error("%s", exc)
-        return int(getattr(exc, "exit_code", 1))
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+        except UserError as exc:
+            log.debug("user error", exc_info=True)
+            log.error("%s", exc)
+            return int(getattr(exc, "exit_code", 1))
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            return 130
 
 
 if __name__ == "__main__":
