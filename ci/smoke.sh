@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Pipeline smoke run: the real dvc.yaml on a tiny synthetic cohort, in a throwaway copy of the
 # repository (git + DVC initialised there), with params.yaml overridden by ci/smoke_params.yaml.
-# Usage: ci/smoke.sh [WORKDIR]   (default: a new temporary folder, removed on success)
+# Usage: ci/smoke.sh [WORKDIR [EXTRA_PARAMS.yaml]]   (default WORKDIR: a new temporary folder)
+#   EXTRA_PARAMS.yaml: more overrides merged over ci/smoke_params.yaml (e.g. a cohort the caller put
+#   in WORKDIR beforehand: data.source user, data.cohort_dir ...).
+#   SMOKE_DAG_ONLY=1: stop after the first `dvc repro` (no second repro, no experiments).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$repo/.venv/bin"
@@ -12,23 +15,30 @@ cd "$work"
 cp "$repo/dvc.yaml" .
 cp -r "$repo/config" . 2>/dev/null || true
 ln -sfn "$repo/src" src
-"$BIN/python" - "$repo/params.yaml" "$repo/ci/smoke_params.yaml" params.yaml <<'PY'
+extra="${2:-}"
+"$BIN/python" - "$repo/params.yaml" "$repo/ci/smoke_params.yaml" params.yaml "$extra" <<'PY'
 import sys, yaml
 from bonemet.config import deep_merge
 base = yaml.safe_load(open(sys.argv[1]))
 over = yaml.safe_load(open(sys.argv[2]))
-yaml.safe_dump(deep_merge(base, over), open(sys.argv[3], "w"), sort_keys=False)
+merged = deep_merge(base, over)
+if sys.argv[4]:
+    merged = deep_merge(merged, yaml.safe_load(open(sys.argv[4])))
+yaml.safe_dump(merged, open(sys.argv[3], "w"), sort_keys=False)
 PY
 git init -q . && git config user.email smoke@bonemet && git config user.name smoke
 "$BIN/dvc" init -q && "$BIN/dvc" config core.analytics false
-git add -A >/dev/null && git commit -qm smoke
+# a cohort the caller put under cohorts/ is the user's data: DVC versions it (ensure-data), not git
+git add -A -- . ':(exclude)cohorts' >/dev/null && git commit -qm smoke
 "$BIN/bonemet" ensure-data
-# ensure-data generated the cohort at data.cohort_dir (outside data/raw) and `dvc add`ed it: commit
-# the .dvc file as a user would
-test -f cohorts/smoke.dvc || { echo "error: ensure-data did not version the cohort (cohorts/smoke.dvc)"; exit 1; }
+# ensure-data generated (or found) the cohort at data.cohort_dir (outside data/raw) and `dvc add`ed
+# it: commit the .dvc file as a user would
+cohort_dir="$("$BIN/python" -c "import yaml; print(yaml.safe_load(open('params.yaml'))['data']['cohort_dir'])")"
+test -f "$cohort_dir.dvc" || { echo "error: ensure-data did not version the cohort ($cohort_dir.dvc)"; exit 1; }
 git add -A >/dev/null && git commit -qm "smoke cohort"
 "$BIN/bonemet" ensure-data | tee ensure2.log
 "$BIN/dvc" repro
+if [ "${SMOKE_DAG_ONLY:-0}" = "1" ]; then echo "smoke DAG done in $work"; exit 0; fi
 echo "== second repro must do nothing"
 "$BIN/dvc" repro | tee repro2.log
 if grep -q "Running stage" repro2.log; then echo "error: second dvc repro re-ran a stage"; exit 1; fi

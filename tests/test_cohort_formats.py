@@ -92,7 +92,7 @@ def test_manifest_carries_roi_segment_and_the_params_defaults(cohort):
 def test_validation_reads_rtstruct_and_seg_masks(cohort, params):
     from bonemet.validation.cohort import validate_cohort
 
-    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi="lesion", segment=None,
+    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi="lesion", segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.passed, report.to_text()
     m = report.measurements.set_index("case_id")
@@ -103,7 +103,7 @@ def test_validation_reads_rtstruct_and_seg_masks(cohort, params):
         assert m.loc[case.case_id, "mask_label_voxels"] == pytest.approx(truth, rel=0.05)
     assert "mask_dicom" in [r.rule for r in report.rule_results]
     # without the params default, case 1's RTSTRUCT has no ROI name: listed with the names it holds
-    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi=None, segment=None,
+    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.bad_cases == ["case_001"]
     (failure,) = report.failures["case_001"]
@@ -116,10 +116,11 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
 
     spec = params.preprocess.updated({"out_dir": str(tmp_path / "pre"), "n_jobs": 1,
                                       "target_spacing_mm": [2.5, 2.5, 2.5]})
-    table = preprocess_cohort(cohort.dicom, spec, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None,
+    table = preprocess_cohort(cohort.dicom, spec, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None, pseudonym_key=None,
                               show_progress=False)
     reference = preprocess_cohort(cohort.nifti, spec.updated({"out_dir": str(tmp_path / "pre_nifti")}), mask_label=1,
-                                  grid_tolerance_mm=TOL, roi=None, segment=None, show_progress=False)
+                                  grid_tolerance_mm=TOL, roi=None, segment=None, pseudonym_key=None,
+                                  show_progress=False)
     for a, b in zip(table["mask"], reference["mask"], strict=True):
         dicom_mask, nifti_mask = (_arr(read_image(tmp_path / d / name)) for d, name in (("pre", a), ("pre_nifti", b)))
         assert _dice(dicom_mask, nifti_mask) >= 0.95
@@ -155,9 +156,14 @@ def test_the_cache_key_holds_the_roi_and_segment(cohort):
 
 
 def _bad_cohort(cohort: Cohort, root: Path) -> Path:
-    """One bad DICOM mask per case, each a mistake the brief lists."""
+    """One bad DICOM mask per case, each a mistake the brief lists. A cohort is self-contained
+    (paths leading out of it are refused): the good cohort's files are copied in."""
+    import shutil
+
     bad = root / "bad"
-    (bad / "masks").mkdir(parents=True)
+    shutil.copytree(cohort.dicom / "images", bad / "dicom_images")
+    shutil.copytree(cohort.dicom / "masks", bad / "masks")
+    shutil.copytree(cohort.nifti / "images", bad / "nifti_images")
     good = pd.read_csv(cohort.dicom / "manifest.csv", dtype=str, keep_default_na=False).set_index("case_id")
     rows = []
 
@@ -167,8 +173,8 @@ def _bad_cohort(cohort: Cohort, root: Path) -> Path:
 
     d = cohort.dicom
     # 1. unknown ROI name; 2. an RTSTRUCT of another case's series
-    row("unknown_roi", str(d / "images/case_000"), str(d / "masks/case_000_rs.dcm"), roi="tumour")
-    row("other_series", str(d / "images/case_000"), str(d / "masks/case_001_rs.dcm"), roi="lesion")
+    row("unknown_roi", "dicom_images/case_000", "masks/case_000_rs.dcm", roi="tumour")
+    row("other_series", "dicom_images/case_000", "masks/case_001_rs.dcm", roi="lesion")
     # 3. a structure outside the image: drawn on a copy of the CT moved 200 mm to the side
     ct = read_image(cohort.cases[0].image)
     moved = sitk.Image(ct)
@@ -178,12 +184,12 @@ def _bad_cohort(cohort: Cohort, root: Path) -> Path:
     mask.CopyInformation(read_image(root / "moved_series"))
     write_rtstruct(mask, root / "moved_series", bad / "masks/outside.dcm", "lesion", algorithm_type="MANUAL",
                    grid_tolerance_mm=TOL)
-    row("outside", str(cohort.cases[0].image), "masks/outside.dcm", roi="lesion")
+    row("outside", f"nifti_images/{cohort.cases[0].image.name}", "masks/outside.dcm", roi="lesion")
     # 4. an empty structure: the ROI without its contours
     ds = pydicom.dcmread(d / "masks/case_000_rs.dcm")
     del ds.ROIContourSequence[0].ContourSequence
     ds.save_as(bad / "masks/empty.dcm")
-    row("empty", str(d / "images/case_000"), "masks/empty.dcm", roi="GTV bone met")
+    row("empty", "dicom_images/case_000", "masks/empty.dcm", roi="GTV bone met")
     # 5. a SEG on another grid: made over a 2x finer series of the same CT
     fine = sitk.Resample(ct, [2 * s for s in ct.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor, ct.GetOrigin(),
                          [s / 2 for s in ct.GetSpacing()], ct.GetDirection(), 0, ct.GetPixelID())
@@ -192,11 +198,11 @@ def _bad_cohort(cohort: Cohort, root: Path) -> Path:
                               sitk.sitkNearestNeighbor, 0)
     fine_mask.CopyInformation(read_image(root / "fine_series"))
     write_seg(fine_mask, root / "fine_series", bad / "masks/fine_seg.dcm", algorithm_type="MANUAL", grid_tolerance_mm=TOL)
-    row("seg_grid", str(cohort.cases[0].image), "masks/fine_seg.dcm", segment="1")
+    row("seg_grid", f"nifti_images/{cohort.cases[0].image.name}", "masks/fine_seg.dcm", segment="1")
     # 6. an unknown segment
-    row("unknown_segment", str(d / "images/case_002"), str(d / "masks/case_002_seg.dcm"), segment="7", source="case_002")
+    row("unknown_segment", "dicom_images/case_002", "masks/case_002_seg.dcm", segment="7", source="case_002")
     # the classes: validation also checks both labels are present
-    row("fine_case", str(d / "images/case_003"), str(d / "masks/case_003_seg.dcm"), segment="1", source="case_003")
+    row("fine_case", "dicom_images/case_003", "masks/case_003_seg.dcm", segment="1", source="case_003")
     pd.DataFrame(rows).to_csv(bad / "manifest.csv", index=False)
     return bad
 
@@ -205,7 +211,7 @@ def test_validation_lists_every_bad_dicom_mask_with_the_fix(cohort, params, tmp_
     from bonemet.validation.cohort import validate_cohort
 
     bad = _bad_cohort(cohort, tmp_path)
-    report = validate_cohort(bad, params.validation, mask_label=1, roi=None, segment=None, show_progress=False)
+    report = validate_cohort(bad, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None, show_progress=False)
     expected = {
         "unknown_roi": r"no ROI named 'tumour'; the RTSTRUCT holds ROIs 'GTV bone met': set the case's roi",
         "other_series": r"the RTSTRUCT was drawn on series .*, not on the image's series .*; give the RTSTRUCT",

@@ -45,6 +45,13 @@ def test_corrected_resampled_t_matches_the_formula():
     assert (out["n"], out["n_dropped"]) == (5, 0)
 
 
+def test_corrected_resampled_t_is_clipped_to_the_statistics_range():
+    wide = corrected_resampled_t([0.6, 0.95], n_train=20, n_test=10, alpha=0.05)  # t with 1 df: very wide
+    assert wide["lo"] < 0.0 and wide["hi"] > 1.0
+    clipped = corrected_resampled_t([0.6, 0.95], n_train=20, n_test=10, alpha=0.05, bounds=(0.0, 1.0))
+    assert (clipped["lo"], clipped["hi"]) == (0.0, 1.0) and clipped["mean"] == wide["mean"]
+
+
 def test_corrected_resampled_t_drops_undefined_values_and_needs_two():
     out = corrected_resampled_t([0.8, float("nan"), 0.9], n_train=10, n_test=5, alpha=0.1)
     assert (out["n"], out["n_dropped"]) == (2, 1) and out["mean"] == pytest.approx(0.85) and out["lo"] < 0.85

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("bonemet.stages.models", "list registered model versions with aliases and key metrics"),
     "serve": ("bonemet.stages.serve", "serve bonemet-classifier@ALIAS over HTTP (mlflow models serve)"),
     "predict": ("bonemet.stages.predict", "predict breast origin from a CT (segment, extract, classify)"),
+    "pseudonyms": ("bonemet.stages.pseudonyms", "map pseudonymous ids back to the manifest's ids (needs the key)"),
 }
 
 

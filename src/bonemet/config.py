@@ -212,6 +212,8 @@ class DataSpec(Spec):
     mask_label: PositiveInt
     roi: Annotated[str, Field(min_length=1)] | None
     segment: PositiveInt | Annotated[str, Field(min_length=1)] | None
+    pseudonymize: bool
+    pseudonym_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     synthetic: SyntheticSpec
 
 

@@ -21,6 +21,9 @@ from bonemet.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: The largest image read (voxels): a 512 x 512 x 4096 CT. A header claiming more is refused
+#: before anything is allocated (a corrupt or hostile file must not exhaust the memory).
+MAX_VOXELS = 512 * 512 * 4096
 
 
 class ImageReadError(UserError, ValueError):
@@ -46,8 +49,12 @@ def read_image(path: str | Path, case_id: str | None = None, pixel_type: int | N
         case_id: used only to name the case in error messages.
         pixel_type: optional SimpleITK pixel type to cast to (e.g. ``sitk.sitkFloat32``).
 
+    A 4D image whose fourth axis has size 1 (a NIfTI "volume of one time point") is read as 3D.
+
     Raises:
-        ImageReadError: missing, unreadable, truncated or multi-series input.
+        ImageReadError: missing, unreadable, truncated or multi-series input; not 3D or not one
+            value per voxel; a header claiming more than :data:`MAX_VOXELS` voxels or a spacing
+            that is not positive; NaN or infinite voxel values.
     """
     path = Path(path)
     where = describe_path(path, case_id)
@@ -57,17 +64,50 @@ def read_image(path: str | Path, case_id: str | None = None, pixel_type: int | N
         if path.is_dir():
             image = _read_dicom_series(path, where)
         else:
+            _check_header(path, where)
             image = sitk.ReadImage(str(path))
             _check_complete(path, image, where)
+            if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+                image = image[:, :, :, 0]
     except ImageReadError:
         raise
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         reason = next((line for line in first if "ERROR" in line or "Exception" in line), first[-1] if first else "")
         raise ImageReadError(f"{where}: cannot be read as an image ({reason.strip()[:300]})") from exc
+    _check_image(image, where)
     if pixel_type is not None:
         image = sitk.Cast(image, pixel_type)
     return _strip_metadata(image)
+
+
+def _check_header(path: Path, where: str) -> None:
+    """Refuse, from the header alone, an image too large to read or of the wrong shape."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # RuntimeError for a file that is not an image: caught by the caller
+    size = reader.GetSize()
+    voxels = int(np.prod([int(v) for v in size], dtype=object))
+    if voxels > MAX_VOXELS:
+        raise ImageReadError(f"{where}: the header claims {' x '.join(map(str, size))} = {voxels} voxels, more than "
+                             f"{MAX_VOXELS}: a corrupt header, or not a CT of one patient")
+
+
+def _check_image(image: sitk.Image, where: str) -> None:
+    """A 3D image of one value per voxel, positive spacing, finite values."""
+    if image.GetDimension() != 3:
+        raise ImageReadError(f"{where}: a {image.GetDimension()}D image ({' x '.join(map(str, image.GetSize()))}); "
+                             "expected a 3D CT or mask")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(f"{where}: {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector "
+                             "image); expected one (HU, or a label)")
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise ImageReadError(f"{where}: voxel spacing {tuple(spacing)} mm; expected positive values")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+        if bad:
+            raise ImageReadError(f"{where}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
 
 
 def _check_complete(path: Path, image: sitk.Image, where: str) -> None:

@@ -25,6 +25,9 @@ Optional columns (any may be absent; an empty cell means "not given"):
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,10 @@ PATIENT_COLUMN = "patient_id"
 SITE_COLUMN = "site"
 OPTIONAL_COLUMNS = (*OPTIONAL_PATH_COLUMNS, *MASK_REF_COLUMNS, PATIENT_COLUMN, SITE_COLUMN)
 MANIFEST_NAME = "manifest.csv"
+#: A case id names output files (``<case_id>.nii.gz``...): letters, digits, '.', '_', '-', not
+#: starting with a dot, and short enough for any file system.
+CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_ID_LENGTH = 64
 
 
 class ManifestError(UserError, ValueError):
@@ -110,8 +117,13 @@ def parse_segment(value: str | int | None) -> Segment | None:
     return int(text) if text.isdigit() else text
 
 
-def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
-    """Read ``manifest.csv`` as strings (no type coercion), checking the required columns."""
+def read_manifest_table(cohort_dir: str | Path, *, pseudonym_key: bytes | None) -> pd.DataFrame:
+    """Read ``manifest.csv`` as strings (no type coercion), checking the required columns.
+
+    With ``pseudonym_key`` (``data.pseudonymize``), non-empty ``case_id`` and ``patient_id``
+    cells are replaced by their pseudonyms (:mod:`bonemet.data.pseudonym`) before anything else
+    sees them; the manifest file itself is only read.
+    """
     cohort_dir = Path(cohort_dir)
     path = cohort_dir / MANIFEST_NAME
     if not cohort_dir.is_dir():
@@ -119,8 +131,21 @@ def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found (expected columns {','.join(REQUIRED_COLUMNS)})")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is fine
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV "
+                            "(e.g. LibreOffice/Excel 'CSV UTF-8')") from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from exc
+    header = next(csv.reader(io.StringIO(text)), [])
+    names = [c.strip() for c in header]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header; "
+                            "keep one of each")
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ManifestError(f"{path}: not a readable CSV ({exc})") from exc
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -128,10 +153,40 @@ def read_manifest_table(cohort_dir: str | Path) -> pd.DataFrame:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
     for col in table.columns:
         table[col] = table[col].str.strip()
+    if pseudonym_key is not None:
+        from bonemet.data.pseudonym import pseudonym
+
+        for col in ("case_id", PATIENT_COLUMN):
+            if col in table.columns:
+                table[col] = [pseudonym(v, pseudonym_key) if v else v for v in table[col]]
     return table
 
 
-def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None) -> list[Case]:
+def _id_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name output files, or None."""
+    if len(case_id) > MAX_ID_LENGTH:
+        return f"case_id is {len(case_id)} characters long; at most {MAX_ID_LENGTH} (it names output files)"
+    if not re.match(CASE_ID_PATTERN, case_id):
+        return ("case_id must be letters, digits, '.', '_' or '-', not starting with '.', '_' or '-' "
+                "(it names output files)")
+    return None
+
+
+def path_escapes(cohort_dir: Path, relative: str) -> bool:
+    """Whether ``relative`` (a manifest path) leads outside the cohort folder: absolute, through
+    '..', or through a link pointing out."""
+    if Path(relative).is_absolute():
+        return True
+    root = cohort_dir.resolve()
+    try:
+        (cohort_dir / relative).resolve().relative_to(root)
+    except ValueError:
+        return True
+    return False
+
+
+def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None,
+                  pseudonym_key: bytes | None = None) -> list[Case]:
     """Parse the manifest into :class:`Case` objects.
 
     Args:
@@ -139,13 +194,16 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
         roi, segment: the params defaults (``data.roi``, ``data.segment``) for rows whose
             ``roi`` / ``segment`` cell is absent or empty; None leaves them unset, so an RTSTRUCT
             or SEG mask without one is an error when it is read.
+        pseudonym_key: replace case and patient ids by their pseudonyms (see
+            :func:`read_manifest_table`); the extra metadata columns are then dropped, since they
+            may identify too.
 
     Raises ManifestError for structural problems that make the cohort unusable (missing
     columns, empty or duplicate ids, labels outside {0, 1}, an empty patient_id in a manifest
     that has the column); file-level checks belong to :mod:`bonemet.validation`.
     """
     cohort_dir = Path(cohort_dir)
-    table = read_manifest_table(cohort_dir)
+    table = read_manifest_table(cohort_dir, pseudonym_key=pseudonym_key)
     problems: list[str] = []
     if table.empty:
         raise ManifestError(f"{cohort_dir / MANIFEST_NAME}: manifest has no cases")
@@ -153,7 +211,8 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
     for case_id in sorted(set(dup)):
         problems.append(f"case '{case_id}': duplicate case_id ({int((dup == case_id).sum())} rows)")
     cases: list[Case] = []
-    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    extra = [] if pseudonym_key is not None else [c for c in table.columns
+                                                  if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     has_patients = PATIENT_COLUMN in table.columns
     default_segment = parse_segment(segment)
     for row_no, row in enumerate(table.itertuples(index=False), start=2):
@@ -167,6 +226,16 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
             continue
         if not row["image"] or not row["mask"]:
             problems.append(f"case '{case_id}': empty image or mask path")
+            continue
+        bad_id = _id_problem(case_id)
+        if bad_id:
+            problems.append(f"case '{case_id[:MAX_ID_LENGTH]}': {bad_id}")
+            continue
+        outside = [f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
+                   if row.get(col) and path_escapes(cohort_dir, row[col])]
+        if outside:
+            problems.append(f"case '{case_id}': {', '.join(outside)} point(s) outside the cohort folder; give paths "
+                            "relative to it, with no '..', absolute path or link leading out")
             continue
         if has_patients and not row[PATIENT_COLUMN]:
             problems.append(f"case '{case_id}': empty patient_id (the column is present: give every case its patient)")
@@ -194,7 +263,8 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
     return cases
 
 
-def manifest_sites(cohort_dir: str | Path) -> dict[str, str]:
+def manifest_sites(cohort_dir: str | Path, *, pseudonym_key: bytes | None) -> dict[str, str]:
     """Case id -> site (the manifest's ``site`` column) for every case that names one; empty
     without the column. What ComBat harmonisation (``select.harmonize``) reads."""
-    return {c.case_id: c.site for c in read_manifest(cohort_dir) if c.site}
+    return {c.case_id: c.site for c in read_manifest(cohort_dir, roi=None, segment=None, pseudonym_key=pseudonym_key)
+            if c.site}

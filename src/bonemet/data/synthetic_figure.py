@@ -37,7 +37,7 @@ def default_case_ids(cohort_dir: str | Path, n: int) -> list[str]:
 def cases_figure(
     cohort_dir: str | Path, case_ids: Sequence[str], *, mask_label: int, grid_tolerance_mm: float,
     auto_masks_dir: str | Path | None = None, titles: Mapping[str, str] | None = None,
-    roi: str | None = None, segment: int | str | None = None,
+    roi: str | None = None, segment: int | str | None = None, pseudonym_key: bytes | None = None,
 ) -> Figure:
     """One row per case: the axial slice through the lesion's centre and the sagittal slice, with contours.
 
@@ -45,11 +45,12 @@ def cases_figure(
     ``grid_tolerance_mm`` of their CT's grid). With ``auto_masks_dir`` (the segment stage's
     ``<case_id>.nii.gz`` label maps, lesion = ``mask_label``) the automatic contour is drawn in
     cyan beside the manual one in red; without it the annotator's, when the case has one.
-    ``titles``: an extra caption per case id (e.g. its Dice).
+    ``titles``: an extra caption per case id (e.g. its Dice). With ``pseudonym_key`` the case ids
+    are the pseudonyms every stage writes (``data.pseudonymize``).
     """
     import matplotlib.pyplot as plt
 
-    by_id = {c.case_id: c for c in read_manifest(cohort_dir, roi=roi, segment=segment)}
+    by_id = {c.case_id: c for c in read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)}
     unknown = [cid for cid in case_ids if cid not in by_id]
     if unknown:
         raise ValueError(f"{cohort_dir}: case id(s) {', '.join(unknown)} not in the manifest")

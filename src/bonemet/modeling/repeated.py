@@ -191,8 +191,8 @@ def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str
     n_train = int(round(float(np.mean([r["n_train"] for r in records]))))
     n_test = int(round(float(np.mean([r["n_test"] for r in records]))))
 
-    def interval(values: Sequence[float]) -> dict[str, float]:
-        return corrected_resampled_t(values, n_train=n_train, n_test=n_test, alpha=alpha)
+    def interval(values: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
+        return corrected_resampled_t(values, n_train=n_train, n_test=n_test, alpha=alpha, bounds=bounds)
 
     per_model: dict[str, Any] = {}
     for model in models:
@@ -214,7 +214,7 @@ def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str
     }
     llr = [r["llr_auc"] for r in records]
     if all(np.isfinite(llr)):
-        out["llr"] = {"auc": interval(llr), "chosen_minus_llr": interval([r["chosen_minus_llr"] for r in records])}
+        out["llr"] = {"auc": interval(llr), "chosen_minus_llr": interval([r["chosen_minus_llr"] for r in records], (-1.0, 1.0))}
     return out
 
 

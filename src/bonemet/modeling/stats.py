@@ -272,7 +272,8 @@ def bootstrap_ci(
 
 
 def corrected_resampled_t(
-    values: Sequence[float] | np.ndarray, *, n_train: int, n_test: int, alpha: float
+    values: Sequence[float] | np.ndarray, *, n_train: int, n_test: int, alpha: float,
+    bounds: tuple[float, float] | None = None,
 ) -> dict[str, float]:
     """Mean of a statistic over repeated random train/test splits with the corrected resampled t
     interval of Nadeau & Bengio (2003), "Inference for the generalization error", Machine
@@ -284,6 +285,9 @@ def corrected_resampled_t(
     freedom. Also returned: the plain percentile range (``alpha/2`` and ``1 - alpha/2``
     quantiles of the values). Non-finite values (e.g. an AUC undefined on a one-class test set)
     are left out and counted in ``n_dropped``.
+
+    ``bounds``: the statistic's range (e.g. (0, 1) for an AUC, (-1, 1) for a difference of two);
+    the interval is clipped to it (with few repeats the t interval can reach past it).
 
     Returns ``{mean, sd, lo, hi, pct_lo, pct_hi, n, n_dropped}`` (``lo``/``hi`` NaN with fewer
     than two finite values).
@@ -307,4 +311,7 @@ def corrected_resampled_t(
     sd = float(finite.std(ddof=1))
     se = math.sqrt((1.0 / finite.size + n_test / n_train) * sd**2)
     half = float(student_t.ppf(1.0 - alpha / 2.0, df=finite.size - 1)) * se
-    return {**out, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "pct_lo": pct_lo, "pct_hi": pct_hi}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {**out, "mean": mean, "sd": sd, "lo": lo, "hi": hi, "pct_lo": pct_lo, "pct_hi": pct_hi}

@@ -73,6 +73,7 @@ def preprocess_cohort(
     grid_tolerance_mm: float,
     roi: str | None,
     segment: int | str | None,
+    pseudonym_key: bytes | None,
     show_progress: bool = True,
 ) -> pd.DataFrame:
     """Preprocess every case of a cohort's manifest into ``spec.out_dir``.
@@ -101,7 +102,7 @@ def preprocess_cohort(
         PreprocessError / ImageReadError: naming the first failing case; the output folder is
         then left as it was.
     """
-    cases = read_manifest(cohort_dir, roi=roi, segment=segment)
+    cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)
     jobs = _resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
     log.info("preprocessing %d cases from %s with %d process(es): %s", len(cases), cohort_dir, jobs,

@@ -44,6 +44,8 @@ class CaseSettings:
     roi: str | None
     segment: int | str | None
     grid_tolerance_mm: float
+    #: the key of ``data.pseudonymize`` (ids are then the stages' pseudonyms); None when off
+    pseudonym_key: bytes | None
 
 
 def _environment():
@@ -86,11 +88,12 @@ def render_report(
     context = {
         "title": title,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cohort": content.cohort_section(inputs, dpi=figure_dpi),
+        "cohort": content.cohort_section(inputs, dpi=figure_dpi, pseudonym_key=cases.pseudonym_key),
         "plan": content.plan_section(inputs),
         "examples": content.examples_section(inputs, n=example_cases, mask_label=cases.mask_label,
                                              grid_tolerance_mm=cases.grid_tolerance_mm, roi=cases.roi,
-                                             segment=cases.segment, dpi=figure_dpi),
+                                             segment=cases.segment, dpi=figure_dpi,
+                                             pseudonym_key=cases.pseudonym_key),
         "segmentation": segmentation,
         "radiomics": content.radiomics_section(inputs, dpi=figure_dpi),
         "classifiers": content.classifiers_section(inputs),

@@ -101,12 +101,13 @@ def model_names() -> dict[str, str]:
 # --- 1. cohort ---------------------------------------------------------------------------------
 
 
-def cohort_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
-    """Cases per class and site, spacing and HU distributions, the validation result and its warnings."""
+def cohort_section(inputs: ReportInputs, *, dpi: int, pseudonym_key: bytes | None) -> dict[str, Any]:
+    """Cases per class and site, spacing and HU distributions, the validation result and its warnings
+    (case ids as every stage writes them: pseudonyms with ``pseudonym_key``)."""
     from bonemet.data.manifest import read_manifest_table
 
     out: dict[str, Any] = {"cohort_dir": str(inputs.cohort_dir), "missing": []}
-    manifest = read_manifest_table(inputs.cohort_dir)
+    manifest = read_manifest_table(inputs.cohort_dir, pseudonym_key=pseudonym_key)
     labels = pd.to_numeric(manifest["label"], errors="coerce")
     sites = manifest["site"].fillna("").replace("", "(none)") if "site" in manifest.columns else None
     counts = pd.crosstab(sites if sites is not None else pd.Series(["all"] * len(manifest), name="site"),
@@ -217,17 +218,19 @@ def example_cases(cases: pd.DataFrame | None, cohort_ids: Sequence[str], n: int)
 
 
 def examples_section(inputs: ReportInputs, *, n: int, mask_label: int, grid_tolerance_mm: float,
-                     roi: str | None, segment: int | str | None, dpi: int) -> dict[str, Any]:
+                     roi: str | None, segment: int | str | None, dpi: int,
+                     pseudonym_key: bytes | None) -> dict[str, Any]:
     from bonemet.data.manifest import read_manifest_table
     from bonemet.data.synthetic_figure import cases_figure
 
     cases = read_csv(inputs.segmentation_cases)
-    cohort_ids = read_manifest_table(inputs.cohort_dir)["case_id"].astype(str).tolist()
+    cohort_ids = read_manifest_table(inputs.cohort_dir, pseudonym_key=pseudonym_key)["case_id"].astype(str).tolist()
     picks = example_cases(cases, cohort_ids, n)
     has_auto = inputs.auto_masks.is_dir() and any(inputs.auto_masks.glob("*.nii.gz"))
     fig = cases_figure(inputs.cohort_dir, [cid for cid, _ in picks], mask_label=mask_label,
                        grid_tolerance_mm=grid_tolerance_mm, auto_masks_dir=inputs.auto_masks if has_auto else None,
-                       titles={cid: why for cid, why in picks if why}, roi=roi, segment=segment)
+                       titles={cid: why for cid, why in picks if why}, roi=roi, segment=segment,
+                       pseudonym_key=pseudonym_key)
     return {"figure": figures.figure_uri(fig, dpi), "cases": picks, "has_auto": has_auto}
 
 

@@ -94,6 +94,37 @@ def run_tags(cohort_dir: str | Path) -> dict[str, str]:
     return tags
 
 
+def pseudonym_key(params: Params) -> bytes | None:
+    """The pseudonymisation key from the environment variable ``data.pseudonym_key_env`` when
+    ``data.pseudonymize`` is on (None when off).
+
+    Raises:
+        PseudonymKeyError: pseudonymisation is on and the variable is unset or too short.
+    """
+    from bonemet.data.pseudonym import PseudonymKeyError, check_key
+
+    if not params.data.pseudonymize:
+        return None
+    name = params.data.pseudonym_key_env
+    value = os.environ.get(name)
+    if not value:
+        raise PseudonymKeyError(
+            f"data.pseudonymize is on but ${name} is not set: export the cohort's key (the same one every "
+            f"stage and `bonemet pseudonyms` use), e.g. `export {name}=$(openssl rand -hex 32)` once, kept "
+            "outside the repository"
+        )
+    return check_key(value.encode("utf-8"), f"${name}")
+
+
+def read_cases(params: Params, cohort_dir: str | None = None) -> list:
+    """The cohort's cases (``data.cohort_dir`` unless given) with the params' ROI / segment defaults
+    and, when on, pseudonymous ids."""
+    from bonemet.data.manifest import read_manifest
+
+    return read_manifest(cohort_dir or params.data.cohort_dir, roi=params.data.roi, segment=params.data.segment,
+                         pseudonym_key=pseudonym_key(params))
+
+
 def open_store(params: Params) -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's store (``tracking.store_dir``); the URI."""
     from bonemet.registry.store import configure
@@ -102,11 +133,20 @@ def open_store(params: Params) -> str:
 
 
 def cohort_input(params: Params, context: str = "training") -> DatasetInput:
-    """The cohort as an MLflow dataset: its manifest's rows, its DVC md5, its case count."""
-    from bonemet.data.manifest import MANIFEST_NAME, read_manifest_table
+    """The cohort as an MLflow dataset: one row per case (id, label, patient and site when the
+    manifest has them; pseudonymous ids when ``data.pseudonymize``; no file paths, which may carry
+    ids), its DVC md5 as the digest, its case count."""
+    import pandas as pd
+
+    from bonemet.data.manifest import MANIFEST_NAME
     from bonemet.tracking import DatasetInput
 
-    table = read_manifest_table(params.data.cohort_dir)
+    cases = read_cases(params)
+    table = pd.DataFrame({"case_id": [c.case_id for c in cases], "label": [int(c.label) for c in cases]})
+    if any(c.patient_id for c in cases):
+        table["patient_id"] = [c.patient_id or "" for c in cases]
+    if any(c.site for c in cases):
+        table["site"] = [c.site or "" for c in cases]
     digest = data_md5(params.data.cohort_dir)
     return DatasetInput(name="cohort", table=table, source=str(Path(params.data.cohort_dir) / MANIFEST_NAME),
                         digest=digest, context=context,

@@ -115,7 +115,7 @@ def version_cohort(cohort_dir: Path, *, regenerated: bool) -> int:
         if not regenerated:
             log.info("cohort %s versioned by %s", relative, dvc_file)
             return 0
-        proc = subprocess.run([_dvc(), "commit", "-q", str(dvc_file)], stdin=subprocess.DEVNULL,
+        proc = subprocess.run([_dvc(), "commit", str(dvc_file)], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             log.error("`dvc commit %s` failed: the regenerated cohort differs from what %s records?\n%s",
@@ -131,7 +131,7 @@ def version_cohort(cohort_dir: Path, *, regenerated: bool) -> int:
             "folder git does not ignore, e.g. cohorts/%s, and set data.cohort_dir to it", target, relative,
             relative.name)
         return 1
-    proc = subprocess.run([_dvc(), "add", "-q", str(relative)], stdin=subprocess.DEVNULL, capture_output=True,
+    proc = subprocess.run([_dvc(), "add", str(relative)], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         log.error("`dvc add %s` failed:\n%s", relative, (proc.stderr or proc.stdout).strip()[-2000:])

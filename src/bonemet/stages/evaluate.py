@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bonemet.modeling.training import read_feature_tables
     from bonemet.splits import read_splits, repeated_splits
-    from bonemet.stages._common import cohort_input, feature_inputs, mlflow_tracker, specs_from
+    from bonemet.stages._common import cohort_input, feature_inputs, mlflow_tracker, pseudonym_key, specs_from
     from bonemet.tracking import NullTracker
     from bonemet.utils import atomic_path, write_json
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     splits = repeated_splits(ids, labels, n_repeats=ev.repeats, test_size=params.split.test_size,
                              n_folds=params.split.n_folds, seed=params.seed,
                              groups=[str(patients[i]) for i in ids] if patients else None)
-    sites = manifest_sites(params.data.cohort_dir) if params.select.harmonize.enabled else None
+    sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params)) \
+        if params.select.harmonize.enabled else None
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(
         params, ev.experiment, long_running=True,
         inputs=[cohort_input(params), *feature_inputs(train.features_dir, [primary_name])])

@@ -20,16 +20,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.data.manifest import read_manifest
     from bonemet.radiomics import extract_sources, settings_from_params
-    from bonemet.stages._common import cohort_input, mlflow_tracker, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
     from bonemet.tracking.base import NullTracker
 
     params = specs_from(args)
     spec = params.radiomics
     cohort = args.cohort_dir or params.data.cohort_dir
     settings = settings_from_params(params)
-    cases = read_manifest(cohort, roi=params.data.roi, segment=params.data.segment)
+    cases = read_cases(params, cohort)
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment, long_running=True,
                                                                     inputs=[cohort_input(params)])
     summary = extract_sources(

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
     from bonemet.radiomics import settings_from_params
     from bonemet.serving.predict import MissuSegmenter, load_inputs, predict_inputs
-    from bonemet.stages._common import open_store, specs_from
+    from bonemet.stages._common import open_store, pseudonym_key, specs_from
 
     params = specs_from(args)
     reg = params.registration
@@ -48,6 +48,11 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from_params(params)
     # Read (and check) the CT and mask before loading any model: a bad file fails in a second.
     inputs = load_inputs(args.image, args.mask, mask_label=params.data.mask_label, grid_tolerance_mm=tolerance)
+    key = pseudonym_key(params)
+    if key is not None:  # the id from the file name is pseudonymised like the manifest's
+        from bonemet.data.pseudonym import pseudonym
+
+        inputs.case_id = pseudonym(inputs.case_id, key)
 
     from bonemet.registry.loaders import load_classifier, load_segmenter
 

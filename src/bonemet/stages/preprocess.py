@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bonemet.preprocessing import preprocess_cohort
-    from bonemet.stages._common import specs_from
+    from bonemet.stages._common import pseudonym_key, specs_from
 
     params = specs_from(args)
     changes = {k: v for k, v in (("out_dir", args.out), ("n_jobs", args.n_jobs)) if v is not None}
@@ -26,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
     table = preprocess_cohort(cohort_dir, spec, mask_label=params.data.mask_label,
                               grid_tolerance_mm=params.validation.grid_tolerance_mm,
                               roi=params.data.roi, segment=params.data.segment,
-                              show_progress=not args.no_progress)
+                              pseudonym_key=pseudonym_key(params), show_progress=not args.no_progress)
     log.info("preprocessed %d cases into %s", len(table), spec.out_dir)
     return 0

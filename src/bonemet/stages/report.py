@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bonemet.config import load_params
     from bonemet.report import CaseSettings, Provenance, ReportInputs, build_report
-    from bonemet.stages._common import data_md5, git_commit, specs_from
+    from bonemet.stages._common import data_md5, git_commit, pseudonym_key, specs_from
 
     params = specs_from(args)
     spec, train, seg = params.report, params.train, params.segment
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     build_report(
         args.out or spec.out, inputs, title=spec.title,
         cases=CaseSettings(mask_label=params.data.mask_label, roi=params.data.roi, segment=params.data.segment,
-                           grid_tolerance_mm=params.validation.grid_tolerance_mm),
+                           grid_tolerance_mm=params.validation.grid_tolerance_mm,
+                           pseudonym_key=pseudonym_key(params)),
         provenance=Provenance(git_commit=git_commit(), data_md5=data_md5(params.data.cohort_dir),
                               tracking_uri=store["uri"] if store else None, params=load_params(args.params),
                               baseline_params=baseline, baseline_note=note),

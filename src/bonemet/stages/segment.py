@@ -36,19 +36,18 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from bonemet.data.manifest import read_manifest
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.data import load_cases, load_volume
     from bonemet.segmentation.inference import InferenceSettings
     from bonemet.segmentation.metrics import summarize
     from bonemet.segmentation.networks import network_kwargs
-    from bonemet.stages._common import cohort_input, mlflow_tracker, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
     from bonemet.tracking import NullTracker
 
     params = specs_from(args, segment_profile=args.profile)
     seg = params.segment if not args.model else params.segment.updated({"model": args.model})
     name = seg.model
-    manifest = read_manifest(params.data.cohort_dir, roi=params.data.roi, segment=params.data.segment)
+    manifest = read_cases(params)
     if name == "external":
         return _run_external(args, params, seg, manifest)
     num_threads = seg.num_threads or os.cpu_count() or 1

@@ -16,12 +16,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.data.manifest import read_manifest
     from bonemet.splits import make_splits, write_splits
-    from bonemet.stages._common import specs_from
+    from bonemet.stages._common import read_cases, specs_from
 
     params = specs_from(args)
-    cases = read_manifest(args.cohort_dir or params.data.cohort_dir)
+    cases = read_cases(params, args.cohort_dir)
     out = args.out or params.split.out
     grouped = any(c.patient_id is not None for c in cases)
     splits = make_splits(

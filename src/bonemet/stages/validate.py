@@ -30,13 +30,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.stages._common import specs_from
+    from bonemet.stages._common import pseudonym_key, specs_from
     from bonemet.validation.cohort import validate_cohort
 
     params = specs_from(args)
     args.cohort_dir = args.cohort_dir or args.cohort or params.data.cohort_dir
     report = validate_cohort(args.cohort_dir, params.validation, mask_label=params.data.mask_label,
-                             roi=params.data.roi, segment=params.data.segment, show_progress=not args.no_progress)
+                             roi=params.data.roi, segment=params.data.segment,
+                             pseudonym_key=pseudonym_key(params), show_progress=not args.no_progress)
     if args.report:
         report.write(args.report)
 

@@ -38,11 +38,14 @@ import SimpleITK as sitk
 from bonemet.data.dicom_masks import mask_format, read_lesion_mask
 from bonemet.data.io import ImageReadError, read_image, same_grid
 from bonemet.data.manifest import (
+    CASE_ID_PATTERN,
     MANIFEST_NAME,
+    MAX_ID_LENGTH,
     PATIENT_COLUMN,
     SITE_COLUMN,
     ManifestError,
     parse_segment,
+    path_escapes,
     read_manifest_table,
 )
 from bonemet.data.masks import volume_ml
@@ -54,7 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 LABELS = ("0", "1")
 MASK_KINDS = ("mask", "annotator_mask")
 MANIFEST_LEVEL = "(manifest)"
@@ -364,7 +366,9 @@ def measure_cohort(
     ):
         case_id = rec["case_id"] or f"row {row_no}"
         out: dict[str, Any] = {"case_id": case_id, "row": row_no}
-        image_path = cohort_dir / rec["image"] if rec.get("image") else None
+        # a path leading out of the cohort is never read (the paths_inside_cohort rule reports it)
+        image_path = cohort_dir / rec["image"] if rec.get("image") and not path_escapes(cohort_dir, rec["image"]) \
+            else None
         if image_path is not None:
             measures, image = _measure_image(image_path, case_id)
         else:
@@ -378,6 +382,7 @@ def measure_cohort(
                                    parse_segment(rec.get("annotator_segment")) or case_segment)}
         for kind in MASK_KINDS:
             rel = rec.get(kind) or ""
+            rel = "" if rel and path_escapes(cohort_dir, rel) else rel
             kind_roi, kind_segment = refs[kind]
             out.update(
                 _measure_mask(
@@ -421,6 +426,25 @@ def _manifest_rules() -> list[tuple[Rule, Detail]]:
                 description="case_id is non-empty and made of letters, digits, '.', '_', '-' (it names output files)",
             ),
             lambda r: f"case_id {r['case_id_raw']!r} on line {r['row']}: expected {CASE_ID_PATTERN}",
+        ),
+        (
+            Rule(
+                "case_id_length",
+                "ExpectColumnValueLengthsToBeBetween",
+                {"column": "case_id_raw", "max_value": MAX_ID_LENGTH},
+                description=f"case_id is at most {MAX_ID_LENGTH} characters (it names output files)",
+            ),
+            lambda r: f"case_id on line {r['row']} is {len(r['case_id_raw'])} characters long: at most {MAX_ID_LENGTH}",
+        ),
+        (
+            Rule(
+                "paths_inside_cohort",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "paths_inside", "value_set": [True]},
+                description="image and mask paths are relative to the cohort folder and stay inside it",
+            ),
+            lambda r: (f"line {r['row']}: a path points outside the cohort folder ({r['paths_outside']}); give "
+                       "paths relative to it, with no '..', absolute path or link leading out"),
         ),
         (
             Rule(
@@ -715,6 +739,7 @@ def validate_cohort(
     mask_label: int,
     roi: str | None,
     segment: int | str | None,
+    pseudonym_key: bytes | None,
     show_progress: bool = True,
 ) -> CohortReport:
     """Check a bring-your-own cohort folder; never modifies it and never raises for bad data.
@@ -756,7 +781,7 @@ def validate_cohort(
     }
     report = CohortReport(cohort_dir=str(cohort_dir), n_cases=0, params=params)
     try:
-        table = read_manifest_table(cohort_dir)
+        table = read_manifest_table(cohort_dir, pseudonym_key=pseudonym_key)
     except ManifestError as exc:
         report.manifest_failures.append(Failure("manifest_readable", "hard", str(exc)))
         return report
@@ -770,6 +795,10 @@ def validate_cohort(
         cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
     ]
     manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
+    outside = [[f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
+                if row.get(col) and path_escapes(cohort_dir, row[col])] for row in manifest.to_dict("records")]
+    manifest["paths_outside"] = [", ".join(o) for o in outside]
+    manifest["paths_inside"] = [not o for o in outside]
     row_rules = _manifest_rules() + _optional_column_rules(list(table.columns))
     table_rules = _manifest_table_rules()
     results = check_table(
