@@ -247,7 +247,6 @@ def capture_warnings(path: str | Path | None, stage: str) -> Iterator[None]:
     tuning) then costs one summary line instead of pages of repeats.
     """
     import tempfile
-    import warnings
 
     own = path is None
     if own:
@@ -258,35 +257,31 @@ def capture_warnings(path: str | Path | None, stage: str) -> Iterator[None]:
         log_path = Path(path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("", encoding="utf-8")
-    previous = _CAPTURE.get("path")
-    _CAPTURE["path"] = log_path
     handler = None
     if not own:  # the stage's log lines go to the file too
         handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger().addHandler(handler)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _write_warning
-        try:
+    try:
+        with worker_warnings(log_path):
             yield
-        finally:
-            if handler is not None:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
-            _CAPTURE["path"] = previous
-            where = f" (full text: {log_path})" if not own else ""
-            for kind, (count, message) in sorted(_warning_kinds(log_path).items(), key=lambda kv: (-kv[1][0], kv[0])):
-                short = message if len(message) <= 90 else message[:87] + "..."
-                log.warning("%s: %d x %s: %s%s", stage, count, kind, short, where)
-            if own:
-                log_path.unlink(missing_ok=True)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        where = f" (full text: {log_path})" if not own else ""
+        for kind, (count, message) in sorted(_warning_kinds(log_path).items(), key=lambda kv: (-kv[1][0], kv[0])):
+            short = message if len(message) <= 90 else message[:87] + "..."
+            log.warning("%s: %d x %s: %s%s", stage, count, kind, short, where)
+        if own:
+            log_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def worker_warnings(path: str | Path | None) -> Iterator[None]:
-    """In a worker process that was not forked from a capturing stage (a spawned loky worker):
-    write its warnings into the stage's log ``path`` (:func:`active_warnings_log` in the parent)."""
+    """Every warning of this process into the log ``path``, none to the screen: what
+    :func:`capture_warnings` does for a stage, and what a worker process that was not forked from
+    it (a spawned loky worker) calls with the stage's :func:`active_warnings_log`."""
     import warnings
 
     if path is None:
