@@ -95,3 +95,18 @@ def test_the_command_line_reads_bonemet_progress(monkeypatch, params_file, tmp_p
         assert "synth" not in capsys.readouterr().err.split("INFO")[0]
     finally:
         configure_progress(True)
+
+
+def test_a_library_routing_warnings_through_logging_does_not_take_them_back_to_the_screen(tmp_path, capsys):
+    log_file = tmp_path / "validate.log"
+    with capture_warnings(log_file, "validate"):
+        logging.captureWarnings(True)  # what Great Expectations does when it is imported
+        warnings.warn("module 'sre_parse' is deprecated", DeprecationWarning, stacklevel=1)
+    assert "sre_parse" not in capsys.readouterr().err
+    assert warning_counts(log_file) == {f"DeprecationWarning at {__file__.split('/')[-1]}:"
+                                        f"{_line_of('sre_parse')}": 1}
+
+
+def _line_of(text: str) -> int:
+    lines = open(__file__, encoding="utf-8").read().splitlines()
+    return next(i + 1 for i, line in enumerate(lines) if text in line and "warnings.warn" in line)

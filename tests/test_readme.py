@@ -71,6 +71,11 @@ def _copy_repository(dest: Path) -> None:
 def test_readme_shell_blocks_run_verbatim_on_a_tiny_cohort(tmp_path):
     from bonemet.config import deep_merge
 
+    stamp = REPO / ".venv" / ".installed"
+    stale = [f for f in ("pyproject.toml", "requirements.lock")
+             if not stamp.is_file() or (REPO / f).stat().st_mtime > stamp.stat().st_mtime]
+    if stale:  # `make run` in the copy would reinstall into the shared venv, pointing it at the copy
+        pytest.fail(f".venv is older than {', '.join(stale)}: run `make venv` first")
     clone = tmp_path / "clone"
     _copy_repository(clone)
     params = deep_merge(yaml.safe_load((clone / "params.yaml").read_text()),
@@ -84,7 +89,8 @@ def test_readme_shell_blocks_run_verbatim_on_a_tiny_cohort(tmp_path):
     setup = f"""
 set -euo pipefail
 git init -q . && git config user.email readme@bonemet && git config user.name readme
-{bin_dir}/dvc init -q -f && {bin_dir}/dvc config core.analytics false
+test -d .dvc || {bin_dir}/dvc init -q
+{bin_dir}/dvc config --local core.analytics false
 # the tiny cohort at data/raw, versioned by data.dvc as a fresh clone's would be
 {bin_dir}/bonemet synth data/raw --small --n 24 --n-positive 10 --no-progress
 {bin_dir}/dvc commit -q -f data.dvc

@@ -191,18 +191,37 @@ WARNING_MARK = "[warning] "
 _CAPTURE: dict[str, Any] = {}
 
 
-def _write_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
-                   line: str | None = None) -> None:
-    """``warnings.showwarning`` while a capture is active: one entry in the log file, nothing on screen."""
+def _write_entry(category: str, filename: str, lineno: int | str, text: str) -> None:
+    """One captured warning into the active log file (one append: safe across forked workers)."""
     path = _CAPTURE.get("path")
     if path is None:
         return
-    where = f"{category.__name__} at {_short_path(filename)}:{lineno}"
     prefix = _LOG_CONTEXT.get("prefix")
-    text = _ANSI.sub("", str(message)).strip().replace("\n", "\n    ")
-    entry = f"{WARNING_MARK}{where}{' ' + prefix if prefix else ''}\n    {text}\n"
-    with open(path, "a", encoding="utf-8") as fh:  # one append per warning: safe across forked workers
+    body = _ANSI.sub("", text).strip().replace("\n", "\n    ")
+    entry = f"{WARNING_MARK}{category} at {_short_path(filename)}:{lineno}{' ' + prefix if prefix else ''}\n    {body}\n"
+    with open(path, "a", encoding="utf-8") as fh:
         fh.write(entry)
+
+
+#: ``warnings.formatwarning``'s text, which ``logging.captureWarnings`` sends to the ``py.warnings`` logger.
+_FORMATTED = re.compile(r"(?s)^(?P<file>.*?):(?P<line>\d+): (?P<category>\w+): (?P<message>.*)$")
+
+
+class _WarningEntries(logging.Handler):
+    """Handler of the ``py.warnings`` logger: each warning becomes an entry of the stage's log.
+
+    Warnings are routed through logging (``logging.captureWarnings``) rather than by replacing
+    ``warnings.showwarning``, because some libraries (Great Expectations) turn that routing on at
+    import and would otherwise take the warnings back to the screen.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.getMessage()
+        found = _FORMATTED.match(text)
+        if found:
+            _write_entry(found["category"], found["file"], found["line"], found["message"])
+        else:
+            _write_entry("Warning", "unknown", 0, text)
 
 
 def _short_path(filename: str) -> str:
@@ -289,10 +308,17 @@ def worker_warnings(path: str | Path | None) -> Iterator[None]:
         return
     previous = _CAPTURE.get("path")
     _CAPTURE["path"] = Path(path)
+    logger = logging.getLogger("py.warnings")
+    handler, propagate = _WarningEntries(), logger.propagate
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _write_warning
+        warnings.simplefilter("always")  # every occurrence counted, not the first per place
+        logging.captureWarnings(True)
+        logger.addHandler(handler)
+        logger.propagate = False
         try:
             yield
         finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+            logging.captureWarnings(False)
             _CAPTURE["path"] = previous

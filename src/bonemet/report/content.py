@@ -248,8 +248,10 @@ def segmentation_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
             ["cases", sig(summary.get("n_cases"))],
             ["mean Dice (sd)", f"{sig(summary.get('dice_mean'))} ({sig(summary.get('dice_sd'))})"],
             ["median Dice", sig(summary.get("dice_median"))],
-            ["mean HD95 (mm)", sig(summary.get("hd95_mm_mean"))],
-            ["mean volume difference (mL)", sig(summary.get("volume_diff_ml_mean"))],
+            ["mean HD95 (mm)", sig(summary.get("hd95_mean"))],
+            ["mean volume difference, automatic minus manual (mL)", sig(summary.get("volume_diff_ml_mean"))],
+            ["mean absolute volume difference (mL)", sig(summary.get("abs_volume_diff_ml_mean"))],
+            ["empty automatic masks", sig(summary.get("n_empty_predictions"))],
             ["folds", sig(summary.get("n_folds"))],
             ["epochs per fold (mean)", sig(summary.get("epochs_mean"))],
             ["training time (s, all folds)", sig(summary.get("train_seconds_total"))],
@@ -321,10 +323,11 @@ def radiomics_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
 
 def _source_cells(info: Any) -> list[str]:
     if not isinstance(info, Mapping):
-        return [str(info), "", ""]
+        return [str(info), "", "", ""]
     if "skipped" in info:
-        return ["skipped", "", str(info["skipped"])]
-    return [sig(info.get("n_cases")), sig(info.get("n_dropped", 0)), sig(info.get("extraction_seconds"))]
+        return ["skipped", "", "", str(info["skipped"])]
+    return [sig(info.get("n_cases")), sig(info.get("n_dropped", 0)), sig(info.get("n_cached", 0)),
+            sig(info.get("extraction_seconds"))]
 
 
 # --- 5. classifiers -------------------------------------------------------------------------------
