@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import tarfile
 from pathlib import Path
@@ -107,10 +108,18 @@ git add -A >/dev/null && git commit -qm "readme test clone"
         script.append("echo " + shlex.quote(f"== README block {k}: {body.splitlines()[0][:70]}"))
         script.append(body)
     (tmp_path / "readme.sh").write_text("\n".join(script) + "\n")
-    proc = subprocess.run(["bash", str(tmp_path / "readme.sh")], cwd=clone, env=env, capture_output=True,
-                          text=True, timeout=1500, stdin=subprocess.DEVNULL)
-    out = proc.stdout + proc.stderr
+    # its own process group: a server a block starts (and what that server spawns) is stopped with it
+    with subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=clone, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=1500)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    out = stdout + stderr
     (tmp_path / "readme.log").write_text(out)
     assert proc.returncode == 0, f"a README command failed (log: {tmp_path / 'readme.log'}):\n{out[-6000:]}"
     assert (clone / "reports" / "index.html").is_file()
-    assert '"probability' in proc.stdout, "the curl call got no prediction back"
+    assert '"probability' in stdout, "the curl call got no prediction back"
