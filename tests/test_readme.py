@@ -108,16 +108,21 @@ git add -A >/dev/null && git commit -qm "readme test clone"
         script.append("echo " + shlex.quote(f"== README block {k}: {body.splitlines()[0][:70]}"))
         script.append(body)
     (tmp_path / "readme.sh").write_text("\n".join(script) + "\n")
-    # its own process group: a server a block starts (and what that server spawns) is stopped with it
-    with subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=clone, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True) as proc:
+    # its own process group: a server a block starts (and what that server spawns, which may outlive
+    # its parent and hold its output open) is stopped with it; output to files, not pipes, for that reason
+    out_path, err_path = tmp_path / "readme.out", tmp_path / "readme.err"
+    with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
+        proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=clone, env=env, stdout=out_file,
+                                stderr=err_file, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            stdout, stderr = proc.communicate(timeout=1500)
+            proc.wait(timeout=1500)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+            proc.wait(timeout=60)
+    stdout, stderr = out_path.read_text(), err_path.read_text()
     out = stdout + stderr
     (tmp_path / "readme.log").write_text(out)
     assert proc.returncode == 0, f"a README command failed (log: {tmp_path / 'readme.log'}):\n{out[-6000:]}"

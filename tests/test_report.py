@@ -32,7 +32,8 @@ def test_example_cases_are_the_best_and_the_worst_by_dice_then_the_median():
     cases = pd.DataFrame({"case_id": [f"C{i}" for i in range(9)], "dice": [0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.6, 0.2, 0.4]})
     picks = example_cases(cases, [], 3)
     assert [cid for cid, _ in picks] == ["C1", "C2", "C0"]
-    assert picks[0][1].startswith("best Dice: Dice 0.900") and picks[1][1].startswith("worst Dice")
+    assert picks[0][1] == "best Dice (0.900)" and picks[1][1] == "worst Dice (0.100)"
+    assert picks[2][1] == "50th percentile of Dice (0.500)"
     # no per-case Dice (external masks without manual ones, or no segmentation yet): the cohort's first cases
     assert example_cases(None, ["A", "B", "C"], 2) == [("A", ""), ("B", "")]
 

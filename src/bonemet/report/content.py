@@ -214,7 +214,7 @@ def example_cases(cases: pd.DataFrame | None, cohort_ids: Sequence[str], n: int)
         cid = ids[int(round(q * (len(ids) - 1)))]
         if cid not in {p for p, _ in picks}:
             picks.append((cid, f"{int(q * 100)}th percentile of Dice"))
-    return [(cid, f"{why}: Dice {sig(dice[cid])}") for cid, why in picks[:n]]
+    return [(cid, f"{why} ({sig(dice[cid])})") for cid, why in picks[:n]]
 
 
 def examples_section(inputs: ReportInputs, *, n: int, mask_label: int, grid_tolerance_mm: float,
