@@ -123,6 +123,12 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(auto[0])))).tolist()) <= {0, 2}
     seg = json.loads((first / "metrics/segmentation.json").read_text())
     assert seg["n_cases"] == len(cases) and math.isfinite(seg["dice_mean"]) and seg["dice_mean"] > 0
+    assert seg["gate"]["promote"] and seg["gate"]["registered"] and seg["gate"]["min_dice"] == 0.0
+    # the registered classifier's training domain, fitted by the train stage
+    registry = json.loads((first / "metrics/registry.json").read_text())
+    domain = json.loads((work / "models/domain.json").read_text())
+    assert domain[registry["classifier"]]["oof_flag_rate"] <= params["train"]["domain"]["max_flag_rate"]
+    assert (work / "models" / f"{registry['classifier']}.domain.skops").is_file()
     for source in ("manual", "auto", "annotator"):
         table = pd.read_parquet(work / "data/features" / f"{source}.parquet")
         assert sorted(table["case_id"]) == sorted(cases), source

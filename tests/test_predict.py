@@ -476,9 +476,13 @@ def test_command_with_models_from_a_real_mlflow_store(cohort, classifier, tmp_pa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _params_file(tmp_path, "mlruns")
     tracker = MlflowTracker("predict-test", tracking_uri=None, store_dir=tmp_path / "mlruns")
+    from bonemet.modeling.domain import fit_training_domain
+
+    domain = fit_training_domain(classifier.pipeline, classifier.table, np.arange(len(classifier.table)) % 2,
+                                 PARAMS.train.domain, seed=0)
     with tracker.run("register") as run_id:
         log_classifier(classifier.pipeline, classifier.feature_names, threshold=0.25, model_name="logreg",
-                       input_example=classifier.table, pip_requirements=["scikit-learn"])
+                       domain=domain, check_rows=classifier.table)
     set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
     with tracker.run("segment") as run_id:
         tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
@@ -491,6 +495,7 @@ def test_command_with_models_from_a_real_mlflow_store(cohort, classifier, tmp_pa
     assert out["models"] == {"classifier": {"name": "bonemet-classifier", "version": "1"},
                              "segmenter": {"name": "bonemet-missu", "version": "1"}}
     assert out["threshold"] == 0.25 and out["mask_source"] == "missu"  # the registered threshold
+    assert isinstance(out["in_domain"], bool) and isinstance(out["domain_reasons"], list)
     # the settings travelled with the model: the same mask as the library with INFERENCE
     direct = MissuSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-missu", "1").segment(
         read_image(case.image), case.case_id)

@@ -209,6 +209,28 @@ def test_cohort_cache_extracts_only_new_cases_and_all_after_a_setting_change(tmp
     assert (stats.n_cached, stats.n_extracted) == (3, 1)
 
 
+def test_a_corrupt_or_altered_cache_entry_is_extracted_again_and_rewritten(tmp_path, caplog):
+    import json
+
+    cases = [(f"c{i}", i % 2, *_write_case(tmp_path / "cohort", f"c{i}", seed=i)) for i in range(3)]
+    cache = tmp_path / "cache"
+    table, _ = extract_cohort(cases, FAST, n_jobs=1, **{**COHORT, "cache_dir": cache})
+    first, second, third = sorted(cache.glob("*.json"))
+    first.write_text(first.read_text()[:100])                    # cut short (a kill mid-write, a full disk)
+    entry = json.loads(second.read_text())
+    entry["values"][0] += 1.0                                    # valid JSON, wrong content
+    second.write_text(json.dumps(entry))
+    stats = CohortStats()
+    with caplog.at_level("WARNING"):
+        again, _ = extract_cohort(cases, FAST, n_jobs=1, **{**COHORT, "cache_dir": cache}, stats=stats)
+    assert (stats.n_cached, stats.n_extracted) == (1, 2)
+    assert "does not match its digest" in caplog.text
+    pd.testing.assert_frame_equal(again, table)                  # the altered value never reaches a table
+    stats = CohortStats()
+    extract_cohort(cases, FAST, n_jobs=1, **{**COHORT, "cache_dir": cache}, stats=stats)
+    assert stats.n_cached == 3                                    # rewritten: verified on the next read
+
+
 def test_parallel_equals_sequential(tmp_path):
     cases = [(f"p{i}", i % 2, *_write_case(tmp_path, f"p{i}", seed=10 + i)) for i in range(3)]
     sequential, _ = extract_cohort(cases, FAST, n_jobs=1, **COHORT)

@@ -19,7 +19,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bonemet.modeling.persistence import save_pipeline
+from bonemet.modeling.domain import domain_file
+from bonemet.modeling.persistence import load_pipeline, save_pipeline
 from bonemet.modeling.repeated import best_by_repeats
 from bonemet.modeling.training import choose_best_model
 from bonemet.registry.gate import Estimate, decide_promotion
@@ -76,14 +77,14 @@ def test_feature_checks_name_the_problem():
     assert list(out.columns) == FEATURES and out.dtypes.unique().tolist() == [np.float64]
     with pytest.raises(FeatureInputError, match="empty input"):
         check_feature_frame(df.iloc[:0], FEATURES)
-    with pytest.raises(FeatureInputError, match="missing 1 of 6 feature columns: original_firstorder_F2"):
+    with pytest.raises(FeatureInputError, match="missing 1 of the 6 columns the model reads: original_firstorder_F2"):
         check_feature_frame(df.drop(columns=[FEATURES[2]]), FEATURES)
     with pytest.raises(FeatureInputError, match="unknown columns: bogus"):
         check_feature_frame(df.assign(bogus=1.0), FEATURES)
     bad = df.copy()
     bad[FEATURES[1]] = bad[FEATURES[1]].astype(object)
     bad.loc[2, FEATURES[1]] = "abc"
-    with pytest.raises(FeatureInputError, match=f"non-numeric.*'{FEATURES[1]}' at row\\(s\\) 2"):
+    with pytest.raises(FeatureInputError, match=rf"non-numeric.*{FEATURES[1]} \(row 2\)"):
         check_feature_frame(bad, FEATURES)
     nan = df.copy()
     nan.loc[3, FEATURES[4]] = np.nan
@@ -100,6 +101,15 @@ def store(tmp_path, monkeypatch):
     return uri
 
 
+def _domain(pipeline, df):
+    """The training domain the train stage writes next to each pipeline."""
+    from bonemet.config import load_specs
+    from bonemet.modeling.domain import fit_training_domain
+
+    spec = load_specs(Path(__file__).resolve().parents[1] / "params.yaml").train.domain
+    return fit_training_domain(pipeline, df[FEATURES], np.arange(len(df)) % 3, spec, seed=0)
+
+
 def _train_outputs(models_dir, aucs, run="a"):
     """What the train stage leaves in ``models_dir`` for the register stage.
 
@@ -114,6 +124,7 @@ def _train_outputs(models_dir, aucs, run="a"):
     for k, (name, (folds, test_auc)) in enumerate(aucs.items()):
         pipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1 * (k + 1))).fit(df[FEATURES], df["label"])
         save_pipeline(pipe, models_dir / f"{name}.skops")
+        save_pipeline(_domain(pipe, df), models_dir / domain_file(name))
         entries[name] = {"path": f"{name}.skops", "cv_auc_mean": float(np.mean(folds)),
                          "cv_auc_sd": float(np.std(folds, ddof=1)), "test_auc": test_auc, "threshold": 0.4 + 0.1 * k,
                          "params": {"C": 0.1 * (k + 1)}}
@@ -142,7 +153,6 @@ def _repeated(estimates, path=None):
 
 def _register(models_dir, df, reg, repeated, data_md5="d41d8", **kw):
     """register_classifier on the train and evaluate outputs, as the register stage calls it."""
-    from bonemet.modeling.persistence import load_pipeline
     from bonemet.registry.registration import register_classifier
 
     index = json.loads((Path(models_dir) / "index.json").read_text())
@@ -150,9 +160,9 @@ def _register(models_dir, df, reg, repeated, data_md5="d41d8", **kw):
     args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, classifier=classifier,
                 index=index, provenance=json.loads((Path(models_dir) / "provenance.json").read_text()),
                 repeated=repeated, pipeline=load_pipeline(Path(models_dir) / index["models"][classifier]["path"]),
-                input_example=df.head(2), min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound,
+                domain=load_pipeline(Path(models_dir) / domain_file(classifier)), check_rows=df, min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound,
                 min_sensitivity=reg.min_sensitivity, min_specificity=reg.min_specificity,
-                tolerance=reg.tolerance, alias=reg.alias, pip_requirements=["scikit-learn==1.9.1"],
+                tolerance=reg.tolerance, alias=reg.alias,
                 description_extra="\nTable 1:\n| svm | test | 0.900 |", tags={"data_md5": data_md5, "git_commit": "abc"})
     args.update(kw)
     return register_classifier(**args)
@@ -210,7 +220,7 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
 
     model = mlflow.pyfunc.load_model("models:/bonemet-classifier@staging")
     out = model.predict(df.head(3))
-    assert list(out.columns) == ["case_id", "probability_breast", "label"]
+    assert list(out.columns) == ["case_id", "probability_breast", "label", "in_domain", "domain_reasons"]
     assert ((out["probability_breast"] >= 0) & (out["probability_breast"] <= 1)).all()
     assert set(out["label"]) <= {0, 1}
     nan = df.head(2).copy()
@@ -297,6 +307,7 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     from bonemet.cli import main
     from bonemet.modeling.training import run_training
     from bonemet.registry.store import model_versions
+    from bonemet.stages.train import write_domains
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     df = _table(n=60)
@@ -312,6 +323,7 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     select = params.select.updated({"lasso.cv": 3, "lasso.max_features": 4})
     res = run_training(df, paired, splits, select=select, train=train, evaluate=params.evaluate, seed=0,
                        feature_source="auto")
+    write_domains({m: r.pipeline for m, r in res.models.items()}, df, splits, train, seed=0)
     _repeated({"logreg": (0.9, 0.8, 0.8, 0.8)}, tmp_path / "metrics" / "repeated.json")
     _stage_params(tmp_path, df)
     assert main(["register"]) == 0
@@ -322,51 +334,150 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     assert "Table 1:" in version["description"]  # the train stage's metrics/table1.md
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_4xx_on_bad_input_and_keeps_serving(store, tmp_path, reg):
+def test_register_stage_needs_the_training_domain(store, tmp_path, monkeypatch, caplog):
+    from bonemet.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90)})
-    _register("models", df, reg, _repeated({"svm": (0.88, 0.80, 0.75, 0.85)}))
+    _repeated({"svm": (0.88, 0.80, 0.75, 0.85)}, tmp_path / "metrics" / "repeated.json")
+    _stage_params(tmp_path, df)
+    (tmp_path / "models" / domain_file("svm")).unlink()
+    assert main(["register"]) == 1
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "svm.domain.skops not found" in error.getMessage() and "run `bonemet train`" in error.getMessage()
+
+
+def _serve(store, log_path, workers=1):
+    """`mlflow models serve` of bonemet-classifier@staging on a free loopback port, once it answers /ping."""
     port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    log = open(tmp_path / "serve.log", "w")
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/bonemet-classifier@staging",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return proc, port, log
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    proc.terminate()
+    log.close()
+    pytest.fail("server did not start: " + Path(log_path).read_text()[-2000:])
+
+
+def _split(frame: pd.DataFrame, **extra) -> str:
+    split = frame.to_dict(orient="split")
+    split.pop("index", None)
+    return json.dumps({"dataframe_split": split, **extra})
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_1316_columns_behaviour(store, tmp_path, params):
+    """The served model over HTTP: 400 naming the problem (never 500, never the values), bit-equal
+    answers for 1, 3 and 20 rows, case_id, threshold, in_domain; ignored columns really ignored."""
+    import mlflow
+
+    from bonemet.registry.pyfunc import log_classifier
+    from bonemet.registry.store import ensure_experiment, register_model, set_alias
+    from serving_data import NAMES, VOLUME, feature_tables, fitted_domain, fitted_model
+
+    primary, paired = feature_tables(n=60, seed=0)
+    fitted = fitted_model(primary, paired, params)
+    domain = fitted_domain(fitted, primary, params.train.domain)
+    with mlflow.start_run(experiment_id=ensure_experiment("serve-test", "mlruns")) as run:
+        info = log_classifier(fitted, NAMES, threshold=0.5, model_name="logreg", domain=domain, check_rows=primary)
+    set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))
+    assert info.metadata["serving_mode"] == "reduced"
+    selected = list(fitted.pipeline.named_steps["lasso"].get_feature_names_out())
+    ignored = next(c for c in NAMES if c not in selected and c != VOLUME)
+    proc, port, log = _serve(store, tmp_path / "serve.log")
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not start: " + (tmp_path / "serve.log").read_text()[-2000:])
-        good = json.dumps({"dataframe_split": df[FEATURES].head(3).to_dict(orient="split")})
-        status, body = _post(port, good)
-        assert status == 200, body
-        assert len(body["predictions"]) == 3 and {"probability_breast", "label"} <= set(body["predictions"][0])
-        wrong = df[FEATURES].head(2).rename(columns={FEATURES[0]: "bogus"})
-        strings = df[FEATURES].head(2).astype(object)
-        strings.iloc[0, 1] = "abc"
-        nan_rows = json.loads(good)
-        nan_rows["dataframe_split"]["data"][0][0] = None
-        bad_payloads = {
-            "wrong columns": json.dumps({"dataframe_split": wrong.to_dict(orient="split")}),
-            "missing features": json.dumps({"dataframe_split": df[FEATURES[:3]].head(2).to_dict(orient="split")}),
-            "NaN": json.dumps(nan_rows),
-            "strings": json.dumps({"dataframe_split": strings.to_dict(orient="split")}),
-            "empty body": "",
-            "not JSON": "{{{",
+        new, _ = feature_tables(n=20, seed=5)  # rows the model never saw
+        for n in (1, 3, 20):
+            rows = new.head(n).drop(columns=["label"])
+            status, body = _post(port, _split(rows))
+            assert status == 200, body
+            got = [p["probability_breast"] for p in body["predictions"]]
+            assert got == fitted.predict_proba(rows[NAMES])[:, 1].tolist()  # bit for bit (JSON floats round-trip)
+            assert [p["case_id"] for p in body["predictions"]] == rows["case_id"].tolist()
+            assert all(p["in_domain"] is (not p["domain_reasons"]) for p in body["predictions"])
+        records = json.dumps({"dataframe_records": new.head(2).to_dict(orient="records")})  # label passes through
+        assert [p["probability_breast"] for p in _post(port, records)[1]["predictions"]] == \
+            fitted.predict_proba(new.head(2)[NAMES])[:, 1].tolist()
+        one = new.iloc[[2]].drop(columns=["label", "case_id"])  # P about 0.5
+        p = float(fitted.predict_proba(one[NAMES])[0, 1])
+        assert _post(port, _split(one, params={"threshold": p}))[1]["predictions"][0]["label"] == 1
+        above = float(np.nextafter(p, 2.0))
+        assert _post(port, _split(one, params={"threshold": above}))[1]["predictions"][0]["label"] == 0
+        # accepted: an ignored column missing or holding text; a 300 mL region is out of domain
+        assert _post(port, _split(one.drop(columns=[ignored])))[0] == 200
+        assert _post(port, _split(one.astype({ignored: object}).assign(**{ignored: "n/a"})))[0] == 200
+        status, body = _post(port, _split(one.assign(**{VOLUME: 300_000.0})))
+        [answer] = body["predictions"]
+        assert status == 200 and answer["in_domain"] is False
+        assert any(r.startswith("lesion volume 300 mL is above") for r in answer["domain_reasons"])
+
+        def with_value(column, value):
+            payload = json.loads(_split(one))
+            payload["dataframe_split"]["data"][0][payload["dataframe_split"]["columns"].index(column)] = value
+            return json.dumps(payload)
+
+        duplicated = json.loads(_split(one))
+        duplicated["dataframe_split"]["columns"].append(selected[0])
+        duplicated["dataframe_split"]["data"][0].append(1.0)
+        # a short row: pandas pads it with nulls, here in a column the model reads
+        ragged = json.loads(_split(new.head(2)[[c for c in new.columns if c != selected[0]] + [selected[0]]]))
+        ragged["dataframe_split"]["data"][1] = ragged["dataframe_split"]["data"][1][:-1]
+        bad = {
+            "unknown column": (_split(one.assign(bogus=1.0)), "unknown columns: bogus"),
+            "duplicate column": (json.dumps(duplicated), f"duplicate columns: {selected[0]}"),
+            "missing selected": (_split(one.drop(columns=[selected[0]])), f"model reads: {selected[0]}"),
+            "text in selected": (with_value(selected[0], "12.5"), "non-numeric values (text, true/false) in 1"),
+            "true in selected": (with_value(selected[0], True), selected[0]),
+            "null in selected": (with_value(selected[0], None), "null"),
+            "NaN token": (_split(one).replace(json.dumps(float(one[selected[0]].iloc[0])), "NaN", 1), "NaN"),
+            "threshold out of range": (_split(one, params={"threshold": 1.5}), "threshold must be within [0, 1]"),
+            "threshold not a number": (_split(one, params={"threshold": "abc"}), "threshold"),
+            "no rows": (json.dumps({"dataframe_split": {"columns": NAMES, "data": []}}), ""),
+            "short row": (json.dumps(ragged), f"({selected[0]}) at row(s) 1"),
+            "not JSON": ("{{{", ""),
+            "empty body": ("", ""),
         }
-        for what, payload in bad_payloads.items():
+        secret = repr(float(one[NAMES[0]].iloc[0]))  # the first column: pandas shows it in a frame's repr
+        for what, (payload, message) in bad.items():
             status, body = _post(port, payload)
-            assert 400 <= status < 500, f"{what}: HTTP {status}: {body}"
-        status, body = _post(port, good)  # still serving
-        assert status == 200
+            assert status == 400, f"{what}: HTTP {status}: {body}"
+            assert message in body, f"{what}: {body}"
+            assert secret[:8] not in body, f"{what} echoes the input: {body}"  # nor rounded, as pandas prints
+        assert _post(port, _split(one))[0] == 200  # still serving
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_serve_stage_runs_one_worker_per_core(store, tmp_path, monkeypatch, reg):
+    import subprocess as sp
+
+    from bonemet.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    df = _train_outputs("models", {"svm": ([0.92, 0.94], 0.90)})
+    _register("models", df, reg, _repeated({"svm": (0.88, 0.80, 0.75, 0.85)}))
+    _stage_params(tmp_path, df)
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert main(["serve", "--port", "5009"]) == 0
+    [(cmd, env)] = calls
+    assert cmd[1:4] == ["models", "serve", "-m"] and cmd[4] == "models:/bonemet-classifier@staging"
+    assert cmd[cmd.index("-w") + 1] == "4" and cmd[cmd.index("-p") + 1] == "5009"
+    assert env["OMP_NUM_THREADS"] == "1" and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    calls.clear()
+    assert main(["serve", "--workers", "2"]) == 0
+    assert calls[0][0][calls[0][0].index("-w") + 1] == "2" and calls[0][1]["OMP_NUM_THREADS"] == "2"

@@ -182,6 +182,9 @@ def test_same_seed_same_table1_and_model_index(tmp_path, specs):
     assert (tmp_path / "a/metrics/table1.json").read_text() == (tmp_path / "b/metrics/table1.json").read_text()
     # index.json holds no timings or run ids (they are in provenance.json): same data and seed, same bytes
     assert (tmp_path / "a/models/index.json").read_bytes() == (tmp_path / "b/models/index.json").read_bytes()
+    # and so do the fitted pipelines (skops' object ids and zip dates are made canonical)
+    for model in MODELS:
+        assert (tmp_path / f"a/models/{model}.skops").read_bytes() == (tmp_path / f"b/models/{model}.skops").read_bytes()
 
 
 def test_training_with_sites_and_patients(tmp_path, specs):

@@ -381,6 +381,12 @@ class SegTuneSpec(Spec):
         return value
 
 
+class SegGateSpec(Spec):
+    """``segment.gate``: what the registered segmentation model must reach before it gets the alias."""
+
+    min_dice: Probability
+
+
 class ExternalMasksSpec(Spec):
     """``segment.external``: automatic masks made elsewhere (``segment.model: external``)."""
 
@@ -419,6 +425,7 @@ class SegmentSpec(Spec):
     experiment: str
     model_name: str
     alias: str
+    gate: SegGateSpec
 
 
 class ReportSpec(Spec):
@@ -458,9 +465,13 @@ class RadiomicsSpec(Spec):
 
 
 class TrackingSpec(Spec):
-    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)."""
+    """``tracking``: the local MLflow store (``MLFLOW_TRACKING_URI`` overrides it for a team server)
+    and how long a stage waits for an unreachable server before it stops."""
 
     store_dir: str
+    http_max_retries: NonNegativeInt
+    http_backoff_factor: NonNegativeInt
+    http_timeout_s: PositiveInt
     #: each pipeline stage's log (its lines and every warning in full): <log_dir>/<stage>.log, also in MLflow
     log_dir: str
     #: CPU, memory (and GPU) use logged on the long stages' parent runs (segment, train, evaluate)
@@ -575,6 +586,17 @@ class OperatingPointSpec(Spec):
     fixed_threshold: Probability
 
 
+class DomainSpec(Spec):
+    """``train.domain``: the training cases' domain recorded with every model (bonemet.modeling.domain)."""
+
+    method: Literal["mahalanobis", "isolation_forest"]
+    max_flag_rate: OpenFraction
+    n_estimators: PositiveInt
+    size_margin: NonNegativeFloat
+    hu_margin: NonNegativeFloat
+    validation_report: str
+
+
 class TrainSpec(Spec):
     """``train``: the classifiers, their tuning, calibration and operating point, and what the stage writes."""
 
@@ -595,6 +617,7 @@ class TrainSpec(Spec):
     write_figures: bool
     fixed_params: dict[ClassifierName, dict[str, Any]]
     search_space: dict[ClassifierName, dict[str, SearchParam]]
+    domain: DomainSpec
 
     @model_validator(mode="after")
     def _per_model(self) -> TrainSpec:

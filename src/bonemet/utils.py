@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from bonemet.errors import UserError
 
 T = TypeVar("T")
 log = logging.getLogger("bonemet")
@@ -44,21 +47,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: errno values that mean "this output cannot be written here" (a user's disk or folder, not a bug).
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+class OutputWriteError(UserError, OSError):
+    """An output cannot be written: the disk is full, the folder read-only or not ours to write."""
+
+
+def unwritable(target: Path, exc: OSError) -> OutputWriteError:
+    """The error for ``exc`` (an OSError in :data:`UNWRITABLE`) while writing ``target``."""
+    why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EFBIG: "the file would be too large",
+           errno.EIO: "the file did not land complete on the disk"}.get(exc.errno, "permission denied")
+    error = OutputWriteError(exc.errno, f"cannot write {target}: {why}; free space or point the output elsewhere "
+                                        "(its params key), then rerun. Outputs already written are unchanged")
+    error.filename = str(target)
+    return error
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``target``.
 
-    Outputs are never left half-written: an exception removes the temporary path and leaves
-    any previous ``target`` untouched.
+    Outputs are never left half-written: an exception (or a kill) leaves any previous ``target``
+    untouched and removes the temporary path (a kill leaves it, hidden: ``.<name>.*``). A full
+    disk or a read-only folder is an :class:`OutputWriteError` naming ``target``. A folder is
+    swapped in with two renames (the old one aside first, then the new one in place), so a kill
+    between them leaves the old one, renamed, rather than nothing.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:
+        if exc.errno in UNWRITABLE:
+            raise unwritable(target, exc) from exc
+        raise
     umask = os.umask(0)
     os.umask(umask)
     # mkstemp/mkdtemp create private (0600/0700) paths; outputs get the usual permissions.
@@ -66,15 +96,21 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(tmp, target)
-    except BaseException:
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, aside / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            if target.is_symlink():
+                target.unlink()
+            os.replace(tmp, target)
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError) and exc.errno in UNWRITABLE:
+            raise unwritable(target, exc) from exc
         raise
 
 

@@ -8,8 +8,10 @@ tags, and whatever a NIfTI/NRRD header holds, never reach logs, tables or output
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -114,6 +116,8 @@ def _check_complete(path: Path, image: sitk.Image, where: str) -> None:
     """Raise ImageReadError for a truncated file (ITK fills missing voxels silently)."""
     expected = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
     name = path.name.lower()
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{where}: the file is empty (0 bytes)")
     if name.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as fh:
@@ -175,11 +179,42 @@ def read_mask(path: str | Path, *, label: int, case_id: str | None = None) -> si
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
-    """Write an image (format by suffix), creating parent folders; never writes metadata tags."""
+    """Write an image (format by suffix), creating parent folders; never writes metadata tags.
+
+    Raises:
+        OutputWriteError: the disk is full or the folder read-only (ITK says only "could not write").
+    """
+    from bonemet.utils import UNWRITABLE, unwritable
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in UNWRITABLE:
+            raise unwritable(path, exc) from exc
+        raise
     image = _strip_metadata(sitk.Image(image))
-    sitk.WriteImage(image, str(path), useCompression=compress)
+    try:
+        sitk.WriteImage(image, str(path), useCompression=compress)
+        # ITK's NIfTI writer does not raise when a write fails (it prints "NWAD: wrote only 0 of N
+        # bytes" and leaves a short file): check what landed on disk.
+        _check_complete(path, image, str(path))
+    except (RuntimeError, ImageReadError) as exc:
+        cause = _unwritable_cause(path.parent) or errno.EIO
+        raise unwritable(path, OSError(cause, os.strerror(cause))) from exc
+
+
+def _unwritable_cause(folder: Path) -> int | None:
+    """ENOSPC or EROFS when ``folder``'s file system is full or read-only, else None."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if stats.f_bavail * stats.f_frsize < 64 * 1024:
+        return errno.ENOSPC
+    return None
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, *, tol_mm: float) -> tuple[bool, str]:

@@ -43,13 +43,45 @@ def trusted_types(pipeline: Any) -> list[str]:
 
 
 def save_pipeline(pipeline: Any, path: str | Path) -> Path:
-    """Write a fitted pipeline with skops, atomically."""
+    """Write a fitted pipeline with skops, atomically; the same pipeline gives the same bytes, so a
+    rerun reproduces the train stage's outputs exactly (see :func:`canonical_skops`)."""
     import skops.io as sio
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        sio.dump(pipeline, tmp)
+        tmp.write_bytes(canonical_skops(sio.dumps(pipeline)))
     return path
+
+
+def canonical_skops(data: bytes) -> bytes:
+    """A skops archive made byte-reproducible: skops keys its objects by their memory addresses
+    (``"__id__": 140211369077184``, ``140211369146384.npy``) and dates its zip entries; here the ids
+    are renumbered 1, 2, ... in order of first appearance and every entry is dated 1980-01-01."""
+    import io
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as source:
+        schema = source.read("schema.json").decode("utf-8")
+        ids: dict[str, str] = {}
+        for match in re.finditer(r'"__id__": (\d+)|"(\d+)\.npy"', schema):
+            ids.setdefault(match.group(1) or match.group(2), str(len(ids) + 1))
+        schema = re.sub(r'("__id__": )(\d+)', lambda m: m.group(1) + ids.get(m.group(2), m.group(2)), schema)
+        schema = re.sub(r'"(\d+)\.npy"', lambda m: f'"{ids.get(m.group(1), m.group(1))}.npy"', schema)
+        entries = {"schema.json": schema.encode("utf-8")}
+        for info in source.infolist():
+            if info.filename != "schema.json":
+                stem = info.filename.removesuffix(".npy")
+                entries[f"{ids.get(stem, stem)}.npy" if info.filename.endswith(".npy") else info.filename] = \
+                    source.read(info)
+        compress = source.infolist()[0].compress_type
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compress
+            target.writestr(info, entries[name])
+    return out.getvalue()
 
 
 def load_pipeline(path: str | Path) -> Any:

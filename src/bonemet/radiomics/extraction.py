@@ -33,7 +33,7 @@ from bonemet.utils import atomic_path, file_md5, progress
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cache entry layout changes
+CACHE_FORMAT = 2  # bump when the cache entry layout changes (2: entries carry a digest of their content)
 
 
 class BadMaskError(UserError, ValueError):
@@ -236,10 +236,19 @@ def cache_key(image: str | Path, mask: str | Path, settings: Mapping[str, Any], 
     return h.hexdigest()
 
 
+def _entry_digest(names: list[str], values: list[float]) -> str:
+    return hashlib.sha256(json.dumps([names, values]).encode()).hexdigest()
+
+
 def _read_cache(path: Path) -> dict[str, float] | None:
+    """A verified cache entry, or None (missing; or unreadable, incomplete or altered: then it is
+    extracted again and rewritten)."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-        return dict(zip(entry["names"], (float(v) for v in entry["values"]), strict=True))
+        names, values = list(entry["names"]), [float(v) for v in entry["values"]]
+        if entry["digest"] != _entry_digest(names, values):
+            raise ValueError("its content does not match its digest")
+        return dict(zip(names, values, strict=True))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a corrupt entry is simply recomputed
@@ -248,7 +257,8 @@ def _read_cache(path: Path) -> dict[str, float] | None:
 
 
 def _write_cache(path: Path, case_id: str, features: Mapping[str, float]) -> None:
-    entry = {"case_id": case_id, "names": list(features), "values": [float(v) for v in features.values()]}
+    names, values = list(features), [float(v) for v in features.values()]
+    entry = {"case_id": case_id, "names": names, "values": values, "digest": _entry_digest(names, values)}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(entry), encoding="utf-8")
 

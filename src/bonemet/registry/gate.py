@@ -1,7 +1,9 @@
-"""The promotion gate: does a newly registered classifier version earn the alias `staging`?
+"""The promotion gates: does a newly registered version earn the alias `staging`?
 
-It judges the repeated estimate of the evaluate stage (mean test AUC over the repeated splits
-and its corrected lower bound), not one test split, and the operating point: the mean
+The segmentation model's gate (:func:`decide_segmenter_promotion`) asks for an out-of-fold mean
+Dice of at least ``segment.gate.min_dice``. The classifier's gate (:func:`decide_promotion`)
+judges the repeated estimate of the evaluate stage (mean test AUC over the repeated splits and
+its corrected lower bound), not one test split, and the operating point: the mean
 sensitivity and specificity at the model's own threshold. It compares with the current staging
 version only when both were evaluated on the same data (the cohort's DVC hash, ``data_md5``);
 otherwise it says so and judges the new version on the minimums alone.
@@ -70,3 +72,14 @@ def decide_promotion(
                                         f"{current.auc_mean:.3f} by more than {tolerance:.3f} (same data)", True)
     return PromotionDecision(True, f"{met}; within {tolerance:.3f} of staging's {current.auc_mean:.3f} (same data)",
                              True)
+
+
+def decide_segmenter_promotion(dice_mean: float | None, *, min_dice: float, n_cases: int) -> PromotionDecision:
+    """Promote a segmentation model when its out-of-fold mean Dice over ``n_cases`` reaches ``min_dice``."""
+    if not _number(dice_mean):
+        return PromotionDecision(False, f"held: no out-of-fold mean Dice ({dice_mean}) to judge", False)
+    if dice_mean < min_dice:
+        return PromotionDecision(False, f"held: out-of-fold mean Dice {dice_mean:.3f} over {n_cases} cases "
+                                        f"< {min_dice:.3f}", False)
+    return PromotionDecision(True, f"out-of-fold mean Dice {dice_mean:.3f} over {n_cases} cases reaches "
+                                   f"{min_dice:.3f}", False)

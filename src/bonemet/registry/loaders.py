@@ -41,8 +41,10 @@ class RegisteredClassifier:
     Attributes:
         model: the loaded MLflow pyfunc model.
         name, version: registered name and version.
-        feature_names: the columns the model expects, in order.
+        feature_names: the feature columns the model accepts (its training columns), in order.
         threshold: the probability threshold registered with the model.
+        domain: the domain of its training cases (:class:`bonemet.modeling.domain.TrainingDomain`),
+            None for a model registered without one.
     """
 
     model: Any
@@ -50,6 +52,7 @@ class RegisteredClassifier:
     version: str
     feature_names: list[str]
     threshold: float | None
+    domain: Any = None
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """``probability_breast`` and ``label`` per row; input problems raise ValueError, not MlflowException."""
@@ -74,10 +77,12 @@ def load_classifier(name: str, alias: str) -> RegisteredClassifier:
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
     feature_names: list[str] = []
     threshold: float | None = None
+    domain = None
     try:
         inner = model.unwrap_python_model()
         feature_names = list(getattr(inner, "feature_names", []) or [])
         threshold = getattr(inner, "threshold", None)
+        domain = getattr(inner, "domain", None)
     except (MlflowException, AttributeError):
         pass
     if not feature_names:
@@ -86,7 +91,8 @@ def load_classifier(name: str, alias: str) -> RegisteredClassifier:
             feature_names = [n for n in schema.input_names() if n not in ("case_id", "label")]
     log.info("classifier %s version %s (alias '%s'): %d features, threshold %s", name, version, alias,
              len(feature_names), threshold)
-    return RegisteredClassifier(model, name, version, feature_names, None if threshold is None else float(threshold))
+    return RegisteredClassifier(model, name, version, feature_names, None if threshold is None else float(threshold),
+                                domain)
 
 
 def _evaluable(network: Any) -> Any:

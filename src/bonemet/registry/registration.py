@@ -99,16 +99,18 @@ def register_classifier(
     provenance: Mapping[str, Any],
     repeated: Mapping[str, Any],
     pipeline: Any,
-    input_example: pd.DataFrame,
+    domain: Any,
+    check_rows: pd.DataFrame,
     min_auc: float,
     min_auc_lower_bound: float,
     min_sensitivity: float,
     min_specificity: float,
     tolerance: float,
     alias: str,
-    pip_requirements: Sequence[str],
     description_extra: str,
     tags: Mapping[str, str],
+    text_columns: Sequence[str] = (),
+    pip_requirements: Sequence[str] | None = None,
 ) -> RegistrationResult:
     """Register ``classifier``'s fitted pipeline as a new version of ``model_name`` and apply the gate.
 
@@ -119,12 +121,15 @@ def register_classifier(
         index: the train stage's ``models/index.json`` (each model's CV and test AUC, threshold,
             ``feature_names``); ``provenance``: its ``models/provenance.json`` (run ids).
         repeated: the evaluate stage's ``repeated.json`` (the gate's estimate).
-        input_example: a few feature rows for the model's signature.
+        domain: the model's :class:`~bonemet.modeling.domain.TrainingDomain` (train stage).
+        check_rows: feature rows (the feature table): the served form is checked on them bit for
+            bit (see :func:`bonemet.modeling.reduction.serving_model`); two are the input example.
         min_auc, min_auc_lower_bound, min_sensitivity, min_specificity, tolerance, alias: the gate
             (see :func:`bonemet.registry.gate.decide_promotion`).
-        pip_requirements: the served model's requirements.
         description_extra: appended to the version's description (e.g. Table 1).
         tags: run tags (git commit, data hash).
+        text_columns: text columns the pipeline reads besides the features (``site``).
+        pip_requirements: None (default): the installed versions of what the model imports.
     """
     entry = index["models"][classifier]
     cv_auc = float(entry["cv_auc_mean"])
@@ -152,7 +157,9 @@ def register_classifier(
             list(index["feature_names"]),
             threshold=threshold,
             model_name=classifier,
-            input_example=input_example,
+            domain=domain,
+            check_rows=check_rows,
+            text_columns=text_columns,
             pip_requirements=pip_requirements,
         )
         description = (
@@ -173,6 +180,7 @@ def register_classifier(
             "data_md5": data_md5,
             "git_commit": run_tags.get("git_commit", "unknown"),
             "source_run_id": source_run_id,
+            "serving_mode": str((info.metadata or {}).get("serving_mode", "")),
         }
         mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
         MlflowClient().update_model_version(model_name, mv.version, description=description)
@@ -196,3 +204,34 @@ def register_classifier(
         compared_with_staging=decision.compared_with_staging,
         staging_version=str(mv.version) if decision.promote else current_version,
     )
+
+
+def log_segmenter(network: Any, example: Any, metadata: Mapping[str, Any], *, name: str = "model") -> Any:
+    """Log a segmentation network (pytorch flavour) to the active run; returns MLflow's ModelInfo.
+
+    The model carries a tensor signature (``(-1, 1, D, H, W)`` float32 in, logits
+    ``(-1, 2, D, H, W)`` out) inferred on ``example`` (one preprocessed crop, also the input
+    example), its ``metadata`` (the inference settings ``bonemet predict`` needs), the
+    ``bonemet`` package as code (the network's classes are pickled) and the installed versions
+    of what it imports as requirements.
+    """
+    import tempfile
+
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from bonemet.registry.environment import segmenter_requirements
+    from bonemet.registry.pyfunc import bonemet_code
+
+    example = np.asarray(example, dtype=np.float32)
+    with torch.no_grad():
+        output = network(torch.from_numpy(example))
+    output = output[0] if isinstance(output, tuple) else output
+    signature = infer_signature(example, output.detach().cpu().numpy())
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pytorch.log_model(
+            network, name=name, signature=signature, input_example=example, metadata=dict(metadata),
+            pip_requirements=segmenter_requirements(network), code_paths=[bonemet_code(tmp)],
+            serialization_format="pickle",  # pt2 (torch.export) would need a traced example per shape
+        )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from bonemet.errors import UserError
 from bonemet.tracking.base import DatasetInput, Tracker
+from bonemet.utils import UNWRITABLE
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,83 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+#: Tags naming the process that opened a run: a run still RUNNING whose process is gone was killed.
+OWNER_HOST_TAG = "bonemet.host"
+OWNER_PID_TAG = "bonemet.pid"
+
+
+class TrackingUnavailableError(UserError):
+    """The MLflow tracking store cannot be reached or written: the stage stops rather than lose runs."""
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store is unreachable or full (not that we called it wrongly)."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
+        return True
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        return "API request to" in text and ("Max retries" in text or "Connection" in text or "timed out" in text)
+    return False
+
+
+@contextlib.contextmanager
+def _guard(uri: str, what: str) -> Iterator[None]:
+    """Turn an unreachable or full store into :class:`TrackingUnavailableError`; anything else propagates."""
+    try:
+        yield
+    except Exception as exc:
+        if not _store_failure(exc):
+            raise
+        raise TrackingUnavailableError(
+            f"the MLflow tracking store {uri} failed while {what} ({type(exc).__name__}: {str(exc)[:300]}); the "
+            "stage stops so that no run goes silently missing: rerun it (`dvc repro`) once the store is back. "
+            "The open run is marked FAILED when the store can be reached again"
+        ) from exc
+
+
+def fail_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the runs of ``experiment_id`` left RUNNING by a process of this host that is gone
+    (killed: SIGKILL, out of memory, power loss); returns their ids."""
+    host = socket.gethostname()
+    client = MlflowClient()
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                            f"tags.`{OWNER_HOST_TAG}` = '{host}'", max_results=500)
+    failed = []
+    for run in runs:
+        pid = int(run.data.tags.get(OWNER_PID_TAG, "0") or 0)
+        if pid <= 0 or pid == os.getpid() or _alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "bonemet.failed_reason", f"process {pid} ended without closing the run")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        failed.append(run.info.run_id)
+    if failed:
+        log.warning("marked %d run(s) FAILED that a killed process had left RUNNING: %s", len(failed),
+                    ", ".join(failed[:10]))
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class MlflowTracker(Tracker):
-    """Tracker writing to MLflow; runs opened inside another run are nested."""
+    """Tracker writing to MLflow; runs opened inside another run are nested.
+
+    Every run is tagged with the host and process that opened it; on construction, runs of the
+    experiment that a killed process left RUNNING are marked FAILED. An unreachable or full
+    store is a :class:`TrackingUnavailableError` (after MLflow's own retries), never a silently
+    missing run.
+    """
 
     def __init__(
         self,
@@ -88,8 +168,11 @@ class MlflowTracker(Tracker):
         UI's Dataset column says which data each run saw. ``system_metrics``: CPU, memory (and
         GPU) use sampled every ``system_metrics_interval_s`` seconds on the top-level runs."""
         self.tracking_uri = configure(tracking_uri, store_dir)
-        self.experiment_id = ensure_experiment(experiment, store_dir)
+        with _guard(self.tracking_uri, f"opening experiment '{experiment}'"):
+            self.experiment_id = ensure_experiment(experiment, store_dir)
+            fail_abandoned_runs(self.experiment_id)
         self.default_tags = {k: str(v) for k, v in (default_tags or {}).items()}
+        self.default_tags |= {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
         self.inputs = tuple(inputs)
         self.system_metrics = system_metrics
         if system_metrics and system_metrics_interval_s is not None:
@@ -99,15 +182,21 @@ class MlflowTracker(Tracker):
     def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str]:
         nested = nested or mlflow.active_run() is not None
         all_tags = {**self.default_tags, **{k: str(v) for k, v in (tags or {}).items()}}
-        with mlflow.start_run(
-            run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags,
-            log_system_metrics=self.system_metrics and not nested,
-        ) as active:
+        with _guard(self.tracking_uri, f"opening run '{name}'"):
+            active = mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags,
+                                      log_system_metrics=self.system_metrics and not nested)
             for dataset in self.inputs:
                 self.log_input(dataset)
+        try:
             yield active.info.run_id
             if not nested:
                 self._log_stage_log()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the store may be what failed: the next start marks it FAILED
+                mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        with _guard(self.tracking_uri, f"closing run '{name}'"):
+            mlflow.end_run(status="FINISHED")
 
     def _log_stage_log(self) -> None:
         """The stage's log (its lines and warnings in full), and the warning count, on the top-level run."""
@@ -116,9 +205,10 @@ class MlflowTracker(Tracker):
         path = active_warnings_log()
         if path is None or not path.is_file():
             return
-        mlflow.log_metric("warnings", float(sum(warning_counts(path).values())))
-        if path.stat().st_size:
-            mlflow.log_artifact(str(path), artifact_path="logs")
+        with _guard(self.tracking_uri, "uploading the stage's log"):
+            mlflow.log_metric("warnings", float(sum(warning_counts(path).values())))
+            if path.stat().st_size:
+                mlflow.log_artifact(str(path), artifact_path="logs")
 
     def log_input(self, dataset: DatasetInput) -> None:
         import mlflow.data
@@ -127,7 +217,7 @@ class MlflowTracker(Tracker):
         # a local file's source, named explicitly: resolving a path string matches two registered
         # local sources and warns on every run
         local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _guard(self.tracking_uri, f"logging dataset '{dataset.name}'"):
             # the schema's hint on integer columns is about a model's inputs at inference, not a dataset record
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
             data = mlflow.data.from_pandas(dataset.table, source=local(Path(dataset.source).resolve().as_uri()),
@@ -135,27 +225,33 @@ class MlflowTracker(Tracker):
             mlflow.log_input(data, context=dataset.context, tags={k: str(v) for k, v in dataset.tags.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow.log_params(_flatten(params))
+        with _guard(self.tracking_uri, "logging params"):
+            mlflow.log_params(_flatten(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        mlflow.log_metrics(clean, step=step)
+        with _guard(self.tracking_uri, "logging metrics"):
+            mlflow.log_metrics(clean, step=step)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        with _guard(self.tracking_uri, "setting tags"):
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
-        else:
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        with _guard(self.tracking_uri, f"uploading {path.name}"):
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            else:
+                mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        mlflow.log_figure(figure, name)
+        with _guard(self.tracking_uri, f"uploading {name}"):
+            mlflow.log_figure(figure, name)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        mlflow.log_dict(dict(data), name)
+        with _guard(self.tracking_uri, f"uploading {name}"):
+            mlflow.log_dict(dict(data), name)
 
     def log_table(self, table: Any, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -165,15 +261,17 @@ class MlflowTracker(Tracker):
             else:
                 table.to_json(path, orient="records", indent=1)
             parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
-            mlflow.log_artifact(str(path), artifact_path=parent)
+            with _guard(self.tracking_uri, f"uploading {name}"):
+                mlflow.log_artifact(str(path), artifact_path=parent)
 
     def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
         """Log a model. ``flavor`` in kwargs: 'sklearn' (default), 'pytorch' or 'pyfunc'."""
         flavor = kwargs.pop("flavor", "sklearn")
         module = {"sklearn": mlflow.sklearn, "pytorch": mlflow.pytorch, "pyfunc": mlflow.pyfunc}[flavor]
-        if flavor == "pyfunc":
-            return module.log_model(name=name, python_model=model, **kwargs)
-        return module.log_model(model, name=name, **kwargs)
+        with _guard(self.tracking_uri, f"logging model '{name}'"):
+            if flavor == "pyfunc":
+                return module.log_model(name=name, python_model=model, **kwargs)
+            return module.log_model(model, name=name, **kwargs)
 
 
 def client(tracking_uri: str | None, store_dir: str | Path) -> MlflowClient:

@@ -278,12 +278,17 @@ def predict_inputs(
     probability = float(answer["probability_breast"].iloc[0])
     if not np.isfinite(probability):
         raise PredictError(f"case '{case_id}': the classifier returned a non-finite probability ({probability})")
+    from bonemet.modeling.domain import case_domain
+
+    # in_domain and domain_reasons: the classifier's features and lesion volume, the CT's spacing and HU
+    domain = case_domain(answer.iloc[0], getattr(classifier, "domain", None), image)
     return {
         "input": str(inputs.image_path),
         "case_id": case_id,
         "probability_breast": probability,
         "label": int(probability >= float(threshold)),
         "threshold": float(threshold),
+        **domain,
         "lesion_volume_ml": mask_volume_ml(mask),
         "lesion_voxels": int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))),
         "mask_source": source,

@@ -125,10 +125,19 @@ def read_cases(params: Params, cohort_dir: str | None = None) -> list:
                          pseudonym_key=pseudonym_key(params))
 
 
+def _http_settings(params: Params) -> None:
+    """MLflow's request retries and timeout from ``tracking`` (the user's environment wins)."""
+    tracking = params.tracking
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(tracking.http_max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(tracking.http_backoff_factor))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracking.http_timeout_s))
+
+
 def open_store(params: Params) -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's store (``tracking.store_dir``); the URI."""
     from bonemet.registry.store import configure
 
+    _http_settings(params)
     return configure(os.environ.get("MLFLOW_TRACKING_URI"), params.tracking.store_dir)
 
 
@@ -178,6 +187,7 @@ def mlflow_tracker(params: Params, experiment: str, *, inputs: Sequence[DatasetI
     ``tracking.system_metrics`` is on."""
     from bonemet.registry.store import MlflowTracker
 
+    _http_settings(params)
     return MlflowTracker(
         experiment,
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),

@@ -4,8 +4,10 @@ Reads the evaluate stage's ``register.repeated`` (``repeated.json``: the model w
 mean repeated test AUC, and the estimate the gate judges), the train stage's outputs
 (``register.models_dir``: ``<model>.skops`` is that model fitted on the committed split's
 training set, with its calibration and threshold; ``index.json`` its metrics and feature names;
-``provenance.json`` the MLflow runs) and a few feature rows for the signature; writes
-``register.out``.
+``provenance.json`` the MLflow runs; ``<model>.domain.skops`` the domain of its training cases)
+and the feature table (the served model is checked on its rows, two are the input example);
+writes ``register.out``. The model's requirements are the installed versions of what it imports
+(:mod:`bonemet.registry.environment`).
 """
 
 from __future__ import annotations
@@ -17,27 +19,20 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Distributions the served pyfunc imports; their versions are read from this environment.
-SERVING_DISTRIBUTIONS = ("mlflow", "scikit-learn", "skops", "numpy", "pandas", "scipy", "xgboost-cpu", "lightgbm")
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="registry metrics JSON (default: params register.out)")
-
-
-def pinned(distributions: tuple[str, ...]) -> list[str]:
-    """``name==version`` for each installed distribution (``importlib.metadata``), in order."""
-    import importlib.metadata as md
-
-    return [f"{name}=={md.version(name)}" for name in distributions]
+    parser.add_argument("--json", action="store_true",
+                        help="print the registration (version, gate decision and reason) as JSON instead of one line")
 
 
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from bonemet.modeling.domain import domain_file
     from bonemet.modeling.persistence import load_pipeline
     from bonemet.registry.registration import RegistryError, register_classifier
-    from bonemet.stages._common import open_store, run_tags, specs_from
+    from bonemet.stages._common import open_store, pseudonym_key, run_tags, specs_from
     from bonemet.utils import write_json
 
     params = specs_from(args)
@@ -50,13 +45,24 @@ def run(args: argparse.Namespace) -> int:
         classifier = str(repeated["registered_model"])
         entry = index["models"][classifier]
         pipeline_path = models_dir / entry["path"]
+        domain_path = models_dir / domain_file(classifier)
         if not {"cv_auc_mean", "test_auc", "threshold"} <= set(entry) or "feature_names" not in index:
             raise KeyError("cv_auc_mean, test_auc, threshold or feature_names")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"{models_dir}/index.json, provenance.json or {reg.repeated} cannot be read or lack a "
                             f"key ({exc}); run `bonemet train` and `bonemet evaluate` first") from exc
     pipeline = load_pipeline(pipeline_path)
+    if not domain_path.is_file():
+        raise RegistryError(f"{domain_path} not found (the domain of {classifier}'s training cases): run `bonemet train`")
+    domain = load_pipeline(domain_path)
     features = pd.read_parquet(reg.features_file)
+    text_columns = [str(c) for c in index.get("extra_input_columns", [])]
+    if "site" in text_columns and "site" not in features.columns:  # ComBat: the rows need their site
+        from bonemet.data.manifest import manifest_sites
+
+        sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params))
+        features = features.assign(site=features["case_id"].astype(str).map(sites))
+        features = features[features["site"].notna()]
     description_extra = ""
     try:
         description_extra = "\nTable 1:\n" + Path(reg.table1_md).read_text(encoding="utf-8")
@@ -72,20 +78,24 @@ def run(args: argparse.Namespace) -> int:
         provenance=provenance,
         repeated=repeated,
         pipeline=pipeline,
-        input_example=features.head(2),
+        domain=domain,
+        check_rows=features,
+        text_columns=text_columns,
         min_auc=reg.min_auc,
         min_auc_lower_bound=reg.min_auc_lower_bound,
         min_sensitivity=reg.min_sensitivity,
         min_specificity=reg.min_specificity,
         tolerance=reg.tolerance,
         alias=reg.alias,
-        pip_requirements=pinned(SERVING_DISTRIBUTIONS),
         description_extra=description_extra,
         tags=run_tags(params.data.cohort_dir),
     )
-    print(f"{result.model_name} version {result.version} ({result.classifier}): "
-          f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")
     summary = result.to_dict()
     summary["promoted"] = int(result.promoted)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"{result.model_name} version {result.version} ({result.classifier}): "
+              f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")
     write_json(args.out or reg.out, summary)
     return 0

@@ -1,7 +1,11 @@
 """`bonemet segment`: ten-fold MISSU training, out-of-fold automatic masks, metrics, registered model.
 
 Params: the ``segment`` section; ``segment.profile`` picks ``segment.profiles.<name>``, merged
-over the common keys (``dvc exp run -S segment.profile=paper``). With ``segment.model: external``
+over the common keys (``dvc exp run -S segment.profile=paper``). The final model is registered
+as ``segment.model_name`` with a signature, an input example and its own code and requirements
+(:func:`bonemet.registry.registration.log_segmenter`); it gets ``segment.alias`` only when the
+out-of-fold mean Dice reaches ``segment.gate.min_dice`` (decision in ``metrics/segmentation.json``
+and the MLflow tags ``gate_decision`` / ``gate_reason``). With ``segment.model: external``
 nothing is trained: the masks in ``segment.external.masks_dir`` (made by nnU-Net,
 TotalSegmentator...) are checked and written as the automatic masks, scored against the manual
 masks like MISSU's, and nothing is registered.
@@ -15,9 +19,6 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-# Runtime requirements logged with the registered segmentation model (pinned like the venv).
-MODEL_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "SimpleITK==2.5.7", "numpy", "scipy"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
+    from bonemet.registry.gate import decide_segmenter_promotion
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.data import load_cases, load_volume
     from bonemet.segmentation.inference import InferenceSettings
@@ -92,13 +94,20 @@ def run(args: argparse.Namespace) -> int:
             "n_parameters": result.folds[0].n_parameters if result.folds else 0,
         })
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        decision = decide_segmenter_promotion(summary.get("dice_mean"), min_dice=seg.gate.min_dice, n_cases=len(table))
+        register = (seg.final_model != "none" and result.best_model is not None and not args.no_tracking
+                    and not args.no_register and not args.folds)
+        summary["gate"] = {"min_dice": seg.gate.min_dice, "promote": decision.promote, "reason": decision.reason,
+                           "registered": register}
+        tracker.set_tags({"gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason})
         _write_outputs(seg, summary, table, result, params.evaluate.figure_dpi)
         tracker.log_table(table, "segmentation_cases.csv")
         tracker.log_artifact(Path(seg.plots_dir) / "curves.png", artifact_path="curves")
         tracker.log_dict(summary, "segmentation.json")
         if seg.final_model != "none" and result.best_model is not None and not args.no_tracking:
-            _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id,
-                             register=not args.no_register and not args.folds)
+            _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id, register=register,
+                             decision=decision, example=input_example(load_volume(cases[0], with_label=False),
+                                                                      seg.roi_size))
     log.info("segment: mean Dice %.4f (sd %.4f) over %d cases in %.0f s", summary.get("dice_mean") or float("nan"),
              summary.get("dice_sd") or float("nan"), len(table), wall)
     return 0
@@ -186,16 +195,35 @@ def _write_outputs(seg, summary, table, result, dpi: int) -> None:
             plt.close(fig)
 
 
-def _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id, register: bool) -> None:
-    """Log the best fold's model (by validation Dice) and register it as ``model_name@alias``."""
+def input_example(item, roi_size):
+    """A network input ``(1, 1, *roi_size)`` float32: the centre of a preprocessed case (zero-padded)."""
+    import numpy as np
+
+    image = np.asarray(item["image"], dtype=np.float32)[0]
+    out = np.zeros(tuple(int(r) for r in roi_size), dtype=np.float32)
+    src, dst = [], []
+    for size, roi in zip(image.shape, out.shape, strict=True):
+        start = max(0, (size - roi) // 2)
+        length = min(size, roi)
+        offset = (roi - length) // 2
+        src.append(slice(start, start + length))
+        dst.append(slice(offset, offset + length))
+    out[tuple(dst)] = image[tuple(src)]
+    return out[None, None]
+
+
+def _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id, register: bool, decision,
+                     example) -> None:
+    """Log the best fold's model (by validation Dice), register it as ``model_name`` and give it
+    ``alias`` when the gate's ``decision`` promotes it."""
+    from bonemet.registry.registration import log_segmenter
+
     metadata = {
         "network": name, "network_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in net_kwargs.items()},
         **settings.to_metadata(), "source_fold": result.best_fold, "source_run_id": result.best_run_id or "",
     }
     tracker.log_dict(metadata, "model_metadata.json")
-    tracker.log_model(result.best_model.eval(), name="model", flavor="pytorch",
-                      pip_requirements=MODEL_REQUIREMENTS, metadata=metadata,
-                      serialization_format="pickle")  # pt2 (torch.export) would need a traced example
+    log_segmenter(result.best_model.eval(), example, metadata, name="model")
     if not register or parent_id is None:
         return
     from bonemet.registry.store import register_model, set_alias
@@ -203,7 +231,12 @@ def _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id
     version = register_model(
         parent_id, "model", seg.model_name,
         description=f"{name} segmentation model from fold {result.best_fold} (best validation Dice) of the "
-                    f"ten-fold run; input: a CT preprocessed as in metadata['preprocess'].",
-        tags={"network": name, "profile": seg.profile, "source_fold": str(result.best_fold)},
+                    f"ten-fold run; input: a CT preprocessed as in metadata['preprocess']. Gate: {decision.reason}.",
+        tags={"network": name, "profile": seg.profile, "source_fold": str(result.best_fold),
+              "gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason},
     )
-    set_alias(seg.model_name, seg.alias, version)
+    if decision.promote:
+        set_alias(seg.model_name, seg.alias, version)
+    else:
+        log.warning("%s version %s registered without the alias '%s': %s", seg.model_name, version, seg.alias,
+                    decision.reason)

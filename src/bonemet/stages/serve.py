@@ -1,4 +1,13 @@
-"""`bonemet serve`: `mlflow models serve` for bonemet-classifier@ALIAS with this project's environment."""
+"""`bonemet serve`: `mlflow models serve` for bonemet-classifier@ALIAS with this project's environment.
+
+Workers: one per core by default (each answers one request at a time at full speed: the model
+needs about 1 ms of a core, the rest is JSON and DataFrame building, which hold the GIL), each
+with one BLAS thread so they do not compete for the cores. With more than one worker uvicorn
+(0.54) leaves TCP_NODELAY off on keep-alive connections, which delays every answer by ~40 ms;
+the registered model turns it back on when it loads in the server
+(:func:`bonemet.registry.pyfunc.enable_tcp_nodelay`). Clients must send
+``Content-Type: application/json`` (MLflow 3.17 answers 500 without it) and may batch rows.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +17,26 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alias", default="staging", help="model alias to serve (default staging)")
     parser.add_argument("--model", default=None, help="registered model name (default: params register.model_name)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5001)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=5001, help="TCP port to listen on (default 5001)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes (default: one per core of this machine)")
+    parser.add_argument("--timeout", type=int, default=60,
+                        help="seconds a request may take, queueing included, before a 504 (default 60)")
+
+
+def server_command(mlflow_bin: str, model_uri: str, *, host: str, port: int, workers: int,
+                   timeout: int) -> list[str]:
+    """The `mlflow models serve` command line (in this interpreter's environment)."""
+    return [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", host, "-p", str(port),
+            "-w", str(workers), "-t", str(timeout)]
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
     import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
@@ -31,15 +52,28 @@ def run(args: argparse.Namespace) -> int:
     if version is None:
         log.error("no model '%s@%s' in %s: run the pipeline (make run) or `bonemet promote`", name, args.alias, uri)
         return 1
+    cores = os.cpu_count() or 1
+    workers = args.workers or cores
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = uri
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    threads = str(max(1, cores // workers))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
     # `--env-manager local` runs the model in this interpreter's environment: its bin on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"), "models", "serve",
-        "-m", f"models:/{name}@{args.alias}", "--env-manager", "local",
-        "-h", args.host, "-p", str(args.port), "-w", str(args.workers),
-    ]
-    log.info("serving %s@%s (version %s) on http://%s:%d/invocations", name, args.alias, version, args.host, args.port)
+    cmd = server_command(str(Path(sys.executable).parent / "mlflow"), f"models:/{name}@{args.alias}",
+                         host=args.host, port=args.port, workers=workers, timeout=args.timeout)
+    log.info("serving %s@%s (version %s) on http://%s:%d/invocations, %d worker(s)", name, args.alias, version,
+             args.host, args.port, workers)
+    signal.signal(signal.SIGTERM, _stop_server)  # `kill` stops the server too, not only this process
     return subprocess.call(cmd, env=env)
+
+
+def _stop_server(signum: int, frame: object) -> None:
+    """SIGTERM: end the server's processes (mlflow and the uvicorn workers it starts), then this one."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.terminate()
+    raise SystemExit(128 + signum)

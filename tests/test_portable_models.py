@@ -1,0 +1,125 @@
+"""The registered models load in a fresh virtual environment built only from their logged requirements.
+
+For each of ``bonemet-classifier`` and ``bonemet-missu``: register it in a local MLflow store, build
+a new venv with ``python -m venv`` and ``pip install -r`` the model's own ``requirements.txt``
+(torch comes as ``torch==2.13.0`` from the local wheel), load the model there by its alias from the
+same store (its code travels with it: no bonemet installed) and compare its answers with this
+environment's. Minutes: most of it is pip installing MLflow's dependencies (from pip's cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+LOAD_CLASSIFIER = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/bonemet-classifier@staging")
+out = model.predict(pd.read_parquet(sys.argv[1]))
+import bonemet
+print(json.dumps({"probability": out["probability_breast"].tolist(), "in_domain": out["in_domain"].tolist(),
+                  "bonemet": bonemet.__file__}))
+"""
+
+LOAD_SEGMENTER = """
+import json, sys
+import mlflow, numpy as np, torch
+torch.set_num_threads(1)
+network = mlflow.pytorch.load_model("models:/bonemet-missu@staging")
+network.eval()
+with torch.no_grad():
+    logits = network(torch.from_numpy(np.load(sys.argv[1]))).numpy()
+np.save(sys.argv[2], logits)
+import bonemet
+print(json.dumps({"bonemet": bonemet.__file__}))
+"""
+
+
+def _fresh_env(requirements: Path, where: Path) -> Path:
+    """A new virtual environment with exactly ``requirements`` installed; returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
+    python = where / "bin" / "python"
+    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return python
+
+
+def _run(python: Path, script: str, *args: str, store: str, cwd: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(MLFLOW_TRACKING_URI=store, MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{python.parent}:{env['PATH']}")
+    proc = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _requirements(model_uri: str) -> Path:
+    import mlflow
+
+    path = Path(mlflow.pyfunc.get_model_dependencies(model_uri))
+    lines = path.read_text().split()
+    assert not any(line.startswith("bonemet") for line in lines)  # our code travels with the model
+    assert all("==" in line for line in lines), lines  # every requirement pinned
+    return path
+
+
+def test_registered_models_load_in_a_fresh_environment(tmp_path, params, monkeypatch):
+    import mlflow
+    import torch
+
+    from bonemet.registry.pyfunc import log_classifier
+    from bonemet.registry.registration import log_segmenter
+    from bonemet.registry.store import configure, register_model, set_alias
+    from bonemet.segmentation.networks import network_from_spec
+    from serving_data import NAMES, feature_tables, fitted_domain, fitted_model
+
+    monkeypatch.chdir(tmp_path)
+    store = configure(None, tmp_path / "mlruns")
+    mlflow.set_experiment("portable")  # its artifacts in ./mlruns: tmp_path
+    primary, paired = feature_tables(n=60, seed=0)
+    fitted = fitted_model(primary, paired, params)
+    with mlflow.start_run() as run:
+        log_classifier(fitted, NAMES, threshold=0.5, model_name="logreg",
+                       domain=fitted_domain(fitted, primary, params.train.domain), check_rows=primary)
+    set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))
+
+    torch.manual_seed(0)
+    segment = params.segment.updated({"roi_size": [16, 16, 16]})
+    network = network_from_spec(segment).eval()
+    example = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
+    with mlflow.start_run() as run:
+        log_segmenter(network, example, {"network": "missu"}, name="model")
+    set_alias("bonemet-missu", "staging", register_model(run.info.run_id, "model", "bonemet-missu"))
+
+    rows = feature_tables(n=20, seed=5)[0]
+    rows.to_parquet(tmp_path / "rows.parquet")
+    np.save(tmp_path / "example.npy", example)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        expected_logits = network(torch.from_numpy(example)).numpy()
+    expected = fitted.predict_proba(rows[NAMES])[:, 1]
+
+    requirements = _requirements("models:/bonemet-classifier@staging")
+    python = _fresh_env(requirements, tmp_path / "venv-classifier")
+    got = _run(python, LOAD_CLASSIFIER, str(tmp_path / "rows.parquet"), store=store, cwd=tmp_path)
+    assert "venv-classifier" not in got["bonemet"] and "/code/bonemet/" in got["bonemet"]  # the logged code
+    assert np.array_equal(np.asarray(got["probability"]), expected)  # bit for bit
+    assert len(got["in_domain"]) == len(rows)
+
+    requirements = _requirements("models:/bonemet-missu@staging")
+    assert any(line == "torch==2.13.0" for line in requirements.read_text().split())
+    python = _fresh_env(requirements, tmp_path / "venv-missu")
+    got = _run(python, LOAD_SEGMENTER, str(tmp_path / "example.npy"), str(tmp_path / "logits.npy"), store=store,
+               cwd=tmp_path)
+    assert "/code/bonemet/" in got["bonemet"]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected_logits, rtol=1e-5, atol=1e-6)

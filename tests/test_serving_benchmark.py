@@ -1,0 +1,30 @@
+"""benchmarks/serving.py --quick: both servers start, answer, and the bonemet one bit for bit.
+
+A plumbing check (2 s per load on a synthetic table), so the benchmark script cannot rot; the
+measurement itself is the full run, on a quiet machine (benchmarks/serving.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_serving_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["quick"] and report["serving_mode"] == "reduced"
+    runs = {(r["model"], r["clients"]) for r in report["results"]}
+    assert runs == {("plain", 1), ("plain", 4), ("bonemet", 1), ("bonemet", 4)}
+    assert all(r["requests"] > 0 and r["non2xx"] == 0 for r in report["results"])
+    assert report["summary"]["throughput_ratio"] > 1  # even on a busy machine: no schema work per column
