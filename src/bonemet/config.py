@@ -432,13 +432,18 @@ class SegmentSpec(Spec):
 
 
 class ReportSpec(Spec):
-    """``report``: the HTML report."""
+    """``report``: the HTML report (its other inputs are the outputs named by the other sections)."""
 
     out: str
     title: str
-    metrics_dir: str
-    plot_dirs: list[str]
-    extra_sections: dict[str, str]
+    #: the validate stage's report.json (the cohort section's validation result and warnings)
+    validation_report: str
+    #: the plan stage's fingerprint (data/plan.json): a section of its own when the file exists
+    plan: str
+    #: cases drawn with their manual and automatic contours (best and worst by Dice first)
+    example_cases: PositiveInt
+    #: MLflow UI address (e.g. http://127.0.0.1:5000) for links to runs; null: run ids only
+    mlflow_ui_url: str | None
 
 
 class RadiomicsSpec(Spec):
@@ -470,6 +475,11 @@ class TrackingSpec(Spec):
     http_max_retries: NonNegativeInt
     http_backoff_factor: NonNegativeInt
     http_timeout_s: PositiveInt
+    #: each pipeline stage's log (its lines and every warning in full): <log_dir>/<stage>.log, also in MLflow
+    log_dir: str
+    #: CPU, memory (and GPU) use logged on the long stages' parent runs (segment, train, evaluate)
+    system_metrics: bool
+    system_metrics_interval_s: PositiveFloat
 
 
 class RegisterSpec(Spec):
