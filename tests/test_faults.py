@@ -234,3 +234,50 @@ def test_a_tracking_server_gone_mid_run_stops_the_stage_with_one_line(tmp_path):
         assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+POOL_PARENT = """
+import sys, time
+from concurrent.futures import ProcessPoolExecutor
+from bonemet.utils import die_with_parent
+
+def work(flag):
+    import os
+    open(flag, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+with ProcessPoolExecutor(max_workers=1, initializer=die_with_parent) as pool:
+    pool.submit(work, sys.argv[1])
+    time.sleep(120)
+"""
+
+
+def test_a_killed_stage_leaves_no_worker_process_behind(tmp_path):
+    """SIGKILL of a stage's process kills its pool workers too (they would idle forever, or go on
+    writing checkpoints and cache entries next to the rerun's)."""
+    flag = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT, str(flag)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (flag.exists() and flag.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        worker = int(flag.read_text())
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.time() + 10
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), f"worker {worker} outlived its killed parent"
+    finally:
+        parent.kill()
+        if flag.exists() and flag.read_text() and _alive(int(flag.read_text())):
+            os.kill(int(flag.read_text()), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

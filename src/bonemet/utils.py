@@ -114,6 +114,26 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
         raise
 
 
+def die_with_parent() -> None:
+    """Worker-process initializer: the worker gets SIGKILL when the process that started it dies
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing). A stage killed with SIGKILL then
+    leaves no worker behind, idle forever or still writing (checkpoints, cache entries) next to
+    its rerun's."""
+    import sys
+
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically, sorted keys, 2-space indent, NaN refused."""
     with atomic_path(path) as tmp:
