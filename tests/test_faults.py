@@ -281,3 +281,20 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def test_a_folder_output_removes_the_temporaries_a_killed_writer_left(tmp_path):
+    """A killed stage leaves its temporary output folder (a whole preprocessed cohort); the next
+    write of that output removes it, and leaves alone those of live writers and other outputs."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = int(gone.stdout)
+    left = [tmp_path / f".out.{dead}.abcd_123", tmp_path / f".out.{dead}.old.zz99zz99"]
+    kept = [tmp_path / f".out.{os.getpid()}.abcdefgh", tmp_path / f".out.x.{dead}.abcdefgh",
+            tmp_path / f".output.{dead}.abcdefgh"]
+    for path in left + kept:
+        (path / "case").mkdir(parents=True)
+    with atomic_path(tmp_path / "out", is_dir=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+    assert not [p for p in left if p.exists()] and all(p.exists() for p in kept)
