@@ -3,17 +3,20 @@
 A tiny cohort goes once through the real DAG (``ci/smoke.sh`` with ``SMOKE_TARGET=train``, the
 overrides below on top of ci/smoke_params.yaml): its outputs are the uninterrupted run. Then, for
 each of preprocess, segment, extract and train, ``dvc repro -f -s <stage>`` is started and, once the
-stage has written part of its work (its first per-case file, checkpoint or model), killed with
-SIGKILL at a seeded random moment: DVC, the stage and its worker processes, the whole process
-group, as a CI timeout or a lost machine would. Then:
+stage has written part of its work (its first per-case file, checkpoint, cache entry or model),
+killed with SIGKILL at a seeded random moment: the stage's own process (``kill -9``, the
+out-of-memory killer: DVC lives on and fails), or for train DVC's whole process group (a CI
+timeout, a lost machine). Then:
 
+- no process of the stage is left (its pool workers die with it);
 - no output is half-written: every file under the stage's outputs is complete (it parses), and
   anything else is a hidden temporary (``.<name>.*``, :func:`bonemet.utils.atomic_path`);
 - the per-case feature cache holds only entries that verify (extract);
 - a plain ``dvc repro -s <stage>`` completes, and its outputs are the uninterrupted run's: the
   same bytes, parquet tables equal (same columns in the same order, same values); only what
-  measures the run itself differs (the stage log, timings, cache counts, MLflow run ids);
-- no MLflow run is left RUNNING (the next start marks the killed one FAILED).
+  measures the run itself differs (the stage log, timings, cache counts, run ids);
+- no MLflow run is left RUNNING (the next start marks the killed one FAILED), and no temporary
+  output folder of the killed run is left beside the outputs.
 
 ``BONEMET_KILL_SEED`` draws other moments (``for s in 1 2 3; do BONEMET_KILL_SEED=$s pytest ...``).
 """
@@ -301,10 +304,14 @@ def _start_and_kill(work: Path, stage: Stage, fraction: float, expected_s: float
             assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
             return None
         at = time.monotonic() - start
-        if stage.kill == "stage":
-            os.kill(target, signal.SIGKILL)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            if stage.kill == "stage":
+                os.kill(target, signal.SIGKILL)
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended in between
+            assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+            return None
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
