@@ -234,3 +234,67 @@ def test_a_tracking_server_gone_mid_run_stops_the_stage_with_one_line(tmp_path):
         assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+POOL_PARENT = """
+import sys, time
+from concurrent.futures import ProcessPoolExecutor
+from bonemet.utils import die_with_parent
+
+def work(flag):
+    import os
+    open(flag, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+with ProcessPoolExecutor(max_workers=1, initializer=die_with_parent) as pool:
+    pool.submit(work, sys.argv[1])
+    time.sleep(120)
+"""
+
+
+def test_a_killed_stage_leaves_no_worker_process_behind(tmp_path):
+    """SIGKILL of a stage's process kills its pool workers too (they would idle forever, or go on
+    writing checkpoints and cache entries next to the rerun's)."""
+    flag = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT, str(flag)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (flag.exists() and flag.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        worker = int(flag.read_text())
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.time() + 10
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), f"worker {worker} outlived its killed parent"
+    finally:
+        parent.kill()
+        if flag.exists() and flag.read_text() and _alive(int(flag.read_text())):
+            os.kill(int(flag.read_text()), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_folder_output_removes_the_temporaries_a_killed_writer_left(tmp_path):
+    """A killed stage leaves its temporary output folder (a whole preprocessed cohort); the next
+    write of that output removes it, and leaves alone those of live writers and other outputs."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = int(gone.stdout)
+    left = [tmp_path / f".out.{dead}.abcd_123", tmp_path / f".out.{dead}.old.zz99zz99"]
+    kept = [tmp_path / f".out.{os.getpid()}.abcdefgh", tmp_path / f".out.x.{dead}.abcdefgh",
+            tmp_path / f".output.{dead}.abcdefgh"]
+    for path in left + kept:
+        (path / "case").mkdir(parents=True)
+    with atomic_path(tmp_path / "out", is_dir=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+    assert not [p for p in left if p.exists()] and all(p.exists() for p in kept)

@@ -344,3 +344,19 @@ def test_logged_mlflow_model_loads_back_with_skops(tmp_path, monkeypatch, specs)
     loaded = mlflow.sklearn.load_model(f"runs:/{child['run_id']}/model")
     rows = primary.drop(columns=["case_id", "label"]).iloc[:4]
     np.testing.assert_allclose(loaded.predict_proba(rows), res.models["knn"].pipeline.predict_proba(rows))
+
+
+def test_an_xgboost_model_saves_to_the_same_bytes_and_loads_back(tmp_path):
+    """skops names the booster's bytes entry by a random UUID: made canonical like the object ids."""
+    from xgboost import XGBClassifier
+
+    from bonemet.modeling.persistence import save_pipeline
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    y = (X[:, 0] > 0).astype(int)
+    model = XGBClassifier(n_estimators=5, max_depth=2, n_jobs=1, random_state=0).fit(X, y)
+    save_pipeline(model, tmp_path / "a.skops")
+    save_pipeline(model, tmp_path / "b.skops")
+    assert (tmp_path / "a.skops").read_bytes() == (tmp_path / "b.skops").read_bytes()
+    np.testing.assert_array_equal(load_pipeline(tmp_path / "a.skops").predict_proba(X), model.predict_proba(X))

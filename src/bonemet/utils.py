@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,16 +72,18 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``target``.
 
     Outputs are never left half-written: an exception (or a kill) leaves any previous ``target``
-    untouched and removes the temporary path (a kill leaves it, hidden: ``.<name>.*``). A full
-    disk or a read-only folder is an :class:`OutputWriteError` naming ``target``. A folder is
+    untouched and removes the temporary path (a kill leaves it, hidden: ``.<name>.<pid>.*``). A
+    full disk or a read-only folder is an :class:`OutputWriteError` naming ``target``. A folder is
     swapped in with two renames (the old one aside first, then the new one in place), so a kill
-    between them leaves the old one, renamed, rather than nothing.
+    between them leaves the old one, renamed, rather than nothing; the temporary folders a killed
+    process left for ``target`` (its pid is gone) are removed when the next one starts.
     """
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if is_dir:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            _remove_abandoned(target)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
         else:
             fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
             os.close(fd)
@@ -96,7 +99,7 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.old.", dir=target.parent))
             os.replace(target, aside / target.name)
             os.replace(tmp, target)
             shutil.rmtree(aside, ignore_errors=True)
@@ -112,6 +115,47 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
         if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError) and exc.errno in UNWRITABLE:
             raise unwritable(target, exc) from exc
         raise
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Remove the temporary folders ``.<name>.<pid>.[old.]XXXXXXXX`` that processes of this host,
+    now gone, left for ``target`` (each killed preprocess stage would leave a whole cohort)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.(?:old\.)?[a-z0-9_]{{8}}")
+    for path in target.parent.glob(f"{glob_escape(f'.{target.name}.')}*"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def die_with_parent() -> None:
+    """Worker-process initializer: the worker gets SIGKILL when the process that started it dies
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing). A stage killed with SIGKILL then
+    leaves no worker behind, idle forever or still writing (checkpoints, cache entries) next to
+    its rerun's."""
+    import sys
+
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_json(path: str | Path, data: Any) -> None:

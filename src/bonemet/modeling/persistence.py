@@ -105,8 +105,10 @@ def save_pipeline(pipeline: Any, path: str | Path) -> Path:
 
 def canonical_skops(data: bytes) -> bytes:
     """A skops archive made byte-reproducible: skops keys its objects by their memory addresses
-    (``"__id__": 140211369077184``, ``140211369146384.npy``) and dates its zip entries; here the ids
-    are renumbered 1, 2, ... in order of first appearance and every entry is dated 1980-01-01."""
+    (``"__id__": 140211369077184``, ``140211369146384.npy``), names its bytes entries by a random
+    UUID (``"file": "0bb72c3a-....bin"``: an XGBoost booster) and dates its zip entries; here the ids
+    are renumbered 1, 2, ... in order of first appearance, every other entry is named after its
+    number (``b1.bin``, ...) and every entry is dated 1980-01-01."""
     import io
     import re
     import zipfile
@@ -118,12 +120,20 @@ def canonical_skops(data: bytes) -> bytes:
             ids.setdefault(match.group(1) or match.group(2), str(len(ids) + 1))
         schema = re.sub(r'("__id__": )(\d+)', lambda m: m.group(1) + ids.get(m.group(2), m.group(2)), schema)
         schema = re.sub(r'"(\d+)\.npy"', lambda m: f'"{ids.get(m.group(1), m.group(1))}.npy"', schema)
+        files: dict[str, str] = {}  # the entries named otherwise (uuid4().bin, <id>.npz), in order of mention
+        stored = set(source.namelist())
+        for match in re.finditer(r'"file": "([^"]+)"', schema):
+            name = match.group(1)
+            if name in stored and not name.endswith(".npy") and name not in files:
+                files[name] = f"b{len(files) + 1}{Path(name).suffix}"
+        schema = re.sub(r'("file": ")([^"]+)"', lambda m: f'{m.group(1)}{files.get(m.group(2), m.group(2))}"', schema)
         entries = {"schema.json": schema.encode("utf-8")}
         for info in source.infolist():
             if info.filename != "schema.json":
                 stem = info.filename.removesuffix(".npy")
-                entries[f"{ids.get(stem, stem)}.npy" if info.filename.endswith(".npy") else info.filename] = \
-                    source.read(info)
+                name = f"{ids.get(stem, stem)}.npy" if info.filename.endswith(".npy") else \
+                    files.get(info.filename, info.filename)
+                entries[name] = source.read(info)
         compress = source.infolist()[0].compress_type
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as target:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from bonemet.data.manifest import Case, read_manifest
 from bonemet.preprocessing.pipeline import PreprocessError
-from bonemet.utils import atomic_path, progress, write_json
+from bonemet.utils import atomic_path, die_with_parent, progress, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import PreprocessSpec
@@ -113,7 +113,7 @@ def preprocess_cohort(
             for case in progress(cases, total=len(cases), desc="preprocess", disable=not show_progress):
                 rows[case.case_id] = _process_case(case, tmp, int(mask_label), spec, grid_tolerance_mm, False)
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, initializer=die_with_parent) as pool:
                 futures = [
                     pool.submit(_process_case, case, tmp, int(mask_label), spec, grid_tolerance_mm, True)
                     for case in cases

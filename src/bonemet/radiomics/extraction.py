@@ -29,7 +29,7 @@ from bonemet.data.dicom_masks import MaskFormatError, mask_format, read_lesion_m
 from bonemet.data.io import read_image, read_mask, resample_to_reference, same_grid
 from bonemet.errors import UserError
 from bonemet.radiomics.settings import settings_digest
-from bonemet.utils import atomic_path, file_md5, progress
+from bonemet.utils import atomic_path, die_with_parent, file_md5, progress
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,9 @@ def _write_cache(path: Path, case_id: str, features: Mapping[str, float]) -> Non
 
 
 def _init_worker(sitk_threads: int) -> None:
-    """Pool initializer: one SimpleITK thread per worker (the processes are the parallelism)."""
+    """Pool initializer: one SimpleITK thread per worker (the processes are the parallelism); the
+    worker dies with the stage (:func:`~bonemet.utils.die_with_parent`)."""
+    die_with_parent()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(sitk_threads))
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)

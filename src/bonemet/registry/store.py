@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from bonemet.errors import UserError
 from bonemet.registry.local import default_tracking_uri
 from bonemet.tracking.base import DatasetInput, Tracker
-from bonemet.utils import UNWRITABLE
+from bonemet.utils import UNWRITABLE, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def fail_abandoned_runs(experiment_id: str) -> list[str]:
     failed = []
     for run in runs:
         pid = int(run.data.tags.get(OWNER_PID_TAG, "0") or 0)
-        if pid <= 0 or pid == os.getpid() or _alive(pid):
+        if pid <= 0 or pid == os.getpid() or pid_alive(pid):
             continue
         client.set_tag(run.info.run_id, "bonemet.failed_reason", f"process {pid} ended without closing the run")
         client.set_terminated(run.info.run_id, status="FAILED")
@@ -128,16 +128,6 @@ def fail_abandoned_runs(experiment_id: str) -> list[str]:
         log.warning("marked %d run(s) FAILED that a killed process had left RUNNING: %s", len(failed),
                     ", ".join(failed[:10]))
     return failed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 class MlflowTracker(Tracker):

@@ -30,7 +30,7 @@ from bonemet.segmentation.metrics import case_metrics
 from bonemet.segmentation.networks import count_parameters, network_from_spec
 from bonemet.segmentation.training import train_model
 from bonemet.tracking.base import NullTracker, Tracker
-from bonemet.utils import atomic_path, log_context, progress, seed_everything
+from bonemet.utils import atomic_path, die_with_parent, log_context, progress, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import SegmentSpec
@@ -374,7 +374,8 @@ def _run_parallel(jobs: Sequence[_FoldJob], by_id: Mapping[str, SegCase], volume
 
     _FORK_STATE.update(by_id=by_id, volumes=volumes)
     try:
-        with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=die_with_parent) as pool:
             futures = [pool.submit(_fold_worker, job) for job in jobs]
             job_of = {job.fold: job for job in jobs}
             for future in futures:
