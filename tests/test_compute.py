@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 
@@ -52,24 +53,29 @@ def _digests(root: Path) -> dict[str, str]:
             if p.is_file()}
 
 
-def test_preprocessing_on_dask_writes_the_local_pools_files(tmp_path, cohort, cluster):
+def test_preprocessing_on_dask_writes_the_local_pools_files(tmp_path, cohort, cluster, monkeypatch):
+    # relative paths, as a stage gives them: the workers, started elsewhere, must still find the files
+    monkeypatch.chdir(cohort.parent)
     outputs = {}
     for name, compute in (("local", LOCAL_COMPUTE), ("dask", _dask(cluster))):
-        spec = PARAMS.preprocess.updated({"out_dir": str(tmp_path / name), "n_jobs": 2})
-        table = preprocess_cohort(cohort, spec, compute=compute, mask_label=1, grid_tolerance_mm=TOL, roi=None,
+        out = tmp_path / name
+        spec = PARAMS.preprocess.updated({"out_dir": os.path.relpath(out), "n_jobs": 2})
+        table = preprocess_cohort(cohort.name, spec, compute=compute, mask_label=1, grid_tolerance_mm=TOL, roi=None,
                                   segment=None, pseudonym_key=None, show_progress=False)
         assert len(table) == 4
-        outputs[name] = _digests(tmp_path / name)
+        outputs[name] = _digests(out)
     assert len(outputs["local"]) == 1 + 3 * 4  # cases.csv, then image, mask and geometry per case
     assert outputs["dask"] == outputs["local"]
 
 
-def test_feature_tables_on_dask_equal_the_local_pools(tmp_path, cohort, cluster):
-    cases = read_manifest(cohort)
+def test_feature_tables_on_dask_equal_the_local_pools(tmp_path, cohort, cluster, monkeypatch):
+    monkeypatch.chdir(cohort.parent)
+    cases = read_manifest(cohort.name)  # relative paths, as the stage's
     tables = {}
     for name, compute in (("local", LOCAL_COMPUTE), ("dask", _dask(cluster))):
         summary = extract_sources(cases, FAST, tmp_path / name, sources=["manual", "annotator"], auto_masks_dir=None,
-                                  n_jobs=2, compute=compute, cache_dir=tmp_path / f"cache_{name}", allow_drop=False,
+                                  n_jobs=2, compute=compute, cache_dir=os.path.relpath(tmp_path / f"cache_{name}"),
+                                  allow_drop=False,
                                   grid_tolerance_mm=TOL, show_progress=False)
         assert summary["sources"]["manual"]["n_extracted"] == 4  # computed on the workers, not read from a cache
         tables[name] = {s: pd.read_parquet(tmp_path / name / f"{s}.parquet") for s in ("manual", "annotator")}

@@ -415,7 +415,8 @@ def fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequenc
     t0, c0 = time.perf_counter(), time.process_time()
     tuned = tune_model(model, inner, train.search_space.get(model, {}), train.n_trials[model], seed,
                        fixed_params=train.fixed_params.get(model, {}),
-                       pruner_startup_trials=train.pruner_startup_trials, tracker=tracker)
+                       pruner_startup_trials=train.pruner_startup_trials, storage=train.tuning.storage,
+                       workers=train.tuning.workers, tracker=tracker)
     t1 = time.perf_counter()
     oof = np.full(len(data.y_train), np.nan)
     cv_aucs = []

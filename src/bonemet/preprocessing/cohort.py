@@ -107,6 +107,8 @@ def preprocess_cohort(
     """
     from bonemet.compute import case_executor, runs_in_process
 
+    if compute.scheduler == "dask":  # a cluster's workers have their own working folder: absolute paths
+        cohort_dir = Path(cohort_dir).absolute()
     cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)
     jobs = _resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
@@ -121,7 +123,7 @@ def preprocess_cohort(
         else:
             with case_executor(compute, workers=jobs) as pool:
                 futures = [
-                    pool.submit(_process_case, case, tmp, int(mask_label), spec, grid_tolerance_mm, True)
+                    pool.submit(_process_case, case, tmp.absolute(), int(mask_label), spec, grid_tolerance_mm, True)
                     for case in cases
                 ]
                 for future in progress(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -384,9 +385,11 @@ def extract_cohort(
                 results[case_id] = features
     elif todo:
         with case_executor(compute, workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
+            # absolute paths: a cluster's workers have their own working folder
             futures = [
-                pool.submit(_extract_task, case, settings,
-                            str(cache_path[case.case_id]) if cache_path[case.case_id] else None, grid_tolerance_mm)
+                pool.submit(_extract_task, dataclasses.replace(case, image=case.image.absolute(), mask=case.mask.absolute()),
+                            settings, str(cache_path[case.case_id].absolute()) if cache_path[case.case_id] else None,
+                            grid_tolerance_mm)
                 for case in todo
             ]
             for future in progress(as_completed(futures), total=len(futures), desc="radiomics", disable=not show_progress):
