@@ -4,13 +4,15 @@ One PostgreSQL server (Debian's binaries, loopback, a temporary folder; tests/po
 three databases: MLflow's backend store, MLflow's basic-auth users, and the Optuna studies. An
 ``mlflow server --app-name basic-auth --serve-artifacts`` runs on it; the test checks that a
 request without credentials (or with a wrong password) is refused with 401, creates a user as the
-admin, and runs the real DVC DAG (ci/smoke.sh on the tiny smoke cohort, the first ``dvc repro``)
-as that user (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``), with preprocess and
+admin, and runs the real DVC DAG up to the train stage (ci/smoke.sh on the tiny smoke cohort) as that
+user (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``), with preprocess and
 extract on a Dask ``LocalCluster`` of two worker processes (``compute.scheduler: dask``) and every
 model's study tuned by two processes at once (``train.tuning``). Then, through the server's REST
 API and Optuna's storage: every study holds exactly its trials, every finished trial is logged
 once in its model's run, each stage and model run exists once, and the artifacts sit in the
-server's artifact store. Skipped, saying why, only where the PostgreSQL binaries are missing.
+server's artifact store. Last, the outputs go to a DVC remote (a local folder) and a fresh clone
+pulls them: DVC finds the pipeline up to date, nothing recomputes. Skipped, saying why, only where
+the PostgreSQL binaries are missing.
 """
 
 from __future__ import annotations
@@ -72,12 +74,11 @@ def _tags(entity: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in entity.get("tags", [])}
 
 
-@pytest.fixture
-def team(tmp_path):
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
     """PostgreSQL + an authenticated MLflow server on it; yields (url, urls of the databases, admin, root)."""
     with postgres_server(("mlflow", "mlflow_auth", "optuna")) as urls:
-        root = tmp_path / "server"
-        root.mkdir()
+        root = tmp_path_factory.mktemp("server")
         admin = ("admin", secrets.token_urlsafe(16))
         ini = root / "basic_auth.ini"
         ini.write_text("[mlflow]\ndefault_permission = READ\n"
@@ -91,7 +92,8 @@ def team(tmp_path):
              "--backend-store-uri", urls["mlflow"], "--serve-artifacts", "--artifacts-destination",
              str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_AUTH_CONFIG_PATH": str(ini)})
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 180
@@ -114,36 +116,47 @@ def team(tmp_path):
             log.close()
 
 
-def test_team_pipeline_on_postgresql_with_auth_optuna_workers_and_dask(tmp_path, team):
+@pytest.fixture(scope="module")
+def team_run(team, tmp_path_factory):
+    """The DVC DAG run by an authenticated user against the team server, Optuna workers and Dask."""
     distributed = pytest.importorskip("distributed")
-    import optuna
-
     url, urls, admin, server_root = team
-    # access control: no credentials, or a wrong password, is refused
-    status, _ = _call(url, "experiments/search", None, max_results="10")
-    assert status == 401
-    status, _ = _call(url, "experiments/search", (admin[0], "not-the-password"), max_results="10")
-    assert status == 401
     user = ("alice", secrets.token_urlsafe(16))
     _api(url, "users/create", admin, {"username": user[0], "password": user[1]})
-
-    work = tmp_path / "work"
+    root = tmp_path_factory.mktemp("team")
+    work = root / "work"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   host="127.0.0.1") as cluster:
-        extra = tmp_path / "team_params.yaml"
+        extra = root / "team_params.yaml"
         extra.write_text(yaml.safe_dump({
             "compute": {"scheduler": "dask", "dask_address": cluster.scheduler_address, "dask_connect_timeout_s": 30},
-            "train": {"models": MODELS, "n_trials": dict.fromkeys(MODELS, N_TRIALS),
-                      "tuning": {"storage": urls["optuna"], "workers": 2}},
+            # what this test checks is the trials and runs: no per-model MLflow models or figures (a minute)
+            "train": {"models": MODELS, "n_trials": dict.fromkeys(MODELS, N_TRIALS), "log_models": False,
+                      "log_figures": False, "tuning": {"storage": urls["optuna"], "workers": 2}},
             # the second reader's masks stand in for a segmentation network's (no training: seconds)
             "segment": {"model": "external", "external": {"masks_dir": "annotator_masks", "label": 2}},
         }))
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": user[0],
-               "MLFLOW_TRACKING_PASSWORD": user[1], "BONEMET_PROGRESS": "0", "SMOKE_DAG_ONLY": "1"}
+               "MLFLOW_TRACKING_PASSWORD": user[1], "BONEMET_PROGRESS": "0", "SMOKE_DAG_ONLY": "1",
+               "SMOKE_TARGET": "train"}  # the DAG up to train: evaluate, register, report add minutes, not checks
         proc = subprocess.run(["bash", str(REPO / "ci" / "smoke.sh"), str(work), str(extra)], capture_output=True,
                               encoding="utf-8", errors="replace", timeout=900, env=env)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    auth = user
+    return {"url": url, "urls": urls, "admin": admin, "user": user, "server_root": server_root, "work": work,
+            "root": root}
+
+
+def test_the_server_refuses_requests_without_valid_credentials(team):
+    url, _, admin, _ = team
+    assert _call(url, "experiments/search", None, max_results="10")[0] == 401
+    assert _call(url, "experiments/search", (admin[0], "not-the-password"), max_results="10")[0] == 401
+    assert _call(url, "experiments/search", admin, max_results="10")[0] == 200
+
+
+def test_every_trial_and_run_is_there_exactly_once(team_run):
+    import optuna
+
+    url, urls, auth, work = team_run["url"], team_run["urls"], team_run["user"], team_run["work"]
     extract_log = (work / "logs" / "extract.log").read_text(encoding="utf-8")
     preprocess_log = (work / "logs" / "preprocess.log").read_text(encoding="utf-8")
     assert "Dask scheduler tcp://127.0.0.1" in extract_log and "with Dask at tcp://127.0.0.1" in preprocess_log
@@ -151,29 +164,29 @@ def test_team_pipeline_on_postgresql_with_auth_optuna_workers_and_dask(tmp_path,
     experiments = {e["name"]: e for e in _api(url, "experiments/search", auth, max_results="100")["experiments"]}
     assert {"bonemet-radiomics", "bonemet-classification", "bonemet-segmentation"} <= set(experiments)
 
-    def runs(experiment: str, filter_string: str = "") -> list[dict]:
-        body = {"experiment_ids": [experiments[experiment]["experiment_id"]], "max_results": 1000,
-                "filter": filter_string}
+    def runs(experiment: str) -> list[dict]:
+        body = {"experiment_ids": [experiments[experiment]["experiment_id"]], "max_results": 1000}
         return _api(url, "runs/search", auth, body).get("runs", [])
 
-    # extraction: one run, one nested run per mask source, on the cluster
-    extract = [r for r in runs("bonemet-radiomics") if r["info"]["run_name"] == "extract"]
+    # extraction: one run, one nested run per mask source
+    radiomics = runs("bonemet-radiomics")
+    extract = [r for r in radiomics if r["info"]["run_name"] == "extract"]
     assert len(extract) == 1 and extract[0]["info"]["status"] == "FINISHED"
-    children = [r for r in runs("bonemet-radiomics") if _tags(r["data"]).get("mlflow.parentRunId")
-                == extract[0]["info"]["run_id"]]
+    children = [r for r in radiomics if _tags(r["data"]).get("mlflow.parentRunId") == extract[0]["info"]["run_id"]]
     assert sorted(r["info"]["run_name"] for r in children) == ["extract-annotator", "extract-auto", "extract-manual"]
 
-    # training: one train run, one nested run per model
-    train = [r for r in runs("bonemet-classification") if r["info"]["run_name"] == "train"]
+    # training: one train run, one nested run per model, artifacts served by the server
+    classification = runs("bonemet-classification")
+    train = [r for r in classification if r["info"]["run_name"] == "train"]
     assert len(train) == 1 and train[0]["info"]["status"] == "FINISHED"
     train_id = train[0]["info"]["run_id"]
-    model_runs = [r for r in runs("bonemet-classification") if _tags(r["data"]).get("mlflow.parentRunId") == train_id]
+    model_runs = [r for r in classification if _tags(r["data"]).get("mlflow.parentRunId") == train_id]
     assert sorted(r["info"]["run_name"] for r in model_runs) == sorted(MODELS)
-    assert train[0]["info"]["artifact_uri"].startswith("mlflow-artifacts:")  # served by the server
+    assert train[0]["info"]["artifact_uri"].startswith("mlflow-artifacts:")
 
-    # Optuna: one study per model in PostgreSQL (the repeats tune in memory), exactly N_TRIALS trials each,
-    # every finished trial logged once as its model run's trial_auc
-    studies = {s.study_name: s for s in optuna.get_all_study_summaries(urls["optuna"])}
+    # Optuna: one study per model in PostgreSQL (the evaluate stage's repeats tune in memory), exactly
+    # N_TRIALS trials each, every finished trial logged once as its model run's trial_auc
+    studies = [s.study_name for s in optuna.get_all_study_summaries(urls["optuna"])]
     assert sorted(name.rsplit("-", 1)[0] for name in studies) == sorted(f"bonemet-{m}" for m in MODELS)
     for run in model_runs:
         model = run["info"]["run_name"]
@@ -189,9 +202,35 @@ def test_team_pipeline_on_postgresql_with_auth_optuna_workers_and_dask(tmp_path,
         params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
         assert params["n_trials"] == str(N_TRIALS), model
 
-    # the registered classifier, and the artifacts in the server's store (not on the client)
-    registered = _api(url, "registered-models/get", auth, name="bonemet-classifier")["registered_model"]
-    assert registered["latest_versions"]
-    stored = {p.name for p in (server_root / "artifacts").rglob("*") if p.is_file()}
-    assert "train.log" in stored and "MLmodel" in stored
-    assert not (work / "mlruns").exists()  # nothing went to a local store
+    # the artifacts are in the server's store, not on the client
+    stored = {p.name for p in (team_run["server_root"] / "artifacts").rglob("*") if p.is_file()}
+    assert {"train.log", "extract.log", "optuna_trials.csv", "table1.json"} <= stored, sorted(stored)[:50]
+    assert not (work / "mlruns").exists()
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+                          env=env)
+    assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout + proc.stderr
+
+
+def test_a_fresh_clone_pulls_the_outputs_from_the_remote_without_recomputing(team_run):
+    work, root = team_run["work"], team_run["root"]
+    remote = root / "dvc-remote"  # a local folder standing in for s3://bucket/bonemet
+    _run(["dvc", "remote", "add", "-d", "team", str(remote)], work)
+    _run(["git", "add", "-A"], work)
+    _run(["git", "commit", "-qm", "pipeline outputs, DVC remote"], work)
+    _run(["dvc", "push"], work)
+    clone = root / "clone"
+    _run(["git", "clone", "-q", str(work), str(clone)], root)
+    assert not (clone / "data" / "features").exists()  # only git's files so far
+    _run(["dvc", "pull"], clone)
+    status = _run(["dvc", "status", "train"], clone)  # train and every stage it depends on
+    assert "Data and pipelines are up to date" in status, status
+    dry = _run(["dvc", "repro", "--dry", "train"], clone)
+    assert "Running stage" not in dry, dry
+    for out in ("data/features/auto.parquet", "data/preprocessed/cases.csv", "models/index.json",
+                "cohorts/smoke/manifest.csv"):
+        assert (clone / out).read_bytes() == (work / out).read_bytes(), out

@@ -3,12 +3,14 @@ trial is logged once, a rerun resumes the study instead of starting over."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from bonemet.config import ParamsError, build_specs, load_params
-from bonemet.modeling.tuning import precompute_folds, study_name, tune_model
+from bonemet.modeling.tuning import WORKER_ATTR, precompute_folds, study_name, tune_model
 from bonemet.tracking.base import RecordingTracker
 from postgres import postgres_server, skip_reason
 
@@ -69,9 +71,10 @@ def test_two_workers_tune_one_study_and_each_trial_is_logged_once(params, folds,
     assert [step for step, _ in logged] == sorted(completed)  # each finished trial once, in trial order
     assert dict(logged) == pytest.approx(completed)
     assert result.best_value == pytest.approx(study.best_value)
-    # the two workers ran at once: their trials overlap in time
-    spans = sorted((t.datetime_start, t.datetime_complete) for t in study.trials)
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    # two worker processes, neither of them this one, ran half the trials each
+    workers = [t.user_attrs[WORKER_ATTR] for t in study.trials]
+    assert sorted(workers.count(w) for w in set(workers)) == [N_TRIALS // 2, N_TRIALS // 2]
+    assert not any(w.endswith(f":{os.getpid()}") for w in workers)
 
     # a rerun finds the study complete: no new trial, the same answer, each trial logged once again
     again_tracker = RecordingTracker()

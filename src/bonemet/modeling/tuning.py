@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -122,6 +124,10 @@ def study_name(model_name: str, folds: Sequence[FoldData], space: Mapping[str, A
     return f"bonemet-{model_name}-{h.hexdigest()[:16]}"
 
 
+#: the trial's user attribute naming the process that ran it (``host:pid``)
+WORKER_ATTR = "bonemet_worker"
+
+
 class _Objective:
     """Mean inner-fold AUC of one trial's hyperparameters, reported fold by fold for the pruner
     (a class, not a closure, so that worker processes receive it)."""
@@ -133,6 +139,7 @@ class _Objective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
         params = {**self.fixed, **suggest(trial, self.space)}
         scores = []
         for step, fold in enumerate(self.folds):
@@ -155,7 +162,7 @@ def _sampler_and_pruner(seed: int, pruner_startup_trials: int, shared: bool) -> 
 
 def _optimize_share(storage: str, name: str, objective: _Objective, seed: int, pruner_startup_trials: int,
                     n_trials: int, warnings_log: str | None) -> int:
-    """A spawned worker process (one BLAS/OpenMP thread): ``n_trials`` trials of the shared study
+    """A worker process (one BLAS/OpenMP thread): ``n_trials`` trials of the shared study
     ``name``, its own database connection; returns how many it ran."""
     import optuna
     from threadpoolctl import threadpool_limits
@@ -169,6 +176,11 @@ def _optimize_share(storage: str, name: str, objective: _Objective, seed: int, p
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         study.optimize(objective, n_trials=n_trials)
     return n_trials
+
+
+#: what the tuning workers import anyway, loaded once in the forkserver process
+_WORKER_PRELOAD = ("bonemet.modeling.tuning", "optuna", "sklearn.linear_model", "sklearn.svm", "sklearn.neighbors",
+                   "sklearn.ensemble", "sklearn.neural_network", "sqlalchemy")
 
 
 def _shares(n: int, workers: int) -> list[int]:
@@ -205,7 +217,8 @@ def tune_model(
     ``storage`` None: an in-memory study in this process (the same seed gives the same trials).
     A database URL (``train.tuning.storage``): the study :func:`study_name` names in that storage,
     created or resumed: the finished trials already there count towards ``n_trials``, and the rest
-    run in ``workers`` processes at once (worker ``i`` samples with seed ``seed + i``), which
+    run in ``workers`` processes at once (worker ``i`` samples with seed ``seed + i``; started from a
+forkserver, never forked from this process and its database connections), which
     coordinate through the database only, so other machines may join the same study. Parallel
     TPE is not reproducible trial by trial.
 
@@ -247,9 +260,13 @@ def tune_model(
 
                 from bonemet.utils import active_warnings_log
 
-                # spawned, not forked: a forked child would share this process's database connections
+                # forkserver, not fork: a forked child would share this process's database connections.
+                # The server process starts once with the tuning modules loaded and forks every model's
+                # workers from there (seconds less per model than spawning them afresh).
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(list(_WORKER_PRELOAD))
                 warnings_log = active_warnings_log()
-                with ProcessPoolExecutor(max_workers=len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+                with ProcessPoolExecutor(max_workers=len(shares), mp_context=context) as pool:
                     futures = [pool.submit(_optimize_share, storage, name, objective, seed + i, pruner_startup_trials,
                                            share, str(warnings_log) if warnings_log else None)
                                for i, share in enumerate(shares)]
