@@ -23,7 +23,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlflow_server import mlflow_server
 from postgres import postgres_server, skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +39,6 @@ MODELS = ["logreg", "knn", "random_forest"]
 N_TRIALS = 4
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _call(url: str, endpoint: str, auth: tuple[str, str] | None, body: dict | None = None, **query: str):
@@ -85,35 +77,11 @@ def team(tmp_path_factory):
                        f"database_uri = {urls['mlflow_auth']}\nadmin_username = {admin[0]}\n"
                        f"admin_password = {admin[1]}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        port = _free_port()
-        log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
-             "--backend-store-uri", urls["mlflow"], "--serve-artifacts", "--artifacts-destination",
-             str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
+        args = ["--app-name", "basic-auth", "--backend-store-uri", urls["mlflow"], "--serve-artifacts",
+                "--artifacts-destination", str(root / "artifacts")]
+        env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+        with mlflow_server(root, args, env) as url:
             yield url, urls, admin, root
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
 
 
 @pytest.fixture(scope="module")
