@@ -168,7 +168,9 @@ def test_every_trial_and_run_is_there_exactly_once(team_run):
         assert sorted(m["step"] for m in history) == sorted(completed), model  # each once, none missing
         assert {m["step"]: m["value"] for m in history} == pytest.approx(completed), model
         params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
-        assert params["n_trials"] == str(N_TRIALS), model
+        assert params["n_trials"] == str(N_TRIALS) and params["optuna_study"] == name, model
+    train_params = {p["key"]: p["value"] for p in train[0]["data"].get("params", [])}
+    assert train_params["tuning_storage"] == urls["optuna"] and train_params["tuning_workers"] == "2"
 
     # the artifacts are in the server's store, not on the client
     stored = {p.name for p in (team_run["server_root"] / "artifacts").rglob("*") if p.is_file()}

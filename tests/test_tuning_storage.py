@@ -110,3 +110,11 @@ def test_workers_without_a_storage_are_refused():
     with pytest.raises(ParamsError, match=r"train.tuning: .*workers is 2: processes share a study only through a "
                                           r"storage"):
         build_specs(raw)
+
+
+def test_the_storage_is_logged_without_its_password():
+    from bonemet.modeling.training import _without_password
+
+    assert _without_password("postgresql://bonemet:s3cret@db.team:5432/optuna") == \
+        "postgresql://bonemet:***@db.team:5432/optuna"
+    assert _without_password(None) == "memory"

@@ -61,6 +61,8 @@ class TuningResult:
     n_trials: int
     n_pruned: int
     trials: pd.DataFrame = field(repr=False)
+    #: the study's name in the shared storage (``train.tuning.storage``); None for an in-memory study
+    study: str | None = None
 
 
 def precompute_folds(
@@ -217,10 +219,11 @@ def tune_model(
     ``storage`` None: an in-memory study in this process (the same seed gives the same trials).
     A database URL (``train.tuning.storage``): the study :func:`study_name` names in that storage,
     created or resumed: the finished trials already there count towards ``n_trials``, and the rest
-    run in ``workers`` processes at once (worker ``i`` samples with seed ``seed + i``; started from a
-forkserver, never forked from this process and its database connections), which
-    coordinate through the database only, so other machines may join the same study. Parallel
-    TPE is not reproducible trial by trial.
+    run in ``workers`` processes at once (worker ``i`` samples with seed ``seed + i``; started from
+    a forkserver, never forked from this process and its database connections), which
+    coordinate through the database only (another machine tuning the same study at once counts the
+    finished trials when it starts, so together they may exceed ``n_trials``). Parallel TPE is not
+    reproducible trial by trial.
 
     Every finished trial is logged to ``tracker`` once, after tuning, from the study itself
     (metric ``trial_auc``, step = trial number).
@@ -239,6 +242,7 @@ forkserver, never forked from this process and its database connections), which
     objective = _Objective(model_name, folds, space, fixed, seed)
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     sampler, pruner = _sampler_and_pruner(seed, pruner_startup_trials, shared=storage is not None)
+    name = None
     if storage is None:
         study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                     study_name=f"bonemet-{model_name}")
@@ -283,4 +287,4 @@ forkserver, never forked from this process and its database connections), which
     best = {**fixed, **study.best_params}
     log.info("%s: best inner-CV AUC %.3f after %d trials (%d pruned)", model_name, study.best_value,
              len(finished), n_pruned)
-    return TuningResult(model_name, best, float(study.best_value), len(finished), n_pruned, trials)
+    return TuningResult(model_name, best, float(study.best_value), len(finished), n_pruned, trials, study=name)
