@@ -91,7 +91,7 @@ def prepare(folder: Path, params, *, quick: bool) -> None:
         settings["setting"] = {**settings["setting"], "label": params.data.mask_label}
         log.info("extracting the manual and annotator features into %s", features)
         extract_sources(read_manifest(raw), settings, features, sources=["manual", "annotator"], auto_masks_dir=None,
-                        n_jobs=1 if quick else params.radiomics.n_jobs,
+                        n_jobs=1 if quick else params.radiomics.n_jobs, compute=params.compute,
                         cache_dir=None if quick else params.radiomics.cache_dir, allow_drop=False,
                         grid_tolerance_mm=params.validation.grid_tolerance_mm, show_progress=False)
 

@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
 
         full = CohortStats()
         cpu0 = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF)
-        table, _ = extract_cohort(first, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", allow_drop=False,
+        table, _ = extract_cohort(first, settings, n_jobs=args.n_jobs, compute=params.compute, cache_dir=tmp / "cache", allow_drop=False,
                                   grid_tolerance_mm=tolerance, show_progress=False, stats=full)
         cpu_ours = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF) - cpu0
         log.info("ours (n_jobs=%d): %d cases in %.1f s", args.n_jobs, n, full.seconds)
         assert table.shape == (n, 2 + len(plain[0])), table.shape
         incremental = CohortStats()
-        extract_cohort(added, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", allow_drop=False,
+        extract_cohort(added, settings, n_jobs=args.n_jobs, compute=params.compute, cache_dir=tmp / "cache", allow_drop=False,
                        grid_tolerance_mm=tolerance, show_progress=False, stats=incremental)
         log.info("after adding one case: %.2f s (%d cached, %d extracted)", incremental.seconds, incremental.n_cached, incremental.n_extracted)
 

@@ -5,7 +5,7 @@
 #   EXTRA_PARAMS.yaml: more overrides merged over ci/smoke_params.yaml (e.g. a cohort the caller put
 #   in WORKDIR beforehand: data.source user, data.cohort_dir ...).
 #   SMOKE_DAG_ONLY=1: stop after the first `dvc repro` (no second repro, no experiments).
-#   SMOKE_TARGET=STAGE: with SMOKE_DAG_ONLY=1, the first `dvc repro` stops at STAGE (and what it needs).
+#   SMOKE_TARGET=STAGE: the first `dvc repro` runs STAGE and what it depends on only (with SMOKE_DAG_ONLY=1).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$repo/.venv/bin"
@@ -38,7 +38,7 @@ cohort_dir="$("$BIN/python" -c "import yaml; print(yaml.safe_load(open('params.y
 test -f "$cohort_dir.dvc" || { echo "error: ensure-data did not version the cohort ($cohort_dir.dvc)"; exit 1; }
 git add -A >/dev/null && git commit -qm "smoke cohort"
 "$BIN/bonemet" ensure-data | tee ensure2.log
-if [ "${SMOKE_DAG_ONLY:-0}" = "1" ]; then "$BIN/dvc" repro ${SMOKE_TARGET:-}; else "$BIN/dvc" repro; fi
+if [ -n "${SMOKE_TARGET:-}" ]; then "$BIN/dvc" repro "$SMOKE_TARGET"; else "$BIN/dvc" repro; fi
 if [ "${SMOKE_DAG_ONLY:-0}" = "1" ]; then echo "smoke DAG done in $work"; exit 0; fi
 echo "== second repro must do nothing"
 "$BIN/dvc" repro | tee repro2.log

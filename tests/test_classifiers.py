@@ -174,7 +174,8 @@ def test_tuning_two_trials_is_deterministic_and_uses_the_space(params, select):
     space = params.train.updated({"search_space.logreg.C": {"type": "float", "low": 0.5, "high": 10.0, "log": True}}
                                  ).search_space["logreg"]
     assert set(space) == {"C", "l1_ratio"}
-    tune = dict(fixed_params=_fixed(params, "logreg"), pruner_startup_trials=params.train.pruner_startup_trials)
+    tune = dict(fixed_params=_fixed(params, "logreg"), pruner_startup_trials=params.train.pruner_startup_trials,
+                storage=None, workers=1)
     a = tune_model("logreg", folds, space, n_trials=2, seed=5, **tune)
     b = tune_model("logreg", folds, space, n_trials=2, seed=5, **tune)
     assert a.best_params == b.best_params and a.best_value == b.best_value
@@ -183,5 +184,5 @@ def test_tuning_two_trials_is_deterministic_and_uses_the_space(params, select):
     assert 0.5 < a.best_value <= 1.0
     assert {k: a.best_params[k] for k in tune["fixed_params"]} == tune["fixed_params"]  # fixed params kept
     untuned = tune_model("knn", folds, {}, n_trials=2, seed=5, fixed_params={"n_neighbors": 5},
-                         pruner_startup_trials=params.train.pruner_startup_trials)
+                         pruner_startup_trials=params.train.pruner_startup_trials, storage=None, workers=1)
     assert untuned.best_params == {"n_neighbors": 5} and untuned.n_trials == 0

@@ -21,6 +21,7 @@ from bonemet.data.dicom_series import write_dicom_series
 from bonemet.data.io import read_image, read_mask, write_image
 from bonemet.data.manifest import ManifestError, read_manifest
 from bonemet.data.synthetic import generate_cohort
+from compute_specs import LOCAL_COMPUTE
 
 TOL = 0.01
 FAST = {
@@ -116,9 +117,10 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
 
     spec = params.preprocess.updated({"out_dir": str(tmp_path / "pre"), "n_jobs": 1,
                                       "target_spacing_mm": [2.5, 2.5, 2.5]})
-    table = preprocess_cohort(cohort.dicom, spec, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None, pseudonym_key=None,
+    table = preprocess_cohort(cohort.dicom, spec, compute=LOCAL_COMPUTE, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None, pseudonym_key=None,
                               show_progress=False)
-    reference = preprocess_cohort(cohort.nifti, spec.updated({"out_dir": str(tmp_path / "pre_nifti")}), mask_label=1,
+    reference = preprocess_cohort(cohort.nifti, spec.updated({"out_dir": str(tmp_path / "pre_nifti")}), compute=LOCAL_COMPUTE,
+                                  mask_label=1,
                                   grid_tolerance_mm=TOL, roi=None, segment=None, pseudonym_key=None,
                                   show_progress=False)
     for a, b in zip(table["mask"], reference["mask"], strict=True):
@@ -126,7 +128,7 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
         assert _dice(dicom_mask, nifti_mask) >= 0.95
 
     cases = read_manifest(cohort.dicom, roi="lesion", segment=None)
-    kwargs = {"sources": ["manual", "annotator"], "auto_masks_dir": None, "n_jobs": 1,
+    kwargs = {"sources": ["manual", "annotator"], "auto_masks_dir": None, "n_jobs": 1, "compute": LOCAL_COMPUTE,
               "cache_dir": tmp_path / "cache", "allow_drop": False, "grid_tolerance_mm": TOL, "show_progress": False}
     summary = extract_sources(cases, FAST, tmp_path / "features", **kwargs)
     assert summary["sources"]["manual"]["n_cases"] == 4 and summary["sources"]["manual"]["n_cached"] == 0

@@ -13,7 +13,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "bonemet"
 
 #: third-party packages that only one bonemet package may import
-HOMES = {"mlflow": "bonemet.registry", "great_expectations": "bonemet.validation.gx", "radiomics": "bonemet.radiomics"}
+HOMES = {"mlflow": "bonemet.registry", "great_expectations": "bonemet.validation.gx", "radiomics": "bonemet.radiomics",
+         "dask": "bonemet.compute", "distributed": "bonemet.compute"}
 
 
 def _module_name(path: Path) -> str:

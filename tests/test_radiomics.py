@@ -28,6 +28,7 @@ from bonemet.radiomics import (
     settings_from_params,
 )
 from bonemet.tracking.base import RecordingTracker
+from compute_specs import LOCAL_COMPUTE
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ PARAMS = load_specs(REPO / "params.yaml")
 #: params.yaml's validate.grid_tolerance_mm: how far a mask's grid may be from its image's
 TOL = PARAMS.validation.grid_tolerance_mm
 #: extract_cohort's settings that these tests do not vary (no cache unless a test gives one)
-COHORT = {"cache_dir": None, "allow_drop": False, "grid_tolerance_mm": TOL, "show_progress": False}
+COHORT = {"compute": LOCAL_COMPUTE, "cache_dir": None, "allow_drop": False, "grid_tolerance_mm": TOL, "show_progress": False}
 
 # Small settings for the cohort tests: Original image only, two cheap classes (seconds, not minutes).
 FAST = {
@@ -291,7 +292,7 @@ def test_extract_sources_writes_checked_tables_and_reports_dropped_cases(tmp_pat
     tracker = RecordingTracker()
     out = tmp_path / "features"
     summary = extract_sources(
-        read_manifest(root), FAST, out, sources=SOURCES, auto_masks_dir=auto, n_jobs=1,
+        read_manifest(root), FAST, out, sources=SOURCES, auto_masks_dir=auto, n_jobs=1, compute=LOCAL_COMPUTE,
         cache_dir=tmp_path / "cache", allow_drop=True, grid_tolerance_mm=TOL, tracker=tracker, show_progress=False,
     )
     manual = pd.read_parquet(out / "manual.parquet")

@@ -482,6 +482,31 @@ class TrackingSpec(Spec):
     system_metrics_interval_s: PositiveFloat
 
 
+class ComputeSpec(Spec):
+    """``compute``: where the per-case work of ``preprocess`` and ``extract`` runs.
+
+    ``local``: a process pool on this machine (``preprocess.n_jobs``, ``radiomics.n_jobs``
+    processes). ``dask``: the tasks of a Dask scheduler at ``dask_address`` (its workers set the
+    parallelism; they must have bonemet installed and see the same paths). Either gives the same
+    outputs, so the switch is no DVC parameter of those stages.
+    """
+
+    scheduler: Literal["local", "dask"]
+    #: the scheduler's address (``tcp://host:8786``); null with ``scheduler: local``
+    dask_address: str | None
+    #: seconds to wait for the scheduler to answer before the stage stops with an error
+    dask_connect_timeout_s: PositiveFloat
+
+    @model_validator(mode="after")
+    def _address(self) -> ComputeSpec:
+        if self.scheduler == "dask" and not self.dask_address:
+            raise ValueError("scheduler is dask, so dask_address must name the scheduler (tcp://host:8786)")
+        if self.scheduler == "local" and self.dask_address is not None:
+            raise ValueError(f"scheduler is local but dask_address is {self.dask_address!r}: set scheduler: dask "
+                             "to use that scheduler, or dask_address: null")
+        return self
+
+
 class RegisterSpec(Spec):
     """``register``: the registered classifier, its gate and where the stage reads and writes."""
 
@@ -600,6 +625,25 @@ class DomainSpec(Spec):
     validation_report: str
 
 
+class TuningSpec(Spec):
+    """``train.tuning``: where the Optuna studies of the train stage live and how many processes
+    tune one study at once."""
+
+    #: null: in memory (one process, the same seed gives the same trials); or an SQLAlchemy URL
+    #: (``postgresql://user@host/db``): a study per model under a deterministic name, shared by
+    #: ``workers`` processes (and by every machine pointed at it), resumed when it already exists
+    storage: str | None
+    #: processes tuning one study at once (more than 1 needs a storage)
+    workers: PositiveInt
+
+    @model_validator(mode="after")
+    def _workers_need_storage(self) -> TuningSpec:
+        if self.workers > 1 and self.storage is None:
+            raise ValueError(f"workers is {self.workers}: processes share a study only through a storage; "
+                             "set storage to a database URL (postgresql://...) or workers to 1")
+        return self
+
+
 class TrainSpec(Spec):
     """``train``: the classifiers, their tuning, calibration and operating point, and what the stage writes."""
 
@@ -613,6 +657,7 @@ class TrainSpec(Spec):
     inner_folds: Annotated[int, Field(ge=2)]
     pruner_startup_trials: NonNegativeInt
     n_trials: dict[ClassifierName, NonNegativeInt]
+    tuning: TuningSpec
     calibration: Literal["sigmoid", "isotonic", "none"]
     operating_point: OperatingPointSpec
     log_models: bool
@@ -637,6 +682,7 @@ class Params(Spec):
 
     seed: int
     tracking: TrackingSpec
+    compute: ComputeSpec
     data: DataSpec
     #: the ``validate`` section (``validate`` is a pydantic method name)
     validation: ValidateSpec = Field(alias="validate")

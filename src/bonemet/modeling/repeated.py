@@ -73,6 +73,8 @@ def run_repeat(
     (``llr_*`` NaN without latents). ``seed`` is the repeat's own seed (for its tuning and folds).
     """
     start = time.perf_counter()
+    # the repeats already run in parallel processes: each tunes in memory, not in train.tuning.storage
+    train = train.updated({"tuning.storage": None, "tuning.workers": 1})
     data = split_data(X, y, split, primary_cols, select.icc.paired_prefix)
     tracker = NullTracker()
     inner, outer = precompute_selection(data, select, train.inner_folds, seed, tracker)

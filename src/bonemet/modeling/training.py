@@ -415,7 +415,8 @@ def fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequenc
     t0, c0 = time.perf_counter(), time.process_time()
     tuned = tune_model(model, inner, train.search_space.get(model, {}), train.n_trials[model], seed,
                        fixed_params=train.fixed_params.get(model, {}),
-                       pruner_startup_trials=train.pruner_startup_trials, tracker=tracker)
+                       pruner_startup_trials=train.pruner_startup_trials, storage=train.tuning.storage,
+                       workers=train.tuning.workers, tracker=tracker)
     t1 = time.perf_counter()
     oof = np.full(len(data.y_train), np.nan)
     cv_aucs = []
@@ -442,6 +443,15 @@ def fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequenc
                         "total_s": time.perf_counter() - t0, "total_cpu_s": time.process_time() - c0})
 
 
+def _without_password(url: str | None) -> str:
+    """A database URL as it may be logged: any password masked (``memory`` for none)."""
+    if url is None:
+        return "memory"
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: EvaluateSpec,
                   tracker: Tracker) -> None:
     """The train stage's record of one model: its nested run's params, metrics, figures, trials
@@ -449,7 +459,8 @@ def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: 
     model, tuned = res.name, res.tuning
     tracker.log_params({"model": model, **{f"hp.{k}": v for k, v in tuned.best_params.items()},
                         "n_trials": tuned.n_trials, "n_pruned": tuned.n_pruned, "calibration": train.calibration,
-                        "threshold_rule": train.operating_point.rule})
+                        "threshold_rule": train.operating_point.rule,
+                        **({"optuna_study": tuned.study} if tuned.study else {})})
     for k, auc in enumerate(res.cv_aucs):
         tracker.log_metrics({"cv_auc": auc}, step=k)
     metrics = {"cv_auc_mean": res.cv_auc_mean, "cv_auc_sd": res.cv_auc_sd, "inner_cv_auc": tuned.best_value,
@@ -602,7 +613,8 @@ def run_training(
         tracker.log_params({"seed": seed, "feature_source": feature_source, "n_train": len(data.train_ids),
                             "n_test": len(data.test_ids), "n_features": len(data.primary_cols),
                             "select": select.model_dump(mode="json"), "inner_folds": train.inner_folds,
-                            "outer_folds": len(data.outer)})
+                            "outer_folds": len(data.outer), "tuning_storage": _without_password(train.tuning.storage),
+                            "tuning_workers": train.tuning.workers})
         inner, outer = precompute_selection(data, select, train.inner_folds, seed, tracker)
         for model in progress(train.models, desc="models", unit="model"):
             with tracker.run(model, tags={"model": model}, nested=True) as model_run_id:

@@ -9,13 +9,20 @@ deterministic), at a fraction of the cost.
 
 Objective: mean inner-fold ROC AUC. The running mean is reported after each fold so the
 ``MedianPruner`` can stop hopeless trials early. Sampler: TPE, seeded: the same seed gives the
-same trials.
+same trials. In memory by default; with ``train.tuning.storage`` (PostgreSQL) each model's study
+lives in the database under a deterministic name and several processes (``train.tuning.workers``)
+or machines tune it at once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import socket
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +61,8 @@ class TuningResult:
     n_trials: int
     n_pruned: int
     trials: pd.DataFrame = field(repr=False)
+    #: the study's name in the shared storage (``train.tuning.storage``); None for an in-memory study
+    study: str | None = None
 
 
 def precompute_folds(
@@ -95,15 +104,97 @@ def fold_auc(model_name: str, params: Mapping[str, Any], fold: FoldData, seed: i
     return float(roc_auc_score(fold.y_val, proba))
 
 
-class TrackerCallback:
-    """Our small Optuna callback: each finished trial's AUC as metric ``trial_auc`` (step = trial)."""
+def study_name(model_name: str, folds: Sequence[FoldData], space: Mapping[str, Any], fixed_params: Mapping[str, Any],
+               seed: int, pruner_startup_trials: int) -> str:
+    """The study's name in a shared storage: the model, then a digest of everything that defines its
+    trials (search space, fixed params, seed, pruner, the tuning folds' selected data).
 
-    def __init__(self, tracker: Tracker) -> None:
-        self.tracker = tracker
+    The same tuning gets the same name on any machine (so a rerun resumes it), a change of data or
+    settings a new study. ``n_trials`` is not part of it: raising it continues the study.
+    """
+    h = hashlib.sha256()
+    spec = {"model": model_name, "seed": int(seed), "pruner_startup_trials": int(pruner_startup_trials),
+            "fixed": dict(fixed_params),
+            "space": {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in space.items()}}
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for fold in folds:
+        for frame in (fold.X_train, fold.X_val):
+            h.update("\0".join(map(str, frame.columns)).encode())
+            h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+        for labels in (fold.y_train, fold.y_val):
+            h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return f"bonemet-{model_name}-{h.hexdigest()[:16]}"
 
-    def __call__(self, study: Any, trial: Any) -> None:
+
+#: the trial's user attribute naming the process that ran it (``host:pid``)
+WORKER_ATTR = "bonemet_worker"
+
+
+class _Objective:
+    """Mean inner-fold AUC of one trial's hyperparameters, reported fold by fold for the pruner
+    (a class, not a closure, so that worker processes receive it)."""
+
+    def __init__(self, model_name: str, folds: Sequence[FoldData], space: Mapping[str, Any],
+                 fixed: Mapping[str, Any], seed: int) -> None:
+        self.model_name, self.folds, self.space, self.fixed, self.seed = model_name, list(folds), dict(space), dict(fixed), seed
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
+        params = {**self.fixed, **suggest(trial, self.space)}
+        scores = []
+        for step, fold in enumerate(self.folds):
+            scores.append(fold_auc(self.model_name, params, fold, self.seed))
+            trial.report(float(np.mean(scores)), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return float(np.mean(scores))
+
+
+def _sampler_and_pruner(seed: int, pruner_startup_trials: int, shared: bool) -> tuple[Any, Any]:
+    import optuna
+
+    # constant liar: a worker sampling while another's trial runs treats it as a poor result, so two
+    # workers do not propose the same point (only matters with running trials: a shared study)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=shared)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=1)
+    return sampler, pruner
+
+
+def _optimize_share(storage: str, name: str, objective: _Objective, seed: int, pruner_startup_trials: int,
+                    n_trials: int, warnings_log: str | None) -> int:
+    """A worker process (one BLAS/OpenMP thread): ``n_trials`` trials of the shared study
+    ``name``, its own database connection; returns how many it ran."""
+    import optuna
+    from threadpoolctl import threadpool_limits
+
+    from bonemet.utils import log_context, worker_warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler, pruner = _sampler_and_pruner(seed, pruner_startup_trials, shared=True)
+    with threadpool_limits(limits=1), worker_warnings(warnings_log), \
+            log_context(f"[{objective.model_name} tuning, sampler seed {seed}]"):
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study.optimize(objective, n_trials=n_trials)
+    return n_trials
+
+
+#: what the tuning workers import anyway, loaded once in the forkserver process
+_WORKER_PRELOAD = ("bonemet.modeling.tuning", "optuna", "sklearn.linear_model", "sklearn.svm", "sklearn.neighbors",
+                   "sklearn.ensemble", "sklearn.neural_network", "sqlalchemy")
+
+
+def _shares(n: int, workers: int) -> list[int]:
+    """``n`` trials split over ``workers`` as evenly as possible (zeros dropped)."""
+    return [k for k in (n // workers + (i < n % workers) for i in range(workers)) if k > 0]
+
+
+def log_trials(tracker: Tracker, trials: Sequence[Any]) -> None:
+    """Each finished trial's AUC as metric ``trial_auc`` (step = trial number), once per trial."""
+    for trial in sorted(trials, key=lambda t: t.number):
         if trial.value is not None:
-            self.tracker.log_metrics({"trial_auc": float(trial.value)}, step=int(trial.number))
+            tracker.log_metrics({"trial_auc": float(trial.value)}, step=int(trial.number))
 
 
 def tune_model(
@@ -115,6 +206,8 @@ def tune_model(
     *,
     fixed_params: Mapping[str, Any],
     pruner_startup_trials: int,
+    storage: str | None,
+    workers: int,
     tracker: Tracker | None = None,
 ) -> TuningResult:
     """Tune ``model_name`` with Optuna TPE (seeded) and a median pruner over precomputed folds.
@@ -122,6 +215,18 @@ def tune_model(
     ``fixed_params`` are passed to every trial unchanged (not searched). With an empty search
     space or ``n_trials`` < 1 the fixed params are returned untuned (``best_value`` then is the
     CV AUC of those params).
+
+    ``storage`` None: an in-memory study in this process (the same seed gives the same trials).
+    A database URL (``train.tuning.storage``): the study :func:`study_name` names in that storage,
+    created or resumed: the finished trials already there count towards ``n_trials``, and the rest
+    run in ``workers`` processes at once (worker ``i`` samples with seed ``seed + i``; started from
+    a forkserver, never forked from this process and its database connections), which
+    coordinate through the database only (another machine tuning the same study at once counts the
+    finished trials when it starts, so together they may exceed ``n_trials``). Parallel TPE is not
+    reproducible trial by trial.
+
+    Every finished trial is logged to ``tracker`` once, after tuning, from the study itself
+    (metric ``trial_auc``, step = trial number).
     """
     import optuna
 
@@ -131,31 +236,55 @@ def tune_model(
     if not space or n_trials < 1:
         aucs = [fold_auc(model_name, fixed, fold, seed) for fold in folds]
         return TuningResult(model_name, fixed, float(np.mean(aucs)), 0, 0, pd.DataFrame())
+    if workers > 1 and storage is None:
+        raise ValueError(f"{workers} tuning workers need a shared storage (train.tuning.storage)")
 
-    def objective(trial: optuna.Trial) -> float:
-        params = {**fixed, **suggest(trial, space)}
-        scores = []
-        for step, fold in enumerate(folds):
-            scores.append(fold_auc(model_name, params, fold, seed))
-            trial.report(float(np.mean(scores)), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return float(np.mean(scores))
+    objective = _Objective(model_name, folds, space, fixed, seed)
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    sampler, pruner = _sampler_and_pruner(seed, pruner_startup_trials, shared=storage is not None)
+    name = None
+    if storage is None:
+        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
+                                    study_name=f"bonemet-{model_name}")
+        with progress_bar(int(n_trials), desc=f"{model_name} trials", unit="trial") as bar:
+            study.optimize(objective, n_trials=int(n_trials), callbacks=[lambda _study, _trial: bar.update(1)])
+    else:
+        name = study_name(model_name, folds, space, fixed, seed, pruner_startup_trials)
+        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=name,
+                                    storage=storage, load_if_exists=True)
+        done = len(study.get_trials(deepcopy=False, states=finished_states))
+        shares = _shares(max(0, int(n_trials) - done), workers)
+        log.info("%s: study %s in the shared storage: %d trial(s) finished, %d to run in %d process(es)",
+                 model_name, name, done, sum(shares), len(shares))
+        with progress_bar(sum(shares), desc=f"{model_name} trials", unit="trial") as bar:
+            if len(shares) == 1:
+                study.optimize(objective, n_trials=shares[0], callbacks=[lambda _study, _trial: bar.update(1)])
+            elif shares:
+                import multiprocessing
 
-    study = optuna.create_study(
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=1),
-        study_name=f"bonemet-{model_name}",
-    )
-    with progress_bar(int(n_trials), desc=f"{model_name} trials", unit="trial") as bar:
-        study.optimize(objective, n_trials=int(n_trials),
-                       callbacks=[TrackerCallback(tracker), lambda _study, _trial: bar.update(1)])
+                from bonemet.utils import active_warnings_log
+
+                # forkserver, not fork: a forked child would share this process's database connections.
+                # The server process starts once with the tuning modules loaded and forks every model's
+                # workers from there (seconds less per model than spawning them afresh).
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(list(_WORKER_PRELOAD))
+                warnings_log = active_warnings_log()
+                with ProcessPoolExecutor(max_workers=len(shares), mp_context=context) as pool:
+                    futures = [pool.submit(_optimize_share, storage, name, objective, seed + i, pruner_startup_trials,
+                                           share, str(warnings_log) if warnings_log else None)
+                               for i, share in enumerate(shares)]
+                    for future in as_completed(futures):
+                        bar.update(future.result())
+    finished = study.get_trials(deepcopy=False, states=finished_states)
+    log_trials(tracker, finished)
+    numbers = {t.number for t in finished}
     trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
+    trials = trials[trials["number"].isin(numbers)].reset_index(drop=True)
     if "duration" in trials:
         trials["duration"] = trials["duration"].dt.total_seconds()
-    n_pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    n_pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in finished)
     best = {**fixed, **study.best_params}
     log.info("%s: best inner-CV AUC %.3f after %d trials (%d pruned)", model_name, study.best_value,
-             len(study.trials), n_pruned)
-    return TuningResult(model_name, best, float(study.best_value), len(study.trials), n_pruned, trials)
+             len(finished), n_pruned)
+    return TuningResult(model_name, best, float(study.best_value), len(finished), n_pruned, trials, study=name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +15,7 @@ from bonemet.preprocessing.pipeline import PreprocessError
 from bonemet.utils import atomic_path, die_with_parent, progress, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import PreprocessSpec
+    from bonemet.config import ComputeSpec, PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def preprocess_cohort(
     cohort_dir: str | Path,
     spec: PreprocessSpec,
     *,
+    compute: ComputeSpec,
     mask_label: int,
     grid_tolerance_mm: float,
     roi: str | None,
@@ -89,6 +90,8 @@ def preprocess_cohort(
         spec: the ``preprocess`` params (see :func:`bonemet.preprocessing.pipeline.preprocess_case`;
             mm, HU, voxels, ml), with ``out_dir`` (replaced as a whole) and ``n_jobs`` (worker
             processes, -1 all cores; 1 runs in this process).
+        compute: the ``compute`` params: the cases run in a local pool of ``n_jobs`` processes or
+            on a Dask cluster (:func:`bonemet.compute.case_executor`); same files either way.
         mask_label: lesion label value in the mask label maps (``data.mask_label``).
         grid_tolerance_mm: how far a mask's spacing/origin may differ from its CT's (mm).
         roi, segment: the lesion's RTSTRUCT ROI / SEG segment for cases whose manifest leaves it
@@ -102,31 +105,32 @@ def preprocess_cohort(
         PreprocessError / ImageReadError: naming the first failing case; the output folder is
         then left as it was.
     """
+    from bonemet.compute import case_executor, runs_in_process
+
+    if compute.scheduler == "dask":  # a cluster's workers have their own working folder: absolute paths
+        cohort_dir = Path(cohort_dir).absolute()
     cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)
     jobs = _resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
-    log.info("preprocessing %d cases from %s with %d process(es): %s", len(cases), cohort_dir, jobs,
+    where = f"{jobs} process(es)" if compute.scheduler == "local" else f"Dask at {compute.dask_address}"
+    log.info("preprocessing %d cases from %s with %s: %s", len(cases), cohort_dir, where,
              spec.model_dump(mode="json", exclude={"out_dir", "n_jobs"}))
     rows: dict[str, dict] = {}
     with atomic_path(out_dir, is_dir=True) as tmp:
-        if jobs == 1:
+        if runs_in_process(compute, jobs):
             for case in progress(cases, total=len(cases), desc="preprocess", disable=not show_progress):
                 rows[case.case_id] = _process_case(case, tmp, int(mask_label), spec, grid_tolerance_mm, False)
         else:
-            with ProcessPoolExecutor(max_workers=jobs, initializer=die_with_parent) as pool:
+            with case_executor(compute, workers=jobs, initializer=die_with_parent) as pool:
                 futures = [
-                    pool.submit(_process_case, case, tmp, int(mask_label), spec, grid_tolerance_mm, True)
+                    pool.submit(_process_case, case, tmp.absolute(), int(mask_label), spec, grid_tolerance_mm, True)
                     for case in cases
                 ]
-                try:
-                    for future in progress(
-                        as_completed(futures), total=len(cases), desc="preprocess", disable=not show_progress
-                    ):
-                        row = future.result()  # re-raises the worker's error, noted with the case
-                        rows[row["case_id"]] = row
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+                for future in progress(
+                    as_completed(futures), total=len(cases), desc="preprocess", disable=not show_progress
+                ):
+                    row = future.result()  # re-raises the worker's error, noted with the case
+                    rows[row["case_id"]] = row
         table = pd.DataFrame([rows[c.case_id] for c in cases], columns=list(CASES_COLUMNS))
         table.to_csv(tmp / CASES_TABLE, index=False)
     log.info("wrote %d preprocessed cases to %s", len(table), out_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,10 +17,10 @@ import os
 import resource
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from bonemet.data.io import read_image, read_mask, resample_to_reference, same_g
 from bonemet.errors import UserError
 from bonemet.radiomics.settings import settings_digest
 from bonemet.utils import atomic_path, die_with_parent, file_md5, progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import ComputeSpec
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +316,7 @@ def extract_cohort(
     settings: Mapping[str, Any],
     *,
     n_jobs: int,
+    compute: ComputeSpec,
     cache_dir: str | Path | None,
     allow_drop: bool,
     grid_tolerance_mm: float,
@@ -323,7 +328,9 @@ def extract_cohort(
     Args:
         cases: ``(case_id, label, image_path, mask_path)`` tuples (or :class:`CaseInput`).
         settings: PyRadiomics settings dict (see :mod:`bonemet.radiomics.settings`).
-        n_jobs: worker processes; -1 = all cores; 1 = in this process.
+        n_jobs: worker processes; -1 = all cores; 1 = in this process (``compute.scheduler: local``).
+        compute: the ``compute`` params: a local pool of ``n_jobs`` processes or a Dask cluster
+            (:func:`bonemet.compute.case_executor`); the same table either way.
         cache_dir: folder of per-case cache entries keyed by image, mask and settings hashes;
             ``None`` disables the cache.
         allow_drop: drop cases with bad masks (reported in the second return value) instead of
@@ -363,10 +370,12 @@ def extract_cohort(
             todo.append(case)
     log.info("radiomics: %d case(s), %d from cache, %d to extract", len(inputs), len(results), len(todo))
 
+    from bonemet.compute import case_executor, runs_in_process
+
     bad: dict[str, str] = {}
     peak_rss = 0.0
     workers = min(resolve_n_jobs(n_jobs), max(1, len(todo)))
-    if todo and workers == 1:
+    if todo and runs_in_process(compute, workers):
         for case in progress(todo, total=len(todo), desc="radiomics", disable=not show_progress):
             path = cache_path[case.case_id]
             case_id, features, reason, rss = _extract_task(case, settings, str(path) if path else None,
@@ -377,10 +386,12 @@ def extract_cohort(
             else:
                 results[case_id] = features
     elif todo:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
+        with case_executor(compute, workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
+            # absolute paths: a cluster's workers have their own working folder
             futures = [
-                pool.submit(_extract_task, case, settings,
-                            str(cache_path[case.case_id]) if cache_path[case.case_id] else None, grid_tolerance_mm)
+                pool.submit(_extract_task, dataclasses.replace(case, image=case.image.absolute(), mask=case.mask.absolute()),
+                            settings, str(cache_path[case.case_id].absolute()) if cache_path[case.case_id] else None,
+                            grid_tolerance_mm)
                 for case in todo
             ]
             for future in progress(as_completed(futures), total=len(futures), desc="radiomics", disable=not show_progress):

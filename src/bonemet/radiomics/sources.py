@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -26,6 +26,9 @@ from bonemet.radiomics.extraction import (
 from bonemet.radiomics.settings import settings_digest
 from bonemet.tracking.base import NullTracker, Tracker
 from bonemet.utils import atomic_path, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonemet.config import ComputeSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ def extract_sources(
     sources: Sequence[str],
     auto_masks_dir: str | Path | None,
     n_jobs: int,
+    compute: ComputeSpec,
     cache_dir: str | Path | None,
     allow_drop: bool,
     grid_tolerance_mm: float,
@@ -132,6 +136,7 @@ def extract_sources(
                     inputs,
                     settings,
                     n_jobs=n_jobs,
+                    compute=compute,
                     cache_dir=cache_dir,
                     allow_drop=allow_drop,
                     grid_tolerance_mm=grid_tolerance_mm,

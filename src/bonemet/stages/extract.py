@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         sources=list(spec.sources),
         auto_masks_dir=args.auto_masks or params.segment.masks_dir,
         n_jobs=spec.n_jobs,
+        compute=params.compute,
         cache_dir=spec.cache_dir,
         allow_drop=spec.allow_drop,
         grid_tolerance_mm=params.validation.grid_tolerance_mm,

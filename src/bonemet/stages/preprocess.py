@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("out_dir", args.out), ("n_jobs", args.n_jobs)) if v is not None}
     spec = params.preprocess.updated(changes)
     cohort_dir = args.cohort_dir or params.data.cohort_dir
-    table = preprocess_cohort(cohort_dir, spec, mask_label=params.data.mask_label,
+    table = preprocess_cohort(cohort_dir, spec, compute=params.compute, mask_label=params.data.mask_label,
                               grid_tolerance_mm=params.validation.grid_tolerance_mm,
                               roi=params.data.roi, segment=params.data.segment,
                               pseudonym_key=pseudonym_key(params), show_progress=not args.no_progress)
