@@ -113,6 +113,12 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
         raise
 
 
+def resolve_jobs(n_jobs: int, n_tasks: int) -> int:
+    """Worker processes for ``n_tasks`` tasks: ``n_jobs`` (-1: every core), at most one per task, at least 1."""
+    cores = os.cpu_count() or 1
+    return max(1, min(n_tasks, cores if n_jobs == -1 else n_jobs))
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically, sorted keys, 2-space indent, NaN refused."""
     with atomic_path(path) as tmp:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +11,7 @@ import pandas as pd
 
 from bonemet.data.manifest import Case, read_manifest
 from bonemet.preprocessing.pipeline import PreprocessError
-from bonemet.utils import atomic_path, progress, write_json
+from bonemet.utils import atomic_path, progress, resolve_jobs, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import PreprocessSpec
@@ -21,11 +20,6 @@ log = logging.getLogger(__name__)
 
 CASES_TABLE = "cases.csv"
 CASES_COLUMNS = ("case_id", "label", "image", "mask", "geometry")
-
-
-def _resolve_jobs(n_jobs: int, n_cases: int) -> int:
-    cores = os.cpu_count() or 1
-    return max(1, min(n_cases, cores if n_jobs == -1 else n_jobs))
 
 
 def _process_case(
@@ -103,7 +97,7 @@ def preprocess_cohort(
         then left as it was.
     """
     cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)
-    jobs = _resolve_jobs(spec.n_jobs, len(cases))
+    jobs = resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
     log.info("preprocessing %d cases from %s with %d process(es): %s", len(cases), cohort_dir, jobs,
              spec.model_dump(mode="json", exclude={"out_dir", "n_jobs"}))
