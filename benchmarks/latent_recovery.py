@@ -16,6 +16,9 @@ prints, on the pipeline's own train/test split:
 Run after ``dvc repro extract`` (needs ``data/features``, ``data/splits.json`` and the cohort):
 
     python benchmarks/latent_recovery.py [--sources auto manual] [--params params.yaml]
+    # the quick mode CI runs: harmonization.py's quick cohort (24 small cases, cheap features,
+    # manual and annotator masks), split here (seconds)
+    python benchmarks/latent_recovery.py --quick /tmp/latent_quick --json /tmp/latent_quick.json
 """
 
 from __future__ import annotations
@@ -115,19 +118,46 @@ def recovery(source: str, params: dict, features_dir: Path, cohort: pd.DataFrame
     return out
 
 
+def _quick_cohort(folder: Path, params_path: str, params: dict) -> tuple[Path, Path, dict]:
+    """harmonization.py's quick cohort in ``folder`` and a 3-fold split of it (the quick mode)."""
+    import importlib.util
+    import sys
+
+    from bonemet.config import load_specs
+    from bonemet.data.manifest import read_manifest
+    from bonemet.splits import make_splits
+
+    if "harmonization" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("harmonization", Path(__file__).with_name("harmonization.py"))
+        sys.modules["harmonization"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["harmonization"])
+    sys.modules["harmonization"].prepare(folder, load_specs(params_path), quick=True)
+    params["select"]["lasso"].update(cv=3, max_features=5)  # LASSO's lambda search on ~16 training cases
+    cases = read_manifest(folder / "raw")
+    splits = make_splits([c.case_id for c in cases], [c.label for c in cases], test_size=params["split"]["test_size"],
+                         n_folds=3, seed=int(params["seed"]))
+    return folder / "raw", folder / "features", splits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--sources", nargs="+", default=["auto", "manual"])
+    parser.add_argument("--quick", type=Path, default=None, metavar="DIR",
+                        help="a small cohort with features in DIR (made when missing), split here (CI runs this)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     params = yaml.safe_load(Path(args.params).read_text())
-    cohort_doc = json.loads((Path(params["data"]["cohort_dir"]) / "cohort.json").read_text())
+    if args.quick is not None:
+        cohort_dir, features_dir, splits = _quick_cohort(args.quick, args.params, params)
+        args.sources = ["annotator"]
+    else:
+        cohort_dir, features_dir = Path(params["data"]["cohort_dir"]), Path(params["train"]["features_dir"])
+        splits = json.loads(Path(params["split"]["out"]).read_text())
+    cohort_doc = json.loads((cohort_dir / "cohort.json").read_text())
     cohort = pd.DataFrame(cohort_doc["cases"]).set_index("case_id")
-    splits = json.loads(Path(params["split"]["out"]).read_text())
-    features_dir = Path(params["train"]["features_dir"])
     results = [recovery(s, params, features_dir, cohort, splits) for s in args.sources]
     log.info("Bayes-optimal AUC of the cohort: %.3f", cohort_doc["bayes_auc"])
     for r in results:

@@ -1,246 +1,241 @@
-"""`bonemet predict` benchmark: time per CT on CPU with a given mask and with MISSU segmentation.
+"""`bonemet predict` end to end: seconds per CT with a given mask and with MISSU, start-up included.
 
-Measures :func:`bonemet.serving.predict.predict_case` in one process with the models already
-loaded (what a long-running service or a batch loop pays per CT), step by step:
-read (CT + mask), segment (preprocess + MISSU sliding window + mapping back), features
-(PyRadiomics with the training settings: params.yaml ``radiomics`` + config/radiomics.yaml,
-1316 features by default) and classify. Separately: the one-off start-up cost of the command
-(imports, and loading both models from a local MLflow store).
+Each measurement is the real command in a fresh process (``python -m bonemet predict ...``), as a
+user runs it, against a local MLflow store made here with both models registered (alias
+``staging``). Per run: the wall time, the CPU time of the process (user + system: on a shared
+machine the better guide to an idle one's wall time for this mostly single-threaded command),
+and the command's own ``seconds`` per step (read, load_models, segment with its preprocess /
+windows / map_back, features, classify). ``startup_s`` = wall - the steps: interpreter, imports
+of the command line and the params, and exit.
 
-Data: a synthetic cohort (bonemet.data.synthetic, size "full": 0.6-1.0 mm in-plane, 1-3 mm
-slices) and the same CTs padded with air to a clinical 512 x 512 matrix (the crop to the bone
-keeps segmentation cost bounded; reading and the bone box scale with the matrix).
+CTs: a synthetic case (size ``full``: about 80 x 80 x 60 mm at 0.6-1.0 x 1-3 mm) and a
+clinical-size CT made from it (:func:`bonemet.data.synthetic_clinical.clinical_ct`: 512 x 512 x
+200 at 0.8 x 0.8 x 1.5 mm, a body with the spine repeated along z, ribs and pelvis).
 
-Models: MISSU built as in training (bonemet.segmentation.networks.build_network, roi from
-params ``segment`` when present, else 64^3) with untrained weights: the cost of a forward pass
-does not depend on the weights. An untrained network's mask is meaningless, so after timing the
-real segmentation the benchmark hands the manual mask to feature extraction: both runs extract
-the same lesion and their difference is the segmentation cost. The classifier is an RBF SVM
-(the study's pick) fitted on jittered copies of one feature row: its cost, not its answer, is
-measured.
+Models: the classifier is the project's pipeline (``build_pipeline('svm', ...)`` with params
+``select``) fitted on jittered copies of the cohort's feature rows (its cost, not its answer,
+is measured) and logged as the register stage logs it (with its training domain). The segmentation model is the profile's
+MISSU (``cpu``): untrained by default, with its lesion output turned off (a forward pass costs
+the same whatever the weights, but an untrained mask is noise: the command then answers
+``no_lesion`` and the features' cost is the given-mask run's), or the network trained by
+``benchmarks/inference.py --save-model`` (``--missu-model``), whose masks are real.
 
-Usage: python benchmarks/predict.py [--n-cases 3] [--repeats 2] [--threads 2] [--json out.json]
+    # the lead's full run (alone on the machine, about 3 min):
+    python benchmarks/inference.py --work bench/inference --save-model bench/inference/fold0_model.pt
+    python benchmarks/predict.py --missu-model bench/inference/fold0_model.pt --repeats 3 \\
+        --json benchmarks/results/predict.json
+    # the quick mode CI runs: small CTs, cheap features, one run each (seconds)
+    python benchmarks/predict.py --quick --json /tmp/predict_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-# benchmarks/ holds radiomics.py: drop this folder from the import path so that `radiomics`
-# means PyRadiomics.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "_common.py")
+common = sys.modules["benchmarks_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 log = logging.getLogger("benchmarks.predict")
 
+CLINICAL = {"size": (512, 512, 200), "spacing_mm": (0.8, 0.8, 1.5)}
+QUICK_CLINICAL = {"size": (64, 64, 24), "spacing_mm": (2.0, 2.0, 3.0)}
+QUICK_RUNS = ("native CT, given mask", "clinical CT, MISSU")
+#: quick mode: PyRadiomics on two cheap feature classes of the original image, 16^3 windows
+QUICK_RADIOMICS = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None, "shape": None},
+                   "setting": {"geometryTolerance": 1e-4}}
+QUICK_PARAMS = {"preprocess": {"target_spacing_mm": [2.5, 2.5, 2.5], "crop": {"min_size_vox": [16, 16, 16]}},
+                "segment": {"profiles": {"cpu": {"roi_size": [16, 16, 16], "inference": {"mirror_axes": [], "overlap": 0.25}}}},
+                "radiomics": {"resampled_spacing_mm": []}}
 
-def _settings(params):
-    from bonemet.stages.predict import radiomics_settings
 
-    return radiomics_settings(params)
+def _write_params(work: Path, params_path: str, quick: bool) -> Path:
+    """params.yaml with the benchmark's store (and in quick mode its cheap settings)."""
+    import yaml
+
+    from bonemet.config import deep_merge, load_params
+
+    raw = load_params(params_path)
+    raw["tracking"]["store_dir"] = str(work / "mlruns")
+    settings_file = Path(raw["radiomics"]["settings_file"]).resolve()
+    if quick:
+        raw = deep_merge(raw, QUICK_PARAMS)
+        settings_file = work / "radiomics.yaml"
+        settings_file.write_text(yaml.safe_dump(QUICK_RADIOMICS))
+    raw["radiomics"]["settings_file"] = str(settings_file)
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
-def _classifier(features, seed):
+def _register_models(work: Path, params: Any, feature_rows: list[dict[str, float]], missu_model: Path | None,
+                     seed: int) -> dict[str, Any]:
+    """Both models in ``work/mlruns``, alias staging, logged as the register and segment stages log them."""
     import numpy as np
     import pandas as pd
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
+    import torch
 
-    from bonemet.serving.checks import check_feature_frame
-
-    rng = np.random.default_rng(seed)
-    names = list(features)
-    base = np.asarray([features[n] for n in names], float)
-    rows = base * (1 + 0.1 * rng.standard_normal((40, len(names))))
-    labels = np.arange(40) % 2
-    pipe = make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed)).fit(
-        pd.DataFrame(rows, columns=names), labels
-    )
-
-    class Classifier:
-        name, version, feature_names, pipeline = "svm-benchmark", "0", names, pipe
-
-        def predict(self, frame):
-            x = check_feature_frame(frame, names)
-            proba = pipe.predict_proba(x)[:, 1]
-            return pd.DataFrame({"probability_breast": proba, "label": (proba >= 0.5).astype(int)})
-
-    return Classifier()
-
-
-class TimedMissuThenManual:
-    """Runs the real MISSU segmentation (timed by predict_case), then returns the manual mask."""
-
-    def __init__(self, missu, manual_masks):
-        self.missu, self.manual_masks = missu, manual_masks
-        self.name, self.version = "missu-untrained", "0"
-
-    def segment(self, image_hu, case_id):
-        import SimpleITK as sitk
-
-        auto = self.missu.segment(image_hu, case_id)
-        assert auto.GetSize() == image_hu.GetSize()
-        mask = sitk.ReadImage(str(self.manual_masks[case_id]))
-        return sitk.Cast(mask > 0, sitk.sitkUInt8)
-
-
-def _pad_to_matrix(case, out_dir, matrix):
-    """The CT and mask padded with air (-1000 HU) / 0 to ``matrix`` x ``matrix`` in-plane."""
-    import SimpleITK as sitk
-
-    from bonemet.data.io import read_image, write_image
-
-    image = read_image(case.image)
-    mask = read_image(case.manual_mask)
-    nx, ny, _ = image.GetSize()
-    lo = [max(0, (matrix - nx) // 2), max(0, (matrix - ny) // 2), 0]
-    hi = [max(0, matrix - nx - lo[0]), max(0, matrix - ny - lo[1]), 0]
-    big = sitk.ConstantPad(image, lo, hi, -1000.0)
-    big_mask = sitk.ConstantPad(mask, lo, hi, 0)
-    paths = (out_dir / f"{case.case_id}_{matrix}.nii.gz", out_dir / f"{case.case_id}_{matrix}_mask.nii.gz")
-    write_image(big, paths[0])
-    write_image(big_mask, paths[1])
-    return paths, big.GetSize()
-
-
-def _startup_seconds(repo: Path) -> dict[str, float]:
-    """Wall time of a fresh process importing what `bonemet predict` imports."""
-    code = (
-        "import time; t=time.perf_counter(); import torch, monai, mlflow, radiomics, sklearn; "
-        "import bonemet.serving.predict, bonemet.registry.loaders; print(time.perf_counter()-t)"
-    )
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, check=True)
-    return {"process_total_s": time.perf_counter() - start, "imports_s": float(out.stdout.strip().splitlines()[-1])}
-
-
-def _registry_load_seconds(missu, classifier_pipe_features, tmp: Path) -> dict[str, float]:
-    """Time to load both models by alias from a local MLflow store (logged here first)."""
-    import pandas as pd
-
-    from bonemet.registry.loaders import load_classifier, load_segmenter
+    from bonemet.modeling.domain import fit_training_domain
+    from bonemet.modeling.pipeline import build_pipeline
     from bonemet.registry.pyfunc import log_classifier
     from bonemet.registry.store import MlflowTracker, register_model, set_alias
+    from bonemet.segmentation.inference import InferenceSettings
+    from bonemet.segmentation.networks import network_from_spec, network_kwargs
 
-    pipe, names, row = classifier_pipe_features
-    tracker = MlflowTracker("predict-benchmark", store_dir=tmp / "mlruns")
-    with tracker.run("classifier") as run_id:
-        log_classifier(pipe, names, threshold=0.5, model_name="svm", input_example=pd.DataFrame([row]),
-                       pip_requirements=["scikit-learn"])
+    rng = np.random.default_rng(seed)
+    names = list(feature_rows[0])
+    base = np.asarray([[row[n] for n in names] for row in feature_rows], float)
+    rows = base[np.arange(40) % len(base)] * (1 + 0.1 * rng.standard_normal((40, len(names))))
+    table = pd.DataFrame(rows, columns=names)
+    paired = table * (1 + 0.01 * rng.standard_normal(table.shape))
+    X = pd.concat([table, paired.add_prefix(params.select.icc.paired_prefix)], axis=1)
+    labels = np.arange(40) % 2
+    svm = {**params.train.fixed_params.get("svm", {}), "C": 1.0, "gamma": 0.01}
+    pipeline = build_pipeline("svm", svm, params.select, seed).fit(X, labels)
+
+    seg = params.segment
+    network = network_from_spec(seg)
+    source = "untrained, lesion output off"
+    if missu_model is None:
+        _no_lesion_head(network)
+    else:
+        saved = torch.load(missu_model, map_location="cpu", weights_only=True)
+        network.load_state_dict(saved["state_dict"])
+        source = str(missu_model)
+    settings = InferenceSettings.from_params(params.preprocess, seg)
+    metadata = {"network": seg.model, "network_kwargs": {k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in network_kwargs(seg).items()},
+                **settings.to_metadata(), "source_fold": 0, "source_run_id": ""}
+    tracker = MlflowTracker("predict-benchmark", tracking_uri=None, store_dir=work / "mlruns")
+    domain = fit_training_domain(pipeline, table, np.arange(len(table)) % 5, params.train.domain, seed=seed)
+    with tracker.run("register") as run_id:
+        log_classifier(pipeline, names, threshold=0.5, model_name="svm", domain=domain, check_rows=table)
     set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
     with tracker.run("segment") as run_id:
-        tracker.log_model(missu.model, name="model", flavor="pytorch", pip_requirements=["torch"],
-                          serialization_format="pickle", metadata={"roi_size": list(missu.roi_size)})
+        tracker.log_model(network.eval(), name="model", flavor="pytorch", pip_requirements=["torch"],
+                          metadata=metadata, serialization_format="pickle")
     set_alias("bonemet-missu", "staging", register_model(run_id, "model", "bonemet-missu"))
+    return {"classifier": "svm pipeline (params select)", "n_features": len(names), "missu_weights": source,
+            "missu_profile": seg.profile, "inference": settings.inference.model_dump(mode="json")}
+
+
+def _no_lesion_head(network: Any) -> None:
+    """An untrained network's mask is noise, often hundreds of mL (features then take minutes): turn
+    its lesion output off (the last 2-class convolution's lesion bias at -1000), so the command finds
+    no lesion and stops after segmentation. Same cost per window; the features' cost on a real lesion
+    is the given-mask run's."""
+    import torch
+
+    from bonemet.segmentation.networks import N_CLASSES
+
+    heads = [m for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.out_channels == N_CLASSES]
+    with torch.no_grad():
+        heads[-1].bias[1:] = -1000.0
+
+
+def _command(params_path: Path, image: Path, mask: Path | None, extra: list[str], cwd: Path) -> dict[str, Any]:
+    """One `bonemet predict` in a fresh process: its JSON, wall and CPU seconds."""
+    argv = [sys.executable, "-m", "bonemet", "--log-level", "WARNING", "predict", "--params", str(params_path),
+            str(image), *(["--mask", str(mask)] if mask is not None else []), *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    load_classifier("bonemet-classifier", "staging")
-    mid = time.perf_counter()
-    load_segmenter("bonemet-missu", "staging")
-    end = time.perf_counter()
-    return {"load_classifier_s": mid - start, "load_segmenter_s": end - mid}
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=600)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bonemet predict failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    steps = {k: v for k, v in result["seconds"].items() if not k.startswith("segment_")}
+    return {"wall_s": wall, "cpu_s": cpu, "startup_s": wall - sum(steps.values()), **{f"{k}_s": v for k, v in
+            result["seconds"].items()}, "status": result["status"], "lesion_ml": result["lesion_volume_ml"],
+            "peak_rss_mib": after.ru_maxrss / 1024.0}
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k in runs[0] if isinstance(runs[0][k], float | int) and not isinstance(runs[0][k], bool)]
+    row = {k: round(statistics.median(r[k] for r in runs if k in r), 3) for k in keys}
+    row["status"] = runs[0]["status"]
+    row["runs"] = len(runs)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-cases", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per CT and mode (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
-    parser.add_argument("--matrix", type=int, default=512, help="in-plane matrix of the padded 'clinical' CTs")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None, help="segment profile (default: params segment.profile)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command (the median is reported)")
+    parser.add_argument("--missu-model", type=Path, default=None,
+                        help="a trained network from benchmarks/inference.py --save-model (default untrained)")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=20240638)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                        help="only these runs (by their names in the results, e.g. 'native CT, given mask')")
+    parser.add_argument("--quick", action="store_true", help="small CTs, cheap features, one run (CI runs this)")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("radiomics", "mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    import SimpleITK as sitk
-    import torch
-
-    from bonemet.config import load_params
+    from bonemet.config import load_specs
+    from bonemet.data.io import read_image, read_mask, write_image
     from bonemet.data.manifest import read_manifest
     from bonemet.data.synthetic import generate_cohort
-    from bonemet.radiomics import extract_features
-    from bonemet.segmentation.networks import build_network
-    from bonemet.serving.predict import MissuSegmenter, predict_case
-    from bonemet.stages.predict import segmentation_fallback
-    from bonemet.stages.segment import resolve_params
+    from bonemet.data.synthetic_clinical import clinical_ct
+    from bonemet.radiomics import extract_features, settings_from_params
 
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    params = load_params(args.params)
-    settings = _settings(params)
-    fallback = segmentation_fallback(params, args.profile)
-    seg = resolve_params(params, args.profile)
-    roi = tuple(fallback["roi_size"])
-    net_kwargs = dict((seg.get("networks") or {}).get(seg["model"], {}) or {})
-    network = build_network(seg["model"], in_channels=1, out_channels=2, roi_size=roi, **net_kwargs).eval()
-    missu = MissuSegmenter(
-        model=network, preprocess=fallback["preprocess"], roi_size=roi,
-        overlap=float(fallback["overlap"] if fallback["overlap"] is not None else 0.25),
-        sw_batch_size=int(fallback["sw_batch_size"] or 4),
-        threshold=float(fallback["threshold"] if fallback["threshold"] is not None else 0.5),
-        largest_component=True,
-    )
-    results: dict = {"threads": args.threads, "profile": seg["profile"], "network": seg["model"],
-                     "network_kwargs": net_kwargs, "roi_size": list(roi), "overlap": missu.overlap,
-                     "sw_batch_size": missu.sw_batch_size, "n_parameters": sum(p.numel() for p in network.parameters()),
-                     "n_cases": args.n_cases,
-                     "repeats": args.repeats, "settings": {k: sorted(v or {}) for k, v in settings.items()
-                                                           if k != "setting"}}
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        n_generate = max(2, args.n_cases)  # the generator needs two cases at least
-        generate_cohort(tmp / "cohort", n_cases=n_generate, n_positive=n_generate // 2,
-                        seed=args.seed, size="full", show_progress=False)
-        cases = read_manifest(tmp / "cohort")[: args.n_cases]
-        first = extract_features(cases[0].image, cases[0].manual_mask, settings, cases[0].case_id)
-        classifier = _classifier(first, args.seed)
-        results["n_features"] = len(first)
-        inputs = []
-        for case in cases:
-            size = sitk.ReadImage(str(case.image)).GetSize()
-            inputs.append(("native", case.case_id, case.image, case.manual_mask, size))
-            (big, big_mask), big_size = _pad_to_matrix(case, tmp, args.matrix)
-            inputs.append((f"{args.matrix}-matrix", case.case_id, big, big_mask, big_size))
-        rows = []
-        for kind, case_id, image, mask, size in inputs:
-            segmenter = TimedMissuThenManual(missu, {Path(image).name.split(".")[0]: mask})
-            for mode in ("given mask", "missu"):
-                times = []
-                for repeat in range(args.repeats + 1):
-                    start = time.perf_counter()
-                    out = predict_case(image, mask if mode == "given mask" else None, segmenter=segmenter,
-                                       classifier=classifier, radiomics_settings=settings, mask_label=1,
-                                       threshold=0.5)
-                    total = time.perf_counter() - start
-                    if repeat:  # the first run warms caches (PyRadiomics, torch kernels)
-                        times.append({"total": total, **out["seconds"]})
-                row = {"ct": kind, "case_id": case_id, "size": list(size), "mode": mode,
-                       "lesion_ml": round(out["lesion_volume_ml"], 2)}
-                for key in times[0]:
-                    row[f"{key}_s"] = round(statistics.median(t[key] for t in times), 2)
-                rows.append(row)
-                log.info("%s", row)
-        results["rows"] = rows
-        results.update(_startup_seconds(Path.cwd()))
-        pipe_features = (classifier.pipeline, classifier.feature_names, first)
-        results.update(_registry_load_seconds(missu, pipe_features, tmp))
-    print(json.dumps(results, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    repeats = 1 if args.quick else args.repeats
+    with tempfile.TemporaryDirectory(prefix="bonemet-predict-bench-") as tmp:
+        work = (args.work or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        params_path = _write_params(work, args.params, args.quick)
+        params = load_specs(params_path)
+        label = params.data.mask_label
+        generate_cohort(work / "cohort", n_cases=2, n_positive=1, seed=args.seed, size="small" if args.quick else "full",
+                        mask_label=label, overwrite=True, show_progress=False)
+        cases = read_manifest(work / "cohort")
+        settings = settings_from_params(params)
+        rows = [extract_features(c.image, c.manual_mask, settings, c.case_id,
+                                 grid_tolerance_mm=params.validation.grid_tolerance_mm) for c in cases]
+        models = _register_models(work, params, rows, args.missu_model, args.seed)
+        size = QUICK_CLINICAL if args.quick else CLINICAL
+        big, big_mask = clinical_ct(read_image(cases[0].image), read_mask(cases[0].manual_mask, label=label),
+                                    size=size["size"], spacing_mm=size["spacing_mm"], seed=args.seed)
+        write_image(big, work / "clinical.nii.gz")
+        write_image(big_mask, work / "clinical_mask.nii.gz")
+        runs = {
+            "native CT, given mask": (cases[0].image, cases[0].manual_mask, []),
+            "clinical CT, given mask": (work / "clinical.nii.gz", work / "clinical_mask.nii.gz", []),
+            "clinical CT, MISSU": (work / "clinical.nii.gz", None, []),
+            "clinical CT, MISSU --disable-tta": (work / "clinical.nii.gz", None, ["--disable-tta"]),
+            "native CT, MISSU": (cases[0].image, None, []),
+        }
+        results = []
+        for name, (image, mask, extra) in runs.items():
+            if (args.quick and name not in QUICK_RUNS) or (args.runs and name not in args.runs):
+                continue
+            measured = [_command(params_path, image, mask, extra, work) for _ in range(repeats)]
+            row = {"run": name, "size": list(read_image(image).GetSize()), **_median_row(measured)}
+            results.append(row)
+            log.info("%s", row)
+    out = {"machine": common.machine(), "quick": args.quick, "models": models,
+           "clinical_ct": {"size": list(size["size"]), "spacing_mm": list(size["spacing_mm"])}, "rows": results}
+    common.print_json(out, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

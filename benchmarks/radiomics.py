@@ -9,14 +9,18 @@ Measures, on one synthetic cohort generated here (bonemet.data.synthetic, size "
   3. peak resident memory per worker (max ``ru_maxrss`` over workers) and of the plain loop;
   4. the per-case time of a full-size case with the default settings (1316 features).
 
-Usage: python benchmarks/radiomics.py [--n-cases 24] [--n-jobs 2] [--json out.json]
 Settings come from params.yaml (radiomics section) + config/radiomics.yaml, as in the stage.
+
+    # the lead's run (alone on the machine, about 3 min):
+    python benchmarks/radiomics.py --n-cases 24 --n-jobs 2 --json benchmarks/results/radiomics.json
+    # the quick mode CI runs: 3 small cases, two cheap feature classes (seconds)
+    python benchmarks/radiomics.py --quick --json /tmp/radiomics_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import logging
 import os
 import resource
@@ -29,8 +33,15 @@ from pathlib import Path
 # means PyRadiomics, not this script.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "_common.py")
+common = sys.modules["benchmarks_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 log = logging.getLogger("benchmarks.radiomics")
+
+QUICK_CASES = 3
+QUICK_SETTINGS = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None, "shape": None},
+                  "setting": {"binWidth": 25, "resampledPixelSpacing": None, "geometryTolerance": 1e-4}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,36 +50,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-jobs", type=int, default=2, help="worker processes for ours")
     parser.add_argument("--seed", type=int, default=20240638)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--quick", action="store_true", help="3 small cases, cheap features (CI runs this)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("radiomics").setLevel(logging.ERROR)
 
-    from bonemet.config import load_params, section
+    from bonemet.config import load_specs
     from bonemet.data.manifest import read_manifest
     from bonemet.data.synthetic import generate_cohort
     from bonemet.radiomics import (
         CaseInput,
         CohortStats,
-        build_settings,
         extract_cohort,
-        load_settings_file,
         plain_pyradiomics,
+        settings_from_params,
     )
 
-    cfg = section(load_params(args.params), "radiomics")
-    settings = build_settings(
-        load_settings_file(cfg["settings_file"]),
-        bin_width=cfg["bin_width"],
-        resampled_spacing_mm=cfg["resampled_spacing_mm"],
-        interpolator=cfg["interpolator"],
-        normalize=cfg["normalize"],
-        label=cfg["label"],
-    )
+    params = load_specs(args.params)
+    label = params.data.mask_label
+    if args.quick:
+        args.n_cases, args.n_jobs = QUICK_CASES, 1
+        settings = {**QUICK_SETTINGS, "setting": {**QUICK_SETTINGS["setting"], "label": label}}
+    else:
+        settings = settings_from_params(params)
+    tolerance = params.validation.grid_tolerance_mm
     n = args.n_cases
     with tempfile.TemporaryDirectory(prefix="bonemet-radiomics-bench-") as tmp:
         tmp = Path(tmp)
-        generate_cohort(tmp / "raw", n_cases=n + 1, n_positive=(n + 1) // 2, seed=args.seed, size="full", show_progress=False)
+        generate_cohort(tmp / "raw", n_cases=n + 1, n_positive=(n + 1) // 2, seed=args.seed,
+                        size="small" if args.quick else "full", mask_label=label, show_progress=False)
         cases = [CaseInput(c.case_id, c.label, c.image, c.manual_mask) for c in read_manifest(tmp / "raw")]
         first, added = cases[:n], cases
 
@@ -82,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
 
         full = CohortStats()
         cpu0 = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF)
-        table, _ = extract_cohort(first, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", show_progress=False, stats=full)
+        table, _ = extract_cohort(first, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", allow_drop=False,
+                                  grid_tolerance_mm=tolerance, show_progress=False, stats=full)
         cpu_ours = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF) - cpu0
         log.info("ours (n_jobs=%d): %d cases in %.1f s", args.n_jobs, n, full.seconds)
         assert table.shape == (n, 2 + len(plain[0])), table.shape
         incremental = CohortStats()
-        extract_cohort(added, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", show_progress=False, stats=incremental)
+        extract_cohort(added, settings, n_jobs=args.n_jobs, cache_dir=tmp / "cache", allow_drop=False,
+                       grid_tolerance_mm=tolerance, show_progress=False, stats=incremental)
         log.info("after adding one case: %.2f s (%d cached, %d extracted)", incremental.seconds, incremental.n_cached, incremental.n_extracted)
 
     results = {
+        "quick": args.quick,
         "n_cases": n,
         "n_jobs": args.n_jobs,
         "cpu_count": os.cpu_count(),
@@ -112,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "plain_seconds_per_full_size_case": round(per_case, 2),
         "estimated_minutes_full_cohort_178_cases_x_3_masks": round(178 * 3 * full.seconds / n / 60, 1),
     }
-    text = json.dumps(results, indent=2)
-    sys.stdout.write(text + "\n")
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    common.print_json(results, args.json)
     return 0
 
 

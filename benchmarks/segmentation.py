@@ -1,25 +1,30 @@
 """Benchmark: MISSU vs MONAI UNet vs UNETR (and MISSU without distillation) on the same folds.
 
-Each variant runs the same cross-validation driver (``bonemet.segmentation.cv``) on the same
-cases and folds, in its own process so that its peak resident memory (CPU) or peak CUDA
-memory is its own. Reported per variant: mean out-of-fold Dice (original grid), training time,
-inference time per case, trainable parameters, peak memory.
+Each variant runs the segment stage's cross-validation driver (``run_cross_validation``, params
+``segment`` with its profile) on the same preprocessed cases and folds, in its own process so that
+its peak resident memory (CPU) or peak CUDA memory is its own. Reported per variant: mean
+out-of-fold Dice (original grid), training time, seconds per epoch, inference time per case,
+parameters, peak memory.
 
-Usage (from the repository root, after the preprocess stage):
+The cohort is preprocessed and split here, as the preprocess and split stages do, into the work
+folder (never the pipeline's outputs): the default cohort (params ``data.cohort_dir``), or with
+``--synthetic N`` a synthetic cohort of N cases.
 
-    python benchmarks/segmentation.py --n-folds 3 --max-cases 30 --out benchmarks/results/segmentation.json
-
-Settings come from params.yaml (``segment`` with its profile), overridable below; the
-benchmark never writes the pipeline's outputs (it works in a temporary folder).
+    # the lead's run (alone on the machine): three folds of the cpu profile on the default cohort
+    python benchmarks/segmentation.py --n-folds 3 --json benchmarks/results/segmentation.json
+    # a few epochs of one fold at full size on a GPU (what benchmarks/gpu_check.sh runs)
+    python benchmarks/segmentation.py --profile paper --variants missu --n-folds 1 --max-epochs 3 \\
+        --synthetic 60 --spacing 1 --threads 16 --json benchmarks/results/segmentation_gpu.json
+    # the quick mode CI runs: 16 small cases, one fold, one epoch, MISSU and UNet
+    python benchmarks/segmentation.py --quick --json /tmp/segmentation_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import logging
 import multiprocessing as mp
-import platform
 import resource
 import sys
 import tempfile
@@ -27,52 +32,59 @@ import time
 from pathlib import Path
 from typing import Any
 
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "_common.py")
+common = sys.modules["benchmarks_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 log = logging.getLogger("benchmarks.segmentation")
 
+#: variant -> (network, segment.distill_weight override or None)
 VARIANTS = {
     "missu": ("missu", None),
     "missu-no-distill": ("missu", 0.0),
     "unet": ("unet", None),
     "unetr": ("unetr", None),
 }
+QUICK_CASES, QUICK_POSITIVE = 16, 7
+QUICK_VARIANTS = "missu,unet"
+QUICK_SEGMENT = {"roi_size": [16, 16, 16], "train.patience": 1, "train.val_mode": "crops", "parallel_folds": 1,
+                 "threshold": 0.3, "inference.mirror_axes": [], "inference.overlap": 0.25}
 
 
-def _run_variant(spec: dict[str, Any], queue: Any) -> None:
+def _run_variant(job: dict[str, Any], queue: Any) -> None:
     """Child process: one cross-validation of one network; puts its result dict on ``queue``."""
     import numpy as np
     import torch
 
+    from bonemet.config import SegmentSpec, validate_spec
     from bonemet.segmentation.cv import run_cross_validation
-    from bonemet.segmentation.data import SegCase
-    from bonemet.segmentation.networks import build_network, count_parameters
-    from bonemet.segmentation.training import TrainConfig
+    from bonemet.segmentation.inference import InferenceSettings
+    from bonemet.segmentation.networks import count_parameters, network_from_spec
 
-    torch.set_num_threads(spec["threads"])
-    config = TrainConfig(**spec["config"])
-    cases = [SegCase(**c) for c in spec["cases"]]
-
-    def factory():
-        return build_network(spec["network"], roi_size=config.roi_size, **spec["network_kwargs"])
-
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = run_cross_validation(
-            cases, spec["folds"], factory, config, Path(tmp) / "masks", Path(tmp) / "work", None,
-            val_fraction=spec["val_fraction"], threshold=spec["threshold"],
-            largest_component=spec["largest_component"],
-        )
-        wall = time.perf_counter() - start
+    torch.set_num_threads(job["threads"])
+    spec = validate_spec(SegmentSpec, job["segment"], "segment")
+    settings = InferenceSettings.from_metadata(job["settings"], "benchmark")
+    start = time.perf_counter()
+    result = run_cross_validation(
+        job["cases"], job["folds"], spec, settings, seed=job["seed"], mask_label=job["mask_label"],
+        grid_tolerance_mm=job["grid_tolerance_mm"], num_threads=job["threads"], figure_dpi=50,
+        only_folds=job["only_folds"], groups=job["groups"],
+    )
+    wall = time.perf_counter() - start
     dices = [r["dice"] for r in result.case_rows]
     n_test = sum(f.n_test for f in result.folds)
+    epochs = sum(len(f.history) for f in result.folds)
     out = {
         "dice_mean": float(np.mean(dices)), "dice_sd": float(np.std(dices, ddof=1)) if len(dices) > 1 else 0.0,
         "n_cases": len(dices), "wall_seconds": wall,
         "train_seconds": sum(f.train_seconds for f in result.folds),
         "epochs_per_fold": [len(f.history) for f in result.folds],
-        "seconds_per_epoch": sum(f.train_seconds for f in result.folds) / max(1, sum(len(f.history) for f in result.folds)),
+        "seconds_per_epoch": sum(f.train_seconds for f in result.folds) / max(1, epochs),
         "infer_seconds_per_case": sum(f.infer_seconds_per_case * f.n_test for f in result.folds) / max(1, n_test),
         "n_parameters": result.folds[0].n_parameters,
-        "n_parameters_inference": count_parameters(factory(), inference_only=True),
+        "n_parameters_inference": count_parameters(network_from_spec(spec), inference_only=True),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if torch.cuda.is_available():
@@ -83,76 +95,82 @@ def _run_variant(spec: dict[str, Any], queue: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None)
+    parser.add_argument("--profile", default=None, help="segment profile (default params segment.profile)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
-    parser.add_argument("--n-folds", type=int, default=3, help="folds to run (the first N of splits all_folds)")
-    parser.add_argument("--max-cases", type=int, default=0, help="limit the cohort (0 = all cases of those folds)")
+    parser.add_argument("--n-folds", type=int, default=3, help="folds to run (the first N of the all-cases folds)")
     parser.add_argument("--max-epochs", type=int, default=0, help="override the profile's max_epochs (0 = keep)")
+    parser.add_argument("--synthetic", type=int, default=0, help="a synthetic cohort of N cases instead of the default")
+    parser.add_argument("--spacing", type=float, default=0.0, help="preprocess target spacing in mm (0 = params)")
+    parser.add_argument("--device", default=None, help="segment.device override (auto, cpu, cuda)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/segmentation.json")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help="16 small cases, one fold, one epoch (CI runs this)")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.quick:
+        args.variants, args.n_folds, args.max_epochs = QUICK_VARIANTS, 1, 1
 
+    from bonemet.config import load_specs
+    from bonemet.segmentation.inference import InferenceSettings
+
+    params = load_specs(args.params, segment_profile=args.profile)
+    pre = {}
+    if args.quick:
+        pre = {"target_spacing_mm": [2.5, 2.5, 2.5], "crop.min_size_vox": [16, 16, 16]}
+    elif args.spacing:
+        pre = {"target_spacing_mm": [args.spacing] * 3}
+    params = params.model_copy(update={"preprocess": params.preprocess.updated(pre),
+                                       **({"split": params.split.updated({"n_folds": 3})} if args.quick else {})})
+    synthetic = params.data.synthetic
+    n_cases = QUICK_CASES if args.quick else args.synthetic
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bonemet-segmentation-bench-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        prepared = common.prepare_cohort(
+            work, params, cohort_dir=None if n_cases else Path(params.data.cohort_dir), n_cases=n_cases,
+            n_positive=QUICK_POSITIVE if args.quick else max(2, n_cases * synthetic.n_positive // synthetic.n_cases),
+            size="small" if args.quick else synthetic.size, n_jobs=1 if args.quick else params.preprocess.n_jobs)
+        only = sorted(set(prepared.folds.values()))[: args.n_folds]
+        ctx = mp.get_context("spawn")
+        for variant in args.variants.split(","):
+            network, distill = VARIANTS[variant]
+            changes = {"model": network, "masks_dir": str(work / variant / "masks"),
+                       "work_dir": str(work / variant / "work"), **(QUICK_SEGMENT if args.quick else {})}
+            if distill is not None:
+                changes["distill_weight"] = distill
+            if args.max_epochs:
+                changes["train.max_epochs"] = args.max_epochs
+            if args.device:
+                changes["device"] = args.device
+            seg = params.segment.updated(changes)
+            job = {"segment": seg.model_dump(mode="json"),
+                   "settings": InferenceSettings.from_params(params.preprocess, seg).to_metadata(),
+                   "cases": prepared.cases, "folds": prepared.folds, "groups": prepared.groups, "only_folds": only,
+                   "threads": args.threads, "seed": params.seed, "mask_label": params.data.mask_label,
+                   "grid_tolerance_mm": params.validation.grid_tolerance_mm}
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_run_variant, args=(job, queue))
+            log.info("benchmark %s: %d cases, folds %s", variant, len(prepared.cases), only)
+            proc.start()
+            proc.join()
+            results[variant] = queue.get() if proc.exitcode == 0 and not queue.empty() else {
+                "error": f"exit code {proc.exitcode}"}
+            log.info("%s: %s", variant, results[variant])
     import torch
 
-    from bonemet.config import get, load_params
-    from bonemet.data.manifest import read_manifest
-    from bonemet.segmentation.data import load_cases
-    from bonemet.stages.segment import resolve_params, train_config
-
-    params = load_params(args.params)
-    seg = resolve_params(params, args.profile)
-    config = train_config(seg, int(get(params, "seed")))
-    manifest = read_manifest(get(params, "data.cohort_dir"))
-    originals = {c.case_id: (c.image, c.manual_mask) for c in manifest}
-    cases = load_cases(seg["preprocessed_dir"], originals)
-    all_folds = json.loads(Path(seg["splits"]).read_text())["all_folds"]
-    keep = sorted({int(v) for v in all_folds.values()})[: args.n_folds]
-    cases = [c for c in cases if int(all_folds[c.case_id]) in keep]
-    if args.max_cases:
-        cases = cases[: args.max_cases]
-    folds = {c.case_id: int(all_folds[c.case_id]) for c in cases}
-    cfg = config.as_dict()
-    cfg["num_threads"] = args.threads
-    if args.max_epochs:
-        cfg["max_epochs"] = args.max_epochs
-
-    results: dict[str, Any] = {}
-    ctx = mp.get_context("spawn")
-    for variant in args.variants.split(","):
-        network, distill = VARIANTS[variant]
-        spec = {
-            "network": network, "network_kwargs": dict(seg["networks"].get(network, {})),
-            "config": {**cfg, **({"distill_weight": distill} if distill is not None else {})},
-            "cases": [{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(c).items()} for c in cases],
-            "folds": folds, "threads": args.threads, "val_fraction": float(seg["val_fraction"]),
-            "threshold": float(seg["threshold"]), "largest_component": bool(seg["largest_component"]),
-        }
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_variant, args=(spec, queue))
-        log.info("benchmark %s: %d cases, folds %s", variant, len(cases), keep)
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0 or queue.empty():
-            results[variant] = {"error": f"exit code {proc.exitcode}"}
-        else:
-            results[variant] = queue.get()
-        log.info("%s: %s", variant, results[variant])
-
     report = {
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "cpu_count": mp.cpu_count(), "threads": args.threads,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "setup": {"profile": seg["profile"], "n_cases": len(cases), "folds": keep, "roi_size": list(config.roi_size),
-                  "max_epochs": cfg["max_epochs"], "networks": {v: seg["networks"].get(VARIANTS[v][0], {})
-                                                                 for v in args.variants.split(",")}},
+        "machine": common.machine(), "quick": args.quick, "threads": args.threads,
+        "setup": {"profile": params.segment.profile, "n_cases": len(prepared.cases), "folds": only,
+                  "roi_size": list(params.segment.updated(QUICK_SEGMENT if args.quick else {}).roi_size),
+                  "max_epochs": args.max_epochs or params.segment.train.max_epochs,
+                  "spacing_mm": list(params.preprocess.target_spacing_mm),
+                  "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("wrote %s", out)
-    return 0
+    common.print_json(report, args.json)
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":

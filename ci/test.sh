@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_ALLOW_FILE_STORE=true DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 PYTHONUTF8=1
+export BONEMET_PROGRESS=0   # no progress bars in CI logs
 export PATH="$PWD/$BIN:$PATH"
 echo "== ruff"
 "$BIN/ruff" check src tests benchmarks

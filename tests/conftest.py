@@ -9,6 +9,31 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_isolated():
+    """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for subprocesses):
+    without this, one test's store (or a dead server) becomes every later test's and every
+    subprocess's. Restore the variables and MLflow's module state after each test."""
+    import sys
+
+    before = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri = None
+        registry_utils._registry_uri = None
+
+
 @pytest.fixture(autouse=True)
 def _few_threads(monkeypatch):
     """Keep each test on few threads: CI has 2 cores."""

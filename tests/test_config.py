@@ -22,7 +22,7 @@ PARAMS = REPO / "params.yaml"
 #: Mappings whose keys are free-form (network keyword arguments, per-model hyperparameters,
 #: report headings): validated elsewhere (network constructors, check_hyperparameters).
 FREE_FORM = ("segment.networks.unet", "segment.networks.unetr", "segment.networks.swinunetr",
-             "train.fixed_params.", "train.search_space.", "report.extra_sections")
+             "train.fixed_params.", "train.search_space.")
 #: Mappings keyed by names from a fixed set (models, segment.train keys): a wrong name is named too.
 NAMED_KEYS = ("train.n_trials", "train.fixed_params", "train.search_space", "segment.tune.search_space")
 

@@ -69,7 +69,8 @@ def _predict(trained, image, mask):
     from bonemet.serving.predict import predict_case
 
     return predict_case(image, mask, segmenter=None, classifier=trained["classifier"], radiomics_settings=SETTINGS,
-                        mask_label=LABEL, threshold=0.5, grid_tolerance_mm=TOLERANCE_MM)
+                        mask_label=LABEL, threshold=0.5, grid_tolerance_mm=TOLERANCE_MM,
+                        min_lesion_ml=PARAMS.validation.lesion_volume_ml[0])
 
 
 def test_a_training_case_is_in_domain(trained):

@@ -3,13 +3,25 @@
 The smoke cohort is a user's cohort as the README describes it: outside data/raw (cohorts/smoke,
 versioned by its own .dvc file) and with lesion label 2 (ci/smoke_params.yaml), so the run checks
 that every stage follows data.cohort_dir and data.mask_label.
+
+It runs against an MLflow tracking server started on loopback (``MLFLOW_TRACKING_URI``, as a team
+would), and then finds, through the server's REST API as any client would: the stages' parent runs
+with their nested fold, model and repeat runs, the datasets each run saw, system metrics, the
+stage logs, and the registered models with their aliases. The report is opened in headless
+Chromium, and so is the MLflow UI's comparison of the classifiers (the README's screenshot).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +32,65 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 (SQLite backend, served artifacts); yields its URL."""
+    port = _free_port()
+    root = tmp_path / "server"
+    root.mkdir()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _api(url: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """One MLflow REST call (POST with a JSON body, else GET with ``query``)."""
+    target = f"{url}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(target, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _tags(entity: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in entity.get("tags", [])}
+
+
 @pytest.mark.slow
-def test_dvc_pipeline_smoke_run(tmp_path):
+def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     work = tmp_path / "smoke"
     proc = subprocess.run(
         ["bash", str(REPO / "ci" / "smoke.sh"), str(work)], capture_output=True, encoding="utf-8", errors="replace",
-        timeout=1500,
+        timeout=1500, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "BONEMET_PROGRESS": "0"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     assert "second repro must do nothing" in proc.stdout and "smoke run passed" in proc.stdout
@@ -68,3 +133,81 @@ def test_dvc_pipeline_smoke_run(tmp_path):
         table = pd.read_parquet(work / "data/features" / f"{source}.parquet")
         assert sorted(table["case_id"]) == sorted(cases), source
         assert table["original_shape_VoxelVolume"].gt(0).all(), source
+
+    _check_tracking_server(mlflow_server, work, cohort_md5=dvc_file["outs"][0]["md5"], n_cases=len(cases),
+                           shots=tmp_path / "screenshots")
+    # the stages' logs: every warning in full, and one summary line per kind on screen
+    train_log = (first / "logs" / "train.log").read_text(encoding="utf-8")
+    assert "training on auto features" in train_log
+    summary = [line for line in (proc.stdout + proc.stderr).splitlines() if "bonemet: train: " in line and " x " in line]
+    assert summary and all("(full text: logs/train.log)" in line for line in summary), summary
+    # no warning printed in full (Python's own format "file:line: Category: message")
+    assert "Warning: " not in proc.stdout + proc.stderr, [line for line in (proc.stdout + proc.stderr).splitlines()
+                                                          if "Warning: " in line][:5]
+    # the parallel MISSU folds (segment.parallel_folds 2): every line of a fold worker names its fold
+    segment = (first / "logs" / "segment.log").read_text(encoding="utf-8")
+    epoch_lines = [line for line in segment.splitlines() if "bonemet.segmentation.training: " in line]
+    assert epoch_lines and all("[fold " in line for line in epoch_lines), epoch_lines[:3]
+    # the report: every section with its data, opened in Chromium at 1400 px
+    from browser import check_report_in_browser
+
+    page = (work / "reports" / "index.html").read_text(encoding="utf-8")
+    for text in ("Table 1", "Per fold", "LASSO", "Replication", "bonemet-classifier", "DeLong", "Repeated splits"):
+        assert text in page, text
+    check_report_in_browser(work / "reports" / "index.html", tmp_path / "screenshots")
+
+
+def _check_tracking_server(url: str, work: Path, *, cohort_md5: str, n_cases: int, shots: Path) -> None:
+    """What a user finds on the team server after the pipeline: runs, nested runs, datasets, models."""
+    experiments = {e["name"]: e for e in _api(url, "experiments/search", {"max_results": 100})["experiments"]}
+    for name in ("bonemet-segmentation", "bonemet-radiomics", "bonemet-classification"):
+        assert _tags(experiments[name])["mlflow.experimentKind"] == "custom_model_development", name
+
+    def runs_of(experiment: str) -> list[dict]:
+        found = _api(url, "runs/search", {"experiment_ids": [experiments[experiment]["experiment_id"]],
+                                          "max_results": 1000})
+        return found.get("runs", [])
+
+    def children(runs: list[dict], parent: dict) -> list[dict]:
+        return [r for r in runs if _tags(r["data"]).get("mlflow.parentRunId") == parent["info"]["run_id"]]
+
+    def datasets(run: dict) -> dict[str, dict]:
+        return {d["dataset"]["name"]: {**d["dataset"], "tags": _tags(d)}
+                for d in run.get("inputs", {}).get("dataset_inputs", [])}
+
+    seg_runs = runs_of("bonemet-segmentation")
+    parent = next(r for r in seg_runs if r["info"]["run_name"] == "segment" and children(seg_runs, r))
+    folds = sorted(r["info"]["run_name"] for r in children(seg_runs, parent))
+    assert folds == ["fold-0", "fold-1", "fold-2"]
+    cohort = datasets(parent)["cohort"]
+    assert cohort["digest"] == cohort_md5[:36] and cohort["tags"]["n_cases"] == str(n_cases)
+    assert all("cohort" in datasets(r) for r in children(seg_runs, parent)), "every fold run names its data"
+    metrics = {m["key"] for m in parent["data"].get("metrics", [])}
+    assert any(k.startswith("system/") for k in metrics), f"no system metrics on the segment run: {sorted(metrics)}"
+
+    cls_runs = runs_of("bonemet-classification")
+    train = next(r for r in cls_runs if r["info"]["run_name"] == "train")
+    models = children(cls_runs, train)
+    assert sorted(r["info"]["run_name"] for r in models) == sorted(
+        ["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"])
+    for run in models:
+        assert {"cohort", "features-auto", "features-manual"} <= set(datasets(run)), run["info"]["run_name"]
+    assert datasets(train)["features-auto"]["tags"]["n_cases"] == str(n_cases)
+    evaluate = next(r for r in cls_runs if r["info"]["run_name"] == "evaluate")
+    assert sorted(r["info"]["run_name"] for r in children(cls_runs, evaluate)) == ["repeat-0", "repeat-1"]
+    logs = _api(url, "artifacts/list", run_id=train["info"]["run_id"], path="logs").get("files", [])
+    assert [f["path"] for f in logs] == ["logs/train.log"]
+
+    registered = {m["name"]: m for m in _api(url, "registered-models/search", max_results="100")["registered_models"]}
+    for name in ("bonemet-classifier", "bonemet-missu"):
+        assert "staging" in {a["alias"] for a in registered[name].get("aliases", [])}, registered.get(name)
+
+    # the README's screenshot: the MLflow UI comparing the eight classifiers' runs
+    from browser import screenshot
+
+    ids = json.dumps([r["info"]["run_id"] for r in models])
+    exp_id = json.dumps([experiments["bonemet-classification"]["experiment_id"]])
+    compare = (f"{url}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(exp_id)}"
+               "&workflowType=machine_learning")
+    shot = screenshot(compare, shots / "mlflow-compare-classifiers.png", width=1600, height=1000, wait_ms=20000)
+    print(f"MLflow UI screenshot: {shot}")

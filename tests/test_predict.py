@@ -24,6 +24,7 @@ from bonemet.serving.predict import MissuSegmenter, PredictError, case_id_from_p
 PARAMS = load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
 LABEL = PARAMS.data.mask_label
 TOLERANCE_MM = PARAMS.validation.grid_tolerance_mm
+MIN_LESION_ML = PARAMS.validation.lesion_volume_ml[0]
 # A PyRadiomics settings file with a small subset of the features keeps each extraction well under a
 # second; params.yaml's radiomics values go over it (bin width 25 HU, no resampling here).
 SETTINGS_FILE = {
@@ -129,7 +130,8 @@ def _predict(image, mask=None, segmenter=None, classifier=None, **kw):
     """predict_case with params.yaml's settings (mask label, grid tolerance, register.threshold)."""
     return predict_case(image, mask, segmenter=segmenter, classifier=classifier, radiomics_settings=SETTINGS,
                         mask_label=LABEL, threshold=kw.pop("threshold", 0.5),
-                        grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM), **kw)
+                        grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM),
+                        min_lesion_ml=kw.pop("min_lesion_ml", MIN_LESION_ML), **kw)
 
 
 def test_case_id_from_path(tmp_path):
@@ -306,8 +308,6 @@ def test_bad_inputs_give_clear_errors(cohort, classifier, tmp_path):
     write_image(empty, tmp_path / "empty.nii.gz")
     with pytest.raises(PredictError, match="no lesion found"):
         _predict(case.image, tmp_path / "empty.nii.gz", classifier=classifier)
-    with pytest.raises(PredictError, match="no lesion found"):
-        _predict(case.image, segmenter=SphereSegmenter(empty=True), classifier=classifier)
     with pytest.raises(PredictError, match="off the CT's grid"):
         _predict(case.image, segmenter=SphereSegmenter(off_grid=True), classifier=classifier)
     with pytest.raises(PredictError, match="no segmentation model"):
@@ -360,12 +360,12 @@ def cli_env(tmp_path, monkeypatch, classifier):
     _params_file(tmp_path, tmp_path / "mlruns")
     env = SimpleNamespace(loaded=[], segmenter={"network": BrightIsLesion(), "metadata": _metadata()})
 
-    def fake_classifier(name, alias):
+    def fake_classifier(name, alias, *, tracking_uri, store_dir):
         env.loaded.append((name, alias))
         classifier.threshold = 0.5
         return classifier
 
-    def fake_segmenter(name, alias, device="cpu"):
+    def fake_segmenter(name, alias, *, device, tracking_uri, store_dir):
         env.loaded.append((name, alias))
         return env.segmenter["network"], env.segmenter["metadata"], "5"
 
@@ -455,8 +455,8 @@ def test_command_bad_file_exits_1_without_traceback(cohort, cli_env, tmp_path):
 
     # a bug (here: a segmentation model whose metadata is not a mapping) is a traceback, not one line
     script = ("import sys, bonemet.registry.loaders as L\n"
-              "L.load_segmenter = lambda name, alias, device='cpu': (None, None, '1')\n"
-              "L.load_classifier = lambda name, alias: None\n"
+              "L.load_segmenter = lambda name, alias, **kw: (None, None, '1')\n"
+              "L.load_classifier = lambda name, alias, **kw: type('C', (), {'threshold': 0.5})()\n"
               "from bonemet.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "predict", str(cohort[0].image)], cwd=tmp_path,
@@ -466,9 +466,323 @@ def test_command_bad_file_exits_1_without_traceback(cohort, cli_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_command_with_models_from_a_real_mlflow_store(cohort, classifier, tmp_path, monkeypatch, capsys):
+def test_command_with_models_from_a_real_mlflow_store(store, cohort, capsys):
     """Both models registered in a local MLflow store, loaded by alias through bonemet.registry.loaders."""
     from bonemet.cli import main
+
+    case = cohort[2]
+    assert main(["predict", str(case.image)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["models"] == {"classifier": {"name": "bonemet-classifier", "version": "1"},
+                             "segmenter": {"name": "bonemet-missu", "version": "1"}}
+    assert out["threshold"] == 0.25 and out["mask_source"] == "missu"  # the registered threshold
+    assert isinstance(out["in_domain"], bool) and isinstance(out["domain_reasons"], list)
+    # the settings travelled with the model: the same mask as the library with INFERENCE
+    direct = MissuSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-missu", "1").segment(
+        read_image(case.image), case.case_id)
+    assert out["lesion_voxels"] == int(sitk.GetArrayViewFromImage(direct).sum()) > 0
+    assert main(["predict", str(case.image), "--alias", "production"]) == 1  # no such alias
+    assert capsys.readouterr().out == ""
+
+
+# --- results that say what they are ----------------------------------------------------------------
+
+
+def test_empty_segmentation_is_no_lesion_found_never_a_probability(cohort, classifier):
+    case = cohort[0]
+    seen = len(classifier.seen)
+    out = _predict(case.image, segmenter=SphereSegmenter(empty=True), classifier=classifier,
+                   save_mask=Path("never-written.nii.gz"))
+    json.dumps(out, allow_nan=False)
+    assert out["status"] == "no_lesion" and out["probability_breast"] is None and out["label"] is None
+    assert out["reason"].startswith("no lesion found: the segmentation model fake-missu version 3")
+    assert out["lesion_voxels"] == 0 and out["lesion_volume_ml"] == 0.0 and out["n_features"] is None
+    assert out["saved_mask"] is None and not Path("never-written.nii.gz").exists()
+    assert out["in_domain"] is None and out["domain_reasons"] == []
+    assert len(classifier.seen) == seen  # nothing was classified
+    assert "features" not in out["seconds"] and out["seconds"]["segment"] >= 0
+
+
+def test_lesion_below_the_validated_minimum_is_too_small_to_classify(cohort, classifier, tmp_path):
+    """Smaller than validate.lesion_volume_ml[0] (0.05 mL): no probability, for a segmenter's mask
+    and for a given one; the mask is still saved so that it can be looked at."""
+    case = cohort[1]
+    seen = len(classifier.seen)
+
+    class OneVoxel(SphereSegmenter):
+        def segment(self, image_hu, case_id):
+            mask = sitk.Image(image_hu.GetSize(), sitk.sitkUInt8)
+            mask.CopyInformation(image_hu)
+            mask[5, 6, 7] = 1
+            return mask
+
+    tiny = _predict(case.image, segmenter=OneVoxel(), classifier=classifier, save_mask=tmp_path / "tiny.nii.gz")
+    assert 0 < tiny["lesion_volume_ml"] < MIN_LESION_ML
+    assert tiny["status"] == "lesion_too_small" and tiny["probability_breast"] is None and tiny["label"] is None
+    assert tiny["reason"].startswith("lesion too small to classify") and f"{MIN_LESION_ML:g} mL" in tiny["reason"]
+    assert tiny["saved_mask"] == str(tmp_path / "tiny.nii.gz")
+    assert int(sitk.GetArrayViewFromImage(read_image(tmp_path / "tiny.nii.gz")).sum()) == tiny["lesion_voxels"]
+    # a given mask of two voxels
+    image = read_image(case.image)
+    two = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    two.CopyInformation(image)
+    two[10, 10, 5] = LABEL
+    two[11, 10, 5] = LABEL
+    write_image(two, tmp_path / "two.nii.gz")
+    given = _predict(case.image, tmp_path / "two.nii.gz", classifier=classifier)
+    assert given["status"] == "lesion_too_small" and given["mask_source"] == "given" and given["lesion_voxels"] == 2
+    assert len(classifier.seen) == seen
+    # at the minimum it is classified (a 2 x 2 x 2 block: PyRadiomics needs a 3D lesion)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                two[10 + dx, 10 + dy, 5 + dz] = LABEL
+    write_image(two, tmp_path / "eight.nii.gz")
+    volume = 8 * float(np.prod(image.GetSpacing())) / 1000
+    assert _predict(case.image, tmp_path / "eight.nii.gz", classifier=classifier,
+                    min_lesion_ml=volume * 1.01)["status"] == "lesion_too_small"
+    at_minimum = _predict(case.image, tmp_path / "eight.nii.gz", classifier=classifier, min_lesion_ml=volume)
+    assert at_minimum["status"] == "classified" and at_minimum["reason"] is None
+    assert 0.0 <= at_minimum["probability_breast"] <= 1.0
+
+
+def test_domain_fields_come_from_the_classifiers_answer_and_domain(cohort, classifier):
+    """The registered model's training-domain verdict (its answer's domain_reasons, and the CT against
+    its domain) is passed on; without an answer (no lesion) the CT alone is checked; a classifier
+    that knows no domain gives null."""
+    from bonemet.serving.predict import domain_fields
+
+    image = read_image(cohort[0].image)
+    assert domain_fields(None, classifier, image) == {"in_domain": None, "domain_reasons": []}
+    answer = pd.DataFrame({"probability_breast": [0.4], "label": [0], "in_domain": [False],
+                           "domain_reasons": [["lesion volume 300 mL above the training range"]]})
+    assert domain_fields(answer, classifier, image) == {
+        "in_domain": False, "domain_reasons": ["lesion volume 300 mL above the training range"]}
+
+    class Domain:
+        def image_reasons(self, measures):
+            return [f"in-plane spacing {measures['spacing_max_mm']:.2f} mm outside the training range"]
+
+    class WithDomain(SklearnClassifier):
+        domain = Domain()
+
+        def predict(self, features):
+            out = super().predict(features)
+            out["in_domain"], out["domain_reasons"] = True, [[]]
+            return out
+
+    model = WithDomain(classifier.pipeline, classifier.feature_names)
+    out = _predict(cohort[3].image, cohort[3].manual_mask, classifier=model)
+    assert out["in_domain"] is False and out["domain_reasons"][0].startswith("in-plane spacing")
+    none = _predict(cohort[3].image, segmenter=SphereSegmenter(empty=True), classifier=model)
+    assert none["status"] == "no_lesion" and none["in_domain"] is False and len(none["domain_reasons"]) == 1
+
+
+def test_command_no_lesion_prints_the_result_and_exits_0(cohort, cli_env, capsys):
+    from bonemet.cli import main
+
+    class Nothing(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.ones_like(x), -torch.ones_like(x)], dim=1)
+
+    cli_env.segmenter["network"] = Nothing()
+    assert main(["predict", str(cohort[5].image)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "no_lesion" and out["probability_breast"] is None and out["label"] is None
+    assert out["models"]["segmenter"] == {"name": "bonemet-missu", "version": "5"}
+
+
+def test_command_disable_tta_turns_mirroring_off(cohort, cli_env, capsys, monkeypatch):
+    from bonemet.cli import main
+    from bonemet.serving import predict as serving
+
+    mirrored = InferenceSettings.from_params(PREPROCESS, PARAMS.segment.updated({
+        "roi_size": [16, 16, 16], "inference.mirror_axes": [0, 1, 2]}))
+    cli_env.segmenter["metadata"] = _metadata(mirrored)
+    used = []
+    real = serving.MissuSegmenter.segment
+
+    def spy(self, image_hu, case_id):
+        used.append(self.settings.inference.mirror_axes)
+        return real(self, image_hu, case_id)
+
+    monkeypatch.setattr(serving.MissuSegmenter, "segment", spy)
+    assert main(["predict", str(cohort[5].image)]) == 0
+    assert main(["predict", str(cohort[5].image), "--disable-tta"]) == 0
+    capsys.readouterr()
+    assert used == [(0, 1, 2), ()]
+
+
+# --- many CTs at once ------------------------------------------------------------------------------
+
+
+def _batch_folder(cohort, root: Path) -> Path:
+    """Two NIfTI CTs, one DICOM series, one corrupt file and a text file nobody should read."""
+    from bonemet.data.dicom_series import write_dicom_series
+
+    folder = root / "cts"
+    folder.mkdir()
+    for case in cohort[:2]:
+        write_image(read_image(case.image), folder / f"{case.case_id}.nii.gz")
+    write_dicom_series(read_image(cohort[2].image), folder / "series_c")
+    (folder / "broken.nrrd").write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\n")
+    (folder / "notes.txt").write_text("not a CT")
+    return folder
+
+
+def test_read_batch_input_folder_and_manifest(cohort, tmp_path):
+    from bonemet.serving.batch import BatchInputError, read_batch_input
+
+    folder = _batch_folder(cohort, tmp_path)
+    cases = read_batch_input(folder)
+    assert [c.case_id for c in cases] == ["broken", cohort[0].case_id, cohort[1].case_id, "series_c"]
+    assert all(c.mask is None for c in cases)
+    manifest = tmp_path / "predict.csv"
+    manifest.write_text("case_id,image,mask,roi\nA,cts/case_000.nii.gz,m/a.nii.gz,\nB,cts/series_c,,GTV\n")
+    a, b = read_batch_input(manifest)
+    assert (a.case_id, a.image, a.mask) == ("A", tmp_path / "cts/case_000.nii.gz", tmp_path / "m/a.nii.gz")
+    assert (b.mask, b.roi) == (None, "GTV")
+    # a cohort folder: its manifest (label ignored), masks per case
+    cohort_dir = Path(cohort[0].image).parents[1]
+    assert [c.case_id for c in read_batch_input(cohort_dir)] == [c.case_id for c in cohort]
+    assert read_batch_input(cohort_dir)[0].mask == cohort[0].manual_mask
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,path\nA,x.nii.gz\n")
+    with pytest.raises(BatchInputError, match=r"bad.csv: missing column\(s\) case_id, image"):
+        read_batch_input(bad)
+    bad.write_text("case_id,image\nA,x.nii.gz\nA,y.nii.gz\n")
+    with pytest.raises(BatchInputError, match="case id.* A appear more than once"):
+        read_batch_input(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BatchInputError, match="no CT found"):
+        read_batch_input(tmp_path / "empty")
+    with pytest.raises(BatchInputError, match="no such folder or manifest"):
+        read_batch_input(tmp_path / "missing")
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {row["case_id"]: row for row in csv.DictReader(fh)}
+
+
+def test_batch_over_a_folder_one_failing_case(cohort, cli_env, capsys, tmp_path):
+    """Every case gets a row with the JSON's fields; the broken one says why and the others are done;
+    the models are loaded once; exit code 1 because a case failed."""
+    from bonemet.cli import main
+    from bonemet.serving.batch import RESULT_COLUMNS
+
+    folder = _batch_folder(cohort, tmp_path)
+    code = main(["predict", "-i", str(folder), "-o", "out/results.csv", "--save-masks", "out/masks", "--no-progress"])
+    assert code == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["cases"] == 4 and summary["statuses"]["failed"] == 1
+    assert cli_env.loaded == [("bonemet-classifier", "staging"), ("bonemet-missu", "staging")]
+    rows = _rows(tmp_path / "out" / "results.csv")
+    header = list(next(iter(rows.values())))
+    assert header[:len(RESULT_COLUMNS)] == list(RESULT_COLUMNS)
+    assert {"seconds.read", "seconds.segment", "seconds.features"} <= set(header)
+    broken = rows.pop("broken")
+    assert broken["status"] == "failed" and "broken.nrrd" in broken["reason"] and broken["probability_breast"] == ""
+    for case_id, row in rows.items():
+        assert row["status"] in ("classified", "no_lesion", "lesion_too_small"), row
+        assert row["mask_source"] == "missu" and row["models.segmenter.version"] == "5"
+        if row["status"] == "classified":
+            assert 0.0 <= float(row["probability_breast"]) <= 1.0 and row["label"] in ("0", "1")
+            assert (tmp_path / "out" / "masks" / f"{case_id}.nii.gz").is_file()
+        assert json.loads(row["image.size"]) == list(read_image(folder / (
+            case_id if case_id == "series_c" else f"{case_id}.nii.gz")).GetSize())
+    # the same CT alone gives the same answer as its row
+    assert main(["predict", str(folder / f"{cohort[0].case_id}.nii.gz")]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert rows[cohort[0].case_id]["status"] == alone["status"]
+    if alone["probability_breast"] is not None:
+        assert float(rows[cohort[0].case_id]["probability_breast"]) == pytest.approx(alone["probability_breast"])
+
+
+def test_batch_over_a_manifest_with_masks(cohort, cli_env, capsys, tmp_path):
+    """Masks from the manifest, one case segmented (empty mask cell), one mask off its CT's grid
+    (failed, the others done); with every mask given the segmentation model is never loaded."""
+    from bonemet.cli import main
+
+    shifted = read_mask(cohort[1].manual_mask, label=LABEL)
+    shifted.SetOrigin(tuple(o + 3.0 for o in shifted.GetOrigin()))
+    write_image(shifted * LABEL, tmp_path / "shifted.nii.gz")
+    lines = ["case_id,label,image,mask",
+             f"good,1,{cohort[0].image},{cohort[0].manual_mask}",
+             f"offgrid,0,{cohort[1].image},{tmp_path / 'shifted.nii.gz'}",
+             f"auto,1,{cohort[2].image},"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    assert main(["predict", "-i", "m.csv", "-o", "r.csv", "--no-progress"]) == 1
+    capsys.readouterr()
+    rows = _rows(tmp_path / "r.csv")
+    assert list(rows) == ["good", "offgrid", "auto"]
+    assert rows["good"]["status"] == "classified" and rows["good"]["mask_source"] == "given"
+    assert rows["offgrid"]["status"] == "failed" and "is not on the grid" in rows["offgrid"]["reason"]
+    assert rows["auto"]["mask_source"] == "missu"
+    # the row's answer is the single-CT answer
+    assert main(["predict", str(cohort[0].image), "--mask", str(cohort[0].manual_mask)]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert float(rows["good"]["probability_breast"]) == pytest.approx(alone["probability_breast"])
+    assert float(rows["good"]["lesion_volume_ml"]) == pytest.approx(alone["lesion_volume_ml"])
+
+    cli_env.loaded.clear()
+    (tmp_path / "all.csv").write_text("\n".join(lines[:2]) + "\n")
+    assert main(["predict", "-i", "all.csv", "-o", "all_out.csv", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["statuses"] == {"classified": 1}
+    assert cli_env.loaded == [("bonemet-classifier", "staging")]
+
+
+def test_batch_needs_both_input_and_output(cli_env, caplog):
+    from bonemet.cli import main
+
+    assert main(["predict", "-i", "somewhere"]) == 1
+    assert "needs both -i DIR_OR_MANIFEST and -o OUT.csv" in caplog.text
+    assert main(["predict"]) == 1
+    assert "no CT given" in caplog.text
+
+
+# --- DICOM SEG for a DICOM series input ------------------------------------------------------------
+
+
+def test_save_mask_as_dicom_seg_over_the_series(cohort, cli_env, capsys, tmp_path):
+    """`--save-mask out.dcm` on a DICOM series: a DICOM SEG referencing the series, which reads back
+    onto the series as the mask the prediction used."""
+    from bonemet.cli import main
+    from bonemet.data.dicom_masks import read_seg_mask
+    from bonemet.data.dicom_series import series_instance_uid, write_dicom_series
+
+    case = cohort[4]
+    write_dicom_series(read_image(case.image), tmp_path / "ct_series")
+    assert main(["predict", "ct_series", "--save-mask", "lesion_seg.dcm", "--threshold", "0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["saved_mask"] == "lesion_seg.dcm" and out["lesion_voxels"] > 0
+    series = read_image(tmp_path / "ct_series")
+    back = read_seg_mask(tmp_path / "lesion_seg.dcm", series, 1, case_id="ct_series", grid_tolerance_mm=TOLERANCE_MM,
+                         reference_series_uid=series_instance_uid(tmp_path / "ct_series"))
+    assert int(sitk.GetArrayViewFromImage(back).sum()) == out["lesion_voxels"]
+    # the same mask as a label map
+    assert main(["predict", "ct_series", "--save-mask", "lesion.nii.gz", "--threshold", "0"]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(read_image(tmp_path / "lesion.nii.gz")))
+
+
+def test_seg_output_needs_a_dicom_series_input(cohort, cli_env, caplog, capsys):
+    """Refused before any work, naming the fix."""
+    from bonemet.cli import main
+
+    assert main(["predict", str(cohort[4].image), "--save-mask", "x.dcm"]) == 1
+    assert "asks for a DICOM SEG, which needs a DICOM series folder as input" in caplog.text
+    assert cli_env.loaded == [] and capsys.readouterr().out == ""
+
+
+# --- the registered models, read quickly ------------------------------------------------------------
+
+
+@pytest.fixture
+def store(cohort, classifier, tmp_path, monkeypatch):
+    """A local MLflow store with both models registered (aliases staging)."""
     from bonemet.registry.pyfunc import log_classifier
     from bonemet.registry.store import MlflowTracker, register_model, set_alias
 
@@ -488,17 +802,155 @@ def test_command_with_models_from_a_real_mlflow_store(cohort, classifier, tmp_pa
         tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
                           metadata=_metadata(), serialization_format="pickle")
     set_alias("bonemet-missu", "staging", register_model(run_id, "model", "bonemet-missu"))
+    return tmp_path / "mlruns"
 
-    case = cohort[2]
-    assert main(["predict", str(case.image)]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["models"] == {"classifier": {"name": "bonemet-classifier", "version": "1"},
-                             "segmenter": {"name": "bonemet-missu", "version": "1"}}
-    assert out["threshold"] == 0.25 and out["mask_source"] == "missu"  # the registered threshold
-    assert isinstance(out["in_domain"], bool) and isinstance(out["domain_reasons"], list)
-    # the settings travelled with the model: the same mask as the library with INFERENCE
-    direct = MissuSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-missu", "1").segment(
-        read_image(case.image), case.case_id)
-    assert out["lesion_voxels"] == int(sitk.GetArrayViewFromImage(direct).sum()) > 0
-    assert main(["predict", str(case.image), "--alias", "production"]) == 1  # no such alias
-    assert capsys.readouterr().out == ""
+
+@pytest.mark.slow
+def test_local_store_read_without_mlflow_matches_mlflow(store, classifier):
+    """Alias, version and model folder as MLflow reports them; the in-process classifier answers
+    what the MLflow pyfunc answers, bit for bit."""
+    import mlflow
+
+    from bonemet.registry.loaders import load_classifier
+    from bonemet.registry.local import default_tracking_uri, resolve_alias
+    from bonemet.registry.store import client
+    from bonemet.serving.served import ServedClassifier
+
+    uri = default_tracking_uri(store)
+    local = resolve_alias(uri, "bonemet-classifier", "staging")
+    mv = client(None, store).get_model_version_by_alias("bonemet-classifier", "staging")
+    assert local.version == str(mv.version) and local.run_id == mv.run_id
+    assert (local.model_dir / "MLmodel").is_file()
+    assert resolve_alias(uri, "bonemet-classifier", "production") is False
+    assert resolve_alias("http://team-server:5000", "bonemet-classifier", "staging") is None
+    assert resolve_alias(default_tracking_uri(store / "nothing"), "bonemet-classifier", "staging") is None
+
+    fast = load_classifier("bonemet-classifier", "staging", tracking_uri=uri, store_dir=str(store))
+    assert isinstance(fast, ServedClassifier) and (fast.version, fast.threshold) == ("1", 0.25)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/bonemet-classifier/{mv.version}")
+    rows = classifier.table.loc[:, fast.feature_names]
+    ours = fast.predict(rows)
+    theirs = pyfunc.predict(rows)
+    np.testing.assert_array_equal(ours["probability_breast"].to_numpy(), theirs["probability_breast"].to_numpy())
+    np.testing.assert_array_equal(ours["label"].to_numpy(), theirs["label"].to_numpy())
+    assert list(ours["in_domain"]) == list(theirs["in_domain"])
+
+
+def test_untrusted_pipeline_is_refused_by_the_fast_path(classifier, tmp_path):
+    """The artifacts are read with the one skops trust list: a pipeline holding another module's type
+    is refused before it is loaded."""
+    import skops.io as sio
+
+    from bonemet.modeling.persistence import UntrustedPipelineError
+    from bonemet.serving.served import ClassifierArtifactsError, ServedClassifier
+
+    sio.dump({"pipeline": classifier.pipeline, "extra": SimpleNamespace(x=1)}, tmp_path / "p.skops")
+    (tmp_path / "meta.json").write_text(json.dumps({"feature_names": ["a"], "threshold": 0.5}))
+    artifacts = {"serving": tmp_path / "p.skops", "domain": tmp_path / "p.skops", "meta": tmp_path / "meta.json"}
+    with pytest.raises(UntrustedPipelineError, match="types.SimpleNamespace"):
+        ServedClassifier.from_artifacts(artifacts, name="m", version="1")
+    with pytest.raises(ClassifierArtifactsError, match="its artifacts lack serving, domain"):
+        ServedClassifier.from_artifacts({"meta": tmp_path / "meta.json"}, name="m", version="1")
+
+
+@pytest.mark.slow
+def test_given_mask_path_imports_neither_torch_nor_mlflow(store, cohort, tmp_path):
+    """`bonemet predict CT --mask M` in a fresh process: answered from the local store without
+    importing torch, MONAI or MLflow (their imports are most of the start-up)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, json\n"
+              "from bonemet.cli import main\n"
+              "code = main(sys.argv[1:])\n"
+              "heavy = sorted(m for m in ('torch', 'mlflow', 'monai') if m in sys.modules)\n"
+              "sys.stderr.write('HEAVY=' + json.dumps(heavy) + '\\n')\n"
+              "sys.exit(code)\n")
+    case = cohort[3]
+    proc = subprocess.run([sys.executable, "-c", script, "predict", str(case.image), "--mask", str(case.manual_mask)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=[]" in proc.stderr, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["status"] == "classified" and out["models"]["classifier"] == {"name": "bonemet-classifier",
+                                                                              "version": "1"}
+    assert out["threshold"] == 0.25 and "load_models" in out["seconds"]
+
+
+# --- the README's prediction commands, as written -------------------------------------------------
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_readme_predict_command_parses():
+    import shlex
+
+    from bonemet.cli import build_parser
+
+    lines = [line.split("#")[0].strip() for line in README.splitlines() if line.startswith(".venv/bin/bonemet predict")]
+    assert len(lines) >= 8
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert args.command == "predict", line
+        assert (args.image is None) != (args.input is None), line  # one CT, or a batch
+        assert (args.input is None) == (args.output is None), line
+
+
+def test_the_readme_batch_manifest_works_as_written(cohort, cli_env, capsys, tmp_path):
+    """The bring-your-own section's prediction manifest, made from synthetic cases (a label map, a DICOM
+    series with its RTSTRUCT, a DICOM series to segment), predicted by the README's command."""
+    import io
+    import re
+
+    from bonemet.cli import main
+    from bonemet.data.dicom_masks import write_rtstruct
+    from bonemet.data.dicom_series import write_dicom_series
+
+    section = README[README.index("### Predicting new CTs in bulk"):README.index("## Tracking, registry, serving")]
+    block = re.findall(r"```csv\n(.*?)```", section, flags=re.S)[0]
+    manifest = pd.read_csv(io.StringIO(block), dtype=str, keep_default_na=False)
+    for row, case in zip(manifest.to_dict("records"), cohort, strict=False):
+        image, mask = read_image(case.image), read_mask(case.manual_mask, label=LABEL)
+        image_path = tmp_path / "new" / row["image"]
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        if image_path.name.endswith(".nii.gz"):
+            write_image(image, image_path)
+        else:
+            write_dicom_series(image, image_path)
+            mask.CopyInformation(read_image(image_path))
+        if row["mask"].endswith("_rtstruct.dcm"):
+            write_rtstruct(mask, image_path, tmp_path / "new" / row["mask"], row["roi"], algorithm_type="MANUAL",
+                           grid_tolerance_mm=TOLERANCE_MM)
+        elif row["mask"]:
+            write_image(sitk.Cast(mask * LABEL, sitk.sitkUInt8), tmp_path / "new" / row["mask"])
+    (tmp_path / "new" / "predict.csv").write_text(block, encoding="utf-8")
+    command = re.findall(r"\.venv/bin/bonemet (predict -i new/predict\.csv -o \S+)", section)[0].split()
+    assert main(command + ["--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"] == 3
+    import csv
+
+    with open(tmp_path / "new" / "results.csv", newline="") as fh:
+        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    assert [rows[c]["mask_source"] for c in manifest["case_id"]] == ["given", "given", "missu"]
+    assert all(r["status"] != "failed" for r in rows.values()), rows
+    assert rows["N002"]["mask"].endswith("N002_rtstruct.dcm")
+    assert int(rows["N002"]["lesion_voxels"]) == int(sitk.GetArrayViewFromImage(
+        read_mask(cohort[1].manual_mask, label=LABEL)).sum())
+
+
+def test_batch_with_a_missing_model_fails_before_any_case(cohort, cli_env, monkeypatch, caplog, tmp_path):
+    """A model that cannot be loaded is the command's error (exit 1, one line), not a failed row per case."""
+    import bonemet.registry.loaders as loaders
+    from bonemet.cli import main
+
+    def missing(name, alias, **kw):
+        raise loaders.ModelNotFoundError(f"no registered model '{name}@{alias}'")
+
+    monkeypatch.setattr(loaders, "load_segmenter", missing)
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    write_image(read_image(cohort[0].image), folder / "a.nii.gz")
+    assert main(["predict", "-i", str(folder), "-o", "r.csv", "--no-progress"]) == 1
+    assert "no registered model 'bonemet-missu@staging'" in caplog.text and not (tmp_path / "r.csv").exists()
+

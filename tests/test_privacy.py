@@ -161,7 +161,7 @@ def test_no_identifying_value_reaches_any_output(tmp_path):
                                 "--save-mask", str(work / "predicted_mask.nii.gz")], capture_output=True,
                                encoding="utf-8", errors="replace", env=env, cwd=work, timeout=600)
     assert predicted.returncode == 0, predicted.stderr[-4000:]
-    (work / "logs").mkdir()
+    (work / "logs").mkdir(exist_ok=True)  # beside the stages' own logs (tracking.log_dir)
     for name, text in (("smoke.log", run.stdout + run.stderr), ("predict.log", predicted.stdout + predicted.stderr)):
         (work / "logs" / name).write_text(text, encoding="utf-8")
     files = _outputs(work, cohort)

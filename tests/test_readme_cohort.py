@@ -67,7 +67,7 @@ def test_the_readme_params_snippets_are_valid():
     snippet = yaml.safe_load(_block("yaml", "cohort_dir"))
     params = build_specs(deep_merge(base, snippet))
     assert params.data.cohort_dir == "cohorts/my_cohort" and params.data.source == "user"
-    assignments = re.findall(r"dvc exp run -S\s+([\w.]+=\w+)", SECTION)
+    assignments = re.findall(r"(?:dvc exp run|make exp ARGS=')\s*-S\s+([\w.]+=\w+)", SECTION)
     assert sorted(assignments) == ["segment.model=external", "select.harmonize.enabled=true"]
     for assignment in assignments:
         key, value = assignment.split("=")

@@ -1,82 +1,105 @@
-"""The HTML report embeds every metrics file and figure and needs no network."""
+"""The report tells the study's story from the stages' outputs, as a reader sees it in a browser.
+
+The full report (every section with real data) is checked on the smoke run's output in
+tests/test_pipeline_smoke.py; here the formatting rules, the choice of example cases, the
+params comparison, and a report of a run that stopped after validation (it still builds, in
+the study's order, and names what is missing), opened in headless Chromium.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import pytest
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from bonemet.report import build_report  # noqa: E402
-from bonemet.report.html import markdown_table  # noqa: E402
-
-
-def test_report_embeds_metrics_tables_and_figures(tmp_path):
-    metrics = tmp_path / "metrics"
-    plots = tmp_path / "plots" / "classification"
-    metrics.mkdir()
-    plots.mkdir(parents=True)
-    (metrics / "segmentation.json").write_text(json.dumps({"dice": {"mean": 0.912345, "sd": 0.03}}))
-    (metrics / "table1.md").write_text("# Table 1\n\n| model | set | AUC |\n|---|---|---|\n| svm | test | 0.95 |\n")
-    fig, ax = plt.subplots()
-    ax.plot([0, 1], [0, 1])
-    fig.savefig(plots / "roc_test.png")
-    plt.close(fig)
-    validation = tmp_path / "report.txt"
-    validation.write_text("all 3 cases passed\n")
-
-    out = build_report(
-        tmp_path / "reports" / "index.html",
-        metrics_dir=metrics,
-        plot_dirs=[tmp_path / "plots" / "segmentation", plots],
-        title="bonemet pipeline report",
-        extra_sections=[("Validation report", validation)],
-        context={"git commit": "abc123"},
-    )
-
-    page = out.read_text(encoding="utf-8")
-    assert "dice.mean" in page and "0.9123" in page
-    assert "<td>svm</td><td>test</td><td>0.95</td>" in page
-    assert page.count("data:image/png;base64,") == 1
-    assert "roc test" in page
-    assert "all 3 cases passed" in page
-    assert "abc123" in page
-    # Self-contained: no external scripts, styles or images.
-    assert not re.search(r"(src|href)=['\"]https?://", page)
+from bonemet.report.content import example_cases, params_differences, published_study, run_url, sig, with_ci
+from browser import SECTION_IDS, check_report_in_browser  # noqa: E402
 
 
-def test_markdown_table_skips_separator_and_escapes():
-    out = markdown_table("| a | b |\n|:--|--:|\n| <x> | 1 |\n")
-    assert "<th>a</th><th>b</th>" in out
-    assert "&lt;x&gt;" in out
-    assert "--" not in out
+def test_numbers_get_three_significant_digits_and_undefined_says_so():
+    assert [sig(v) for v in (0.95312, 0.9, 1.0, 0.0391, 123.46, 7, None, float("nan"))] == [
+        "0.953", "0.900", "1.00", "0.0391", "123", "7", "n/a", "n/a"]
+    assert with_ci(0.8412, 0.7033, 0.9741) == "0.841 (0.703\u20130.974)"
+    assert with_ci(0.8412, None, 0.9) == "0.841"
 
 
-def test_report_stage_takes_its_settings_from_the_params_report_section(tmp_path, monkeypatch):
-    from pathlib import Path
+def test_example_cases_are_the_best_and_the_worst_by_dice_then_the_median():
+    cases = pd.DataFrame({"case_id": [f"C{i}" for i in range(9)], "dice": [0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.6, 0.2, 0.4]})
+    picks = example_cases(cases, [], 3)
+    assert [cid for cid, _ in picks] == ["C1", "C2", "C0"]
+    assert picks[0][1] == "best Dice (0.900)" and picks[1][1] == "worst Dice (0.100)"
+    assert picks[2][1] == "50th percentile of Dice (0.500)"
+    # no per-case Dice (external masks without manual ones, or no segmentation yet): the cohort's first cases
+    assert example_cases(None, ["A", "B", "C"], 2) == [("A", ""), ("B", "")]
 
-    import yaml
 
+def test_params_differences_list_changed_added_and_removed_keys():
+    current = {"split": {"test_size": 0.4, "n_folds": 10}, "new": 1}
+    baseline = {"split": {"test_size": 0.3, "n_folds": 10}, "old": [1, 2]}
+    assert params_differences(current, baseline) == [["new", "1", "(absent)"], ["old", "(absent)", "1, 2"],
+                                                     ["split.test_size", "0.4", "0.3"]]
+    assert params_differences(current, current) == []
+    assert params_differences(current, None) is None
+
+
+def test_the_published_study_ships_with_the_package_for_every_model():
+    paper = published_study()
+    assert paper["doi"] == "10.1016/j.jbo.2024.100638" and paper["segmentation"]["dice_mean"] == 0.915
+    from bonemet.modeling.classifiers import DISPLAY_NAMES
+
+    assert set(paper["table1"]) == set(DISPLAY_NAMES)
+    assert paper["table1"]["svm"]["test"]["auc"] == 0.953 and paper["table1"]["xgboost"]["train"]["auc"] == 0.983
+
+
+def test_run_links_need_a_ui_address():
+    assert run_url(None, "abc") is None
+    assert run_url("http://127.0.0.1:5000/", "abc") == "http://127.0.0.1:5000/#/runs/abc?workflowType=machine_learning"
+
+
+@pytest.fixture
+def validated_cohort(tmp_path, params_file):
+    """A 4-case synthetic cohort, validated (the report's first input), in a git repository whose
+    committed params.yaml is the project's."""
     from bonemet.cli import main
-    from bonemet.config import load_params
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    params["report"] = {"out": "out/report.html", "title": "Cohort <B> report", "metrics_dir": "m",
-                        "plot_dirs": ["p"], "extra_sections": {"Validation report": "v.txt"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "registry.json").write_text(json.dumps({"version": "3", "promoted": 1}))
-    (tmp_path / "v.txt").write_text("12 cases passed\n")
-    monkeypatch.chdir(tmp_path)
-    assert main(["report"]) == 0
-    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
-    assert "<title>Cohort &lt;B&gt; report</title>" in page and "<h1>Cohort &lt;B&gt; report</h1>" in page
-    assert "12 cases passed" in page and "Validation report" in page and "promoted" in page
-    assert main(["report", "--out", "elsewhere.html"]) == 0 and (tmp_path / "elsewhere.html").is_file()
-    # a misspelt key of the report section is a params error (exit 2), not a report without it
-    params["report"]["extra_section"] = params["report"].pop("extra_sections")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert main(["report"]) == 2
+    params = params_file({"data": {"cohort_dir": "cohort"}})
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "params.yaml"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "p"],
+                   check=True)
+    assert main(["synth", "--params", str(params), str(tmp_path / "cohort"), "--small", "--n", "4",
+                 "--no-progress"]) == 0
+    assert main(["validate", "--params", str(params), str(tmp_path / "cohort"), "--report",
+                 str(tmp_path / "data" / "validation"), "--no-progress"]) == 0
+    return tmp_path
+
+
+def test_a_report_after_validation_only_builds_in_order_and_names_what_is_missing(validated_cohort, monkeypatch,
+                                                                                   tmp_path):
+    from bonemet.cli import main
+
+    monkeypatch.chdir(validated_cohort)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["split"]["test_size"] = 0.25  # an experiment's change: listed in the provenance section
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["report", "--no-tracking"]) == 0
+    page = Path(params["report"]["out"])
+    text = page.read_text(encoding="utf-8")
+    positions = [text.index(f'<section id="{sid}">') for sid in SECTION_IDS]
+    assert positions == sorted(positions), "sections out of the study's order"
+    assert 'id="plan"' not in text  # no data/plan.json: no plan section
+    assert "4 cases" in text and "Passed" in text
+    assert "Not available: metrics/segmentation.json" in text and "Not available: metrics/table1.json" in text
+    assert "<td>split.test_size</td><td>0.25</td><td>0.3</td>" in text
+    assert not re.search(r"(src|href)=['\"]https?://", text), "the page must not load anything from the network"
+    # the plan stage's fingerprint gets its section when the file exists
+    Path("data/plan.json").write_text(json.dumps({"spacing_mm": [1.5, 1.5, 1.5], "batch_size": 2}))
+    assert main(["report", "--no-tracking", "--out", "with_plan.html"]) == 0
+    with_plan = Path("with_plan.html").read_text(encoding="utf-8")
+    assert '<section id="plan">' in with_plan and "<td>spacing_mm</td><td>1.500, 1.500, 1.500</td>" in with_plan
+    check_report_in_browser(page.resolve(), tmp_path / "screenshots")

@@ -249,7 +249,7 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
         "data": {"cohort_dir": str(tmp_path / "raw")},
         "segment": {
             "preprocessed_dir": str(tmp_path / "pre"), "splits": str(tmp_path / "splits.json"), "model": "unet",
-            "roi_size": list(ROI), "num_threads": 1,
+            "roi_size": list(ROI), "num_threads": 1, "gate": {"min_dice": 0.0},  # one epoch: no Dice to speak of
             "profiles": {"cpu": {"roi_size": list(ROI), "train": {"max_epochs": 1}, "networks": {"unet": tiny_unet}}},
         },
     })
@@ -270,6 +270,7 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
     from bonemet.registry.store import alias_version, load_model
 
     assert alias_version("bonemet-missu", "staging") == "1"
+    assert summary["gate"]["promote"] is True
     model = load_model("models:/bonemet-missu@staging", flavor="pytorch")
     import torch
 
@@ -318,7 +319,7 @@ def test_validation_windows_follow_the_spec(seg, monkeypatch):
 
     seen = []
 
-    def windows(model, image, roi_size, *, overlap, sw_batch_size, device, mirror_axes, mode="gaussian"):
+    def windows(model, image, roi_size, *, overlap, sw_batch_size, device, mirror_axes, channels_last, mode="gaussian"):
         seen.append((tuple(image.shape), tuple(roi_size), overlap, sw_batch_size, tuple(mirror_axes)))
         return torch.zeros(1, 2, *image.shape[1:])
 

@@ -66,3 +66,56 @@ def test_deep_merge():
     base = {"a": {"b": 1}}
     deep_merge(base, {"a": {"b": 2}})
     assert base == {"a": {"b": 1}}  # a copy: the base is unchanged
+
+
+def _dataset(name="cohort", digest="d41d8cd98f00b204e9800998ecf8427e.dir", n=3):
+    import pandas as pd
+
+    from bonemet.tracking import DatasetInput
+
+    table = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "label": [i % 2 for i in range(n)]})
+    return DatasetInput(name=name, table=table, source="cohorts/x/manifest.csv", digest=digest, context="training",
+                        tags={"n_cases": str(n)})
+
+
+def test_datasets_are_recorded_buffered_and_replayed_in_order():
+    from bonemet.tracking import CallBuffer, RecordingTracker, replay_calls
+
+    buffer = CallBuffer()
+    with buffer.run("fold-0", nested=True):
+        buffer.log_input(_dataset())
+    recorder = RecordingTracker()
+    replay_calls(buffer.calls, recorder)
+    [record] = recorder.runs
+    assert record["inputs"] == [{"name": "cohort", "digest": "d41d8cd98f00b204e9800998ecf8427e.dir",
+                                 "context": "training", "source": "cohorts/x/manifest.csv", "n_rows": 3,
+                                 "tags": {"n_cases": "3"}}]
+
+
+def test_mlflow_tracker_logs_its_datasets_on_every_run_and_the_stage_log(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from bonemet.registry.store import MlflowTracker
+    from bonemet.utils import capture_warnings
+
+    tracker = MlflowTracker("bonemet-test", tracking_uri=None, store_dir=tmp_path / "mlruns",
+                            inputs=[_dataset(), _dataset("features-auto", "0123456789abcdef0123456789abcdef", 5)])
+    log_file = tmp_path / "logs" / "train.log"
+    with capture_warnings(log_file, "train"):
+        with tracker.run("train") as parent_id:
+            with tracker.run("svm") as child_id:
+                import warnings
+
+                warnings.warn("a library note", UserWarning, stacklevel=1)
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    for run_id in (parent_id, child_id):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        by_name = {d.dataset.name: d for d in inputs}
+        assert set(by_name) == {"cohort", "features-auto"}
+        assert by_name["cohort"].dataset.digest == "d41d8cd98f00b204e9800998ecf8427e.dir"
+        assert {t.key: t.value for t in by_name["features-auto"].tags}["n_cases"] == "5"
+        assert "file://" in by_name["cohort"].dataset.source
+    # the stage's log (the warning in full) and the warning count go to the top-level run only
+    assert [a.path for a in client.list_artifacts(parent_id, "logs")] == ["logs/train.log"]
+    assert client.get_run(parent_id).data.metrics["warnings"] == 1.0
+    assert "warnings" not in client.get_run(child_id).data.metrics

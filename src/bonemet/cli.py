@@ -15,7 +15,7 @@ import sys
 
 from bonemet import __version__
 from bonemet.errors import UserError
-from bonemet.utils import setup_logging
+from bonemet.utils import capture_warnings, configure_progress, setup_logging
 
 log = logging.getLogger("bonemet")
 
@@ -40,10 +40,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Commands that write a log of their own (``<tracking.log_dir>/<command>.log``: the log lines and every
+#: warning in full): the DVC stages. The others (and ``validate`` without ``--report``) write nothing.
+LOGGED = {"preprocess", "split", "segment", "extract", "train", "evaluate", "register", "report"}
+
+
+def stage_log(args: argparse.Namespace) -> str | None:
+    """Where this command's log goes (None: nowhere; its warnings are still counted on screen)."""
+    if args.command not in LOGGED and not (args.command == "validate" and getattr(args, "report", None)):
+        return None
+    try:  # the stage itself validates the params and names any mistake; here only the folder is read
+        from bonemet.config import load_params
+
+        log_dir = load_params(args.params)["tracking"]["log_dir"]
+    except Exception:  # noqa: BLE001 - the stage reports a broken params file itself
+        return None
+    return os.path.join(str(log_dir), f"{args.command}.log")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonemet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bonemet {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -54,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # a command not built yet is simply not offered
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        command.add_argument("--no-progress", action="store_true",
+                             help="hide the progress bars (BONEMET_PROGRESS=0 hides them for every command)")
         module.configure(command)
         command.set_defaults(_run=module.run)
     return parser
@@ -75,21 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     line with its exit code (1, or 2 for params); anything else is a bug and keeps its traceback."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # BONEMET_PROGRESS=0 (CI sets it) hides every progress bar; the --no-progress flags do it per command
+    configure_progress(os.environ.get("BONEMET_PROGRESS", "1").strip().lower() not in {"0", "false", "off", "no"})
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    try:
-        return int(args._run(args) or 0)
-    except UserError as exc:
-        log.debug("user error", exc_info=True)
-        log.error("%s", exc)
-        return int(getattr(exc, "exit_code", 1))
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    if args.no_progress:
+        configure_progress(False)
+    with capture_warnings(stage_log(args), args.command):  # a user's mistake goes into the stage's log too
+        try:
+            return int(args._run(args) or 0)
+        except UserError as exc:
+            log.debug("user error", exc_info=True)
+            log.error("%s", exc)
+            return int(getattr(exc, "exit_code", 1))
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            return 130
 
 
 if __name__ == "__main__":

@@ -372,6 +372,9 @@ class InferenceSpec(Spec):
     overlap: Overlap
     sw_batch_size: PositiveInt
     mirror_axes: tuple[int, ...]
+    roi_size: SizeVox | None
+    bone_margin_mm: NonNegativeFloat | None
+    channels_last: bool
 
     @field_validator("mirror_axes")
     @classmethod
@@ -511,13 +514,18 @@ class PlanSpec(Spec):
 
 
 class ReportSpec(Spec):
-    """``report``: the HTML report."""
+    """``report``: the HTML report (its other inputs are the outputs named by the other sections)."""
 
     out: str
     title: str
-    metrics_dir: str
-    plot_dirs: list[str]
-    extra_sections: dict[str, str]
+    #: the validate stage's report.json (the cohort section's validation result and warnings)
+    validation_report: str
+    #: the plan stage's fingerprint (data/plan.json): a section of its own when the file exists
+    plan: str
+    #: cases drawn with their manual and automatic contours (best and worst by Dice first)
+    example_cases: PositiveInt
+    #: MLflow UI address (e.g. http://127.0.0.1:5000) for links to runs; null: run ids only
+    mlflow_ui_url: str | None
 
 
 class RadiomicsSpec(Spec):
@@ -549,6 +557,11 @@ class TrackingSpec(Spec):
     http_max_retries: NonNegativeInt
     http_backoff_factor: NonNegativeInt
     http_timeout_s: PositiveInt
+    #: each pipeline stage's log (its lines and every warning in full): <log_dir>/<stage>.log, also in MLflow
+    log_dir: str
+    #: CPU, memory (and GPU) use logged on the long stages' parent runs (segment, train, evaluate)
+    system_metrics: bool
+    system_metrics_interval_s: PositiveFloat
 
 
 class RegisterSpec(Spec):
@@ -722,6 +735,17 @@ class Params(Spec):
     train: TrainSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _bone_margin_needs_bone_in_window(self) -> Params:
+        lo, hi = self.preprocess.hu_window
+        threshold = self.preprocess.crop.bone_threshold_hu
+        if self.segment.inference.bone_margin_mm is not None and not lo < threshold < hi:
+            raise ValueError(
+                f"segment.inference.bone_margin_mm is set, so preprocess.crop.bone_threshold_hu ({threshold} HU) "
+                f"must lie inside preprocess.hu_window {[lo, hi]} (the bone is found on the normalised crop); "
+                "set bone_margin_mm to null or widen the window")
+        return self
 
 
 # --- validation with readable errors ---------------------------------------------------------

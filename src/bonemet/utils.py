@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -152,20 +153,214 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: Progress bars on or off for the whole process (the command line turns them off for
+#: ``BONEMET_PROGRESS=0``, as CI does); each call's ``disable`` comes on top.
+_PROGRESS = {"enabled": True}
+
+
+def configure_progress(enabled: bool) -> None:
+    """Turn every progress bar of this process (and of the workers it forks) on or off."""
+    _PROGRESS["enabled"] = bool(enabled)
+
+
+def _bar_desc(desc: str) -> str:
+    prefix = _LOG_CONTEXT.get("prefix")
+    return f"{prefix} {desc}" if prefix else desc
+
+
 def progress(
     iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "case", disable: bool = False
 ) -> Iterator[T]:
-    """A tqdm bar on stderr with counts, rate and time left."""
+    """A tqdm bar on stderr with counts, rate and time left (the one progress helper)."""
     from tqdm.auto import tqdm
 
     return iter(
         tqdm(
             iterable,
             total=total,
-            desc=desc,
+            desc=_bar_desc(desc),
             unit=unit,
             dynamic_ncols=True,
-            disable=disable,
+            disable=disable or not _PROGRESS["enabled"],
             mininterval=1.0,
         )
     )
+
+
+def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any:
+    """A tqdm bar advanced by hand (``bar.update(1)``; a context manager) for callback-driven loops
+    such as Optuna's trials; same look and switch as :func:`progress`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=_bar_desc(desc), unit=unit, dynamic_ncols=True, mininterval=1.0,
+                disable=disable or not _PROGRESS["enabled"])
+
+
+# --- log context and captured warnings ---------------------------------------------------------
+
+#: ``prefix``: put before every log line and bar of this process (a fold worker: "[fold 3]").
+_LOG_CONTEXT: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def log_context(prefix: str) -> Iterator[None]:
+    """Prefix every log record made in this process (and every progress bar's label) with ``prefix``,
+    e.g. ``[fold 3]`` in a fold worker, so interleaved lines of parallel workers say whose they are."""
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = old_factory(*args, **kwargs)
+        record.msg = f"{prefix} {record.msg}"
+        return record
+
+    previous = _LOG_CONTEXT.get("prefix")
+    _LOG_CONTEXT["prefix"] = prefix
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(old_factory)
+        if previous is None:
+            _LOG_CONTEXT.pop("prefix", None)
+        else:
+            _LOG_CONTEXT["prefix"] = previous
+
+
+#: Terminal colour codes some libraries put into warnings (not for a log file).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: The marker of a captured warning's first line in a stage log (what the summary counts).
+WARNING_MARK = "[warning] "
+_CAPTURE: dict[str, Any] = {}
+
+
+def _write_entry(category: str, filename: str, lineno: int | str, text: str) -> None:
+    """One captured warning into the active log file (one append: safe across forked workers)."""
+    path = _CAPTURE.get("path")
+    if path is None:
+        return
+    prefix = _LOG_CONTEXT.get("prefix")
+    body = _ANSI.sub("", text).strip().replace("\n", "\n    ")
+    entry = f"{WARNING_MARK}{category} at {_short_path(filename)}:{lineno}{' ' + prefix if prefix else ''}\n    {body}\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(entry)
+
+
+#: ``warnings.formatwarning``'s text, which ``logging.captureWarnings`` sends to the ``py.warnings`` logger.
+_FORMATTED = re.compile(r"(?s)^(?P<file>.*?):(?P<line>\d+): (?P<category>\w+): (?P<message>.*)$")
+
+
+class _WarningEntries(logging.Handler):
+    """Handler of the ``py.warnings`` logger: each warning becomes an entry of the stage's log.
+
+    Warnings are routed through logging (``logging.captureWarnings``) rather than by replacing
+    ``warnings.showwarning``, because some libraries (Great Expectations) turn that routing on at
+    import and would otherwise take the warnings back to the screen.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.getMessage()
+        found = _FORMATTED.match(text)
+        if found:
+            _write_entry(found["category"], found["file"], found["line"], found["message"])
+        else:
+            _write_entry("Warning", "unknown", 0, text)
+
+
+def _short_path(filename: str) -> str:
+    """``site-packages/sklearn/x.py`` -> ``sklearn/x.py``; our own files relative to the package."""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dist-packages", "src"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return Path(filename).name
+
+
+def active_warnings_log() -> Path | None:
+    """The log file warnings are captured into in this process, or None."""
+    return _CAPTURE.get("path")
+
+
+def warning_counts(path: str | Path) -> dict[str, int]:
+    """``{"Category at file:line": count}`` from a stage log (every process's warnings)."""
+    return {kind: count for kind, (count, _) in _warning_kinds(path).items()}
+
+
+def _warning_kinds(path: str | Path) -> dict[str, tuple[int, str]]:
+    """``{kind: (count, first message's first line)}`` from a stage log."""
+    kinds: dict[str, tuple[int, str]] = {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, text in enumerate(lines):
+        if text.startswith(WARNING_MARK):
+            key = text[len(WARNING_MARK):].split(" [", 1)[0]
+            first = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            count, message = kinds.get(key, (0, first))
+            kinds[key] = (count + 1, message)
+    return kinds
+
+
+@contextlib.contextmanager
+def capture_warnings(path: str | Path | None, stage: str) -> Iterator[None]:
+    """Send every Python warning of this stage (and of the worker processes it forks, or that call
+    :func:`worker_warnings`) to ``path`` in full, none to the screen; at the end log one line per
+    kind (category and place) with its count. ``path`` None: counted in memory only, no file.
+
+    A warning a user cannot act on (a library's deprecation notice, a convergence note inside
+    tuning) then costs one summary line instead of pages of repeats.
+    """
+    import tempfile
+
+    own = path is None
+    if own:
+        fd, name = tempfile.mkstemp(prefix=f"bonemet-{stage}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    else:
+        log_path = Path(path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("", encoding="utf-8")
+    handler = None
+    if not own:  # the stage's log lines go to the file too
+        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+    try:
+        with worker_warnings(log_path):
+            yield
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        where = f" (full text: {log_path})" if not own else ""
+        for kind, (count, message) in sorted(_warning_kinds(log_path).items(), key=lambda kv: (-kv[1][0], kv[0])):
+            short = message if len(message) <= 90 else message[:87] + "..."
+            log.warning("%s: %d x %s: %s%s", stage, count, kind, short, where)
+        if own:
+            log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def worker_warnings(path: str | Path | None) -> Iterator[None]:
+    """Every warning of this process into the log ``path``, none to the screen: what
+    :func:`capture_warnings` does for a stage, and what a worker process that was not forked from
+    it (a spawned loky worker) calls with the stage's :func:`active_warnings_log`."""
+    import warnings
+
+    if path is None:
+        yield
+        return
+    previous = _CAPTURE.get("path")
+    _CAPTURE["path"] = Path(path)
+    logger = logging.getLogger("py.warnings")
+    handler, propagate = _WarningEntries(), logger.propagate
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # every occurrence counted, not the first per place
+        logging.captureWarnings(True)
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+            logging.captureWarnings(False)
+            _CAPTURE["path"] = previous

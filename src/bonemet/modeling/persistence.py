@@ -8,7 +8,10 @@ The train stage, the MLflow sklearn flavour and the served pyfunc all go through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import importlib.abc
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,56 @@ def checked_types(untrusted: Sequence[str], where: str) -> list[str]:
     return list(untrusted)
 
 
+#: scikit-learn's vendored array-API shim for torch: ``import skops.io`` imports it, and torch with it.
+_TORCH_SHIM = "sklearn.externals.array_api_compat.torch"
+
+
+class _RefuseModule(importlib.abc.MetaPathFinder):
+    """An import finder that makes one module's import fail (ImportError)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname == self.name:
+            raise ImportError(f"{fullname} is not needed to read skops files")
+        return None
+
+
+@contextlib.contextmanager
+def _without_torch_shim() -> Iterator[None]:
+    """While skops is imported, scikit-learn's torch shim cannot be (when torch is not loaded yet).
+
+    At import, skops lists scikit-learn's estimators for its *default* trust list
+    (``sklearn.utils.all_estimators``), walking every scikit-learn package with ``pkgutil``,
+    which imports each package it walks into, ``sklearn.externals.array_api_compat.torch``
+    too: with torch installed that imports torch (1.2 s, and 0.4 s more at exit) into a process
+    that reads a classifier. The walk skips a package whose import fails, and ``all_estimators``
+    ignores everything under ``externals`` anyway, so skops's lists are the same; bonemet passes
+    its own trust list regardless. Nothing stays changed: the finder is removed afterwards and the
+    shim imports normally later if anything asks for it.
+    """
+    if "torch" in sys.modules or "skops.io" in sys.modules:
+        yield
+        return
+    finder = _RefuseModule(_TORCH_SHIM)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def _skops_io() -> Any:
+    """``skops.io``, imported without pulling in torch (see :func:`_without_torch_shim`)."""
+    with _without_torch_shim():
+        import skops.io as sio
+    return sio
+
+
 def trusted_types(pipeline: Any) -> list[str]:
     """The types skops must be told to trust to load ``pipeline`` (checked against the list)."""
-    import skops.io as sio
+    sio = _skops_io()
 
     return checked_types(sio.get_untrusted_types(data=sio.dumps(pipeline)), "pipeline")
 
@@ -45,7 +95,7 @@ def trusted_types(pipeline: Any) -> list[str]:
 def save_pipeline(pipeline: Any, path: str | Path) -> Path:
     """Write a fitted pipeline with skops, atomically; the same pipeline gives the same bytes, so a
     rerun reproduces the train stage's outputs exactly (see :func:`canonical_skops`)."""
-    import skops.io as sio
+    sio = _skops_io()
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -90,6 +140,6 @@ def load_pipeline(path: str | Path) -> Any:
     Raises:
         UntrustedPipelineError: the file holds other types.
     """
-    import skops.io as sio
+    sio = _skops_io()
 
     return sio.load(str(path), trusted=checked_types(sio.get_untrusted_types(file=str(path)), f"model file {path}"))

@@ -147,8 +147,11 @@ def run_repeats(
     X.index = X.index.astype(str)
     y = y.set_axis(X.index)
     cols = feature_columns(primary)
+    from bonemet.utils import active_warnings_log
+
+    warnings_log = active_warnings_log()  # the spawned workers write their warnings into the stage's log
     jobs = [delayed(_repeat_job)(X, y, split, first_repeat + i, cols, select, train, evaluate,
-                                 seed + first_repeat + i, case_llr) for i, split in enumerate(splits)]
+                                 seed + first_repeat + i, case_llr, warnings_log) for i, split in enumerate(splits)]
     if not jobs:
         return []
     workers = max(1, min(len(jobs), _cores() if n_jobs == -1 else n_jobs))
@@ -170,8 +173,10 @@ def _repeat_job(*args: Any) -> dict[str, Any]:
     """A worker process: one BLAS/OpenMP thread (the processes are the parallelism)."""
     from threadpoolctl import threadpool_limits
 
-    X, y, split, repeat, cols, select, train, evaluate, seed, case_llr = args
-    with threadpool_limits(limits=1):
+    from bonemet.utils import log_context, worker_warnings
+
+    X, y, split, repeat, cols, select, train, evaluate, seed, case_llr, warnings_log = args
+    with threadpool_limits(limits=1), worker_warnings(warnings_log), log_context(f"[repeat {repeat}]"):
         return run_repeat(X, y, split, repeat=repeat, primary_cols=cols, select=select, train=train,
                           evaluate=evaluate, seed=seed, case_llr=case_llr)
 

@@ -166,7 +166,9 @@ def table1_json(
     for row in df.itertuples(index=False):
         r = row._asdict()
         models.setdefault(r["model"], {})[r["set"]] = {c: _num(r[c], decimals) for c in value_cols}
-    doc: dict[str, Any] = {"models": models}
+    doc: dict[str, Any] = {"models": models, "best_model": best_model,
+                           "ci_methods": {k: _CI_NAMES.get(v, v) for k, v in df.attrs.get("ci_method", {}).items()
+                                          if k != "recall"}}
     if bayes_auc is not None:
         best = _best_row(df, best_model)
         gap = None if best is None else _num(float(bayes_auc) - best["auc"], decimals)

@@ -250,6 +250,17 @@ def selection_summary(pipeline: Any) -> dict[str, Any]:
     return out
 
 
+def icc_table(pipeline: Any) -> pd.DataFrame | None:
+    """``feature, icc, kept``: the fitted ICC filter's value for every feature (None without one)."""
+    steps = dict(pipeline.named_steps)
+    if "icc" not in steps:
+        return None
+    icc = steps["icc"]
+    values = icc.icc_
+    return pd.DataFrame({"feature": [str(c) for c in values.index], "icc": values.to_numpy(dtype=float),
+                         "kept": icc.get_support()[icc.primary_idx_].astype(bool)})
+
+
 def choose_best_model(cv_aucs: Mapping[str, Sequence[float]], order: Sequence[str]) -> str:
     """The model with the highest mean CV AUC; ties go to the lower CV sd, then to the model
     earlier in ``order`` (``train.models``). Never looks at a test set."""
@@ -519,6 +530,12 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
     delong = delong_comparison_table(data.y_test, {m: r.scores["test"] for m, r in results.items()}, best)
     with atomic_path(metrics_dir / "delong_test.md") as tmp:
         tmp.write_text(delong_comparison_markdown(delong, decimals=evaluate.decimals), encoding="utf-8")
+    with atomic_path(metrics_dir / "delong_test.csv") as tmp:
+        delong.round(6).to_csv(tmp, index=False)
+    icc = icc_table(results[best].pipeline)
+    if icc is not None:  # every feature's ICC (the distribution the report draws), as fitted on the training set
+        with atomic_path(out_dir / "icc.csv") as tmp:
+            icc.round(6).to_csv(tmp, index=False)
     figures: list[Path] = []
     if train.write_figures:
         figures = _figures(results, {"train": data.y_train, "test": data.y_test}, plots_dir,

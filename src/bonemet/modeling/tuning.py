@@ -26,6 +26,7 @@ from bonemet.modeling.classifiers import build_classifier
 from bonemet.modeling.pipeline import build_selection_pipeline
 from bonemet.search import suggest
 from bonemet.tracking import NullTracker, Tracker
+from bonemet.utils import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import Choice, FloatRange, IntRange, SelectSpec
@@ -147,7 +148,9 @@ def tune_model(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=1),
         study_name=f"bonemet-{model_name}",
     )
-    study.optimize(objective, n_trials=int(n_trials), callbacks=[TrackerCallback(tracker)])
+    with progress_bar(int(n_trials), desc=f"{model_name} trials", unit="trial") as bar:
+        study.optimize(objective, n_trials=int(n_trials),
+                       callbacks=[TrackerCallback(tracker), lambda _study, _trial: bar.update(1)])
     trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
     if "duration" in trials:
         trials["duration"] = trials["duration"].dt.total_seconds()

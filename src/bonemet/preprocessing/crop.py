@@ -40,11 +40,13 @@ def bone_mask(image_hu: sitk.Image, bone_threshold_hu: float, min_component_ml: 
     binary = sitk.Cast(
         sitk.Greater(sitk.Cast(image_hu, sitk.sitkFloat32), float(bone_threshold_hu)), sitk.sitkUInt8
     )
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(binary, True), sortByObjectSize=True)
-    arr = sitk.GetArrayViewFromImage(labels)
-    if arr.max() == 0:
+    relabel = sitk.RelabelComponentImageFilter()
+    relabel.SortByObjectSizeOn()
+    labels = relabel.Execute(sitk.ConnectedComponent(binary, True))
+    if relabel.GetNumberOfObjects() == 0:
         return binary
-    counts = np.bincount(arr.ravel())[1:]
+    # the filter's own counts (largest first): a bincount over a 512 x 512 x N label image costs a second
+    counts = np.asarray(relabel.GetSizeOfObjectsInPixels(), float)
     keep = max(1, int(np.sum(counts * volume_ml(1, image_hu.GetSpacing()) >= min_component_ml)))
     out = sitk.Cast(sitk.BinaryThreshold(labels, 1, keep, 1, 0), sitk.sitkUInt8)
     out.CopyInformation(image_hu)
@@ -141,6 +143,14 @@ def source_region(image: sitk.Image, reference: sitk.Image, pad_vox: int) -> sit
     Resampling from this region instead of the whole image gives the same values (the
     interpolator's support lies inside) at a fraction of the cost for large CTs.
     """
+    start, size = source_box(image, reference, pad_vox)
+    return sitk.RegionOfInterest(image, list(size), list(start))
+
+
+def source_box(image: sitk.Image, reference: sitk.Image, pad_vox: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(start, size)`` in ``image``'s index space (x, y, z) of :func:`source_region`'s region:
+    the voxels of ``image`` whose centres lie within ``reference``'s physical box (voxel edges
+    included) plus ``pad_vox`` voxels, clamped to the image (one voxel when they do not overlap)."""
     dim = reference.GetDimension()
     size = np.asarray(reference.GetSize(), float)
     corners = np.array([[(-0.5, size[a] - 0.5)[(c >> a) & 1] for a in range(dim)] for c in range(2**dim)])
@@ -150,7 +160,7 @@ def source_region(image: sitk.Image, reference: sitk.Image, pad_vox: int) -> sit
     hi = np.minimum(np.ceil(in_image.max(axis=0)).astype(int) + pad_vox + 1, image_size)
     if np.any(hi <= lo):  # the box lies outside the image: keep one voxel so resampling pads
         lo, hi = np.zeros(dim, int), np.ones(dim, int)
-    return sitk.RegionOfInterest(image, [int(v) for v in hi - lo], [int(v) for v in lo])
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
 
 
 def crop_to_box(image: sitk.Image, box: CropBox, pad_value: float) -> sitk.Image:

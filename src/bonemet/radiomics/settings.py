@@ -32,7 +32,8 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     """Read a PyRadiomics parameter file (YAML) into a dict with the three sections."""
     path = Path(path)
     if not path.is_file():
-        raise RadiomicsSettingsError(f"{path}: PyRadiomics settings file not found")
+        raise RadiomicsSettingsError(f"{path}: PyRadiomics settings file not found (params radiomics.settings_file, "
+                                     f"relative to the working directory: run the stage from the repository root)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

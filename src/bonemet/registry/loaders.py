@@ -1,8 +1,12 @@
 """Loading registered models for prediction: ``bonemet-classifier`` and ``bonemet-missu`` by alias.
 
-Each loader resolves ``name@alias`` to a version first and loads that exact version
-(``models:/name/version``), so the version reported is the one used. Call
-:func:`bonemet.registry.store.configure` before loading.
+Each loader resolves ``name@alias`` to a version first and loads that exact version, so the
+version reported is the one used. For the project's local store (SQLite + artifacts on disk) the
+alias and the version's model folder are read without MLflow (:mod:`bonemet.registry.local`),
+and the classifier is read from its artifacts (:class:`bonemet.serving.served.ServedClassifier`, what
+the served pyfunc itself runs):
+``bonemet predict`` with a given mask then never imports MLflow (1.7 s) or torch. Any other store
+(``MLFLOW_TRACKING_URI`` pointing at a server) goes through MLflow, which is then imported.
 """
 
 from __future__ import annotations
@@ -11,12 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from bonemet.errors import UserError
-from bonemet.registry.store import alias_version
+from bonemet.registry.local import pyfunc_artifacts, read_mlmodel, resolve_alias
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +27,29 @@ class ModelNotFoundError(UserError, ValueError):
     """No registered model version answers to ``name@alias``, or it cannot be loaded."""
 
 
-def _resolve(name: str, alias: str, hint: str) -> str:
+def _not_found(name: str, alias: str, tracking_uri: str, hint: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"no registered model '{name}@{alias}' in the MLflow store {tracking_uri}: {hint}")
+
+
+def _mlflow_version(name: str, alias: str, tracking_uri: str | None, store_dir: str | None, hint: str) -> str:
+    """The version of ``name@alias`` asked of MLflow (a remote or unusual store; the store MLflow is
+    configured with when ``tracking_uri`` is None)."""
+    import mlflow
+
+    from bonemet.registry.store import alias_version, configure
+
+    if tracking_uri is not None:
+        configure(tracking_uri, store_dir or ".")
     version = alias_version(name, alias)
     if version is None:
-        raise ModelNotFoundError(
-            f"no registered model '{name}@{alias}' in the MLflow store {mlflow.get_tracking_uri()}: {hint}"
-        )
+        raise _not_found(name, alias, tracking_uri or mlflow.get_tracking_uri(), hint)
     return version
 
 
 @dataclass
 class RegisteredClassifier:
-    """The pyfunc ``bonemet-classifier`` of one version: feature rows in, probability out.
+    """The pyfunc ``bonemet-classifier`` of one version loaded through MLflow: feature rows in,
+    probability out (used for stores that are not local).
 
     Attributes:
         model: the loaded MLflow pyfunc model.
@@ -56,6 +69,8 @@ class RegisteredClassifier:
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """``probability_breast`` and ``label`` per row; input problems raise ValueError, not MlflowException."""
+        from mlflow.exceptions import MlflowException
+
         from bonemet.serving.predict import PredictError
 
         try:
@@ -64,13 +79,47 @@ class RegisteredClassifier:
             raise PredictError(f"{self.name} version {self.version} refused the features: {exc.message}") from exc
 
 
-def load_classifier(name: str, alias: str) -> RegisteredClassifier:
+_CLASSIFIER_HINT = "run the pipeline (`make run`) or `bonemet promote VERSION --alias ALIAS`"
+
+
+def load_classifier(name: str, alias: str, *, tracking_uri: str | None = None, store_dir: str | None = None) -> Any:
     """Load ``name@alias`` (the pyfunc logged by :func:`bonemet.registry.pyfunc.log_classifier`).
+
+    Args:
+        tracking_uri: the store (``MLFLOW_TRACKING_URI`` or the project's local store); None: the
+            store MLflow is already configured with (:func:`bonemet.registry.store.configure`),
+            through MLflow.
+        store_dir: the local store's folder (``tracking.store_dir``).
+
+    Returns:
+        a :class:`~bonemet.serving.served.ServedClassifier` (local store, no MLflow) or a
+        :class:`RegisteredClassifier`; both have ``predict``, ``feature_names``, ``threshold``,
+        ``name`` and ``version``.
 
     Raises:
         ModelNotFoundError: no such alias, or the model cannot be loaded.
     """
-    version = _resolve(name, alias, "run the pipeline (`make run`) or `bonemet promote VERSION --alias ALIAS`")
+    local = resolve_alias(tracking_uri, name, alias) if tracking_uri else None
+    if local is False:
+        raise _not_found(name, alias, tracking_uri, _CLASSIFIER_HINT)
+    if local is not None:
+        artifacts = pyfunc_artifacts(local.model_dir, read_mlmodel(local.model_dir))
+        if artifacts is not None:
+            from bonemet.serving.served import ServedClassifier
+
+            model = ServedClassifier.from_artifacts(artifacts, name=name, version=local.version)
+            log.info("classifier %s version %s (alias '%s') from %s: %d features, threshold %s", name,
+                     local.version, alias, local.model_dir, len(model.feature_names), model.threshold)
+            return model
+    return _load_classifier_with_mlflow(name, alias, tracking_uri, store_dir)
+
+
+def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str | None,
+                                 store_dir: str | None) -> RegisteredClassifier:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    version = _mlflow_version(name, alias, tracking_uri, store_dir, _CLASSIFIER_HINT)
     try:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     except (MlflowException, OSError) as exc:
@@ -121,22 +170,39 @@ def _evaluable(network: Any) -> Any:
     return ExportedNetwork(network).eval()
 
 
-def load_segmenter(name: str, alias: str, *, device: str) -> tuple[Any, dict[str, Any], str]:
+_SEGMENTER_HINT = "run `bonemet segment`, or give the lesion mask with --mask"
+
+
+def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str | None = None,
+                   store_dir: str | None = None) -> tuple[Any, dict[str, Any], str]:
     """Load the segmentation network ``name@alias`` (pytorch flavour) onto ``device``.
+
+    The alias and the model folder come from the local store when it can be read directly
+    (``tracking_uri`` as for :func:`load_classifier`); the network is always loaded with
+    ``mlflow.pytorch`` (the flavour that logged it).
 
     Returns:
         ``(network, metadata, version)``: the ``torch.nn.Module`` in eval mode, the metadata
-        logged with it (preprocess kwargs, roi_size, overlap, sw_batch_size, threshold,
-        largest_component; see ``bonemet.stages.segment``) and the version loaded.
+        logged with it (the inference settings; see ``bonemet.stages.segment``) and the version.
 
     Raises:
         ModelNotFoundError: no such alias, or the model cannot be loaded.
     """
-    version = _resolve(name, alias, "run `bonemet segment`, or give the lesion mask with --mask")
-    uri = f"models:/{name}/{version}"
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    local = resolve_alias(tracking_uri, name, alias) if tracking_uri else None
+    if local is False:
+        raise _not_found(name, alias, tracking_uri, _SEGMENTER_HINT)
     try:
+        if local is not None:
+            version, uri = local.version, str(local.model_dir)
+            metadata = dict(read_mlmodel(local.model_dir).get("metadata") or {})
+        else:
+            version = _mlflow_version(name, alias, tracking_uri, store_dir, _SEGMENTER_HINT)
+            uri = f"models:/{name}/{version}"
+            metadata = dict(mlflow.models.get_model_info(uri).metadata or {})
         network = mlflow.pytorch.load_model(uri, map_location=device)
-        metadata = dict(mlflow.models.get_model_info(uri).metadata or {})
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
     network = _evaluable(network)

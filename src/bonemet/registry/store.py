@@ -13,7 +13,8 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bonemet.errors import UserError
-from bonemet.tracking.base import Tracker
+from bonemet.registry.local import default_tracking_uri
+from bonemet.tracking.base import DatasetInput, Tracker
 from bonemet.utils import UNWRITABLE
 
 log = logging.getLogger(__name__)
-
-def default_tracking_uri(store_dir: str | Path) -> str:
-    """SQLite backend inside ``store_dir`` (absolute, so it works from any working directory)."""
-    return f"sqlite:///{(Path(store_dir) / 'mlflow.db').resolve()}"
-
 
 def configure(tracking_uri: str | None, store_dir: str | Path) -> str:
     """Point MLflow at ``tracking_uri`` (or the local SQLite store); returns the URI used."""
@@ -159,28 +156,69 @@ class MlflowTracker(Tracker):
         tracking_uri: str | None,
         store_dir: str | Path,
         default_tags: Mapping[str, str] | None = None,
+        inputs: Sequence[DatasetInput] = (),
+        system_metrics: bool = False,
+        system_metrics_interval_s: float | None = None,
     ) -> None:
+        """``inputs``: datasets logged on every run this tracker opens (parent and nested), so the
+        UI's Dataset column says which data each run saw. ``system_metrics``: CPU, memory (and
+        GPU) use sampled every ``system_metrics_interval_s`` seconds on the top-level runs."""
         self.tracking_uri = configure(tracking_uri, store_dir)
         with _guard(self.tracking_uri, f"opening experiment '{experiment}'"):
             self.experiment_id = ensure_experiment(experiment, store_dir)
             fail_abandoned_runs(self.experiment_id)
         self.default_tags = {k: str(v) for k, v in (default_tags or {}).items()}
         self.default_tags |= {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
+        self.inputs = tuple(inputs)
+        self.system_metrics = system_metrics
+        if system_metrics and system_metrics_interval_s is not None:
+            mlflow.system_metrics.set_system_metrics_sampling_interval(system_metrics_interval_s)
 
     @contextlib.contextmanager
     def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str]:
         nested = nested or mlflow.active_run() is not None
         all_tags = {**self.default_tags, **{k: str(v) for k, v in (tags or {}).items()}}
         with _guard(self.tracking_uri, f"opening run '{name}'"):
-            active = mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags)
+            active = mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags,
+                                      log_system_metrics=self.system_metrics and not nested)
+            for dataset in self.inputs:
+                self.log_input(dataset)
         try:
             yield active.info.run_id
+            if not nested:
+                self._log_stage_log()
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the store may be what failed: the next start marks it FAILED
                 mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         with _guard(self.tracking_uri, f"closing run '{name}'"):
             mlflow.end_run(status="FINISHED")
+
+    def _log_stage_log(self) -> None:
+        """The stage's log (its lines and warnings in full), and the warning count, on the top-level run."""
+        from bonemet.utils import active_warnings_log, warning_counts
+
+        path = active_warnings_log()
+        if path is None or not path.is_file():
+            return
+        with _guard(self.tracking_uri, "uploading the stage's log"):
+            mlflow.log_metric("warnings", float(sum(warning_counts(path).values())))
+            if path.stat().st_size:
+                mlflow.log_artifact(str(path), artifact_path="logs")
+
+    def log_input(self, dataset: DatasetInput) -> None:
+        import mlflow.data
+        from mlflow.data.dataset_source_registry import get_registered_sources
+
+        # a local file's source, named explicitly: resolving a path string matches two registered
+        # local sources and warns on every run
+        local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+        with warnings.catch_warnings(), _guard(self.tracking_uri, f"logging dataset '{dataset.name}'"):
+            # the schema's hint on integer columns is about a model's inputs at inference, not a dataset record
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            data = mlflow.data.from_pandas(dataset.table, source=local(Path(dataset.source).resolve().as_uri()),
+                                           name=dataset.name, digest=dataset.digest[:36])
+            mlflow.log_input(data, context=dataset.context, tags={k: str(v) for k, v in dataset.tags.items()})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         with _guard(self.tracking_uri, "logging params"):

@@ -1,5 +1,6 @@
-"""Self-contained HTML report of a pipeline run (static images, opens offline)."""
+"""The report: one self-contained HTML page telling the study's story from the stages' outputs."""
 
-from bonemet.report.html import build_report
+from bonemet.report.build import CaseSettings, Provenance, build_report, render_report
+from bonemet.report.content import ReportInputs
 
-__all__ = ["build_report"]
+__all__ = ["CaseSettings", "Provenance", "ReportInputs", "build_report", "render_report"]

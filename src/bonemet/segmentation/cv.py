@@ -30,7 +30,7 @@ from bonemet.segmentation.metrics import case_metrics
 from bonemet.segmentation.networks import count_parameters, network_from_spec
 from bonemet.segmentation.training import train_model
 from bonemet.tracking.base import NullTracker, Tracker
-from bonemet.utils import atomic_path, progress, seed_everything
+from bonemet.utils import atomic_path, log_context, progress, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import SegmentSpec
@@ -297,7 +297,7 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
         checkpoint = job.work_dir / f"fold-{fold}.pt"
         result = train_model(
             model, [volumes[i] for i in job.train_ids], [volumes[i] for i in job.val_ids], spec, seed=job.seed,
-            tracker=tracker, checkpoint_path=checkpoint,
+            tracker=tracker, checkpoint_path=checkpoint, progress_desc=f"fold {fold} epochs",
         )
         start = time.perf_counter()
         for cid in job.test_ids:
@@ -353,7 +353,8 @@ def _fold_worker(job: _FoldJob) -> tuple[list, FoldResult, list[dict[str, Any]],
 
     torch.set_num_threads(job.threads)  # this worker process's share of the cores
     buffer = CallBuffer()
-    fold_result, rows, model = _train_fold(job, _FORK_STATE["by_id"], _FORK_STATE["volumes"], buffer)
+    with log_context(f"[fold {job.fold}]"):  # the workers' lines interleave: each names its fold
+        fold_result, rows, model = _train_fold(job, _FORK_STATE["by_id"], _FORK_STATE["volumes"], buffer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return buffer.calls, fold_result, rows, state
 

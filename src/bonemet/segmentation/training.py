@@ -24,7 +24,7 @@ from bonemet.data.masks import dice as dice_score
 from bonemet.errors import UserError
 from bonemet.segmentation.inference import autocast_context, sliding_window_logits
 from bonemet.tracking.base import NullTracker, Tracker
-from bonemet.utils import atomic_path, seed_everything
+from bonemet.utils import atomic_path, progress, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import SegmentSpec, SegTrainSpec
@@ -123,7 +123,7 @@ def evaluate(model: Any, items: Sequence[Mapping[str, Any]], spec: SegmentSpec, 
             item = lesion_centred_crop(item, spec.roi_size)
         logits = sliding_window_logits(
             model, item["image"], spec.roi_size, overlap=overlap, sw_batch_size=spec.inference.sw_batch_size,
-            device=device, mirror_axes=(),
+            device=device, mirror_axes=(), channels_last=train.channels_last,
         )
         label = torch.as_tensor(item["label"])[None].to(device)
         with torch.no_grad():
@@ -236,6 +236,7 @@ def train_model(
     checkpoint_path: str | Path | None = None,
     validate: Callable[[Any, int], tuple[float, float]] | None = None,
     show_progress: bool = False,
+    progress_desc: str = "epochs",
 ) -> TrainResult:
     """Train ``model`` on in-memory volumes; validate each epoch; keep the best-Dice weights.
 
@@ -252,6 +253,7 @@ def train_model(
         validate: optional ``(model, epoch) -> (val_loss, val_dice)`` replacing the default
             sliding-window validation (used by tests to script a loss sequence).
         show_progress: log every epoch (otherwise the first and every tenth).
+        progress_desc: the label of the epochs' progress bar (e.g. ``fold 3 epochs``).
 
     Early stopping watches the validation loss (``train.patience`` epochs without an
     improvement of ``train.min_delta``); the returned model carries the weights of the epoch
@@ -278,7 +280,7 @@ def train_model(
     history: list[dict[str, float]] = []
     stopped_early = False
     start = time.perf_counter()
-    for epoch in range(1, train.max_epochs + 1):
+    for epoch in progress(range(1, train.max_epochs + 1), total=train.max_epochs, desc=progress_desc, unit="epoch"):
         model.train()
         batch_losses = [step(batch) for batch in loader]
         lr_now = optimizer.param_groups[0]["lr"]

@@ -14,6 +14,19 @@ The models are passed in as objects, so this module never touches MLflow:
 
 Features come from the CT in HU (never the normalised network input) with the PyRadiomics
 settings of training, so the feature names match the classifier's columns.
+
+Every result says what it is (``status``, with a ``reason`` unless classified):
+
+* ``classified``: a lesion was found (or given) and classified: ``probability_breast`` and ``label``;
+* ``no_lesion``: the segmentation model found no lesion voxel: no probability (``null``);
+* ``lesion_too_small``: the lesion is smaller than the smallest lesion the pipeline is validated
+  for (``validate.lesion_volume_ml[0]``): its features would not describe a lesion, so no
+  probability either (a given mask too: the rule is about the classifier, not the segmenter);
+* ``failed`` (batch prediction only, :func:`failed_result`): the case could not be predicted; the
+  reason is the error.
+
+``in_domain`` and ``domain_reasons`` come from the classifier's answer when it gives them (the
+training-domain check of the registered model); until it does they are ``null`` and ``[]``.
 """
 
 from __future__ import annotations
@@ -44,6 +57,14 @@ log = logging.getLogger(__name__)
 #: ``mask_source`` values in the result.
 MASK_GIVEN = "given"
 MASK_MISSU = "missu"
+#: ``status`` values in the result.
+CLASSIFIED = "classified"
+NO_LESION = "no_lesion"
+LESION_TOO_SMALL = "lesion_too_small"
+FAILED = "failed"
+STATUSES = (CLASSIFIED, NO_LESION, LESION_TOO_SMALL, FAILED)
+#: ``--save-mask`` paths ending so are written as DICOM SEG over the input's series.
+SEG_SUFFIX = ".dcm"
 _SHOW = 5
 
 
@@ -95,11 +116,16 @@ class MissuSegmenter:
         where = f"segmentation model {name} version {version}"
         return cls(model, InferenceSettings.from_metadata(metadata, where), device, name, version)
 
+    last_seconds: dict[str, float] = field(default_factory=dict)
+
     def segment(self, image_hu: sitk.Image, case_id: str) -> sitk.Image:
-        """uint8 0/1 lesion mask on ``image_hu``'s grid (preprocess, sliding window, map back)."""
+        """uint8 0/1 lesion mask on ``image_hu``'s grid (preprocess, sliding window, map back);
+        the seconds of each step are left in :attr:`last_seconds`."""
         from bonemet.segmentation.inference import segment_ct
 
-        return segment_ct(self.model, image_hu, self.settings, device=self.device, case_id=case_id)
+        self.last_seconds = {}
+        return segment_ct(self.model, image_hu, self.settings, device=self.device, case_id=case_id,
+                          seconds=self.last_seconds)
 
 
 @dataclass
@@ -131,6 +157,9 @@ def load_inputs(
     *,
     mask_label: int,
     grid_tolerance_mm: float,
+    case_id: str | None = None,
+    roi: str | None = None,
+    segment: int | str | None = None,
 ) -> CaseInputs:
     """Read the CT (NIfTI, NRRD, MetaImage or a DICOM series folder) and the optional mask.
 
@@ -138,17 +167,22 @@ def load_inputs(
 
     Args:
         image_path: the CT in HU (DICOM rescale slope/intercept applied by the reader).
-        mask_path: optional label map on the CT's grid; voxels equal to ``mask_label`` are lesion.
-        mask_label: lesion value in the mask file (``data.mask_label``).
+        mask_path: optional lesion mask: a label map on the CT's grid (voxels equal to
+            ``mask_label`` are lesion), or a DICOM RTSTRUCT (structure ``roi``) or SEG
+            (``segment``: number or label) drawn on the CT.
+        mask_label: lesion value in a label map (``data.mask_label``).
         grid_tolerance_mm: how far (mm) the mask's spacing and origin may differ from the CT's
             (``validate.grid_tolerance_mm``).
+        case_id: the case's id (default: from the image's file or folder name).
+        roi, segment: which structure of an RTSTRUCT / SEG mask is the lesion.
 
     Raises:
-        bonemet.data.io.ImageReadError: a file is missing, unreadable, truncated or not an image.
+        bonemet.data.io.ImageReadError: a file is missing, unreadable, truncated or not an image
+            (a DICOM mask that cannot be used is a ``MaskFormatError``, one of these).
         PredictError: the mask is not on the CT's grid, or holds no lesion voxel.
     """
     image_path = Path(image_path)
-    case_id = case_id_from_path(image_path)
+    case_id = case_id or case_id_from_path(image_path)
     start = time.perf_counter()
     image = read_image(image_path, case_id=case_id)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -159,23 +193,40 @@ def load_inputs(
     inputs = CaseInputs(case_id=case_id, image_path=image_path, image=image)
     if mask_path is not None:
         mask_path = Path(mask_path)
-        mask = read_mask(mask_path, label=mask_label, case_id=case_id)
-        ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
-        if not ok:
-            raise PredictError(
-                f"case '{case_id}': mask {mask_path} is not on the grid of the CT {image_path}: mask {reason} "
-                "(expected the CT's size, spacing, origin and direction)"
-            )
-        mask.CopyInformation(image)  # within tolerance: the CT's exact geometry from here on
-        _require_lesion(mask, case_id, f"the mask {mask_path} has no voxel with label {mask_label}")
+        if mask_path.is_file() and not mask_path.name.lower().endswith(IMAGE_SUFFIXES):
+            # maybe a DICOM RTSTRUCT or SEG (pydicom is imported only for these)
+            from bonemet.data.dicom_masks import read_lesion_mask
+
+            mask = read_lesion_mask(mask_path, image, label=mask_label, roi=roi, segment=segment, case_id=case_id,
+                                    grid_tolerance_mm=grid_tolerance_mm, reference_image_path=image_path)
+        else:
+            mask = read_mask(mask_path, label=mask_label, case_id=case_id)
+            ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
+            if not ok:
+                raise PredictError(
+                    f"case '{case_id}': mask {mask_path} is not on the grid of the CT {image_path}: mask {reason} "
+                    "(expected the CT's size, spacing, origin and direction)"
+                )
+            mask.CopyInformation(image)  # within tolerance: the CT's exact geometry from here on
+        if not np.any(sitk.GetArrayViewFromImage(mask)):
+            what = f"label {mask_label}" if roi is None and segment is None else f"structure {roi or segment}"
+            raise PredictError(f"case '{case_id}': no lesion found: the mask {mask_path} has no voxel with {what}")
         inputs.mask_path, inputs.mask = mask_path, mask
     inputs.seconds["read"] = time.perf_counter() - start
     return inputs
 
 
-def _require_lesion(mask: sitk.Image, case_id: str, why: str) -> None:
-    if not np.any(sitk.GetArrayViewFromImage(mask)):
-        raise PredictError(f"case '{case_id}': no lesion found: {why}")
+def check_save_mask(save_mask: str | Path | None, image_path: str | Path, case_id: str) -> None:
+    """Refuse a ``--save-mask`` path that cannot be written for this input, before any work.
+
+    A path ending in ``.dcm`` is a DICOM SEG, which references the slices it was drawn on: the
+    input must then be a DICOM series folder.
+    """
+    if save_mask is not None and str(save_mask).lower().endswith(SEG_SUFFIX) and not Path(image_path).is_dir():
+        raise PredictError(
+            f"case '{case_id}': --save-mask {save_mask} asks for a DICOM SEG, which needs a DICOM series folder as "
+            f"input; {image_path} is a file: save as .nii.gz or .nrrd instead"
+        )
 
 
 def _binary_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,9 +265,49 @@ def write_mask(mask: sitk.Image, path: str | Path) -> Path:
     return path
 
 
+def save_lesion_mask(mask: sitk.Image, path: str | Path, inputs: CaseInputs, *, source: str,
+                     grid_tolerance_mm: float) -> Path:
+    """Write the mask used for a case: a DICOM SEG over the input series when ``path`` ends in
+    ``.dcm`` (the input is then a DICOM series folder), else a uint8 0/1 label map on the CT's grid."""
+    if str(path).lower().endswith(SEG_SUFFIX):
+        check_save_mask(path, inputs.image_path, inputs.case_id)
+        from bonemet.data.dicom_masks import write_seg
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return write_seg(mask, inputs.image_path, path, algorithm_type="AUTOMATIC" if source == MASK_MISSU else "MANUAL",
+                         grid_tolerance_mm=grid_tolerance_mm)
+    return write_mask(mask, path)
+
+
 def _model_ref(model: Any, default_name: str) -> dict[str, str | None]:
     version = getattr(model, "version", None)
     return {"name": str(getattr(model, "name", None) or default_name), "version": None if version is None else str(version)}
+
+
+def domain_fields(answer: pd.DataFrame | None, classifier: Any, image: sitk.Image) -> dict[str, Any]:
+    """``in_domain`` and ``domain_reasons`` of a result (:func:`bonemet.modeling.domain.case_domain`):
+    the classifier's verdict on the features and lesion volume (its answer's ``domain_reasons``)
+    and the CT's spacing and intensities against its training domain (``classifier.domain``).
+    Without an answer (no lesion, too small) only the CT is checked. ``None`` and ``[]`` when the
+    classifier knows no domain."""
+    domain = getattr(classifier, "domain", None)
+    answered = answer is not None and "domain_reasons" in answer.columns
+    if domain is None and not answered:
+        return {"in_domain": None, "domain_reasons": []}
+    from bonemet.modeling.domain import case_domain
+
+    return case_domain(answer.iloc[0] if answered else {}, domain, image)
+
+
+def failed_result(case_id: str, image_path: str | Path, reason: str) -> dict[str, Any]:
+    """The result of a case that could not be predicted (batch prediction): same fields, no answer."""
+    return {
+        "case_id": case_id, "input": str(image_path), "status": FAILED, "reason": reason,
+        "probability_breast": None, "label": None, "threshold": None, "in_domain": None, "domain_reasons": [],
+        "lesion_volume_ml": None, "lesion_voxels": None, "min_lesion_ml": None, "mask_source": None, "mask": None,
+        "saved_mask": None, "n_features": None, "models": {"classifier": None, "segmenter": None},
+        "image": {"size": None, "spacing_mm": None}, "seconds": {},
+    }
 
 
 def predict_inputs(
@@ -227,6 +318,7 @@ def predict_inputs(
     radiomics_settings: Mapping[str, Any],
     threshold: float,
     grid_tolerance_mm: float,
+    min_lesion_ml: float,
     save_mask: str | Path | None = None,
 ) -> dict[str, Any]:
     """Predict for a CT already read by :func:`load_inputs` (see :func:`predict_case`)."""
@@ -234,6 +326,7 @@ def predict_inputs(
     seconds = dict(inputs.seconds)
     if not 0.0 <= float(threshold) <= 1.0:
         raise PredictError(f"threshold must be a probability in [0, 1], found {threshold}")
+    check_save_mask(save_mask, inputs.image_path, case_id)
     if inputs.mask is not None:
         mask, source = inputs.mask, MASK_GIVEN
     else:
@@ -242,6 +335,7 @@ def predict_inputs(
         start = time.perf_counter()
         mask = segmenter.segment(image, case_id)
         seconds["segment"] = time.perf_counter() - start
+        seconds.update({f"segment_{k}": v for k, v in (getattr(segmenter, "last_seconds", None) or {}).items()})
         ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
         if not ok:
             raise PredictError(
@@ -250,55 +344,64 @@ def predict_inputs(
         mask = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
         mask.CopyInformation(image)
         source = MASK_MISSU
-        _require_lesion(
-            mask, case_id, f"the segmentation model {_model_ref(segmenter, 'segmenter')['name']} found no lesion "
-            f"voxel in {inputs.image_path} (give a mask with --mask)"
-        )
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    volume = mask_volume_ml(mask)
+    status, reason = CLASSIFIED, None
+    segmenter_ref = _model_ref(segmenter, "segmenter") if source == MASK_MISSU else None
+    if voxels == 0:  # only a segmenter's mask gets here: an empty given mask is refused when read
+        status = NO_LESION
+        reason = (f"no lesion found: the segmentation model {segmenter_ref['name']} version {segmenter_ref['version']} "
+                  f"marked no voxel of {inputs.image_path} (give a mask with --mask to classify a lesion)")
+    elif volume < float(min_lesion_ml):
+        status = LESION_TOO_SMALL
+        reason = (f"lesion too small to classify: {volume:.3g} mL ({voxels} voxels, {source} mask), below the "
+                  f"{min_lesion_ml:g} mL the pipeline is validated for (validate.lesion_volume_ml)")
     saved = None
-    if save_mask is not None:
-        saved = str(write_mask(mask, save_mask))
+    if save_mask is not None and voxels:
+        saved = str(save_lesion_mask(mask, save_mask, inputs, source=source, grid_tolerance_mm=grid_tolerance_mm))
         log.info("case '%s': lesion mask written to %s", case_id, saved)
+    elif save_mask is not None:
+        log.info("case '%s': no lesion, so no mask written to %s", case_id, save_mask)
 
-    from bonemet.radiomics import extract_features
+    probability, n_features, answer = None, None, None
+    if status == CLASSIFIED:
+        from bonemet.radiomics import extract_features
 
-    start = time.perf_counter()
-    features = extract_features(image, mask, _binary_settings(radiomics_settings), case_id,
-                                grid_tolerance_mm=grid_tolerance_mm)
-    seconds["features"] = time.perf_counter() - start
-    frame = _select_features(features, classifier, case_id)
+        start = time.perf_counter()
+        features = extract_features(image, mask, _binary_settings(radiomics_settings), case_id,
+                                    grid_tolerance_mm=grid_tolerance_mm)
+        seconds["features"] = time.perf_counter() - start
+        frame = _select_features(features, classifier, case_id)
+        n_features = int(frame.shape[1])
 
-    start = time.perf_counter()
-    answer = classifier.predict(frame)
-    seconds["classify"] = time.perf_counter() - start
-    if not isinstance(answer, pd.DataFrame) or "probability_breast" not in answer.columns or len(answer) != 1:
-        raise PredictError(
-            f"case '{case_id}': the classifier must return one row with a 'probability_breast' column, "
-            f"found {type(answer).__name__} {getattr(answer, 'shape', '')}"
-        )
-    probability = float(answer["probability_breast"].iloc[0])
-    if not np.isfinite(probability):
-        raise PredictError(f"case '{case_id}': the classifier returned a non-finite probability ({probability})")
-    from bonemet.modeling.domain import case_domain
-
-    # in_domain and domain_reasons: the classifier's features and lesion volume, the CT's spacing and HU
-    domain = case_domain(answer.iloc[0], getattr(classifier, "domain", None), image)
+        start = time.perf_counter()
+        answer = classifier.predict(frame)
+        seconds["classify"] = time.perf_counter() - start
+        if not isinstance(answer, pd.DataFrame) or "probability_breast" not in answer.columns or len(answer) != 1:
+            raise PredictError(
+                f"case '{case_id}': the classifier must return one row with a 'probability_breast' column, "
+                f"found {type(answer).__name__} {getattr(answer, 'shape', '')}"
+            )
+        probability = float(answer["probability_breast"].iloc[0])
+        if not np.isfinite(probability):
+            raise PredictError(f"case '{case_id}': the classifier returned a non-finite probability ({probability})")
     return {
-        "input": str(inputs.image_path),
         "case_id": case_id,
+        "input": str(inputs.image_path),
+        "status": status,
+        "reason": reason,
         "probability_breast": probability,
-        "label": int(probability >= float(threshold)),
+        "label": None if probability is None else int(probability >= float(threshold)),
         "threshold": float(threshold),
-        **domain,
-        "lesion_volume_ml": mask_volume_ml(mask),
-        "lesion_voxels": int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))),
+        **domain_fields(answer, classifier, image),
+        "lesion_volume_ml": volume,
+        "lesion_voxels": voxels,
+        "min_lesion_ml": float(min_lesion_ml),
         "mask_source": source,
         "mask": str(inputs.mask_path) if inputs.mask_path is not None else None,
         "saved_mask": saved,
-        "n_features": int(frame.shape[1]),
-        "models": {
-            "classifier": _model_ref(classifier, "classifier"),
-            "segmenter": _model_ref(segmenter, "segmenter") if source == MASK_MISSU else None,
-        },
+        "n_features": n_features,
+        "models": {"classifier": _model_ref(classifier, "classifier"), "segmenter": segmenter_ref},
         "image": {
             "size": list(image.GetSize()),
             "spacing_mm": [float(s) for s in image.GetSpacing()],
@@ -317,6 +420,7 @@ def predict_case(
     mask_label: int,
     threshold: float,
     grid_tolerance_mm: float,
+    min_lesion_ml: float,
     save_mask: str | Path | None = None,
 ) -> dict[str, Any]:
     """Probability that the bone metastasis in a CT comes from breast cancer.
@@ -331,19 +435,25 @@ def predict_case(
             ``setting``; see :func:`bonemet.radiomics.build_settings`).
         mask_label: lesion value in the given mask file.
         threshold: probability of breast origin at or above which the label is 1.
-        save_mask: where to write the lesion mask used (uint8 0/1, on the CT's grid).
         grid_tolerance_mm: how far (mm) a given mask's spacing and origin may differ from the CT's.
+        min_lesion_ml: a lesion smaller than this (mL) is not classified (``validate.lesion_volume_ml[0]``).
+        save_mask: where to write the lesion mask used: a label map (uint8 0/1, on the CT's
+            grid; format by suffix) or, for a path ending in ``.dcm``, a DICOM SEG over the
+            input series (the input must then be a DICOM series folder).
 
     Returns:
-        JSON-serialisable dict: ``input``, ``case_id``, ``probability_breast``, ``label``,
-        ``threshold``, ``lesion_volume_ml`` (ml), ``lesion_voxels``, ``mask_source``
-        ("given" | "missu"), ``mask``, ``saved_mask``, ``n_features``, ``models`` (name and
-        version of the classifier and of the segmenter when used), ``image`` (size, spacing in
-        mm) and ``seconds`` per step.
+        JSON-serialisable dict: ``case_id``, ``input``, ``status`` (``classified`` |
+        ``no_lesion`` | ``lesion_too_small``), ``reason`` (None when classified),
+        ``probability_breast`` and ``label`` (None unless classified), ``threshold``,
+        ``in_domain`` and ``domain_reasons`` (see :func:`domain_fields`), ``lesion_volume_ml``
+        (mL), ``lesion_voxels``, ``min_lesion_ml``, ``mask_source`` ("given" | "missu"),
+        ``mask``, ``saved_mask``, ``n_features``, ``models`` (name and version of the
+        classifier and of the segmenter when used), ``image`` (size, spacing in mm) and
+        ``seconds`` per step.
 
     Raises:
         bonemet.data.io.ImageReadError: a file is missing, unreadable or not an image.
-        PredictError: mask off the CT's grid, no lesion found, features not matching the classifier.
+        PredictError: mask off the CT's grid, an empty given mask, features not matching the classifier.
         ValueError: other failures of segmentation (CaseInferenceError) or extraction (BadMaskError).
     """
     inputs = load_inputs(image_path, mask_path, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm)
@@ -354,5 +464,6 @@ def predict_case(
         radiomics_settings=radiomics_settings,
         threshold=threshold,
         grid_tolerance_mm=grid_tolerance_mm,
+        min_lesion_ml=min_lesion_ml,
         save_mask=save_mask,
     )

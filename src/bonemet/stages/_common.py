@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from bonemet.config import Params, load_specs
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.registry.store import MlflowTracker
+    from bonemet.tracking import DatasetInput
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,50 @@ def open_store(params: Params) -> str:
     return configure(os.environ.get("MLFLOW_TRACKING_URI"), params.tracking.store_dir)
 
 
-def mlflow_tracker(params: Params, experiment: str) -> MlflowTracker:
-    """An MlflowTracker for ``experiment`` on the configured store, with the run tags."""
+def cohort_input(params: Params, context: str = "training") -> DatasetInput:
+    """The cohort as an MLflow dataset: one row per case (id, label, patient and site when the
+    manifest has them; pseudonymous ids when ``data.pseudonymize``; no file paths, which may carry
+    ids), its DVC md5 as the digest, its case count."""
+    import pandas as pd
+
+    from bonemet.data.manifest import MANIFEST_NAME
+    from bonemet.tracking import DatasetInput
+
+    cases = read_cases(params)
+    table = pd.DataFrame({"case_id": [c.case_id for c in cases], "label": [int(c.label) for c in cases]})
+    if any(c.patient_id for c in cases):
+        table["patient_id"] = [c.patient_id or "" for c in cases]
+    if any(c.site for c in cases):
+        table["site"] = [c.site or "" for c in cases]
+    digest = data_md5(params.data.cohort_dir)
+    return DatasetInput(name="cohort", table=table, source=str(Path(params.data.cohort_dir) / MANIFEST_NAME),
+                        digest=digest, context=context,
+                        tags={"dvc_md5": digest, "n_cases": str(len(table)), "cohort_dir": str(params.data.cohort_dir)})
+
+
+def feature_inputs(features_dir: str | Path, sources: Sequence[str], context: str = "training") -> list[DatasetInput]:
+    """The feature tables (``<source>.parquet``) that exist, as MLflow datasets (digest: the file's md5)."""
+    import pandas as pd
+
+    from bonemet.tracking import DatasetInput
+    from bonemet.utils import file_md5
+
+    out = []
+    for source in sources:
+        path = Path(features_dir) / f"{source}.parquet"
+        if path.is_file():
+            table = pd.read_parquet(path)
+            out.append(DatasetInput(name=f"features-{source}", table=table, source=str(path), digest=file_md5(path),
+                                    context=context, tags={"n_cases": str(len(table)), "mask_source": source,
+                                                           "n_columns": str(table.shape[1])}))
+    return out
+
+
+def mlflow_tracker(params: Params, experiment: str, *, inputs: Sequence[DatasetInput] = (),
+                   long_running: bool = False) -> MlflowTracker:
+    """An MlflowTracker for ``experiment`` on the configured store, with the run tags; ``inputs`` are
+    logged on every run it opens; a ``long_running`` stage gets system metrics when
+    ``tracking.system_metrics`` is on."""
     from bonemet.registry.store import MlflowTracker
 
     _http_settings(params)
@@ -149,4 +193,7 @@ def mlflow_tracker(params: Params, experiment: str) -> MlflowTracker:
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
         store_dir=params.tracking.store_dir,
         default_tags=run_tags(params.data.cohort_dir),
+        inputs=inputs,
+        system_metrics=long_running and params.tracking.system_metrics,
+        system_metrics_interval_s=params.tracking.system_metrics_interval_s,
     )

@@ -31,7 +31,7 @@ MANIFEST = "manifest.csv"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """No options of its own (``--params`` and ``--no-progress`` are every command's)."""
 
 
 def run(args: argparse.Namespace) -> int:

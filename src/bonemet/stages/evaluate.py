@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bonemet.modeling.training import read_feature_tables
     from bonemet.splits import read_splits, repeated_splits
-    from bonemet.stages._common import mlflow_tracker, pseudonym_key, specs_from
+    from bonemet.stages._common import cohort_input, feature_inputs, mlflow_tracker, pseudonym_key, specs_from
     from bonemet.tracking import NullTracker
     from bonemet.utils import atomic_path, write_json
 
@@ -71,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
                              groups=[str(patients[i]) for i in ids] if patients else None)
     sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params)) \
         if params.select.harmonize.enabled else None
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, ev.experiment)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(
+        params, ev.experiment, long_running=True,
+        inputs=[cohort_input(params), *feature_inputs(train.features_dir, [primary_name])])
     with tracker.run("evaluate", tags={"stage": "evaluate", "feature_source": primary_name}):
         tracker.log_params({"repeats": ev.repeats, "seed": params.seed, "test_size": params.split.test_size,
                             "n_folds": params.split.n_folds, "n_jobs": ev.n_jobs})

@@ -17,12 +17,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder for the feature tables (default: params "
                         "train.features_dir)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from bonemet.radiomics import extract_sources, settings_from_params
-    from bonemet.stages._common import mlflow_tracker, read_cases, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
     from bonemet.tracking.base import NullTracker
 
     params = specs_from(args)
@@ -30,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     cohort = args.cohort_dir or params.data.cohort_dir
     settings = settings_from_params(params)
     cases = read_cases(params, cohort)
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, spec.experiment, long_running=True,
+                                                                    inputs=[cohort_input(params)])
     summary = extract_sources(
         cases,
         settings,

@@ -8,6 +8,8 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="registered model name (repeatable; default: bonemet-classifier and bonemet-missu)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the versions as JSON ({model: [version, aliases, run_id, tags, ...]}) instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +20,11 @@ def run(args: argparse.Namespace) -> int:
     reg = params.registration
     open_store(params)
     names = args.model or [reg.model_name, reg.segmentation_model_name]
+    if args.json:
+        import json
+
+        print(json.dumps({name: model_versions(name) for name in names}, indent=2, sort_keys=True, default=str))
+        return 0
     for name in names:
         rows = model_versions(name)
         print(f"{name}: {len(rows)} version(s)")

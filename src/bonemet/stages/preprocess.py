@@ -13,7 +13,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: params preprocess.out_dir)")
     parser.add_argument("--n-jobs", type=int, default=None, help="processes, -1 all cores (default: params "
                         "preprocess.n_jobs)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ ALIASES = ("staging", "production")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("version", help="registered model version number")
-    parser.add_argument("--alias", required=True, choices=ALIASES)
+    parser.add_argument("--alias", required=True, choices=ALIASES, help="the alias to point at VERSION: staging or production")
     parser.add_argument("--model", default=None, help="registered model name (default: params register.model_name)")
 
 

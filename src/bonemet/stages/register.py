@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="registry metrics JSON (default: params register.out)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the registration (version, gate decision and reason) as JSON instead of one line")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
         description_extra=description_extra,
         tags=run_tags(params.data.cohort_dir),
     )
-    print(f"{result.model_name} version {result.version} ({result.classifier}): "
-          f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")
     summary = result.to_dict()
     summary["promoted"] = int(result.promoted)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"{result.model_name} version {result.version} ({result.classifier}): "
+              f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")
     write_json(args.out or reg.out, summary)
     return 0

@@ -1,26 +1,117 @@
-"""`bonemet report`: the self-contained HTML report of the last pipeline run."""
+"""`bonemet report`: the self-contained HTML report of the pipeline's outputs (params ``report``).
+
+It reads only files: the outputs of the other stages, at the paths their params sections name,
+plus, for the registry section, what ``metrics/registry.json`` and (when it exists) the MLflow
+store say. Without a store the report still builds (run ids from the files, no version list).
+
+"Params that differ from the defaults" compares ``--params`` with the ``params.yaml`` committed
+at git HEAD: under ``dvc exp run -S key=value`` that is exactly what the experiment changed, and
+on a clean checkout it is empty. (A copy of the defaults inside the package would be a second
+params file to keep in step with the first; the commit is what the run's ``git_commit`` names.)
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="HTML file (default: params report.out)")
+    parser.add_argument("--out", default=None, help="HTML file to write (default: params report.out)")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="do not read the MLflow store (the registry section then shows the files only)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.report import build_report
-    from bonemet.stages._common import data_md5, git_commit, specs_from
+    from bonemet.config import load_params
+    from bonemet.report import CaseSettings, Provenance, ReportInputs, build_report
+    from bonemet.stages._common import data_md5, git_commit, pseudonym_key, specs_from
 
     params = specs_from(args)
-    spec = params.report
+    spec, train, seg = params.report, params.train, params.segment
+    inputs = ReportInputs(
+        cohort_dir=Path(params.data.cohort_dir), validation_report=Path(spec.validation_report),
+        plan=Path(spec.plan), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
+        segmentation_plots=Path(seg.plots_dir), auto_masks=Path(seg.masks_dir),
+        features_dir=Path(train.features_dir), models_dir=Path(train.out_dir),
+        metrics_dir=Path(train.metrics_dir), classification_plots=Path(train.plots_dir),
+        repeated_json=Path(params.registration.repeated), registry_json=Path(params.registration.out),
+    )
+    store = None if args.no_tracking else read_store(params)
+    baseline, note = head_params(args.params)
+    ev = params.evaluate
     build_report(
-        args.out or spec.out,
-        metrics_dir=spec.metrics_dir,
-        plot_dirs=spec.plot_dirs,
-        title=spec.title,
-        extra_sections=list(spec.extra_sections.items()),
-        context={"git commit": git_commit(), "data md5": data_md5(params.data.cohort_dir)},
+        args.out or spec.out, inputs, title=spec.title,
+        cases=CaseSettings(mask_label=params.data.mask_label, roi=params.data.roi, segment=params.data.segment,
+                           grid_tolerance_mm=params.validation.grid_tolerance_mm,
+                           pseudonym_key=pseudonym_key(params)),
+        provenance=Provenance(git_commit=git_commit(), data_md5=data_md5(params.data.cohort_dir),
+                              tracking_uri=store["uri"] if store else None, params=load_params(args.params),
+                              baseline_params=baseline, baseline_note=note),
+        method_settings=method_settings(params),
+        example_cases=spec.example_cases, figure_dpi=ev.figure_dpi, store=store, mlflow_ui_url=spec.mlflow_ui_url,
     )
     return 0
+
+
+def method_settings(params: Any) -> dict[str, str]:
+    """The settings the replication section states in words."""
+    sel, train, ev = params.select, params.train, params.evaluate
+    op = train.operating_point
+    rule = {"youden": "Youden's J", "sensitivity": f"the highest threshold reaching sensitivity {op.target_sensitivity:g}",
+            "fixed": f"fixed at {op.fixed_threshold:g}"}[op.rule]
+    return {
+        "lasso": (f"fixed at {sel.lasso.alpha:g}" if sel.lasso.alpha is not None
+                  else f"chosen by {sel.lasso.cv}-fold cross-validation in each training fold ({sel.lasso.lambda_rule} rule)"),
+        "ci_methods": (f"AUC by DeLong ({ev.auc_ci} form), accuracy, sensitivity, specificity, precision and NPV by the "
+                       f"Wilson score interval, F1 and Brier by a stratified percentile bootstrap ({ev.n_bootstrap} "
+                       f"resamples); repeated-split means by the corrected resampled t interval"),
+        "calibration": train.calibration,
+        "threshold_rule": rule,
+        "data": ("A synthetic spine-CT cohort with the study's class balance and a known Bayes-optimal AUC (the study's "
+                 "data are private)" if params.data.source == "synthetic" else
+                 f"Your cohort ({params.data.cohort_dir}), not the study's private data"),
+    }
+
+
+def head_params(path: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """The params file as committed at git HEAD (None when git or the file is unavailable) and a note."""
+    import subprocess
+
+    import yaml
+
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+    try:
+        text = subprocess.run(["git", "show", f"HEAD:./{rel}"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout
+        return yaml.safe_load(text), (f"Compared with {rel} as committed at git HEAD: under dvc exp run -S these "
+                                      f"are the experiment's changes; on a clean checkout there are none.")
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
+        return None, f"{rel} is not committed in a git repository here, so there is no default to compare with."
+
+
+def read_store(params: Any) -> dict[str, Any] | None:
+    """What the MLflow store says for the registry section, or None when there is no store to read.
+
+    A local store that does not exist yet is not created (the report reads, never writes).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and not (Path(params.tracking.store_dir) / "mlflow.db").is_file():
+        log.info("report: no MLflow store at %s; the registry section shows the files only", params.tracking.store_dir)
+        return None
+    from bonemet.registry.store import model_versions
+    from bonemet.stages._common import open_store
+
+    try:
+        uri = open_store(params)
+        models = {name: model_versions(name) for name in (params.registration.model_name, params.segment.model_name)}
+        return {"uri": uri, "models": models}
+    except Exception as exc:  # noqa: BLE001 - a store we cannot read must not stop the report
+        log.warning("report: the MLflow store %s could not be read (%s: %s); the registry section shows the files "
+                    "only", uri, type(exc).__name__, exc)
+        return None

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.segmentation.inference import InferenceSettings
     from bonemet.segmentation.metrics import summarize
     from bonemet.segmentation.networks import network_kwargs
-    from bonemet.stages._common import mlflow_tracker, read_cases, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
     from bonemet.tracking import NullTracker
 
     params = specs_from(args, segment_profile=args.profile)
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("segment: %s, profile '%s', %d cases, %d folds, roi %s, %d threads, device %s", name, seg.profile,
              len(cases), len(set(folds.values())), seg.roi_size, num_threads, seg.device)
 
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, seg.experiment)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, seg.experiment, long_running=True,
+                                                                    inputs=[cohort_input(params)])
     start = time.perf_counter()
     with tracker.run("segment", tags={"stage": "segment", "model": name, "profile": seg.profile}) as parent_id:
         tracker.log_params({
@@ -118,11 +119,12 @@ def _run_external(args, params, seg, manifest) -> int:
 
     from bonemet.segmentation.external import import_external_masks, resolve_external_dir
     from bonemet.segmentation.metrics import summarize
-    from bonemet.stages._common import mlflow_tracker
+    from bonemet.stages._common import cohort_input, mlflow_tracker
     from bonemet.tracking import NullTracker
 
     external_dir = resolve_external_dir(seg.external.masks_dir, params.data.cohort_dir)
-    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, seg.experiment)
+    tracker = NullTracker() if args.no_tracking else mlflow_tracker(params, seg.experiment,
+                                                                    inputs=[cohort_input(params)])
     start = time.perf_counter()
     with tracker.run("segment", tags={"stage": "segment", "model": "external"}):
         tracker.log_params({"model": "external", "external_masks_dir": str(external_dir),

@@ -17,8 +17,9 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alias", default="staging", help="model alias to serve (default staging)")
     parser.add_argument("--model", default=None, help="registered model name (default: params register.model_name)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=5001, help="TCP port to listen on (default 5001)")
     parser.add_argument("--workers", type=int, default=None,
                         help="server processes (default: one per core of this machine)")
     parser.add_argument("--timeout", type=int, default=60,
@@ -35,6 +36,7 @@ def server_command(mlflow_bin: str, model_uri: str, *, host: str, port: int, wor
 def run(args: argparse.Namespace) -> int:
     import logging
     import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
@@ -64,4 +66,14 @@ def run(args: argparse.Namespace) -> int:
                          host=args.host, port=args.port, workers=workers, timeout=args.timeout)
     log.info("serving %s@%s (version %s) on http://%s:%d/invocations, %d worker(s)", name, args.alias, version,
              args.host, args.port, workers)
+    signal.signal(signal.SIGTERM, _stop_server)  # `kill` stops the server too, not only this process
     return subprocess.call(cmd, env=env)
+
+
+def _stop_server(signum: int, frame: object) -> None:
+    """SIGTERM: end the server's processes (mlflow and the uvicorn workers it starts), then this one."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.terminate()
+    raise SystemExit(128 + signum)

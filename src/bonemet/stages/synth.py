@@ -43,7 +43,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--figure", default=None, metavar="PATH", help="also write a PNG of a few cases to PATH"
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def resolve_counts(

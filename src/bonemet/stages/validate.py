@@ -1,7 +1,7 @@
-"""`bonemet validate COHORT_DIR [--report DIR]`: check a cohort before anything uses it.
+"""`bonemet validate [COHORT_DIR | --cohort-dir DIR] [--out DIR]`: check a cohort before anything uses it.
 
 Logs the readable report and exits 1 when a hard rule failed, naming every bad case and the
-rules it broke; soft rules only warn. With ``--report DIR`` it also writes ``report.json`` and
+rules it broke; soft rules only warn. With ``--out DIR`` (or ``--report DIR``) it also writes ``report.json`` and
 ``report.txt`` there (even when the cohort fails, so they can be read); without it nothing is
 written, so checking another folder never touches the pipeline's ``data/validation``. The
 cohort folder is only read.
@@ -16,14 +16,17 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("cohort_dir", help="cohort folder holding manifest.csv, images and masks")
+    parser.add_argument("cohort", nargs="?", default=None, metavar="COHORT_DIR",
+                        help="cohort folder holding manifest.csv, images and masks (same as --cohort-dir)")
+    parser.add_argument("--cohort-dir", default=None,
+                        help="cohort folder (default: the positional COHORT_DIR, else params data.cohort_dir)")
     parser.add_argument(
-        "--report",
+        "--out", "--report",
+        dest="report",
         default=None,
         metavar="DIR",
         help="also write report.json and report.txt into DIR (default: write nothing)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.validation.cohort import validate_cohort
 
     params = specs_from(args)
+    args.cohort_dir = args.cohort_dir or args.cohort or params.data.cohort_dir
     report = validate_cohort(args.cohort_dir, params.validation, mask_label=params.data.mask_label,
                              roi=params.data.roi, segment=params.data.segment,
                              pseudonym_key=pseudonym_key(params), show_progress=not args.no_progress)

@@ -7,6 +7,13 @@ imports mlflow. Work done in another process logs into a :class:`CallBuffer`, re
 :func:`replay_calls`.
 """
 
-from bonemet.tracking.base import CallBuffer, NullTracker, RecordingTracker, Tracker, replay_calls
+from bonemet.tracking.base import (
+    CallBuffer,
+    DatasetInput,
+    NullTracker,
+    RecordingTracker,
+    Tracker,
+    replay_calls,
+)
 
-__all__ = ["CallBuffer", "NullTracker", "RecordingTracker", "Tracker", "replay_calls"]
+__all__ = ["CallBuffer", "DatasetInput", "NullTracker", "RecordingTracker", "Tracker", "replay_calls"]

@@ -4,8 +4,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """A dataset a run reads, for MLflow's Dataset column (``mlflow.log_input``).
+
+    ``table``: its rows (the cohort's manifest, a feature table); ``digest``: what identifies the
+    data (the cohort's DVC md5, a file's md5); ``context``: how the run uses it ("training",
+    "evaluation"); ``tags``: e.g. the case count.
+    """
+
+    name: str
+    table: Any = field(repr=False)
+    source: str
+    digest: str
+    context: str
+    tags: Mapping[str, str]
 
 
 class Tracker:
@@ -44,6 +62,9 @@ class Tracker:
         """Log a model (flavour chosen by the backend from ``kwargs['flavor']``)."""
         return None
 
+    def log_input(self, dataset: DatasetInput) -> None:
+        """Record that the active run reads ``dataset``."""
+
 
 class NullTracker(Tracker):
     """Tracks nothing: for tests and for library use without MLflow."""
@@ -65,6 +86,7 @@ class RecordingTracker(Tracker):
             "params": {},
             "metrics": {},
             "artifacts": [],
+            "inputs": [],
         }
         self.runs.append(record)
         self._stack.append(record)
@@ -104,6 +126,11 @@ class RecordingTracker(Tracker):
     def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
         self._active["artifacts"].append(f"model:{name}")
         return None
+
+    def log_input(self, dataset: DatasetInput) -> None:
+        self._active["inputs"].append({"name": dataset.name, "digest": dataset.digest, "context": dataset.context,
+                                       "source": dataset.source, "n_rows": len(dataset.table),
+                                       "tags": dict(dataset.tags)})
 
     def find(self, name: str) -> dict[str, Any]:
         """The recorded run called ``name`` (KeyError if none)."""
@@ -150,6 +177,9 @@ class CallBuffer(Tracker):
 
     def log_table(self, table: Any, name: str) -> None:
         self.calls.append(("log_table", (table, name), {}))
+
+    def log_input(self, dataset: DatasetInput) -> None:
+        self.calls.append(("log_input", (dataset,), {}))
 
     def log_figure(self, figure: Any, name: str) -> None:
         raise NotImplementedError("CallBuffer does not carry figures: save the figure and log_artifact the file")

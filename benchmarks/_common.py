@@ -1,0 +1,95 @@
+"""Shared by the benchmark scripts (not a benchmark): load a sibling script, describe the machine,
+prepare a preprocessed, split cohort, print and write results.
+
+Every script drops ``benchmarks/`` from ``sys.path`` (``benchmarks/radiomics.py`` would shadow
+PyRadiomics) and loads this file with :func:`load_sibling`'s three lines.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_sibling(name: str) -> Any:
+    """The module ``benchmarks/<name>.py``, loaded once by file under its own name (the folder is not
+    on ``sys.path``; a sibling that imports another by name finds it in ``sys.modules``)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def print_json(result: Any, path: str | Path | None) -> None:
+    """The one JSON printer of the benchmarks (``cohort_variation.print_json``)."""
+    load_sibling("latent_recovery")  # cohort_variation imports it by name
+    load_sibling("cohort_variation").print_json(result, str(path) if path else None)
+
+
+def machine() -> dict[str, Any]:
+    """Where a measurement ran: CPU, cores, load, versions (and the GPU when torch sees one)."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+@dataclass
+class PreparedCohort:
+    """A cohort preprocessed and split as the pipeline does it, in a work folder."""
+
+    cohort_dir: Path
+    manifest: list  # bonemet.data.manifest.Case
+    cases: list  # bonemet.segmentation.data.SegCase
+    folds: dict[str, int]
+    groups: dict[str, str] | None
+
+
+def prepare_cohort(work: Path, params: Any, *, cohort_dir: Path | None, n_cases: int, n_positive: int,
+                   size: str, n_jobs: int) -> PreparedCohort:
+    """Preprocess ``cohort_dir`` (or a synthetic cohort of ``n_cases`` written into ``work/raw``) with
+    ``params.preprocess`` into ``work/preprocessed``, and split it with ``params.split`` and the seed
+    as the split stage does (``all_folds``: the segmentation folds)."""
+    from bonemet.data.manifest import read_manifest
+    from bonemet.data.synthetic import generate_cohort
+    from bonemet.preprocessing import preprocess_cohort
+    from bonemet.segmentation.data import load_cases
+    from bonemet.splits import make_splits
+
+    data = params.data
+    if cohort_dir is None:
+        cohort_dir = work / "raw"
+        if not (cohort_dir / "manifest.csv").is_file():
+            generate_cohort(cohort_dir, n_cases=n_cases, n_positive=n_positive, seed=data.synthetic.seed, size=size,
+                            mask_label=data.mask_label, overwrite=True, show_progress=False)
+    manifest = read_manifest(cohort_dir, roi=data.roi, segment=data.segment)
+    out = work / "preprocessed"
+    if not (out / "cases.csv").is_file():
+        preprocess_cohort(cohort_dir, params.preprocess.updated({"out_dir": str(out), "n_jobs": n_jobs}),
+                          mask_label=data.mask_label, grid_tolerance_mm=params.validation.grid_tolerance_mm,
+                          roi=data.roi, segment=data.segment, show_progress=False)
+    cases = load_cases(out, {c.case_id: c for c in manifest})
+    grouped = any(c.patient_id is not None for c in manifest)
+    splits = make_splits([c.case_id for c in manifest], [c.label for c in manifest], test_size=params.split.test_size,
+                         n_folds=params.split.n_folds, seed=params.seed,
+                         groups=[c.patient for c in manifest] if grouped else None)
+    folds = {k: int(v) for k, v in splits["all_folds"].items()}
+    return PreparedCohort(cohort_dir, manifest, cases, folds, splits.get("groups"))

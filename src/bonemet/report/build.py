@@ -1,0 +1,130 @@
+"""Assemble the report: read every section (``content``), render the Jinja2 template, write atomically."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bonemet.report import content
+from bonemet.report.content import ReportInputs
+from bonemet.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: Section ids and headings, in the study's order (the plan appears only with its file).
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("cohort", "1. Cohort"), ("plan", "Plan"), ("examples", "2. Example cases"), ("segmentation", "3. Segmentation"),
+    ("radiomics", "4. Radiomics"), ("classifiers", "5. Classifiers"), ("registry", "6. Registry"),
+    ("replication", "7. Replication"), ("provenance", "8. Provenance"),
+)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the run came from: commit, data hash, tracking store, and the params compared with a baseline."""
+
+    git_commit: str
+    data_md5: str
+    tracking_uri: str | None
+    params: Mapping[str, Any]
+    #: the params to compare with (None when none could be read) and what they are
+    baseline_params: Mapping[str, Any] | None
+    baseline_note: str
+
+
+@dataclass(frozen=True)
+class CaseSettings:
+    """How the cohort's masks are read (``data.mask_label``, ``data.roi``/``segment``, the grid tolerance)."""
+
+    mask_label: int
+    roi: str | None
+    segment: int | str | None
+    grid_tolerance_mm: float
+    #: the key of ``data.pseudonymize`` (ids are then the stages' pseudonyms); None when off
+    pseudonym_key: bytes | None
+
+
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("bonemet.report", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                             undefined=jinja2.ChainableUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env
+
+
+def render_report(
+    inputs: ReportInputs,
+    *,
+    title: str,
+    cases: CaseSettings,
+    provenance: Provenance,
+    method_settings: Mapping[str, str],
+    example_cases: int,
+    figure_dpi: int,
+    store: Mapping[str, Any] | None = None,
+    mlflow_ui_url: str | None = None,
+) -> str:
+    """The report's HTML.
+
+    Args:
+        inputs: the stages' output files.
+        cases: how masks are read (for the example cases).
+        provenance: commit, data hash, params and their baseline.
+        method_settings: plain-language settings for the replication section (``lasso``,
+            ``ci_methods``, ``calibration``, ``threshold_rule``, ``data``).
+        example_cases: how many cases to draw with their contours.
+        figure_dpi: resolution of the figures the report draws itself.
+        store: what the MLflow store says (``uri``; ``models``: {name: versions as
+            ``registry.store.model_versions`` lists them}), or None when no store was read.
+        mlflow_ui_url: the UI address for links to runs (None: run ids only).
+    """
+    segmentation = content.segmentation_section(inputs, dpi=figure_dpi)
+    context = {
+        "title": title,
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cohort": content.cohort_section(inputs, dpi=figure_dpi, pseudonym_key=cases.pseudonym_key),
+        "plan": content.plan_section(inputs),
+        "examples": content.examples_section(inputs, n=example_cases, mask_label=cases.mask_label,
+                                             grid_tolerance_mm=cases.grid_tolerance_mm, roi=cases.roi,
+                                             segment=cases.segment, dpi=figure_dpi,
+                                             pseudonym_key=cases.pseudonym_key),
+        "segmentation": segmentation,
+        "radiomics": content.radiomics_section(inputs, dpi=figure_dpi),
+        "classifiers": content.classifiers_section(inputs),
+        "registry": content.registry_section(inputs, store, mlflow_ui_url),
+        "replication": content.replication_section(inputs, dice_mean=segmentation.get("dice_mean"),
+                                                   settings=method_settings),
+        "provenance": {
+            "git_commit": provenance.git_commit, "data_md5": provenance.data_md5,
+            "rows": [["git commit", provenance.git_commit], ["data (DVC md5 of the cohort)", provenance.data_md5],
+                     ["cohort folder", str(inputs.cohort_dir)],
+                     ["MLflow tracking URI", provenance.tracking_uri or "(not read)"],
+                     ["bonemet version", _version()]],
+            "params_diff": content.params_differences(provenance.params, provenance.baseline_params),
+            "baseline_note": provenance.baseline_note,
+        },
+    }
+    context["sections"] = [(sid, heading) for sid, heading in SECTIONS if sid != "plan" or context["plan"]]
+    return _environment().get_template("report.html.j2").render(**context)
+
+
+def build_report(out_path: str | Path, inputs: ReportInputs, **kwargs: Any) -> Path:
+    """Write :func:`render_report`'s page to ``out_path`` atomically; returns the path."""
+    page = render_report(inputs, **kwargs)
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    log.info("report written: %s (%d KiB)", out_path, len(page.encode("utf-8")) // 1024)
+    return out_path
+
+
+def _version() -> str:
+    from bonemet import __version__
+
+    return __version__
