@@ -43,19 +43,18 @@ class PlanRequiredError(UserError, ValueError):
     """A setting is still ``auto`` where only a value can be used: the plan was not applied."""
 
 
+def setting(spec: BaseModel, dotted: str) -> Any:
+    """The value at a dotted path of a spec (``setting(params, "segment.train.batch_size")``)."""
+    node: Any = spec
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def unplanned_keys(spec: BaseModel, section: str) -> list[str]:
     """The :data:`PLANNED_KEYS` under ``section`` (e.g. ``"segment"``) whose value in ``spec`` is ``auto``."""
-    found = []
-    for key in PLANNED_KEYS:
-        head, _, rest = key.partition(".")
-        if head != section:
-            continue
-        node: Any = spec
-        for part in rest.split("."):
-            node = getattr(node, part)
-        if node == AUTO:
-            found.append(key)
-    return found
+    return [key for key in PLANNED_KEYS
+            if key.partition(".")[0] == section and setting(spec, key.partition(".")[2]) == AUTO]
 
 
 def require_planned(spec: BaseModel, section: str, where: str) -> None:
@@ -520,8 +519,6 @@ class ReportSpec(Spec):
     title: str
     #: the validate stage's report.json (the cohort section's validation result and warnings)
     validation_report: str
-    #: the plan stage's fingerprint (data/plan.json): a section of its own when the file exists
-    plan: str
     #: cases drawn with their manual and automatic contours (best and worst by Dice first)
     example_cases: PositiveInt
     #: MLflow UI address (e.g. http://127.0.0.1:5000) for links to runs; null: run ids only
@@ -738,6 +735,8 @@ class Params(Spec):
 
     @model_validator(mode="after")
     def _bone_margin_needs_bone_in_window(self) -> Params:
+        if self.preprocess.hu_window == AUTO:  # the plan keeps the bone threshold inside the window it plans
+            return self
         lo, hi = self.preprocess.hu_window
         threshold = self.preprocess.crop.bone_threshold_hu
         if self.segment.inference.bone_margin_mm is not None and not lo < threshold < hi:

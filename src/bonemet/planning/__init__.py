@@ -8,17 +8,26 @@ batch size, within the segment profile's budgets; :func:`resolve_params` gives t
 """
 
 from bonemet.planning.fingerprint import CaseFingerprint, CohortFingerprint, fingerprint_cohort
-from bonemet.planning.plan import NonCTIntensityError, PlanInputs, make_plan
-from bonemet.planning.resolve import PlanMismatchError, read_plan, resolve_params
+from bonemet.planning.plan import NonCTIntensityError, PlanError, PlanInputs, make_plan
+from bonemet.planning.resolve import (
+    PlanMismatchError,
+    apply_values,
+    planned_params,
+    read_plan,
+    resolve_params,
+)
 
 __all__ = [
     "CaseFingerprint",
     "CohortFingerprint",
     "NonCTIntensityError",
+    "PlanError",
     "PlanInputs",
     "PlanMismatchError",
+    "apply_values",
     "fingerprint_cohort",
     "make_plan",
+    "planned_params",
     "read_plan",
     "resolve_params",
 ]

@@ -51,6 +51,8 @@ class CaseFingerprint:
     lesion_fraction_bone_box: float
     lesion_hu_sample: np.ndarray = field(repr=False, compare=False)
     bone_hu_sample: np.ndarray = field(repr=False, compare=False)
+    #: the CT's path (for messages only: plan.json leaves paths out, they may carry identifiers)
+    image: str = field(default="", repr=False, compare=False)
 
     @property
     def lesion_max_extent_mm(self) -> float:
@@ -125,7 +127,7 @@ def measure_case(case: Case, *, mask_label: int, grid_tolerance_mm: float, crop:
             lesion_fraction_image=n_lesion / float(hu.size),
             lesion_fraction_bone_box=lesion_in_box / float(max(1, bone_hu.size)),
             lesion_hu_sample=_sample(lesion_hu, samples_per_case, case.case_id, "lesion"),
-            bone_hu_sample=_sample(bone_hu, samples_per_case, case.case_id, "bone"),
+            bone_hu_sample=_sample(bone_hu, samples_per_case, case.case_id, "bone"), image=str(case.image),
         )
     except Exception as exc:
         exc.add_note(f"while fingerprinting case '{case.case_id}' ({case.image})")

@@ -56,7 +56,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-tta", action="store_true",
                         help="no test-time mirroring (the model's segment.inference.mirror_axes): 2^n times "
                              "faster segmentation, a little lower Dice (benchmarks/predict.md)")
-    parser.add_argument("--no-progress", action="store_true", help="with -i: no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
