@@ -497,6 +497,7 @@ class PlanSpec(Spec):
     context_factor: Annotated[float, Field(ge=1)]
     intensity_percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]]
     lesion_hu_range: tuple[float, float]
+    min_hu_spread: PositiveFloat
     warn_anisotropy: Annotated[float, Field(gt=1)]
     min_lesion_voxels: PositiveInt
 

@@ -109,19 +109,27 @@ class PlanInputs:
 
 
 def check_ct_intensities(fingerprint: CohortFingerprint, spec: PlanSpec) -> None:
-    """:class:`NonCTIntensityError` naming the cases (and their image files) whose lesion median HU
-    lies outside ``spec.lesion_hu_range``."""
+    """:class:`NonCTIntensityError` naming the cases (and their image files) that are not CT in HU:
+    a lesion median outside ``spec.lesion_hu_range``, or intensities in the bone region spanning
+    less than ``spec.min_hu_spread`` HU (1st to 99th percentile; a normalised image)."""
     lo, hi = spec.lesion_hu_range
-    bad = [c for c in fingerprint.with_lesion if not lo <= float(c.lesion_hu_median) <= hi]
-    if not bad:
+    problems = []
+    for case in fingerprint.with_lesion:
+        spread = (float(np.percentile(case.bone_hu_sample, 99) - np.percentile(case.bone_hu_sample, 1))
+                  if case.bone_hu_sample.size else math.inf)
+        if not lo <= float(case.lesion_hu_median) <= hi:
+            problems.append(f"'{case.case_id}' ({case.image}): lesion median {case.lesion_hu_median:.4g}")
+        elif spread < spec.min_hu_spread:
+            problems.append(f"'{case.case_id}' ({case.image}): intensities span only {spread:.3g} around the bone")
+    if not problems:
         return
-    shown = "; ".join(f"'{c.case_id}' ({c.image}): lesion median {c.lesion_hu_median:.4g}" for c in bad[:10])
-    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    more = f" and {len(problems) - 10} more" if len(problems) > 10 else ""
     raise NonCTIntensityError(
-        f"{len(bad)} of {len(fingerprint.with_lesion)} case(s) have lesion intensities outside any CT-plausible "
-        f"range (plan.lesion_hu_range {[lo, hi]} HU): {shown}{more}. Expected CT images in Hounsfield units: "
-        "rescale the images to HU (DICOM RescaleSlope/RescaleIntercept), remove non-CT images (MR, PET, normalised "
-        "volumes) from the manifest, or widen plan.lesion_hu_range if these really are CT numbers")
+        f"{len(problems)} of {len(fingerprint.with_lesion)} case(s) are not CT in Hounsfield units (lesion median "
+        f"expected within plan.lesion_hu_range {[lo, hi]} HU, the bone region spanning at least plan.min_hu_spread "
+        f"{spec.min_hu_spread:g} HU; outside any CT-plausible range): {'; '.join(problems[:10])}{more}. Rescale the "
+        "images to HU (DICOM RescaleSlope/RescaleIntercept), remove non-CT images (MR, PET, normalised volumes) from "
+        "the manifest, or widen plan.lesion_hu_range if these really are CT numbers")
 
 
 # --- spacing and crop --------------------------------------------------------------------------
@@ -286,8 +294,9 @@ def _plan_values(fp: CohortFingerprint, inputs: PlanInputs, explicit: Mapping[st
         adapted = ""
         median_extent = np.median(np.asarray([c.lesion_extent_mm for c in lesions]), axis=0)
         needed = median_extent / spec.min_lesion_voxels
-        if spacing_explicit is None and np.any(spacing > needed):
-            spacing = np.minimum(spacing, np.maximum(needed, finest))
+        refined = np.minimum(spacing, np.maximum(needed, finest))
+        if spacing_explicit is None and np.any(refined < spacing - 1e-9):
+            spacing = refined
             if roi_explicit is None:
                 crop = _shrink_crop(_crop_for(fov, spacing, divisor), budget, divisor)
             adapted = (f"; the median lesion is that small too, so the spacing was refined to {_r(spacing)} mm and "
