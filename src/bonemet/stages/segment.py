@@ -33,6 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import os
+    from collections import Counter
 
     import pandas as pd
     import torch
@@ -100,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
                                             / max(1, len(table)), 3),
             "epochs_mean": sum(len(f.history) for f in result.folds) / max(1, len(result.folds)),
             "n_parameters": result.folds[0].n_parameters if result.folds else 0,
+            # per fold: epochs, the epochs the schedule annealed over, why training stopped
+            "folds": [f.summary() for f in result.folds],
+            "stop_reasons": dict(sorted(Counter(f.stop_reason for f in result.folds).items())),
         })
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        tracker.log_metrics({f"folds_stopped_{k}": v for k, v in summary["stop_reasons"].items()})
         decision = decide_segmenter_promotion(summary.get("dice_mean"), min_dice=seg.gate.min_dice, n_cases=len(table))
         register = (seg.final_model != "none" and result.best_model is not None and not args.no_tracking
                     and not args.no_register and not args.folds)
