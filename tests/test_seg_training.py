@@ -73,6 +73,7 @@ SEG_CHANGES = {
     "train.max_epochs": 2, "train.batch_size": 2, "train.num_samples": 2, "train.lr": 0.05,
     "train.momentum": 0.9, "train.patience": 5, "train.val_overlap": None, "augment.rotate_prob": 0.0,
     "inference.overlap": 0.25, "inference.sw_batch_size": 2, "inference.mirror_axes": [],
+    "train.time_budget_s": None, "train.converge_window": None,  # the epoch schedule unless a test sets a budget
 }
 
 
