@@ -111,11 +111,11 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     for stage in ("validate", "plan", "preprocess", "segment", "extract", "train"):
         assert "cohorts/smoke" in [d["path"] for d in lock["stages"][stage]["deps"]], stage
     # the plan stage planned every `auto` setting; preprocess and segment read it
-    plan = json.loads((work / "data/plan.json").read_text())
+    plan = json.loads((first / "plan.json").read_text())
     assert {v["source"] for v in plan["values"].values()} == {"plan"} and plan["fingerprint"]["n_cases"] == 24
     for stage in ("preprocess", "segment", "report"):
         assert "data/plan.json" in [d["path"] for d in lock["stages"][stage]["deps"]], stage
-    geometry = json.loads(next((work / "data/preprocessed").glob("*_geometry.json")).read_text())
+    geometry = json.loads(next((first / "geometry").glob("*_geometry.json")).read_text())
     assert geometry["resampled_spacing_mm"] == pytest.approx(plan["values"]["preprocess.target_spacing_mm"]["value"])
     # label 2 everywhere: validation, the automatic masks, Dice, every case's features
     report = json.loads((work / "data/validation/report.json").read_text())
