@@ -512,7 +512,8 @@ result = run_cross_validation(cases, folds, spec, InferenceSettings.from_params(
                               mask_label=1, grid_tolerance_mm=params.validation.grid_tolerance_mm, num_threads=1,
                               figure_dpi=40, only_folds=[0])
 (fold,) = result.folds
-json.dump({{**fold.summary(), "epochs_seen": [h["epoch"] for h in fold.history]}}, open(root + "/result.json", "w"))
+json.dump({{**fold.summary(), "epochs_seen": [h["epoch"] for h in fold.history],
+           "val_dice": [h["val_dice"] for h in fold.history]}}, open(root + "/result.json", "w"))
 """
 
 
@@ -568,3 +569,5 @@ def test_a_fold_killed_mid_training_resumes_from_its_last_checkpoint(tmp_path):
     assert child(fresh).wait(timeout=600) == 0
     uninterrupted = json.loads((fresh / "result.json").read_text())
     assert uninterrupted["epochs"] == resumed["epochs"] and uninterrupted["resumed_from"] == 0
+    # every epoch's crops are seeded by (seed, epoch) and the whole state was restored: the same training
+    assert resumed["val_dice"] == pytest.approx(uninterrupted["val_dice"], abs=1e-6)

@@ -403,6 +403,7 @@ def train_model(
     for epoch in progress(epochs, total=len(epochs), desc=progress_desc, unit="epoch"):
         if epoch > horizon[0]:
             break
+        _seed_epoch(loader, seed, epoch)
         model.train()
         batch_losses = [step(batch) for batch in loader]
         lr_now = optimizer.param_groups[0]["lr"]
@@ -456,6 +457,18 @@ def train_model(
         stopped_early=stop_reason in ("patience", "converged"), train_seconds=clock() - start, device=str(device),
         stop_reason=stop_reason, planned_epochs=horizon[0], resumed_from=resumed_from,
     )
+
+
+def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """The epoch's crops and augmentations seeded by ``(seed, epoch)`` alone, so a fold resumed
+    after epoch k draws what the uninterrupted run drew (augmentation in this process:
+    ``train.num_workers`` 0; workers keep their own streams)."""
+    epoch_seed = (int(seed) * 100_003 + int(epoch)) % 2**32
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+    transform = getattr(loader.dataset, "transform", None)
+    if loader.num_workers == 0 and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=epoch_seed)
 
 
 def _save_resume(path: Path, key: str, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
