@@ -128,7 +128,7 @@ def prepare_cohort(work: Path, params: Any, *, cohort_dir: Path | None, n_cases:
     if not (out / "cases.csv").is_file():
         preprocess_cohort(cohort_dir, params.preprocess.updated({"out_dir": str(out), "n_jobs": n_jobs}),
                           mask_label=data.mask_label, grid_tolerance_mm=params.validation.grid_tolerance_mm,
-                          roi=data.roi, segment=data.segment, show_progress=False)
+                          roi=data.roi, segment=data.segment, pseudonym_key=None, show_progress=False)
     cases = load_cases(out, {c.case_id: c for c in manifest})
     grouped = any(c.patient_id is not None for c in manifest)
     splits = make_splits([c.case_id for c in manifest], [c.label for c in manifest], test_size=params.split.test_size,

@@ -16,22 +16,30 @@ _MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 def _mlflow_uri_isolated():
     """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for subprocesses):
     without this, one test's store (or a dead server) becomes every later test's and every
-    subprocess's. Restore the variables and MLflow's module state after each test."""
+    subprocess's. The variables and MLflow's module state are put back after each test as they were
+    before it (a module-scoped store fixture, set up before this snapshot, stays in place)."""
     import sys
 
-    before = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
+    def mlflow_state():
+        if "mlflow" not in sys.modules:
+            return None
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        return tracking_utils, registry_utils, tracking_utils._tracking_uri, registry_utils._registry_uri
+
+    before_env = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
+    before = mlflow_state()
     yield
-    for name, value in before.items():
+    for name, value in before_env.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    if "mlflow" in sys.modules:
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        tracking_utils._tracking_uri = None
-        registry_utils._registry_uri = None
+    after = mlflow_state()
+    if after is not None:
+        tracking_utils, registry_utils = after[:2]
+        tracking_utils._tracking_uri, registry_utils._registry_uri = (before[2:] if before else (None, None))
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_serving_benchmark_quick_mode(tmp_path):
     out = tmp_path / "serving.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["quick"] and report["serving_mode"] == "reduced"

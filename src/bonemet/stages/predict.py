@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", default=None, metavar="DIR_OR_MANIFEST",
                         help="many CTs: a folder of CTs (files or DICOM series folders; segmented) or a CSV "
                              "manifest (case_id,image[,mask,roi,segment]); needs -o")
-    parser.add_argument("-o", "--output", default=None, metavar="OUT.csv", help="with -i: the results, one row per case")
+    parser.add_argument("-o", "--out", dest="output", default=None, metavar="OUT.csv", help="with -i: the results, one row per case")
     parser.add_argument("--mask", default=None,
                         help="lesion mask on the CT: a label map (lesion = data.mask_label), a DICOM RTSTRUCT "
                              "(--roi) or SEG (--segment) (default: segment with MISSU)")
