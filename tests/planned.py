@@ -1,7 +1,7 @@
 """The planned settings' values the tests run with (params.yaml leaves them ``auto`` to the plan
-stage; a test of a library function needs values). Close to what the plan gives the default
-cohort on the cpu profile (data/plan.json: 1.51 mm, 32^3); the plan itself is tested in
-tests/test_planning.py."""
+stage; a test of a library function needs values): the speed benchmarks' reference values, close
+to what the plan gives the default cohort on the cpu profile (1.51 mm, 32^3); the plan itself is
+tested in tests/test_planning.py."""
 
 from __future__ import annotations
 
@@ -10,14 +10,23 @@ from typing import Any
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
+
+def _reference_plan() -> dict[str, Any]:
+    """benchmarks/_common.py's REFERENCE_PLAN: one copy of the values, which the speed benchmarks use too."""
+    import importlib.util
+    import sys
+
+    name = "benchmarks_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_PARAMS.parent / "benchmarks" / "_common.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return dict(sys.modules[name].REFERENCE_PLAN)
+
+
 #: planned key -> the value tests use
-VALUES: dict[str, Any] = {
-    "preprocess.target_spacing_mm": [1.5, 1.5, 1.5],
-    "preprocess.hu_window": [-200.0, 1800.0],
-    "segment.roi_size": [32, 32, 32],
-    "preprocess.crop.min_size_vox": [32, 32, 32],
-    "segment.train.batch_size": 2,
-}
+VALUES: dict[str, Any] = _reference_plan()
 
 
 def with_values(params: Any) -> Any:

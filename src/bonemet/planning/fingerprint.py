@@ -91,18 +91,12 @@ def measure_case(case: Case, *, mask_label: int, grid_tolerance_mm: float, crop:
     """Fingerprint one case from its raw CT (HU) and manual mask (label map, RTSTRUCT or SEG)."""
     import SimpleITK as sitk
 
-    from bonemet.data.dicom_masks import read_lesion_mask
-    from bonemet.data.io import read_image
+    from bonemet.preprocessing.cohort import read_manual_case
     from bonemet.preprocessing.crop import bone_crop_box
 
-    if single_thread:  # one process per core already
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        image = read_image(case.image, case_id=case.case_id)
-        ref = case.mask_ref("manual")
-        mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
-                                case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm,
-                                reference_image_path=case.image)
+        image, mask = read_manual_case(case, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm,
+                                       single_thread=single_thread)
         hu = sitk.GetArrayViewFromImage(image)  # (z, y, x)
         lesion = sitk.GetArrayViewFromImage(mask) > 0
         spacing = tuple(float(s) for s in image.GetSpacing())

@@ -22,6 +22,23 @@ CASES_TABLE = "cases.csv"
 CASES_COLUMNS = ("case_id", "label", "image", "mask", "geometry")
 
 
+def read_manual_case(case: Case, *, mask_label: int, grid_tolerance_mm: float, single_thread: bool = False):
+    """``(CT in HU, manual lesion mask on its grid)`` of ``case`` (label map, RTSTRUCT or SEG);
+    ``single_thread``: ITK on one thread (one worker process per core already)."""
+    import SimpleITK as sitk
+
+    from bonemet.data.dicom_masks import read_lesion_mask
+    from bonemet.data.io import read_image
+
+    if single_thread:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    image = read_image(case.image, case_id=case.case_id)
+    ref = case.mask_ref("manual")
+    mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
+                            case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.image)
+    return image, mask
+
+
 def _process_case(
     case: Case, out_dir: Path, mask_label: int, spec: PreprocessSpec, grid_tolerance_mm: float, single_thread: bool
 ) -> dict:
@@ -30,20 +47,12 @@ def _process_case(
     A failure gets a note naming the case; a user's bad file is a
     :class:`~bonemet.errors.UserError` from the readers, anything else keeps its traceback.
     """
-    import SimpleITK as sitk
-
-    from bonemet.data.dicom_masks import read_lesion_mask
-    from bonemet.data.io import read_image, write_image
+    from bonemet.data.io import write_image
     from bonemet.preprocessing.pipeline import preprocess_case
 
-    if single_thread:  # one process per core already: avoid oversubscribing ITK threads
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        image = read_image(case.image, case_id=case.case_id)
-        ref = case.mask_ref("manual")
-        mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
-                                case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm,
-                                reference_image_path=case.image)
+        image, mask = read_manual_case(case, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm,
+                                       single_thread=single_thread)
         result = preprocess_case(image, mask, spec, grid_tolerance_mm=grid_tolerance_mm, case_id=case.case_id)
         names = {
             "image": f"{case.case_id}_image.nii.gz",
