@@ -19,9 +19,8 @@ def _reference_plan() -> dict[str, Any]:
     name = "benchmarks_common"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO_PARAMS.parent / "benchmarks" / "_common.py")
-        module = importlib.util.module_from_spec(spec)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
         spec.loader.exec_module(module)
-        sys.modules[name] = module
     return dict(sys.modules[name].REFERENCE_PLAN)
 
 
