@@ -52,22 +52,62 @@ def machine() -> dict[str, Any]:
     return info
 
 
+#: The planned settings' values the speed benchmarks (networks, inference, predict) were measured
+#: with, where params leave them ``auto``: what the plan stage gives the default cohort on the cpu
+#: profile (1.51 mm, 32^3 crops, batch 2), the HU window they were tuned with.
+REFERENCE_PLAN = {
+    "preprocess.target_spacing_mm": [1.5, 1.5, 1.5],
+    "preprocess.hu_window": [-200.0, 1800.0],
+    "segment.roi_size": [32, 32, 32],
+    "preprocess.crop.min_size_vox": [32, 32, 32],
+    "segment.train.batch_size": 2,
+}
+
+
+def with_reference_plan(params: Any) -> Any:
+    """``params`` with :data:`REFERENCE_PLAN` for every planned setting still ``auto``."""
+    from bonemet.config import AUTO, setting
+    from bonemet.planning import apply_values
+
+    return apply_values(params, {k: v for k, v in REFERENCE_PLAN.items() if setting(params, k) == AUTO})
+
+
+def plan_cohort(params: Any, cohort_dir: Path, n_jobs: int) -> tuple[Any, dict[str, Any]]:
+    """The plan stage's work on ``cohort_dir``: ``(params with every auto setting planned, the plan)``."""
+    from bonemet.data.manifest import read_manifest
+    from bonemet.planning import PlanInputs, fingerprint_cohort, make_plan, resolve_params
+
+    data = params.data
+    cases = read_manifest(cohort_dir, roi=data.roi, segment=data.segment)
+    fingerprint = fingerprint_cohort(cases, mask_label=data.mask_label, grid_tolerance_mm=params.validation.grid_tolerance_mm,
+                                     crop=params.preprocess.crop, samples_per_case=params.plan.samples_per_case,
+                                     n_jobs=n_jobs)
+    plan = make_plan(fingerprint, PlanInputs.from_params(params))
+    return resolve_params(params, plan), plan
+
+
 @dataclass
 class PreparedCohort:
-    """A cohort preprocessed and split as the pipeline does it, in a work folder."""
+    """A cohort planned, preprocessed and split as the pipeline does it, in a work folder."""
 
     cohort_dir: Path
     manifest: list  # bonemet.data.manifest.Case
     cases: list  # bonemet.segmentation.data.SegCase
     folds: dict[str, int]
     groups: dict[str, str] | None
+    #: the params with the plan's values for every ``auto`` setting (explicit ones kept)
+    params: Any = None
+    #: the plan (None when params left nothing ``auto``)
+    plan: dict[str, Any] | None = None
 
 
 def prepare_cohort(work: Path, params: Any, *, cohort_dir: Path | None, n_cases: int, n_positive: int,
-                   size: str, n_jobs: int) -> PreparedCohort:
-    """Preprocess ``cohort_dir`` (or a synthetic cohort of ``n_cases`` written into ``work/raw``) with
-    ``params.preprocess`` into ``work/preprocessed``, and split it with ``params.split`` and the seed
-    as the split stage does (``all_folds``: the segmentation folds)."""
+                   size: str, n_jobs: int, protocols: list | None = None) -> PreparedCohort:
+    """Plan ``cohort_dir`` (or a synthetic cohort of ``n_cases`` written into ``work/raw``, scanned
+    with ``protocols``) when params leave settings ``auto``, preprocess it with the planned
+    ``params.preprocess`` into ``work/preprocessed``, and split it with ``params.split`` and the
+    seed as the split stage does (``all_folds``: the segmentation folds)."""
+    from bonemet.config import unplanned_keys
     from bonemet.data.manifest import read_manifest
     from bonemet.data.synthetic import generate_cohort
     from bonemet.preprocessing import preprocess_cohort
@@ -79,7 +119,10 @@ def prepare_cohort(work: Path, params: Any, *, cohort_dir: Path | None, n_cases:
         cohort_dir = work / "raw"
         if not (cohort_dir / "manifest.csv").is_file():
             generate_cohort(cohort_dir, n_cases=n_cases, n_positive=n_positive, seed=data.synthetic.seed, size=size,
-                            mask_label=data.mask_label, overwrite=True, show_progress=False)
+                            mask_label=data.mask_label, protocols=protocols, overwrite=True, show_progress=False)
+    plan = None
+    if unplanned_keys(params.preprocess, "preprocess") or unplanned_keys(params.segment, "segment"):
+        params, plan = plan_cohort(params, cohort_dir, n_jobs)
     manifest = read_manifest(cohort_dir, roi=data.roi, segment=data.segment)
     out = work / "preprocessed"
     if not (out / "cases.csv").is_file():
@@ -93,4 +136,4 @@ def prepare_cohort(work: Path, params: Any, *, cohort_dir: Path | None, n_cases:
                          n_folds=params.split.n_folds, seed=params.seed,
                          groups=[c.patient for c in manifest] if grouped else None)
     folds = {k: int(v) for k, v in splits["all_folds"].items()}
-    return PreparedCohort(cohort_dir, manifest, cases, folds, splits.get("groups"))
+    return PreparedCohort(cohort_dir, manifest, cases, folds, splits.get("groups"), params, plan)

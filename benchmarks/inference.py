@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = common.prepare_cohort(work, params, cohort_dir=None if args.quick else cohort_dir,
                                          n_cases=QUICK_CASES, n_positive=QUICK_POSITIVE, size="small",
                                          n_jobs=1 if args.quick else params.preprocess.n_jobs)
+        params = prepared.params
         seg = params.segment.updated({"masks_dir": str(work / "masks"), "work_dir": str(work / "segmentation"),
                                       **(QUICK_SEGMENT if args.quick else {})})
         base = InferenceSettings.from_params(params.preprocess, seg)

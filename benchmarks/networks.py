@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import multiprocessing
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -51,6 +54,11 @@ from bonemet.segmentation.networks import (
     count_parameters,
     network_kwargs,
 )
+
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "_common.py")
+common = sys.modules["benchmarks_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 log = logging.getLogger("benchmarks.networks")
 
@@ -382,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bonemet.config import load_specs
 
-    params = load_specs(args.params, segment_profile=args.profile)
+    params = common.with_reference_plan(load_specs(args.params, segment_profile=args.profile))
     if args.quick:
         params = params.model_copy(update={
             "preprocess": params.preprocess.updated({"target_spacing_mm": [2.5, 2.5, 2.5],

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         params_path = _write_params(work, args.params, args.quick)
-        params = load_specs(params_path)
+        params = common.with_reference_plan(load_specs(params_path))
         label = params.data.mask_label
         generate_cohort(work / "cohort", n_cases=2, n_positive=1, seed=args.seed, size="small" if args.quick else "full",
                         mask_label=label, overwrite=True, show_progress=False)

@@ -1,4 +1,5 @@
-"""Benchmark: MISSU vs MONAI UNet vs UNETR (and MISSU without distillation) on the same folds.
+"""Benchmark: MISSU vs MONAI UNet vs UNETR (and MISSU without distillation) on the same folds; or,
+with ``--cohorts``, one network on cohorts of different scanner protocols, each with its own plan.
 
 Each variant runs the segment stage's cross-validation driver (``run_cross_validation``, params
 ``segment`` with its profile) on the same preprocessed cases and folds, in its own process so that
@@ -17,6 +18,20 @@ folder (never the pipeline's outputs): the default cohort (params ``data.cohort_
         --synthetic 60 --spacing 1 --threads 16 --json benchmarks/results/segmentation_gpu.json
     # the quick mode CI runs: 16 small cases, one fold, one epoch, MISSU and UNet
     python benchmarks/segmentation.py --quick --json /tmp/segmentation_quick.json
+
+With ``--cohorts default,site_b`` (issue 14) each named cohort is planned (the plan stage's
+fingerprint and plan of every ``auto`` setting), preprocessed, split and segmented with the first
+of ``--variants`` over ``--n-folds`` folds: ``default`` is params ``data.cohort_dir`` (or
+``--synthetic N`` cases), any other name a synthetic cohort of ``data.synthetic.n_cases`` cases
+scanned with that protocol of ``data.synthetic.protocols`` (``site_b``: 2-3 mm slices, twice the
+noise, a softer kernel, +30 HU). Reported per cohort: mean out-of-fold Dice, wall time, epochs and
+stop reason per fold, and the plan (values, details, warnings).
+
+    # the lead's run (alone on the machine, ~2 x 20 min): ten folds of the cpu profile on both cohorts
+    python benchmarks/segmentation.py --cohorts default,site_b --variants missu --n-folds 10 --threads 2 \
+        --json benchmarks/results/segmentation_cohorts.json
+    # its quick mode (CI): 16 small cases per cohort, one fold, one epoch
+    python benchmarks/segmentation.py --quick --cohorts default,site_b --json /tmp/segmentation_cohorts.json
 """
 
 from __future__ import annotations
@@ -84,12 +99,86 @@ def _run_variant(job: dict[str, Any], queue: Any) -> None:
         "seconds_per_epoch": sum(f.train_seconds for f in result.folds) / max(1, epochs),
         "infer_seconds_per_case": sum(f.infer_seconds_per_case * f.n_test for f in result.folds) / max(1, n_test),
         "n_parameters": result.folds[0].n_parameters,
+        "stop_reasons": [f.stop_reason for f in result.folds],
+        "fold_budget_s": result.folds[0].budget_s,
         "n_parameters_inference": count_parameters(network_from_spec(spec), inference_only=True),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if torch.cuda.is_available():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     queue.put(out)
+
+
+def _variant(args: argparse.Namespace, params: Any, prepared: Any, variant: str, work: Path, only: list[int]) -> dict:
+    """One cross-validation of ``variant`` in a spawned process (its own peak memory); its result."""
+    from bonemet.segmentation.inference import InferenceSettings
+
+    network, distill = VARIANTS[variant]
+    changes = {"model": network, "masks_dir": str(work / "masks"), "work_dir": str(work / "work"),
+               **(QUICK_SEGMENT if args.quick else {})}
+    if distill is not None:
+        changes["distill_weight"] = distill
+    if args.max_epochs:
+        changes["train.max_epochs"] = args.max_epochs
+    if args.device:
+        changes["device"] = args.device
+    seg = params.segment.updated(changes)
+    job = {"segment": seg.model_dump(mode="json"),
+           "settings": InferenceSettings.from_params(params.preprocess, seg).to_metadata(),
+           "cases": prepared.cases, "folds": prepared.folds, "groups": prepared.groups, "only_folds": only,
+           "threads": args.threads, "seed": params.seed, "mask_label": params.data.mask_label,
+           "grid_tolerance_mm": params.validation.grid_tolerance_mm}
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_run_variant, args=(job, queue))
+    log.info("benchmark %s: %d cases, folds %s", variant, len(prepared.cases), only)
+    proc.start()
+    proc.join()
+    result = queue.get() if proc.exitcode == 0 and not queue.empty() else {"error": f"exit code {proc.exitcode}"}
+    log.info("%s: %s", variant, result)
+    return result
+
+
+def _by_cohort(args: argparse.Namespace, params: Any) -> int:
+    """``--cohorts``: each cohort planned, preprocessed, split and segmented with the first variant."""
+    import torch
+
+    variant = args.variants.split(",")[0]
+    synthetic = params.data.synthetic
+    protocols = {p.name: p for p in synthetic.protocols}
+    if args.quick:
+        params = params.model_copy(update={"split": params.split.updated({"n_folds": 3})})
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bonemet-segmentation-cohorts-") as tmp:
+        work = args.work or Path(tmp)
+        for name in args.cohorts.split(","):
+            if name != "default" and name not in protocols:
+                raise SystemExit(f"--cohorts: '{name}' is neither 'default' nor a protocol of data.synthetic.protocols "
+                                 f"({', '.join(protocols)})")
+            n_cases = QUICK_CASES if args.quick else (args.synthetic if name == "default" else synthetic.n_cases)
+            own = name == "default" and not n_cases
+            start = time.perf_counter()
+            prepared = common.prepare_cohort(
+                work / name, params, cohort_dir=Path(params.data.cohort_dir) if own else None, n_cases=n_cases,
+                n_positive=QUICK_POSITIVE if args.quick else max(2, n_cases * synthetic.n_positive // synthetic.n_cases),
+                size="small" if args.quick else synthetic.size, n_jobs=1 if args.quick else params.preprocess.n_jobs,
+                protocols=None if name == "default" else [protocols[name]])
+            prepare_s = time.perf_counter() - start
+            only = sorted(set(prepared.folds.values()))[: args.n_folds]
+            result = _variant(args, prepared.params, prepared, variant, work / name / variant, only)
+            plan = prepared.plan or {}
+            results[name] = {
+                **result, "prepare_seconds": prepare_s, "n_cases": len(prepared.cases), "folds": only,
+                "plan": {"values": {k: v["value"] for k, v in plan.get("values", {}).items()},
+                         "sources": {k: v["source"] for k, v in plan.get("values", {}).items()},
+                         "details": plan.get("details"), "warnings": plan.get("warnings"),
+                         "fingerprint": {k: v for k, v in plan.get("fingerprint", {}).items() if k != "cases"}},
+            }
+    report = {"machine": common.machine(), "quick": args.quick, "threads": args.threads, "variant": variant,
+              "profile": params.segment.profile, "max_epochs": args.max_epochs or params.segment.train.max_epochs,
+              "time_budget_s": params.segment.train.time_budget_s,
+              "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cohorts": results}
+    common.print_json(report, args.json)
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="16 small cases, one fold, one epoch (CI runs this)")
+    parser.add_argument("--cohorts", default=None,
+                        help="comma-separated cohorts (default, or a protocol name of data.synthetic.protocols): "
+                             "each planned and segmented with the first variant")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         args.variants, args.n_folds, args.max_epochs = QUICK_VARIANTS, 1, 1
 
     from bonemet.config import load_specs
-    from bonemet.segmentation.inference import InferenceSettings
 
     params = load_specs(args.params, segment_profile=args.profile)
+    if args.cohorts:
+        return _by_cohort(args, params)
     pre = {}
     if args.quick:
         pre = {"target_spacing_mm": [2.5, 2.5, 2.5], "crop.min_size_vox": [16, 16, 16]}
@@ -132,32 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             work, params, cohort_dir=None if n_cases else Path(params.data.cohort_dir), n_cases=n_cases,
             n_positive=QUICK_POSITIVE if args.quick else max(2, n_cases * synthetic.n_positive // synthetic.n_cases),
             size="small" if args.quick else synthetic.size, n_jobs=1 if args.quick else params.preprocess.n_jobs)
+        params = prepared.params
         only = sorted(set(prepared.folds.values()))[: args.n_folds]
-        ctx = mp.get_context("spawn")
         for variant in args.variants.split(","):
-            network, distill = VARIANTS[variant]
-            changes = {"model": network, "masks_dir": str(work / variant / "masks"),
-                       "work_dir": str(work / variant / "work"), **(QUICK_SEGMENT if args.quick else {})}
-            if distill is not None:
-                changes["distill_weight"] = distill
-            if args.max_epochs:
-                changes["train.max_epochs"] = args.max_epochs
-            if args.device:
-                changes["device"] = args.device
-            seg = params.segment.updated(changes)
-            job = {"segment": seg.model_dump(mode="json"),
-                   "settings": InferenceSettings.from_params(params.preprocess, seg).to_metadata(),
-                   "cases": prepared.cases, "folds": prepared.folds, "groups": prepared.groups, "only_folds": only,
-                   "threads": args.threads, "seed": params.seed, "mask_label": params.data.mask_label,
-                   "grid_tolerance_mm": params.validation.grid_tolerance_mm}
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_run_variant, args=(job, queue))
-            log.info("benchmark %s: %d cases, folds %s", variant, len(prepared.cases), only)
-            proc.start()
-            proc.join()
-            results[variant] = queue.get() if proc.exitcode == 0 and not queue.empty() else {
-                "error": f"exit code {proc.exitcode}"}
-            log.info("%s: %s", variant, results[variant])
+            results[variant] = _variant(args, params, prepared, variant, work / variant, only)
     import torch
 
     report = {

@@ -46,7 +46,8 @@ if grep -q "Running stage" repro2.log; then echo "error: second dvc repro re-ran
 "$BIN/dvc" status
 # the experiments below rerun stages (a failing one removes the segment stage's outputs first):
 # keep the first repro's for the checks of tests/test_pipeline_smoke.py
-mkdir -p first_repro && cp -r dvc.lock metrics data/auto_masks logs first_repro/
+mkdir -p first_repro/geometry && cp -r dvc.lock metrics data/auto_masks data/plan.json logs first_repro/
+cp data/preprocessed/*_geometry.json first_repro/geometry/
 echo "== dvc exp run -S changes one param and reruns only what depends on it"
 "$BIN/dvc" exp run -q -S split.test_size=0.4 split
 "$BIN/dvc" exp show --no-pager --csv > exp_show.csv

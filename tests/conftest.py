@@ -57,29 +57,31 @@ def _few_threads(monkeypatch):
 @pytest.fixture(scope="session")
 def params():
     """The repository's params.yaml as validated, frozen specs (tests derive settings with ``.updated``)."""
-    from pathlib import Path
+    import planned
 
-    from bonemet.config import load_specs
-
-    return load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
+    return planned.load()
 
 
 @pytest.fixture
 def params_file(tmp_path):
-    """``write(overrides, path=None)``: the repository's params.yaml with ``overrides`` deep-merged in,
+    """``write(overrides, path=None)``: the repository's params.yaml with the planned settings' test
+    values (tests/planned.py) and ``overrides`` deep-merged in,
     written to ``path`` (default ``tmp_path / "params.yaml"``); returns the path. A complete,
     valid file for the stage commands, which validate every section."""
     from pathlib import Path
 
     import yaml
 
+    import planned
     from bonemet.config import deep_merge, load_params
 
     repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
 
     def write(overrides=None, path=None):
         path = Path(path) if path is not None else tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(deep_merge(load_params(repo_params), overrides or {})), encoding="utf-8")
+        # the planned settings as explicit test values (the stages then need no plan), unless overridden
+        base = deep_merge(load_params(repo_params), planned.explicit_overrides())
+        path.write_text(yaml.safe_dump(deep_merge(base, overrides or {})), encoding="utf-8")
         return path
 
     return write

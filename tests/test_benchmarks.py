@@ -26,10 +26,14 @@ QUICK: dict[str, tuple[list[str], set[str]]] = {
     "predict.py": (["--quick", "--json", "{json}"], {"machine", "models", "rows"}),
     "inference.py": (["--quick", "--work", "{tmp}/work", "--json", "{json}"], {"machine", "rows", "train_seconds"}),
     "latent_recovery.py": (["--quick", "{tmp}/cohort", "--json", "{json}"], None),
+    # issue 14: the default cohort and a second scanner protocol, each with its own plan
+    "segmentation.py": (["--quick", "--cohorts", "default,site_b", "--work", "{tmp}/work", "--json", "{json}"],
+                        {"machine", "cohorts", "variant"}),
 }
-#: scripts whose quick mode another test runs (gpu_check.sh --cpu runs networks.py and segmentation.py --quick)
+#: scripts whose quick mode another test runs (gpu_check.sh --cpu runs networks.py and segmentation.py --quick;
+#: segmentation.py's --cohorts mode is in QUICK)
 TESTED_ELSEWHERE = {"harmonization.py": "tests/test_benchmark_harmonization.py", "fuzz.py": "tests/test_fuzz.py",
-                    "networks.py": "tests/test_benchmarks.py", "segmentation.py": "tests/test_benchmarks.py"}
+                    "networks.py": "tests/test_benchmarks.py"}
 #: scripts without a quick mode yet, and who brings it (issue 16 §1, issue 13)
 PENDING = {"serving.py": "the serving branch (issue 16 §1)", "cohort_variation.py": "the cohorts branch (issue 13)"}
 

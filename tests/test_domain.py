@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from bonemet.config import load_specs
+import planned
 from bonemet.data.io import read_image, read_mask, write_image
 from bonemet.radiomics import build_settings
 
-PARAMS = load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
+PARAMS = planned.load(Path(__file__).resolve().parents[1] / "params.yaml")
 LABEL = PARAMS.data.mask_label
 TOLERANCE_MM = PARAMS.validation.grid_tolerance_mm
 # first-order and shape features of the original image only: each extraction well under a second

@@ -77,8 +77,15 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     assert dvc_file["outs"][0]["path"] == "smoke" and dvc_file["outs"][0]["md5"].endswith(".dir")
     first = work / "first_repro"  # the outputs of the first `dvc repro`, before the experiments
     lock = yaml.safe_load((first / "dvc.lock").read_text())
-    for stage in ("validate", "preprocess", "segment", "extract", "train"):
+    for stage in ("validate", "plan", "preprocess", "segment", "extract", "train"):
         assert "cohorts/smoke" in [d["path"] for d in lock["stages"][stage]["deps"]], stage
+    # the plan stage planned every `auto` setting; preprocess and segment read it
+    plan = json.loads((first / "plan.json").read_text())
+    assert {v["source"] for v in plan["values"].values()} == {"plan"} and plan["fingerprint"]["n_cases"] == 24
+    for stage in ("preprocess", "segment", "report"):
+        assert "data/plan.json" in [d["path"] for d in lock["stages"][stage]["deps"]], stage
+    geometry = json.loads(next((first / "geometry").glob("*_geometry.json")).read_text())
+    assert geometry["resampled_spacing_mm"] == pytest.approx(plan["values"]["preprocess.target_spacing_mm"]["value"])
     # label 2 everywhere: validation, the automatic masks, Dice, every case's features
     report = json.loads((work / "data/validation/report.json").read_text())
     assert report["passed"] and report["params"]["mask_label"] == 2
@@ -93,6 +100,8 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     seg = json.loads((first / "metrics/segmentation.json").read_text())
     assert seg["n_cases"] == len(cases) and math.isfinite(seg["dice_mean"]) and seg["dice_mean"] > 0
     assert seg["gate"]["promote"] and seg["gate"]["registered"] and seg["gate"]["min_dice"] == 0.0
+    # each fold's stop reason (the smoke run keeps the epoch schedule)
+    assert [f["stop_reason"] for f in seg["folds"]] == ["max_epochs"] * 3 and seg["stop_reasons"] == {"max_epochs": 3}
     # the registered classifier's training domain, fitted by the train stage
     registry = json.loads((first / "metrics/registry.json").read_text())
     domain = json.loads((work / "models/domain.json").read_text())

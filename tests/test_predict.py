@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from bonemet.config import load_specs
+import planned
 from bonemet.data.io import ImageReadError, read_image, read_mask, same_grid, write_image
 from bonemet.data.masks import mask_volume_ml
 from bonemet.radiomics import build_settings
@@ -21,7 +21,7 @@ from bonemet.segmentation.inference import CaseInferenceError, InferenceSettings
 from bonemet.serving.checks import check_feature_frame
 from bonemet.serving.predict import MissuSegmenter, PredictError, case_id_from_path, predict_case
 
-PARAMS = load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
+PARAMS = planned.load(Path(__file__).resolve().parents[1] / "params.yaml")
 LABEL = PARAMS.data.mask_label
 TOLERANCE_MM = PARAMS.validation.grid_tolerance_mm
 MIN_LESION_ML = PARAMS.validation.lesion_volume_ml[0]

@@ -165,7 +165,7 @@ def test_no_identifying_value_reaches_any_output(tmp_path):
     for name, text in (("smoke.log", run.stdout + run.stderr), ("predict.log", predicted.stdout + predicted.stderr)):
         (work / "logs" / name).write_text(text, encoding="utf-8")
     files = _outputs(work, cohort)
-    expected = ["dvc.lock", "metrics/summary.json", "metrics/repeated.json", "reports/index.html",
+    expected = ["dvc.lock", "data/plan.json", "metrics/summary.json", "metrics/repeated.json", "reports/index.html",
                 "data/features/auto.parquet", "data/splits.json", "models/index.json", "mlruns/mlflow.db"]
     for out in expected:
         assert work / out in files, out

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from bonemet.config import load_params, load_specs
+import planned
+from bonemet.config import load_params
 from bonemet.data.manifest import read_manifest
 from bonemet.radiomics import (
     SOURCES,
@@ -32,7 +33,7 @@ from compute_specs import LOCAL_COMPUTE
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = load_specs(REPO / "params.yaml")
+PARAMS = planned.load(REPO / "params.yaml")
 #: params.yaml's validate.grid_tolerance_mm: how far a mask's grid may be from its image's
 TOL = PARAMS.validation.grid_tolerance_mm
 #: extract_cohort's settings that these tests do not vary (no cache unless a test gives one)

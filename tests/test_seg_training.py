@@ -66,16 +66,21 @@ def _make_cohort(root, n_cases: int, seed: int = 0) -> list[SegCase]:
     return load_cases(pre, originals)
 
 
+#: params.yaml's segment spec (cpu profile) shrunk for these tests: the tiny UNet on 16^3 crops,
+#: two epochs, one fold at a time, no test-time mirroring
+SEG_CHANGES = {
+    "model": "unet", "networks.unet": TINY_UNET, "roi_size": list(ROI), "parallel_folds": 1, "num_threads": 1,
+    "train.max_epochs": 2, "train.batch_size": 2, "train.num_samples": 2, "train.lr": 0.05,
+    "train.momentum": 0.9, "train.patience": 5, "train.val_overlap": None, "augment.rotate_prob": 0.0,
+    "inference.overlap": 0.25, "inference.sw_batch_size": 2, "inference.mirror_axes": [],
+    "train.time_budget_s": None, "train.converge_window": None,  # the epoch schedule unless a test sets a budget
+}
+
+
 @pytest.fixture(scope="module")
 def seg(params) -> SegmentSpec:
-    """params.yaml's segment spec (cpu profile) shrunk for these tests: the tiny UNet on 16^3 crops,
-    two epochs, one fold at a time, no test-time mirroring."""
-    return params.segment.updated({
-        "model": "unet", "networks.unet": TINY_UNET, "roi_size": list(ROI), "parallel_folds": 1, "num_threads": 1,
-        "train.max_epochs": 2, "train.batch_size": 2, "train.num_samples": 2, "train.lr": 0.05,
-        "train.momentum": 0.9, "train.patience": 5, "train.val_overlap": None, "augment.rotate_prob": 0.0,
-        "inference.overlap": 0.25, "inference.sw_batch_size": 2, "inference.mirror_axes": [],
-    })
+    """params.yaml's segment spec shrunk for these tests (:data:`SEG_CHANGES`)."""
+    return params.segment.updated(SEG_CHANGES)
 
 
 @pytest.fixture
@@ -418,3 +423,151 @@ def test_parallel_fold_failure_names_the_case(tmp_path, params, seg, cv_kwargs):
 def test_training_without_cases_is_refused(seg):
     with pytest.raises(TrainingConfigError, match="no training cases"):
         train_model(network_from_spec(seg), [], [], seg, seed=0)
+
+
+# --- schedules: a time budget, convergence, patience; resuming a killed fold ---------------------
+
+
+class _ScriptedClock:
+    """Seconds as the scripted validation sets them: epoch ``k`` ends at ``k * epoch_s``."""
+
+    def __init__(self, epoch_s: float) -> None:
+        self.epoch_s, self.now = epoch_s, 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def validate(self, dices):
+        def run(model, epoch):
+            self.now = epoch * self.epoch_s
+            return 1.0 / epoch, dices(epoch)  # a falling validation loss: patience never runs out
+        return run
+
+
+def test_a_time_budget_fixes_the_epochs_and_anneals_the_learning_rate_over_them(tmp_path, seg):
+    items = [load_volume(c) for c in _make_cohort(tmp_path, 2)]
+    spec = seg.updated({"train.max_epochs": 50, "train.num_samples": 1, "train.batch_size": 1,
+                        "train.converge_window": None, "train.lr_schedule": "poly", "train.poly_power": 1.0})
+    clock = _ScriptedClock(10.0)
+    result = train_model(network_from_spec(spec), items[:1], items[1:], spec, seed=0, time_budget_s=65.0,
+                         validate=clock.validate(lambda e: 0.1 * e), clock=clock)
+    # 10 s per epoch (measured at epoch 2): 65 s hold 6 epochs; the poly schedule anneals over those 6
+    assert result.stop_reason == "budget" and result.planned_epochs == 6 and len(result.history) == 6
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] == pytest.approx(spec.train.lr) and lrs[-1] == pytest.approx(spec.train.lr / 6, rel=1e-3)
+    # without a budget the same settings run the epoch schedule to its end
+    epochs = train_model(network_from_spec(spec), items[:1], items[1:], spec.updated({"train.max_epochs": 4}), seed=0,
+                         validate=clock.validate(lambda e: 0.1 * e), clock=clock)
+    assert epochs.stop_reason == "max_epochs" and len(epochs.history) == 4 and epochs.planned_epochs == 4
+
+
+def test_a_flat_validation_dice_stops_as_converged_and_a_rising_loss_as_patience(tmp_path, seg):
+    items = [load_volume(c) for c in _make_cohort(tmp_path, 2)]
+    spec = seg.updated({"train.max_epochs": 40, "train.num_samples": 1, "train.batch_size": 1,
+                        "train.converge_window": 4, "train.converge_tol": 0.01, "train.patience": 30})
+    clock = _ScriptedClock(1.0)
+    # Dice rises to 0.6 at epoch 5, then stays within 0.005: converged after 4 flat epochs (epoch 9)
+    flat = train_model(network_from_spec(spec), items[:1], items[1:], spec, seed=0, time_budget_s=1000.0,
+                       validate=clock.validate(lambda e: min(e, 5) * 0.12 - 0.005 * (e > 5)), clock=clock)
+    assert flat.stop_reason == "converged" and len(flat.history) == 9 and flat.best_epoch == 5
+    assert flat.stopped_early
+    losses = iter([1.0, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4])
+    patience = train_model(network_from_spec(spec), items[:1], items[1:], spec.updated({"train.patience": 3}), seed=0,
+                           validate=lambda model, epoch: (next(losses), 0.1 * epoch), time_budget_s=1000.0,
+                           clock=clock)
+    assert patience.stop_reason == "patience" and len(patience.history) == 5
+
+
+def test_cross_validation_logs_each_folds_budget_and_stop_reason(tmp_path, params, seg, cv_kwargs):
+    cases = _make_cohort(tmp_path, 6)
+    folds = {c.case_id: i % 3 for i, c in enumerate(cases)}
+    spec = _cv_spec(seg, tmp_path, **{"train.time_budget_s": 3000.0, "parallel_folds": 2, "train.max_epochs": 2})
+    tracker = RecordingTracker()
+    with tracker.run("segment"):
+        result = run_cross_validation(cases, folds, spec, _settings(params, spec), tracker=tracker, only_folds=[1],
+                                      **cv_kwargs)
+    (fold,) = result.folds
+    # 3000 s for three folds two at a time: two rounds, 1500 s each (the budget counts every fold of the split)
+    assert fold.budget_s == 1500.0 and fold.summary()["stop_reason"] == "max_epochs" == fold.stop_reason
+    run = tracker.find("fold-1")
+    assert run["tags"]["stop_reason"] == "max_epochs" and run["params"]["fold_budget_s"] == 1500.0
+    assert not list((tmp_path / "work").glob("*.resume.pt"))  # a finished run leaves nothing to resume
+
+
+RESUME_CHILD = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import planned
+from test_seg_training import SEG_CHANGES, _make_cohort
+from bonemet.segmentation.cv import run_cross_validation
+from bonemet.segmentation.inference import InferenceSettings
+
+root = {root!r}
+params = planned.load()
+spec = params.segment.updated({{**SEG_CHANGES, "train.max_epochs": 25, "train.patience": 100,
+                               "train.converge_window": None, "masks_dir": root + "/masks", "work_dir": root + "/work"}})
+cases = _make_cohort(__import__("pathlib").Path(root), 6)
+folds = {{c.case_id: i % 3 for i, c in enumerate(cases)}}
+result = run_cross_validation(cases, folds, spec, InferenceSettings.from_params(params.preprocess, spec), seed=0,
+                              mask_label=1, grid_tolerance_mm=params.validation.grid_tolerance_mm, num_threads=1,
+                              figure_dpi=40, only_folds=[0])
+(fold,) = result.folds
+json.dump({{**fold.summary(), "epochs_seen": [h["epoch"] for h in fold.history],
+           "val_dice": [h["val_dice"] for h in fold.history]}}, open(root + "/result.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_a_fold_killed_mid_training_resumes_from_its_last_checkpoint(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from bonemet.segmentation.cv import resume_path
+
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONUTF8": "1", "BONEMET_PROGRESS": "0"}
+
+    def child(root: Path) -> subprocess.Popen:
+        root.mkdir(exist_ok=True)
+        return subprocess.Popen([sys.executable, "-c", RESUME_CHILD.format(tests=tests, root=str(root))], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    killed = tmp_path / "killed"
+    proc = child(killed)
+    state_file = resume_path(killed / "work", 0)
+    deadline = time.monotonic() + 300
+    epoch = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            epoch = torch.load(state_file, weights_only=True)["epoch"]
+            if epoch >= 3:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the fold finished before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(state_file, weights_only=True)  # whole: the kill never leaves half a checkpoint
+    assert 3 <= saved["epoch"] < 25 and not saved["finished"]
+    assert not (killed / "result.json").exists() and not (killed / "masks").exists()
+
+    rerun = child(killed)
+    assert rerun.wait(timeout=600) == 0, rerun.stderr.read()[-3000:]
+    resumed = json.loads((killed / "result.json").read_text())
+    assert resumed["resumed_from"] >= saved["epoch"] and resumed["epochs"] == 25
+    assert resumed["epochs_seen"] == list(range(1, 26))  # the history before the kill kept, none repeated
+    assert resumed["stop_reason"] == "max_epochs" and not state_file.exists()
+    assert len(list((killed / "masks").glob("*.nii.gz"))) == 2  # fold 0's out-of-fold masks
+
+    fresh = tmp_path / "fresh"
+    assert child(fresh).wait(timeout=600) == 0
+    uninterrupted = json.loads((fresh / "result.json").read_text())
+    assert uninterrupted["epochs"] == resumed["epochs"] and uninterrupted["resumed_from"] == 0
+    # every epoch's crops are seeded by (seed, epoch) and the whole state was restored: the same training
+    assert resumed["val_dice"] == pytest.approx(uninterrupted["val_dice"], abs=1e-6)

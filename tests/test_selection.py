@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from bonemet.config import load_specs
+import planned
 from bonemet.selection import CorrelationFilter, ICCFilter, LassoSelector, PairingError, icc
 
 #: params.yaml's ``select`` section: the transformers below are built from it (module level,
 #: because ``parametrize_with_checks`` needs the estimators at collection time)
-PARAMS = load_specs(Path(__file__).resolve().parents[1] / "params.yaml")
+PARAMS = planned.load(Path(__file__).resolve().parents[1] / "params.yaml")
 SELECT = PARAMS.select
 
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("bonemet.stages.synth", "write a synthetic spine-CT cohort in the bring-your-own format"),
     "ensure-data": ("bonemet.stages.ensure_data", "regenerate the default synthetic cohort when it is missing"),
     "validate": ("bonemet.stages.validate", "validate a cohort (manifest, images, masks); exit 1 on hard failures"),
+    "plan": ("bonemet.stages.plan", "fingerprint the cohort and plan spacing, HU window, crop and batch size"),
     "preprocess": ("bonemet.stages.preprocess", "resample, normalise and crop every case"),
     "split": ("bonemet.stages.split", "stratified train/test split and cross-validation folds"),
     "segment": ("bonemet.stages.segment", "MISSU ten-fold training and out-of-fold automatic masks"),
@@ -42,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 #: Commands that write a log of their own (``<tracking.log_dir>/<command>.log``: the log lines and every
 #: warning in full): the DVC stages. The others (and ``validate`` without ``--report``) write nothing.
-LOGGED = {"preprocess", "split", "segment", "extract", "train", "evaluate", "register", "report"}
+LOGGED = {"plan", "preprocess", "split", "segment", "extract", "train", "evaluate", "register", "report"}
 
 
 def stage_log(args: argparse.Namespace) -> str | None:

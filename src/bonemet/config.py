@@ -39,6 +39,37 @@ class ParamsError(UserError, ValueError):
     exit_code = 2
 
 
+class PlanRequiredError(UserError, ValueError):
+    """A setting is still ``auto`` where only a value can be used: the plan was not applied."""
+
+
+def setting(spec: BaseModel, dotted: str) -> Any:
+    """The value at a dotted path of a spec (``setting(params, "segment.train.batch_size")``)."""
+    node: Any = spec
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def unplanned_keys(spec: BaseModel, section: str) -> list[str]:
+    """The :data:`PLANNED_KEYS` under ``section`` (e.g. ``"segment"``) whose value in ``spec`` is ``auto``."""
+    return [key for key in PLANNED_KEYS
+            if key.partition(".")[0] == section and setting(spec, key.partition(".")[2]) == AUTO]
+
+
+def require_planned(spec: BaseModel, section: str, where: str) -> None:
+    """:class:`PlanRequiredError` when a planned setting of ``spec`` (the ``section`` params) is ``auto``.
+
+    The library only takes values: ``auto`` is resolved by the stages from the plan
+    (:func:`bonemet.planning.resolve.resolve_params`)."""
+    keys = unplanned_keys(spec, section)
+    if keys:
+        raise PlanRequiredError(
+            f"{', '.join(keys)}: 'auto' (from the plan) reached {where} unresolved; run the plan stage "
+            "(`bonemet plan`, or `dvc repro`) so the stages read the planned values from plan.out, or set "
+            "explicit values in params.yaml")
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 
@@ -86,6 +117,13 @@ NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
 #: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
 SegmentModel = Literal["missu", "unet", "unetr", "swinunetr", "external"]
 MaskSource = Literal["manual", "auto", "annotator"]
+#: A planned setting's value ``auto``: taken from the cohort's plan (``plan.out``, the plan stage's
+#: ``data/plan.json``); any other value is explicit and wins over the plan.
+AUTO = "auto"
+Auto = Literal["auto"]
+#: The settings the plan stage can choose (dotted params paths), in the order it plans them.
+PLANNED_KEYS = ("preprocess.target_spacing_mm", "preprocess.hu_window", "segment.roi_size",
+                "preprocess.crop.min_size_vox", "segment.train.batch_size")
 
 
 class Spec(BaseModel):
@@ -246,16 +284,17 @@ class CropSpec(Spec):
     bone_threshold_hu: float
     min_component_ml: NonNegativeFloat
     margin_mm: NonNegativeFloat
-    min_size_vox: SizeVox
+    #: ``auto``: the planned network crop (``segment.roi_size``, as x, y, z)
+    min_size_vox: SizeVox | Auto
 
 
 class PreprocessSpec(Spec):
-    """``preprocess``: resampling, HU window and crop of the network inputs."""
+    """``preprocess``: resampling, HU window and crop of the network inputs (``auto``: planned)."""
 
-    target_spacing_mm: SpacingMM
+    target_spacing_mm: SpacingMM | Auto
     image_interpolator: Literal["bspline", "linear"]
     mask_interpolator: Literal["nearest", "linear"]
-    hu_window: tuple[float, float]
+    hu_window: tuple[float, float] | Auto
     crop: CropSpec
     n_jobs: NJobs
     out_dir: str
@@ -264,8 +303,8 @@ class PreprocessSpec(Spec):
 
     @field_validator("hu_window")
     @classmethod
-    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not value[0] < value[1]:
+    def _window(cls, value: tuple[float, float] | str) -> tuple[float, float] | str:
+        if value != AUTO and not value[0] < value[1]:
             raise ValueError(f"must be [low, high] HU with low < high; found {list(value)}")
         return value
 
@@ -279,7 +318,7 @@ class SplitSpec(Spec):
 
 
 class SegTrainSpec(Spec):
-    """``segment.train``: the SGD loop, its schedule and early stopping."""
+    """``segment.train``: the SGD loop, its schedule (epochs, or a wall-time budget) and early stopping."""
 
     lr: PositiveFloat
     momentum: Annotated[float, Field(ge=0, lt=1)]
@@ -289,12 +328,17 @@ class SegTrainSpec(Spec):
     poly_power: PositiveFloat
     lambda_dice: NonNegativeFloat
     lambda_ce: NonNegativeFloat
-    batch_size: PositiveInt
+    batch_size: PositiveInt | Auto
     num_samples: PositiveInt
     max_epochs: PositiveInt
+    #: seconds of training for all folds together (None: the epoch schedule, max_epochs)
+    time_budget_s: PositiveFloat | None
     patience: PositiveInt
     min_delta: NonNegativeFloat
     min_epochs: PositiveInt
+    #: epochs over which a flat validation Dice means converged (None: off)
+    converge_window: Annotated[int, Field(ge=2)] | None
+    converge_tol: NonNegativeFloat
     grad_clip: PositiveFloat | None
     val_mode: Literal["full", "crops"]
     val_overlap: Overlap | None
@@ -384,6 +428,14 @@ class SegTuneSpec(Spec):
         return value
 
 
+class SegPlanSpec(Spec):
+    """``segment.plan``: the budgets the plan stage fits the crop and the batch into (per profile)."""
+
+    max_crop_voxels: Annotated[int, Field(ge=512)]
+    memory_mb: PositiveFloat
+    max_batch_size: PositiveInt
+
+
 class SegGateSpec(Spec):
     """``segment.gate``: what the registered segmentation model must reach before it gets the alias."""
 
@@ -403,7 +455,8 @@ class SegmentSpec(Spec):
     profile: str
     model: SegmentModel
     external: ExternalMasksSpec
-    roi_size: SizeVox
+    roi_size: SizeVox | Auto
+    plan: SegPlanSpec
     distill_weight: NonNegativeFloat
     val_fraction: Overlap
     threshold: OpenFraction
@@ -431,6 +484,35 @@ class SegmentSpec(Spec):
     gate: SegGateSpec
 
 
+class PlanSpec(Spec):
+    """``plan``: how the plan stage fingerprints the cohort and plans the ``auto`` settings."""
+
+    out: str
+    n_jobs: NJobs
+    samples_per_case: Annotated[int, Field(ge=100)]
+    anisotropy_threshold: Annotated[float, Field(gt=1)]
+    lowres_axis_percentile: Annotated[float, Field(ge=0, le=50)]
+    finest_spacing_percentile: Annotated[float, Field(ge=0, le=50)]
+    lesion_extent_percentile: Annotated[float, Field(ge=50, le=100)]
+    context_factor: Annotated[float, Field(ge=1)]
+    intensity_percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]]
+    lesion_hu_range: tuple[float, float]
+    min_hu_spread: PositiveFloat
+    warn_anisotropy: Annotated[float, Field(gt=1)]
+    min_lesion_voxels: PositiveInt
+
+    _n_jobs = field_validator("n_jobs")(_n_jobs_not_zero)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlanSpec:
+        if not self.intensity_percentiles[0] < self.intensity_percentiles[1]:
+            raise ValueError(f"intensity_percentiles must be [low, high] with low < high; found "
+                             f"{list(self.intensity_percentiles)}")
+        if not self.lesion_hu_range[0] < self.lesion_hu_range[1]:
+            raise ValueError(f"lesion_hu_range must be [low, high] HU with low < high; found {list(self.lesion_hu_range)}")
+        return self
+
+
 class ReportSpec(Spec):
     """``report``: the HTML report (its other inputs are the outputs named by the other sections)."""
 
@@ -438,8 +520,6 @@ class ReportSpec(Spec):
     title: str
     #: the validate stage's report.json (the cohort section's validation result and warnings)
     validation_report: str
-    #: the plan stage's fingerprint (data/plan.json): a section of its own when the file exists
-    plan: str
     #: cases drawn with their manual and automatic contours (best and worst by Dice first)
     example_cases: PositiveInt
     #: MLflow UI address (e.g. http://127.0.0.1:5000) for links to runs; null: run ids only
@@ -687,6 +767,7 @@ class Params(Spec):
     #: the ``validate`` section (``validate`` is a pydantic method name)
     validation: ValidateSpec = Field(alias="validate")
     preprocess: PreprocessSpec
+    plan: PlanSpec
     split: SplitSpec
     segment: SegmentSpec
     report: ReportSpec
@@ -701,6 +782,8 @@ class Params(Spec):
 
     @model_validator(mode="after")
     def _bone_margin_needs_bone_in_window(self) -> Params:
+        if self.preprocess.hu_window == AUTO:  # the plan keeps the bone threshold inside the window it plans
+            return self
         lo, hi = self.preprocess.hu_window
         threshold = self.preprocess.crop.bone_threshold_hu
         if self.segment.inference.bone_margin_mm is not None and not lo < threshold < hi:
@@ -773,10 +856,34 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return sorted((f.alias or name) for name, f in model.model_fields.items())
 
 
+AUTO_TAG = "literal['auto']"
+
+
+def _without_auto_branch(error_list: list[Any]) -> list[Any]:
+    """Errors of a setting that also takes ``auto`` as if it took only its value: pydantic reports
+    one error per union member (``literal['auto']`` and the value's type, whose name it puts in the
+    location); the first is dropped, the member name taken out of the location, and a wrong
+    value's type error says that ``auto`` is accepted too."""
+    auto_fields = {tuple(e["loc"][:-1]) for e in error_list if e["loc"] and e["loc"][-1] == AUTO_TAG}
+    out = []
+    for error in error_list:
+        loc = tuple(error["loc"])
+        if loc and loc[-1] == AUTO_TAG:
+            continue
+        for cut in range(len(loc)):
+            if loc[:cut] in auto_fields and cut < len(loc) and isinstance(loc[cut], str):
+                error = {**error, "loc": loc[:cut] + loc[cut + 1:]}
+                if len(loc) == cut + 1:
+                    error["msg"] = f"{error['msg']} or 'auto' (from the plan)"
+                break
+        out.append(error)
+    return out
+
+
 def _problems(model: type[BaseModel], error_list: list[Any]) -> list[tuple[list[str], str]]:
     """``(params path parts, message)`` for each pydantic error."""
     out = []
-    for error in error_list:
+    for error in _without_auto_branch(error_list):
         loc = tuple(error["loc"])
         _, path = _walk(model, loc)
         kind = error["type"]

@@ -158,6 +158,12 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def resolve_jobs(n_jobs: int, n_tasks: int) -> int:
+    """Worker processes for ``n_tasks`` tasks: ``n_jobs`` (-1: every core), at most one per task, at least 1."""
+    cores = os.cpu_count() or 1
+    return max(1, min(n_tasks, cores if n_jobs == -1 else n_jobs))
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically, sorted keys, 2-space indent, NaN refused."""
     with atomic_path(path) as tmp:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +11,7 @@ import pandas as pd
 
 from bonemet.data.manifest import Case, read_manifest
 from bonemet.preprocessing.pipeline import PreprocessError
-from bonemet.utils import atomic_path, die_with_parent, progress, write_json
+from bonemet.utils import atomic_path, die_with_parent, progress, resolve_jobs, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import ComputeSpec, PreprocessSpec
@@ -23,9 +22,21 @@ CASES_TABLE = "cases.csv"
 CASES_COLUMNS = ("case_id", "label", "image", "mask", "geometry")
 
 
-def _resolve_jobs(n_jobs: int, n_cases: int) -> int:
-    cores = os.cpu_count() or 1
-    return max(1, min(n_cases, cores if n_jobs == -1 else n_jobs))
+def read_manual_case(case: Case, *, mask_label: int, grid_tolerance_mm: float, single_thread: bool = False):
+    """``(CT in HU, manual lesion mask on its grid)`` of ``case`` (label map, RTSTRUCT or SEG);
+    ``single_thread``: ITK on one thread (one worker process per core already)."""
+    import SimpleITK as sitk
+
+    from bonemet.data.dicom_masks import read_lesion_mask
+    from bonemet.data.io import read_image
+
+    if single_thread:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    image = read_image(case.image, case_id=case.case_id)
+    ref = case.mask_ref("manual")
+    mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
+                            case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.image)
+    return image, mask
 
 
 def _process_case(
@@ -36,20 +47,12 @@ def _process_case(
     A failure gets a note naming the case; a user's bad file is a
     :class:`~bonemet.errors.UserError` from the readers, anything else keeps its traceback.
     """
-    import SimpleITK as sitk
-
-    from bonemet.data.dicom_masks import read_lesion_mask
-    from bonemet.data.io import read_image, write_image
+    from bonemet.data.io import write_image
     from bonemet.preprocessing.pipeline import preprocess_case
 
-    if single_thread:  # one process per core already: avoid oversubscribing ITK threads
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        image = read_image(case.image, case_id=case.case_id)
-        ref = case.mask_ref("manual")
-        mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
-                                case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm,
-                                reference_image_path=case.image)
+        image, mask = read_manual_case(case, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm,
+                                       single_thread=single_thread)
         result = preprocess_case(image, mask, spec, grid_tolerance_mm=grid_tolerance_mm, case_id=case.case_id)
         names = {
             "image": f"{case.case_id}_image.nii.gz",
@@ -110,7 +113,7 @@ def preprocess_cohort(
     if compute.scheduler == "dask":  # a cluster's workers have their own working folder: absolute paths
         cohort_dir = Path(cohort_dir).absolute()
     cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)
-    jobs = _resolve_jobs(spec.n_jobs, len(cases))
+    jobs = resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
     where = f"{jobs} process(es)" if compute.scheduler == "local" else f"Dask at {compute.dask_address}"
     log.info("preprocessing %d cases from %s with %s: %s", len(cases), cohort_dir, where,

@@ -5,6 +5,12 @@ self-distillation term (weight ``distill_weight``; networks that return plain lo
 nothing), seeded MONAI augmentation, early stopping on the validation loss and the best
 checkpoint chosen by validation Dice. Runs on CPU by default and on CUDA when present, with
 bf16/fp16 autocast there.
+
+Two schedules: ``max_epochs`` epochs (the GPU profile), or a wall-time budget per fold (the cpu
+profile's ``train.time_budget_s``): the epoch count is fixed from the second epoch's time (the
+first carries the warm-up), at most ``max_epochs``, and the learning rate anneals over it. A fold
+stops for one of :data:`STOP_REASONS`. With a resume path the whole training state is written
+atomically after every epoch, and a rerun of the same fold continues from it.
 """
 
 from __future__ import annotations
@@ -57,6 +63,13 @@ class EarlyStopping:
         return self.bad_steps >= self.patience
 
 
+#: why a fold's training ended: its time budget's epochs (or the budget itself) spent, the
+#: validation Dice converged, no lower validation loss for ``patience`` epochs, or the epoch schedule done
+STOP_REASONS = ("budget", "converged", "patience", "max_epochs")
+#: the epoch whose time fixes a budgeted fold's epoch count (the first carries the warm-up)
+BUDGET_PROBE_EPOCH = 2
+
+
 @dataclass
 class TrainResult:
     """A trained model (best-Dice weights loaded) and its per-epoch history."""
@@ -68,6 +81,28 @@ class TrainResult:
     stopped_early: bool
     train_seconds: float
     device: str
+    #: one of :data:`STOP_REASONS`
+    stop_reason: str = "max_epochs"
+    #: the epochs the schedule annealed over (max_epochs, or what the time budget allowed)
+    planned_epochs: int = 0
+    #: the epoch training resumed after (0: started afresh)
+    resumed_from: int = 0
+
+
+def converged(dices: Sequence[float], window: int | None, tol: float) -> bool:
+    """True when the last ``window`` validation Dice values span at most ``tol`` and none beats the
+    best before them (``window`` None: never)."""
+    if window is None or len(dices) <= window:
+        return False
+    last, before = dices[-window:], dices[:-window]
+    return max(last) - min(last) <= tol and max(last) <= max(before)
+
+
+def budget_epochs(budget_s: float, elapsed_s: float, epoch_s: float, done: int, train: SegTrainSpec) -> int:
+    """Epochs a time-budgeted fold runs in all: ``done`` plus what the rest of the budget holds at
+    ``epoch_s`` seconds each, within ``[max(done, min_epochs), max_epochs]``."""
+    more = int((budget_s - elapsed_s) // epoch_s) if epoch_s > 0 else train.max_epochs
+    return int(min(train.max_epochs, max(done, train.min_epochs, done + more)))
 
 
 def resolve_device(name: str = "auto"):
@@ -86,11 +121,12 @@ def split_output(output: Any) -> tuple[Any, Any]:
     return output, None
 
 
-def _lr_lambda(schedule: str, max_epochs: int, power: float) -> Callable[[int], float]:
+def _lr_lambda(schedule: str, horizon: list[int], power: float) -> Callable[[int], float]:
+    """The schedule over ``horizon[0]`` epochs (a list: a time budget fixes it after training starts)."""
     if schedule == "poly":
-        return lambda epoch: max(0.0, 1.0 - epoch / max_epochs) ** power
+        return lambda epoch: max(0.0, 1.0 - epoch / horizon[0]) ** power
     if schedule == "cosine":
-        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, max_epochs) / max_epochs))
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon[0]) / horizon[0]))
     return lambda epoch: 1.0
 
 
@@ -152,15 +188,15 @@ def _training_loader(train_items: Sequence[Mapping[str, Any]], spec: SegmentSpec
                       generator=generator, persistent_workers=workers > 0)
 
 
-def _optimizer(model: Any, train: SegTrainSpec) -> tuple[Any, Any]:
-    """SGD with (Nesterov) momentum and the per-epoch learning-rate schedule."""
+def _optimizer(model: Any, train: SegTrainSpec, horizon: list[int]) -> tuple[Any, Any]:
+    """SGD with (Nesterov) momentum and the per-epoch learning-rate schedule over ``horizon[0]`` epochs."""
     import torch
 
     optimizer = torch.optim.SGD(
         model.parameters(), lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
         weight_decay=train.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train.lr_schedule, train.max_epochs,
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train.lr_schedule, horizon,
                                                                         train.poly_power))
     return optimizer, scheduler
 
@@ -225,6 +261,59 @@ class _BestCheckpoint:
                             "spec": self.spec.model_dump(mode="json")}, tmp)
 
 
+def _rng_state(loader: Any) -> dict[str, Any]:
+    import random
+
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # tensors and plain values only: the state loads with torch.load(weights_only=True)
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "loader": loader.generator.get_state() if loader.generator is not None else None}
+
+
+def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
+    import random
+
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if state.get("loader") is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
+
+
+def resume_key(spec: SegmentSpec, train_items: Sequence[Mapping[str, Any]], val_items: Sequence[Mapping[str, Any]],
+               seed: int, time_budget_s: float | None) -> str:
+    """What a resume checkpoint must have been written for: the settings, the cases and the seed."""
+    import hashlib
+    import json
+
+    doc = {"spec": spec.model_dump(mode="json"), "train": [str(i.get("case_id")) for i in train_items],
+           "val": [str(i.get("case_id")) for i in val_items], "seed": seed, "budget": time_budget_s}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _load_resume(path: Path | None, key: str) -> dict[str, Any] | None:
+    """The resume state at ``path`` when it was written for ``key`` (else None: start afresh)."""
+    import torch
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be read is only a lost head start
+        log.warning("resume checkpoint %s unreadable (%s): training from the start", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log.info("resume checkpoint %s was written for other settings or cases: training from the start", path)
+        return None
+    return state
+
+
 def train_model(
     model: Any,
     train_items: Sequence[Mapping[str, Any]],
@@ -234,9 +323,12 @@ def train_model(
     seed: int,
     tracker: Tracker | None = None,
     checkpoint_path: str | Path | None = None,
+    resume_path: str | Path | None = None,
+    time_budget_s: float | None = None,
     validate: Callable[[Any, int], tuple[float, float]] | None = None,
     show_progress: bool = False,
     progress_desc: str = "epochs",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train ``model`` on in-memory volumes; validate each epoch; keep the best-Dice weights.
 
@@ -250,14 +342,21 @@ def train_model(
         tracker: receives ``train_loss``, ``val_loss``, ``val_dice``, ``lr`` at ``step=epoch``
             (inside whatever run the caller opened).
         checkpoint_path: where the best checkpoint (state dict, epoch, val Dice, spec) is saved.
+        resume_path: where the whole training state (weights, optimiser, schedule, early stopping,
+            best weights, history, random states, the budget's epoch count and time spent) is
+            written after every epoch (atomically); when it holds a state written for the same
+            settings, cases, seed and budget, training continues after its epoch.
+        time_budget_s: seconds of training for this fold (None: the ``max_epochs`` schedule).
         validate: optional ``(model, epoch) -> (val_loss, val_dice)`` replacing the default
             sliding-window validation (used by tests to script a loss sequence).
         show_progress: log every epoch (otherwise the first and every tenth).
         progress_desc: the label of the epochs' progress bar (e.g. ``fold 3 epochs``).
+        clock: seconds (tests script the time a budget sees).
 
     Early stopping watches the validation loss (``train.patience`` epochs without an
-    improvement of ``train.min_delta``); the returned model carries the weights of the epoch
-    with the best validation Dice. Torch's thread count is the caller's to set.
+    improvement of ``train.min_delta``) and the validation Dice (``train.converge_window``,
+    ``converge_tol``); the returned model carries the weights of the epoch with the best
+    validation Dice. Torch's thread count is the caller's to set.
     """
     import torch
 
@@ -270,7 +369,8 @@ def train_model(
     memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
     loader = _training_loader(train_items, spec, seed)
-    optimizer, scheduler = _optimizer(model, train)
+    horizon = [train.max_epochs]
+    optimizer, scheduler = _optimizer(model, train, horizon)
     loss_fn = make_loss(train)
     use_scaler = device.type == "cuda" and spec.amp and not torch.cuda.is_bf16_supported()
     step = _Step(model, optimizer, loss_fn, device, memory_format, spec.distill_weight, train.grad_clip, spec.amp,
@@ -278,18 +378,47 @@ def train_model(
     stopper = EarlyStopping(train.patience, train.min_delta)
     best = _BestCheckpoint(checkpoint_path, spec)
     history: list[dict[str, float]] = []
-    stopped_early = False
-    start = time.perf_counter()
-    for epoch in progress(range(1, train.max_epochs + 1), total=train.max_epochs, desc=progress_desc, unit="epoch"):
+    stop_reason, spent, first_epoch, finished = "max_epochs", 0.0, 1, False
+    resume_path = Path(resume_path) if resume_path is not None else None
+    key = resume_key(spec, train_items, val_items, seed, time_budget_s)
+    state = _load_resume(resume_path, key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        horizon[0] = int(state["horizon"])
+        scheduler.load_state_dict(state["scheduler"])
+        if step.scaler is not None and state.get("scaler") is not None:
+            step.scaler.load_state_dict(state["scaler"])
+        stopper.best, stopper.bad_steps = float(state["stopper"][0]), int(state["stopper"][1])
+        best.dice, best.epoch, best.state = float(state["best"][0]), int(state["best"][1]), state["best"][2]
+        history, spent = list(state["history"]), float(state["spent"])
+        stop_reason, finished = str(state["stop_reason"]), bool(state["finished"])
+        _set_rng_state(state["rng"], loader)
+        first_epoch = int(state["epoch"]) + 1
+        log.info("resuming from epoch %d of %d (%s)", state["epoch"], horizon[0], resume_path)
+    resumed_from = first_epoch - 1
+    epoch = first_epoch - 1
+    start = clock() - spent
+    epochs = range(first_epoch, train.max_epochs + 1) if not finished else range(0)
+    for epoch in progress(epochs, total=len(epochs), desc=progress_desc, unit="epoch"):
+        if epoch > horizon[0]:
+            break
+        _seed_epoch(loader, seed, epoch)
         model.train()
         batch_losses = [step(batch) for batch in loader]
         lr_now = optimizer.param_groups[0]["lr"]
-        scheduler.step()
         val_loss, val_dice = validate(model, epoch) if validate is not None else evaluate(
             model, val_items, spec, loss_fn, device)
+        elapsed = clock() - start
+        if time_budget_s is not None and epoch == min(BUDGET_PROBE_EPOCH, train.max_epochs):
+            epoch_s = elapsed - (history[-1]["elapsed_s"] if history else 0.0)
+            horizon[0] = budget_epochs(time_budget_s, elapsed, epoch_s, epoch, train)
+            log.info("time budget %.0f s: %d epochs at %.1f s each, the learning rate annealed over them",
+                     time_budget_s, horizon[0], epoch_s)
+        scheduler.step()
         record = {
             "epoch": epoch, "train_loss": float(np.mean(batch_losses)), "val_loss": float(val_loss),
-            "val_dice": float(val_dice), "lr": float(lr_now),
+            "val_dice": float(val_dice), "lr": float(lr_now), "elapsed_s": round(float(elapsed), 3),
         }
         history.append(record)
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
@@ -297,17 +426,67 @@ def train_model(
             log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f", epoch, record["train_loss"],
                      val_loss, val_dice)
         best.update(model, epoch, float(val_dice))
-        if stopper.step(float(val_loss)) and epoch >= train.min_epochs:
-            stopped_early = epoch < train.max_epochs
+        patience_out = stopper.step(float(val_loss))
+        if epoch >= train.min_epochs and patience_out:
+            stop_reason = "patience"
             log.info("early stopping at epoch %d (no lower validation loss for %d epochs)", epoch, train.patience)
+        elif epoch >= train.min_epochs and converged([h["val_dice"] for h in history], train.converge_window,
+                                                     train.converge_tol):
+            stop_reason = "converged"
+            log.info("converged at epoch %d (validation Dice flat for %d epochs)", epoch, train.converge_window)
+        elif time_budget_s is not None and ((epoch >= horizon[0] and horizon[0] < train.max_epochs)
+                                            or elapsed >= time_budget_s):
+            stop_reason = "budget"
+            log.info("time budget spent at epoch %d (%.0f of %.0f s)", epoch, elapsed, time_budget_s)
+        elif epoch >= train.max_epochs:
+            stop_reason = "max_epochs"
+        else:
+            stop_reason = ""
+        finished = bool(stop_reason)
+        if resume_path is not None:
+            _save_resume(resume_path, key, model, optimizer, scheduler, step.scaler, stopper, best, history,
+                         clock() - start, horizon[0], stop_reason or "max_epochs", finished, loader, epoch)
+        if finished:
             break
     if best.state is not None:
         model.load_state_dict(best.state)
     model.eval()
+    stop_reason = stop_reason or "max_epochs"
     return TrainResult(
         model=model, history=history, best_epoch=best.epoch, best_val_dice=best.dice,
-        stopped_early=stopped_early, train_seconds=time.perf_counter() - start, device=str(device),
+        stopped_early=stop_reason in ("patience", "converged"), train_seconds=clock() - start, device=str(device),
+        stop_reason=stop_reason, planned_epochs=horizon[0], resumed_from=resumed_from,
     )
+
+
+def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """The epoch's crops and augmentations seeded by ``(seed, epoch)`` alone, so a fold resumed
+    after epoch k draws what the uninterrupted run drew (augmentation in this process:
+    ``train.num_workers`` 0; workers keep their own streams)."""
+    epoch_seed = (int(seed) * 100_003 + int(epoch)) % 2**32
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+    transform = getattr(loader.dataset, "transform", None)
+    if loader.num_workers == 0 and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=epoch_seed)
+
+
+def _save_resume(path: Path, key: str, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
+                 stopper: EarlyStopping, best: _BestCheckpoint, history: list, spent: float, horizon: int,
+                 stop_reason: str, finished: bool, loader: Any, epoch: int) -> None:
+    """The whole training state after ``epoch``, written atomically (a kill leaves the previous one)."""
+    import torch
+
+    state = {
+        "key": key, "epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "stopper": (stopper.best, stopper.bad_steps),
+        "best": (best.dice, best.epoch, best.state), "history": history, "spent": spent, "horizon": horizon,
+        "stop_reason": stop_reason, "finished": finished, "rng": _rng_state(loader),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def tune(

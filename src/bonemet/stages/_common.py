@@ -25,6 +25,14 @@ def specs_from(args: Any, segment_profile: str | None = None) -> Params:
     return load_specs(getattr(args, "params", "params.yaml"), segment_profile=segment_profile)
 
 
+def planned_specs_from(args: Any, segment_profile: str | None = None) -> Params:
+    """:func:`specs_from` with every ``auto`` setting taken from the plan file (``plan.out``; explicit
+    values win). Raises a user error when the plan is missing or was made from other params."""
+    from bonemet.planning.resolve import planned_params
+
+    return planned_params(specs_from(args, segment_profile=segment_profile))
+
+
 def git_commit() -> str:
     """The current git commit (with ``-dirty`` when the tree has tracked changes), or 'unknown'."""
     try:

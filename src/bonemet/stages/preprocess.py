@@ -17,9 +17,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bonemet.preprocessing import preprocess_cohort
-    from bonemet.stages._common import pseudonym_key, specs_from
+    from bonemet.stages._common import planned_specs_from, pseudonym_key
 
-    params = specs_from(args)
+    params = planned_specs_from(args)
     changes = {k: v for k, v in (("out_dir", args.out), ("n_jobs", args.n_jobs)) if v is not None}
     spec = params.preprocess.updated(changes)
     cohort_dir = args.cohort_dir or params.data.cohort_dir

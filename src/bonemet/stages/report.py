@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     spec, train, seg = params.report, params.train, params.segment
     inputs = ReportInputs(
         cohort_dir=Path(params.data.cohort_dir), validation_report=Path(spec.validation_report),
-        plan=Path(spec.plan), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
+        plan=Path(params.plan.out), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
         segmentation_plots=Path(seg.plots_dir), auto_masks=Path(seg.masks_dir),
         features_dir=Path(train.features_dir), models_dir=Path(train.out_dir),
         metrics_dir=Path(train.metrics_dir), classification_plots=Path(train.plots_dir),

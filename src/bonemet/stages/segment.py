@@ -33,10 +33,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import os
+    from collections import Counter
 
     import pandas as pd
     import torch
 
+    from bonemet.planning.resolve import planned_params, read_plan
     from bonemet.registry.gate import decide_segmenter_promotion
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.data import load_cases, load_volume
@@ -47,11 +49,15 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.tracking import NullTracker
 
     params = specs_from(args, segment_profile=args.profile)
-    seg = params.segment if not args.model else params.segment.updated({"model": args.model})
-    name = seg.model
+    if args.model:
+        params = params.model_copy(update={"segment": params.segment.updated({"model": args.model})})
     manifest = read_cases(params)
-    if name == "external":
-        return _run_external(args, params, seg, manifest)
+    if params.segment.model == "external":
+        return _run_external(args, params, params.segment, manifest)
+    plan = read_plan(params.plan.out) if Path(params.plan.out).is_file() else None
+    params = planned_params(params)  # the plan's values for every `auto` setting (explicit ones win)
+    seg = params.segment
+    name = seg.model
     num_threads = seg.num_threads or os.cpu_count() or 1
     torch.set_num_threads(num_threads)
     net_kwargs = network_kwargs(seg)
@@ -71,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
             "model": name, "profile": seg.profile, "network": net_kwargs, "seed": params.seed,
             "num_threads": num_threads, **seg.model_dump(mode="json", exclude={"networks", "profile", "model"}),
         })
+        if plan is not None:  # which settings the plan chose and which params fixed
+            tracker.log_params({f"plan_source.{k}": v["source"] for k, v in plan["values"].items()})
+            tracker.log_dict(plan, "plan.json")
         if seg.tune.n_trials > 0:
             seg = _tune(seg, cases, folds, params.seed, tracker, load_volume)
         settings = InferenceSettings.from_params(params.preprocess, seg)
@@ -92,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
                                             / max(1, len(table)), 3),
             "epochs_mean": sum(len(f.history) for f in result.folds) / max(1, len(result.folds)),
             "n_parameters": result.folds[0].n_parameters if result.folds else 0,
+            # per fold: epochs, the epochs the schedule annealed over, why training stopped
+            "folds": [f.summary() for f in result.folds],
+            "stop_reasons": dict(sorted(Counter(f.stop_reason for f in result.folds).items())),
         })
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        tracker.log_metrics({f"folds_stopped_{k}": v for k, v in summary["stop_reasons"].items()})
         decision = decide_segmenter_promotion(summary.get("dice_mean"), min_dice=seg.gate.min_dice, n_cases=len(table))
         register = (seg.final_model != "none" and result.best_model is not None and not args.no_tracking
                     and not args.no_register and not args.folds)
