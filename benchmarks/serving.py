@@ -177,7 +177,7 @@ def process_tree(pid: int) -> list[int]:
 def serve(model_uri: str, store: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, int, float]:
     port = free_port()
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, MLFLOW_TRACKING_URI=store, MLFLOW_DISABLE_TELEMETRY="true",
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, MLFLOW_REGISTRY_URI=store, MLFLOW_DISABLE_TELEMETRY="true",
                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             from bonemet.modeling.training import feature_columns
 
             mlflow.set_tracking_uri(args.tracking_uri)
+            mlflow.set_registry_uri(args.tracking_uri)  # build_models pointed the registry at its own store
             registered = mlflow.pyfunc.load_model(args.model)
             pipeline = registered.unwrap_python_model()
             reference.update(bonemet=_Registered(registered), names=list(pipeline.feature_names))
