@@ -12,34 +12,52 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-@pytest.fixture(autouse=True)
-def _mlflow_uri_isolated():
-    """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for subprocesses):
-    without this, one test's store (or a dead server) becomes every later test's and every
-    subprocess's. The variables and MLflow's module state are put back after each test as they were
-    before it (a module-scoped store fixture, set up before this snapshot, stays in place)."""
+def _mlflow_uri_state():
+    """MLflow's URI environment variables and module state, to put back with :func:`_restore_mlflow_uri`."""
     import sys
 
-    def mlflow_state():
-        if "mlflow" not in sys.modules:
-            return None
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
+    env = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
+    if "mlflow" not in sys.modules:
+        return env, None
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        return tracking_utils, registry_utils, tracking_utils._tracking_uri, registry_utils._registry_uri
+    return env, (tracking_utils._tracking_uri, registry_utils._registry_uri)
 
-    before_env = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
-    before = mlflow_state()
-    yield
-    for name, value in before_env.items():
+
+def _restore_mlflow_uri(state) -> None:
+    import sys
+
+    env, uris = state
+    for name, value in env.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    after = mlflow_state()
-    if after is not None:
-        tracking_utils, registry_utils = after[:2]
-        tracking_utils._tracking_uri, registry_utils._registry_uri = (before[2:] if before else (None, None))
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri, registry_utils._registry_uri = uris or (None, None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uri_isolated_per_module():
+    """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for subprocesses):
+    a module-scoped store fixture would otherwise become every later module's store (and its
+    subprocesses'). Autouse, so it is set up before the module's own fixtures and torn down after."""
+    state = _mlflow_uri_state()
+    yield
+    _restore_mlflow_uri(state)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_isolated():
+    """The same per test: one test's store (or a dead server) never becomes a later test's; a
+    module-scoped store fixture, set up before this snapshot, stays in place for the module."""
+    state = _mlflow_uri_state()
+    yield
+    _restore_mlflow_uri(state)
 
 
 @pytest.fixture(autouse=True)

@@ -10,15 +10,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import planned
 from bonemet.compute import SchedulerUnavailableError, case_executor
-from bonemet.config import ComputeSpec, ParamsError, load_params, load_specs
+from bonemet.config import ComputeSpec, ParamsError, load_params
 from bonemet.data.manifest import read_manifest
 from bonemet.data.synthetic import generate_cohort
 from bonemet.preprocessing import preprocess_cohort
 from bonemet.radiomics import extract_sources
 from compute_specs import LOCAL_COMPUTE
 
-PARAMS = load_specs("params.yaml")
+PARAMS = planned.load()  # the planned settings with their test values (tests/planned.py)
 TOL = PARAMS.validation.grid_tolerance_mm
 #: Original image, two cheap classes: seconds per case
 FAST = {

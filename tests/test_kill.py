@@ -76,6 +76,8 @@ class Stage:
     volatile: dict[str, Callable[[dict], dict]]
     #: files not compared (they describe the run: ids, seconds)
     ignored: tuple[str, ...] = ()
+    #: CSV columns not compared (they time the run: a learning curve's elapsed seconds)
+    timing_columns: tuple[str, ...] = ()
     #: cleared before the killed run (so that the stage has per-case work to do and be killed in)
     fresh: tuple[str, ...] = ()
     #: what gets the SIGKILL: "stage" (its own process: ``kill -9 <pid>``, the out-of-memory killer;
@@ -97,8 +99,8 @@ STAGES = {
     "preprocess": Stage("preprocess", "data/.preprocessed.*/*_geometry.json", {}),
     "segment": Stage("segment", ".cache/segmentation/fold-*.pt",
                      {"metrics/segmentation.json": _without("train_seconds_total", "infer_seconds_per_case",
-                                                            "wall_seconds")},
-                     fresh=(".cache/segmentation",)),
+                                                            "wall_seconds", "train_seconds")},
+                     fresh=(".cache/segmentation",), timing_columns=("elapsed_s",)),
     "extract": Stage("extract", ".cache/radiomics/*.json",
                      {"data/features/summary.json": _without("extraction_seconds", "cases_per_minute",
                                                              "peak_worker_rss_mib", "n_cached", "n_extracted")},
@@ -181,6 +183,9 @@ def _snapshot(work: Path, stage: Stage) -> dict[str, object]:
             snap[rel] = stage.volatile[rel](json.loads(path.read_text(encoding="utf-8")))
         elif rel.endswith(".parquet"):
             snap[rel] = pd.read_parquet(path)
+        elif rel.endswith(".csv") and stage.timing_columns:
+            table = pd.read_csv(path)
+            snap[rel] = table.drop(columns=[c for c in stage.timing_columns if c in table.columns])
         else:
             snap[rel] = path.read_bytes()
     return snap
