@@ -99,7 +99,10 @@ STAGES = {
     "preprocess": Stage("preprocess", "data/.preprocessed.*/*_geometry.json", {}),
     "segment": Stage("segment", ".cache/segmentation/fold-*.pt",
                      {"metrics/segmentation.json": _without("train_seconds_total", "infer_seconds_per_case",
-                                                            "wall_seconds", "train_seconds")},
+                                                            "wall_seconds", "train_seconds",
+                                                            # where a rerun's fold took up the killed one's
+                                                            # checkpoint: the run's history, not its result
+                                                            "resumed_from")},
                      fresh=(".cache/segmentation",), timing_columns=("elapsed_s",)),
     "extract": Stage("extract", ".cache/radiomics/*.json",
                      {"data/features/summary.json": _without("extraction_seconds", "cases_per_minute",
