@@ -49,17 +49,12 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 
-def _sibling(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "_common.py")
+common = sys.modules["benchmarks_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
-
-study_model = _sibling("latent_recovery").study_model  # cohort_variation imports it by name
-load_cohort, repeated_splits = _sibling("cohort_variation").load_cohort, _sibling("cohort_variation").repeated_splits
+study_model = common.load_sibling("latent_recovery").study_model  # cohort_variation imports it by name
+load_cohort, repeated_splits = common.load_sibling("cohort_variation").load_cohort, common.load_sibling("cohort_variation").repeated_splits
 
 log = logging.getLogger("benchmarks.harmonization")
 
@@ -173,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
              result["combat_auc_mean"], result["combat_auc_sd"], result["combat_minus_raw_mean"],
              100 * result["share_combat_better"], result["site_auc_raw_mean"], result["site_auc_combat_mean"],
              result["bayes_auc"])
-    _sibling("cohort_variation").print_json(result, args.json)
+    common.print_json(result, args.json)
     return 0
 
 
