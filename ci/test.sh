@@ -10,4 +10,4 @@ export PATH="$PWD/$BIN:$PATH"
 echo "== ruff"
 "$BIN/ruff" check src tests benchmarks
 echo "== pytest"
-"$BIN/python" -m pytest -q "$@"
+"$BIN/python" -m pytest -q --durations=25 "$@"

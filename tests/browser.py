@@ -47,7 +47,7 @@ def chromium_binary() -> str:
 def _run(args: list[str], timeout: float) -> str:
     with tempfile.TemporaryDirectory(prefix="bonemet-chromium-") as profile:
         proc = subprocess.run([chromium_binary(), *FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc.stdout

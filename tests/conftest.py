@@ -9,20 +9,23 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# ``set_tracking_uri`` and ``set_experiment`` write these into ``os.environ`` (for subprocesses).
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
 def _mlflow_uri_state():
-    """MLflow's URI environment variables and module state, to put back with :func:`_restore_mlflow_uri`."""
+    """MLflow's URI and experiment environment variables and module state (the tracking and registry
+    URIs, the active experiment id), to put back with :func:`_restore_mlflow_uri`."""
     import sys
 
     env = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
     if "mlflow" not in sys.modules:
         return env, None
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    return env, (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    return env, (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id)
 
 
 def _restore_mlflow_uri(state) -> None:
@@ -35,10 +38,12 @@ def _restore_mlflow_uri(state) -> None:
         else:
             os.environ[name] = value
     if "mlflow" in sys.modules:
+        from mlflow.tracking import fluent
         from mlflow.tracking._model_registry import utils as registry_utils
         from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        tracking_utils._tracking_uri, registry_utils._registry_uri = uris or (None, None)
+        (tracking_utils._tracking_uri, registry_utils._registry_uri,
+         fluent._active_experiment_id) = uris or (None, None, None)
 
 
 @pytest.fixture(autouse=True, scope="module")

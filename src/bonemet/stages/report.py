@@ -87,7 +87,7 @@ def head_params(path: str | Path) -> tuple[dict[str, Any] | None, str]:
 
     rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
     try:
-        text = subprocess.run(["git", "show", f"HEAD:./{rel}"], capture_output=True, text=True, check=True,
+        text = subprocess.run(["git", "show", f"HEAD:./{rel}"], capture_output=True, encoding="utf-8", check=True,
                               timeout=10).stdout
         return yaml.safe_load(text), (f"Compared with {rel} as committed at git HEAD: under dvc exp run -S these "
                                       f"are the experiment's changes; on a clean checkout there are none.")
