@@ -44,14 +44,19 @@ print(json.dumps({"bonemet": bonemet.__file__}))
 """
 
 
-def _fresh_env(requirements: Path, where: Path) -> Path:
-    """A new virtual environment with exactly ``requirements`` installed; returns its python."""
-    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
-    python = where / "bin" / "python"
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements)],
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return python
+def _fresh_envs(requirements: dict[str, Path], where: Path) -> dict[str, Path]:
+    """A new virtual environment per entry with exactly its requirements installed, the installs
+    side by side (most of the test's time is pip unpacking wheels); returns each one's python."""
+    procs = {}
+    for name, path in requirements.items():
+        subprocess.run([sys.executable, "-m", "venv", str(where / name)], check=True, timeout=300)
+        python = where / name / "bin" / "python"
+        procs[name] = (python, subprocess.Popen([str(python), "-m", "pip", "install", "--quiet", "-r", str(path)],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for name, (_, proc) in procs.items():
+        _, stderr = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
+    return {name: python for name, (python, _) in procs.items()}
 
 
 def _run(python: Path, script: str, *args: str, store: str, cwd: Path) -> dict:
@@ -109,17 +114,16 @@ def test_registered_models_load_in_a_fresh_environment(tmp_path, params, monkeyp
         expected_logits = network(torch.from_numpy(example)).numpy()
     expected = fitted.predict_proba(rows[NAMES])[:, 1]
 
-    requirements = _requirements("models:/bonemet-classifier@staging")
-    python = _fresh_env(requirements, tmp_path / "venv-classifier")
-    got = _run(python, LOAD_CLASSIFIER, str(tmp_path / "rows.parquet"), store=store, cwd=tmp_path)
+    requirements = {"venv-classifier": _requirements("models:/bonemet-classifier@staging"),
+                    "venv-missu": _requirements("models:/bonemet-missu@staging")}
+    assert any(line == "torch==2.13.0" for line in requirements["venv-missu"].read_text().split())
+    pythons = _fresh_envs(requirements, tmp_path)
+    got = _run(pythons["venv-classifier"], LOAD_CLASSIFIER, str(tmp_path / "rows.parquet"), store=store, cwd=tmp_path)
     assert "venv-classifier" not in got["bonemet"] and "/code/bonemet/" in got["bonemet"]  # the logged code
     assert np.array_equal(np.asarray(got["probability"]), expected)  # bit for bit
     assert len(got["in_domain"]) == len(rows)
 
-    requirements = _requirements("models:/bonemet-missu@staging")
-    assert any(line == "torch==2.13.0" for line in requirements.read_text().split())
-    python = _fresh_env(requirements, tmp_path / "venv-missu")
-    got = _run(python, LOAD_SEGMENTER, str(tmp_path / "example.npy"), str(tmp_path / "logits.npy"), store=store,
-               cwd=tmp_path)
+    got = _run(pythons["venv-missu"], LOAD_SEGMENTER, str(tmp_path / "example.npy"), str(tmp_path / "logits.npy"),
+               store=store, cwd=tmp_path)
     assert "/code/bonemet/" in got["bonemet"]
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected_logits, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,25 @@ def _outputs(work: Path, cohort: Path) -> list[Path]:
     return [p for p in work.rglob("*") if p.is_file() and not any(p.is_relative_to(s) for s in skip)]
 
 
+def _whole(secret: str, encoding: str) -> re.Pattern:
+    """``secret`` in ``encoding`` as bytes, not as a run of digits inside a longer number: a birth date
+    19430817 inside the object id 140171943081752 that skops writes (thousands per model file,
+    different every run) is no leak, the date beside a letter or a separator is."""
+    digit = "[0-9]".encode(encoding) if encoding == "utf-8" else b"[0-9]\x00"
+    before = b"(?<!" + digit + b")" if secret[0].isdigit() else b""
+    after = b"(?!" + digit + b")" if secret[-1].isdigit() else b""
+    return re.compile(before + re.escape(secret.encode(encoding)) + after)
+
+
+def test_whole_values_are_found_and_digits_inside_longer_numbers_are_not():
+    for encoding in ("utf-8", "utf-16-le"):
+        date = _whole("19430817", encoding)
+        assert date.search('"born": "19430817"'.encode(encoding)) and date.search("x19430817-y".encode(encoding))
+        assert not date.search('"__id__": 140171943081752'.encode(encoding))
+        assert _whole("MRNZ731000", encoding).search("MRNZ731000-L1".encode(encoding))
+        assert not _whole("MRNZ731000", encoding).search("MRNZ7310001".encode(encoding))
+
+
 @pytest.mark.slow
 def test_no_identifying_value_reaches_any_output(tmp_path):
     """A DICOM cohort with identifying headers through validate, preprocess, segment, extract, train,
@@ -170,11 +190,11 @@ def test_no_identifying_value_reaches_any_output(tmp_path):
     for out in expected:
         assert work / out in files, out
     found = []
+    patterns = [(secret, encoding, _whole(secret, encoding)) for secret in secrets for encoding in ("utf-8", "utf-16-le")]
     for path in files:
         data = path.read_bytes()
-        for secret in secrets:
-            for encoding in ("utf-8", "utf-16-le"):
-                if secret.encode(encoding) in data:
-                    found.append(f"{path.relative_to(work)}: {secret!r} ({encoding})")
+        for secret, encoding, pattern in patterns:
+            if pattern.search(data):
+                found.append(f"{path.relative_to(work)}: {secret!r} ({encoding})")
     assert found == [], "\n".join(found[:20])
     assert pseudonym(f"{_identity(0)['PatientID']}-L1", KEY.encode()) in (work / "data" / "splits.json").read_text()
