@@ -156,6 +156,10 @@ def _by_cohort(args: argparse.Namespace, params: Any) -> int:
                                  f"({', '.join(protocols)})")
             n_cases = QUICK_CASES if args.quick else (args.synthetic if name == "default" else synthetic.n_cases)
             own = name == "default" and not n_cases
+            if own and not (Path(params.data.cohort_dir) / "manifest.csv").is_file():
+                raise SystemExit(f"--cohorts default: no cohort at data.cohort_dir ({params.data.cohort_dir}/manifest.csv); "
+                                 f"run `bonemet ensure-data` first, or pass --synthetic {synthetic.n_cases} to generate "
+                                 "the default synthetic cohort in the work folder")
             start = time.perf_counter()
             prepared = common.prepare_cohort(
                 work / name, params, cohort_dir=Path(params.data.cohort_dir) if own else None, n_cases=n_cases,
