@@ -9,5 +9,13 @@ export BONEMET_PROGRESS=0   # no progress bars in CI logs
 export PATH="$PWD/$BIN:$PATH"
 echo "== ruff"
 "$BIN/ruff" check src tests benchmarks
-echo "== pytest"
-"$BIN/python" -m pytest -q --durations=25 "$@"
+# Two pytest workers (pytest-xdist), each test file whole on one of them (its module fixtures set up
+# once): the suite is half single-threaded unit tests and half pipeline runs that wait on their
+# subprocesses, so one process left a core idle. BONEMET_TEST_WORKERS=0 runs it in one process.
+workers="${BONEMET_TEST_WORKERS:-2}"
+echo "== pytest ($workers workers)"
+if [ "$workers" = 0 ]; then
+  "$BIN/python" -m pytest -q --durations=25 "$@"
+else
+  "$BIN/python" -m pytest -q --durations=25 -n "$workers" --dist loadfile "$@"
+fi
