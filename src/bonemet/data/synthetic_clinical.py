@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from bonemet.data.io import resampled_grid
+
 AIR_HU = -1000.0
 FAT_HU = -100.0
 MUSCLE_HU = 45.0
@@ -69,12 +71,7 @@ def clinical_ct(
     if len(size) != 3 or len(spacing) != 3 or min(size) < 1 or min(spacing) <= 0:
         raise ValueError(f"size and spacing_mm must be three positive values (x, y, z); found {size}, {spacing}")
     # the case on the clinical spacing, over its own extent
-    extent = np.asarray(image_hu.GetSize(), float) * np.asarray(image_hu.GetSpacing(), float)
-    block_size = [max(1, int(round(e / s))) for e, s in zip(extent, spacing, strict=True)]
-    reference = sitk.Image(block_size, sitk.sitkUInt8)
-    reference.SetSpacing(spacing)
-    reference.SetOrigin(image_hu.GetOrigin())
-    reference.SetDirection(image_hu.GetDirection())
+    reference = resampled_grid(image_hu, spacing)
     block = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(image_hu, sitk.sitkFloat32), reference, sitk.Transform(),
                                                  sitk.sitkLinear, FAT_HU, sitk.sitkFloat32))
     block_mask = sitk.GetArrayFromImage(sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor,

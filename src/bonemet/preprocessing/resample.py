@@ -9,42 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import SimpleITK as sitk
 
-from bonemet.data.io import resample_to_reference
+from bonemet.data.io import resample_to_reference, resampled_grid
 
 INTERPOLATORS: dict[str, int] = {
     "bspline": sitk.sitkBSpline,
     "linear": sitk.sitkLinear,
     "nearest": sitk.sitkNearestNeighbor,
 }
-
-
-def _check_spacing(spacing_mm: Sequence[float], dimension: int) -> tuple[float, ...]:
-    spacing = tuple(float(s) for s in spacing_mm)
-    if len(spacing) != dimension or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(
-            f"target spacing must be {dimension} positive numbers in mm, found {list(spacing_mm)}"
-        )
-    return spacing
-
-
-def resampled_grid(image: sitk.Image, spacing_mm: Sequence[float]) -> sitk.Image:
-    """An empty reference image: ``image``'s origin and direction, ``spacing_mm``, same physical extent.
-
-    Args:
-        image: the image whose physical extent is kept.
-        spacing_mm: target voxel size in mm, (x, y, z) order as SimpleITK.
-    """
-    spacing = _check_spacing(spacing_mm, image.GetDimension())
-    extent_mm = np.asarray(image.GetSize(), float) * np.asarray(image.GetSpacing(), float)
-    size = [max(1, int(round(e / s))) for e, s in zip(extent_mm, spacing, strict=True)]
-    reference = sitk.Image(size, sitk.sitkUInt8)
-    reference.SetSpacing(spacing)
-    reference.SetOrigin(image.GetOrigin())
-    reference.SetDirection(image.GetDirection())
-    return reference
 
 
 def resample_image(
