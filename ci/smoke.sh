@@ -29,6 +29,11 @@ yaml.safe_dump(merged, open(sys.argv[3], "w"), sort_keys=False)
 PY
 git init -q . && git config user.email smoke@bonemet && git config user.name smoke
 "$BIN/dvc" init -q && "$BIN/dvc" config core.analytics false
+# the project's ignore rules: bytecode caches that Python writes under src/ (a dependency of every
+# stage) while the pipeline or the tests run are no dependency (else the second repro reruns stages)
+cp "$repo/.dvcignore" .dvcignore
+"$BIN/dvc" check-ignore -q src/bonemet/data/__pycache__/io.cpython-311.pyc \
+  || { echo "error: .dvcignore does not ignore the bytecode caches under src/"; exit 1; }
 # a cohort the caller put under cohorts/ is the user's data: DVC versions it (ensure-data), not git
 git add -A -- . ':(exclude)cohorts' >/dev/null && git commit -qm smoke
 "$BIN/bonemet" ensure-data
