@@ -14,8 +14,6 @@ echo "== ruff"
 # subprocesses, so one process left a core idle. BONEMET_TEST_WORKERS=0 runs it in one process.
 workers="${BONEMET_TEST_WORKERS:-2}"
 echo "== pytest ($workers workers)"
-if [ "$workers" = 0 ]; then
-  "$BIN/python" -m pytest -q --durations=25 "$@"
-else
-  "$BIN/python" -m pytest -q --durations=25 -n "$workers" --dist loadfile "$@"
-fi
+args=(-q --durations=25)
+[ "$workers" = 0 ] || args+=(-n "$workers" --dist loadfile)
+"$BIN/python" -m pytest "${args[@]}" "$@"

@@ -141,7 +141,7 @@ def _whole(secret: str, encoding: str) -> re.Pattern:
     """``secret`` in ``encoding`` as bytes, not as a run of digits inside a longer number: a birth date
     19430817 inside the object id 140171943081752 that skops writes (thousands per model file,
     different every run) is no leak, the date beside a letter or a separator is."""
-    digit = "[0-9]".encode(encoding) if encoding == "utf-8" else b"[0-9]\x00"
+    digit = b"[0-9]" if encoding == "utf-8" else b"[0-9]\x00"
     before = b"(?<!" + digit + b")" if secret[0].isdigit() else b""
     after = b"(?!" + digit + b")" if secret[-1].isdigit() else b""
     return re.compile(before + re.escape(secret.encode(encoding)) + after)
