@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from bonemet.modeling import TRAIN_RUNS_FILE
 from bonemet.report import figures
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ def segmentation_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
             ["empty automatic masks", sig(summary.get("n_empty_predictions"))],
             ["folds", sig(summary.get("n_folds"))],
             ["epochs per fold (mean)", sig(summary.get("epochs_mean"))],
-            ["training time (s, all folds)", sig(summary.get("train_seconds_total"))],
+            ["optimiser steps per fold", sig(summary.get("max_steps")) if summary.get("max_steps") is not None
+             else "epoch schedule"],
         ]
         out["dice_mean"] = summary.get("dice_mean")
     if cases is not None and "dice" in cases.columns and "fold" in cases.columns:
@@ -323,11 +325,10 @@ def radiomics_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
 
 def _source_cells(info: Any) -> list[str]:
     if not isinstance(info, Mapping):
-        return [str(info), "", "", ""]
+        return [str(info), ""]
     if "skipped" in info:
-        return ["skipped", "", "", str(info["skipped"])]
-    return [sig(info.get("n_cases")), sig(info.get("n_dropped", 0)), sig(info.get("n_cached", 0)),
-            sig(info.get("extraction_seconds"))]
+        return ["skipped", str(info["skipped"])]
+    return [sig(info.get("n_cases")), sig(info.get("n_dropped", 0))]
 
 
 # --- 5. classifiers -------------------------------------------------------------------------------
@@ -447,7 +448,7 @@ def registry_section(inputs: ReportInputs, store: Mapping[str, Any] | None, ui_u
             "compared": bool(decision.get("compared_with_staging")),
         }
     runs: list[dict[str, Any]] = []
-    provenance = read_json(inputs.models_dir / "provenance.json") or {}
+    provenance = read_json(inputs.metrics_dir / TRAIN_RUNS_FILE) or {}
     if provenance.get("train_run_id"):
         runs.append({"what": "train (parent run)", "run_id": provenance["train_run_id"]})
     for model, info in (provenance.get("models") or {}).items():
