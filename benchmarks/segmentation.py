@@ -100,7 +100,7 @@ def _run_variant(job: dict[str, Any], queue: Any) -> None:
         "infer_seconds_per_case": sum(f.infer_seconds_per_case * f.n_test for f in result.folds) / max(1, n_test),
         "n_parameters": result.folds[0].n_parameters,
         "stop_reasons": [f.stop_reason for f in result.folds],
-        "fold_budget_s": result.folds[0].budget_s,
+        "steps_per_fold": [f.steps for f in result.folds],
         "n_parameters_inference": count_parameters(network_from_spec(spec), inference_only=True),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
@@ -179,7 +179,7 @@ def _by_cohort(args: argparse.Namespace, params: Any) -> int:
             }
     report = {"machine": common.machine(), "quick": args.quick, "threads": args.threads, "variant": variant,
               "profile": params.segment.profile, "max_epochs": args.max_epochs or params.segment.train.max_epochs,
-              "time_budget_s": params.segment.train.time_budget_s,
+              "max_steps": params.segment.train.max_steps,
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cohorts": results}
     common.print_json(report, args.json)
     return 1 if any("error" in r for r in results.values()) else 0

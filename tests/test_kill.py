@@ -13,8 +13,8 @@ timeout, a lost machine). Then:
   anything else is a hidden temporary (``.<name>.*``, :func:`bonemet.utils.atomic_path`);
 - the per-case feature cache holds only entries that verify (extract);
 - a plain ``dvc repro -s <stage>`` completes, and its outputs are the uninterrupted run's: the
-  same bytes, parquet tables equal (same columns in the same order, same values); only what
-  measures the run itself differs (the stage log, timings, cache counts, run ids);
+  same bytes, parquet tables equal (same columns in the same order, same values); only the train
+  stage's record of its MLflow run ids (external state) differs: no output measures the run;
 - no MLflow run is left RUNNING (the next start marks the killed one FAILED), and no temporary
   output folder of the killed run is left beside the outputs.
 
@@ -32,7 +32,6 @@ import sqlite3
 import subprocess
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +71,8 @@ class Stage:
     name: str
     #: a file (glob, relative to the work folder) that shows the stage has written part of its work
     started: str
-    #: files compared as parsed JSON with these keys removed (they measure the run, not its result)
-    volatile: dict[str, Callable[[dict], dict]]
-    #: files not compared (they describe the run: ids, seconds)
+    #: files not compared: external state (MLflow run ids); every other output is compared whole
     ignored: tuple[str, ...] = ()
-    #: CSV columns not compared (they time the run: a learning curve's elapsed seconds)
-    timing_columns: tuple[str, ...] = ()
     #: cleared before the killed run (so that the stage has per-case work to do and be killed in)
     fresh: tuple[str, ...] = ()
     #: what gets the SIGKILL: "stage" (its own process: ``kill -9 <pid>``, the out-of-memory killer;
@@ -85,30 +80,13 @@ class Stage:
     kill: str = "stage"
 
 
-def _without(*keys: str) -> Callable[[dict], dict]:
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in keys}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-    return strip
-
-
+# No output measures the run (times, cache counts, where a fold resumed: MLflow's), so a rerun after a
+# kill must reproduce every byte but the train stage's run ids.
 STAGES = {
-    "preprocess": Stage("preprocess", "data/.preprocessed.*/*_geometry.json", {}),
-    "segment": Stage("segment", ".cache/segmentation/fold-*.pt",
-                     {"metrics/segmentation.json": _without("train_seconds_total", "infer_seconds_per_case",
-                                                            "wall_seconds", "train_seconds",
-                                                            # where a rerun's fold took up the killed one's
-                                                            # checkpoint: the run's history, not its result
-                                                            "resumed_from")},
-                     fresh=(".cache/segmentation",), timing_columns=("elapsed_s",)),
-    "extract": Stage("extract", ".cache/radiomics/*.json",
-                     {"data/features/summary.json": _without("extraction_seconds", "cases_per_minute",
-                                                             "peak_worker_rss_mib", "n_cached", "n_extracted")},
-                     fresh=(".cache/radiomics",)),
-    "train": Stage("train", "models/*.skops", {}, ignored=("models/provenance.json",), kill="group"),
+    "preprocess": Stage("preprocess", "data/.preprocessed.*/*_geometry.json"),
+    "segment": Stage("segment", ".cache/segmentation/fold-*.pt", fresh=(".cache/segmentation",)),
+    "extract": Stage("extract", ".cache/radiomics/*.json", fresh=(".cache/radiomics",)),
+    "train": Stage("train", "models/*.skops", ignored=("metrics/train_runs.json",), kill="group"),
 }
 
 
@@ -182,13 +160,8 @@ def _snapshot(work: Path, stage: Stage) -> dict[str, object]:
         rel = path.relative_to(work).as_posix()
         if _hidden(path, work) or rel in stage.ignored:
             continue
-        if rel in stage.volatile:
-            snap[rel] = stage.volatile[rel](json.loads(path.read_text(encoding="utf-8")))
-        elif rel.endswith(".parquet"):
+        if rel.endswith(".parquet"):
             snap[rel] = pd.read_parquet(path)
-        elif rel.endswith(".csv") and stage.timing_columns:
-            table = pd.read_csv(path)
-            snap[rel] = table.drop(columns=[c for c in stage.timing_columns if c in table.columns])
         else:
             snap[rel] = path.read_bytes()
     return snap

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import urllib.parse
 import urllib.request
@@ -64,6 +65,7 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     assert "second repro must do nothing" in proc.stdout and "smoke run passed" in proc.stdout
     assert "misspelt keys refused" in proc.stdout
+    _check_dvc_contract(work)
     for out in ["data/validation/report.json", "data/splits.json", "metrics/table1.json", "metrics/summary.json",
                 "metrics/repeated.json", "reports/index.html"]:
         assert (work / out).exists(), out
@@ -100,8 +102,11 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     seg = json.loads((first / "metrics/segmentation.json").read_text())
     assert seg["n_cases"] == len(cases) and math.isfinite(seg["dice_mean"]) and seg["dice_mean"] > 0
     assert seg["gate"]["promote"] and seg["gate"]["registered"] and seg["gate"]["min_dice"] == 0.0
-    # each fold's stop reason (the smoke run keeps the epoch schedule)
-    assert [f["stop_reason"] for f in seg["folds"]] == ["max_epochs"] * 3 and seg["stop_reasons"] == {"max_epochs": 3}
+    # each fold's stop reason: the planned step budget (ci/smoke_params.yaml: 60 epochs of 7 steps)
+    assert plan["values"]["segment.train.max_steps"] == {"value": 420, "source": "plan", "planned": 420}
+    assert [(f["stop_reason"], f["steps"]) for f in seg["folds"]] == [("budget", 420)] * 3
+    assert seg["stop_reasons"] == {"budget": 3} and seg["max_steps"] == 420
+    assert not {"wall_seconds", "train_seconds_total", "infer_seconds_per_case"} & set(seg)  # MLflow's, not DVC's
     # the registered classifier's training domain, fitted by the train stage
     registry = json.loads((first / "metrics/registry.json").read_text())
     domain = json.loads((work / "models/domain.json").read_text())
@@ -133,6 +138,55 @@ def test_dvc_pipeline_smoke_run(tmp_path, mlflow_server):
     for text in ("Table 1", "Per fold", "LASSO", "Replication", "bonemet-classifier", "DeLong", "Repeated splits"):
         assert text in page, text
     check_report_in_browser(work / "reports" / "index.html", tmp_path / "screenshots")
+
+
+#: The outputs that record external state (MLflow run ids, registry versions, the registry as the
+#: report shows it): the only ones whose bytes may differ between two runs of the same code, data
+#: and params.
+EXTERNAL_STATE = {"metrics/train_runs.json", "metrics/registry.json", "reports/index.html"}
+
+
+def _outs(lock: dict) -> dict[str, str]:
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def _check_dvc_contract(work: Path) -> None:
+    """Issue 21's contract, from what ci/smoke.sh left: a forced rerun under load writes the same
+    bytes; queued experiments rerun only what changed and track to the project's one store; a
+    killed experiment leaves no process behind. (The fresh clone's check is in smoke.sh itself.)"""
+    first = yaml.safe_load((work / "first_repro" / "dvc.lock").read_text())
+    forced = yaml.safe_load((work / "forced.lock").read_text())
+    assert _outs(first).keys() == _outs(forced).keys()
+    differ = sorted(p for p in _outs(first) if _outs(first)[p] != _outs(forced)[p])
+    assert set(differ) <= EXTERNAL_STATE, differ
+    assert {s: d["deps"] for s, d in first["stages"].items()} == {s: d["deps"] for s, d in forced["stages"].items()}
+    checkpoints = sorted(p.name for p in (work / "first_repro" / "checkpoints").glob("fold-*.pt"))
+    assert checkpoints == ["fold-0.pt", "fold-1.pt", "fold-2.pt"]
+    for name in checkpoints:  # the weights too, trained beside a CPU-burning process
+        assert (work / "first_repro" / "checkpoints" / name).read_bytes() == \
+            (work / "forced" / "checkpoints" / name).read_bytes(), name
+
+    # two queued experiments changing a register param: each reran register and report only
+    for name in ("exp-a", "exp-b"):
+        ran = re.findall(r"Running stage '(\w+)'", (work / f"queue_{name}.log").read_text(encoding="utf-8"))
+        assert sorted(ran) == ["register", "report"], (name, ran)
+    shown = (work / "queued_show.csv").read_text(encoding="utf-8")
+    assert "exp-a" in shown and "exp-b" in shown
+    # ... and landed in the project's one store (at the repository root), tagged with their names
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("bonemet-classification")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'register'")
+    assert sorted(r.data.tags.get("dvc_exp", "") for r in runs) == ["exp-a", "exp-b"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    versions = client.search_model_versions("name = 'bonemet-classifier'")
+    assert sorted(v.tags.get("dvc_exp", "") for v in versions) == ["exp-a", "exp-b"]
+    assert not list((work / ".dvc" / "tmp").rglob("mlflow.db"))  # no store in a temporary workspace
+
+    # dvc queue kill: the stage and its fold workers are gone
+    assert (work / "kill_before.txt").read_text().strip(), "the queued segment stage never started"
+    assert not (work / "kill_after.txt").read_text().strip(), (work / "kill_after.txt").read_text()
 
 
 def _check_tracking_server(url: str, work: Path, *, cohort_md5: str, n_cases: int, shots: Path) -> None:

@@ -15,7 +15,13 @@ import sys
 
 from bonemet import __version__
 from bonemet.errors import UserError
-from bonemet.utils import capture_warnings, configure_progress, end_with_parent, setup_logging
+from bonemet.utils import (
+    capture_warnings,
+    configure_progress,
+    end_with_parent,
+    kill_descendants,
+    setup_logging,
+)
 
 log = logging.getLogger("bonemet")
 
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             return int(getattr(exc, "exit_code", 1))
         except KeyboardInterrupt:
+            kill_descendants()  # no worker of an interrupted stage keeps training
             log.error("interrupted")
             return 130
 

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         records += run_repeats(primary, paired, splits, first_repeat=1, select=params.select, train=train,
                                evaluate=ev, seed=params.seed, case_llr=case_llr, n_jobs=ev.n_jobs,
                                show_progress=not args.no_progress, sites=sites)
+        # each repeat's seconds go to its MLflow run, not into the outputs (same inputs, same bytes)
+        seconds = {record["repeat"]: record.pop("seconds", None) for record in records}
         summary = summarize_repeats(records, train.models, alpha=ev.alpha)
         registered = best_by_repeats(summary, train.models)
         repeated = {**summary, "feature_source": primary_name, "registered_model": registered,
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                                              for k, v in values.items()}
                                             | {"chosen_auc": record["models"][record["chosen"]]["auc"],
                                                "llr_auc": record["llr_auc"],
-                                               "chosen_minus_llr": record["chosen_minus_llr"]}))
+                                               "chosen_minus_llr": record["chosen_minus_llr"],
+                                               "seconds": seconds[record["repeat"]]}))
         tracker.log_metrics(_finite({k: v for k, v in headline.items() if isinstance(v, int | float)}))
         tracker.set_tags({"registered_model": registered})
         tracker.log_table(pd.DataFrame(table), "repeated.csv")
