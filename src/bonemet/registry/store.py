@@ -30,13 +30,36 @@ from bonemet.utils import UNWRITABLE, pid_alive
 log = logging.getLogger(__name__)
 
 def configure(tracking_uri: str | None, store_dir: str | Path) -> str:
-    """Point MLflow at ``tracking_uri`` (or the local SQLite store); returns the URI used."""
+    """Point MLflow at ``tracking_uri`` (or the local SQLite store); returns the URI used.
+
+    A SQLite store is created (its tables migrated to this MLflow's schema) under an exclusive
+    file lock beside it: two processes starting on a new store at once (queued experiments, ``dvc
+    queue start -j 2``) would otherwise both migrate it and one fail. Later writes wait for each
+    other through SQLite's busy timeout (MLflow sets 20 s)."""
     uri = tracking_uri or default_tracking_uri(store_dir)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(db.with_name(f".{db.name}.lock")):
+            client = MlflowClient()
+            client.search_experiments(max_results=1)  # the tracking tables, created or migrated once
+            client.search_registered_models(max_results=1)  # and the registry's
     return uri
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed), released on exit."""
+    import fcntl
+
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 #: The MLflow UI (3.x) opens an experiment on its runs, not on its GenAI overview, with this tag.

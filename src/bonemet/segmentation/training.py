@@ -263,16 +263,28 @@ class _BestCheckpoint:
         self.dice, self.epoch, self.state = -math.inf, 0, None
 
     def update(self, model: Any, epoch: int, val_dice: float) -> None:
-        import torch
 
         if val_dice <= self.dice:
             return
         self.dice, self.epoch = float(val_dice), epoch
         self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         if self.path is not None:
-            with atomic_path(self.path) as tmp:
-                torch.save({"state_dict": self.state, "epoch": epoch, "val_dice": self.dice,
-                            "spec": self.spec.model_dump(mode="json")}, tmp)
+            save_checkpoint({"state_dict": self.state, "epoch": epoch, "val_dice": self.dice,
+                             "spec": self.spec.model_dump(mode="json")}, self.path)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """``torch.save`` of ``state`` to ``path``, atomically and byte-reproducibly: torch names the
+    archive inside the file after the file it writes to (a random temporary name here), so the bytes
+    are made in memory first, under torch's fixed name for a buffer."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
 
 
 def _rng_state(loader: Any) -> dict[str, Any]:
@@ -496,7 +508,6 @@ def _save_resume(path: Path, key: str, model: Any, optimizer: Any, scheduler: An
                  stopper: EarlyStopping, best: _BestCheckpoint, history: list, spent: float, horizon: int,
                  stop_reason: str, finished: bool, loader: Any, epoch: int) -> None:
     """The whole training state after ``epoch``, written atomically (a kill leaves the previous one)."""
-    import torch
 
     state = {
         "key": key, "epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -506,8 +517,7 @@ def _save_resume(path: Path, key: str, model: Any, optimizer: Any, scheduler: An
         "stop_reason": stop_reason, "finished": finished, "rng": _rng_state(loader),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(state, path)
 
 
 def tune(
