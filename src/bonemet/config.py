@@ -112,6 +112,8 @@ NJobs = Annotated[int, Field(ge=-1)]
 SpacingMM = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 SizeVox = tuple[PositiveInt, PositiveInt, PositiveInt]
 CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp")
+#: ``register.model``: the family with the highest mean CV AUC on the training set (never a test set)
+BEST_CV = "best_cv"
 ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
 NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
 #: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
@@ -594,11 +596,14 @@ class RegisterSpec(Spec):
     model_name: str
     segmentation_model_name: str
     alias: str
+    #: the family registered: a name of ``train.models`` (checked in :class:`Params`) or ``best_cv``
+    model: ClassifierName | Literal["best_cv"]
     min_auc: Probability
     min_auc_lower_bound: Probability
     min_sensitivity: Probability
     min_specificity: Probability
     tolerance: NonNegativeFloat
+    max_gap_to_best: Probability
     models_dir: str
     repeated: str
     features_file: str
@@ -779,6 +784,15 @@ class Params(Spec):
     train: TrainSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _registered_model_is_trained(self) -> Params:
+        model = self.registration.model
+        if model != BEST_CV and model not in self.train.models:
+            raise ValueError(
+                f"register.model: '{model}' is not trained (train.models is {self.train.models}); name one of them "
+                f"or '{BEST_CV}' (the highest mean inner-CV AUC on the training set); found {model!r}")
+        return self
 
     @model_validator(mode="after")
     def _bone_margin_needs_bone_in_window(self) -> Params:
