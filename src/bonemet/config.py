@@ -115,6 +115,8 @@ CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgb
 #: ``register.model``: the family with the highest mean CV AUC on the training set (never a test set)
 BEST_CV = "best_cv"
 ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
+#: ``register.model``: a classifier's name or :data:`BEST_CV`
+RegisteredModel = Literal[(*typing.get_args(ClassifierName), BEST_CV)]  # type: ignore[valid-type]
 NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
 #: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
 SegmentModel = Literal["missu", "unet", "unetr", "swinunetr", "external"]
@@ -597,7 +599,7 @@ class RegisterSpec(Spec):
     segmentation_model_name: str
     alias: str
     #: the family registered: a name of ``train.models`` (checked in :class:`Params`) or ``best_cv``
-    model: ClassifierName | Literal["best_cv"]
+    model: RegisteredModel
     min_auc: Probability
     min_auc_lower_bound: Probability
     min_sensitivity: Probability
@@ -791,7 +793,7 @@ class Params(Spec):
         if model != BEST_CV and model not in self.train.models:
             raise ValueError(
                 f"register.model: '{model}' is not trained (train.models is {self.train.models}); name one of them "
-                f"or '{BEST_CV}' (the highest mean inner-CV AUC on the training set); found {model!r}")
+                f"or '{BEST_CV}' (the highest mean ten-fold CV AUC on the training set); found {model!r}")
         return self
 
     @model_validator(mode="after")
@@ -925,7 +927,8 @@ def _format(problems: list[tuple[list[str], str]], where: str = "") -> str:
     lines = []
     for path, message in problems:
         dotted = ".".join(([where] if where else []) + path).replace(".[", "[")
-        lines.append(f"{dotted or '(top level)'}: {message}")
+        named = not dotted and message.partition(": ")[0].replace(".", "").replace("_", "").isalnum()
+        lines.append(message if named else f"{dotted or '(top level)'}: {message}")  # a cross-section check names its key
     lines = list(dict.fromkeys(lines))
     if len(lines) == 1:
         return lines[0]
