@@ -338,6 +338,11 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
     assert alias_version("bonemet-classifier", "staging") == "1"
     [version] = model_versions("bonemet-classifier")
     assert "Table 1" not in version["description"]  # no metrics/table1.md: registered without it
+    assert summary["registered_rule"] == "svm" and summary["best_repeated_model"] == "svm"
+    # `bonemet models` names the registered family and the rule that chose it
+    assert main(["models", "--model", "bonemet-classifier"]) == 0
+    listing = capsys.readouterr().out
+    assert "aliases=staging" in listing and "svm (register.model svm)" in listing, listing
 
     # no train outputs: one line naming the folder and the fix, exit 1
     for name in ("index.json", "provenance.json"):
