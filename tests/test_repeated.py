@@ -185,6 +185,10 @@ def test_repeats_refit_everything_on_their_own_training_cases(specs):
         assert 0.0 <= record["models"]["logreg"]["auc"] <= 1.0 and 0.0 <= record["llr_auc"] <= 1.0
         assert record["chosen_minus_llr"] == pytest.approx(record["models"][record["chosen"]]["auc"]
                                                            - record["llr_auc"])
+        # the plain baseline on the same split, paired with the chosen model
+        assert 0.5 < record["baseline_auc"] <= 1.0  # the signal is in a few columns: L1 finds it
+        assert record["chosen_minus_baseline"] == pytest.approx(record["models"][record["chosen"]]["auc"]
+                                                                - record["baseline_auc"])
     # a repeat's test cases change its scores only: altering them leaves what its training set chose
     is_test = primary["case_id"].isin(splits[0]["test"])
     cols = [c for c in primary.columns if c not in ("case_id", "label")]
@@ -239,9 +243,10 @@ def test_repeat_zero_is_table_1_and_the_summary(tmp_path, specs):
                        seed=7, feature_source="auto", registered_rule="logreg", bayes_auc=0.9, case_llr=llr)
     table1 = json.loads((tmp_path / "metrics" / "table1.json").read_text())
     index = json.loads((tmp_path / "models" / "index.json").read_text())
-    zero = committed_repeat(table1, index, committed, 7)
+    zero = committed_repeat(table1, index, committed, 7, baseline_auc=0.8)
     assert zero["chosen"] == "logreg" == res.registered_model and zero["n_test"] == len(committed["test"])
     assert zero["best_cv"] == res.best_model
+    assert zero["chosen_minus_baseline"] == pytest.approx(zero["models"]["logreg"]["auc"] - 0.8)
     for model in MODELS:
         assert zero["models"][model]["auc"] == pytest.approx(res.models[model].test_metrics["auc"], abs=1e-6)
         assert zero["models"][model]["threshold"] == pytest.approx(res.models[model].threshold, abs=1e-6)
@@ -298,7 +303,13 @@ def test_evaluate_stage_writes_the_repeated_estimate_and_the_headline(tmp_path, 
     assert summary["registered_repeated_auc"] == repeated["models"]["knn"]["auc"]["mean"]
     assert summary["best_repeated_model"] == repeated["best_repeated_model"]
     assert summary["gap_to_llr"] == pytest.approx(repeated["llr"]["chosen_minus_llr"]["mean"], abs=1e-6)
-    assert len(summary) <= 15  # a handful of headline numbers for `dvc exp show`
+    # the registered pipeline against the plain baseline, paired repeat by repeat, with the corrected interval
+    diffs = [r["chosen_minus_baseline"] for r in repeated["repeats"]]
+    assert repeated["baseline"]["chosen_minus_baseline"]["mean"] == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert summary["registered_minus_baseline"] == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert summary["registered_minus_baseline_lo"] < summary["registered_minus_baseline"] \
+        < summary["registered_minus_baseline_hi"]
+    assert len(summary) <= 20  # a screenful of headline numbers for `dvc exp show`
     assert len(pd.read_csv("metrics/repeated.csv")) == 3 * len(MODELS)
     first = Path("metrics/repeated.json").read_bytes()
     assert main(["evaluate", "--params", str(path), "--no-tracking", "--no-progress"]) == 0

@@ -160,7 +160,9 @@ def _classifier_outputs(metrics: Path) -> str:
     repeated = {"n_repeats": 7, "n_train": 124, "n_test": 54, "interval": "corrected resampled t", "models": models,
                 "chosen": {"auc": interval(0.80), "sensitivity_mean": 0.7, "specificity_mean": 0.75},
                 "registered_model": "svm", "registered_rule": "svm", "registered_by": registered_rule_text("svm"),
-                "best_cv_model": "logreg", "best_repeated_model": "logreg", "repeats": []}
+                "best_cv_model": "logreg", "best_repeated_model": "logreg", "repeats": [],
+                "baseline": {"model": "L1", "auc": interval(0.84),
+                             "chosen_minus_baseline": {"mean": -0.04, "lo": -0.09, "hi": 0.01, "n": 7}}}
     (metrics / "repeated.json").write_text(json.dumps(repeated))
     table1 = json.loads((metrics / "table1.json").read_text())
     headline = _headline(repeated, {"best_model": "logreg"}, table1, metrics / "none.json")
@@ -209,3 +211,7 @@ def test_the_report_tells_one_story_of_the_registered_model_and_a_short_plan(val
     assert "SVM (registered)" in classifiers and "Logistic regression (best CV)" in classifiers
     assert "train (resubstitution)" in classifiers and "KNN (best CV)" not in classifiers
     assert "would pass: logreg" in text["registry"] and "0.060 below logreg's 0.860" in text["summary"]
+    # the plain baseline on the same splits: the paired difference and its interval, and what it means
+    assert "registered minus it, paired repeat by repeat: -0.0400 (-0.0900 to +0.0100)" in classifiers
+    assert "does not beat the plain baseline" in classifiers and "beyond the interval" not in classifiers
+    assert "-0.0400 (-0.0900 to +0.0100)" in text["summary"]

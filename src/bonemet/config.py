@@ -613,6 +613,21 @@ class RegisterSpec(Spec):
     out: str
 
 
+class BaselineSpec(Spec):
+    """``evaluate.baseline``: the plain baseline (standardised L1 logistic regression on every feature)."""
+
+    n_cs: Annotated[int, Field(ge=1)]
+    c_min: PositiveFloat
+    c_max: PositiveFloat
+    max_iter: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BaselineSpec:
+        if not self.c_min <= self.c_max:
+            raise ValueError(f"c_min must not exceed c_max; found {self.c_min} > {self.c_max}")
+        return self
+
+
 class EvaluateSpec(Spec):
     """``evaluate``: metrics, intervals, figures and the repeated evaluation of the whole pipeline."""
 
@@ -628,6 +643,7 @@ class EvaluateSpec(Spec):
     dca_thresholds: tuple[OpenFraction, OpenFraction, OpenFraction]
     figure_dpi: Annotated[int, Field(ge=10, le=1200)]
     decimals: Annotated[int, Field(ge=0, le=10)]
+    baseline: BaselineSpec
 
     _n_jobs = field_validator("n_jobs")(_n_jobs_not_zero)
 

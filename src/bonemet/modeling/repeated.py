@@ -15,6 +15,10 @@ the corrected resampled t interval (Nadeau & Bengio 2003; WORC does so over 100 
   the registered model, so the interval of the chosen model is the interval of what is
   registered; the best by CV is recorded beside it (``best_cv``); the repeat is scored on its
   test cases, at each model's own threshold;
+* every repeat also fits the plain baseline (:mod:`bonemet.modeling.baseline`: standardised L1
+  logistic regression on every feature, C by inner CV) on the same training cases and scores it on
+  the same test cases: the paired difference "chosen model minus baseline" says what the study's
+  chain adds over the simplest thing a user would try;
 * on a synthetic cohort each repeat also scores the Bayes classifier (the latents'
   log-likelihood ratio, which no image-based model sees) on the same test cases: the paired
   difference "chosen model minus LLR" is the honest distance to the ceiling.
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bonemet.modeling.baseline import baseline_scores
 from bonemet.modeling.stats import corrected_resampled_t
 from bonemet.modeling.training import (
     TrainingInputError,
@@ -76,7 +81,7 @@ def run_repeat(
 
     ``chosen`` is the model ``registered_rule`` (``register.model``) picks on the repeat's
     training set; ``best_cv`` the highest CV AUC there.
-    Returns ``{repeat, seed, n_train, n_test, chosen, best_cv, models: {model: {auc, sensitivity,
+    Returns ``{repeat, seed, n_train, n_test, chosen, best_cv, baseline_auc, chosen_minus_baseline, models: {model: {auc, sensitivity,
     specificity, accuracy, threshold, cv_auc_mean}}, llr_auc, chosen_minus_llr, seconds}``
     (``llr_*`` NaN without latents). ``seed`` is the repeat's own seed (for its tuning and folds).
     """
@@ -93,23 +98,43 @@ def run_repeat(
     best_cv = choose_best_model(cv_aucs, train.models)
     models = {m: {**{k: float(r.test_metrics[k]) for k in REPEAT_METRICS}, "cv_auc_mean": r.cv_auc_mean}
               for m, r in results.items()}
+    baseline = _auc(data.y_test, baseline_scores(data.X_train[data.primary_cols], data.y_train,
+                                                  data.X_test[data.primary_cols], spec=evaluate.baseline,
+                                                  inner_folds=train.inner_folds, seed=seed, groups=data.train_groups))
     llr_auc = math.nan
     if case_llr is not None and all(i in case_llr for i in data.test_ids):
         llr_auc = _auc(data.y_test, np.asarray([case_llr[i] for i in data.test_ids], dtype=float))
     record = {
         "repeat": int(repeat), "seed": int(seed), "n_train": len(data.train_ids), "n_test": len(data.test_ids),
         "chosen": chosen, "best_cv": best_cv, "models": models, "llr_auc": llr_auc,
-        "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "seconds": round(time.perf_counter() - start, 1),
+        "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "baseline_auc": baseline,
+        "chosen_minus_baseline": models[chosen]["auc"] - baseline, "seconds": round(time.perf_counter() - start, 1),
     }
     log.info("repeat %d: chosen %s, test AUC %.3f%s (%.0f s)", repeat, chosen, models[chosen]["auc"],
              "" if math.isnan(llr_auc) else f", LLR {llr_auc:.3f}", record["seconds"])
     return record
 
 
+def split_baseline_auc(primary: pd.DataFrame, split: Mapping[str, Any], *, evaluate: EvaluateSpec,
+                       inner_folds: int, seed: int) -> float:
+    """The plain baseline's test AUC on ``split`` (fitted on its training cases), from the primary
+    feature table (``case_id``, ``label``, features)."""
+    table = primary.set_index(primary["case_id"].astype(str))
+    cols = feature_columns(primary)
+    train_ids, test_ids = [str(i) for i in split["train"]], [str(i) for i in split["test"]]
+    groups = split.get("groups")
+    scores = baseline_scores(table.loc[train_ids, cols].astype(np.float64), table.loc[train_ids, "label"].to_numpy(int),
+                             table.loc[test_ids, cols].astype(np.float64), spec=evaluate.baseline,
+                             inner_folds=inner_folds, seed=seed,
+                             groups=[str(groups[i]) for i in train_ids] if groups else None)
+    return _auc(table.loc[test_ids, "label"].to_numpy(int), scores)
+
+
 def committed_repeat(table1: Mapping[str, Any], index: Mapping[str, Any], splits: Mapping[str, Any],
-                     seed: int) -> dict[str, Any]:
+                     seed: int, baseline_auc: float) -> dict[str, Any]:
     """Repeat 0 from the train stage's outputs (``metrics/table1.json``, ``models/index.json``): the
-    committed split, exactly as Table 1 reports it; chosen: the registered model of ``index.json``."""
+    committed split, exactly as Table 1 reports it; chosen: the registered model of ``index.json``;
+    ``baseline_auc``: the plain baseline's on the same split (:func:`split_baseline_auc`)."""
     if "registered_model" not in index:
         raise TrainingInputError("models/index.json names no registered_model (written by an older bonemet): run "
                                  "`bonemet train` again")
@@ -123,7 +148,8 @@ def committed_repeat(table1: Mapping[str, Any], index: Mapping[str, Any], splits
     llr_auc = _float(reference.get("llr_auc"))
     return {"repeat": 0, "seed": int(seed), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
             "chosen": chosen, "best_cv": str(index["best_model"]), "models": models, "llr_auc": llr_auc,
-            "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "seconds": None}
+            "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "baseline_auc": float(baseline_auc),
+            "chosen_minus_baseline": models[chosen]["auc"] - float(baseline_auc), "seconds": None}
 
 
 def _float(value: Any) -> float:
@@ -228,6 +254,13 @@ def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str
         "interval": "corrected resampled t (Nadeau & Bengio 2003): (1/R + n_test/n_train) s^2, t with R-1 df",
         "models": per_model, "chosen": chosen,
     }
+    baseline = [r.get("baseline_auc", math.nan) for r in records]
+    if all(np.isfinite(baseline)):
+        out["baseline"] = {
+            "model": "standardised L1 logistic regression on every feature, C by inner CV (evaluate.baseline)",
+            "auc": interval(baseline),
+            "chosen_minus_baseline": interval([r["chosen_minus_baseline"] for r in records], (-1.0, 1.0)),
+        }
     llr = [r["llr_auc"] for r in records]
     if all(np.isfinite(llr)):
         out["llr"] = {"auc": interval(llr), "chosen_minus_llr": interval([r["chosen_minus_llr"] for r in records], (-1.0, 1.0))}
@@ -250,8 +283,10 @@ def _finite_or(value: float, fallback: float = -math.inf) -> float:
 
 
 def repeats_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per repeat and model: repeat, seed, model, chosen, the test metrics, the LLR's AUC."""
+    """One row per repeat and model: repeat, seed, model, chosen, best_cv, the test metrics, the LLR's
+    and the plain baseline's AUC."""
     rows = [{"repeat": r["repeat"], "seed": r["seed"], "model": m, "chosen": m == r["chosen"],
-             "best_cv": m == r.get("best_cv"), **values,
-             "llr_auc": r["llr_auc"]} for r in records for m, values in r["models"].items()]
+             "best_cv": m == r.get("best_cv"), **values, "llr_auc": r["llr_auc"],
+             "baseline_auc": r.get("baseline_auc", math.nan)}
+            for r in records for m, values in r["models"].items()]
     return pd.DataFrame(rows)

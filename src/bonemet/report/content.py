@@ -454,6 +454,12 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
             "chosen": with_ci(repeated["chosen"]["auc"]["mean"], repeated["chosen"]["auc"]["lo"],
                               repeated["chosen"]["auc"]["hi"]),
         }
+        if "baseline" in repeated:
+            b, diff = repeated["baseline"]["auc"], repeated["baseline"]["chosen_minus_baseline"]
+            out["repeated"]["baseline"] = {
+                "auc": with_ci(b["mean"], b["lo"], b["hi"]),
+                "diff": f"{_signed(diff['mean'])} ({_signed(diff['lo'])} to {_signed(diff['hi'])})",
+                "loses": _number(diff["mean"]) < 0, "clearly": _number(diff["hi"]) < 0}
         if "llr" in repeated:
             gap = repeated["llr"]["chosen_minus_llr"]
             out["repeated"]["llr"] = {"auc": sig(repeated["llr"]["auc"]["mean"]),
@@ -514,12 +520,23 @@ def summary_section(inputs: ReportInputs) -> dict[str, Any]:
         top = headline["best_repeated_model"]
         rows.append(["highest mean repeated test AUC", f"{names.get(top, top)} ({sig(headline.get('best_repeated_auc'))}; "
                                                        f"registered minus it {sig(-_number(headline.get('registered_gap_to_best')))})"])
+    if headline.get("registered_minus_baseline") is not None:
+        rows.append(["registered minus the plain baseline (L1 logistic regression on every feature; paired, same "
+                     "splits)", f"{_signed(headline['registered_minus_baseline'])} "
+                                f"({_signed(headline.get('registered_minus_baseline_lo'))} to "
+                                f"{_signed(headline.get('registered_minus_baseline_hi'))})"])
     if decision:
         rows.append(["registry", f"{decision.get('model_name')} version {decision.get('version')}: "
                                  f"{'promoted: ' if decision.get('promoted') else ''}{decision.get('reason')}"])
     if headline.get("dice_mean") is not None:
         rows.append(["segmentation mean Dice (out of fold)", sig(headline["dice_mean"])])
     return out
+
+
+def _signed(value: Any) -> str:
+    """A difference at three significant digits with its sign (+0.0123, -0.041)."""
+    text = sig(value)
+    return text if text == "n/a" or text.startswith("-") or text == "0" else f"+{text}"
 
 
 def _number(value: Any) -> float:
