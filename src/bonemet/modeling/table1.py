@@ -316,7 +316,8 @@ def delong_comparison_table(
     scores: Mapping[str, Sequence[float] | np.ndarray],
     best: str,
 ) -> pd.DataFrame:
-    """DeLong test of the ``best`` model's ROC curve against each other model's, on the same cases.
+    """DeLong test of the ``best`` model's ROC curve against each other model's, on the same cases
+    (the train stage passes the registered model as ``best``).
 
     Columns: best, other, auc_best, auc_other, auc_diff (best - other), z, p (two-sided) and
     p_holm (Holm-adjusted over the comparisons in the table). Other models keep input order.
@@ -344,7 +345,7 @@ def _p(p: float) -> str:
 def delong_comparison_markdown(df: pd.DataFrame, decimals: int) -> str:
     """The :func:`delong_comparison_table` frame as Markdown."""
     lines = [
-        "| best | other | AUC best | AUC other | difference | z | p | p (Holm) |",
+        "| registered | other | AUC registered | AUC other | difference | z | p | p (Holm) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in df.iterrows():
