@@ -21,6 +21,7 @@ from bonemet.data.dicom_series import write_dicom_series
 from bonemet.data.io import read_image, read_mask, write_image
 from bonemet.data.manifest import ManifestError, read_manifest
 from bonemet.data.synthetic import generate_cohort
+from bonemet.tracking import RecordingTracker
 from compute_specs import LOCAL_COMPUTE
 
 TOL = 0.01
@@ -130,8 +131,12 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
     cases = read_manifest(cohort.dicom, roi="lesion", segment=None)
     kwargs = {"sources": ["manual", "annotator"], "auto_masks_dir": None, "n_jobs": 1, "compute": LOCAL_COMPUTE,
               "cache_dir": tmp_path / "cache", "allow_drop": False, "grid_tolerance_mm": TOL, "show_progress": False}
-    summary = extract_sources(cases, FAST, tmp_path / "features", **kwargs)
-    assert summary["sources"]["manual"]["n_cases"] == 4 and summary["sources"]["manual"]["n_cached"] == 0
+    def cached(tracker: RecordingTracker) -> int:  # how many the cache held: MLflow's, not the DVC output's
+        return int(next(r for r in tracker.runs if r["name"] == "extract-manual")["metrics"]["n_cached"][-1][1])
+
+    first = RecordingTracker()
+    summary = extract_sources(cases, FAST, tmp_path / "features", tracker=first, **kwargs)
+    assert summary["sources"]["manual"] == {"n_cases": 4, "n_dropped": 0} and cached(first) == 0
     manual = pd.read_parquet(tmp_path / "features" / "manual.parquet").set_index("case_id")
     nifti = extract_sources(read_manifest(cohort.nifti), FAST, tmp_path / "features_nifti",
                             **{**kwargs, "cache_dir": None, "sources": ["manual"]})
@@ -142,8 +147,9 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
         assert manual.loc[cid, volume] == pytest.approx(ref.loc[cid, volume], rel=1e-6)
     for cid in ("case_000", "case_001"):  # RTSTRUCT: the contours' voxels (Dice >= 0.95)
         assert manual.loc[cid, volume] == pytest.approx(ref.loc[cid, volume], rel=0.08)
-    again = extract_sources(cases, FAST, tmp_path / "features2", **kwargs)  # DICOM folders and files hashed
-    assert again["sources"]["manual"]["n_cached"] == 4
+    second = RecordingTracker()
+    again = extract_sources(cases, FAST, tmp_path / "features2", tracker=second, **kwargs)  # DICOM hashed
+    assert cached(second) == 4 and again == summary  # the same summary, whatever the cache held
 
 
 def test_the_cache_key_holds_the_roi_and_segment(cohort):

@@ -29,8 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_AUTO = {
     "preprocess": {"target_spacing_mm": AUTO, "hu_window": AUTO, "crop": {"min_size_vox": AUTO}},
     "segment": {"roi_size": AUTO, "train": {"batch_size": AUTO},
-                "profiles": {p: {"roi_size": AUTO, "train": {"batch_size": AUTO}} for p in ("cpu", "paper")}},
+                "profiles": {p: {"roi_size": AUTO, "train": {"batch_size": AUTO, "max_steps": None}}
+                             for p in ("cpu", "paper")}},
 }
+#: the cpu profile's step budget planned too
+STEPS_AUTO = {"segment": {"profiles": {"cpu": {"train": {"max_steps": AUTO}}}}}
 
 
 def _case(root: Path, case_id: str, *, spacing=(1.0, 1.0, 1.0), radius_mm=6.0, hu_scale=1.0, seed=0) -> dict:
@@ -98,7 +101,7 @@ def test_fingerprint_measures_the_cohort(cohort, params_file):
 
 
 def test_the_same_cohort_gives_the_same_plan(cohort, params_file):
-    params = _auto_params(params_file)
+    params = _auto_params(params_file, STEPS_AUTO)
     one = make_plan(_fingerprint(cohort, params, n_jobs=1), PlanInputs.from_params(params))
     two = make_plan(_fingerprint(cohort, params, n_jobs=2), PlanInputs.from_params(params))
     assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
@@ -114,6 +117,14 @@ def test_the_same_cohort_gives_the_same_plan(cohort, params_file):
     lo, hi = values["preprocess.hu_window"]
     assert lo < params.preprocess.crop.bone_threshold_hu < 1100 < hi
     assert 1 <= values["segment.train.batch_size"] <= params.segment.plan.max_batch_size
+    # the step budget: the profile's training voxels over one step's (batch x crops x crop voxels); its
+    # epochs over a fold's training cases (4 cases, 10 folds: 3 outside the fold, 1 held out for validation)
+    step_voxels = values["segment.train.batch_size"] * params.segment.train.num_samples * int(np.prod(roi))
+    assert values["segment.train.max_steps"] == round(params.segment.plan.train_megavoxels * 1e6 / step_voxels)
+    schedule = details["schedule"]
+    assert schedule["voxels_per_step"] == step_voxels and schedule["fold_training_cases"] == 2
+    assert schedule["epochs"] == params.segment.train.max_epochs  # capped: the tiny cohort's epochs are short
+    assert any("more than segment.train.max_epochs" in w for w in one["warnings"])
 
 
 def test_explicit_values_win_and_the_plan_records_where_each_came_from(cohort, params_file):

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bonemet.modeling import TRAIN_RUNS_FILE
 from bonemet.modeling.domain import domain_file
 from bonemet.modeling.persistence import load_pipeline, save_pipeline
 from bonemet.modeling.repeated import best_by_repeats
@@ -27,6 +28,8 @@ from bonemet.registry.gate import Estimate, decide_promotion
 from bonemet.serving import FeatureInputError, check_feature_frame
 
 FEATURES = [f"original_firstorder_F{i}" for i in range(6)]
+#: the train stage's run ids (train.metrics_dir / TRAIN_RUNS_FILE), relative to the test's folder
+TRAIN_RUNS = Path("metrics") / TRAIN_RUNS_FILE
 
 
 def _table(n=40, seed=0):
@@ -138,7 +141,7 @@ def _train_outputs(models_dir, aucs, run="a", rule="svm"):
     ``aucs``: {model: (outer-fold CV AUCs, test AUC)}, in train.models order. Each model gets a
     fitted (scikit-learn) pipeline in ``<model>.skops``; ``index.json`` names the best one by
     :func:`choose_best_model` (CV AUC, never the test AUC), the registered one by ``rule``
-    (``register.model``: :func:`choose_registered_model`) and ``provenance.json`` its run ids.
+    (``register.model``: :func:`choose_registered_model`) and ``metrics/train_runs.json`` its run ids.
     """
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +163,8 @@ def _train_outputs(models_dir, aucs, run="a", rule="svm"):
     provenance = {"train_run_id": f"train-{run}",
                   "models": {m: {"run_id": f"{m}-{run}", "seconds": {"total_s": 1.0}} for m in aucs}}
     (models_dir / "index.json").write_text(json.dumps(index))
-    (models_dir / "provenance.json").write_text(json.dumps(provenance))
+    TRAIN_RUNS.parent.mkdir(parents=True, exist_ok=True)
+    TRAIN_RUNS.write_text(json.dumps(provenance))
     return df
 
 
@@ -185,7 +189,7 @@ def _register(models_dir, df, reg, repeated, data_md5="d41d8", **kw):
     index = json.loads((Path(models_dir) / "index.json").read_text())
     classifier = index["registered_model"]
     args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, classifier=classifier,
-                index=index, provenance=json.loads((Path(models_dir) / "provenance.json").read_text()),
+                index=index, provenance=json.loads(TRAIN_RUNS.read_text()),
                 repeated=repeated, pipeline=load_pipeline(Path(models_dir) / index["models"][classifier]["path"]),
                 domain=load_pipeline(Path(models_dir) / domain_file(classifier)), check_rows=df, min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound,
                 min_sensitivity=reg.min_sensitivity, min_specificity=reg.min_specificity,
@@ -219,7 +223,7 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     assert first.classifier == "svm" and first.promoted and first.version == "1"
     assert (first.cv_auc_mean, first.test_auc, first.threshold) == (pytest.approx(0.93), 0.90, 0.4)
     assert (first.repeated_auc_mean, first.repeated_auc_lo) == (0.88, 0.80)
-    assert first.source_run_id == "svm-a"  # provenance.json links the version to the train stage's run
+    assert first.source_run_id == "svm-a"  # train_runs.json links the version to the train stage's run
     assert alias_version(reg.model_name, reg.alias) == "1"
     [v1] = model_versions(reg.model_name)
     assert "test AUC 0.900" in v1["description"] and v1["tags"]["data_md5"] == "d41d8"
@@ -345,13 +349,13 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
     assert "aliases=staging" in listing and "svm (register.model svm)" in listing, listing
 
     # no train outputs: one line naming the folder and the fix, exit 1
-    for name in ("index.json", "provenance.json"):
-        (tmp_path / "models" / name).unlink()
+    for path in (tmp_path / "models" / "index.json", tmp_path / TRAIN_RUNS):
+        path.unlink()
     caplog.clear()
     assert main(["register"]) == 1
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert error.exc_info is None and "run `bonemet train` and `bonemet evaluate` first" in error.getMessage()
-    assert error.getMessage().startswith("models/index.json, provenance.json or metrics/repeated.json cannot be read")
+    assert error.getMessage().startswith("models/index.json, metrics/train_runs.json or metrics/repeated.json cannot be read")
     assert len(model_versions("bonemet-classifier")) == 1
 
 

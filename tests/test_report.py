@@ -198,8 +198,9 @@ def test_the_report_tells_one_story_of_the_registered_model_and_a_short_plan(val
     assert 5 <= rows["plan"] <= 20, rows["plan"]
     plan_text = text["plan"]
     for setting in ("preprocess.target_spacing_mm", "preprocess.hu_window", "segment.roi_size",
-                    "segment.train.batch_size"):
+                    "segment.train.batch_size", "segment.train.max_steps"):
         assert setting in plan_text, setting
+    assert "million crop voxels per fold" in plan_text
     assert "median spacing of 30 cases" in plan_text and "fingerprint.size_vox" not in plan_text
     assert any(i["alt"].startswith("Cohort fingerprint") and i["w"] for i in seen["images"])
     for section in ("summary", "classifiers", "registry"):

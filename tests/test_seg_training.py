@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 
-from bonemet.config import ParamsError, SegmentSpec, build_specs, load_params
+from bonemet.config import ParamsError, PlanRequiredError, SegmentSpec, build_specs, load_params
 from bonemet.data.io import ImageReadError, read_image, write_image
 from bonemet.segmentation.cv import FoldAssignmentError, check_folds, run_cross_validation, split_validation
 from bonemet.segmentation.data import (
@@ -73,7 +74,7 @@ SEG_CHANGES = {
     "train.max_epochs": 2, "train.batch_size": 2, "train.num_samples": 2, "train.lr": 0.05,
     "train.momentum": 0.9, "train.patience": 5, "train.val_overlap": None, "augment.rotate_prob": 0.0,
     "inference.overlap": 0.25, "inference.sw_batch_size": 2, "inference.mirror_axes": [],
-    "train.time_budget_s": None, "train.converge_window": None,  # the epoch schedule unless a test sets a budget
+    "train.max_steps": None, "train.converge_window": None,  # the epoch schedule unless a test sets a budget
 }
 
 
@@ -425,72 +426,91 @@ def test_training_without_cases_is_refused(seg):
         train_model(network_from_spec(seg), [], [], seg, seed=0)
 
 
-# --- schedules: a time budget, convergence, patience; resuming a killed fold ---------------------
+# --- schedules: a step budget, convergence, patience; resuming a killed fold ---------------------
 
 
-class _ScriptedClock:
-    """Seconds as the scripted validation sets them: epoch ``k`` ends at ``k * epoch_s``."""
-
-    def __init__(self, epoch_s: float) -> None:
-        self.epoch_s, self.now = epoch_s, 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def validate(self, dices):
-        def run(model, epoch):
-            self.now = epoch * self.epoch_s
-            return 1.0 / epoch, dices(epoch)  # a falling validation loss: patience never runs out
-        return run
+def _seeded_network(spec):
+    torch.manual_seed(0)
+    return network_from_spec(spec)
 
 
-def test_a_time_budget_fixes_the_epochs_and_anneals_the_learning_rate_over_them(tmp_path, seg):
-    items = [load_volume(c) for c in _make_cohort(tmp_path, 2)]
-    spec = seg.updated({"train.max_epochs": 50, "train.num_samples": 1, "train.batch_size": 1,
-                        "train.converge_window": None, "train.lr_schedule": "poly", "train.poly_power": 1.0})
-    clock = _ScriptedClock(10.0)
-    result = train_model(network_from_spec(spec), items[:1], items[1:], spec, seed=0, time_budget_s=65.0,
-                         validate=clock.validate(lambda e: 0.1 * e), clock=clock)
-    # 10 s per epoch (measured at epoch 2): 65 s hold 6 epochs; the poly schedule anneals over those 6
+def _scripted(dices):
+    """A validation that scripts the Dice per epoch and a falling loss (patience never runs out)."""
+    return lambda model, epoch: (1.0 / epoch, dices(epoch))
+
+
+def test_a_step_budget_fixes_the_epochs_and_anneals_the_learning_rate_over_them(tmp_path, seg):
+    items = [load_volume(c) for c in _make_cohort(tmp_path, 4)]
+    spec = seg.updated({"train.max_epochs": 50, "train.num_samples": 1, "train.batch_size": 2,
+                        "train.converge_window": None, "train.lr_schedule": "poly", "train.poly_power": 1.0,
+                        "train.max_steps": 11})
+    # three training cases in batches of two: 2 steps per epoch; 11 steps need 6 epochs (12 steps)
+    result = train_model(network_from_spec(spec), items[:3], items[3:], spec, seed=0,
+                         validate=_scripted(lambda e: 0.1 * e))
     assert result.stop_reason == "budget" and result.planned_epochs == 6 and len(result.history) == 6
+    assert result.steps == 12
     lrs = [h["lr"] for h in result.history]
     assert lrs[0] == pytest.approx(spec.train.lr) and lrs[-1] == pytest.approx(spec.train.lr / 6, rel=1e-3)
+    # no clock decides anything: the history holds no times, and a rerun gives the same weights
+    assert all(set(h) == {"epoch", "train_loss", "val_loss", "val_dice", "lr"} for h in result.history)
+    first, again = (train_model(_seeded_network(spec), items[:3], items[3:], spec, seed=0,
+                                validate=_scripted(lambda e: 0.1 * e)) for _ in range(2))
+    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
     # without a budget the same settings run the epoch schedule to its end
-    epochs = train_model(network_from_spec(spec), items[:1], items[1:], spec.updated({"train.max_epochs": 4}), seed=0,
-                         validate=clock.validate(lambda e: 0.1 * e), clock=clock)
+    epochs = train_model(network_from_spec(spec), items[:3], items[3:],
+                         spec.updated({"train.max_epochs": 4, "train.max_steps": None}), seed=0,
+                         validate=_scripted(lambda e: 0.1 * e))
     assert epochs.stop_reason == "max_epochs" and len(epochs.history) == 4 and epochs.planned_epochs == 4
+
+
+def test_a_step_budget_below_one_epoch_is_refused_and_one_beyond_max_epochs_is_capped(tmp_path, seg, caplog):
+    items = [load_volume(c) for c in _make_cohort(tmp_path, 4)]
+    spec = seg.updated({"train.batch_size": 1, "train.num_samples": 1, "train.max_steps": 2})
+    with pytest.raises(TrainingConfigError, match=r"segment.train.max_steps 2 is less than one epoch \(3 optimiser"):
+        train_model(network_from_spec(spec), items[:3], items[3:], spec, seed=0)
+    capped = spec.updated({"train.max_steps": 30, "train.max_epochs": 2})
+    with caplog.at_level("WARNING"):
+        result = train_model(network_from_spec(capped), items[:3], items[3:], capped, seed=0,
+                             validate=_scripted(lambda e: 0.1 * e))
+    assert result.planned_epochs == 2 and result.stop_reason == "max_epochs"
+    assert "needs 10 epochs of 3 steps, more than segment.train.max_epochs 2" in caplog.text
+    with pytest.raises(PlanRequiredError, match="segment.train.max_steps is 'auto'"):
+        train_model(network_from_spec(spec), items[:3], items[3:], spec.updated({"train.max_steps": "auto"}), seed=0)
 
 
 def test_a_flat_validation_dice_stops_as_converged_and_a_rising_loss_as_patience(tmp_path, seg):
     items = [load_volume(c) for c in _make_cohort(tmp_path, 2)]
     spec = seg.updated({"train.max_epochs": 40, "train.num_samples": 1, "train.batch_size": 1,
-                        "train.converge_window": 4, "train.converge_tol": 0.01, "train.patience": 30})
-    clock = _ScriptedClock(1.0)
+                        "train.converge_window": 4, "train.converge_tol": 0.01, "train.patience": 30,
+                        "train.max_steps": 1000})
     # Dice rises to 0.6 at epoch 5, then stays within 0.005: converged after 4 flat epochs (epoch 9)
-    flat = train_model(network_from_spec(spec), items[:1], items[1:], spec, seed=0, time_budget_s=1000.0,
-                       validate=clock.validate(lambda e: min(e, 5) * 0.12 - 0.005 * (e > 5)), clock=clock)
+    flat = train_model(network_from_spec(spec), items[:1], items[1:], spec, seed=0,
+                       validate=_scripted(lambda e: min(e, 5) * 0.12 - 0.005 * (e > 5)))
     assert flat.stop_reason == "converged" and len(flat.history) == 9 and flat.best_epoch == 5
     assert flat.stopped_early
     losses = iter([1.0, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4])
     patience = train_model(network_from_spec(spec), items[:1], items[1:], spec.updated({"train.patience": 3}), seed=0,
-                           validate=lambda model, epoch: (next(losses), 0.1 * epoch), time_budget_s=1000.0,
-                           clock=clock)
+                           validate=lambda model, epoch: (next(losses), 0.1 * epoch))
     assert patience.stop_reason == "patience" and len(patience.history) == 5
 
 
-def test_cross_validation_logs_each_folds_budget_and_stop_reason(tmp_path, params, seg, cv_kwargs):
+def test_cross_validation_logs_each_folds_steps_and_stop_reason(tmp_path, params, seg, cv_kwargs):
     cases = _make_cohort(tmp_path, 6)
     folds = {c.case_id: i % 3 for i, c in enumerate(cases)}
-    spec = _cv_spec(seg, tmp_path, **{"train.time_budget_s": 3000.0, "parallel_folds": 2, "train.max_epochs": 2})
+    spec = _cv_spec(seg, tmp_path, **{"train.max_steps": 2, "parallel_folds": 2, "train.max_epochs": 2})
     tracker = RecordingTracker()
     with tracker.run("segment"):
         result = run_cross_validation(cases, folds, spec, _settings(params, spec), tracker=tracker, only_folds=[1],
                                       **cv_kwargs)
     (fold,) = result.folds
-    # 3000 s for three folds two at a time: two rounds, 1500 s each (the budget counts every fold of the split)
-    assert fold.budget_s == 1500.0 and fold.summary()["stop_reason"] == "max_epochs" == fold.stop_reason
+    # four cases outside fold 1, one held out for validation: 3 cases in batches of 2 = 2 steps an epoch
+    summary = fold.summary()
+    assert summary["stop_reason"] == "budget" == fold.stop_reason and summary["steps"] == 2 == fold.steps
+    assert not {"train_seconds", "budget_s", "resumed_from"} & set(summary)  # times and history: MLflow's
     run = tracker.find("fold-1")
-    assert run["tags"]["stop_reason"] == "max_epochs" and run["params"]["fold_budget_s"] == 1500.0
+    assert run["tags"]["stop_reason"] == "budget" and run["metrics"]["steps"][-1][1] == 2
+    assert "train_seconds" in run["metrics"]
     assert not list((tmp_path / "work").glob("*.resume.pt"))  # a finished run leaves nothing to resume
 
 
@@ -512,7 +532,7 @@ result = run_cross_validation(cases, folds, spec, InferenceSettings.from_params(
                               mask_label=1, grid_tolerance_mm=params.validation.grid_tolerance_mm, num_threads=1,
                               figure_dpi=40, only_folds=[0])
 (fold,) = result.folds
-json.dump({{**fold.summary(), "epochs_seen": [h["epoch"] for h in fold.history],
+json.dump({{**fold.summary(), "resumed_from": fold.resumed_from, "epochs_seen": [h["epoch"] for h in fold.history],
            "val_dice": [h["val_dice"] for h in fold.history]}}, open(root + "/result.json", "w"))
 """
 

@@ -150,13 +150,16 @@ def test_run_training_end_to_end(tmp_path, specs):
         assert entry["threshold"] == r.threshold == r.pipeline.threshold
         assert table1["models"][model]["test"]["threshold"] == pytest.approx(r.threshold)
         assert "seconds" not in entry and "run_id" not in entry  # those are provenance
-    # run ids and timings: provenance.json, one run id per model run of the tracker
-    provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
+    # run ids: metrics/train_runs.json (external state, outside the cached models/), one per model run
+    assert not (tmp_path / "models" / "provenance.json").exists()
+    provenance = json.loads((tmp_path / "metrics" / "train_runs.json").read_text())
+    assert all(set(entry) == {"run_id"} for entry in provenance["models"].values())  # times are on the runs
     run_ids = {r["name"]: f"run-{i}" for i, r in enumerate(tracker.runs, start=1)}
     assert provenance["train_run_id"] == run_ids["train"]
     for model in MODELS:
         assert provenance["models"][model]["run_id"] == res.models[model].run_id == run_ids[model]
-        assert provenance["models"][model]["seconds"]["total_s"] > 0
+        timed = tracker.find(model)["metrics"]
+        assert timed["time_total_s"][-1][1] > 0  # the times: on the model's run
 
     # the saved pipeline loads with skops and serves primary-only rows like the fitted one
     loaded = load_pipeline(tmp_path / "models" / f"{res.best_model}.skops")
@@ -192,7 +195,7 @@ def test_same_seed_same_table1_and_model_index(tmp_path, specs):
     _run(tmp_path / "a", primary, paired, splits, specs)
     _run(tmp_path / "b", primary, paired, splits, specs)
     assert (tmp_path / "a/metrics/table1.json").read_text() == (tmp_path / "b/metrics/table1.json").read_text()
-    # index.json holds no timings or run ids (they are in provenance.json): same data and seed, same bytes
+    # index.json holds no timings or run ids (run ids are in metrics/train_runs.json): same data and seed, same bytes
     assert (tmp_path / "a/models/index.json").read_bytes() == (tmp_path / "b/models/index.json").read_bytes()
     # and so do the fitted pipelines (skops' object ids and zip dates are made canonical)
     for model in MODELS:
@@ -316,7 +319,7 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch, specs):
     assert (tmp_path / "metrics" / "cv_auc.json").is_file()
     assert (tmp_path / "models" / "selected_features.json").is_file()
     assert (tmp_path / "models" / "logreg.skops").is_file()
-    provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
+    provenance = json.loads((tmp_path / "metrics" / "train_runs.json").read_text())
     assert provenance["train_run_id"] is None  # --no-tracking: no runs
     assert set(provenance["models"]) == {"logreg", "knn"}
 
@@ -357,8 +360,8 @@ def test_logged_mlflow_model_loads_back_with_skops(tmp_path, monkeypatch, specs)
     child = runs[runs["tags.mlflow.runName"] == "knn"].iloc[0]
     assert child["tags.data_md5"] == "abc" and child["tags.mlflow.parentRunId"]
     assert child["metrics.test_auc"] == pytest.approx(res.models["knn"].test_metrics["auc"])
-    # provenance.json names the MLflow runs (the register stage reads them from there)
-    provenance = json.loads((tmp_path / "models" / "provenance.json").read_text())
+    # train_runs.json names the MLflow runs (the register stage reads them from there)
+    provenance = json.loads((tmp_path / "metrics" / "train_runs.json").read_text())
     assert provenance["models"]["knn"]["run_id"] == child["run_id"] == res.models["knn"].run_id
     assert provenance["train_run_id"] == child["tags.mlflow.parentRunId"]
     loaded = mlflow.sklearn.load_model(f"runs:/{child['run_id']}/model")

@@ -15,7 +15,7 @@ import sys
 
 from bonemet import __version__
 from bonemet.errors import UserError
-from bonemet.utils import capture_warnings, configure_progress, setup_logging
+from bonemet.utils import capture_warnings, configure_progress, end_with_parent, setup_logging
 
 log = logging.getLogger("bonemet")
 
@@ -65,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # a command not built yet is simply not offered
+        module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
         command.add_argument("--no-progress", action="store_true",
@@ -106,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.no_progress:
         configure_progress(False)
+    if os.environ.get("DVC_STAGE"):  # a DVC stage: it ends, with its workers, when DVC's process does
+        end_with_parent()
     with capture_warnings(stage_log(args), args.command):  # a user's mistake goes into the stage's log too
         try:
             return int(args._run(args) or 0)

@@ -127,7 +127,7 @@ AUTO = "auto"
 Auto = Literal["auto"]
 #: The settings the plan stage can choose (dotted params paths), in the order it plans them.
 PLANNED_KEYS = ("preprocess.target_spacing_mm", "preprocess.hu_window", "segment.roi_size",
-                "preprocess.crop.min_size_vox", "segment.train.batch_size")
+                "preprocess.crop.min_size_vox", "segment.train.batch_size", "segment.train.max_steps")
 
 
 class Spec(BaseModel):
@@ -322,7 +322,7 @@ class SplitSpec(Spec):
 
 
 class SegTrainSpec(Spec):
-    """``segment.train``: the SGD loop, its schedule (epochs, or a wall-time budget) and early stopping."""
+    """``segment.train``: the SGD loop, its schedule (epochs, or a budget of optimiser steps) and early stopping."""
 
     lr: PositiveFloat
     momentum: Annotated[float, Field(ge=0, lt=1)]
@@ -335,8 +335,9 @@ class SegTrainSpec(Spec):
     batch_size: PositiveInt | Auto
     num_samples: PositiveInt
     max_epochs: PositiveInt
-    #: seconds of training for all folds together (None: the epoch schedule, max_epochs)
-    time_budget_s: PositiveFloat | None
+    #: optimiser steps per fold, rounded up to whole epochs (None: the epoch schedule, max_epochs;
+    #: auto: planned from segment.plan.train_megavoxels)
+    max_steps: PositiveInt | Auto | None
     patience: PositiveInt
     min_delta: NonNegativeFloat
     min_epochs: PositiveInt
@@ -438,6 +439,9 @@ class SegPlanSpec(Spec):
     max_crop_voxels: Annotated[int, Field(ge=512)]
     memory_mb: PositiveFloat
     max_batch_size: PositiveInt
+    #: training compute per fold, in millions of crop voxels through the network (optimiser steps x
+    #: batch size x crops per case x crop voxels): what ``segment.train.max_steps: auto`` is planned from
+    train_megavoxels: PositiveFloat | None
 
 
 class SegGateSpec(Spec):
@@ -486,6 +490,14 @@ class SegmentSpec(Spec):
     model_name: str
     alias: str
     gate: SegGateSpec
+
+    @model_validator(mode="after")
+    def _planned_steps_need_a_budget(self) -> SegmentSpec:
+        if self.train.max_steps == AUTO and self.plan.train_megavoxels is None:
+            raise ValueError("train.max_steps is auto (planned), so plan.train_megavoxels (the training compute per "
+                             "fold it is planned from) must be set; or give train.max_steps a number, or null for "
+                             "the epoch schedule")
+        return self
 
 
 class PlanSpec(Spec):

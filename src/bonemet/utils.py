@@ -158,6 +158,38 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def end_with_parent() -> None:
+    """For a process that DVC started (a stage): it gets SIGTERM when the process that started it
+    dies (``dvc queue kill``, a killed ``dvc repro`` or ``dvc exp run``; Linux ``PR_SET_PDEATHSIG``),
+    and on SIGTERM it kills every process it started (fold workers, extraction pools) before it
+    exits with 143, its open runs and temporary outputs closed as on any error. Nothing of a killed
+    experiment keeps training."""
+    import signal
+    import sys
+
+    def terminate(signum: int, _frame: Any) -> None:
+        kill_descendants()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started, and theirs."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)
+
+
 def resolve_jobs(n_jobs: int, n_tasks: int) -> int:
     """Worker processes for ``n_tasks`` tasks: ``n_jobs`` (-1: every core), at most one per task, at least 1."""
     cores = os.cpu_count() or 1

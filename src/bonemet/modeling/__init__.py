@@ -3,3 +3,8 @@
 Submodules are imported where used (``bonemet.modeling.training`` for the train stage) so that
 importing the package stays cheap.
 """
+
+#: The train stage's record of its MLflow runs (``<train.metrics_dir>/train_runs.json``: the parent run
+#: and each model's run): external state, outside the models folder that DVC caches, which holds only
+#: what the same code, data and params reproduce byte for byte.
+TRAIN_RUNS_FILE = "train_runs.json"

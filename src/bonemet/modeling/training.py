@@ -38,6 +38,7 @@ import pandas as pd
 
 from bonemet.config import BEST_CV
 from bonemet.errors import UserError
+from bonemet.modeling import TRAIN_RUNS_FILE
 from bonemet.modeling.calibration import CalibratedPipeline, ScoreCalibrator, choose_threshold
 from bonemet.modeling.classifiers import DISPLAY_NAMES
 from bonemet.modeling.persistence import save_pipeline, trusted_types
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 ID_COLUMN = "case_id"
 LABEL_COLUMN = "label"
 #: Run ids and timings of a train run (they differ between runs of the same data and seed).
-PROVENANCE_FILE = "provenance.json"
 #: Metric names logged for every model (the MLflow UI compares runs side by side on these).
 SET_METRICS: tuple[str, ...] = ("auc", "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity",
                                 "precision", "npv", "f1", "brier")
@@ -572,10 +572,9 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
                        "params": r.tuning.best_params}
                    for m, r in results.items()},
     })
-    # what differs between two runs of the same data and seed: kept out of index.json
-    write_json(out_dir / PROVENANCE_FILE, {
-        "train_run_id": train_run_id,
-        "models": {m: {"run_id": r.run_id, "seconds": r.seconds} for m, r in results.items()},
+    # what differs between two runs of the same data and seed (run ids; the times are on the runs)
+    write_json(metrics_dir / TRAIN_RUNS_FILE, {
+        "train_run_id": train_run_id, "models": {m: {"run_id": r.run_id} for m, r in results.items()},
     })
     write_json(metrics_dir / "cv_auc.json", {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs}
                                             for m, r in results.items()})

@@ -23,6 +23,10 @@ is D, H, W = z, y, x):
   ``segment.train.num_samples`` crops) as ``segment.plan.memory_mb`` holds, at most
   ``segment.plan.max_batch_size``: the activations of one crop are counted on torch's meta device
   (no memory, no compute) and doubled for the backward pass, plus weights, gradients and momentum.
+* **Step budget** (``segment.train.max_steps``): the profile's training compute per fold
+  (``segment.plan.train_megavoxels``, millions of crop voxels through the network) over the voxels
+  of one step (batch x crops per case x crop voxels). A count of steps, not seconds: no clock or
+  machine changes it. The details give the epochs it makes for a fold's estimated training cases.
 
 Explicit params values are kept and the rest planned around them (an explicit spacing: the crop
 is planned at it). Deterministic: the same fingerprint and inputs give the same plan.
@@ -48,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 #: plan.json's layout version
-PLAN_SCHEMA = 1
+PLAN_SCHEMA = 2
 #: a network whose divisor the plan cannot ask (``segment.model: external``): crops in steps of 8
 EXTERNAL_DIVISOR = 8
 _SPACING_DIGITS = 4
@@ -82,6 +86,11 @@ class PlanInputs:
     network_kwargs: dict[str, Any]
     num_samples: int
     bone_threshold_hu: float
+    #: folds of the segmentation cross-validation and the share of a fold's training cases held out for
+    #: validation: the training cases a fold's epoch steps over (the step budget's epochs)
+    n_folds: int
+    val_fraction: float
+    max_epochs: int
     #: planned key -> its explicit params value (a key absent here is ``auto``)
     explicit: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +102,9 @@ class PlanInputs:
         kwargs = seg.networks.model_dump(mode="python")[seg.model] if seg.model != "external" else {}
         return cls(spec=params.plan, budgets=seg.plan, profile=seg.profile, network=seg.model,
                    network_kwargs=_json(kwargs), num_samples=seg.train.num_samples,
-                   bone_threshold_hu=float(params.preprocess.crop.bone_threshold_hu), explicit=explicit)
+                   bone_threshold_hu=float(params.preprocess.crop.bone_threshold_hu),
+                   n_folds=params.split.n_folds, val_fraction=float(seg.val_fraction),
+                   max_epochs=seg.train.max_epochs, explicit=explicit)
 
     def to_dict(self) -> dict[str, Any]:
         """What plan.json records as ``inputs`` (the stages compare it with their params)."""
@@ -101,7 +112,8 @@ class PlanInputs:
             "plan": self.spec.model_dump(mode="json", exclude={"out", "n_jobs"}),
             "budgets": self.budgets.model_dump(mode="json"), "profile": self.profile, "network": self.network,
             "network_kwargs": self.network_kwargs, "num_samples": self.num_samples,
-            "bone_threshold_hu": self.bone_threshold_hu, "explicit": dict(sorted(self.explicit.items())),
+            "bone_threshold_hu": self.bone_threshold_hu, "n_folds": self.n_folds, "val_fraction": self.val_fraction,
+            "max_epochs": self.max_epochs, "explicit": dict(sorted(self.explicit.items())),
         })
 
 
@@ -243,6 +255,51 @@ def plan_batch(inputs: PlanInputs, roi_size: Sequence[int]) -> tuple[int, dict[s
     return batch, estimate, warnings
 
 
+def fold_training_cases(n_cases: int, n_folds: int, val_fraction: float) -> int:
+    """The training cases of a typical fold: the cases outside it, less the validation hold-out
+    (as :func:`bonemet.segmentation.cv.split_validation` draws it: at least one)."""
+    outside = n_cases - math.ceil(n_cases / n_folds)
+    if outside < 2 or val_fraction <= 0:
+        return max(1, outside)
+    return outside - min(outside - 1, max(1, int(round(val_fraction * outside))))
+
+
+def plan_steps(inputs: PlanInputs, n_cases: int, roi_size: Sequence[int], batch: int,
+               explicit: Mapping[str, Any]) -> tuple[int | None, dict[str, Any], list[str]]:
+    """The step budget per fold (an explicit ``segment.train.max_steps`` kept; None: the epoch
+    schedule, or no ``segment.plan.train_megavoxels`` to plan from), how it was derived (steps per
+    epoch and epochs for a typical fold) and warnings.
+
+    Raises:
+        PlanError: the budget is less than one epoch of a typical fold.
+    """
+    megavoxels = inputs.budgets.train_megavoxels
+    voxels_per_step = int(batch) * inputs.num_samples * int(np.prod(roi_size))
+    key = "segment.train.max_steps"
+    steps = explicit.get(key)
+    if key not in explicit and megavoxels is not None:
+        steps = max(1, int(round(megavoxels * 1e6 / voxels_per_step)))
+    n_train = fold_training_cases(n_cases, inputs.n_folds, inputs.val_fraction)
+    per_epoch = math.ceil(n_train / int(batch))
+    details: dict[str, Any] = {"voxels_per_step": voxels_per_step, "fold_training_cases": n_train,
+                               "steps_per_epoch": per_epoch}
+    if steps is None:
+        return None, details, []
+    source = key if key in explicit else (
+        f"segment.plan.train_megavoxels {megavoxels:g} (segment.train.max_steps auto)")
+    if steps < per_epoch:
+        raise PlanError(f"{source} gives {steps} optimiser steps per fold, less than one epoch ({per_epoch} steps of "
+                        f"batch {batch} over a fold's {n_train} training cases): raise it")
+    epochs = math.ceil(steps / per_epoch)
+    details["epochs"] = min(epochs, inputs.max_epochs)
+    warnings = []
+    if epochs > inputs.max_epochs:
+        warnings.append(f"{source} gives {steps} optimiser steps per fold, {epochs} epochs of {per_epoch} steps: more "
+                        f"than segment.train.max_epochs {inputs.max_epochs}, so each fold stops after "
+                        f"{inputs.max_epochs} epochs (raise max_epochs or lower the budget)")
+    return steps, details, warnings
+
+
 # --- the plan ----------------------------------------------------------------------------------
 
 
@@ -326,12 +383,16 @@ def _plan_values(fp: CohortFingerprint, inputs: PlanInputs, explicit: Mapping[st
     batch, memory, memory_warnings = plan_batch(inputs, values["segment.roi_size"])
     warnings += memory_warnings
     values["segment.train.batch_size"] = explicit.get("segment.train.batch_size", batch)
+    steps, schedule, step_warnings = plan_steps(inputs, len(fp.cases), values["segment.roi_size"],
+                                                values["segment.train.batch_size"], explicit)
+    warnings += step_warnings
+    values["segment.train.max_steps"] = steps
     details = {
         "typical_lesion_extent_mm": round(typical, 2), "field_of_view_mm": round(fov, 2),
         "base_spacing_mm": _r(base), "anisotropic_cohort": anisotropic, "divisor": divisor,
         "crop_mm": _r(np.asarray(values["segment.roi_size"][::-1]) * np.asarray(values["preprocess.target_spacing_mm"]),
                       1),
-        "crop_voxels": int(np.prod(values["segment.roi_size"])), "memory": memory,
+        "crop_voxels": int(np.prod(values["segment.roi_size"])), "memory": memory, "schedule": schedule,
     }
     return values, details, warnings
 

@@ -111,6 +111,7 @@ def extract_sources(
     names = expected_feature_names(settings)
     summary: dict[str, Any] = {"n_features": len(names), "settings_sha256": settings_digest(settings), "sources": {}}
     dropped_all: dict[str, list[dict[str, str]]] = {}
+    extraction_seconds = 0.0
     with tracker.run("extract"):
         tracker.log_params({**(log_params or {}), "n_features": len(names), "settings_sha256": summary["settings_sha256"]})
         for source in sources:
@@ -159,6 +160,9 @@ def extract_sources(
                     "peak_worker_rss_mib": stats.peak_worker_rss_mib,
                 }
                 tracker.log_metrics(metrics)
+                extraction_seconds += stats.seconds
+                # the DVC output keeps what was extracted, not how long it took nor what a cache held
+                metrics = {"n_cases": len(table), "n_dropped": len(dropped)}
                 dropped_rows = [{"case_id": cid, "reason": why} for cid, why in dropped]
                 if dropped_rows:
                     tracker.log_dict({"dropped": dropped_rows}, f"dropped_{source}.json")
@@ -173,9 +177,7 @@ def extract_sources(
         write_json(out_dir / "summary.json", summary)
         total = {f"{s}_n_dropped": len(v) for s, v in dropped_all.items()}
         total["n_dropped"] = sum(len(v) for v in dropped_all.values())
-        total["extraction_seconds"] = sum(
-            float(v.get("extraction_seconds", 0.0)) for v in summary["sources"].values() if isinstance(v, dict)
-        )
+        total["extraction_seconds"] = extraction_seconds
         tracker.log_metrics(total)
         tracker.log_artifact(out_dir / "dropped.json")
         tracker.log_artifact(out_dir / "summary.json")

@@ -134,7 +134,7 @@ def register_classifier(
             fitted on the committed split's training set (``models/<classifier>.skops``), with its
             calibration and threshold.
         index: the train stage's ``models/index.json`` (each model's CV and test AUC, threshold,
-            ``feature_names``); ``provenance``: its ``models/provenance.json`` (run ids).
+            ``feature_names``); ``provenance``: its ``metrics/train_runs.json`` (run ids).
         repeated: the evaluate stage's ``repeated.json``: the rule's estimate (``chosen``) and every
             family's (``models``), which the gate compares with (``max_gap_to_best``).
         domain: the model's :class:`~bonemet.modeling.domain.TrainingDomain` (train stage).
@@ -208,6 +208,8 @@ def register_classifier(
             "git_commit": run_tags.get("git_commit", "unknown"),
             "source_run_id": source_run_id,
             "serving_mode": str((info.metadata or {}).get("serving_mode", "")),
+            # the DVC experiment that registered it (`dvc exp show` names the same one)
+            **{k: v for k, v in run_tags.items() if k == "dvc_exp"},
         }
         mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
         MlflowClient().update_model_version(model_name, mv.version, description=description)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from bonemet.modeling import TRAIN_RUNS_FILE
 from bonemet.report import figures
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def plan_reasons(plan: Mapping[str, Any]) -> dict[str, str]:
     spec, budgets = inputs.get("plan") or {}, inputs.get("budgets") or {}
     n = (plan.get("fingerprint") or {}).get("n_cases", "the")
     memory = details.get("memory") or {}
+    schedule = details.get("schedule") or {}
     pct = spec.get("intensity_percentiles") or ["?", "?"]
     return {
         "preprocess.target_spacing_mm": (
@@ -222,6 +224,10 @@ def plan_reasons(plan: Mapping[str, Any]) -> dict[str, str]:
         "preprocess.crop.min_size_vox": "the training crop (segment.roi_size as x, y, z)",
         "preprocess.hu_window": (f"the lesion voxels' {_g(pct[0])}-{_g(pct[-1])} HU percentiles, bone threshold "
                                  f"{_g(inputs.get('bone_threshold_hu'))} HU inside"),
+        "segment.train.max_steps": (
+            f"{_g(budgets.get('train_megavoxels'))} million crop voxels per fold over {_value(schedule.get('voxels_per_step'))} "
+            f"per step: {_value(schedule.get('epochs'))} epochs of {_value(schedule.get('steps_per_epoch'))} steps"
+            if budgets.get("train_megavoxels") is not None else "the epoch schedule (no segment.plan.train_megavoxels)"),
         "segment.train.batch_size": (
             f"{_value(memory.get('step_mb'))} MB per step within {_value(budgets.get('memory_mb'))} MB, "
             f"at most {_value(budgets.get('max_batch_size'))}" if "step_mb" in memory
@@ -312,7 +318,8 @@ def segmentation_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
             ["empty automatic masks", sig(summary.get("n_empty_predictions"))],
             ["folds", sig(summary.get("n_folds"))],
             ["epochs per fold (mean)", sig(summary.get("epochs_mean"))],
-            ["training time (s, all folds)", sig(summary.get("train_seconds_total"))],
+            ["optimiser steps per fold", sig(summary.get("max_steps")) if summary.get("max_steps") is not None
+             else "epoch schedule"],
         ]
         out["dice_mean"] = summary.get("dice_mean")
     if cases is not None and "dice" in cases.columns and "fold" in cases.columns:
@@ -381,11 +388,10 @@ def radiomics_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
 
 def _source_cells(info: Any) -> list[str]:
     if not isinstance(info, Mapping):
-        return [str(info), "", "", ""]
+        return [str(info), ""]
     if "skipped" in info:
-        return ["skipped", "", "", str(info["skipped"])]
-    return [sig(info.get("n_cases")), sig(info.get("n_dropped", 0)), sig(info.get("n_cached", 0)),
-            sig(info.get("extraction_seconds"))]
+        return ["skipped", str(info["skipped"])]
+    return [sig(info.get("n_cases")), sig(info.get("n_dropped", 0))]
 
 
 # --- 5. classifiers -------------------------------------------------------------------------------
@@ -582,7 +588,7 @@ def registry_section(inputs: ReportInputs, store: Mapping[str, Any] | None, ui_u
             "rule": decision.get("registered_by") or decision.get("registered_rule"),
         }
     runs: list[dict[str, Any]] = []
-    provenance = read_json(inputs.models_dir / "provenance.json") or {}
+    provenance = read_json(inputs.metrics_dir / TRAIN_RUNS_FILE) or {}
     if provenance.get("train_run_id"):
         runs.append({"what": "train (parent run)", "run_id": provenance["train_run_id"]})
     for model, info in (provenance.get("models") or {}).items():

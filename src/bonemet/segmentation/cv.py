@@ -59,20 +59,19 @@ class FoldResult:
     run_id: str | None = None
     #: why training ended (bonemet.segmentation.training.STOP_REASONS)
     stop_reason: str = "max_epochs"
-    #: the epochs the learning rate annealed over (max_epochs, or what the time budget allowed)
+    #: the epochs the learning rate annealed over (max_epochs, or the epochs that hold the step budget)
     planned_epochs: int = 0
-    #: seconds of training this fold had (None: the epoch schedule)
-    budget_s: float | None = None
-    #: the epoch a rerun resumed after (0: trained from the start)
+    #: optimiser steps taken
+    steps: int = 0
+    #: the epoch a rerun resumed after (0: trained from the start; MLflow only: history, not result)
     resumed_from: int = 0
 
     def summary(self) -> dict[str, Any]:
-        """The fold's line in metrics/segmentation.json."""
+        """The fold's line in metrics/segmentation.json: what it trained, no wall times (those go to
+        MLflow), so the same code, data and params write the same bytes."""
         return {"fold": self.fold, "epochs": len(self.history), "planned_epochs": self.planned_epochs,
-                "best_epoch": self.best_epoch, "stop_reason": self.stop_reason,
-                "train_seconds": round(self.train_seconds, 1),
-                "budget_s": None if self.budget_s is None else round(self.budget_s, 1),
-                "resumed_from": self.resumed_from}
+                "steps": self.steps, "best_epoch": self.best_epoch,
+                "best_val_dice": round(float(self.best_val_dice), 6), "stop_reason": self.stop_reason}
 
 
 @dataclass
@@ -214,7 +213,6 @@ def run_cross_validation(
     work_dir = Path(spec.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     fold_ids = check_folds(cases, folds)
-    budget_s = fold_budget_s(spec, len(fold_ids))
     if only_folds is not None:
         fold_ids = [f for f in fold_ids if f in {int(k) for k in only_folds}]
     by_id = {c.case_id: c for c in cases}
@@ -222,9 +220,6 @@ def run_cross_validation(
     volumes = {c.case_id: load_volume(c) for c in progress(cases, total=len(cases), desc="load")}
     parallel = _parallel_folds(spec.parallel_folds, len(fold_ids), spec.device)
     threads = max(1, int(num_threads) // parallel)
-    if budget_s is not None:
-        log.info("time budget: %.0f s of training per fold (%.0f s for all folds, %d at a time)", budget_s,
-                 spec.train.time_budget_s, parallel)
 
     rows: list[dict[str, Any]] = []
     results: list[FoldResult] = []
@@ -237,7 +232,7 @@ def run_cross_validation(
             train_ids, val_ids = split_validation(train_all, spec.val_fraction, seed + fold, groups)
             jobs.append(_FoldJob(fold, train_ids, val_ids, test_ids, spec, settings, seed + fold, threads,
                                  Path(tmp_masks), work_dir, mask_label, grid_tolerance_mm, figure_dpi,
-                                 dict(fold_params or {}), budget_s))
+                                 dict(fold_params or {})))
         if parallel > 1:
             log.info("training %d folds, %d at a time (%d torch thread(s) each)", len(jobs), parallel, threads)
             outcomes = _run_parallel(jobs, by_id, volumes, tracker, parallel)
@@ -277,7 +272,6 @@ class _FoldJob:
     grid_tolerance_mm: float
     figure_dpi: int
     fold_params: dict[str, Any]
-    budget_s: float | None = None
 
 
 def resume_path(work_dir: Path, fold: int) -> Path:
@@ -285,29 +279,18 @@ def resume_path(work_dir: Path, fold: int) -> Path:
     return Path(work_dir) / f"fold-{fold}.resume.pt"
 
 
-def fold_budget_s(spec: SegmentSpec, n_folds: int) -> float | None:
-    """Seconds of training per fold: ``train.time_budget_s`` over the rounds of ``parallel_folds``
-    folds at a time that ``n_folds`` folds take (None: the epoch schedule)."""
-    total = spec.train.time_budget_s
-    if total is None:
-        return None
-    at_once = _parallel_folds(spec.parallel_folds, n_folds, spec.device, quiet=True)
-    return float(total) / math.ceil(n_folds / at_once)
-
-
-def _parallel_folds(requested: int, n_folds: int, device: str, quiet: bool = False) -> int:
+def _parallel_folds(requested: int, n_folds: int, device: str) -> int:
     """How many folds to train at once: ``requested`` capped by the folds; 1 on CUDA or without fork."""
     import multiprocessing
 
     from bonemet.segmentation.training import resolve_device
 
-    warn = log.debug if quiet else log.warning
     n = max(1, min(int(requested), n_folds))
     if n > 1 and resolve_device(device).type != "cpu":
-        warn("parallel_folds %d ignored: folds share one %s device, trained one at a time", n, device)
+        log.warning("parallel_folds %d ignored: folds share one %s device, trained one at a time", n, device)
         return 1
     if n > 1 and "fork" not in multiprocessing.get_all_start_methods():
-        warn("parallel_folds %d ignored: this platform cannot fork worker processes", n)
+        log.warning("parallel_folds %d ignored: this platform cannot fork worker processes", n)
         return 1
     return n
 
@@ -326,7 +309,7 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
             "inference": spec.inference.model_dump(mode="json"), "roi_size": list(spec.roi_size),
             "distill_weight": spec.distill_weight, **job.fold_params, "fold": fold, "seed": job.seed,
             "num_threads": job.threads, "n_train": len(job.train_ids), "n_val": len(job.val_ids),
-            "n_test": len(job.test_ids), "val_fraction": spec.val_fraction, "fold_budget_s": job.budget_s,
+            "n_test": len(job.test_ids), "val_fraction": spec.val_fraction,
         })
         seed_everything(job.seed)
         model = network_from_spec(spec)
@@ -337,7 +320,7 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
         result = train_model(
             model, [volumes[i] for i in job.train_ids], [volumes[i] for i in job.val_ids], spec, seed=job.seed,
             tracker=tracker, checkpoint_path=checkpoint, resume_path=resume_path(job.work_dir, fold),
-            time_budget_s=job.budget_s, progress_desc=f"fold {fold} epochs",
+            progress_desc=f"fold {fold} epochs",
         )
         tracker.set_tags({"stop_reason": result.stop_reason})
         start = time.perf_counter()
@@ -358,7 +341,7 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
             "best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
             "train_seconds": result.train_seconds, "infer_seconds_per_case": infer_s,
             "n_parameters": n_params, "epochs": len(result.history), "planned_epochs": result.planned_epochs,
-            "resumed_from_epoch": result.resumed_from, **({"oof_dice_mean": fold_dice} if fold_rows else {}),
+            "steps": result.steps, "resumed_from_epoch": result.resumed_from, **({"oof_dice_mean": fold_dice} if fold_rows else {}),
         })
         fig = plot_curves({fold: result.history}, title=f"fold {fold}")
         png = job.work_dir / f"fold-{fold}_curves.png"
@@ -372,7 +355,7 @@ def _train_fold(job: _FoldJob, by_id: Mapping[str, SegCase], volumes: Mapping[st
             best_val_dice=result.best_val_dice, n_train=len(job.train_ids), n_val=len(job.val_ids),
             n_test=len(job.test_ids), train_seconds=result.train_seconds, infer_seconds_per_case=infer_s,
             n_parameters=n_params, run_id=run_id, stop_reason=result.stop_reason,
-            planned_epochs=result.planned_epochs, budget_s=job.budget_s, resumed_from=result.resumed_from,
+            planned_epochs=result.planned_epochs, steps=result.steps, resumed_from=result.resumed_from,
         )
         log.info("fold %d: best val Dice %.4f (epoch %d), out-of-fold Dice %.4f, %.0f s train, %d epochs (stopped: %s)",
                  fold, result.best_val_dice, result.best_epoch, fold_dice, result.train_seconds,

@@ -6,10 +6,11 @@ nothing), seeded MONAI augmentation, early stopping on the validation loss and t
 checkpoint chosen by validation Dice. Runs on CPU by default and on CUDA when present, with
 bf16/fp16 autocast there.
 
-Two schedules: ``max_epochs`` epochs (the GPU profile), or a wall-time budget per fold (the cpu
-profile's ``train.time_budget_s``): the epoch count is fixed from the second epoch's time (the
-first carries the warm-up), at most ``max_epochs``, and the learning rate anneals over it. A fold
-stops for one of :data:`STOP_REASONS`. With a resume path the whole training state is written
+Two schedules: ``max_epochs`` epochs (the GPU profile), or a budget of optimiser steps per fold
+(``train.max_steps``, planned from the profile's compute budget on the cpu profile): the fold trains
+the whole epochs that hold those steps (at most ``max_epochs``) and the learning rate anneals over
+them. No clock is read for any decision: the same code, data, params and thread count train the
+same weights on any machine and under any load. A fold stops for one of :data:`STOP_REASONS`. With a resume path the whole training state is written
 atomically after every epoch, and a rerun of the same fold continues from it.
 """
 
@@ -63,11 +64,9 @@ class EarlyStopping:
         return self.bad_steps >= self.patience
 
 
-#: why a fold's training ended: its time budget's epochs (or the budget itself) spent, the
-#: validation Dice converged, no lower validation loss for ``patience`` epochs, or the epoch schedule done
+#: why a fold's training ended: its step budget's epochs done, the validation Dice converged, no lower
+#: validation loss for ``patience`` epochs, or the epoch schedule done
 STOP_REASONS = ("budget", "converged", "patience", "max_epochs")
-#: the epoch whose time fixes a budgeted fold's epoch count (the first carries the warm-up)
-BUDGET_PROBE_EPOCH = 2
 
 
 @dataclass
@@ -83,8 +82,10 @@ class TrainResult:
     device: str
     #: one of :data:`STOP_REASONS`
     stop_reason: str = "max_epochs"
-    #: the epochs the schedule annealed over (max_epochs, or what the time budget allowed)
+    #: the epochs the schedule annealed over (max_epochs, or the epochs that hold the step budget)
     planned_epochs: int = 0
+    #: optimiser steps taken
+    steps: int = 0
     #: the epoch training resumed after (0: started afresh)
     resumed_from: int = 0
 
@@ -98,14 +99,27 @@ def converged(dices: Sequence[float], window: int | None, tol: float) -> bool:
     return max(last) - min(last) <= tol and max(last) <= max(before)
 
 
-def budget_epochs(budget_s: float, elapsed_s: float, epoch_s: float, done: int, train: SegTrainSpec) -> int:
-    """Epochs a time-budgeted fold runs in all: ``done`` plus what the rest of the budget holds at
-    ``epoch_s`` seconds each, within ``[max(done, min_epochs), max_epochs]``."""
-    more = int((budget_s - elapsed_s) // epoch_s) if epoch_s > 0 else train.max_epochs
-    return int(min(train.max_epochs, max(done, train.min_epochs, done + more)))
+def budget_epochs(max_steps: int, steps_per_epoch: int, train: SegTrainSpec) -> int:
+    """Whole epochs of ``steps_per_epoch`` optimiser steps that hold ``max_steps`` (rounded up),
+    within ``[min_epochs, max_epochs]``.
+
+    Raises:
+        TrainingConfigError: the budget is less than one epoch.
+    """
+    if max_steps < steps_per_epoch:
+        raise TrainingConfigError(
+            f"segment.train.max_steps {max_steps} is less than one epoch ({steps_per_epoch} optimiser steps: the "
+            f"training cases over segment.train.batch_size): raise segment.train.max_steps (or "
+            f"segment.plan.train_megavoxels when it is planned) or lower the batch size")
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    if epochs > train.max_epochs:
+        log.warning("segment.train.max_steps %d needs %d epochs of %d steps, more than segment.train.max_epochs %d: "
+                    "the fold stops after %d epochs (raise max_epochs or lower the budget)", max_steps, epochs,
+                    steps_per_epoch, train.max_epochs, train.max_epochs)
+    return int(min(train.max_epochs, max(train.min_epochs, epochs)))
 
 
-def resolve_device(name: str = "auto"):
+def resolve_device(name: str):
     """``torch.device`` for 'auto' (CUDA when available), 'cpu' or 'cuda'."""
     import torch
 
@@ -121,12 +135,12 @@ def split_output(output: Any) -> tuple[Any, Any]:
     return output, None
 
 
-def _lr_lambda(schedule: str, horizon: list[int], power: float) -> Callable[[int], float]:
-    """The schedule over ``horizon[0]`` epochs (a list: a time budget fixes it after training starts)."""
+def _lr_lambda(schedule: str, horizon: int, power: float) -> Callable[[int], float]:
+    """The schedule over ``horizon`` epochs."""
     if schedule == "poly":
-        return lambda epoch: max(0.0, 1.0 - epoch / horizon[0]) ** power
+        return lambda epoch: max(0.0, 1.0 - epoch / horizon) ** power
     if schedule == "cosine":
-        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon[0]) / horizon[0]))
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
     return lambda epoch: 1.0
 
 
@@ -188,8 +202,8 @@ def _training_loader(train_items: Sequence[Mapping[str, Any]], spec: SegmentSpec
                       generator=generator, persistent_workers=workers > 0)
 
 
-def _optimizer(model: Any, train: SegTrainSpec, horizon: list[int]) -> tuple[Any, Any]:
-    """SGD with (Nesterov) momentum and the per-epoch learning-rate schedule over ``horizon[0]`` epochs."""
+def _optimizer(model: Any, train: SegTrainSpec, horizon: int) -> tuple[Any, Any]:
+    """SGD with (Nesterov) momentum and the per-epoch learning-rate schedule over ``horizon`` epochs."""
     import torch
 
     optimizer = torch.optim.SGD(
@@ -287,13 +301,14 @@ def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
 
 
 def resume_key(spec: SegmentSpec, train_items: Sequence[Mapping[str, Any]], val_items: Sequence[Mapping[str, Any]],
-               seed: int, time_budget_s: float | None) -> str:
-    """What a resume checkpoint must have been written for: the settings, the cases and the seed."""
+               seed: int) -> str:
+    """What a resume checkpoint must have been written for: the settings (the step budget among
+    them), the cases and the seed."""
     import hashlib
     import json
 
     doc = {"spec": spec.model_dump(mode="json"), "train": [str(i.get("case_id")) for i in train_items],
-           "val": [str(i.get("case_id")) for i in val_items], "seed": seed, "budget": time_budget_s}
+           "val": [str(i.get("case_id")) for i in val_items], "seed": seed}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -324,11 +339,9 @@ def train_model(
     tracker: Tracker | None = None,
     checkpoint_path: str | Path | None = None,
     resume_path: str | Path | None = None,
-    time_budget_s: float | None = None,
     validate: Callable[[Any, int], tuple[float, float]] | None = None,
     show_progress: bool = False,
     progress_desc: str = "epochs",
-    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train ``model`` on in-memory volumes; validate each epoch; keep the best-Dice weights.
 
@@ -343,15 +356,16 @@ def train_model(
             (inside whatever run the caller opened).
         checkpoint_path: where the best checkpoint (state dict, epoch, val Dice, spec) is saved.
         resume_path: where the whole training state (weights, optimiser, schedule, early stopping,
-            best weights, history, random states, the budget's epoch count and time spent) is
-            written after every epoch (atomically); when it holds a state written for the same
-            settings, cases, seed and budget, training continues after its epoch.
-        time_budget_s: seconds of training for this fold (None: the ``max_epochs`` schedule).
+            best weights, history, random states, the budget's epoch count) is written after every
+            epoch (atomically); when it holds a state written for the same settings, cases and
+            seed, training continues after its epoch.
         validate: optional ``(model, epoch) -> (val_loss, val_dice)`` replacing the default
             sliding-window validation (used by tests to script a loss sequence).
         show_progress: log every epoch (otherwise the first and every tenth).
         progress_desc: the label of the epochs' progress bar (e.g. ``fold 3 epochs``).
-        clock: seconds (tests script the time a budget sees).
+
+    The schedule: ``spec.train.max_steps`` optimiser steps (rounded up to whole epochs, at most
+    ``max_epochs``; :func:`budget_epochs`), or ``max_epochs`` epochs when it is None.
 
     Early stopping watches the validation loss (``train.patience`` epochs without an
     improvement of ``train.min_delta``) and the validation Dice (``train.converge_window``,
@@ -369,7 +383,8 @@ def train_model(
     memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
     loader = _training_loader(train_items, spec, seed)
-    horizon = [train.max_epochs]
+    max_steps = _max_steps(train)
+    horizon = train.max_epochs if max_steps is None else budget_epochs(max_steps, len(loader), train)
     optimizer, scheduler = _optimizer(model, train, horizon)
     loss_fn = make_loss(train)
     use_scaler = device.type == "cuda" and spec.amp and not torch.cuda.is_bf16_supported()
@@ -380,12 +395,11 @@ def train_model(
     history: list[dict[str, float]] = []
     stop_reason, spent, first_epoch, finished = "max_epochs", 0.0, 1, False
     resume_path = Path(resume_path) if resume_path is not None else None
-    key = resume_key(spec, train_items, val_items, seed, time_budget_s)
+    key = resume_key(spec, train_items, val_items, seed)
     state = _load_resume(resume_path, key)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        horizon[0] = int(state["horizon"])
         scheduler.load_state_dict(state["scheduler"])
         if step.scaler is not None and state.get("scaler") is not None:
             step.scaler.load_state_dict(state["scaler"])
@@ -395,33 +409,30 @@ def train_model(
         stop_reason, finished = str(state["stop_reason"]), bool(state["finished"])
         _set_rng_state(state["rng"], loader)
         first_epoch = int(state["epoch"]) + 1
-        log.info("resuming from epoch %d of %d (%s)", state["epoch"], horizon[0], resume_path)
+        log.info("resuming from epoch %d of %d (%s)", state["epoch"], horizon, resume_path)
+    if max_steps is not None and first_epoch == 1:
+        log.info("step budget %d: %d epochs of %d steps, the learning rate annealed over them", max_steps,
+                 horizon, len(loader))
     resumed_from = first_epoch - 1
     epoch = first_epoch - 1
-    start = clock() - spent
-    epochs = range(first_epoch, train.max_epochs + 1) if not finished else range(0)
+    # wall time is reported (MLflow), never used to decide anything
+    start = time.perf_counter() - spent
+    epochs = range(first_epoch, horizon + 1) if not finished else range(0)
     for epoch in progress(epochs, total=len(epochs), desc=progress_desc, unit="epoch"):
-        if epoch > horizon[0]:
-            break
         _seed_epoch(loader, seed, epoch)
         model.train()
         batch_losses = [step(batch) for batch in loader]
         lr_now = optimizer.param_groups[0]["lr"]
         val_loss, val_dice = validate(model, epoch) if validate is not None else evaluate(
             model, val_items, spec, loss_fn, device)
-        elapsed = clock() - start
-        if time_budget_s is not None and epoch == min(BUDGET_PROBE_EPOCH, train.max_epochs):
-            epoch_s = elapsed - (history[-1]["elapsed_s"] if history else 0.0)
-            horizon[0] = budget_epochs(time_budget_s, elapsed, epoch_s, epoch, train)
-            log.info("time budget %.0f s: %d epochs at %.1f s each, the learning rate annealed over them",
-                     time_budget_s, horizon[0], epoch_s)
         scheduler.step()
         record = {
             "epoch": epoch, "train_loss": float(np.mean(batch_losses)), "val_loss": float(val_loss),
-            "val_dice": float(val_dice), "lr": float(lr_now), "elapsed_s": round(float(elapsed), 3),
+            "val_dice": float(val_dice), "lr": float(lr_now),
         }
         history.append(record)
-        tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        tracker.log_metrics({**{k: v for k, v in record.items() if k != "epoch"},
+                             "elapsed_s": time.perf_counter() - start}, step=epoch)
         if show_progress or epoch == 1 or epoch % 10 == 0:
             log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f", epoch, record["train_loss"],
                      val_loss, val_dice)
@@ -434,18 +445,17 @@ def train_model(
                                                      train.converge_tol):
             stop_reason = "converged"
             log.info("converged at epoch %d (validation Dice flat for %d epochs)", epoch, train.converge_window)
-        elif time_budget_s is not None and ((epoch >= horizon[0] and horizon[0] < train.max_epochs)
-                                            or elapsed >= time_budget_s):
-            stop_reason = "budget"
-            log.info("time budget spent at epoch %d (%.0f of %.0f s)", epoch, elapsed, time_budget_s)
-        elif epoch >= train.max_epochs:
-            stop_reason = "max_epochs"
+        elif epoch >= horizon:
+            stop_reason = "budget" if max_steps is not None and horizon < train.max_epochs else "max_epochs"
+            if stop_reason == "budget":
+                log.info("step budget spent at epoch %d (%d steps)", epoch, epoch * len(loader))
         else:
             stop_reason = ""
         finished = bool(stop_reason)
         if resume_path is not None:
             _save_resume(resume_path, key, model, optimizer, scheduler, step.scaler, stopper, best, history,
-                         clock() - start, horizon[0], stop_reason or "max_epochs", finished, loader, epoch)
+                         time.perf_counter() - start, horizon, stop_reason or "max_epochs", finished, loader,
+                         epoch)
         if finished:
             break
     if best.state is not None:
@@ -454,9 +464,20 @@ def train_model(
     stop_reason = stop_reason or "max_epochs"
     return TrainResult(
         model=model, history=history, best_epoch=best.epoch, best_val_dice=best.dice,
-        stopped_early=stop_reason in ("patience", "converged"), train_seconds=clock() - start, device=str(device),
-        stop_reason=stop_reason, planned_epochs=horizon[0], resumed_from=resumed_from,
+        stopped_early=stop_reason in ("patience", "converged"), train_seconds=time.perf_counter() - start,
+        device=str(device), stop_reason=stop_reason, planned_epochs=horizon, resumed_from=resumed_from,
+        steps=len(history) * len(loader),
     )
+
+
+def _max_steps(train: SegTrainSpec) -> int | None:
+    """``train.max_steps`` as a number (None: the epoch schedule); ``auto`` must have been planned."""
+    from bonemet.config import AUTO, PlanRequiredError
+
+    if train.max_steps == AUTO:
+        raise PlanRequiredError("segment.train.max_steps is 'auto': the plan stage plans it (run `bonemet plan`) "
+                                "and the segment stage applies the plan before training")
+    return train.max_steps
 
 
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:

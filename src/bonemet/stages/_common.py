@@ -21,8 +21,24 @@ log = logging.getLogger(__name__)
 
 
 def specs_from(args: Any, segment_profile: str | None = None) -> Params:
-    """The validated params file named by ``--params`` (every section checked, not only the stage's)."""
-    return load_specs(getattr(args, "params", "params.yaml"), segment_profile=segment_profile)
+    """The validated params file named by ``--params`` (every section checked, not only the stage's),
+    with the MLflow store at :func:`project_path` (one store per project, whatever the workspace)."""
+    params = load_specs(getattr(args, "params", "params.yaml"), segment_profile=segment_profile)
+    store_dir = project_path(params.tracking.store_dir)
+    if store_dir == params.tracking.store_dir:
+        return params
+    return params.model_copy(update={"tracking": params.tracking.updated({"store_dir": store_dir})})
+
+
+def project_path(path: str) -> str:
+    """``path`` relative to the project's root: DVC's ``DVC_ROOT`` when a stage runs under DVC (the
+    parent repository's root for a queued experiment, whose stages run in a temporary copy under
+    ``.dvc/tmp/exps``), else the working directory. So every experiment, queued or not, tracks to
+    the project's one MLflow store."""
+    root = os.environ.get("DVC_ROOT")
+    if not root or Path(path).is_absolute() or Path(root).resolve() == Path.cwd().resolve():
+        return path
+    return str(Path(root) / path)
 
 
 def planned_specs_from(args: Any, segment_profile: str | None = None) -> Params:

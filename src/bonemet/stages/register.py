@@ -4,9 +4,10 @@ Reads the train stage's outputs (``register.models_dir``: ``index.json`` names t
 model, by ``register.model``: a family, or ``best_cv``, the highest CV AUC on the training set;
 ``<model>.skops`` is its tuned pipeline fitted on the committed split's training set, with its
 calibration and threshold; ``index.json`` its metrics and feature names;
-``provenance.json`` the MLflow runs; ``<model>.domain.skops`` the domain of its training cases),
-the evaluate stage's ``register.repeated`` (``repeated.json``: the rule's repeated estimate, which
-the gate judges, and every family's) and the feature table (the served model is checked on its rows, two are the input example);
+``<train.metrics_dir>/train_runs.json`` the MLflow runs; ``<model>.domain.skops`` the domain of its
+training cases), the evaluate stage's ``register.repeated`` (``repeated.json``: the rule's repeated
+estimate, which the gate judges, and every family's) and the feature table (the served model is
+checked on its rows, two are the input example);
 writes ``register.out``. The model's requirements are the installed versions of what it imports
 (:mod:`bonemet.registry.environment`).
 """
@@ -30,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from bonemet.modeling import TRAIN_RUNS_FILE
     from bonemet.modeling.domain import domain_file
     from bonemet.modeling.persistence import load_pipeline
     from bonemet.registry.registration import RegistryError, register_classifier
@@ -39,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     params = specs_from(args)
     reg = params.registration
     models_dir = Path(reg.models_dir)
+    train_runs = Path(params.train.metrics_dir) / TRAIN_RUNS_FILE
     try:
         index = json.loads((models_dir / "index.json").read_text(encoding="utf-8"))
-        provenance = json.loads((models_dir / "provenance.json").read_text(encoding="utf-8"))
+        provenance = json.loads(train_runs.read_text(encoding="utf-8"))
         repeated = json.loads(Path(reg.repeated).read_text(encoding="utf-8"))
         classifier = str(index["registered_model"])
         rule = str(index["registered_rule"])
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if not {"cv_auc_mean", "test_auc", "threshold"} <= set(entry) or "feature_names" not in index:
             raise KeyError("cv_auc_mean, test_auc, threshold or feature_names")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RegistryError(f"{models_dir}/index.json, provenance.json or {reg.repeated} cannot be read or lack a "
+        raise RegistryError(f"{models_dir}/index.json, {train_runs} or {reg.repeated} cannot be read or lack a "
                             f"key ({exc}); run `bonemet train` and `bonemet evaluate` first") from exc
     if rule != reg.model:
         raise RegistryError(f"{models_dir}/index.json was trained for register.model {rule}, params say {reg.model}: "

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.segmentation.inference import InferenceSettings
     from bonemet.segmentation.metrics import summarize
     from bonemet.segmentation.networks import network_kwargs
-    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
+    from bonemet.segmentation.training import resolve_device
+    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, run_tags, specs_from
     from bonemet.tracking import NullTracker
 
     params = specs_from(args, segment_profile=args.profile)
@@ -93,19 +94,23 @@ def run(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - start
         table = pd.DataFrame(result.case_rows).sort_values("case_id")
         summary = summarize(result.case_rows) if "dice" in table.columns else {"n_cases": len(table)}
+        # what was trained and how, never how long it took (wall times go to MLflow only): the same
+        # code, data and params write the same bytes, on any machine and under any load
         summary.update({
             "model": name, "profile": seg.profile, "n_folds": len(result.folds), "best_fold": result.best_fold,
-            "wall_seconds": round(wall, 1),
-            "train_seconds_total": round(sum(f.train_seconds for f in result.folds), 1),
-            "infer_seconds_per_case": round(sum(f.infer_seconds_per_case * f.n_test for f in result.folds)
-                                            / max(1, len(table)), 3),
+            "device": str(resolve_device(seg.device)), "num_threads": num_threads,
+            "max_steps": seg.train.max_steps,
             "epochs_mean": sum(len(f.history) for f in result.folds) / max(1, len(result.folds)),
             "n_parameters": result.folds[0].n_parameters if result.folds else 0,
-            # per fold: epochs, the epochs the schedule annealed over, why training stopped
+            # per fold: epochs, the epochs the schedule annealed over, steps, why training stopped
             "folds": [f.summary() for f in result.folds],
             "stop_reasons": dict(sorted(Counter(f.stop_reason for f in result.folds).items())),
         })
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        tracker.log_metrics({
+            "wall_seconds": wall, "train_seconds_total": sum(f.train_seconds for f in result.folds),
+            "infer_seconds_per_case": sum(f.infer_seconds_per_case * f.n_test for f in result.folds) / max(1, len(table)),
+        })
         tracker.log_metrics({f"folds_stopped_{k}": v for k, v in summary["stop_reasons"].items()})
         decision = decide_segmenter_promotion(summary.get("dice_mean"), min_dice=seg.gate.min_dice, n_cases=len(table))
         register = (seg.final_model != "none" and result.best_model is not None and not args.no_tracking
@@ -120,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         if seg.final_model != "none" and result.best_model is not None and not args.no_tracking:
             _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id, register=register,
                              decision=decision, example=input_example(load_volume(cases[0], with_label=False),
-                                                                      seg.roi_size))
+                                                                      seg.roi_size),
+                             exp_tags=run_tags(params.data.cohort_dir))
     log.info("segment: mean Dice %.4f (sd %.4f) over %d cases in %.0f s", summary.get("dice_mean") or float("nan"),
              summary.get("dice_sd") or float("nan"), len(table), wall)
     return 0
@@ -148,9 +154,9 @@ def _run_external(args, params, seg, manifest) -> int:
                                      grid_tolerance_mm=params.validation.grid_tolerance_mm)
         table = pd.DataFrame(rows).sort_values("case_id")
         summary = summarize(rows)
-        summary.update({"model": "external", "external_masks_dir": str(external_dir), "n_folds": 0,
-                        "wall_seconds": round(time.perf_counter() - start, 1)})
+        summary.update({"model": "external", "external_masks_dir": str(external_dir), "n_folds": 0})
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
         _write_outputs(seg, summary, table, None, params.evaluate.figure_dpi)
         tracker.log_table(table, "segmentation_cases.csv")
         tracker.log_dict(summary, "segmentation.json")
@@ -226,7 +232,7 @@ def input_example(item, roi_size):
 
 
 def _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id, register: bool, decision,
-                     example) -> None:
+                     example, exp_tags) -> None:
     """Log the best fold's model (by validation Dice), register it as ``model_name`` and give it
     ``alias`` when the gate's ``decision`` promotes it."""
     from bonemet.registry.registration import log_segmenter
@@ -246,7 +252,8 @@ def _log_final_model(seg, name, net_kwargs, settings, result, tracker, parent_id
         description=f"{name} segmentation model from fold {result.best_fold} (best validation Dice) of the "
                     f"ten-fold run; input: a CT preprocessed as in metadata['preprocess']. Gate: {decision.reason}.",
         tags={"network": name, "profile": seg.profile, "source_fold": str(result.best_fold),
-              "gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason},
+              "gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason,
+              **{k: v for k, v in exp_tags.items() if k == "dvc_exp"}},
     )
     if decision.promote:
         set_alias(seg.model_name, seg.alias, version)
