@@ -27,6 +27,10 @@ window.addEventListener('load', () => {
   const images = [...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, complete: i.complete}));
   const result = {images, scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
                   sections: [...document.querySelectorAll('section[id]')].map(s => s.id),
+                  section_text: Object.fromEntries([...document.querySelectorAll('section[id]')]
+                                                    .map(s => [s.id, s.innerText])),
+                  section_rows: Object.fromEntries([...document.querySelectorAll('section[id]')]
+                                                    .map(s => [s.id, s.querySelectorAll('tbody tr').length])),
                   text: document.body.innerText};
   const pre = document.createElement('pre'); pre.id = 'bonemet-probe';
   pre.textContent = JSON.stringify(result); document.body.appendChild(pre);
@@ -55,7 +59,8 @@ def _run(args: list[str], timeout: float) -> str:
 
 def measure_page(html: Path, *, width: int = 1400, height: int = 900, timeout: float = 120) -> dict:
     """Open ``html`` (a copy with the probe appended) at ``width`` px and return what the probe saw:
-    images (alt, naturalWidth), scrollWidth, innerWidth, section ids and the visible text."""
+    images (alt, naturalWidth), scrollWidth, innerWidth, section ids, each section's visible text
+    (``section_text``) and table rows (``section_rows``), and the page's visible text."""
     with tempfile.TemporaryDirectory(prefix="bonemet-page-") as tmp:
         probe = Path(tmp) / "page.html"
         text = html.read_text(encoding="utf-8")
@@ -78,7 +83,7 @@ def screenshot(url: str, path: Path, *, width: int, height: int, wait_ms: int = 
 
 
 #: The report's sections, in the study's order.
-SECTION_IDS = ["cohort", "examples", "segmentation", "radiomics", "classifiers", "registry", "replication",
+SECTION_IDS = ["summary", "cohort", "examples", "segmentation", "radiomics", "classifiers", "registry", "replication",
                "provenance"]
 #: Markdown a reader must never see as literal characters: bold, table rules, headings, code, links.
 MARKDOWN = [re.compile(p, re.M) for p in (r"\*\*\w", r"^\s*\|?\s*-{3,}\s*\|", r"^#{1,6} ", r"`[^`\n]+`",

@@ -128,6 +128,10 @@ def test_a_key_missing_from_params_is_an_error_not_a_silent_default(raw):
      r"segment.tune.search_space: 'lrr' is not a segment.train key; did you mean lr\?"),
     (lambda r: r["select"]["lasso"].update(alpha="abc"), r"select.lasso.alpha: .*valid number"),
     (lambda r: r["data"]["synthetic"].update(n_positive=500), r"n_positive must be below n_cases"),
+    (lambda r: r["register"].update(model="svn"), r"register.model: Input should be 'svm', .* or 'best_cv'; found 'svn'"),
+    (lambda r: (r["register"].update(model="mlp"), r["train"].update(models=["svm", "logreg"])),
+     r"^register.model: 'mlp' is not trained \(train.models is \['svm', 'logreg'\]\); name one of them or 'best_cv'"),
+    (lambda r: r["register"].update(max_gap_to_best=1.5), r"register.max_gap_to_best: Input should be less than"),
 ])
 def test_wrong_types_and_out_of_range_values_name_the_key(raw, mutate, message):
     broken = copy.deepcopy(raw)

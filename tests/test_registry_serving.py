@@ -19,14 +19,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bonemet.modeling import TRAIN_RUNS_FILE
 from bonemet.modeling.domain import domain_file
 from bonemet.modeling.persistence import load_pipeline, save_pipeline
 from bonemet.modeling.repeated import best_by_repeats
-from bonemet.modeling.training import choose_best_model
+from bonemet.modeling.training import choose_best_model, choose_registered_model, registered_rule_text
 from bonemet.registry.gate import Estimate, decide_promotion
 from bonemet.serving import FeatureInputError, check_feature_frame
 
 FEATURES = [f"original_firstorder_F{i}" for i in range(6)]
+#: the train stage's run ids (train.metrics_dir / TRAIN_RUNS_FILE), relative to the test's folder
+TRAIN_RUNS = Path("metrics") / TRAIN_RUNS_FILE
 
 
 def _table(n=40, seed=0):
@@ -45,7 +48,8 @@ def test_gate_is_in_the_registry_not_in_serving():
     assert not hasattr(bonemet.serving, "decide_promotion")  # serving imports no tracking backend
 
 
-GATE = dict(min_auc=0.7, min_auc_lower_bound=0.6, min_sensitivity=0.5, min_specificity=0.5, tolerance=0.02)
+GATE = dict(min_auc=0.7, min_auc_lower_bound=0.6, min_sensitivity=0.5, min_specificity=0.5, tolerance=0.02,
+            max_gap_to_best=0.03, model="svm", families={})
 
 
 def _est(auc=0.85, lo=0.75, sens=0.7, spec=0.8, data="d1"):
@@ -69,6 +73,27 @@ def test_gate_rules():
     # other data: not compared, and the reason says why
     other = decide_promotion(_est(auc=0.80), _est(auc=0.95, data="d2"), **GATE)
     assert other.promote and not other.compared_with_staging and "evaluated on other data" in other.reason
+
+
+def test_gate_refuses_a_family_far_below_the_best_and_names_who_would_pass():
+    gate = {**GATE, "families": {"svm": _est(auc=0.80), "logreg": _est(auc=0.85), "knn": _est(auc=0.84, sens=0.2),
+                                 "mlp": _est(auc=0.81), "xgboost": _est(auc=0.83)}}
+    held = decide_promotion(_est(auc=0.80), None, **gate)
+    assert not held.promote, held.reason
+    assert "svm's mean test AUC 0.800 is 0.050 below logreg's 0.850 (more than register.max_gap_to_best 0.030)" \
+        in held.reason
+    # logreg and xgboost pass (knn misses the sensitivity minimum, mlp is 0.04 below the best)
+    assert held.reason.endswith("would pass: logreg, xgboost (set register.model)"), held.reason
+    # within the gap: promoted, and the reason says how far from the best it is
+    near = decide_promotion(_est(auc=0.83), None, **{**gate, "families": {**gate["families"], "svm": _est(auc=0.83)}})
+    assert near.promote and "within 0.030 of the best family logreg (0.850)" in near.reason
+    # the best family itself, and a wider gap
+    assert "the best family" in decide_promotion(_est(auc=0.90), None, **{**gate, "families": {
+        "svm": _est(auc=0.90), "logreg": _est(auc=0.85)}}).reason
+    assert decide_promotion(_est(auc=0.80), None, **{**gate, "max_gap_to_best": 0.06}).promote
+    # a minimum missed: the families that would pass are named too
+    low = decide_promotion(_est(auc=0.65), None, **{**gate, "families": {"svm": _est(auc=0.65), "logreg": _est()}})
+    assert not low.promote and "mean test AUC 0.650 < 0.700" in low.reason and "would pass: logreg" in low.reason
 
 
 def test_feature_checks_name_the_problem():
@@ -110,12 +135,13 @@ def _domain(pipeline, df):
     return fit_training_domain(pipeline, df[FEATURES], np.arange(len(df)) % 3, spec, seed=0)
 
 
-def _train_outputs(models_dir, aucs, run="a"):
+def _train_outputs(models_dir, aucs, run="a", rule="svm"):
     """What the train stage leaves in ``models_dir`` for the register stage.
 
     ``aucs``: {model: (outer-fold CV AUCs, test AUC)}, in train.models order. Each model gets a
     fitted (scikit-learn) pipeline in ``<model>.skops``; ``index.json`` names the best one by
-    :func:`choose_best_model` (CV AUC, never the test AUC) and ``provenance.json`` its run ids.
+    :func:`choose_best_model` (CV AUC, never the test AUC), the registered one by ``rule``
+    (``register.model``: :func:`choose_registered_model`) and ``metrics/train_runs.json`` its run ids.
     """
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -128,23 +154,28 @@ def _train_outputs(models_dir, aucs, run="a"):
         entries[name] = {"path": f"{name}.skops", "cv_auc_mean": float(np.mean(folds)),
                          "cv_auc_sd": float(np.std(folds, ddof=1)), "test_auc": test_auc, "threshold": 0.4 + 0.1 * k,
                          "params": {"C": 0.1 * (k + 1)}}
-    index = {"best_model": choose_best_model({m: f for m, (f, _) in aucs.items()}, list(aucs)),
+    cv = {m: f for m, (f, _) in aucs.items()}
+    index = {"best_model": choose_best_model(cv, list(aucs)),
+             "registered_model": choose_registered_model(rule, cv, list(aucs)), "registered_rule": rule,
+             "registered_by": registered_rule_text(rule),
              "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
              "feature_source": "auto", "feature_names": FEATURES, "models": entries}
     provenance = {"train_run_id": f"train-{run}",
                   "models": {m: {"run_id": f"{m}-{run}", "seconds": {"total_s": 1.0}} for m in aucs}}
     (models_dir / "index.json").write_text(json.dumps(index))
-    (models_dir / "provenance.json").write_text(json.dumps(provenance))
+    TRAIN_RUNS.parent.mkdir(parents=True, exist_ok=True)
+    TRAIN_RUNS.write_text(json.dumps(provenance))
     return df
 
 
-def _repeated(estimates, path=None):
+def _repeated(estimates, path=None, registered="svm"):
     """What the evaluate stage writes (``repeated.json``): ``estimates`` {model: (mean AUC, lower bound,
-    sensitivity, specificity)}; the registered model is :func:`best_by_repeats`' choice."""
+    sensitivity, specificity)}; the registered model's rule (a family named) chose ``registered``
+    in every repeat, so its estimate (``chosen``) is that family's."""
     models = {m: {"auc": {"mean": a, "lo": lo, "hi": None}, "sensitivity_mean": se, "specificity_mean": sp}
               for m, (a, lo, se, sp) in estimates.items()}
-    doc = {"n_repeats": 10, "models": models}
-    doc["registered_model"] = best_by_repeats(doc, list(estimates))
+    doc = {"n_repeats": 10, "models": models, "registered_model": registered, "registered_rule": registered,
+           "chosen": models[registered], "best_repeated_model": best_by_repeats({"models": models}, list(estimates))}
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(doc))
@@ -156,13 +187,13 @@ def _register(models_dir, df, reg, repeated, data_md5="d41d8", **kw):
     from bonemet.registry.registration import register_classifier
 
     index = json.loads((Path(models_dir) / "index.json").read_text())
-    classifier = repeated["registered_model"]
+    classifier = index["registered_model"]
     args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, classifier=classifier,
-                index=index, provenance=json.loads((Path(models_dir) / "provenance.json").read_text()),
+                index=index, provenance=json.loads(TRAIN_RUNS.read_text()),
                 repeated=repeated, pipeline=load_pipeline(Path(models_dir) / index["models"][classifier]["path"]),
                 domain=load_pipeline(Path(models_dir) / domain_file(classifier)), check_rows=df, min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound,
                 min_sensitivity=reg.min_sensitivity, min_specificity=reg.min_specificity,
-                tolerance=reg.tolerance, alias=reg.alias,
+                tolerance=reg.tolerance, max_gap_to_best=reg.max_gap_to_best, alias=reg.alias,
                 description_extra="\nTable 1:\n| svm | test | 0.900 |", tags={"data_md5": data_md5, "git_commit": "abc"})
     args.update(kw)
     return register_classifier(**args)
@@ -192,11 +223,12 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     assert first.classifier == "svm" and first.promoted and first.version == "1"
     assert (first.cv_auc_mean, first.test_auc, first.threshold) == (pytest.approx(0.93), 0.90, 0.4)
     assert (first.repeated_auc_mean, first.repeated_auc_lo) == (0.88, 0.80)
-    assert first.source_run_id == "svm-a"  # provenance.json links the version to the train stage's run
+    assert first.source_run_id == "svm-a"  # train_runs.json links the version to the train stage's run
     assert alias_version(reg.model_name, reg.alias) == "1"
     [v1] = model_versions(reg.model_name)
     assert "test AUC 0.900" in v1["description"] and v1["tags"]["data_md5"] == "d41d8"
-    assert "repeated test AUC 0.880 (corrected lower bound 0.800)" in v1["description"]
+    assert "repeated test AUC over 10 splits 0.880 (corrected lower bound 0.800)" in v1["description"]
+    assert "registered by register.model svm" in v1["description"] and v1["tags"]["registered_rule"] == "svm"
     assert (v1["tags"]["repeated_auc_mean"], v1["tags"]["threshold"]) == ("0.880000", "0.400000")
     assert "(train run train-a)" in v1["description"] and "Table 1:" in v1["description"]
     assert v1["tags"]["source_run_id"] == "svm-a" and v1["tags"]["classifier"] == "svm"
@@ -205,6 +237,7 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     register_run = MlflowClient().get_run(v1["run_id"])
     assert register_run.info.run_name == "register"
     assert register_run.data.tags["train_run_id"] == "train-a" and register_run.data.tags["gate_decision"] == "promote"
+    assert (register_run.data.tags["registered_model"], register_run.data.tags["registered_rule"]) == ("svm", "svm")
 
     # A worse new version on the same data is registered but does not take the alias.
     df = _train_outputs("models", {"svm": ([0.89, 0.91], 0.80)}, run="b")
@@ -246,10 +279,28 @@ def _post(port, payload: bytes | str):
         return err.code, err.read().decode()
 
 
-def test_the_registered_model_ties_go_to_the_lower_bound_then_the_order():
-    assert _repeated({"svm": (0.85, 0.70, 0.7, 0.7), "knn": (0.85, 0.75, 0.7, 0.7)})["registered_model"] == "knn"
-    assert _repeated({"svm": (0.85, 0.75, 0.7, 0.7), "knn": (0.85, 0.75, 0.7, 0.7)})["registered_model"] == "svm"
-    assert _repeated({"svm": (None, None, 0.7, 0.7), "knn": (0.60, 0.5, 0.7, 0.7)})["registered_model"] == "knn"
+def test_the_best_repeated_family_ties_go_to_the_lower_bound_then_the_order():
+    assert _repeated({"svm": (0.85, 0.70, 0.7, 0.7), "knn": (0.85, 0.75, 0.7, 0.7)})["best_repeated_model"] == "knn"
+    assert _repeated({"svm": (0.85, 0.75, 0.7, 0.7), "knn": (0.85, 0.75, 0.7, 0.7)})["best_repeated_model"] == "svm"
+    assert _repeated({"svm": (None, None, 0.7, 0.7), "knn": (0.60, 0.5, 0.7, 0.7)})["best_repeated_model"] == "knn"
+
+
+def test_the_registered_model_is_the_rule_never_a_test_set():
+    cv = {"svm": [0.80, 0.82], "logreg": [0.90, 0.92], "knn": [0.86, 0.96]}
+    order = list(cv)
+    assert choose_registered_model("svm", cv, order) == "svm"  # named: the study's model, whatever the others do
+    assert choose_registered_model("best_cv", cv, order) == "logreg"  # tie on the mean: the lower sd
+    with pytest.raises(ValueError, match="register.model 'mlp' was not trained"):
+        choose_registered_model("mlp", cv, order)
+    assert "no test set" in registered_rule_text("best_cv") and "svm" in registered_rule_text("svm")
+
+
+def test_register_holds_a_family_far_below_the_best_and_names_who_would_pass(store, reg):
+    df = _train_outputs("models", {"svm": ([0.80, 0.82], 0.78), "knn": ([0.84, 0.86], 0.95)})
+    held = _register("models", df, reg, _repeated({"svm": (0.76, 0.70, 0.7, 0.7), "knn": (0.84, 0.76, 0.7, 0.8)}))
+    assert held.classifier == "svm" and held.registered_rule == "svm" and not held.promoted
+    assert "0.080 below knn's 0.840" in held.reason and "would pass: knn" in held.reason
+    assert held.best_repeated_model == "knn"
 
 
 def test_register_holds_the_alias_when_the_repeated_auc_is_undefined(store, reg):
@@ -258,17 +309,18 @@ def test_register_holds_the_alias_when_the_repeated_auc_is_undefined(store, reg)
     assert not result.promoted and "not a number" in result.reason
 
 
-def _stage_params(tmp_path, df):
-    """params.yaml for `bonemet register` in ``tmp_path``: the train outputs in models/, a feature table."""
+def _stage_params(tmp_path, df, model="svm"):
+    """params.yaml for `bonemet register` in ``tmp_path``: the train outputs in models/, a feature table,
+    register.model ``model``."""
     import yaml
 
     from bonemet.config import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     params["tracking"]["store_dir"] = "mlruns"
-    params["register"].update(models_dir="models", features_file="features/auto.parquet",
+    params["register"].update(model=model, models_dir="models", features_file="features/auto.parquet",
                               table1_md="metrics/table1.md", out="metrics/registry.json")
-    (tmp_path / "features").mkdir()
+    (tmp_path / "features").mkdir(exist_ok=True)
     df.to_parquet(tmp_path / "features" / "auto.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -283,22 +335,27 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
     _repeated({"svm": (0.88, 0.80, 0.75, 0.85), "knn": (0.84, 0.76, 0.7, 0.8)}, tmp_path / "metrics" / "repeated.json")
     _stage_params(tmp_path, df)
     assert main(["register"]) == 0
-    assert "bonemet-classifier version 1 (svm): promoted to 'staging'" in capsys.readouterr().out
+    assert "bonemet-classifier version 1 (svm, register.model svm): promoted to 'staging'" in capsys.readouterr().out
     summary = json.loads((tmp_path / "metrics" / "registry.json").read_text())
     assert summary["classifier"] == "svm" and summary["version"] == "1" and summary["promoted"] == 1
     assert summary["source_run_id"] == "svm-a" and summary["test_auc"] == 0.90
     assert alias_version("bonemet-classifier", "staging") == "1"
     [version] = model_versions("bonemet-classifier")
     assert "Table 1" not in version["description"]  # no metrics/table1.md: registered without it
+    assert summary["registered_rule"] == "svm" and summary["best_repeated_model"] == "svm"
+    # `bonemet models` names the registered family and the rule that chose it
+    assert main(["models", "--model", "bonemet-classifier"]) == 0
+    listing = capsys.readouterr().out
+    assert "aliases=staging" in listing and "svm (register.model svm)" in listing, listing
 
     # no train outputs: one line naming the folder and the fix, exit 1
-    for name in ("index.json", "provenance.json"):
-        (tmp_path / "models" / name).unlink()
+    for path in (tmp_path / "models" / "index.json", tmp_path / TRAIN_RUNS):
+        path.unlink()
     caplog.clear()
     assert main(["register"]) == 1
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert error.exc_info is None and "run `bonemet train` and `bonemet evaluate` first" in error.getMessage()
-    assert error.getMessage().startswith("models/index.json, provenance.json or metrics/repeated.json cannot be read")
+    assert error.getMessage().startswith("models/index.json, metrics/train_runs.json or metrics/repeated.json cannot be read")
     assert len(model_versions("bonemet-classifier")) == 1
 
 
@@ -322,13 +379,16 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
                                   "out_dir": "models", "metrics_dir": "metrics", "plots_dir": "plots"})
     select = params.select.updated({"lasso.cv": 3, "lasso.max_features": 4})
     res = run_training(df, paired, splits, select=select, train=train, evaluate=params.evaluate, seed=0,
-                       feature_source="auto")
+                       feature_source="auto", registered_rule="best_cv")
     write_domains({m: r.pipeline for m, r in res.models.items()}, df, splits, train, seed=0)
-    _repeated({"logreg": (0.9, 0.8, 0.8, 0.8)}, tmp_path / "metrics" / "repeated.json")
-    _stage_params(tmp_path, df)
+    _repeated({"logreg": (0.9, 0.8, 0.8, 0.8)}, tmp_path / "metrics" / "repeated.json", registered="logreg")
+    _stage_params(tmp_path, df)  # register.model svm: not what models/ were trained for
+    assert main(["register"]) == 1
+    _stage_params(tmp_path, df, model="best_cv")
     assert main(["register"]) == 0
     summary = json.loads((tmp_path / "metrics" / "registry.json").read_text())
-    assert summary["classifier"] == "logreg" == res.best_model
+    assert summary["classifier"] == "logreg" == res.best_model == res.registered_model
+    assert summary["registered_rule"] == "best_cv" and "highest mean ten-fold CV AUC" in summary["registered_by"]
     assert summary["test_auc"] == pytest.approx(res.models["logreg"].test_metrics["auc"])
     [version] = model_versions("bonemet-classifier")
     assert "Table 1:" in version["description"]  # the train stage's metrics/table1.md

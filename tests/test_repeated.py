@@ -173,14 +173,22 @@ def test_repeats_refit_everything_on_their_own_training_cases(specs):
     splits = repeated_splits(list(primary["case_id"]), list(primary["label"]), n_repeats=3, test_size=0.3,
                              n_folds=3, seed=11)
     records = run_repeats(primary, paired, splits, first_repeat=1, select=specs.select, train=specs.train,
-                          evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=2, show_progress=False)
+                          evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=2, show_progress=False,
+                          registered_rule="best_cv")
     assert [r["repeat"] for r in records] == [1, 2] and [r["seed"] for r in records] == [12, 13]
     for record, split in zip(records, splits, strict=True):
         assert record["n_test"] == len(split["test"]) and record["chosen"] in MODELS
+        # best_cv: the repeat's own training set chooses, by CV AUC (never its test AUC)
+        assert record["chosen"] == record["best_cv"] == max(
+            MODELS, key=lambda m: (record["models"][m]["cv_auc_mean"], -MODELS.index(m)))
         assert set(record["models"]) == set(MODELS)
         assert 0.0 <= record["models"]["logreg"]["auc"] <= 1.0 and 0.0 <= record["llr_auc"] <= 1.0
         assert record["chosen_minus_llr"] == pytest.approx(record["models"][record["chosen"]]["auc"]
                                                            - record["llr_auc"])
+        # the plain baseline on the same split, paired with the chosen model
+        assert 0.5 < record["baseline_auc"] <= 1.0  # the signal is in a few columns: L1 finds it
+        assert record["chosen_minus_baseline"] == pytest.approx(record["models"][record["chosen"]]["auc"]
+                                                                - record["baseline_auc"])
     # a repeat's test cases change its scores only: altering them leaves what its training set chose
     is_test = primary["case_id"].isin(splits[0]["test"])
     cols = [c for c in primary.columns if c not in ("case_id", "label")]
@@ -189,14 +197,16 @@ def test_repeats_refit_everything_on_their_own_training_cases(specs):
     altered_p.loc[is_test, cols] = noise
     altered_q.loc[is_test, cols] = noise
     again = run_repeats(altered_p, altered_q, splits[:1], first_repeat=1, select=specs.select, train=specs.train,
-                        evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False)[0]
+                        evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False,
+                        registered_rule="best_cv")[0]
     assert again["chosen"] == records[0]["chosen"]
     for model in MODELS:
         assert again["models"][model]["cv_auc_mean"] == records[0]["models"][model]["cv_auc_mean"]
         assert again["models"][model]["threshold"] == records[0]["models"][model]["threshold"]
     # the same seed gives the same records, bit for bit, in parallel or not
     serial = run_repeats(primary, paired, splits, first_repeat=1, select=specs.select, train=specs.train,
-                         evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False)
+                         evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False,
+                         registered_rule="best_cv")
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in serial] == strip
 
@@ -214,12 +224,15 @@ def test_repeats_keep_patients_whole_and_harmonise_with_the_sites(specs):
     select = specs.select.updated({"harmonize.enabled": True})
     with pytest.raises(TrainingInputError, match="no site column"):
         run_repeats(primary, paired, splits[:1], first_repeat=1, select=select, train=specs.train,
-                    evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False)
+                    evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False,
+                    registered_rule="knn")
     sites = {c: ("a", "b")[i % 2] for i, c in enumerate(ids)}
     (record,) = run_repeats(primary, paired, splits[:1], first_repeat=1, select=select, train=specs.train,
                             evaluate=specs.evaluate, seed=11, case_llr=llr, n_jobs=1, show_progress=False,
-                            sites=sites)
-    assert record["chosen"] in MODELS and 0.0 <= record["models"]["logreg"]["auc"] <= 1.0
+                            sites=sites, registered_rule="knn")
+    # a family named: chosen in every repeat, whatever the CV says (recorded beside it)
+    assert record["chosen"] == "knn" and record["best_cv"] in MODELS
+    assert 0.0 <= record["models"]["logreg"]["auc"] <= 1.0
 
 
 def test_repeat_zero_is_table_1_and_the_summary(tmp_path, specs):
@@ -227,11 +240,13 @@ def test_repeat_zero_is_table_1_and_the_summary(tmp_path, specs):
     train = specs.train.updated({"out_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "metrics"),
                                  "plots_dir": str(tmp_path / "plots")})
     res = run_training(primary, paired, committed, select=specs.select, train=train, evaluate=specs.evaluate,
-                       seed=7, feature_source="auto", bayes_auc=0.9, case_llr=llr)
+                       seed=7, feature_source="auto", registered_rule="logreg", bayes_auc=0.9, case_llr=llr)
     table1 = json.loads((tmp_path / "metrics" / "table1.json").read_text())
     index = json.loads((tmp_path / "models" / "index.json").read_text())
-    zero = committed_repeat(table1, index, committed, 7)
-    assert zero["chosen"] == res.best_model and zero["n_test"] == len(committed["test"])
+    zero = committed_repeat(table1, index, committed, 7, baseline_auc=0.8)
+    assert zero["chosen"] == "logreg" == res.registered_model and zero["n_test"] == len(committed["test"])
+    assert zero["best_cv"] == res.best_model
+    assert zero["chosen_minus_baseline"] == pytest.approx(zero["models"]["logreg"]["auc"] - 0.8)
     for model in MODELS:
         assert zero["models"][model]["auc"] == pytest.approx(res.models[model].test_metrics["auc"], abs=1e-6)
         assert zero["models"][model]["threshold"] == pytest.approx(res.models[model].threshold, abs=1e-6)
@@ -272,16 +287,29 @@ def test_evaluate_stage_writes_the_repeated_estimate_and_the_headline(tmp_path, 
     path = params_file({"data": {"cohort_dir": "cohort"}, "split": {"out": "splits.json", "n_folds": 3},
                         "select": specs.select.model_dump(mode="json"), "train": train,
                         "evaluate": {"repeats": 3, "n_bootstrap": 20, "n_jobs": 2, "out_dir": "metrics"},
+                        "register": {"model": "knn"},
                         "tracking": {"store_dir": "mlruns"}})
     assert main(["train", "--params", str(path), "--no-tracking"]) == 0
     assert main(["evaluate", "--params", str(path), "--no-tracking", "--no-progress"]) == 0
     repeated = json.loads(Path("metrics/repeated.json").read_text())
     assert repeated["n_repeats"] == 3 and [r["repeat"] for r in repeated["repeats"]] == [0, 1, 2]
-    assert repeated["registered_model"] in MODELS and "llr" in repeated
+    assert repeated["registered_model"] == "knn" == repeated["registered_rule"] and "llr" in repeated
+    # the interval is about what is registered: knn in every repeat
+    assert [r["chosen"] for r in repeated["repeats"]] == ["knn"] * 3
+    assert repeated["chosen"]["auc"] == repeated["models"]["knn"]["auc"]
+    assert repeated["best_repeated_model"] in MODELS
     summary = json.loads(Path("metrics/summary.json").read_text())
-    assert summary["n_repeats"] == 3 and summary["registered_model"] == repeated["registered_model"]
+    assert summary["n_repeats"] == 3 and summary["registered_model"] == "knn" and summary["registered_rule"] == "knn"
+    assert summary["registered_repeated_auc"] == repeated["models"]["knn"]["auc"]["mean"]
+    assert summary["best_repeated_model"] == repeated["best_repeated_model"]
     assert summary["gap_to_llr"] == pytest.approx(repeated["llr"]["chosen_minus_llr"]["mean"], abs=1e-6)
-    assert len(summary) <= 15  # a handful of headline numbers for `dvc exp show`
+    # the registered pipeline against the plain baseline, paired repeat by repeat, with the corrected interval
+    diffs = [r["chosen_minus_baseline"] for r in repeated["repeats"]]
+    assert repeated["baseline"]["chosen_minus_baseline"]["mean"] == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert summary["registered_minus_baseline"] == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert summary["registered_minus_baseline_lo"] < summary["registered_minus_baseline"] \
+        < summary["registered_minus_baseline_hi"]
+    assert len(summary) <= 20  # a screenful of headline numbers for `dvc exp show`
     assert len(pd.read_csv("metrics/repeated.csv")) == 3 * len(MODELS)
     first = {name: Path(f"metrics/{name}").read_bytes() for name in ("repeated.json", "repeated.csv", "summary.json")}
     assert all("seconds" not in r for r in repeated["repeats"])  # times go to MLflow, not the outputs

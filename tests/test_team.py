@@ -101,6 +101,7 @@ def team_run(team, tmp_path_factory):
             # what this test checks is the trials and runs: no per-model MLflow models or figures (a minute)
             "train": {"models": MODELS, "n_trials": dict.fromkeys(MODELS, N_TRIALS), "log_models": False,
                       "log_figures": False, "tuning": {"storage": urls["optuna"], "workers": 2}},
+            "register": {"model": "best_cv"},  # the SVM (the default) is not among these models
             # the second reader's masks stand in for a segmentation network's (no training: seconds)
             "segment": {"model": "external", "external": {"masks_dir": "annotator_masks", "label": 2}},
         }))

@@ -70,13 +70,14 @@ def _tables(n: int = 60, p: int = 16, seed: int = 0) -> tuple[pd.DataFrame, pd.D
     return table(X), table(X + rng.normal(size=(n, p)) * noise), splits
 
 
-def _run(tmp_path, primary, paired, splits, specs, tracker=None, **train_changes):
-    """run_training writing under ``tmp_path`` (models/, plots/, metrics/), ``train_changes`` applied."""
+def _run(tmp_path, primary, paired, splits, specs, tracker=None, rule="knn", **train_changes):
+    """run_training writing under ``tmp_path`` (models/, plots/, metrics/), ``train_changes`` applied;
+    register.model ``rule``."""
     train = specs.train.updated({"out_dir": str(tmp_path / "models"), "plots_dir": str(tmp_path / "plots"),
                                  "metrics_dir": str(tmp_path / "metrics"), **train_changes})
     return run_training(
         primary, paired, splits, select=specs.select, train=train, evaluate=specs.evaluate, seed=3,
-        feature_source="auto", tracker=tracker or RecordingTracker(), bayes_auc=0.9,
+        feature_source="auto", registered_rule=rule, tracker=tracker or RecordingTracker(), bayes_auc=0.9,
     )
 
 
@@ -126,6 +127,17 @@ def test_run_training_end_to_end(tmp_path, specs):
     index = json.loads((tmp_path / "models" / "index.json").read_text())
     assert index["best_model"] == res.best_model in MODELS
     assert res.best_model == choose_best_model({m: r.cv_aucs for m, r in res.models.items()}, MODELS)
+    # the registered model: the family register.model names (knn here), whatever the CV says; one story
+    assert index["registered_model"] == res.registered_model == "knn" and index["registered_rule"] == "knn"
+    assert table1["registered_model"] == "knn" and table1["best_model"] == res.best_model
+    assert "resubstitution" in table1["train_estimate"] and selected["model"] == "knn"
+    assert {k: parent["tags"][k] for k in ("registered_model", "registered_rule", "best_cv_model")} == {
+        "registered_model": "knn", "registered_rule": "knn", "best_cv_model": res.best_model}
+    md = (tmp_path / "metrics" / "table1.md").read_text()
+    assert "| **knn** (registered) | train (resubstitution) |" in md
+    assert "Registered model (bold): knn, by register.model knn" in md
+    if res.best_model != "knn":
+        assert f"| {res.best_model} (best CV) | test |" in md
     assert index["feature_source"] == "auto"
     assert index["feature_names"] == [c for c in primary.columns if c not in ("case_id", "label")]
     assert set(index["models"]) == set(MODELS)
@@ -210,11 +222,12 @@ def test_training_with_sites_and_patients(tmp_path, specs):
     select = specs.select.updated({"harmonize.enabled": True})
     with pytest.raises(TrainingInputError, match="no site column"):
         run_training(primary, paired, splits, select=select, train=specs.train, evaluate=specs.evaluate, seed=3,
-                     feature_source="auto")
+                     feature_source="auto", registered_rule="best_cv")
     train = specs.train.updated({"out_dir": str(tmp_path / "models"), "plots_dir": str(tmp_path / "plots"),
                                  "metrics_dir": str(tmp_path / "metrics")})
     res = run_training(primary, paired, splits, select=select, train=train, evaluate=specs.evaluate, seed=3,
-                       feature_source="auto", tracker=RecordingTracker(), sites=sites)
+                       feature_source="auto", registered_rule="best_cv", tracker=RecordingTracker(),
+                       sites=sites)
     assert res.selected_features["harmonize"]["sites"] == ["a", "b"]
     index = json.loads((tmp_path / "models" / "index.json").read_text())
     assert index["extra_input_columns"] == ["site"]
@@ -280,8 +293,12 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch, specs):
         {"models": ["logreg", "knn"], "n_trials": {"logreg": 1, "knn": 1}, "log_models": False}
     ).model_dump(mode="json")
     params["evaluate"] = specs.evaluate.model_dump(mode="json")
+    params["register"]["model"] = "svm"  # not trained: refused in one line before anything runs
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-tracking"]) == 2
+    params["register"]["model"] = "best_cv"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["train", "--no-tracking"]) == 0
     table1 = json.loads((tmp_path / "metrics" / "table1.json").read_text())
     assert set(table1["models"]) == {"logreg", "knn"}
@@ -293,7 +310,9 @@ def test_train_stage_command_writes_its_outputs(tmp_path, monkeypatch, specs):
     y_test = primary.set_index("case_id").loc[splits["test"], "label"]
     assert ref["n"] == len(splits["test"])
     assert ref["llr_auc"] == pytest.approx(roc_auc_score(y_test, [llr[c] for c in splits["test"]]), abs=1e-6)
-    best = json.loads((tmp_path / "models" / "index.json").read_text())["best_model"]
+    index = json.loads((tmp_path / "models" / "index.json").read_text())
+    best = index["registered_model"]
+    assert best == index["best_model"] and index["registered_rule"] == "best_cv"
     assert ref["model_minus_llr"] == pytest.approx(table1["models"][best]["test"]["auc"] - ref["llr_auc"], abs=1e-5)
     assert ref["model_minus_llr_lo"] < ref["model_minus_llr"] < ref["model_minus_llr_hi"]
     assert "Bayes classifier itself" in (tmp_path / "metrics" / "table1.md").read_text()
@@ -315,6 +334,7 @@ def test_train_stage_refuses_a_misspelt_hyperparameter_before_training(tmp_path,
     params["train"] = specs.train.updated(
         {"fixed_params": {"knn": {"n_neighbour": 5}}, "features_dir": "nowhere"}
     ).model_dump(mode="json")
+    params["register"]["model"] = "knn"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     with caplog.at_level("INFO"):

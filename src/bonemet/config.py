@@ -112,7 +112,11 @@ NJobs = Annotated[int, Field(ge=-1)]
 SpacingMM = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 SizeVox = tuple[PositiveInt, PositiveInt, PositiveInt]
 CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp")
+#: ``register.model``: the family with the highest mean CV AUC on the training set (never a test set)
+BEST_CV = "best_cv"
 ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
+#: ``register.model``: a classifier's name or :data:`BEST_CV`
+RegisteredModel = Literal[(*typing.get_args(ClassifierName), BEST_CV)]  # type: ignore[valid-type]
 NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
 #: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
 SegmentModel = Literal["missu", "unet", "unetr", "swinunetr", "external"]
@@ -606,16 +610,34 @@ class RegisterSpec(Spec):
     model_name: str
     segmentation_model_name: str
     alias: str
+    #: the family registered: a name of ``train.models`` (checked in :class:`Params`) or ``best_cv``
+    model: RegisteredModel
     min_auc: Probability
     min_auc_lower_bound: Probability
     min_sensitivity: Probability
     min_specificity: Probability
     tolerance: NonNegativeFloat
+    max_gap_to_best: Probability
     models_dir: str
     repeated: str
     features_file: str
     table1_md: str
     out: str
+
+
+class BaselineSpec(Spec):
+    """``evaluate.baseline``: the plain baseline (standardised L1 logistic regression on every feature)."""
+
+    n_cs: Annotated[int, Field(ge=1)]
+    c_min: PositiveFloat
+    c_max: PositiveFloat
+    max_iter: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BaselineSpec:
+        if not self.c_min <= self.c_max:
+            raise ValueError(f"c_min must not exceed c_max; found {self.c_min} > {self.c_max}")
+        return self
 
 
 class EvaluateSpec(Spec):
@@ -633,6 +655,7 @@ class EvaluateSpec(Spec):
     dca_thresholds: tuple[OpenFraction, OpenFraction, OpenFraction]
     figure_dpi: Annotated[int, Field(ge=10, le=1200)]
     decimals: Annotated[int, Field(ge=0, le=10)]
+    baseline: BaselineSpec
 
     _n_jobs = field_validator("n_jobs")(_n_jobs_not_zero)
 
@@ -793,6 +816,15 @@ class Params(Spec):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 
     @model_validator(mode="after")
+    def _registered_model_is_trained(self) -> Params:
+        model = self.registration.model
+        if model != BEST_CV and model not in self.train.models:
+            raise ValueError(
+                f"register.model: '{model}' is not trained (train.models is {self.train.models}); name one of them "
+                f"or '{BEST_CV}' (the highest mean ten-fold CV AUC on the training set); found {model!r}")
+        return self
+
+    @model_validator(mode="after")
     def _bone_margin_needs_bone_in_window(self) -> Params:
         if self.preprocess.hu_window == AUTO:  # the plan keeps the bone threshold inside the window it plans
             return self
@@ -923,7 +955,8 @@ def _format(problems: list[tuple[list[str], str]], where: str = "") -> str:
     lines = []
     for path, message in problems:
         dotted = ".".join(([where] if where else []) + path).replace(".[", "[")
-        lines.append(f"{dotted or '(top level)'}: {message}")
+        named = not dotted and message.partition(": ")[0].replace(".", "").replace("_", "").isalnum()
+        lines.append(message if named else f"{dotted or '(top level)'}: {message}")  # a cross-section check names its key
     lines = list(dict.fromkeys(lines))
     if len(lines) == 1:
         return lines[0]

@@ -10,8 +10,15 @@ the corrected resampled t interval (Nadeau & Bengio 2003; WORC does so over 100 
 * in every repeat everything data-dependent is refitted on that repeat's training cases only:
   ICC, the filters, LASSO, Optuna tuning, the ten-fold CV, calibration, threshold and the final
   fit (:func:`bonemet.modeling.training.fit_model`, the train stage's own function); the model
-  of the repeat is the one its training set chooses (:func:`choose_best_model`); the repeat is
-  scored on its test cases, at each model's own threshold;
+  of the repeat (``chosen``) is the one the registered rule (``register.model``,
+  :func:`choose_registered_model`) picks on its training set, exactly as the train stage picked
+  the registered model, so the interval of the chosen model is the interval of what is
+  registered; the best by CV is recorded beside it (``best_cv``); the repeat is scored on its
+  test cases, at each model's own threshold;
+* every repeat also fits the plain baseline (:mod:`bonemet.modeling.baseline`: standardised L1
+  logistic regression on every feature, C by inner CV) on the same training cases and scores it on
+  the same test cases: the paired difference "chosen model minus baseline" says what the study's
+  chain adds over the simplest thing a user would try;
 * on a synthetic cohort each repeat also scores the Bayes classifier (the latents'
   log-likelihood ratio, which no image-based model sees) on the same test cases: the paired
   difference "chosen model minus LLR" is the honest distance to the ceiling.
@@ -28,9 +35,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bonemet.modeling.baseline import baseline_scores
 from bonemet.modeling.stats import corrected_resampled_t
 from bonemet.modeling.training import (
+    TrainingInputError,
     choose_best_model,
+    choose_registered_model,
     feature_columns,
     fit_model,
     precompute_selection,
@@ -65,10 +75,13 @@ def run_repeat(
     evaluate: EvaluateSpec,
     seed: int,
     case_llr: Mapping[str, float] | None,
+    registered_rule: str,
 ) -> dict[str, Any]:
     """One repeat: the whole pipeline refitted on ``split``'s training cases, scored on its test cases.
 
-    Returns ``{repeat, seed, n_train, n_test, chosen, models: {model: {auc, sensitivity,
+    ``chosen`` is the model ``registered_rule`` (``register.model``) picks on the repeat's
+    training set; ``best_cv`` the highest CV AUC there.
+    Returns ``{repeat, seed, n_train, n_test, chosen, best_cv, baseline_auc, chosen_minus_baseline, models: {model: {auc, sensitivity,
     specificity, accuracy, threshold, cv_auc_mean}}, llr_auc, chosen_minus_llr, seconds}``
     (``llr_*`` NaN without latents). ``seed`` is the repeat's own seed (for its tuning and folds).
     """
@@ -80,37 +93,63 @@ def run_repeat(
     inner, outer = precompute_selection(data, select, train.inner_folds, seed, tracker)
     results = {m: fit_model(m, data, inner, outer, select=select, train=train, evaluate=evaluate, seed=seed,
                             tracker=tracker) for m in train.models}
-    chosen = choose_best_model({m: r.cv_aucs for m, r in results.items()}, train.models)
+    cv_aucs = {m: r.cv_aucs for m, r in results.items()}
+    chosen = choose_registered_model(registered_rule, cv_aucs, train.models)
+    best_cv = choose_best_model(cv_aucs, train.models)
     models = {m: {**{k: float(r.test_metrics[k]) for k in REPEAT_METRICS}, "cv_auc_mean": r.cv_auc_mean}
               for m, r in results.items()}
+    baseline = _auc(data.y_test, baseline_scores(data.X_train[data.primary_cols], data.y_train,
+                                                  data.X_test[data.primary_cols], spec=evaluate.baseline,
+                                                  inner_folds=train.inner_folds, seed=seed, groups=data.train_groups))
     llr_auc = math.nan
     if case_llr is not None and all(i in case_llr for i in data.test_ids):
         llr_auc = _auc(data.y_test, np.asarray([case_llr[i] for i in data.test_ids], dtype=float))
     record = {
         "repeat": int(repeat), "seed": int(seed), "n_train": len(data.train_ids), "n_test": len(data.test_ids),
-        "chosen": chosen, "models": models, "llr_auc": llr_auc,
-        "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "seconds": round(time.perf_counter() - start, 1),
+        "chosen": chosen, "best_cv": best_cv, "models": models, "llr_auc": llr_auc,
+        "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "baseline_auc": baseline,
+        "chosen_minus_baseline": models[chosen]["auc"] - baseline, "seconds": round(time.perf_counter() - start, 1),
     }
     log.info("repeat %d: chosen %s, test AUC %.3f%s (%.0f s)", repeat, chosen, models[chosen]["auc"],
              "" if math.isnan(llr_auc) else f", LLR {llr_auc:.3f}", record["seconds"])
     return record
 
 
+def split_baseline_auc(primary: pd.DataFrame, split: Mapping[str, Any], *, evaluate: EvaluateSpec,
+                       inner_folds: int, seed: int) -> float:
+    """The plain baseline's test AUC on ``split`` (fitted on its training cases), from the primary
+    feature table (``case_id``, ``label``, features)."""
+    table = primary.set_index(primary["case_id"].astype(str))
+    cols = feature_columns(primary)
+    train_ids, test_ids = [str(i) for i in split["train"]], [str(i) for i in split["test"]]
+    groups = split.get("groups")
+    scores = baseline_scores(table.loc[train_ids, cols].astype(np.float64), table.loc[train_ids, "label"].to_numpy(int),
+                             table.loc[test_ids, cols].astype(np.float64), spec=evaluate.baseline,
+                             inner_folds=inner_folds, seed=seed,
+                             groups=[str(groups[i]) for i in train_ids] if groups else None)
+    return _auc(table.loc[test_ids, "label"].to_numpy(int), scores)
+
+
 def committed_repeat(table1: Mapping[str, Any], index: Mapping[str, Any], splits: Mapping[str, Any],
-                     seed: int) -> dict[str, Any]:
+                     seed: int, baseline_auc: float) -> dict[str, Any]:
     """Repeat 0 from the train stage's outputs (``metrics/table1.json``, ``models/index.json``): the
-    committed split, exactly as Table 1 reports it."""
+    committed split, exactly as Table 1 reports it; chosen: the registered model of ``index.json``;
+    ``baseline_auc``: the plain baseline's on the same split (:func:`split_baseline_auc`)."""
+    if "registered_model" not in index:
+        raise TrainingInputError("models/index.json names no registered_model (written by an older bonemet): run "
+                                 "`bonemet train` again")
     models = {}
     for model, sets in table1["models"].items():
         test = sets["test"]
         models[model] = {**{k: _float(test.get(k)) for k in REPEAT_METRICS},
                          "cv_auc_mean": _float(index["models"][model]["cv_auc_mean"])}
-    chosen = str(index["best_model"])
+    chosen = str(index["registered_model"])
     reference = (table1.get("bayes_optimal") or {}).get("test_set_latent_llr") or {}
     llr_auc = _float(reference.get("llr_auc"))
     return {"repeat": 0, "seed": int(seed), "n_train": len(splits["train"]), "n_test": len(splits["test"]),
-            "chosen": chosen, "models": models, "llr_auc": llr_auc,
-            "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "seconds": None}
+            "chosen": chosen, "best_cv": str(index["best_model"]), "models": models, "llr_auc": llr_auc,
+            "chosen_minus_llr": models[chosen]["auc"] - llr_auc, "baseline_auc": float(baseline_auc),
+            "chosen_minus_baseline": models[chosen]["auc"] - float(baseline_auc), "seconds": None}
 
 
 def _float(value: Any) -> float:
@@ -129,10 +168,11 @@ def run_repeats(
     seed: int,
     case_llr: Mapping[str, float] | None,
     n_jobs: int,
+    registered_rule: str,
     show_progress: bool = True,
     sites: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`run_repeat` for each of ``splits`` (repeat ``first_repeat + i``, seed ``seed +
+    """:func:`run_repeat` (the model of each repeat picked by ``registered_rule``) for each of ``splits`` (repeat ``first_repeat + i``, seed ``seed +
     repeat``), in ``n_jobs`` processes (joblib, one thread each); records in repeat order.
     ``sites`` (case id -> site) is what ComBat reads when ``select.harmonize.enabled``."""
     from joblib import Parallel, delayed
@@ -141,8 +181,6 @@ def run_repeats(
     from bonemet.utils import progress
 
     if select.harmonize.enabled and not sites:
-        from bonemet.modeling.training import TrainingInputError
-
         raise TrainingInputError("select.harmonize.enabled: ComBat needs each case's site, and the manifest has "
                                  "no site column (add one, or set select.harmonize.enabled false)")
     X, y = assemble_features(primary, paired, select.icc.paired_prefix, sites if select.harmonize.enabled else None)
@@ -153,7 +191,8 @@ def run_repeats(
 
     warnings_log = active_warnings_log()  # the spawned workers write their warnings into the stage's log
     jobs = [delayed(_repeat_job)(X, y, split, first_repeat + i, cols, select, train, evaluate,
-                                 seed + first_repeat + i, case_llr, warnings_log) for i, split in enumerate(splits)]
+                                 seed + first_repeat + i, case_llr, registered_rule, warnings_log)
+            for i, split in enumerate(splits)]
     if not jobs:
         return []
     workers = max(1, min(len(jobs), _cores() if n_jobs == -1 else n_jobs))
@@ -177,10 +216,10 @@ def _repeat_job(*args: Any) -> dict[str, Any]:
 
     from bonemet.utils import log_context, worker_warnings
 
-    X, y, split, repeat, cols, select, train, evaluate, seed, case_llr, warnings_log = args
+    X, y, split, repeat, cols, select, train, evaluate, seed, case_llr, rule, warnings_log = args
     with threadpool_limits(limits=1), worker_warnings(warnings_log), log_context(f"[repeat {repeat}]"):
         return run_repeat(X, y, split, repeat=repeat, primary_cols=cols, select=select, train=train,
-                          evaluate=evaluate, seed=seed, case_llr=case_llr)
+                          evaluate=evaluate, seed=seed, case_llr=case_llr, registered_rule=rule)
 
 
 def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str], *, alpha: float) -> dict[str, Any]:
@@ -202,6 +241,7 @@ def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str
         for metric in ("sensitivity", "specificity", "accuracy", "threshold"):
             entry[f"{metric}_mean"] = float(np.nanmean([r["models"][model][metric] for r in records]))
         entry["times_chosen"] = int(sum(r["chosen"] == model for r in records))
+        entry["times_best_cv"] = int(sum(r.get("best_cv") == model for r in records))
         per_model[model] = entry
     chosen_aucs = [r["models"][r["chosen"]]["auc"] for r in records]
     chosen = {
@@ -214,6 +254,13 @@ def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str
         "interval": "corrected resampled t (Nadeau & Bengio 2003): (1/R + n_test/n_train) s^2, t with R-1 df",
         "models": per_model, "chosen": chosen,
     }
+    baseline = [r.get("baseline_auc", math.nan) for r in records]
+    if all(np.isfinite(baseline)):
+        out["baseline"] = {
+            "model": "standardised L1 logistic regression on every feature, C by inner CV (evaluate.baseline)",
+            "auc": interval(baseline),
+            "chosen_minus_baseline": interval([r["chosen_minus_baseline"] for r in records], (-1.0, 1.0)),
+        }
     llr = [r["llr_auc"] for r in records]
     if all(np.isfinite(llr)):
         out["llr"] = {"auc": interval(llr), "chosen_minus_llr": interval([r["chosen_minus_llr"] for r in records], (-1.0, 1.0))}
@@ -222,7 +269,8 @@ def summarize_repeats(records: Sequence[Mapping[str, Any]], models: Sequence[str
 
 def best_by_repeats(summary: Mapping[str, Any], order: Sequence[str]) -> str:
     """The model with the highest mean repeated test AUC (ties: the higher corrected lower bound, then
-    ``order``): the one the register stage registers."""
+    ``order``). It reads test sets, so it never chooses what is registered: the gate compares the
+    registered family with it (``register.max_gap_to_best``)."""
     def key(model: str) -> tuple[float, float, int]:
         auc = summary["models"][model]["auc"]
         return (-_finite_or(auc["mean"]), -_finite_or(auc["lo"]), list(order).index(model))
@@ -235,7 +283,10 @@ def _finite_or(value: float, fallback: float = -math.inf) -> float:
 
 
 def repeats_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per repeat and model: repeat, seed, model, chosen, the test metrics, the LLR's AUC."""
-    rows = [{"repeat": r["repeat"], "seed": r["seed"], "model": m, "chosen": m == r["chosen"], **values,
-             "llr_auc": r["llr_auc"]} for r in records for m, values in r["models"].items()]
+    """One row per repeat and model: repeat, seed, model, chosen, best_cv, the test metrics, the LLR's
+    and the plain baseline's AUC."""
+    rows = [{"repeat": r["repeat"], "seed": r["seed"], "model": m, "chosen": m == r["chosen"],
+             "best_cv": m == r.get("best_cv"), **values, "llr_auc": r["llr_auc"],
+             "baseline_auc": r.get("baseline_auc", math.nan)}
+            for r in records for m, values in r["models"].items()]
     return pd.DataFrame(rows)

@@ -92,6 +92,10 @@ def build_table1(
     bayes_auc: float | None = None,
     best_model: str | None = None,
     bayes_reference: Mapping[str, float] | None = None,
+    *,
+    registered_model: str | None = None,
+    registered_by: str | None = None,
+    train_estimate: str | None = None,
 ) -> pd.DataFrame:
     """One row per model and set from ``{model: {"train": metrics, "test": metrics}}``.
 
@@ -101,10 +105,14 @@ def build_table1(
     train then test (others after, in input order). The CI methods are kept in
     ``df.attrs["ci_method"]``, ``bayes_auc``, ``best_model`` and ``bayes_reference`` (the best
     model against the Bayes classifier on the test cases, :func:`bayes_classifier_reference`) in
-    ``df.attrs`` too.
+    ``df.attrs`` too. ``best_model`` is the best by CV on the training set; ``registered_model``
+    the family registered (``registered_by``: its rule in words), marked apart from it
+    (``is_registered``); ``train_estimate`` says how the training rows were computed (e.g.
+    resubstitution), and the tables say it beside those rows.
     """
-    if best_model is not None and best_model not in results:
-        raise Table1Error(f"best_model: expected one of {sorted(results)}, found {best_model!r}")
+    for name, value in (("best_model", best_model), ("registered_model", registered_model)):
+        if value is not None and value not in results:
+            raise Table1Error(f"{name}: expected one of {sorted(results)}, found {value!r}")
     rows: list[dict[str, Any]] = []
     ci_method: dict[str, str] = {}
     for model, per_set in results.items():
@@ -123,6 +131,7 @@ def build_table1(
                 row[k] = int(m[k]) if k in m else -1
             row["threshold"] = _f(m.get("threshold"))
             row["is_best"] = model == best_model
+            row["is_registered"] = model == registered_model
             row["gap_to_bayes_auc"] = (float(bayes_auc) - row["auc"]) if bayes_auc is not None else math.nan
             rows.append(row)
             ci_method.update(m.get("ci_method", {}))
@@ -131,6 +140,9 @@ def build_table1(
     df.attrs["bayes_auc"] = None if bayes_auc is None else float(bayes_auc)
     df.attrs["best_model"] = best_model
     df.attrs["bayes_reference"] = None if bayes_reference is None else dict(bayes_reference)
+    df.attrs["registered_model"] = registered_model
+    df.attrs["registered_by"] = registered_by
+    df.attrs["train_estimate"] = train_estimate
     return df
 
 
@@ -141,6 +153,11 @@ def _num(v: Any, decimals: int) -> float | int | None:
         return int(v)
     x = _f(v)
     return None if not math.isfinite(x) else round(x, decimals)
+
+
+def _shown_model(df: pd.DataFrame, best_model: str | None) -> str | None:
+    """The model a single-model statement is about: the registered one when there is one."""
+    return df.attrs.get("registered_model") or best_model
 
 
 def _best_row(df: pd.DataFrame, best_model: str | None) -> pd.Series | None:
@@ -162,17 +179,21 @@ def table1_json(
     bayes_auc = df.attrs.get("bayes_auc") if bayes_auc is None else bayes_auc
     best_model = df.attrs.get("best_model") if best_model is None else best_model
     models: dict[str, dict[str, dict[str, Any]]] = {}
-    value_cols = [c for c in df.columns if c not in ("model", "set", "is_best", "gap_to_bayes_auc")]
+    value_cols = [c for c in df.columns if c not in ("model", "set", "is_best", "is_registered", "gap_to_bayes_auc")]
     for row in df.itertuples(index=False):
         r = row._asdict()
         models.setdefault(r["model"], {})[r["set"]] = {c: _num(r[c], decimals) for c in value_cols}
-    doc: dict[str, Any] = {"models": models, "best_model": best_model,
+    registered = df.attrs.get("registered_model")
+    doc: dict[str, Any] = {"models": models, "best_model": best_model, "best_by": "ten-fold CV AUC on the training set",
+                           "registered_model": registered, "registered_by": df.attrs.get("registered_by"),
+                           "train_estimate": df.attrs.get("train_estimate"),
                            "ci_methods": {k: _CI_NAMES.get(v, v) for k, v in df.attrs.get("ci_method", {}).items()
                                           if k != "recall"}}
     if bayes_auc is not None:
-        best = _best_row(df, best_model)
+        best = _best_row(df, _shown_model(df, best_model))
         gap = None if best is None else _num(float(bayes_auc) - best["auc"], decimals)
-        doc["bayes_optimal"] = {"auc": _num(bayes_auc, decimals), "best_test_auc_gap": gap}
+        doc["bayes_optimal"] = {"auc": _num(bayes_auc, decimals), "registered_test_auc_gap" if registered
+                                else "best_test_auc_gap": gap}
     reference = df.attrs.get("bayes_reference")
     if reference:
         doc.setdefault("bayes_optimal", {})["test_set_latent_llr"] = {
@@ -208,9 +229,15 @@ def table1_markdown(
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+    registered = df.attrs.get("registered_model")
+    resubstitution = bool(df.attrs.get("train_estimate"))
     for _, row in df.iterrows():
-        name = f"**{row['model']}**" if row["model"] == best_model else row["model"]
-        cells = [str(name), str(row["set"])] + [_cell(row, k, decimals) for k, _ in _MD_COLUMNS]
+        marks = [m for m, on in (("registered", row["model"] == registered),
+                                 ("best CV", row["model"] == best_model and best_model != registered)) if on]
+        name = f"**{row['model']}**" if row["model"] == (registered or best_model) else row["model"]
+        name = f"{name} ({', '.join(marks)})" if marks else name
+        set_name = "train (resubstitution)" if resubstitution and row["set"] == "train" else str(row["set"])
+        cells = [str(name), set_name] + [_cell(row, k, decimals) for k, _ in _MD_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     methods = df.attrs.get("ci_method", {})
     by_method: dict[str, list[str]] = {}
@@ -227,17 +254,26 @@ def table1_markdown(
             "Predicted positive (breast origin) when the calibrated probability is at or above the model's "
             "threshold, chosen on the training set's out-of-fold probabilities: "
             + "; ".join(f"{m} {t:.{decimals}f}" for m, t in thresholds.items()) + ".")
-    if best_model is not None:
+    if registered is not None:
+        text = f"Registered model (bold): {registered}, by {df.attrs.get('registered_by') or 'register.model'}."
+        if best_model is not None and best_model != registered:
+            text += f" Best by ten-fold CV AUC on the training set: {best_model} (marked best CV)."
+        lines.append(text)
+    elif best_model is not None:
         lines.append(f"Best model (bold): {best_model}.")
+    if resubstitution:
+        lines.append(f"Training rows: {df.attrs['train_estimate']}.")
     if bayes_auc is not None:
-        best = _best_row(df, best_model)
+        shown = _shown_model(df, best_model)
+        best = _best_row(df, shown)
         text = (
             f"Bayes-optimal AUC of this cohort (ceiling for any classifier): {float(bayes_auc):.{decimals}f}."
         )
         if best is not None and math.isfinite(best["auc"]):
-            how = "" if best_model is not None else " (highest test AUC)"
+            how = "" if shown is not None else " (highest test AUC)"
+            which = "Registered model" if registered else "Best model"
             text += (
-                f" Best model {best['model']}{how}: test AUC {best['auc']:.{decimals}f}, "
+                f" {which} {best['model']}{how}: test AUC {best['auc']:.{decimals}f}, "
                 f"gap {float(bayes_auc) - best['auc']:.{decimals}f}."
             )
         lines.append(text)
@@ -247,7 +283,7 @@ def table1_markdown(
         lines.append(
             f"On these {r['n']} test cases the Bayes classifier itself (the latents' log-likelihood "
             f"ratio, which no image-based model sees) reaches AUC {r['llr_auc']:{f}} "
-            f"({r['llr_auc_lo']:{f}}-{r['llr_auc_hi']:{f}}); best model minus it: "
+            f"({r['llr_auc_lo']:{f}}-{r['llr_auc_hi']:{f}}); {'registered' if registered else 'best'} model minus it: "
             f"{r['model_minus_llr']:+{f}} ({r['model_minus_llr_lo']:+{f}} to {r['model_minus_llr_hi']:+{f}}), "
             f"paired DeLong p = {_p(r['p'])}."
         )
@@ -280,7 +316,8 @@ def delong_comparison_table(
     scores: Mapping[str, Sequence[float] | np.ndarray],
     best: str,
 ) -> pd.DataFrame:
-    """DeLong test of the ``best`` model's ROC curve against each other model's, on the same cases.
+    """DeLong test of the ``best`` model's ROC curve against each other model's, on the same cases
+    (the train stage passes the registered model as ``best``).
 
     Columns: best, other, auc_best, auc_other, auc_diff (best - other), z, p (two-sided) and
     p_holm (Holm-adjusted over the comparisons in the table). Other models keep input order.
@@ -308,7 +345,7 @@ def _p(p: float) -> str:
 def delong_comparison_markdown(df: pd.DataFrame, decimals: int) -> str:
     """The :func:`delong_comparison_table` frame as Markdown."""
     lines = [
-        "| best | other | AUC best | AUC other | difference | z | p | p (Holm) |",
+        "| registered | other | AUC registered | AUC other | difference | z | p | p (Holm) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in df.iterrows():

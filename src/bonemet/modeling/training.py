@@ -13,10 +13,14 @@ Protocol (documented choice; the study tuned once and cross-validated once):
    hyperparameters were tuned on the whole training set, so these fold AUCs are mildly optimistic
    for the tuning (not for selection, which is refitted per fold); the untouched test set gives the
    unbiased number.
-4. Final fit of each tuned pipeline on the whole training set; predictions on train and test;
-   Table 1 with confidence intervals. The best model is the one with the highest ten-fold CV AUC
-   (chosen without looking at the test set; ties go to the lower CV sd, then to the earlier model
-   in ``train.models``: :func:`choose_best_model`, which the register stage reads back).
+4. Final fit of each tuned pipeline on the whole training set; predictions on train and test
+   (the training rows are resubstitution: the pipeline scores the cases it was fitted on);
+   Table 1 with confidence intervals.
+5. The registered model (``register.model``, :func:`choose_registered_model`): the family it
+   names, or with ``best_cv`` the one with the highest ten-fold CV AUC (ties go to the lower CV
+   sd, then to the earlier model in ``train.models``: :func:`choose_best_model`). No choice reads
+   a test set. Table 1 marks it, and the best-by-CV model when that is another one;
+   ``index.json`` names both, and the evaluate and register stages read them back.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bonemet.config import BEST_CV
 from bonemet.errors import UserError
 from bonemet.modeling import TRAIN_RUNS_FILE
 from bonemet.modeling.calibration import CalibratedPipeline, ScoreCalibrator, choose_threshold
@@ -92,7 +97,10 @@ class TrainingResults:
     """Output of :func:`run_training`."""
 
     models: dict[str, ModelResult]
+    #: the highest mean ten-fold CV AUC on the training set (:func:`choose_best_model`)
     best_model: str
+    #: the family ``register.model`` names (:func:`choose_registered_model`)
+    registered_model: str
     selected_features: dict[str, Any]
     table1: pd.DataFrame
     y: dict[str, np.ndarray] = field(repr=False)
@@ -270,6 +278,35 @@ def choose_best_model(cv_aucs: Mapping[str, Sequence[float]], order: Sequence[st
         return (-float(np.mean(values)), sd, list(order).index(model))
 
     return min(cv_aucs, key=key)
+
+
+#: how Table 1's training rows were computed (the pipeline scores the cases it was fitted on)
+RESUBSTITUTION = ("resubstitution: each pipeline scores the training cases it was fitted on (optimistic; a "
+                  "memorising model such as KNN reaches 1.000 there); the ten-fold CV AUC is the training set's "
+                  "honest estimate")
+
+
+def choose_registered_model(rule: str, cv_aucs: Mapping[str, Sequence[float]], order: Sequence[str]) -> str:
+    """The family ``register.model`` (``rule``) registers: the family it names, or with ``best_cv``
+    :func:`choose_best_model`'s. Reads CV AUCs of the training set only, never a test set.
+
+    Raises:
+        TrainingInputError: ``rule`` names a model that was not trained.
+    """
+    if rule == BEST_CV:
+        return choose_best_model(cv_aucs, order)
+    if rule not in cv_aucs:
+        raise TrainingInputError(f"register.model '{rule}' was not trained (trained: {', '.join(cv_aucs)}); name one "
+                                 f"of them or {BEST_CV}")
+    return rule
+
+
+def registered_rule_text(rule: str) -> str:
+    """``register.model`` in words, for Table 1, the report, MLflow and the registry."""
+    if rule == BEST_CV:
+        return ("register.model best_cv: the highest mean ten-fold CV AUC on the training set (ties: the lower sd, "
+                "then train.models' order); no test set read")
+    return f"register.model {rule}: the family named in params (no test set read)"
 
 
 def _figures(
@@ -484,7 +521,7 @@ def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: 
 
 def _bayes_reference(data: _Data, best: ModelResult, case_llr: Mapping[str, float] | None,
                      evaluate: EvaluateSpec) -> dict[str, float] | None:
-    """The latents' LLR scored on the test cases and the best model's paired distance to it."""
+    """The latents' LLR scored on the test cases and the registered model's paired distance to it."""
     from bonemet.modeling.table1 import bayes_classifier_reference
 
     if case_llr is None:
@@ -500,11 +537,15 @@ def _bayes_reference(data: _Data, best: ModelResult, case_llr: Mapping[str, floa
     return reference
 
 
-def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *, feature_source: str,
-                   train: TrainSpec, evaluate: EvaluateSpec, bayes_auc: float | None,
+def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *, registered: str, rule: str,
+                   feature_source: str, train: TrainSpec, evaluate: EvaluateSpec, bayes_auc: float | None,
                    reference: Mapping[str, float] | None, tracker: Tracker,
                    train_run_id: str | None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """models/ (index, selected features), metrics/ (CV AUCs, Table 1, DeLong), plots/; logged to the parent run."""
+    """models/ (index, selected features), metrics/ (CV AUCs, Table 1, DeLong), plots/; logged to the parent run.
+
+    ``best``: the best model by CV; ``registered``: the family ``rule`` (``register.model``) names. What
+    is shown for one model (selected features, ICC, LASSO figures, DeLong, the Bayes reference) is
+    the registered model's."""
     from bonemet.modeling.table1 import (
         build_table1,
         delong_comparison_markdown,
@@ -513,9 +554,13 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
     )
 
     out_dir, plots_dir, metrics_dir = Path(train.out_dir), Path(train.plots_dir), Path(train.metrics_dir)
-    selected = {"feature_source": feature_source, **selection_summary(results[best].pipeline)}
+    selected = {"feature_source": feature_source, "model": registered,
+                **selection_summary(results[registered].pipeline)}
     write_json(out_dir / "selected_features.json", selected)
     write_json(out_dir / "index.json", {
+        "registered_model": registered,
+        "registered_rule": rule,
+        "registered_by": registered_rule_text(rule),
         "best_model": best,
         "best_by": "cv_auc_mean (ties: lower cv_auc_sd, then the order of train.models)",
         "feature_source": feature_source,
@@ -534,28 +579,32 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
     write_json(metrics_dir / "cv_auc.json", {m: {"mean": r.cv_auc_mean, "sd": r.cv_auc_sd, "folds": r.cv_aucs}
                                             for m, r in results.items()})
     table = build_table1({m: {"train": r.train_metrics, "test": r.test_metrics} for m, r in results.items()},
-                         bayes_auc=bayes_auc, best_model=best, bayes_reference=reference)
+                         bayes_auc=bayes_auc, best_model=best, bayes_reference=reference,
+                         registered_model=registered, registered_by=registered_rule_text(rule),
+                         train_estimate=RESUBSTITUTION)
     write_table1(table, metrics_dir / "table1.json", metrics_dir / "table1.md", bayes_auc=bayes_auc,
                  best_model=best, alpha=evaluate.alpha, decimals=evaluate.decimals)
-    delong = delong_comparison_table(data.y_test, {m: r.scores["test"] for m, r in results.items()}, best)
+    delong = delong_comparison_table(data.y_test, {m: r.scores["test"] for m, r in results.items()}, registered)
     with atomic_path(metrics_dir / "delong_test.md") as tmp:
         tmp.write_text(delong_comparison_markdown(delong, decimals=evaluate.decimals), encoding="utf-8")
     with atomic_path(metrics_dir / "delong_test.csv") as tmp:
         delong.round(6).to_csv(tmp, index=False)
-    icc = icc_table(results[best].pipeline)
+    icc = icc_table(results[registered].pipeline)
     if icc is not None:  # every feature's ICC (the distribution the report draws), as fitted on the training set
         with atomic_path(out_dir / "icc.csv") as tmp:
             icc.round(6).to_csv(tmp, index=False)
     figures: list[Path] = []
     if train.write_figures:
         figures = _figures(results, {"train": data.y_train, "test": data.y_test}, plots_dir,
-                           results[best].pipeline.named_steps["lasso"], evaluate)
-    tracker.set_tags({"best_model": best})
+                           results[registered].pipeline.named_steps["lasso"], evaluate)
+    tracker.set_tags({"registered_model": registered, "registered_rule": rule,
+                      "registered_by": registered_rule_text(rule), "best_cv_model": best})
     tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
-                                 "best_test_auc": results[best].test_metrics["auc"],
+                                 "registered_cv_auc_mean": results[registered].cv_auc_mean,
+                                 "registered_test_auc": results[registered].test_metrics["auc"],
                                  **({"bayes_auc": bayes_auc} if bayes_auc is not None else {}),
                                  **({"bayes_llr_test_auc": reference["llr_auc"],
-                                     "best_minus_bayes_llr_test_auc": reference["model_minus_llr"]}
+                                     "registered_minus_bayes_llr_test_auc": reference["model_minus_llr"]}
                                     if reference is not None else {})}))
     tracker.log_dict(selected, "selected_features.json")
     tracker.log_table(delong, "delong_test.csv")
@@ -577,6 +626,7 @@ def run_training(
     evaluate: EvaluateSpec,
     seed: int,
     feature_source: str,
+    registered_rule: str,
     tracker: Tracker | None = None,
     bayes_auc: float | None = None,
     case_llr: Mapping[str, float] | None = None,
@@ -591,14 +641,18 @@ def run_training(
     Writes ``<train.out_dir>/<model>.skops``, ``selected_features.json``, ``index.json``,
     ``<train.metrics_dir>/cv_auc.json``, ``table1.json`` (+ ``table1.md``), ``delong_test.md``,
     figures and CSVs in ``train.plots_dir``. Logs a parent run ``train`` with a nested run per model
-    to ``tracker``. ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio})
+    to ``tracker``; the parent run is tagged with the registered model and its rule.
+    ``registered_rule``: ``register.model`` (a name of ``train.models`` or ``best_cv``,
+    :func:`choose_registered_model`). ``bayes_auc`` and ``case_llr`` ({case_id: the latents' log-likelihood ratio})
     come with a synthetic cohort: Table 1 then also states the ceiling and, when every test case
-    has an LLR, the Bayes classifier's AUC on the test cases and the best model's paired distance
-    to it. ``sites`` ({case_id: site}, the manifest's site column) is required when
+    has an LLR, the Bayes classifier's AUC on the test cases and the registered model's paired
+    distance to it. ``sites`` ({case_id: site}, the manifest's site column) is required when
     ``select.harmonize.enabled`` (ComBat reads it) and unused otherwise. When ``splits`` hold
     ``groups`` (patients), the tuning folds are grouped by patient too.
     """
     tracker = tracker or NullTracker()
+    if registered_rule != BEST_CV and registered_rule not in train.models:
+        raise TrainingInputError(f"register.model '{registered_rule}' is not in train.models {train.models}")
     if select.harmonize.enabled and not sites:
         raise TrainingInputError(
             "select.harmonize.enabled: ComBat needs each case's site, and the manifest has no site column "
@@ -621,12 +675,16 @@ def run_training(
                                            evaluate=evaluate, seed=seed, tracker=tracker)
                 _record_model(results[model], data, train=train, evaluate=evaluate, tracker=tracker)
                 results[model].run_id = model_run_id
-        best = choose_best_model({m: r.cv_aucs for m, r in results.items()}, train.models)
-        reference = _bayes_reference(data, results[best], case_llr, evaluate)
-        selected, table = _write_outputs(results, best, data, feature_source=feature_source, train=train,
-                                         evaluate=evaluate, bayes_auc=bayes_auc, reference=reference,
-                                         tracker=tracker, train_run_id=train_run_id)
-    return TrainingResults(results, best, selected, table, {"train": data.y_train, "test": data.y_test})
+        cv_aucs = {m: r.cv_aucs for m, r in results.items()}
+        best = choose_best_model(cv_aucs, train.models)
+        registered = choose_registered_model(registered_rule, cv_aucs, train.models)
+        log.info("registered model %s (%s); best by CV: %s", registered, registered_rule_text(registered_rule), best)
+        reference = _bayes_reference(data, results[registered], case_llr, evaluate)
+        selected, table = _write_outputs(results, best, data, registered=registered, rule=registered_rule,
+                                         feature_source=feature_source, train=train, evaluate=evaluate,
+                                         bayes_auc=bayes_auc, reference=reference, tracker=tracker,
+                                         train_run_id=train_run_id)
+    return TrainingResults(results, best, registered, selected, table, {"train": data.y_train, "test": data.y_test})
 
 
 def _none(v: Any) -> float | None:

@@ -1,8 +1,10 @@
 """Registering the classifier the repeated evaluation names, and the promotion gate's bookkeeping.
 
-The register stage reads what the train and evaluate stages wrote: the evaluate stage's
-``repeated.json`` names the model to register (the highest mean test AUC over the repeated
-splits) and carries the estimate the gate judges; ``models/<model>.skops`` is that model fitted
+The register stage reads what the train and evaluate stages wrote: the train stage's
+``index.json`` names the model to register (the family ``register.model`` names, or with
+``best_cv`` the highest CV AUC on the training set: no test set read), and the evaluate stage's
+``repeated.json`` carries the estimate the gate judges (that rule applied in every repeat) and
+every family's, which the gate compares it with; ``models/<model>.skops`` is that model fitted
 on the committed split's training set, and ``models/index.json`` its CV and test AUC, threshold
 and feature names: files that DVC tracks, not "the latest run" in MLflow. The
 description (Table 1 rows, data hash, git commit) and the gate decision are recorded in MLflow:
@@ -23,7 +25,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from bonemet.errors import UserError
-from bonemet.registry.gate import Estimate, PromotionDecision, decide_promotion
+from bonemet.registry.gate import Estimate, PromotionDecision, best_family, decide_promotion
 from bonemet.registry.pyfunc import log_classifier
 from bonemet.registry.store import alias_version, ensure_experiment, set_alias
 
@@ -51,6 +53,9 @@ class RegistrationResult:
     test_auc: float
     repeated_auc_mean: float
     repeated_auc_lo: float
+    registered_rule: str
+    registered_by: str
+    best_repeated_model: str | None
     promoted: bool
     reason: str
     compared_with_staging: bool
@@ -85,6 +90,14 @@ def estimate_of(repeated: Mapping[str, Any], model: str, data_md5: str) -> Estim
                     data_md5=data_md5)
 
 
+def registered_estimate(repeated: Mapping[str, Any], data_md5: str) -> Estimate:
+    """The gate's view of the registered rule in ``repeated.json``: its ``chosen`` model, repeat by repeat."""
+    entry = repeated["chosen"]
+    return Estimate(auc_mean=_nan(entry["auc"]["mean"]), auc_lower_bound=_nan(entry["auc"]["lo"]),
+                    sensitivity=_nan(entry["sensitivity_mean"]), specificity=_nan(entry["specificity_mean"]),
+                    data_md5=data_md5)
+
+
 def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
@@ -106,6 +119,7 @@ def register_classifier(
     min_sensitivity: float,
     min_specificity: float,
     tolerance: float,
+    max_gap_to_best: float,
     alias: str,
     description_extra: str,
     tags: Mapping[str, str],
@@ -115,16 +129,18 @@ def register_classifier(
     """Register ``classifier``'s fitted pipeline as a new version of ``model_name`` and apply the gate.
 
     Args:
-        classifier: the model to register (the evaluate stage's ``registered_model``: the highest
-            mean repeated test AUC); ``pipeline`` is its fit on the committed split's training set
-            (``models/<classifier>.skops``), with its calibration and threshold.
+        classifier: the model to register (``index.json``'s ``registered_model``, by the rule
+            ``index["registered_rule"]``, ``register.model``); ``pipeline`` is its tuned pipeline as
+            fitted on the committed split's training set (``models/<classifier>.skops``), with its
+            calibration and threshold.
         index: the train stage's ``models/index.json`` (each model's CV and test AUC, threshold,
             ``feature_names``); ``provenance``: its ``metrics/train_runs.json`` (run ids).
-        repeated: the evaluate stage's ``repeated.json`` (the gate's estimate).
+        repeated: the evaluate stage's ``repeated.json``: the rule's estimate (``chosen``) and every
+            family's (``models``), which the gate compares with (``max_gap_to_best``).
         domain: the model's :class:`~bonemet.modeling.domain.TrainingDomain` (train stage).
         check_rows: feature rows (the feature table): the served form is checked on them bit for
             bit (see :func:`bonemet.modeling.reduction.serving_model`); two are the input example.
-        min_auc, min_auc_lower_bound, min_sensitivity, min_specificity, tolerance, alias: the gate
+        min_auc, min_auc_lower_bound, min_sensitivity, min_specificity, tolerance, max_gap_to_best, alias: the gate
             (see :func:`bonemet.registry.gate.decide_promotion`).
         description_extra: appended to the version's description (e.g. Table 1).
         tags: run tags (git commit, data hash).
@@ -136,19 +152,29 @@ def register_classifier(
     test_auc = float("nan") if entry["test_auc"] is None else float(entry["test_auc"])  # undefined: one class
     threshold = float(entry["threshold"])
     data_md5 = str(tags.get("data_md5", "unknown"))
-    estimate = estimate_of(repeated, classifier, data_md5)
+    rule = str(index.get("registered_rule", classifier))
+    rule_text = str(index.get("registered_by", rule))
+    if repeated.get("registered_model") not in (None, classifier):
+        raise RegistryError(f"the evaluate stage's repeated.json was made for {repeated['registered_model']}, the train "
+                            f"stage's index.json registers {classifier}: rerun `bonemet evaluate` (dvc repro)")
+    estimate = registered_estimate(repeated, data_md5)
+    families = {m: estimate_of(repeated, m, data_md5) for m in repeated["models"]}
     source_run_id = str((provenance.get("models", {}).get(classifier) or {}).get("run_id") or "")
     train_run_id = str(provenance.get("train_run_id") or "")
     current_version, current = staging_estimate(model_name, alias)
     decision: PromotionDecision = decide_promotion(
         estimate, current, min_auc=min_auc, min_auc_lower_bound=min_auc_lower_bound,
-        min_sensitivity=min_sensitivity, min_specificity=min_specificity, tolerance=tolerance)
+        min_sensitivity=min_sensitivity, min_specificity=min_specificity, tolerance=tolerance,
+        max_gap_to_best=max_gap_to_best, model=classifier, families=families)
+    best_repeated = best_family(families)
     exp_id = ensure_experiment(experiment, store_dir)
-    run_tags = {**dict(tags), "source_run_id": source_run_id, "train_run_id": train_run_id}
+    run_tags = {**dict(tags), "source_run_id": source_run_id, "train_run_id": train_run_id,
+                "registered_model": classifier, "registered_rule": rule, "registered_by": rule_text}
     with mlflow.start_run(run_name="register", experiment_id=exp_id, tags=run_tags):
         mlflow.log_params({"classifier": classifier, "threshold": threshold, "min_auc": min_auc,
                            "min_auc_lower_bound": min_auc_lower_bound, "min_sensitivity": min_sensitivity,
-                           "min_specificity": min_specificity, "tolerance": tolerance})
+                           "min_specificity": min_specificity, "tolerance": tolerance,
+                           "max_gap_to_best": max_gap_to_best, "registered_rule": rule})
         metrics = {SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc,
                    **{tag: getattr(estimate, field) for field, tag in ESTIMATE_TAGS.items()}}
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
@@ -163,16 +189,17 @@ def register_classifier(
             pip_requirements=pip_requirements,
         )
         description = (
-            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier} -> calibration) fitted on the committed "
-            f"split's training set (train run {train_run_id or '?'}); registered for the highest mean test AUC over "
-            f"{repeated['n_repeats']} repeated splits.\n"
-            f"repeated test AUC {estimate.auc_mean:.3f} (corrected lower bound {estimate.auc_lower_bound:.3f}); "
+            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier} -> calibration, Optuna-tuned) fitted on "
+            f"the committed split's training set (train run {train_run_id or '?'}); registered by {rule_text}.\n"
+            f"repeated test AUC over {repeated['n_repeats']} splits {estimate.auc_mean:.3f} (corrected lower bound "
+            f"{estimate.auc_lower_bound:.3f}); "
             f"committed split: mean CV AUC {cv_auc:.3f}, test AUC {test_auc:.3f}; threshold {threshold:.3f}.\n"
             f"data_md5 {data_md5}; git_commit {run_tags.get('git_commit', 'unknown')}.\n"
             + description_extra
         )
         version_tags = {
             "classifier": classifier,
+            "registered_rule": rule,
             SELECTION_METRIC: f"{cv_auc:.6f}",
             TEST_METRIC: f"{test_auc:.6f}",
             "threshold": f"{threshold:.6f}",
@@ -192,7 +219,9 @@ def register_classifier(
              "compared_with_staging": decision.compared_with_staging,
              "current_staging_version": current_version,
              "current_staging_estimate": None if current is None else asdict(current),
-             "estimate": asdict(estimate)},
+             "estimate": asdict(estimate), "registered_rule": rule, "max_gap_to_best": max_gap_to_best,
+             "best_repeated_model": best_repeated,
+             "families": {m: asdict(e) for m, e in families.items()}},
             "gate_decision.json",
         )
         if decision.promote:
@@ -202,7 +231,8 @@ def register_classifier(
     return RegistrationResult(
         model_name=model_name, version=str(mv.version), source_run_id=source_run_id, classifier=classifier,
         threshold=threshold, cv_auc_mean=cv_auc, test_auc=test_auc, repeated_auc_mean=estimate.auc_mean,
-        repeated_auc_lo=estimate.auc_lower_bound, promoted=decision.promote, reason=decision.reason,
+        repeated_auc_lo=estimate.auc_lower_bound, registered_rule=rule, registered_by=rule_text,
+        best_repeated_model=best_repeated, promoted=decision.promote, reason=decision.reason,
         compared_with_staging=decision.compared_with_staging,
         staging_version=str(mv.version) if decision.promote else current_version,
     )

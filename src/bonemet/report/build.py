@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 #: Section ids and headings, in the study's order (the plan appears only with its file).
 SECTIONS: tuple[tuple[str, str], ...] = (
-    ("cohort", "1. Cohort"), ("plan", "Plan"), ("examples", "2. Example cases"), ("segmentation", "3. Segmentation"),
+    ("summary", "Summary"), ("cohort", "1. Cohort"), ("plan", "Plan"), ("examples", "2. Example cases"), ("segmentation", "3. Segmentation"),
     ("radiomics", "4. Radiomics"), ("classifiers", "5. Classifiers"), ("registry", "6. Registry"),
     ("replication", "7. Replication"), ("provenance", "8. Provenance"),
 )
@@ -69,6 +69,7 @@ def render_report(
     figure_dpi: int,
     store: Mapping[str, Any] | None = None,
     mlflow_ui_url: str | None = None,
+    report_dir: Path | None = None,
 ) -> str:
     """The report's HTML.
 
@@ -83,13 +84,21 @@ def render_report(
         store: what the MLflow store says (``uri``; ``models``: {name: versions as
             ``registry.store.model_versions`` lists them}), or None when no store was read.
         mlflow_ui_url: the UI address for links to runs (None: run ids only).
+        report_dir: the folder the page is written to (links to files, e.g. the full plan.json, are
+            relative to it); None: the paths as given.
     """
+    import os
+
+    plan_href = None
+    if report_dir is not None:
+        plan_href = Path(os.path.relpath(Path(inputs.plan).resolve(), Path(report_dir).resolve())).as_posix()
     segmentation = content.segmentation_section(inputs, dpi=figure_dpi)
     context = {
         "title": title,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cohort": content.cohort_section(inputs, dpi=figure_dpi, pseudonym_key=cases.pseudonym_key),
-        "plan": content.plan_section(inputs),
+        "summary": content.summary_section(inputs),
+        "plan": content.plan_section(inputs, dpi=figure_dpi, href=plan_href),
         "examples": content.examples_section(inputs, n=example_cases, mask_label=cases.mask_label,
                                              grid_tolerance_mm=cases.grid_tolerance_mm, roi=cases.roi,
                                              segment=cases.segment, dpi=figure_dpi,
@@ -116,8 +125,8 @@ def render_report(
 
 def build_report(out_path: str | Path, inputs: ReportInputs, **kwargs: Any) -> Path:
     """Write :func:`render_report`'s page to ``out_path`` atomically; returns the path."""
-    page = render_report(inputs, **kwargs)
     out_path = Path(out_path)
+    page = render_report(inputs, report_dir=out_path.parent, **kwargs)
     with atomic_path(out_path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     log.info("report written: %s (%d KiB)", out_path, len(page.encode("utf-8")) // 1024)

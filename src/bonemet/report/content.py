@@ -48,6 +48,8 @@ class ReportInputs:
     classification_plots: Path
     repeated_json: Path
     registry_json: Path
+    #: the evaluate stage's headline numbers (metrics/summary.json)
+    summary_json: Path
 
 
 def sig(value: Any, digits: int = 3) -> str:
@@ -169,12 +171,73 @@ def _lesion_hu(features_dir: Path, label_of: Mapping[str, Any]) -> dict[int, lis
     return {int(k): g[column].tolist() for k, g in table.groupby("label")}
 
 
-def plan_section(inputs: ReportInputs) -> dict[str, Any] | None:
-    """The plan stage's fingerprint (``data/plan.json``) as rows, when the file exists."""
+#: The plan section's table holds at most this many rows (the full plan.json is one link away).
+PLAN_MAX_ROWS = 20
+
+
+def plan_section(inputs: ReportInputs, *, dpi: int, href: str | None = None) -> dict[str, Any] | None:
+    """The plan stage's result (``data/plan.json``), when the file exists: a short table (each planned
+    setting, its value, whether it came from the plan or from params, and the one-line reason),
+    the plan's warnings, one figure of the cohort's fingerprint with the planned grid and window
+    marked, and ``href`` (the link to the full file)."""
     plan = read_json(inputs.plan)
     if plan is None:
         return None
-    return {"path": str(inputs.plan), "rows": [[k, _value(v)] for k, v in _flatten(plan).items()]}
+    out: dict[str, Any] = {"path": str(inputs.plan), "href": href or str(inputs.plan), "rows": [],
+                           "warnings": [str(w) for w in plan.get("warnings", [])]}
+    values = plan.get("values")
+    if not isinstance(values, Mapping):
+        out["note"] = f"{inputs.plan} holds no planned values (not a plan of this bonemet); open the file for its content"
+        return out
+    reasons = plan_reasons(plan)
+    for key, entry in list(values.items())[:PLAN_MAX_ROWS]:
+        source = str(entry.get("source", "?"))
+        reason = reasons.get(key, "")
+        if source == "params":
+            planned = entry.get("planned")
+            reason = "explicit in params.yaml" + (f" (the plan would choose {_value(planned)})"
+                                                  if planned is not None and planned != entry.get("value") else "")
+        out["rows"].append([key, _value(entry.get("value")), source, reason])
+    fingerprint = plan.get("fingerprint") or {}
+    if fingerprint.get("cases"):
+        out["figure"] = figures.figure_uri(figures.plan_fingerprint(plan), dpi)
+    return out
+
+
+def plan_reasons(plan: Mapping[str, Any]) -> dict[str, str]:
+    """One line per planned setting: how the plan derived it (from ``details`` and ``inputs``)."""
+    details, inputs = plan.get("details") or {}, plan.get("inputs") or {}
+    spec, budgets = inputs.get("plan") or {}, inputs.get("budgets") or {}
+    n = (plan.get("fingerprint") or {}).get("n_cases", "the")
+    memory = details.get("memory") or {}
+    schedule = details.get("schedule") or {}
+    pct = spec.get("intensity_percentiles") or ["?", "?"]
+    return {
+        "preprocess.target_spacing_mm": (
+            f"median spacing of {n} cases{' (coarse axis: its p' + str(spec.get('lowres_axis_percentile')) + ')' if details.get('anisotropic_cohort') else ''}, "
+            f"coarsened so a {_value(details.get('field_of_view_mm'))} mm field of view fits "
+            f"{_value(budgets.get('max_crop_voxels'))} voxels"),
+        "segment.roi_size": (
+            f"{_g(spec.get('context_factor'))} x the p{_g(spec.get('lesion_extent_percentile'))} lesion extent "
+            f"({_value(details.get('typical_lesion_extent_mm'))} mm), in multiples of {_value(details.get('divisor'))}: "
+            f"{_value(details.get('crop_mm'))} mm"),
+        "preprocess.crop.min_size_vox": "the training crop (segment.roi_size as x, y, z)",
+        "preprocess.hu_window": (f"the lesion voxels' {_g(pct[0])}-{_g(pct[-1])} HU percentiles, bone threshold "
+                                 f"{_g(inputs.get('bone_threshold_hu'))} HU inside"),
+        "segment.train.max_steps": (
+            f"{_g(budgets.get('train_megavoxels'))} million crop voxels per fold over {_value(schedule.get('voxels_per_step'))} "
+            f"per step: {_value(schedule.get('epochs'))} epochs of {_value(schedule.get('steps_per_epoch'))} steps"
+            if budgets.get("train_megavoxels") is not None else "the epoch schedule (no segment.plan.train_megavoxels)"),
+        "segment.train.batch_size": (
+            f"{_value(memory.get('step_mb'))} MB per step within {_value(budgets.get('memory_mb'))} MB, "
+            f"at most {_value(budgets.get('max_batch_size'))}" if "step_mb" in memory
+            else str(memory.get("note", f"at most {_value(budgets.get('max_batch_size'))}"))),
+    }
+
+
+def _g(value: Any) -> str:
+    """A number as written in params (0.5, 90, 1.5), anything else as text."""
+    return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -342,7 +405,11 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
         out["missing"].append(str(inputs.metrics_dir / "table1.json"))
     else:
         best = table1.get("best_model")
+        registered = table1.get("registered_model")
         out["best_model"] = names.get(best, best)
+        out["registered_model"] = names.get(registered, registered) if registered else None
+        out["registered_by"] = table1.get("registered_by")
+        out["train_estimate"] = table1.get("train_estimate")
         rows = []
         for model, sets in _in_model_order(table1["models"]):
             for set_name in ("train", "test"):
@@ -351,8 +418,13 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
                 m = sets[set_name]
                 cells = [with_ci(m.get(k), m.get(f"{k}_lo"), m.get(f"{k}_hi")) if k in WITH_CI else sig(m.get(k))
                          for k, _ in TABLE1_COLUMNS]
-                rows.append({"model": names.get(model, model), "set": set_name, "cells": cells,
-                             "threshold": sig(m.get("threshold")), "n": sig(m.get("n")), "best": model == best,
+                marks = [mark for mark, on in (("registered", model == registered),
+                                               ("best CV", model == best and best != registered)) if on]
+                shown_set = "train (resubstitution)" if set_name == "train" and out["train_estimate"] else set_name
+                rows.append({"model": names.get(model, model) + (f" ({', '.join(marks)})" if marks else ""),
+                             "set": shown_set, "cells": cells,
+                             "threshold": sig(m.get("threshold")), "n": sig(m.get("n")),
+                             "best": model == (registered or best), "best_cv": model == best and best != registered,
                              "first": set_name == "train"})
         out["table1"] = rows
         out["table1_header"] = [title for _, title in TABLE1_COLUMNS]
@@ -380,12 +452,20 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
             "n": repeated.get("n_repeats"), "interval": repeated.get("interval"),
             "n_train": repeated.get("n_train"), "n_test": repeated.get("n_test"),
             "registered": names.get(repeated.get("registered_model"), repeated.get("registered_model")),
+            "rule": repeated.get("registered_rule"),
+            "best_repeated": names.get(repeated.get("best_repeated_model"), repeated.get("best_repeated_model")),
             "rows": [[names.get(m, m), with_ci(v["auc"]["mean"], v["auc"]["lo"], v["auc"]["hi"]),
                       sig(v.get("sensitivity_mean")), sig(v.get("specificity_mean")), sig(v.get("accuracy_mean")),
                       str(v.get("times_chosen", 0))] for m, v in _in_model_order(repeated["models"])],
             "chosen": with_ci(repeated["chosen"]["auc"]["mean"], repeated["chosen"]["auc"]["lo"],
                               repeated["chosen"]["auc"]["hi"]),
         }
+        if "baseline" in repeated:
+            b, diff = repeated["baseline"]["auc"], repeated["baseline"]["chosen_minus_baseline"]
+            out["repeated"]["baseline"] = {
+                "auc": with_ci(b["mean"], b["lo"], b["hi"]),
+                "diff": f"{_signed(diff['mean'])} ({_signed(diff['lo'])} to {_signed(diff['hi'])})",
+                "loses": _number(diff["mean"]) < 0, "clearly": _number(diff["hi"]) < 0}
         if "llr" in repeated:
             gap = repeated["llr"]["chosen_minus_llr"]
             out["repeated"]["llr"] = {"auc": sig(repeated["llr"]["auc"]["mean"]),
@@ -411,6 +491,65 @@ def _in_model_order(by_model: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """Items in the study's model order (the classifier zoo's), unknown models last."""
     order = list(model_names())
     return sorted(by_model.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+
+
+# --- summary ---------------------------------------------------------------------------------------
+
+
+def summary_section(inputs: ReportInputs) -> dict[str, Any]:
+    """The run in a few lines, the registered model and its rule first: from ``summary.json`` (evaluate),
+    ``table1.json`` (train) and ``registry.json`` (register), whichever exist."""
+    names = model_names()
+    headline = read_json(inputs.summary_json) or {}
+    table1 = read_json(inputs.metrics_dir / "table1.json") or {}
+    decision = read_json(inputs.registry_json) or {}
+    out: dict[str, Any] = {"missing": [str(p) for p in (inputs.metrics_dir / "table1.json", inputs.summary_json,
+                                                        inputs.registry_json) if not p.is_file()], "rows": []}
+    registered = headline.get("registered_model") or table1.get("registered_model") or decision.get("classifier")
+    if not registered:
+        return out
+    out["registered"] = names.get(registered, registered)
+    out["rule"] = table1.get("registered_by") or decision.get("registered_by") or headline.get("registered_rule")
+    rows = out["rows"]
+    if headline:
+        rows.append([f"mean test AUC over {headline.get('n_repeats')} repeated splits (the rule, repeat by repeat)",
+                     with_ci(headline.get("registered_repeated_auc"), headline.get("registered_repeated_auc_lo"),
+                             headline.get("registered_repeated_auc_hi"))])
+    test = ((table1.get("models") or {}).get(registered) or {}).get("test") or {}
+    if test:
+        rows.append(["Table 1 test AUC (the committed split)", with_ci(test.get("auc"), test.get("auc_lo"),
+                                                                       test.get("auc_hi"))])
+    best = table1.get("best_model") or headline.get("best_cv_model")
+    if best:
+        rows.append(["best by ten-fold CV AUC on the training set", names.get(best, best)])
+    if headline.get("best_repeated_model"):
+        top = headline["best_repeated_model"]
+        rows.append(["highest mean repeated test AUC", f"{names.get(top, top)} ({sig(headline.get('best_repeated_auc'))}; "
+                                                       f"registered minus it {sig(-_number(headline.get('registered_gap_to_best')))})"])
+    if headline.get("registered_minus_baseline") is not None:
+        rows.append(["registered minus the plain baseline (L1 logistic regression on every feature; paired, same "
+                     "splits)", f"{_signed(headline['registered_minus_baseline'])} "
+                                f"({_signed(headline.get('registered_minus_baseline_lo'))} to "
+                                f"{_signed(headline.get('registered_minus_baseline_hi'))})"])
+    if decision:
+        rows.append(["registry", f"{decision.get('model_name')} version {decision.get('version')}: "
+                                 f"{'promoted: ' if decision.get('promoted') else ''}{decision.get('reason')}"])
+    if headline.get("dice_mean") is not None:
+        rows.append(["segmentation mean Dice (out of fold)", sig(headline["dice_mean"])])
+    return out
+
+
+def _signed(value: Any) -> str:
+    """A difference at three significant digits with its sign (+0.0123, -0.041)."""
+    text = sig(value)
+    return text if text == "n/a" or text.startswith("-") or text == "0" else f"+{text}"
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # --- 6. registry ----------------------------------------------------------------------------------
@@ -446,6 +585,7 @@ def registry_section(inputs: ReportInputs, store: Mapping[str, Any] | None, ui_u
             "threshold": sig(decision.get("threshold")),
             "staging_version": decision.get("staging_version"),
             "compared": bool(decision.get("compared_with_staging")),
+            "rule": decision.get("registered_by") or decision.get("registered_rule"),
         }
     runs: list[dict[str, Any]] = []
     provenance = read_json(inputs.metrics_dir / TRAIN_RUNS_FILE) or {}

@@ -87,3 +87,69 @@ def fold_boxplots(table: Any, columns: Sequence[tuple[str, str]]) -> Figure:
         ax.set_ylabel(label)
     fig.tight_layout()
     return fig
+
+
+def _percentile_curve(percentiles: Mapping[str, float]) -> tuple[list[float], list[float]]:
+    """``(HU values, percentiles)`` from plan.json's ``{"p0_5": hu, "p50": hu, ...}``, in order."""
+    points = sorted((float(k[1:].replace("_", ".")), float(v)) for k, v in percentiles.items()
+                    if k.startswith("p") and v is not None)
+    return [v for _, v in points], [p for p, _ in points]
+
+
+def plan_fingerprint(plan: Mapping[str, Any]) -> Figure:
+    """The cohort's fingerprint (``plan.json``) in three panels, with what was planned from it marked:
+    the voxel spacing per axis (the planned grid dashed), the lesions' largest extent (the typical
+    extent and the crop's field of view), and the pooled HU percentiles of the lesion and bone-region
+    voxels (the planned window shaded, the bone threshold dotted)."""
+    import matplotlib.pyplot as plt
+
+    fingerprint = plan.get("fingerprint") or {}
+    cases = fingerprint.get("cases") or []
+    values = {k: (v or {}).get("value") for k, v in (plan.get("values") or {}).items()}
+    details, inputs = plan.get("details") or {}, plan.get("inputs") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.3))
+    colors = ("#4c72b0", "#55a868", "#c44e52")
+
+    ax = axes[0]
+    spacings = np.asarray([c["spacing_mm"] for c in cases if c.get("spacing_mm")], dtype=float).reshape(-1, 3)
+    grid = values.get("preprocess.target_spacing_mm")
+    finite = spacings[np.isfinite(spacings)]
+    bins = np.histogram_bin_edges(finite, bins=20) if finite.size else 10
+    for i, axis in enumerate("xyz"):
+        ax.hist(spacings[:, i], bins=bins, alpha=0.5, color=colors[i], label=f"{axis}")
+        if isinstance(grid, list | tuple) and len(grid) == 3:
+            ax.axvline(float(grid[i]), color=colors[i], linestyle="--", linewidth=1.5)
+    ax.set_xlabel("voxel spacing (mm); planned grid dashed")
+    ax.set_ylabel("cases")
+    ax.legend(fontsize=7, title="axis", title_fontsize=7)
+
+    ax = axes[1]
+    extents = [max(c["lesion_extent_mm"]) for c in cases if c.get("lesion_extent_mm") and max(c["lesion_extent_mm"]) > 0]
+    ax.hist(extents, bins=20, color="#8172b3", alpha=0.8)
+    for key, style, label in (("typical_lesion_extent_mm", ":", "typical lesion"),
+                              ("field_of_view_mm", "--", "crop field of view")):
+        if details.get(key) is not None:
+            ax.axvline(float(details[key]), color="black", linestyle=style, label=f"{label} {float(details[key]):.0f} mm")
+    ax.set_xlabel("lesion's largest extent (mm)")
+    ax.set_ylabel("cases")
+    ax.legend(fontsize=7)
+
+    ax = axes[2]
+    for key, color, label in (("hu_lesion", "#dd8452", "lesion voxels"), ("hu_bone_region", "#4c72b0", "bone region")):
+        hu, pct = _percentile_curve(fingerprint.get(key) or {})
+        if hu:
+            ax.plot(hu, pct, marker="o", markersize=3, color=color, label=label)
+    window = values.get("preprocess.hu_window")
+    if isinstance(window, list | tuple) and len(window) == 2:
+        ax.axvspan(float(window[0]), float(window[1]), color="#cccccc", alpha=0.5,
+                   label=f"planned window {float(window[0]):.0f} to {float(window[1]):.0f} HU")
+    if inputs.get("bone_threshold_hu") is not None:
+        ax.axvline(float(inputs["bone_threshold_hu"]), color="black", linestyle=":", linewidth=1,
+                   label=f"bone threshold {float(inputs['bone_threshold_hu']):.0f} HU")
+    ax.set_xlabel("HU (pooled voxel samples)")
+    ax.set_ylabel("percentile")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Cohort fingerprint ({fingerprint.get('n_cases', len(cases))} cases) and what was planned from it",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -5,11 +5,17 @@ the study's table) stays quick to reproduce and to compare on its own, while the
 expensive part, rerun only when what they depend on changes and run in parallel processes.
 Repeat 0 is read back from the train stage's outputs, so it is Table 1 exactly.
 
+The model of each repeat (``chosen``) is the one the registered rule picks on that repeat's
+training set (``register.model``, as the train stage recorded it in ``models/index.json``): the
+chosen model's interval is the interval of what is registered, and no choice reads a test set.
+
 Writes ``evaluate.out_dir``/``repeated.json`` (per model and for the per-repeat chosen model:
 mean test AUC with the corrected resampled t interval and the percentile range, mean
-sensitivity / specificity / accuracy at the model's threshold, how often chosen; on a synthetic
-cohort the LLR and the paired gap), ``repeated.csv`` (one row per repeat and model) and
-``summary.json`` (the handful of headline numbers `dvc exp show` and `dvc metrics diff` compare).
+sensitivity / specificity / accuracy at the model's threshold, how often chosen; the registered
+model and its rule; the family with the highest mean test AUC, which the register stage's gate
+compares with; on a synthetic cohort the LLR and the paired gap), ``repeated.csv`` (one row per
+repeat and model) and ``summary.json`` (the handful of headline numbers `dvc exp show` and `dvc
+metrics diff` compare).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         committed_repeat,
         repeats_table,
         run_repeats,
+        split_baseline_auc,
         summarize_repeats,
     )
     from bonemet.modeling.training import read_feature_tables
@@ -62,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     table1 = _read_json(Path(train.metrics_dir) / "table1.json", "run `bonemet train` first")
     index = _read_json(Path(train.out_dir) / "index.json", "run `bonemet train` first")
     _, case_llr = read_cohort_ceiling(params.data.cohort_dir)
+    rule = index.get("registered_rule")
+    if rule is None or "registered_model" not in index:
+        from bonemet.modeling.training import TrainingInputError
+
+        raise TrainingInputError(f"{Path(train.out_dir) / 'index.json'} names no registered model (written by an older "
+                                 "bonemet): run `bonemet train` again")
     ids = [str(i) for i in primary["case_id"]]
     labels = [int(v) for v in primary["label"]]
     patients = committed.get("groups")  # the split stage's patients (manifest patient_id), when grouped
@@ -76,17 +89,20 @@ def run(args: argparse.Namespace) -> int:
     with tracker.run("evaluate", tags={"stage": "evaluate", "feature_source": primary_name}):
         tracker.log_params({"repeats": ev.repeats, "seed": params.seed, "test_size": params.split.test_size,
                             "n_folds": params.split.n_folds, "n_jobs": ev.n_jobs})
-        records = [committed_repeat(table1, index, committed, params.seed)]
+        baseline_zero = split_baseline_auc(primary, committed, evaluate=ev, inner_folds=train.inner_folds,
+                                           seed=params.seed)
+        records = [committed_repeat(table1, index, committed, params.seed, baseline_zero)]
         records += run_repeats(primary, paired, splits, first_repeat=1, select=params.select, train=train,
                                evaluate=ev, seed=params.seed, case_llr=case_llr, n_jobs=ev.n_jobs,
-                               show_progress=not args.no_progress, sites=sites)
+                               registered_rule=str(rule), show_progress=not args.no_progress, sites=sites)
         # each repeat's seconds go to its MLflow run, not into the outputs (same inputs, same bytes)
         seconds = {record["repeat"]: record.pop("seconds", None) for record in records}
         summary = summarize_repeats(records, train.models, alpha=ev.alpha)
-        registered = best_by_repeats(summary, train.models)
+        registered = str(index["registered_model"])
         repeated = {**summary, "feature_source": primary_name, "registered_model": registered,
-                    "registered_by": "highest mean repeated test AUC (ties: higher corrected lower bound, then "
-                                     "train.models order)", "repeats": records}
+                    "registered_rule": rule, "registered_by": index.get("registered_by", rule),
+                    "best_cv_model": index.get("best_model"),
+                    "best_repeated_model": best_by_repeats(summary, train.models), "repeats": records}
         headline = _headline(repeated, index, table1, Path(params.segment.metrics))
         out = Path(ev.out_dir)
         write_json(out / "repeated.json", _json_safe(repeated))
@@ -103,38 +119,55 @@ def run(args: argparse.Namespace) -> int:
                                             | {"chosen_auc": record["models"][record["chosen"]]["auc"],
                                                "llr_auc": record["llr_auc"],
                                                "chosen_minus_llr": record["chosen_minus_llr"],
+                                               "baseline_auc": record["baseline_auc"],
+                                               "chosen_minus_baseline": record["chosen_minus_baseline"],
                                                "seconds": seconds[record["repeat"]]}))
         tracker.log_metrics(_finite({k: v for k, v in headline.items() if isinstance(v, int | float)}))
-        tracker.set_tags({"registered_model": registered})
+        tracker.set_tags({"registered_model": registered, "registered_rule": str(rule),
+                          "best_repeated_model": repeated["best_repeated_model"]})
         tracker.log_table(pd.DataFrame(table), "repeated.csv")
         tracker.log_artifact(out / "repeated.json")
         tracker.log_artifact(out / "summary.json")
     chosen = summary["chosen"]["auc"]
-    log.info("repeated evaluation over %d splits: chosen model's test AUC %.3f (%.3f-%.3f)%s; registered model: %s",
-             len(records), chosen["mean"], chosen["lo"], chosen["hi"],
+    if "baseline" in summary:
+        diff = summary["baseline"]["chosen_minus_baseline"]
+        log.info("plain baseline (L1 logistic regression on every feature) over the same splits: test AUC %.3f; "
+                 "registered minus it %+.3f (%+.3f to %+.3f)", summary["baseline"]["auc"]["mean"], diff["mean"],
+                 diff["lo"], diff["hi"])
+    log.info("repeated evaluation over %d splits: registered model %s (register.model %s) test AUC %.3f (%.3f-%.3f)%s; "
+             "highest mean test AUC: %s", len(records), registered, rule, chosen["mean"], chosen["lo"], chosen["hi"],
              "" if "llr" not in summary else
              f", minus the Bayes LLR {summary['llr']['chosen_minus_llr']['mean']:+.3f} "
              f"({summary['llr']['chosen_minus_llr']['lo']:+.3f} to {summary['llr']['chosen_minus_llr']['hi']:+.3f})",
-             registered)
+             repeated["best_repeated_model"])
     return 0
 
 
 def _headline(repeated: dict[str, Any], index: dict[str, Any], table1: dict[str, Any],
               segmentation_json: Path) -> dict[str, Any]:
-    """The numbers worth a column in `dvc exp show`."""
-    best = str(index["best_model"])
+    """The numbers worth a column in `dvc exp show`: the registered model, its rule and its
+    repeated estimate (the rule's, repeat by repeat), and the family with the highest mean test AUC."""
     registered = repeated["registered_model"]
     chosen = repeated["chosen"]["auc"]
-    reg_auc = repeated["models"][registered]["auc"]
+    best = repeated["best_repeated_model"]
+    best_auc = repeated["models"][best]["auc"]["mean"]
     out: dict[str, Any] = {
         "n_repeats": repeated["n_repeats"],
-        "best_model": best,
-        "best_model_table1_test_auc": table1["models"][best]["test"]["auc"],
-        "pipeline_repeated_auc": chosen["mean"], "pipeline_repeated_auc_lo": chosen["lo"],
-        "pipeline_repeated_auc_hi": chosen["hi"],
-        "registered_model": registered, "registered_repeated_auc": reg_auc["mean"],
-        "registered_repeated_auc_lo": reg_auc["lo"],
+        "registered_model": registered,
+        "registered_rule": repeated["registered_rule"],
+        "registered_table1_test_auc": table1["models"][registered]["test"]["auc"],
+        "registered_repeated_auc": chosen["mean"], "registered_repeated_auc_lo": chosen["lo"],
+        "registered_repeated_auc_hi": chosen["hi"],
+        "best_cv_model": str(index["best_model"]),
+        "best_repeated_model": best, "best_repeated_auc": best_auc,
+        "registered_gap_to_best": (best_auc - chosen["mean"]) if best_auc is not None and chosen["mean"] is not None
+        else None,
     }
+    if "baseline" in repeated:
+        diff = repeated["baseline"]["chosen_minus_baseline"]
+        out.update({"baseline_repeated_auc": repeated["baseline"]["auc"]["mean"],
+                    "registered_minus_baseline": diff["mean"], "registered_minus_baseline_lo": diff["lo"],
+                    "registered_minus_baseline_hi": diff["hi"]})
     if "llr" in repeated:
         gap = repeated["llr"]["chosen_minus_llr"]
         out.update({"gap_to_llr": gap["mean"], "gap_to_llr_lo": gap["lo"], "gap_to_llr_hi": gap["hi"]})

@@ -1,4 +1,4 @@
-"""`bonemet models`: registered versions with aliases and key metrics."""
+"""`bonemet models`: registered versions with aliases, key metrics, and the rule that chose each classifier."""
 
 from __future__ import annotations
 
@@ -34,5 +34,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{k}={float(tags[k]):.3f}" for k in ("cv_auc_mean", "test_auc", "dice_mean") if k in tags
             )
             aliases = ",".join(row["aliases"]) or "-"
-            print(f"  v{row['version']:<4} aliases={aliases:<20} {tags.get('classifier', '')}  {metrics}  run={row['run_id']}")
+            rule = f" (register.model {tags['registered_rule']})" if "registered_rule" in tags else ""
+            print(f"  v{row['version']:<4} aliases={aliases:<20} {tags.get('classifier', '')}{rule}  {metrics}  "
+                  f"run={row['run_id']}")
     return 0

@@ -1,11 +1,13 @@
-"""`bonemet register`: register the classifier the repeated evaluation names; gate it to `staging`.
+"""`bonemet register`: register the classifier ``register.model`` names; gate it to `staging`.
 
-Reads the evaluate stage's ``register.repeated`` (``repeated.json``: the model with the highest
-mean repeated test AUC, and the estimate the gate judges), the train stage's outputs
-(``register.models_dir``: ``<model>.skops`` is that model fitted on the committed split's
-training set, with its calibration and threshold; ``index.json`` its metrics and feature names;
-``<train.metrics_dir>/train_runs.json`` the MLflow runs; ``<model>.domain.skops`` the domain of its training cases)
-and the feature table (the served model is checked on its rows, two are the input example);
+Reads the train stage's outputs (``register.models_dir``: ``index.json`` names the registered
+model, by ``register.model``: a family, or ``best_cv``, the highest CV AUC on the training set;
+``<model>.skops`` is its tuned pipeline fitted on the committed split's training set, with its
+calibration and threshold; ``index.json`` its metrics and feature names;
+``<train.metrics_dir>/train_runs.json`` the MLflow runs; ``<model>.domain.skops`` the domain of its
+training cases), the evaluate stage's ``register.repeated`` (``repeated.json``: the rule's repeated
+estimate, which the gate judges, and every family's) and the feature table (the served model is
+checked on its rows, two are the input example);
 writes ``register.out``. The model's requirements are the installed versions of what it imports
 (:mod:`bonemet.registry.environment`).
 """
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         index = json.loads((models_dir / "index.json").read_text(encoding="utf-8"))
         provenance = json.loads(train_runs.read_text(encoding="utf-8"))
         repeated = json.loads(Path(reg.repeated).read_text(encoding="utf-8"))
-        classifier = str(repeated["registered_model"])
+        classifier = str(index["registered_model"])
+        rule = str(index["registered_rule"])
         entry = index["models"][classifier]
         pipeline_path = models_dir / entry["path"]
         domain_path = models_dir / domain_file(classifier)
@@ -53,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"{models_dir}/index.json, {train_runs} or {reg.repeated} cannot be read or lack a "
                             f"key ({exc}); run `bonemet train` and `bonemet evaluate` first") from exc
+    if rule != reg.model:
+        raise RegistryError(f"{models_dir}/index.json was trained for register.model {rule}, params say {reg.model}: "
+                            "rerun the train and evaluate stages (`dvc repro`) before registering")
     pipeline = load_pipeline(pipeline_path)
     if not domain_path.is_file():
         raise RegistryError(f"{domain_path} not found (the domain of {classifier}'s training cases): run `bonemet train`")
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         min_sensitivity=reg.min_sensitivity,
         min_specificity=reg.min_specificity,
         tolerance=reg.tolerance,
+        max_gap_to_best=reg.max_gap_to_best,
         alias=reg.alias,
         description_extra=description_extra,
         tags=run_tags(params.data.cohort_dir),
@@ -97,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:
-        print(f"{result.model_name} version {result.version} ({result.classifier}): "
+        print(f"{result.model_name} version {result.version} ({result.classifier}, register.model "
+              f"{result.registered_rule}): "
               f"{'promoted to' if result.promoted else 'NOT promoted to'} '{reg.alias}': {result.reason}")
     write_json(args.out or reg.out, summary)
     return 0

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         features_dir=Path(train.features_dir), models_dir=Path(train.out_dir),
         metrics_dir=Path(train.metrics_dir), classification_plots=Path(train.plots_dir),
         repeated_json=Path(params.registration.repeated), registry_json=Path(params.registration.out),
+        summary_json=Path(params.evaluate.out_dir) / "summary.json",
     )
     store = None if args.no_tracking else read_store(params)
     baseline, note = head_params(args.params)

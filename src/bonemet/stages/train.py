@@ -1,5 +1,8 @@
 """`bonemet train`: ICC/LASSO selection, eight Optuna-tuned classifiers, ten-fold CV, Table 1.
 
+Table 1 and ``models/index.json`` name the model ``register.model`` registers (a family, or
+``best_cv``: the highest CV AUC on the training set) and the best by CV when that is another.
+
 Besides the library's outputs (:func:`bonemet.modeling.training.run_training`), the stage records
 the domain of each model's training cases (``train.domain``; :mod:`bonemet.modeling.domain`):
 ``<train.out_dir>/<model>.domain.skops``, summarised in ``domain.json``; the register stage
@@ -53,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
              len(primary), primary.shape[1] - 2)
     results = run_training(
         primary, paired, splits, select=params.select, train=train, evaluate=params.evaluate, seed=params.seed,
-        feature_source=primary_name, tracker=tracker, bayes_auc=bayes_auc, case_llr=case_llr, sites=sites,
+        feature_source=primary_name, registered_rule=params.registration.model, tracker=tracker, bayes_auc=bayes_auc,
+        case_llr=case_llr, sites=sites,
     )
-    best = results.models[results.best_model]
-    log.info("best model %s: CV AUC %.3f, test AUC %.3f", results.best_model, best.cv_auc_mean,
-             best.test_metrics["auc"])
+    registered = results.models[results.registered_model]
+    log.info("registered model %s (register.model %s): CV AUC %.3f, test AUC %.3f; best by CV: %s",
+             results.registered_model, params.registration.model, registered.cv_auc_mean,
+             registered.test_metrics["auc"], results.best_model)
     write_domains({name: r.pipeline for name, r in results.models.items()}, primary, splits, train, seed=params.seed,
                   sites=sites)
     return 0
