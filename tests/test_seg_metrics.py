@@ -101,3 +101,27 @@ def test_one_dice_and_volume_for_every_stage():
     assert dice(np.zeros((3, 3, 3)), np.zeros((3, 3, 3))) == 1.0
     assert masks.volume_ml(500, (2.0, 2.0, 2.0)) == pytest.approx(4.0)  # 500 voxels of 8 mm^3
     assert masks.mask_volume_ml(_image(a, (0.5, 0.5, 2.0))) == pytest.approx(a.sum() * 0.5 / 1000)
+
+
+def test_dice_by_group_gives_the_class_dependent_error_by_label_density_and_size():
+    from bonemet.segmentation.metrics import dice_by_group
+
+    # eight cases: lytic (low HU) lesions of label 0 segmented worse than blastic ones of label 1
+    rows = [{"case_id": f"c{i}", "dice": d} for i, d in enumerate([0.5, 0.6, 0.7, 0.8, 0.82, 0.84, 0.9, 0.92])]
+    labels = {f"c{i}": int(i >= 4) for i in range(8)}
+    hu = {f"c{i}": 100.0 * i for i in range(8)}
+    ml = {f"c{i}": [4, 3, 2, 1, 8, 7, 6, 5][i] for i in range(8)}
+    bias = dice_by_group(rows, labels, hu, ml)
+    assert bias["by_label"] == {"0": {"n": 4, "dice_mean": pytest.approx(0.65)},
+                                "1": {"n": 4, "dice_mean": pytest.approx(0.87)}}
+    assert bias["label_dice_gap"] == pytest.approx(0.22)
+    density = bias["by_density_quartile"]
+    assert [g["quartile"] for g in density] == [1, 2, 3, 4] and [g["n"] for g in density] == [2] * 4
+    assert [g["dice_mean"] for g in density] == pytest.approx([0.55, 0.75, 0.83, 0.91])
+    assert density[0]["hu_min"] == 0.0 and density[3]["hu_max"] == 700.0
+    assert [g["dice_mean"] for g in bias["by_size_quartile"]] == pytest.approx([0.75, 0.55, 0.91, 0.83])
+    # a case without a label or a lesion measurement is left out of that grouping only
+    partial = dice_by_group(rows + [{"case_id": "x", "dice": 0.0}], labels, hu)
+    assert partial["by_label"]["0"]["n"] == 4 and sum(g["n"] for g in partial["by_density_quartile"]) == 8
+    assert "by_size_quartile" not in partial
+    assert dice_by_group([], labels)["label_dice_gap"] is None

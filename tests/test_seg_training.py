@@ -269,6 +269,9 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
         f"{c.case_id}.nii.gz" for c in cases)
     summary = json.loads(Path("metrics/segmentation.json").read_text())
     assert summary["n_cases"] == 4 and 0.0 <= summary["dice_mean"] <= 1.0 and summary["profile"] == "cpu"
+    bias = summary["bias"]  # the class-dependent error: two cases of each label, no plan here (no quartiles)
+    assert {k: v["n"] for k, v in bias["by_label"].items()} == {"0": 2, "1": 2} and bias["max_dice_gap"] == 0.05
+    assert bias["label_dice_gap"] == pytest.approx(bias["by_label"]["1"]["dice_mean"] - bias["by_label"]["0"]["dice_mean"])
     assert len(pd.read_csv("metrics/segmentation_cases.csv")) == 4
     assert sorted(p.name for p in Path("plots/segmentation/curves").glob("*.csv")) == ["fold-0.csv", "fold-1.csv"]
     assert Path("plots/segmentation/curves.png").is_file()

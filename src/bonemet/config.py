@@ -444,6 +444,13 @@ class SegPlanSpec(Spec):
     train_megavoxels: PositiveFloat | None
 
 
+class SegBiasSpec(Spec):
+    """``segment.bias``: when the segmentation's error depends on the class."""
+
+    #: the segment stage warns when the labels' mean out-of-fold Dice differ by more than this
+    max_dice_gap: Probability
+
+
 class SegGateSpec(Spec):
     """``segment.gate``: what the registered segmentation model must reach before it gets the alias."""
 
@@ -490,6 +497,7 @@ class SegmentSpec(Spec):
     model_name: str
     alias: str
     gate: SegGateSpec
+    bias: SegBiasSpec
 
     @model_validator(mode="after")
     def _planned_steps_need_a_budget(self) -> SegmentSpec:

@@ -301,6 +301,27 @@ def examples_section(inputs: ReportInputs, *, n: int, mask_label: int, grid_tole
 # --- 3. segmentation ------------------------------------------------------------------------------
 
 
+def _bias_rows(bias: Mapping[str, Any]) -> dict[str, Any]:
+    """The segmentation's class-dependent error: Dice per label and per quartile of lesion density
+    and size (rows), the gap between the labels and whether it exceeds ``segment.bias.max_dice_gap``."""
+    if not bias.get("by_label"):
+        return {}
+    rows = [[f"label {k}", sig(v.get("n")), sig(v.get("dice_mean"))] for k, v in sorted(bias["by_label"].items())]
+    for key, unit, what in (("by_density_quartile", "hu", "lesion median HU"), ("by_size_quartile", "ml", "lesion mL")):
+        for g in bias.get(key) or []:
+            rows.append([f"{what} quartile {g['quartile']} ({sig(g[f'{unit}_min'])} to {sig(g[f'{unit}_max'])})",
+                         sig(g.get("n")), sig(g.get("dice_mean"))])
+    gap, limit = bias.get("label_dice_gap"), bias.get("max_dice_gap")
+    note = None
+    if gap is not None:
+        note = (f"Mean Dice of label 1 minus label 0: {gap:+.3f}"
+                + (f", more than segment.bias.max_dice_gap {limit:g}: features of the automatic masks may carry "
+                   "the segmenter's class-dependent error into the classifiers." if limit is not None and
+                   abs(gap) > limit else f", within segment.bias.max_dice_gap {limit:g}." if limit is not None else "."))
+    return {"bias": rows, "bias_note": note}
+
+
+
 def segmentation_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
     summary = read_json(inputs.segmentation_json)
     cases = read_csv(inputs.segmentation_cases)
@@ -322,6 +343,7 @@ def segmentation_section(inputs: ReportInputs, *, dpi: int) -> dict[str, Any]:
              else "epoch schedule"],
         ]
         out["dice_mean"] = summary.get("dice_mean")
+        out.update(_bias_rows(summary.get("bias") or {}))
     if cases is not None and "dice" in cases.columns and "fold" in cases.columns:
         rows = []
         for fold, group in cases.groupby("fold"):

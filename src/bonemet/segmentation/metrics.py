@@ -125,3 +125,42 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["abs_volume_diff_ml_mean"] = _mean_sd(abs(float(r["volume_diff_ml"])) for r in rows)[0]
     out["n_empty_predictions"] = int(sum(bool(r["empty_prediction"]) for r in rows))
     return out
+
+
+def dice_by_group(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, int | None],
+                  lesion_hu: Mapping[str, float | None] | None = None,
+                  lesion_ml: Mapping[str, float | None] | None = None, n_groups: int = 4) -> dict[str, Any]:
+    """The segmentation's error by class and by lesion: mean Dice per label, the gap between the
+    labels (label 1 minus label 0), and per quartile of the lesions' median HU (lytic to blastic)
+    and of their volume (mL).
+
+    A classifier of automatic-mask features can learn where the segmenter fails instead of the
+    lesion; a Dice that depends on the label says that it may. ``labels``, ``lesion_hu`` and
+    ``lesion_ml`` map case ids (the plan's fingerprint has the lesions' HU and volume); cases
+    without a value are left out of that grouping.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame([{"case_id": str(r["case_id"]), "dice": float(r["dice"])} for r in rows if "dice" in r])
+    out: dict[str, Any] = {"by_label": {}, "label_dice_gap": None}
+    if table.empty:
+        return out
+    table["label"] = table["case_id"].map(lambda c: labels.get(c))
+    for label, group in table.dropna(subset=["label"]).groupby("label"):
+        out["by_label"][str(int(label))] = {"n": len(group), "dice_mean": float(group["dice"].mean())}
+    if {"0", "1"} <= set(out["by_label"]):
+        out["label_dice_gap"] = out["by_label"]["1"]["dice_mean"] - out["by_label"]["0"]["dice_mean"]
+    for key, values, unit in (("by_density_quartile", lesion_hu, "hu"), ("by_size_quartile", lesion_ml, "ml")):
+        if not values:
+            continue
+        column = table["case_id"].map(lambda c, v=values: v.get(c))
+        known = table.assign(value=pd.to_numeric(column, errors="coerce")).dropna(subset=["value"])
+        if len(known) < n_groups:
+            continue
+        # equal-count groups by rank (ties split in case order), lowest values first
+        known = known.sort_values(["value", "case_id"]).reset_index(drop=True)
+        known["group"] = (known.index * n_groups) // len(known)
+        out[key] = [{"quartile": int(g) + 1, f"{unit}_min": float(grp["value"].min()),
+                     f"{unit}_max": float(grp["value"].max()), "n": len(grp), "dice_mean": float(grp["dice"].mean())}
+                    for g, grp in known.groupby("group")]
+    return out

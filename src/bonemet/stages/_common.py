@@ -204,8 +204,27 @@ def feature_inputs(features_dir: str | Path, sources: Sequence[str], context: st
     return out
 
 
+def segmentation_bias_tags(params: Params) -> dict[str, str]:
+    """The segmentation's Dice gap between the labels (label 1 minus label 0, ``metrics/segmentation.json``
+    ``bias``) as run tags, for the stages whose models learn from automatic-mask features: a reader
+    sees beside each model and the registry's decision when those features may carry the
+    segmenter's class-dependent error. Empty when unknown."""
+    import json
+
+    try:
+        bias = json.loads(Path(params.segment.metrics).read_text(encoding="utf-8")).get("bias") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    gap = bias.get("label_dice_gap")
+    if gap is None:
+        return {}
+    limit = params.segment.bias.max_dice_gap
+    return {"segmentation_label_dice_gap": f"{float(gap):+.4f}",
+            "segmentation_bias": "over segment.bias.max_dice_gap" if abs(float(gap)) > limit else "within limit"}
+
+
 def mlflow_tracker(params: Params, experiment: str, *, inputs: Sequence[DatasetInput] = (),
-                   long_running: bool = False) -> MlflowTracker:
+                   long_running: bool = False, tags: dict[str, str] | None = None) -> MlflowTracker:
     """An MlflowTracker for ``experiment`` on the configured store, with the run tags; ``inputs`` are
     logged on every run it opens; a ``long_running`` stage gets system metrics when
     ``tracking.system_metrics`` is on."""
@@ -216,7 +235,7 @@ def mlflow_tracker(params: Params, experiment: str, *, inputs: Sequence[DatasetI
         experiment,
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
         store_dir=params.tracking.store_dir,
-        default_tags=run_tags(params.data.cohort_dir),
+        default_tags={**run_tags(params.data.cohort_dir), **(tags or {})},
         inputs=inputs,
         system_metrics=long_running and params.tracking.system_metrics,
         system_metrics_interval_s=params.tracking.system_metrics_interval_s,

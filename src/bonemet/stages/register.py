@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling.domain import domain_file
     from bonemet.modeling.persistence import load_pipeline
     from bonemet.registry.registration import RegistryError, register_classifier
-    from bonemet.stages._common import open_store, pseudonym_key, run_tags, specs_from
+    from bonemet.stages._common import open_store, pseudonym_key, run_tags, segmentation_bias_tags, specs_from
     from bonemet.utils import write_json
 
     params = specs_from(args)
@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         description_extra = "\nTable 1:\n" + Path(reg.table1_md).read_text(encoding="utf-8")
     except OSError:
         log.warning("no Table 1 at %s: the model description will not include it", reg.table1_md)
+    # beside the decision: the segmentation's Dice gap between the labels, when the model learnt from
+    # automatic-mask features
+    bias = segmentation_bias_tags(params) if index.get("feature_source") == "auto" else {}
     open_store(params)
     result = register_classifier(
         experiment=reg.experiment,
@@ -97,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
         max_gap_to_best=reg.max_gap_to_best,
         alias=reg.alias,
         description_extra=description_extra,
-        tags=run_tags(params.data.cohort_dir),
+        tags={**run_tags(params.data.cohort_dir), **bias},
     )
-    summary = result.to_dict()
+    summary = {**result.to_dict(), **bias}
     summary["promoted"] = int(result.promoted)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - start
         table = pd.DataFrame(result.case_rows).sort_values("case_id")
         summary = summarize(result.case_rows) if "dice" in table.columns else {"n_cases": len(table)}
+        summary["bias"] = _bias(result.case_rows, cases, plan, seg.bias.max_dice_gap)
         # what was trained and how, never how long it took (wall times go to MLflow only): the same
         # code, data and params write the same bytes, on any machine and under any load
         summary.update({
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             "infer_seconds_per_case": sum(f.infer_seconds_per_case * f.n_test for f in result.folds) / max(1, len(table)),
         })
         tracker.log_metrics({f"folds_stopped_{k}": v for k, v in summary["stop_reasons"].items()})
+        tracker.log_metrics(_bias_metrics(summary["bias"]))
         decision = decide_segmenter_promotion(summary.get("dice_mean"), min_dice=seg.gate.min_dice, n_cases=len(table))
         register = (seg.final_model != "none" and result.best_model is not None and not args.no_tracking
                     and not args.no_register and not args.folds)
@@ -136,6 +138,7 @@ def _run_external(args, params, seg, manifest) -> int:
     """``segment.model: external``: the external masks become the automatic masks; metrics, no model."""
     import pandas as pd
 
+    from bonemet.planning.resolve import read_plan
     from bonemet.segmentation.external import import_external_masks, resolve_external_dir
     from bonemet.segmentation.metrics import summarize
     from bonemet.stages._common import cohort_input, mlflow_tracker
@@ -155,7 +158,10 @@ def _run_external(args, params, seg, manifest) -> int:
         table = pd.DataFrame(rows).sort_values("case_id")
         summary = summarize(rows)
         summary.update({"model": "external", "external_masks_dir": str(external_dir), "n_folds": 0})
+        plan = read_plan(params.plan.out) if Path(params.plan.out).is_file() else None
+        summary["bias"] = _bias(rows, manifest, plan, seg.bias.max_dice_gap)
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        tracker.log_metrics(_bias_metrics(summary["bias"]))
         tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
         _write_outputs(seg, summary, table, None, params.evaluate.figure_dpi)
         tracker.log_table(table, "segmentation_cases.csv")
@@ -163,6 +169,35 @@ def _run_external(args, params, seg, manifest) -> int:
     log.info("segment (external masks from %s): mean Dice %.4f (sd %.4f) over %d cases", external_dir,
              summary.get("dice_mean") or float("nan"), summary.get("dice_sd") or float("nan"), len(table))
     return 0
+
+
+def _bias(case_rows, cases, plan, max_gap: float) -> dict:
+    """Dice by label and by lesion density and size (the plan's fingerprint); a warning when the
+    labels' mean Dice differ by more than ``segment.bias.max_dice_gap``."""
+    from bonemet.segmentation.metrics import dice_by_group
+
+    measured = {str(c["case_id"]): c for c in ((plan or {}).get("fingerprint") or {}).get("cases", [])}
+    bias = dice_by_group(case_rows, {c.case_id: c.label for c in cases},
+                         {k: v.get("lesion_hu_median") for k, v in measured.items()},
+                         {k: v.get("lesion_volume_ml") for k, v in measured.items()})
+    gap = bias["label_dice_gap"]
+    bias["max_dice_gap"] = max_gap
+    if gap is not None and abs(gap) > max_gap:
+        log.warning("segment: mean Dice of label-1 lesions %.3f, of label-0 lesions %.3f: they differ by %.3f, more "
+                    "than segment.bias.max_dice_gap %.2f; a classifier of automatic-mask features may learn the "
+                    "segmenter's errors (Dice by lesion density in metrics/segmentation.json `bias`)",
+                    bias["by_label"]["1"]["dice_mean"], bias["by_label"]["0"]["dice_mean"], abs(gap), max_gap)
+    return bias
+
+
+def _bias_metrics(bias: dict) -> dict[str, float]:
+    """The bias summary as MLflow metrics (``dice_label_<k>``, ``label_dice_gap``, ``dice_density_q<k>``...)."""
+    out = {f"dice_label_{k}": v["dice_mean"] for k, v in bias["by_label"].items()}
+    if bias["label_dice_gap"] is not None:
+        out["label_dice_gap"] = bias["label_dice_gap"]
+    for key, name in (("by_density_quartile", "density"), ("by_size_quartile", "size")):
+        out |= {f"dice_{name}_q{g['quartile']}": g["dice_mean"] for g in bias.get(key, [])}
+    return out
 
 
 def _tune(seg, cases, folds, seed, tracker, load_volume):
