@@ -249,7 +249,10 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
         "image": [c.original_image.name for c in cases], "mask": [c.original_mask.name for c in cases],
     })
     manifest.to_csv(tmp_path / "raw" / "manifest.csv", index=False)
-    (tmp_path / "splits.json").write_text(json.dumps({"all_folds": {c.case_id: i % 2 for i, c in enumerate(cases)}}))
+    ids = [c.case_id for c in cases]
+    (tmp_path / "splits.json").write_text(json.dumps({  # the split stage's file, as read_splits validates it
+        "seed": 0, "test_size": 0.25, "n_folds": 2, "train": ids[:3], "test": ids[3:],
+        "train_folds": {cid: i % 2 for i, cid in enumerate(ids[:3])}, "all_folds": {cid: i % 2 for i, cid in enumerate(ids)}}))
     tiny_unet = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_UNET.items()}
     params_file({
         "data": {"cohort_dir": str(tmp_path / "raw")},

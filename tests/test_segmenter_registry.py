@@ -19,7 +19,7 @@ def test_segmenter_gate():
 
 
 def test_input_example_is_the_centre_of_a_case_padded_to_the_window():
-    from bonemet.stages.segment import input_example
+    from bonemet.segmentation.pipeline import input_example
 
     image = np.arange(10 * 20 * 6, dtype=np.float32).reshape(1, 10, 20, 6)
     out = input_example({"image": image}, (8, 8, 8))
@@ -34,10 +34,11 @@ def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, p
     import torch
     from mlflow.tracking import MlflowClient
 
+    from bonemet.registry.registration import register_segmenter
     from bonemet.registry.store import MlflowTracker, alias_version, model_versions
     from bonemet.segmentation.inference import InferenceSettings
-    from bonemet.segmentation.networks import network_from_spec, network_kwargs
-    from bonemet.stages.segment import _log_final_model
+    from bonemet.segmentation.networks import network_from_spec
+    from bonemet.segmentation.pipeline import SegmentationResult
 
     monkeypatch.chdir(tmp_path)
     seg = params.segment.updated({"roi_size": [16, 16, 16]})
@@ -46,12 +47,14 @@ def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, p
     example = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
     decision = decide_segmenter_promotion(0.8 if promote else 0.5, min_dice=seg.gate.min_dice, n_cases=10)
     tracker = MlflowTracker("seg-test", tracking_uri=None, store_dir=tmp_path / "mlruns")
-    result = SimpleNamespace(best_model=network, best_fold=3, best_run_id="")
-    settings = InferenceSettings.from_params(params.preprocess, seg)
+    result = SegmentationResult(summary={}, case_table=None, spec=seg,
+                                cv=SimpleNamespace(best_model=network, best_fold=3, best_run_id=""),
+                                settings=InferenceSettings.from_params(params.preprocess, seg))
     with tracker.run("segment") as parent:
-        _log_final_model(seg, "missu", network_kwargs(seg), settings, result, tracker, parent, register=True,
-                         decision=decision, example=example)
+        version_id = register_segmenter(result, parent_id=parent, decision=decision, example=example, register=True,
+                                        tracker=tracker, tags={"dvc_exp": "exp-1"})
     [version] = model_versions(seg.model_name)
+    assert version_id == "1" and version["tags"]["dvc_exp"] == "exp-1"  # the DVC experiment that registered it
     assert version["tags"]["gate_decision"] == ("promote" if promote else "hold")
     assert version["tags"]["gate_reason"] == decision.reason and decision.reason in version["description"]
     assert alias_version(seg.model_name, seg.alias) == ("1" if promote else None)

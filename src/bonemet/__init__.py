@@ -8,4 +8,3 @@ tracking server; the `bonemet` command and the DVC stages are thin entry points 
 
 __version__ = "0.1.0"
 
-LABEL_NAMES = {0: "other origin", 1: "breast origin"}

@@ -111,13 +111,11 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 NJobs = Annotated[int, Field(ge=-1)]
 SpacingMM = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 SizeVox = tuple[PositiveInt, PositiveInt, PositiveInt]
-CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp")
 #: ``register.model``: the family with the highest mean CV AUC on the training set (never a test set)
 BEST_CV = "best_cv"
 ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
 #: ``register.model``: a classifier's name or :data:`BEST_CV`
 RegisteredModel = Literal[(*typing.get_args(ClassifierName), BEST_CV)]  # type: ignore[valid-type]
-NetworkName = Literal["missu", "unet", "unetr", "swinunetr"]
 #: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
 SegmentModel = Literal["missu", "unet", "unetr", "swinunetr", "external"]
 MaskSource = Literal["manual", "auto", "annotator"]
@@ -616,7 +614,6 @@ class RegisterSpec(Spec):
 
     experiment: str
     model_name: str
-    segmentation_model_name: str
     alias: str
     #: the family registered: a name of ``train.models`` (checked in :class:`Params`) or ``best_cv``
     model: RegisteredModel

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -194,6 +195,24 @@ def resolve_jobs(n_jobs: int, n_tasks: int) -> int:
     """Worker processes for ``n_tasks`` tasks: ``n_jobs`` (-1: every core), at most one per task, at least 1."""
     cores = os.cpu_count() or 1
     return max(1, min(n_tasks, cores if n_jobs == -1 else n_jobs))
+
+
+def json_rounded(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` decimals and NaN / inf as None (JSON has no
+    NaN), through dicts, lists and tuples: the same numbers give the same bytes on every rerun."""
+    if isinstance(value, dict):
+        return {k: json_rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return round(value, digits) if math.isfinite(value) else None
+    return value
+
+
+def some(items: Iterable[Any], show: int = 5) -> str:
+    """The first ``show`` items, comma-separated, and how many more (for messages naming cases or columns)."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:show]) + (f" and {len(items) - show} more" if len(items) > show else "")
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from bonemet.data.io import write_image
+from bonemet.data.manifest import MANIFEST_NAME
 from bonemet.data.synthetic_latents import (
     COVARIANCE,
     FULL_SLICE_THICKNESS_MM,
@@ -56,7 +57,7 @@ from bonemet.data.synthetic_latents import (
     single_latent_auc,
 )
 from bonemet.data.synthetic_phantom import render_case
-from bonemet.utils import progress, write_json
+from bonemet.utils import json_rounded, progress, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import ProtocolSpec
@@ -119,16 +120,6 @@ def _to_image(array: np.ndarray, spacing, origin, pixel_type: int) -> sitk.Image
     image.SetSpacing(tuple(float(v) for v in spacing))
     image.SetOrigin(tuple(float(v) for v in origin))
     return image
-
-
-def _round(value: Any, digits: int = 6) -> Any:
-    if isinstance(value, float):
-        return round(value, digits)
-    if isinstance(value, list | tuple):
-        return [_round(v, digits) for v in value]
-    if isinstance(value, dict):
-        return {k: _round(v, digits) for k, v in value.items()}
-    return value
 
 
 def generate_cohort(
@@ -218,7 +209,7 @@ def generate_cohort(
         cases.append(record)
 
     columns = (*MANIFEST_COLUMNS, SITE_COLUMN) if multi_site else MANIFEST_COLUMNS
-    _write_manifest(out_dir / "manifest.csv", rows, columns)
+    _write_manifest(out_dir / MANIFEST_NAME, rows, columns)
     llr = np.array([c["llr"] for c in cases])
     summary: dict[str, Any] = {
         "generator": "bonemet.data.synthetic",
@@ -245,7 +236,7 @@ def generate_cohort(
     }
     if multi_site:
         summary["sites"] = [p.model_dump(mode="json") for p in protocols]
-    write_json(out_dir / COHORT_JSON, _round({**summary, "cases": cases}))
+    write_json(out_dir / COHORT_JSON, json_rounded({**summary, "cases": cases}))
     # plain read permissions (temporary files and folders are created private)
     (out_dir / COHORT_JSON).chmod(0o644)
     out_dir.chmod(0o755)
@@ -257,7 +248,7 @@ def generate_cohort(
         summary["bayes_auc"],
         summary["realised_llr_auc"],
     )
-    return _round(summary)
+    return json_rounded(summary)
 
 
 def _case_record(params: CaseParams, render_summary: dict[str, Any]) -> dict[str, Any]:

@@ -26,10 +26,12 @@ the corrected resampled t interval (Nadeau & Bengio 2003; WORC does so over 100 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -290,3 +292,38 @@ def repeats_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
              "baseline_auc": r.get("baseline_auc", math.nan)}
             for r in records for m, values in r["models"].items()]
     return pd.DataFrame(rows)
+
+
+def headline(repeated: dict[str, Any], index: dict[str, Any], table1: dict[str, Any],
+              segmentation_json: str | Path) -> dict[str, Any]:
+    """The numbers worth a column in `dvc exp show`: the registered model, its rule and its
+    repeated estimate (the rule's, repeat by repeat), and the family with the highest mean test AUC."""
+    registered = repeated["registered_model"]
+    chosen = repeated["chosen"]["auc"]
+    best = repeated["best_repeated_model"]
+    best_auc = repeated["models"][best]["auc"]["mean"]
+    out: dict[str, Any] = {
+        "n_repeats": repeated["n_repeats"],
+        "registered_model": registered,
+        "registered_rule": repeated["registered_rule"],
+        "registered_table1_test_auc": table1["models"][registered]["test"]["auc"],
+        "registered_repeated_auc": chosen["mean"], "registered_repeated_auc_lo": chosen["lo"],
+        "registered_repeated_auc_hi": chosen["hi"],
+        "best_cv_model": str(index["best_model"]),
+        "best_repeated_model": best, "best_repeated_auc": best_auc,
+        "registered_gap_to_best": (best_auc - chosen["mean"]) if best_auc is not None and chosen["mean"] is not None
+        else None,
+    }
+    if "baseline" in repeated:
+        diff = repeated["baseline"]["chosen_minus_baseline"]
+        out.update({"baseline_repeated_auc": repeated["baseline"]["auc"]["mean"],
+                    "registered_minus_baseline": diff["mean"], "registered_minus_baseline_lo": diff["lo"],
+                    "registered_minus_baseline_hi": diff["hi"]})
+    if "llr" in repeated:
+        gap = repeated["llr"]["chosen_minus_llr"]
+        out.update({"gap_to_llr": gap["mean"], "gap_to_llr_lo": gap["lo"], "gap_to_llr_hi": gap["hi"]})
+    if Path(segmentation_json).is_file():
+        dice = json.loads(Path(segmentation_json).read_text(encoding="utf-8")).get("dice_mean")
+        if dice is not None:
+            out["dice_mean"] = dice
+    return out

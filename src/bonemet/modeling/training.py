@@ -44,7 +44,7 @@ from bonemet.modeling.classifiers import DISPLAY_NAMES
 from bonemet.modeling.persistence import save_pipeline, trusted_types
 from bonemet.modeling.pipeline import build_pipeline
 from bonemet.modeling.tuning import FoldData, TuningResult, fold_scores, precompute_folds, tune_model
-from bonemet.tracking import NullTracker, Tracker
+from bonemet.tracking import NullTracker, Tracker, finite_metrics
 from bonemet.utils import atomic_path, progress, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,10 +213,6 @@ def _set_metrics(y: np.ndarray, score: np.ndarray, threshold: float, evaluate: E
 
     return binary_metrics(y, score, threshold=threshold, alpha=evaluate.alpha, n_boot=evaluate.n_bootstrap,
                           seed=seed, auc_ci=evaluate.auc_ci)
-
-
-def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
 def selection_summary(pipeline: Any) -> dict[str, Any]:
@@ -504,7 +500,7 @@ def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: 
                "threshold": res.threshold}
     for set_name, m in (("train", res.train_metrics), ("test", res.test_metrics)):
         metrics.update({f"{set_name}_{k}": m[k] for k in SET_METRICS})
-    tracker.log_metrics(_finite(metrics))
+    tracker.log_metrics(finite_metrics(metrics))
     if train.log_figures:
         _model_figures(tracker, model, data.y_test, res.scores["test"], res.threshold, evaluate)
     if len(tuned.trials):
@@ -599,7 +595,7 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
                            results[registered].pipeline.named_steps["lasso"], evaluate)
     tracker.set_tags({"registered_model": registered, "registered_rule": rule,
                       "registered_by": registered_rule_text(rule), "best_cv_model": best})
-    tracker.log_metrics(_finite({"best_cv_auc_mean": results[best].cv_auc_mean,
+    tracker.log_metrics(finite_metrics({"best_cv_auc_mean": results[best].cv_auc_mean,
                                  "registered_cv_auc_mean": results[registered].cv_auc_mean,
                                  "registered_test_auc": results[registered].test_metrics["auc"],
                                  **({"bayes_auc": bayes_auc} if bayes_auc is not None else {}),

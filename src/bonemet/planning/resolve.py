@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bonemet.config import AUTO, PLANNED_KEYS, PlanRequiredError, unplanned_keys
+from bonemet.config import PLANNED_KEYS, PlanRequiredError, unplanned_keys
 from bonemet.errors import UserError
 from bonemet.planning.plan import PLAN_SCHEMA, PlanInputs
 
@@ -89,8 +89,3 @@ def planned_params(params: Params) -> Params:
     if not any(unplanned_keys(getattr(params, section), section) for section in ("preprocess", "segment")):
         return params
     return resolve_params(params, read_plan(params.plan.out), where=params.plan.out)
-
-
-def plan_sources(plan: Mapping[str, Any]) -> dict[str, str]:
-    """``{planned key: "plan" | "params"}`` as recorded."""
-    return {k: str(v.get("source", AUTO)) for k, v in plan.get("values", {}).items()}

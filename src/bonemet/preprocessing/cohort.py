@@ -109,7 +109,9 @@ def preprocess_cohort(
         then left as it was.
     """
     from bonemet.compute import case_executor, runs_in_process
+    from bonemet.config import require_planned
 
+    require_planned(spec, "preprocess", "preprocess_cohort")  # the stages resolve `auto` from the plan, once
     if compute.scheduler == "dask":  # a cluster's workers have their own working folder: absolute paths
         cohort_dir = Path(cohort_dir).absolute()
     cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)

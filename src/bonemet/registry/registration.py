@@ -267,3 +267,37 @@ def log_segmenter(network: Any, example: Any, metadata: Mapping[str, Any], *, na
             pip_requirements=segmenter_requirements(network), code_paths=[bonemet_code(tmp)],
             serialization_format="pickle",  # pt2 (torch.export) would need a traced example per shape
         )
+
+
+def register_segmenter(result: Any, *, parent_id: str | None, decision: Any, example: Any, register: bool,
+                       tracker: Any, tags: Mapping[str, str] | None = None) -> str | None:
+    """Log the best fold's model of a :class:`bonemet.segmentation.pipeline.SegmentationResult` (by
+    validation Dice) in the open run ``parent_id``, with its inference settings as metadata; when
+    ``register``, make it a new version of ``result.spec.model_name`` and give it ``spec.alias``
+    when the gate's ``decision`` promotes it. Returns the version (None: not registered)."""
+    from bonemet.registry.store import register_model
+    from bonemet.segmentation.networks import network_kwargs
+
+    spec, cv, network = result.spec, result.cv, result.spec.model
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in network_kwargs(spec).items()}
+    metadata = {"network": network, "network_kwargs": kwargs, **result.settings.to_metadata(),
+                "source_fold": cv.best_fold, "source_run_id": cv.best_run_id or ""}
+    tracker.log_dict(metadata, "model_metadata.json")
+    log_segmenter(cv.best_model.eval(), example, metadata, name="model")
+    if not register or parent_id is None:
+        return None
+    version = register_model(
+        parent_id, "model", spec.model_name,
+        description=f"{network} segmentation model from fold {cv.best_fold} (best validation Dice) of the "
+                    f"ten-fold run; input: a CT preprocessed as in metadata['preprocess']. Gate: {decision.reason}.",
+        tags={"network": network, "profile": spec.profile, "source_fold": str(cv.best_fold),
+              "gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason,
+              **dict(tags or {})},
+    )
+    if decision.promote:
+        set_alias(spec.model_name, spec.alias, version)
+    else:
+        log.warning("%s version %s registered without the alias '%s': %s", spec.model_name, version, spec.alias,
+                    decision.reason)
+    return version
+

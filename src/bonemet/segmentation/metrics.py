@@ -8,6 +8,7 @@ an empty prediction against a non-empty reference has Dice 0 and HD95 = inf.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from scipy import ndimage
 from bonemet.data.io import same_grid
 from bonemet.data.masks import dice, volume_ml
 from bonemet.errors import UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MaskGridError", "case_metrics", "dice", "hd95", "summarize", "surface_distances"]
 
@@ -163,4 +166,32 @@ def dice_by_group(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, int | 
         out[key] = [{"quartile": int(g) + 1, f"{unit}_min": float(grp["value"].min()),
                      f"{unit}_max": float(grp["value"].max()), "n": len(grp), "dice_mean": float(grp["dice"].mean())}
                     for g, grp in known.groupby("group")]
+    return out
+
+
+def class_bias(case_rows: Sequence[Mapping[str, Any]], labels: Mapping[str, int | None],
+               plan: Mapping[str, Any] | None, max_gap: float) -> dict[str, Any]:
+    """:func:`dice_by_group` with the lesions' HU and volume from the plan's fingerprint (none without
+    a plan), and ``max_gap`` (``segment.bias.max_dice_gap``); a warning when the labels' mean Dice
+    differ by more than it."""
+    measured = {str(c["case_id"]): c for c in ((plan or {}).get("fingerprint") or {}).get("cases", [])}
+    bias = dice_by_group(case_rows, labels, {k: v.get("lesion_hu_median") for k, v in measured.items()},
+                         {k: v.get("lesion_volume_ml") for k, v in measured.items()})
+    gap = bias["label_dice_gap"]
+    bias["max_dice_gap"] = max_gap
+    if gap is not None and abs(gap) > max_gap:
+        log.warning("mean Dice of label-1 lesions %.3f, of label-0 lesions %.3f: they differ by %.3f, more than "
+                    "segment.bias.max_dice_gap %.2f; a classifier of automatic-mask features may learn the "
+                    "segmenter's errors (Dice by lesion density in metrics/segmentation.json `bias`)",
+                    bias["by_label"]["1"]["dice_mean"], bias["by_label"]["0"]["dice_mean"], abs(gap), max_gap)
+    return bias
+
+
+def bias_metrics(bias: Mapping[str, Any]) -> dict[str, float]:
+    """The class bias as MLflow metrics (``dice_label_<k>``, ``label_dice_gap``, ``dice_density_q<k>``...)."""
+    out = {f"dice_label_{k}": v["dice_mean"] for k, v in bias["by_label"].items()}
+    if bias["label_dice_gap"] is not None:
+        out["label_dice_gap"] = bias["label_dice_gap"]
+    for key, name in (("by_density_quartile", "density"), ("by_size_quartile", "size")):
+        out |= {f"dice_{name}_q{g['quartile']}": g["dice_mean"] for g in bias.get(key, [])}
     return out

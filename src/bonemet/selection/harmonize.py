@@ -38,21 +38,16 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from bonemet.errors import UserError
+from bonemet.utils import some
 
 log = logging.getLogger(__name__)
 
 #: ComBat estimates a variance per site: a site needs at least this many training rows.
 MIN_ROWS_PER_SITE = 2
-_SHOW = 5
 
 
 class SiteError(UserError, ValueError):
     """Rows without a usable site for harmonisation (missing column, empty, unseen or too few)."""
-
-
-def _some(items) -> str:
-    items = [str(i) for i in items]
-    return ", ".join(items[:_SHOW]) + (f" and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
 class ComBatHarmonizer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
@@ -101,13 +96,13 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=No
             raise SiteError(
                 f"{where}: no '{self.site_column}' column; the model harmonises features per site "
                 f"(select.harmonize), so every row must name its site"
-                + (f" (one of {_some(self.sites_)})" if hasattr(self, "sites_") else "")
+                + (f" (one of {some(self.sites_)})" if hasattr(self, "sites_") else "")
             )
         raw = X[self.site_column]
         sites = raw.astype("string").str.strip()
         empty = sites.isna() | (sites == "")
         if empty.any():
-            raise SiteError(f"{where}: empty '{self.site_column}' at row(s) {_some(X.index[empty])}: "
+            raise SiteError(f"{where}: empty '{self.site_column}' at row(s) {some(X.index[empty])}: "
                             "give every case its site")
         features = X.drop(columns=[self.site_column])
         return sites.astype(str), features
@@ -124,7 +119,7 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=No
         few = counts[counts < MIN_ROWS_PER_SITE]
         if len(few):
             raise SiteError(
-                f"site(s) {_some(f'{s} ({n} case)' for s, n in few.items())} have fewer than {MIN_ROWS_PER_SITE} "
+                f"site(s) {some(f'{s} ({n} case)' for s, n in few.items())} have fewer than {MIN_ROWS_PER_SITE} "
                 "training cases in this fold; ComBat estimates a variance per site: merge small sites "
                 "or turn select.harmonize off"
             )
@@ -174,14 +169,14 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=No
         if unseen.any():
             found = sorted(set(sites[unseen]))
             raise SiteError(
-                f"site(s) {_some(found)} at row(s) {_some(X.index[unseen])} were not in the training data "
-                f"(sites {_some(self.sites_)}); ComBat cannot adjust a site it never saw: predict these rows "
+                f"site(s) {some(found)} at row(s) {some(X.index[unseen])} were not in the training data "
+                f"(sites {some(self.sites_)}); ComBat cannot adjust a site it never saw: predict these rows "
                 "with a model trained on their site, or one trained with select.harmonize off"
             )
         position = {name: j for j, name in enumerate(self.feature_names_in_)}
         unknown = [str(c) for c in features.columns if str(c) not in position]
         if unknown:
-            raise ValueError(f"harmonisation: columns not seen in fit: {_some(unknown)}")
+            raise ValueError(f"harmonisation: columns not seen in fit: {some(unknown)}")
         cols = np.asarray([position[str(c)] for c in features.columns], dtype=int)
         rows = np.asarray([known[s] for s in sites], dtype=int)
         values = features.to_numpy(dtype=np.float64)

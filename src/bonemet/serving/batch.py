@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from bonemet.data.io import IMAGE_SUFFIXES
+from bonemet.data.manifest import MANIFEST_NAME
 from bonemet.errors import UserError
 from bonemet.serving.predict import FAILED, case_id_from_path, failed_result
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.csv"
 #: the columns of a prediction manifest: required, then optional
 MANIFEST_REQUIRED = ("case_id", "image")
 MANIFEST_OPTIONAL = ("mask", "roi", "segment")

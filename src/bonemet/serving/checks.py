@@ -21,20 +21,14 @@ import numpy as np
 import pandas as pd
 
 from bonemet.errors import UserError
+from bonemet.utils import some
 
 #: Columns a client may send besides the features; they are echoed back or ignored.
 PASSTHROUGH_COLUMNS = ("case_id", "label")
-_SHOW = 5
 
 
 class FeatureInputError(UserError, ValueError):
     """Feature rows do not match what the model expects."""
-
-
-def _some(items: Sequence[str]) -> str:
-    items = list(items)
-    more = f" and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
-    return ", ".join(map(str, items[:_SHOW])) + more
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ class FeatureContract:
         object.__setattr__(self, "_allowed", allowed)
         outside = [c for c in (*self.required, *self.optional) if c not in allowed]
         if outside:
-            raise ValueError(f"required or optional columns outside the known ones: {_some(outside)}")
+            raise ValueError(f"required or optional columns outside the known ones: {some(outside)}")
 
     def read(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(values, texts, optional)`` of ``frame``, or raise :class:`FeatureInputError`.
@@ -81,18 +75,18 @@ class FeatureContract:
         if len(present) != len(columns):
             seen: set[str] = set()
             duplicated = sorted({c for c in columns if c in seen or seen.add(c)})
-            raise FeatureInputError(f"duplicate columns: {_some(duplicated)}")
+            raise FeatureInputError(f"duplicate columns: {some(duplicated)}")
         allowed = self._allowed
         unknown = [c for c in columns if c not in allowed]
         if unknown:
             raise FeatureInputError(
-                f"unknown columns: {_some(unknown)} (expected the model's PyRadiomics feature columns, "
+                f"unknown columns: {some(unknown)} (expected the model's PyRadiomics feature columns, "
                 f"optionally {' and '.join(PASSTHROUGH_COLUMNS)})"
             )
         missing = [c for c in (*self.required, *self.text_columns) if c not in present]
         if missing:
             n_needed = len(self.required) + len(self.text_columns)
-            raise FeatureInputError(f"missing {len(missing)} of the {n_needed} columns the model reads: {_some(missing)}")
+            raise FeatureInputError(f"missing {len(missing)} of the {n_needed} columns the model reads: {some(missing)}")
         values = _numeric(frame, list(self.required))
         texts = {c: _text(frame, c) for c in self.text_columns}
         sent = [c for c in self.optional if c in present]
@@ -116,12 +110,12 @@ def _numeric(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
         is_number = column.map(_is_number).to_numpy(dtype=bool) if not pd.api.types.is_bool_dtype(dtype) else None
         if is_number is None or not is_number.all():
             rows = [str(i) for i in frame.index[~is_number]] if is_number is not None else []
-            wrong.append(f"{name} (row {_some(rows)})" if rows else name)
+            wrong.append(f"{name} (row {some(rows)})" if rows else name)
             continue
         values[:, j] = pd.to_numeric(column).to_numpy(dtype=np.float64, na_value=np.nan)
     if wrong:
         raise FeatureInputError(
-            f"non-numeric values (text, true/false) in {len(wrong)} column(s): {_some(wrong)}; expected numbers"
+            f"non-numeric values (text, true/false) in {len(wrong)} column(s): {some(wrong)}; expected numbers"
         )
     finite = np.isfinite(values)
     if not finite.all():
@@ -129,7 +123,7 @@ def _numeric(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
         cols = sorted({names[j] for j in bad_cols})
         rows = sorted({str(frame.index[i]) for i in bad_rows})
         raise FeatureInputError(
-            f"missing (null), NaN or infinite values in {len(cols)} column(s) ({_some(cols)}) at row(s) {_some(rows)}"
+            f"missing (null), NaN or infinite values in {len(cols)} column(s) ({some(cols)}) at row(s) {some(rows)}"
         )
     return values
 
@@ -145,7 +139,7 @@ def _text(frame: pd.DataFrame, name: str) -> np.ndarray:
     texts = frame[name].astype("string").str.strip()
     empty = (texts.isna() | (texts == "")).to_numpy(dtype=bool)
     if empty.any():
-        raise FeatureInputError(f"empty '{name}' at row(s) {_some([str(i) for i in frame.index[empty]])}")
+        raise FeatureInputError(f"empty '{name}' at row(s) {some([str(i) for i in frame.index[empty]])}")
     return texts.to_numpy(dtype=str)
 
 

@@ -48,6 +48,7 @@ import SimpleITK as sitk
 from bonemet.data.io import IMAGE_SUFFIXES, read_image, read_mask, same_grid, write_image
 from bonemet.data.masks import mask_volume_ml
 from bonemet.errors import UserError
+from bonemet.utils import some
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.segmentation.inference import InferenceSettings
@@ -62,10 +63,8 @@ CLASSIFIED = "classified"
 NO_LESION = "no_lesion"
 LESION_TOO_SMALL = "lesion_too_small"
 FAILED = "failed"
-STATUSES = (CLASSIFIED, NO_LESION, LESION_TOO_SMALL, FAILED)
 #: ``--save-mask`` paths ending so are written as DICOM SEG over the input's series.
 SEG_SUFFIX = ".dcm"
-_SHOW = 5
 
 
 class PredictError(UserError, ValueError):
@@ -245,10 +244,9 @@ def _select_features(features: Mapping[str, float], classifier: Any, case_id: st
     names = list(names)
     missing = [n for n in names if n not in frame.columns]
     if missing:
-        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
         raise PredictError(
             f"case '{case_id}': the classifier expects {len(names)} features, {len(missing)} of which the "
-            f"radiomics settings did not produce ({', '.join(missing[:_SHOW])}{more}); found {frame.shape[1]} "
+            f"radiomics settings did not produce ({some(missing)}); found {frame.shape[1]} "
             "features: use the PyRadiomics settings the classifier was trained with"
         )
     return frame.loc[:, names]

@@ -27,7 +27,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,12 +34,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bonemet.data.manifest import MANIFEST_NAME
     from bonemet.stages._common import specs_from
 
     params = specs_from(args)
     cohort_dir = Path(params.data.cohort_dir)
     source = params.data.source
-    manifest = cohort_dir / MANIFEST
+    manifest = cohort_dir / MANIFEST_NAME
     if manifest.is_file():
         log.info("cohort present: %s (source: %s); nothing to generate", cohort_dir, source)
         return version_cohort(cohort_dir, regenerated=False)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             "%s exists without %s; not overwriting it. Remove it to regenerate the synthetic cohort, "
             "or `dvc checkout data.dvc` / `dvc pull` to restore the versioned one",
             cohort_dir,
-            MANIFEST,
+            MANIFEST_NAME,
         )
         return 1
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling.repeated import (
         best_by_repeats,
         committed_repeat,
+        headline,
         repeats_table,
         run_repeats,
         split_baseline_auc,
@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling.training import read_feature_tables
     from bonemet.splits import read_splits, repeated_splits
     from bonemet.stages._common import cohort_input, feature_inputs, mlflow_tracker, pseudonym_key, specs_from
-    from bonemet.tracking import NullTracker
-    from bonemet.utils import atomic_path, write_json
+    from bonemet.tracking import NullTracker, finite_metrics
+    from bonemet.utils import atomic_path, json_rounded, write_json
 
     params = specs_from(args)
     ev, train = params.evaluate, params.train
@@ -103,18 +103,18 @@ def run(args: argparse.Namespace) -> int:
                     "registered_rule": rule, "registered_by": index.get("registered_by", rule),
                     "best_cv_model": index.get("best_model"),
                     "best_repeated_model": best_by_repeats(summary, train.models), "repeats": records}
-        headline = _headline(repeated, index, table1, Path(params.segment.metrics))
+        headline = headline(repeated, index, table1, Path(params.segment.metrics))
         out = Path(ev.out_dir)
-        write_json(out / "repeated.json", _json_safe(repeated))
+        write_json(out / "repeated.json", json_rounded(repeated))
         table = repeats_table(records)
         with atomic_path(out / "repeated.csv") as tmp:
             table.round(6).to_csv(tmp, index=False)
-        write_json(out / "summary.json", _json_safe(headline))
+        write_json(out / "summary.json", json_rounded(headline))
         for record in records:
             with tracker.run(f"repeat-{record['repeat']}", tags={"repeat": str(record["repeat"]),
                                                                   "chosen": record["chosen"]}, nested=True):
                 tracker.log_params({"seed": record["seed"], "n_train": record["n_train"], "n_test": record["n_test"]})
-                tracker.log_metrics(_finite({f"{m}_{k}": v for m, values in record["models"].items()
+                tracker.log_metrics(finite_metrics({f"{m}_{k}": v for m, values in record["models"].items()
                                              for k, v in values.items()}
                                             | {"chosen_auc": record["models"][record["chosen"]]["auc"],
                                                "llr_auc": record["llr_auc"],
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                                                "baseline_auc": record["baseline_auc"],
                                                "chosen_minus_baseline": record["chosen_minus_baseline"],
                                                "seconds": seconds[record["repeat"]]}))
-        tracker.log_metrics(_finite({k: v for k, v in headline.items() if isinstance(v, int | float)}))
+        tracker.log_metrics(finite_metrics({k: v for k, v in headline.items() if isinstance(v, int | float)}))
         tracker.set_tags({"registered_model": registered, "registered_rule": str(rule),
                           "best_repeated_model": repeated["best_repeated_model"]})
         tracker.log_table(pd.DataFrame(table), "repeated.csv")
@@ -141,54 +141,3 @@ def run(args: argparse.Namespace) -> int:
              f"({summary['llr']['chosen_minus_llr']['lo']:+.3f} to {summary['llr']['chosen_minus_llr']['hi']:+.3f})",
              repeated["best_repeated_model"])
     return 0
-
-
-def _headline(repeated: dict[str, Any], index: dict[str, Any], table1: dict[str, Any],
-              segmentation_json: Path) -> dict[str, Any]:
-    """The numbers worth a column in `dvc exp show`: the registered model, its rule and its
-    repeated estimate (the rule's, repeat by repeat), and the family with the highest mean test AUC."""
-    registered = repeated["registered_model"]
-    chosen = repeated["chosen"]["auc"]
-    best = repeated["best_repeated_model"]
-    best_auc = repeated["models"][best]["auc"]["mean"]
-    out: dict[str, Any] = {
-        "n_repeats": repeated["n_repeats"],
-        "registered_model": registered,
-        "registered_rule": repeated["registered_rule"],
-        "registered_table1_test_auc": table1["models"][registered]["test"]["auc"],
-        "registered_repeated_auc": chosen["mean"], "registered_repeated_auc_lo": chosen["lo"],
-        "registered_repeated_auc_hi": chosen["hi"],
-        "best_cv_model": str(index["best_model"]),
-        "best_repeated_model": best, "best_repeated_auc": best_auc,
-        "registered_gap_to_best": (best_auc - chosen["mean"]) if best_auc is not None and chosen["mean"] is not None
-        else None,
-    }
-    if "baseline" in repeated:
-        diff = repeated["baseline"]["chosen_minus_baseline"]
-        out.update({"baseline_repeated_auc": repeated["baseline"]["auc"]["mean"],
-                    "registered_minus_baseline": diff["mean"], "registered_minus_baseline_lo": diff["lo"],
-                    "registered_minus_baseline_hi": diff["hi"]})
-    if "llr" in repeated:
-        gap = repeated["llr"]["chosen_minus_llr"]
-        out.update({"gap_to_llr": gap["mean"], "gap_to_llr_lo": gap["lo"], "gap_to_llr_hi": gap["hi"]})
-    if segmentation_json.is_file():
-        dice = json.loads(segmentation_json.read_text(encoding="utf-8")).get("dice_mean")
-        if dice is not None:
-            out["dice_mean"] = dice
-    return out
-
-
-def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and inf become null (JSON has no NaN); floats are rounded to 6 decimals (same bytes on rerun)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else None
-    return value

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     params = specs_from(args)
     reg = params.registration
     open_store(params)
-    names = args.model or [reg.model_name, reg.segmentation_model_name]
+    names = args.model or [reg.model_name, params.segment.model_name]  # one key each: segment registers it
     if args.json:
         import json
 

@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(--roi) or SEG (--segment) (default: segment with MISSU)")
     parser.add_argument("--roi", default=None, help="the lesion's ROIName when --mask is an RTSTRUCT")
     parser.add_argument("--segment", default=None, help="the lesion's segment (number or label) when --mask is a SEG")
-    parser.add_argument("--alias", default="staging", help="model alias for both models (default staging)")
+    parser.add_argument("--alias", default=None, help="model alias for both models (default: params register.alias)")
     parser.add_argument("--save-mask", default=None, metavar="PATH",
                         help="write the lesion mask used: PATH.nii.gz / .nrrd (uint8 0/1 on the CT's grid), or "
                              "PATH.dcm: a DICOM SEG over the input series (DICOM series input only)")
@@ -52,7 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="probability at or above which the label is 1 (default: the threshold registered "
                              "with the classifier, chosen on its training data)")
-    parser.add_argument("--device", default="cpu", help="torch device for segmentation (default cpu)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for segmentation: cpu, cuda (default: params segment.device; auto = CUDA "
+                             "when available)")
     parser.add_argument("--disable-tta", action="store_true",
                         help="no test-time mirroring (the model's segment.inference.mirror_axes): 2^n times "
                              "faster segmentation, a little lower Dice (benchmarks/predict.md)")
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     gc.disable()  # start-up: imports and model loading make no garbage worth collecting
     try:
         params = specs_from(args)
+        args.alias = args.alias or params.registration.alias
         predictor = _Predictor(args, params)
         if args.input is not None or args.output is not None:
             code = _run_batch(args, predictor)
@@ -176,13 +179,15 @@ class _Predictor:
     def segmenter(self) -> Any:
         if self._segmenter is None:
             from bonemet.registry.loaders import load_segmenter
+            from bonemet.segmentation.training import resolve_device
             from bonemet.serving.predict import MissuSegmenter
 
-            name = self.params.registration.segmentation_model_name
-            network, metadata, version = load_segmenter(name, self.args.alias, device=self.args.device,
+            name = self.params.segment.model_name  # the name the segment stage registered it under
+            device = self.args.device or str(resolve_device(self.params.segment.device))
+            network, metadata, version = load_segmenter(name, self.args.alias, device=device,
                                                         tracking_uri=self.tracking_uri,
                                                         store_dir=self.params.tracking.store_dir)
-            segmenter = MissuSegmenter.from_metadata(network, metadata, device=self.args.device, name=name,
+            segmenter = MissuSegmenter.from_metadata(network, metadata, device=device, name=name,
                                                      version=version)
             if self.args.disable_tta:
                 segmenter.settings = segmenter.settings.without_mirroring()

@@ -15,7 +15,7 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alias", default="staging", help="model alias to serve (default staging)")
+    parser.add_argument("--alias", default=None, help="model alias to serve (default: params register.alias)")
     parser.add_argument("--model", default=None, help="registered model name (default: params register.model_name)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger(__name__)
     params = specs_from(args)
+    args.alias = args.alias or params.registration.alias
     uri = open_store(params)
     name = args.model or params.registration.model_name
     version = alias_version(name, args.alias)

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.data.synthetic import read_cohort_ceiling
     from bonemet.modeling.classifiers import check_hyperparameters
     from bonemet.modeling.training import read_feature_tables, run_training
+    from bonemet.splits import read_splits
     from bonemet.stages._common import (
         cohort_input,
         feature_inputs,
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.source or train.feature_source
     features_dir = Path(args.features or train.features_dir)
     primary, paired, primary_name, paired_name = read_feature_tables(features_dir, source)
-    splits = json.loads(Path(args.splits or params.split.out).read_text(encoding="utf-8"))
+    splits = read_splits(args.splits or params.split.out)
     bayes_auc, case_llr = read_cohort_ceiling(params.data.cohort_dir)
     sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params)) \
         if params.select.harmonize.enabled else None

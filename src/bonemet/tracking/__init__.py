@@ -13,7 +13,8 @@ from bonemet.tracking.base import (
     NullTracker,
     RecordingTracker,
     Tracker,
+    finite_metrics,
     replay_calls,
 )
 
-__all__ = ["CallBuffer", "DatasetInput", "NullTracker", "RecordingTracker", "Tracker", "replay_calls"]
+__all__ = ["CallBuffer", "DatasetInput", "NullTracker", "RecordingTracker", "Tracker", "finite_metrics", "replay_calls"]

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are finite numbers, as floats (None, NaN, inf, text and bools
+    left out): what a metrics store can hold."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
 @dataclass(frozen=True)
