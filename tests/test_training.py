@@ -66,7 +66,8 @@ def _tables(n: int = 60, p: int = 16, seed: int = 0) -> tuple[pd.DataFrame, pd.D
     for label in (0, 1):  # stratified round-robin: 4 folds
         for k, case in enumerate(c for c in train if y_of[c] == label):
             fold_of[case] = k % 4
-    splits = {"seed": 0, "train": train, "test": test, "train_folds": fold_of}
+    splits = {"seed": 0, "test_size": len(test) / n, "n_folds": 4, "train": train, "test": test,
+              "train_folds": fold_of, "all_folds": {c: i % 4 for i, c in enumerate(sorted(train + test))}}
     return table(X), table(X + rng.normal(size=(n, p)) * noise), splits
 
 
