@@ -17,6 +17,7 @@ from bonemet.data.manifest import read_manifest
 from bonemet.data.synthetic import generate_cohort
 from bonemet.preprocessing import preprocess_cohort
 from bonemet.radiomics import extract_sources
+from bonemet.tracking import RecordingTracker
 from compute_specs import LOCAL_COMPUTE
 
 PARAMS = planned.load()  # the planned settings with their test values (tests/planned.py)
@@ -74,11 +75,12 @@ def test_feature_tables_on_dask_equal_the_local_pools(tmp_path, cohort, cluster,
     cases = read_manifest(cohort.name)  # relative paths, as the stage's
     tables = {}
     for name, compute in (("local", LOCAL_COMPUTE), ("dask", _dask(cluster))):
-        summary = extract_sources(cases, FAST, tmp_path / name, sources=["manual", "annotator"], auto_masks_dir=None,
-                                  n_jobs=2, compute=compute, cache_dir=os.path.relpath(tmp_path / f"cache_{name}"),
-                                  allow_drop=False,
-                                  grid_tolerance_mm=TOL, show_progress=False)
-        assert summary["sources"]["manual"]["n_extracted"] == 4  # computed on the workers, not read from a cache
+        tracker = RecordingTracker()
+        extract_sources(cases, FAST, tmp_path / name, sources=["manual", "annotator"], auto_masks_dir=None,
+                        n_jobs=2, compute=compute, cache_dir=os.path.relpath(tmp_path / f"cache_{name}"),
+                        allow_drop=False, grid_tolerance_mm=TOL, show_progress=False, tracker=tracker)
+        extracted = tracker.find("extract-manual")["metrics"]["n_extracted"][-1][1]
+        assert extracted == 4  # computed on the workers, not read from a cache (MLflow's count, not the output's)
         tables[name] = {s: pd.read_parquet(tmp_path / name / f"{s}.parquet") for s in ("manual", "annotator")}
     for source in ("manual", "annotator"):
         local, dask = tables["local"][source], tables["dask"][source]
