@@ -137,7 +137,10 @@ def read_manifest_table(cohort_dir: str | Path, *, pseudonym_key: bytes | None) 
                             "(e.g. LibreOffice/Excel 'CSV UTF-8')") from exc
     except OSError as exc:
         raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from exc
-    header = next(csv.reader(io.StringIO(text)), [])
+    try:
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
+    except csv.Error as exc:  # e.g. a NUL byte or a lone carriage return inside a field
+        raise ManifestError(f"{path}: not a readable CSV ({exc})") from exc
     names = [c.strip() for c in header]
     repeated = sorted({c for c in names if names.count(c) > 1})
     if repeated:
