@@ -61,8 +61,8 @@ REFERENCE_PLAN = {
     "segment.roi_size": [32, 32, 32],
     "preprocess.crop.min_size_vox": [32, 32, 32],
     "segment.train.batch_size": 2,
-    # what the cpu profile's train_megavoxels (131) gives at batch 2 of one 32^3 crop
-    "segment.train.max_steps": 2000,
+    # what the cpu profile's train_megavoxels (170) gives at batch 2 of one 32^3 crop
+    "segment.train.max_steps": 2594,
 }
 
 

@@ -138,9 +138,9 @@ def _classifier_outputs(metrics: Path) -> str:
     import numpy as np
 
     from bonemet.modeling.evaluation import binary_metrics
+    from bonemet.modeling.repeated import headline as _headline
     from bonemet.modeling.table1 import build_table1, write_table1
     from bonemet.modeling.training import RESUBSTITUTION, registered_rule_text
-    from bonemet.modeling.repeated import headline as _headline
 
     rng = np.random.default_rng(0)
     y = np.arange(40) % 2
