@@ -12,7 +12,7 @@ timeout, a lost machine). Then:
 - no output is half-written: every file under the stage's outputs is complete (it parses), and
   anything else is a hidden temporary (``.<name>.*``, :func:`bonemet.utils.atomic_path`);
 - the per-case feature cache holds only entries that verify (extract);
-- a plain ``dvc repro -s <stage>`` completes, and its outputs are the uninterrupted run's: the
+- ``dvc repro -f -s <stage>`` completes, and its outputs are the uninterrupted run's: the
   same bytes, parquet tables equal (same columns in the same order, same values); only the train
   stage's record of its MLflow run ids (external state) differs: no output measures the run;
 - no MLflow run is left RUNNING (the next start marks the killed one FAILED), and no temporary
@@ -335,8 +335,10 @@ def test_a_stage_killed_at_a_random_moment_reruns_to_the_same_outputs(pipeline, 
         entries = [p for p in (work / ".cache" / "radiomics").glob("*.json") if not p.name.startswith(".")]
         assert all(_read_cache(p) is not None for p in entries), entries
 
-    # `dvc repro` completes, with the uninterrupted run's outputs
-    proc = _dvc(work, "repro", "-s", name)
+    # `dvc repro` completes, with the uninterrupted run's outputs. Forced: every output is cached and the
+    # lock still names the uninterrupted run's, so a plain `dvc repro` checks them out of the cache (what a
+    # user gets, and right); here the stage itself must recompute them after the kill (resuming its work)
+    proc = _dvc(work, "repro", "-f", "-s", name)
     assert proc.returncode == 0, f"rerun after a kill at {at:.1f} s:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
     assert f"Running stage '{name}'" in proc.stdout, proc.stdout[-2000:]
     _assert_same(_snapshot(work, stage), snaps[name])

@@ -197,7 +197,7 @@ def test_a_fresh_clone_pulls_the_outputs_from_the_remote_without_recomputing(tea
     clone = root / "clone"
     _run(["git", "clone", "-q", str(work), str(clone)], root)
     assert not (clone / "data" / "features").exists()  # only git's files so far
-    _run(["dvc", "pull"], clone)
+    _run(["dvc", "pull", "--with-deps", "train"], clone)  # the DAG ran up to train: its outputs and their inputs
     status = _run(["dvc", "status", "train"], clone)  # train and every stage it depends on
     assert "Data and pipelines are up to date" in status, status
     dry = _run(["dvc", "repro", "--dry", "train"], clone)
