@@ -31,7 +31,8 @@ CALIBRATION_METHODS = ("sigmoid", "isotonic", "none")
 _EPS = 1e-6
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) of probabilities clipped to [1e-6, 1 - 1e-6]: the sigmoid calibrator's input."""
     p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
     return np.log(p / (1.0 - p))
 
@@ -54,7 +55,7 @@ class ScoreCalibrator(BaseEstimator):
         if self.method == "sigmoid":
             from sklearn.linear_model import LogisticRegression
 
-            self.model_ = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(scores)[:, None], y)
+            self.model_ = LogisticRegression(C=1e6, max_iter=1000).fit(logit(scores)[:, None], y)
         elif self.method == "isotonic":
             from sklearn.isotonic import IsotonicRegression
 
@@ -68,7 +69,7 @@ class ScoreCalibrator(BaseEstimator):
         if self.model_ is None:
             return scores
         if self.method == "sigmoid":
-            return self.model_.predict_proba(_logit(scores)[:, None])[:, 1]
+            return self.model_.predict_proba(logit(scores)[:, None])[:, 1]
         return np.asarray(self.model_.predict(scores), dtype=np.float64)
 
 

@@ -69,10 +69,13 @@ class ServingModel(BaseEstimator):
         text_columns: text columns it reads too (``site`` for ComBat), after ``columns``.
         input: ``array`` (Fortran-ordered ndarray of ``columns``) or ``frame`` (DataFrame).
         mode: ``reduced`` (selected columns only) or ``full`` (the whole pipeline).
+        engine: ``sklearn`` (the estimators' own methods) or ``direct`` (the same arithmetic
+            without scikit-learn's per-call checks, :mod:`bonemet.modeling.direct`; ``array``
+            input only, and only where it was bit-equal at build time).
     """
 
     def __init__(self, *, transform: Any, classifier: Any, calibrator: Any, columns: Sequence[str],
-                 text_columns: Sequence[str], input: str, mode: str) -> None:
+                 text_columns: Sequence[str], input: str, mode: str, engine: str = "sklearn") -> None:
         self.transform = transform
         self.classifier = classifier
         self.calibrator = calibrator
@@ -80,6 +83,24 @@ class ServingModel(BaseEstimator):
         self.text_columns = text_columns
         self.input = input
         self.mode = mode
+        self.engine = engine
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_direct", None)  # a function built on first use: never stored
+        return state
+
+    def _direct_form(self) -> Any:
+        """The :class:`~bonemet.modeling.direct.DirectForm`, built once; None when ``engine`` is ``sklearn``
+        (and for models logged before the engine existed)."""
+        if getattr(self, "engine", "sklearn") != "direct":
+            return None
+        form = self.__dict__.get("_direct")
+        if form is None:
+            from bonemet.modeling.direct import compile_direct
+
+            form = self.__dict__["_direct"] = compile_direct(self.transform, self.classifier, self.calibrator)
+        return form
 
     def _input(self, values: np.ndarray, texts: Mapping[str, np.ndarray] | None) -> Any:
         if self.input == "array":
@@ -92,10 +113,16 @@ class ServingModel(BaseEstimator):
     def classifier_input(self, values: np.ndarray, texts: Mapping[str, np.ndarray] | None = None) -> Any:
         """What the classifier sees for these rows: the output of the steps before it."""
         X = self._input(values, texts)
+        direct = self._direct_form()
+        if direct is not None:
+            return direct.classifier_input(X)
         return X if self.transform is None else self.transform.transform(X)
 
     def proba_of(self, Z: Any) -> np.ndarray:
         """Probability of label 1 from the classifier's input ``Z`` (see :meth:`classifier_input`)."""
+        direct = self._direct_form()
+        if direct is not None:
+            return direct.proba_of(Z)
         p = self.classifier.predict_proba(Z)[:, 1]
         return p if self.calibrator is None else self.calibrator.transform(p)
 
@@ -223,6 +250,25 @@ def _equal_on(served: ServingModel, model: Any, rows: pd.DataFrame, text_columns
     return True
 
 
+def _with_direct(served: ServingModel, model: Any, rows: pd.DataFrame) -> tuple[ServingModel, str]:
+    """``served`` with ``engine="direct"`` when that form exists and is bit-equal on ``rows``, else as it is;
+    and a few words on which engine it runs."""
+    from bonemet.modeling.direct import NotDirect
+
+    if served.input != "array":
+        return served, "scikit-learn engine"
+    candidate = copy.copy(served)
+    candidate.engine = "direct"
+    try:
+        if _equal_on(candidate, model, rows, ()):
+            return candidate, "direct engine (no per-call checks)"
+        why = "not bit-equal"
+    except NotDirect as exc:
+        why = f"not covered: {exc}"
+    log.info("direct engine not used: %s", why)
+    return served, f"scikit-learn engine (direct {why})"
+
+
 def serving_model(model: Any, feature_names: Sequence[str], check_rows: pd.DataFrame, *,
                   text_columns: Sequence[str] = ()) -> ServingPlan:
     """The fastest exact served form of a fitted ``model``.
@@ -269,7 +315,9 @@ def serving_model(model: Any, feature_names: Sequence[str], check_rows: pd.DataF
                         equal = _equal_on(served, model, rows, ())
                     named = [str(w.message) for w in caught if "feature names" in str(w.message)]
                     if equal and not named:
-                        return ServingPlan(served, f"{reason}; input {input_kind}, bit-equal to the full pipeline")
+                        served, engine = _with_direct(served, model, rows)
+                        return ServingPlan(served, f"{reason}; input {input_kind}, {engine}, bit-equal to the full "
+                                                   f"pipeline")
                     # a warning per request about missing names would flood the server log
                     why = named[0] if named else "not bit-equal to the full pipeline"
                 except (ValueError, TypeError, AttributeError, KeyError) as exc:  # e.g. a classifier needing names

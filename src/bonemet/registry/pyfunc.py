@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -94,6 +95,71 @@ def enable_tcp_nodelay() -> None:
     base_events._set_nodelay = _set_nodelay
 
 
+def split_frame(split: Any) -> pd.DataFrame | None:
+    """``pd.DataFrame(columns=split["columns"], data=split["data"])``, built in bulk; None where the
+    fast path does not apply (then pandas builds it).
+
+    pandas infers each column's dtype from the column's values, one column at a time: ~7.5 ms for
+    one row of 1316 features, most of a served request. Here every column whose values are all
+    Python floats (what ``json.loads`` gives for JSON numbers with a fraction or exponent) becomes
+    one float64 block in one step, and pandas infers the others (``case_id``, integers, text,
+    null) itself, column by column as before; the frame is the same, dtypes and order included
+    (``tests/test_registry_pyfunc.py`` checks it against pandas on generated bodies). Applies to
+    ``dataframe_split`` bodies with ``columns`` (distinct strings), ``data`` (rows: lists of that
+    length) and no ``index``.
+    """
+    if not isinstance(split, dict) or split.keys() - {"columns", "data"}:
+        return None
+    columns, data = split.get("columns"), split.get("data")
+    if not (isinstance(columns, list) and isinstance(data, list) and data and columns):
+        return None
+    n = len(columns)
+    if not all(type(c) is str for c in columns) or len(set(columns)) != n:
+        return None
+    if not all(type(row) is list and len(row) == n for row in data):
+        return None
+    is_float = [type(v) is float for v in data[0]]
+    for row in data[1:]:
+        is_float = [f and type(v) is float for f, v in zip(is_float, row, strict=True)]
+    floats = [j for j in range(n) if is_float[j]]
+    if not floats:
+        return None
+    others = [j for j in range(n) if not is_float[j]]
+    block = np.array([[row[j] for j in floats] for row in data], dtype=np.float64)
+    frame = pd.DataFrame(block, columns=[columns[j] for j in floats])
+    if others:
+        rest = pd.DataFrame([[row[j] for j in others] for row in data], columns=[columns[j] for j in others])
+        frame = pd.concat([rest, frame], axis=1)
+        if others != list(range(len(others))):  # not all before the floats: back into the sent order
+            frame = frame[columns]
+    return frame
+
+
+def enable_fast_split_frames() -> None:
+    """Make MLflow's scoring server build ``dataframe_split`` request frames with :func:`split_frame`.
+
+    In this process only (the server's): wraps ``mlflow.pyfunc.scoring_server``'s
+    ``dataframe_from_parsed_json`` (MLflow 3.17), which every JSON request goes through; bodies
+    with an index, records, a schema to enforce or any other shape still go to MLflow's own code.
+    Where that function does not exist, nothing changes.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    original = getattr(scoring_server, "dataframe_from_parsed_json", None)
+    if original is None or getattr(original, "bonemet_fast", False):
+        return
+
+    def dataframe_from_parsed_json(decoded_input, pandas_orient, schema=None):
+        if pandas_orient == "split" and schema is None:
+            frame = split_frame(decoded_input)
+            if frame is not None:
+                return frame
+        return original(decoded_input, pandas_orient, schema=schema)
+
+    dataframe_from_parsed_json.bonemet_fast = True
+    scoring_server.dataframe_from_parsed_json = dataframe_from_parsed_json
+
+
 def hide_frame_values() -> None:
     """Make pandas print a DataFrame as its summary (rows, columns, dtypes), never its values.
 
@@ -123,11 +189,13 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
         if os.environ.get(_SERVER_MARKER):
             # In `mlflow models serve` only: full garbage collections would walk the ~200k
             # objects of mlflow, pandas and scikit-learn (110-130 ms, about one request in 300);
-            # frozen, they take ~1 ms. Keep-alive answers without the 40 ms Nagle stall. And the
-            # input frame MLflow puts into its own error messages shows no values.
+            # frozen, they take ~1 ms. Keep-alive answers without the 40 ms Nagle stall. Request
+            # frames built in bulk. And the input frame MLflow puts into its own error messages
+            # shows no values.
             import gc
 
             enable_tcp_nodelay()
+            enable_fast_split_frames()
             hide_frame_values()
             gc.collect()
             gc.freeze()

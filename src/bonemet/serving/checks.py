@@ -69,16 +69,17 @@ class FeatureContract:
             raise FeatureInputError(f"expected a table of feature rows, got {type(frame).__name__}")
         if frame.shape[0] == 0:
             raise FeatureInputError("empty input: no feature rows were sent")
-        # pandas 3: iterating a string Index is several times slower than its tolist()
-        columns = [str(c) for c in frame.columns.tolist()]
+        # pandas 3: iterating a string Index is several times slower than its tolist(); set
+        # operations run in C (this runs on every served request, over ~1316 names)
+        columns = list(map(str, frame.columns.tolist()))
         present = set(columns)
         if len(present) != len(columns):
             seen: set[str] = set()
             duplicated = sorted({c for c in columns if c in seen or seen.add(c)})
             raise FeatureInputError(f"duplicate columns: {some(duplicated)}")
-        allowed = self._allowed
-        unknown = [c for c in columns if c not in allowed]
-        if unknown:
+        if not present <= self._allowed:
+            outside = present - self._allowed
+            unknown = [c for c in columns if c in outside]
             raise FeatureInputError(
                 f"unknown columns: {some(unknown)} (expected the model's PyRadiomics feature columns, "
                 f"optionally {' and '.join(PASSTHROUGH_COLUMNS)})"

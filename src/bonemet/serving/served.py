@@ -97,11 +97,10 @@ class ServedClassifier:
         proba = np.asarray(self.serving.proba_of(Z), dtype=np.float64)
         volumes = optional[self.volume_column] / 1000.0 if self.volume_column in optional else None  # mm^3 -> mL
         reasons = self.domain.feature_reasons(np.asarray(Z, dtype=np.float64), volumes)
-        out = pd.DataFrame({"probability_breast": proba, "label": (proba >= threshold).astype(int),
-                            "in_domain": [not r for r in reasons], "domain_reasons": reasons})
-        if "case_id" in frame.columns:
-            out.insert(0, "case_id", frame["case_id"].astype(str).to_numpy())
-        return out
+        columns = {"case_id": frame["case_id"].astype(str).to_numpy()} if "case_id" in frame.columns else {}
+        columns.update(probability_breast=proba, label=(proba >= threshold).astype(int),
+                       in_domain=[not r for r in reasons], domain_reasons=reasons)
+        return pd.DataFrame(columns)
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """:meth:`answer` at the registered threshold."""
