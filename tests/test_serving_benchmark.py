@@ -25,6 +25,10 @@ def test_serving_benchmark_quick_mode(tmp_path):
     report = json.loads(out.read_text())
     assert report["quick"] and report["serving_mode"] == "reduced"
     runs = {(r["model"], r["clients"]) for r in report["results"]}
-    assert runs == {("plain", 1), ("plain", 4), ("bonemet", 1), ("bonemet", 4)}
+    assert runs == {(model, clients) for model in ("plain", "anchor", "bonemet") for clients in (1, 4)}
     assert all(r["requests"] > 0 and r["non2xx"] == 0 for r in report["results"])
     assert report["summary"]["throughput_ratio"] > 1  # even on a busy machine: no schema work per column
+    split = report["summary"]["phase_split_ms"]
+    assert split["engine"] == "direct"  # the benchmark's model is the registered family, the SVM
+    assert all(split[k] > 0 for k in ("parse_pandas", "parse", "checks", "model", "answer_json", "invocations"))
+    assert report["machine"]["cpu_model"] is not None and report["commit"]

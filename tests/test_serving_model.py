@@ -144,6 +144,49 @@ def test_every_classifier_and_scaler_is_served_reduced_and_exact(model, scaler, 
         rows = primary[names].iloc[:9]
         assert np.array_equal(served.predict_values(rows[list(served.columns)].to_numpy()),
                               fitted.predict_proba(rows)[:, 1])
+    # the study's model runs without scikit-learn's per-call checks; the others through scikit-learn
+    assert served.engine == ("direct" if model == "svm" else "sklearn"), plan.reason
+
+
+@pytest.mark.parametrize("calibration", ["sigmoid", "isotonic"])
+@pytest.mark.parametrize("model", ["svm", "logreg"])
+def test_the_direct_engine_gives_the_pipelines_bits_and_survives_saving(model, calibration, params, tmp_path):
+    from bonemet.modeling.calibration import ScoreCalibrator
+    from bonemet.modeling.persistence import load_pipeline, save_pipeline
+
+    primary, paired = feature_tables(n=50, seed=3, names=NAMES[:150])
+    names = NAMES[:150]
+    fitted = fitted_model(primary, paired, params, model=model,
+                          hyperparameters=HYPERPARAMETERS.get(model))
+    scores = fitted.pipeline.predict_proba(primary[names])[:, 1]
+    fitted.calibrator = ScoreCalibrator(method=calibration).fit(scores, primary["label"].to_numpy())
+    served = serving_model(fitted, names, primary[names]).model
+    assert served.engine == "direct"
+    other, _ = feature_tables(n=30, seed=11, names=names)
+    values = other[list(served.columns)].to_numpy()
+    for n in (1, 2, 5, 30):
+        assert np.array_equal(served.predict_values(values[:n]), fitted.predict_proba(other[names].iloc[:n])[:, 1])
+    # the function built on first use is not stored; a loaded model builds its own and agrees
+    save_pipeline(served, tmp_path / "served.skops")
+    loaded = load_pipeline(tmp_path / "served.skops")
+    assert "_direct" in vars(served) and "_direct" not in vars(loaded) and loaded.engine == "direct"
+    assert np.array_equal(loaded.predict_values(values), served.predict_values(values))
+    # switched off, the same model answers through scikit-learn, with the same bits
+    loaded.engine = "sklearn"
+    assert np.array_equal(loaded.predict_values(values), served.predict_values(values))
+
+
+def test_the_direct_engine_refuses_what_it_does_not_cover(params):
+    from bonemet.modeling.direct import NotDirect, compile_direct
+
+    primary, paired = feature_tables(n=40, seed=4, names=NAMES[:100])
+    fitted = fitted_model(primary, paired, params, model="random_forest",
+                          hyperparameters=HYPERPARAMETERS["random_forest"])
+    transform, classifier, calibrator = decompose(fitted)
+    with pytest.raises(NotDirect, match="RandomForestClassifier"):
+        compile_direct(transform, classifier, calibrator)
+    plan = serving_model(fitted, NAMES[:100], primary[NAMES[:100]])
+    assert plan.model.engine == "sklearn" and "not covered" in plan.reason
 
 
 def test_steps_that_mix_columns_are_served_whole(params):
@@ -329,3 +372,65 @@ def test_tcp_nodelay_is_set_on_sockets_uvicorn_binds_with_proto_0(monkeypatch):
         enable_tcp_nodelay()
         base_events._set_nodelay(sock)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def _split_bodies(count: int, seed: int) -> list[dict]:
+    """``dataframe_split`` bodies as ``json.loads`` gives them: floats, integers, null, NaN, text,
+    booleans, columns mixing them, in shuffled column orders."""
+    rng = np.random.default_rng(seed)
+    makers = {"float": lambda: float(rng.normal(scale=1e4)), "int": lambda: int(rng.integers(-5, 5)),
+              "null": lambda: None, "nan": lambda: float("nan"), "text": lambda: str(rng.choice(["a", "", "b"])),
+              "bool": lambda: bool(rng.random() < 0.5)}
+    kinds = [*makers, "float", "float", "mixed"]
+    bodies = []
+    for _ in range(count):
+        n_cols, n_rows = int(rng.integers(1, 10)), int(rng.integers(1, 4))
+        column_kinds = [str(rng.choice(kinds)) for _ in range(n_cols)]
+        data = [[makers[str(rng.choice(["float", "int", "null"]))]() if k == "mixed" else makers[k]()
+                 for k in column_kinds] for _ in range(n_rows)]
+        columns = [f"c{j}" for j in rng.permutation(n_cols)]
+        bodies.append(json.loads(json.dumps({"columns": columns, "data": data})))
+    return bodies
+
+
+def test_request_frames_built_in_bulk_equal_pandas_own():
+    from bonemet.registry.pyfunc import split_frame
+
+    built = 0
+    for body in _split_bodies(600, seed=0):
+        fast = split_frame(body)
+        if fast is None:  # no column of floats only: pandas builds it
+            assert not any(all(type(row[j]) is float for row in body["data"]) for j in range(len(body["columns"])))
+            continue
+        built += 1
+        reference = pd.DataFrame(columns=body["columns"], data=body["data"])
+        pd.testing.assert_frame_equal(fast, reference, check_exact=True, check_index_type=True,
+                                      check_column_type=True)
+        assert list(fast.dtypes) == list(reference.dtypes) and type(fast.index) is type(reference.index)
+    assert built > 300
+    # shapes it leaves to pandas: an index, ragged rows, repeated or non-text names
+    for body in ({"columns": ["a"], "data": [[1.0]], "index": [7]}, {"columns": ["a", "b"], "data": [[1.0]]},
+                 {"columns": ["a", "a"], "data": [[1.0, 2.0]]}, {"columns": [1], "data": [[1.0]]},
+                 {"data": [[1.0]]}, [[1.0]]):
+        assert split_frame(body) is None
+
+
+def test_the_server_builds_request_frames_in_bulk_and_leaves_other_shapes_to_mlflow(monkeypatch):
+    from mlflow.pyfunc import scoring_server
+
+    from bonemet.registry.pyfunc import enable_fast_split_frames
+
+    monkeypatch.setattr(scoring_server, "dataframe_from_parsed_json", scoring_server.dataframe_from_parsed_json)
+    original = scoring_server.dataframe_from_parsed_json
+    enable_fast_split_frames()
+    enable_fast_split_frames()  # once is enough: not wrapped twice
+    patched = scoring_server.dataframe_from_parsed_json
+    assert patched is not original and patched.bonemet_fast
+    body = {"columns": ["case_id", "x", "y"], "data": [["c1", 1.5, 2.0], ["c2", 0.5, float("nan")]]}
+    frame = scoring_server.infer_and_parse_data({"dataframe_split": body})
+    pd.testing.assert_frame_equal(frame, original(body, "split"), check_exact=True)
+    assert list(frame.dtypes.astype(str))[1:] == ["float64", "float64"]
+    records = scoring_server.infer_and_parse_data({"dataframe_records": [{"x": 1.0}]})
+    assert records["x"].tolist() == [1.0]
+    with_index = scoring_server.infer_and_parse_data({"dataframe_split": {**body, "index": [5, 6]}})
+    assert with_index.index.tolist() == [5, 6]

@@ -86,7 +86,7 @@ class ServingModel(BaseEstimator):
         self.engine = engine
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # object.__getstate__ hands out the live __dict__
         state.pop("_direct", None)  # a function built on first use: never stored
         return state
 
