@@ -357,7 +357,7 @@ def phase_split(model_uri: str, store: str, payloads: list[bytes], repeats: int)
     import mlflow
     from mlflow.pyfunc import scoring_server
 
-    from bonemet.registry.pyfunc import enable_fast_split_frames
+    from bonemet.registry.pyfunc import enable_fast_request_parsing
 
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
@@ -379,7 +379,7 @@ def phase_split(model_uri: str, store: str, payloads: list[bytes], repeats: int)
         return scoring_server._parse_json_data(body, model.metadata, None).data
 
     split = {"parse_pandas": median_ms(parse)}
-    enable_fast_split_frames()
+    enable_fast_request_parsing()
     frames = {body: parse(body) for body in payloads}
     answers = {body: served.answer(frames[body]) for body in payloads}
     split["parse"] = median_ms(parse)

@@ -415,17 +415,36 @@ def test_request_frames_built_in_bulk_equal_pandas_own():
         assert split_frame(body) is None
 
 
-def test_the_server_builds_request_frames_in_bulk_and_leaves_other_shapes_to_mlflow(monkeypatch):
+def test_the_server_parses_requests_faster_with_the_same_results(monkeypatch):
+    """orjson for the body, the bulk frame for dataframe_split; other shapes go to MLflow's code."""
+    from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server
 
-    from bonemet.registry.pyfunc import enable_fast_split_frames
+    from bonemet.registry.pyfunc import enable_fast_request_parsing
 
-    monkeypatch.setattr(scoring_server, "dataframe_from_parsed_json", scoring_server.dataframe_from_parsed_json)
-    original = scoring_server.dataframe_from_parsed_json
-    enable_fast_split_frames()
-    enable_fast_split_frames()  # once is enough: not wrapped twice
+    for name in ("dataframe_from_parsed_json", "_decode_json_input"):  # restored after the test
+        monkeypatch.setattr(scoring_server, name, getattr(scoring_server, name))
+    original, decode = scoring_server.dataframe_from_parsed_json, scoring_server._decode_json_input
+    enable_fast_request_parsing()
+    enable_fast_request_parsing()  # once is enough: not wrapped twice
     patched = scoring_server.dataframe_from_parsed_json
-    assert patched is not original and patched.bonemet_fast
+    assert patched is not original and patched.bonemet_fast and scoring_server._decode_json_input.bonemet_fast
+    # JSON: the same dict as json.loads, including what orjson refuses and MLflow's own errors
+    texts = ['{"a": [1.5, 2, null, "x", true], "b": {"c": -0.0}}', '{"a": NaN, "b": Infinity}',
+             '{"a": 123456789012345678901234567890}', '{"a": 1, "a": 2}', '{"a": "\\ud800"}', '{"a": 1e400}']
+    for text in texts:
+        for body in (text, text.encode(), text.encode("utf-16")):
+            got, expected = scoring_server._decode_json_input(body), decode(body)
+            assert repr(got) == repr(expected), body
+    for split in _split_bodies(100, seed=1):
+        body = json.dumps({"dataframe_split": split, "params": {"threshold": 0.5}}).encode()
+        assert repr(scoring_server._decode_json_input(body)) == repr(decode(body))
+    for bad in (b"[1, 2]", b"{", b"\xff"):
+        with pytest.raises(MlflowException) as ours:
+            scoring_server._decode_json_input(bad)
+        with pytest.raises(MlflowException) as theirs:
+            decode(bad)
+        assert ours.value.message == theirs.value.message
     body = {"columns": ["case_id", "x", "y"], "data": [["c1", 1.5, 2.0], ["c2", 0.5, float("nan")]]}
     frame = scoring_server.infer_and_parse_data({"dataframe_split": body})
     pd.testing.assert_frame_equal(frame, original(body, "split"), check_exact=True)

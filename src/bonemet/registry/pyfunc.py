@@ -135,29 +135,69 @@ def split_frame(split: Any) -> pd.DataFrame | None:
     return frame
 
 
-def enable_fast_split_frames() -> None:
-    """Make MLflow's scoring server build ``dataframe_split`` request frames with :func:`split_frame`.
+def _holds_huge_whole_float(node: Any) -> bool:
+    """Does a decoded JSON document hold a whole-number float of 2**63 or more in magnitude?
 
-    In this process only (the server's): wraps ``mlflow.pyfunc.scoring_server``'s
-    ``dataframe_from_parsed_json`` (MLflow 3.17), which every JSON request goes through; bodies
-    with an index, records, a schema to enforce or any other shape still go to MLflow's own code.
-    Where that function does not exist, nothing changes.
+    orjson reads integer literals beyond 64 bits as floats where ``json.loads`` gives ints; such a
+    document is left to ``json.loads`` (~0.18 ms for a 1316-feature body).
+    """
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is float and abs(item) >= 9.2e18 and item.is_integer():
+            return True
+    return False
+
+
+def enable_fast_request_parsing() -> None:
+    """Make MLflow's scoring server parse JSON requests with orjson and build ``dataframe_split``
+    frames with :func:`split_frame`, with the same results.
+
+    In this process only (the server's), wrapping two functions of ``mlflow.pyfunc.scoring_server``
+    (MLflow 3.17) that every JSON request goes through, twice for the first: ``_decode_json_input``
+    (``json.loads`` of a 78 kB body: 0.47 ms; orjson and a check of its result: 0.25 ms; where
+    orjson refuses a body (NaN literals, lone surrogates, other encodings) or might have read it
+    otherwise (integers beyond 64 bits), ``json.loads`` decides as before) and
+    ``dataframe_from_parsed_json`` (bodies with an index, records, a schema to enforce or any other
+    shape still go to MLflow's own code). Where a function does not exist, it is left alone.
     """
     from mlflow.pyfunc import scoring_server
 
-    original = getattr(scoring_server, "dataframe_from_parsed_json", None)
-    if original is None or getattr(original, "bonemet_fast", False):
-        return
+    decode = getattr(scoring_server, "_decode_json_input", None)
+    if decode is not None and not getattr(decode, "bonemet_fast", False):
+        try:
+            import orjson
+        except ImportError:
+            orjson = None
+        if orjson is not None:
+            def _decode_json_input(json_input):
+                if isinstance(json_input, bytes | str):
+                    try:
+                        decoded = orjson.loads(json_input)
+                    except orjson.JSONDecodeError:
+                        decoded = None
+                    if isinstance(decoded, dict) and not _holds_huge_whole_float(decoded):
+                        return decoded
+                return decode(json_input)
 
-    def dataframe_from_parsed_json(decoded_input, pandas_orient, schema=None):
-        if pandas_orient == "split" and schema is None:
-            frame = split_frame(decoded_input)
-            if frame is not None:
-                return frame
-        return original(decoded_input, pandas_orient, schema=schema)
+            _decode_json_input.bonemet_fast = True
+            scoring_server._decode_json_input = _decode_json_input
 
-    dataframe_from_parsed_json.bonemet_fast = True
-    scoring_server.dataframe_from_parsed_json = dataframe_from_parsed_json
+    build = getattr(scoring_server, "dataframe_from_parsed_json", None)
+    if build is not None and not getattr(build, "bonemet_fast", False):
+        def dataframe_from_parsed_json(decoded_input, pandas_orient, schema=None):
+            if pandas_orient == "split" and schema is None:
+                frame = split_frame(decoded_input)
+                if frame is not None:
+                    return frame
+            return build(decoded_input, pandas_orient, schema=schema)
+
+        dataframe_from_parsed_json.bonemet_fast = True
+        scoring_server.dataframe_from_parsed_json = dataframe_from_parsed_json
 
 
 def hide_frame_values() -> None:
@@ -189,13 +229,13 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
         if os.environ.get(_SERVER_MARKER):
             # In `mlflow models serve` only: full garbage collections would walk the ~200k
             # objects of mlflow, pandas and scikit-learn (110-130 ms, about one request in 300);
-            # frozen, they take ~1 ms. Keep-alive answers without the 40 ms Nagle stall. Request
-            # frames built in bulk. And the input frame MLflow puts into its own error messages
+            # frozen, they take ~1 ms. Keep-alive answers without the 40 ms Nagle stall. Requests
+            # parsed by orjson, their frames built in bulk. And the input frame MLflow puts into its own error messages
             # shows no values.
             import gc
 
             enable_tcp_nodelay()
-            enable_fast_split_frames()
+            enable_fast_request_parsing()
             hide_frame_values()
             gc.collect()
             gc.freeze()
