@@ -66,11 +66,12 @@ def trained(tmp_path_factory):
 
 
 def _predict(trained, image, mask):
-    from bonemet.serving.predict import predict_case
+    from bonemet.serving.predict import Predictor
 
-    return predict_case(image, mask, segmenter=None, classifier=trained["classifier"], radiomics_settings=SETTINGS,
-                        mask_label=LABEL, threshold=0.5, grid_tolerance_mm=TOLERANCE_MM,
-                        min_lesion_ml=PARAMS.validation.lesion_volume_ml[0])
+    predictor = Predictor(load_classifier=lambda: trained["classifier"], load_segmenter=lambda: None,
+                          radiomics_settings=SETTINGS, mask_label=LABEL, threshold=0.5, grid_tolerance_mm=TOLERANCE_MM,
+                          min_lesion_ml=PARAMS.validation.lesion_volume_ml[0], alias="staging")
+    return predictor.predict_case(image, mask)
 
 
 def test_a_training_case_is_in_domain(trained):

@@ -19,7 +19,7 @@ from bonemet.data.masks import mask_volume_ml
 from bonemet.radiomics import build_settings
 from bonemet.segmentation.inference import CaseInferenceError, InferenceSettings
 from bonemet.serving.checks import check_feature_frame
-from bonemet.serving.predict import MissuSegmenter, PredictError, case_id_from_path, predict_case
+from bonemet.serving.predict import MissuSegmenter, PredictError, Predictor, case_id_from_path
 
 PARAMS = planned.load(Path(__file__).resolve().parents[1] / "params.yaml")
 LABEL = PARAMS.data.mask_label
@@ -127,11 +127,12 @@ def classifier(cohort):
 
 
 def _predict(image, mask=None, segmenter=None, classifier=None, **kw):
-    """predict_case with params.yaml's settings (mask label, grid tolerance, register.threshold)."""
-    return predict_case(image, mask, segmenter=segmenter, classifier=classifier, radiomics_settings=SETTINGS,
-                        mask_label=LABEL, threshold=kw.pop("threshold", 0.5),
-                        grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM),
-                        min_lesion_ml=kw.pop("min_lesion_ml", MIN_LESION_ML), **kw)
+    """Predictor.predict_case with params.yaml's settings (mask label, grid tolerance, register.threshold)."""
+    predictor = Predictor(load_classifier=lambda: classifier, load_segmenter=lambda: segmenter,
+                          radiomics_settings=SETTINGS, mask_label=LABEL, threshold=kw.pop("threshold", 0.5),
+                          grid_tolerance_mm=kw.pop("grid_tolerance_mm", TOLERANCE_MM),
+                          min_lesion_ml=kw.pop("min_lesion_ml", MIN_LESION_ML), alias=None)
+    return predictor.predict_case(image, mask, **kw)
 
 
 def test_case_id_from_path(tmp_path):

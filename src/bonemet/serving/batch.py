@@ -161,6 +161,40 @@ def predict_many(cases: Sequence[BatchCase], predict_one: Callable[[BatchCase], 
     return results
 
 
+def predict_batch(predictor: Any, input_path: str | Path, output_path: str | Path, *,
+                  save_masks: str | Path | None, show_progress: bool) -> dict[str, Any]:
+    """Every case of a folder or manifest through ``predictor``
+    (:class:`~bonemet.serving.predict.Predictor`), the results written to ``output_path`` (CSV).
+
+    Case ids are pseudonymised by the predictor's ``pseudonym``; a case without a mask is
+    segmented; ``save_masks``: a folder for each case's mask (``<case_id>.nii.gz``). The models
+    are loaded first, so a missing or broken model fails the batch, not every case in turn.
+
+    Returns:
+        the summary: ``input``, ``output``, ``cases``, ``statuses`` (count per status), ``alias``.
+    """
+    from dataclasses import replace
+
+    cases = [replace(c, case_id=predictor.pseudonym(c.case_id)) for c in read_batch_input(input_path)]
+    save_dir = Path(save_masks) if save_masks else None
+    predictor.classifier  # noqa: B018
+    if any(case.mask is None for case in cases):
+        predictor.segmenter  # noqa: B018
+
+    def one(case: BatchCase) -> dict[str, Any]:
+        save = save_dir / f"{case.case_id}.nii.gz" if save_dir is not None else None
+        return predictor.predict_case(case.image, case.mask, save_mask=save, case_id=case.case_id, roi=case.roi,
+                                      segment=case.segment)
+
+    results = predictor.run_gc(lambda: predict_many(cases, one, show_progress=show_progress))
+    write_results_csv(results, output_path)
+    counts = summary(results)
+    log.info("predict: %d case(s) from %s -> %s: %s", len(results), input_path, output_path,
+             ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return {"input": str(input_path), "output": str(output_path), "cases": len(results), "statuses": counts,
+            "alias": predictor.alias, "failed": any_failed(results)}
+
+
 def _cell(value: Any) -> Any:
     if value is None:
         return ""

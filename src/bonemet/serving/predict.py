@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -319,7 +319,7 @@ def predict_inputs(
     min_lesion_ml: float,
     save_mask: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Predict for a CT already read by :func:`load_inputs` (see :func:`predict_case`)."""
+    """Predict for a CT already read by :func:`load_inputs` (see :meth:`Predictor.predict_case`)."""
     case_id, image = inputs.case_id, inputs.image
     seconds = dict(inputs.seconds)
     if not 0.0 <= float(threshold) <= 1.0:
@@ -408,60 +408,123 @@ def predict_inputs(
     }
 
 
-def predict_case(
-    image_path: str | Path,
-    mask_path: str | Path | None = None,
-    *,
-    segmenter: Segmenter | None,
-    classifier: Classifier,
-    radiomics_settings: Mapping[str, Any],
-    mask_label: int,
-    threshold: float,
-    grid_tolerance_mm: float,
-    min_lesion_ml: float,
-    save_mask: str | Path | None = None,
-) -> dict[str, Any]:
-    """Probability that the bone metastasis in a CT comes from breast cancer.
+class Predictor:
+    """The models, loaded once (the segmenter only when a case first needs it), and one case's
+    prediction: what ``bonemet predict`` runs for one CT or for each CT of a batch.
+
+    The models come from callables (the registry's loaders, for ``bonemet predict``; objects at
+    hand, in tests), so this module never touches MLflow. ``pseudonym`` maps a case id taken
+    from a file name to the id the result carries (``data.pseudonymize``). The garbage collector
+    is switched on only around the work that makes garbage (:meth:`run_gc`); the caller keeps it
+    off while libraries and models load.
 
     Args:
-        image_path: CT in HU: NIfTI, NRRD, MetaImage file or a folder with one DICOM series;
-            any spacing and orientation.
-        mask_path: optional lesion label map on the CT's grid; without it ``segmenter`` makes one.
-        segmenter: see :class:`Segmenter` (may be None when a mask is given).
-        classifier: see :class:`Classifier`.
-        radiomics_settings: PyRadiomics settings of training (``imageType``, ``featureClass``,
-            ``setting``; see :func:`bonemet.radiomics.build_settings`).
-        mask_label: lesion value in the given mask file.
-        threshold: probability of breast origin at or above which the label is 1.
-        grid_tolerance_mm: how far (mm) a given mask's spacing and origin may differ from the CT's.
-        min_lesion_ml: a lesion smaller than this (mL) is not classified (``validate.lesion_volume_ml[0]``).
-        save_mask: where to write the lesion mask used: a label map (uint8 0/1, on the CT's
-            grid; format by suffix) or, for a path ending in ``.dcm``, a DICOM SEG over the
-            input series (the input must then be a DICOM series folder).
-
-    Returns:
-        JSON-serialisable dict: ``case_id``, ``input``, ``status`` (``classified`` |
-        ``no_lesion`` | ``lesion_too_small``), ``reason`` (None when classified),
-        ``probability_breast`` and ``label`` (None unless classified), ``threshold``,
-        ``in_domain`` and ``domain_reasons`` (see :func:`domain_fields`), ``lesion_volume_ml``
-        (mL), ``lesion_voxels``, ``min_lesion_ml``, ``mask_source`` ("given" | "missu"),
-        ``mask``, ``saved_mask``, ``n_features``, ``models`` (name and version of the
-        classifier and of the segmenter when used), ``image`` (size, spacing in mm) and
-        ``seconds`` per step.
-
-    Raises:
-        bonemet.data.io.ImageReadError: a file is missing, unreadable or not an image.
-        PredictError: mask off the CT's grid, an empty given mask, features not matching the classifier.
-        ValueError: other failures of segmentation (CaseInferenceError) or extraction (BadMaskError).
+        load_classifier: returns the :class:`Classifier` (with ``threshold`` unless ``threshold``
+            is given).
+        load_segmenter: returns the :class:`Segmenter`.
+        radiomics_settings, mask_label, grid_tolerance_mm, min_lesion_ml: see :meth:`predict_case`.
+        threshold: probability at or above which the label is 1; None: the classifier's own.
+        alias: the registry alias the models were loaded by (reported in each result).
     """
-    inputs = load_inputs(image_path, mask_path, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm)
-    return predict_inputs(
-        inputs,
-        segmenter=segmenter,
-        classifier=classifier,
-        radiomics_settings=radiomics_settings,
-        threshold=threshold,
-        grid_tolerance_mm=grid_tolerance_mm,
-        min_lesion_ml=min_lesion_ml,
-        save_mask=save_mask,
-    )
+
+    def __init__(self, *, load_classifier: Callable[[], Classifier], load_segmenter: Callable[[], Segmenter],
+                 radiomics_settings: Mapping[str, Any], mask_label: int, grid_tolerance_mm: float,
+                 min_lesion_ml: float, threshold: float | None, alias: str | None,
+                 pseudonym: Callable[[str], str] = str) -> None:
+        self._load_classifier, self._load_segmenter = load_classifier, load_segmenter
+        self.radiomics_settings, self.mask_label = radiomics_settings, mask_label
+        self.grid_tolerance_mm, self.min_lesion_ml = grid_tolerance_mm, float(min_lesion_ml)
+        self.threshold, self.alias, self.pseudonym = threshold, alias, pseudonym
+        self._classifier: Classifier | None = None
+        self._segmenter: Segmenter | None = None
+
+    @property
+    def classifier(self) -> Classifier:
+        if self._classifier is None:
+            model = self._load_classifier()
+            if self.threshold is None and getattr(model, "threshold", None) is None:
+                name = getattr(model, "name", "the classifier")
+                raise PredictError(f"{name}@{self.alias} carries no threshold (registered by an older bonemet: run "
+                                   "the pipeline again) and --threshold was not given")
+            self._classifier = model
+        return self._classifier
+
+    @property
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            self._segmenter = self._load_segmenter()
+        return self._segmenter
+
+    @staticmethod
+    def run_gc(work: Callable[[], Any]) -> Any:
+        """Run ``work`` with the garbage collector on (segmentation and extraction make garbage)."""
+        import gc
+
+        enabled = gc.isenabled()
+        gc.enable()
+        try:
+            return work()
+        finally:
+            if not enabled:
+                gc.disable()
+
+    def predict_case(self, image_path: str | Path | None, mask_path: str | Path | None = None, *,
+                     save_mask: str | Path | None = None, case_id: str | None = None, roi: str | None = None,
+                     segment: Any = None) -> dict[str, Any]:
+        """Probability that the bone metastasis in a CT comes from breast cancer.
+
+        Args:
+            image_path: CT in HU: NIfTI, NRRD, MetaImage file or a folder with one DICOM series;
+                any spacing and orientation.
+            mask_path: optional lesion mask on the CT's grid: a label map (lesion = ``mask_label``),
+                a DICOM RTSTRUCT (``roi``) or SEG (``segment``); without it the segmenter makes one.
+            save_mask: where to write the lesion mask used: a label map (uint8 0/1, on the CT's
+                grid; format by suffix) or, for a path ending in ``.dcm``, a DICOM SEG over the
+                input series (the input must then be a DICOM series folder).
+            case_id: the case's id (a batch's, already pseudonymised); None: from the file name,
+                then pseudonymised.
+
+        Returns:
+            JSON-serialisable dict: ``case_id``, ``input``, ``status`` (``classified`` |
+            ``no_lesion`` | ``lesion_too_small``), ``reason`` (None when classified),
+            ``probability_breast`` and ``label`` (None unless classified), ``threshold``,
+            ``in_domain`` and ``domain_reasons`` (see :func:`domain_fields`), ``lesion_volume_ml``
+            (mL), ``lesion_voxels``, ``min_lesion_ml``, ``mask_source`` ("given" | "missu"),
+            ``mask``, ``saved_mask``, ``n_features``, ``models`` (name and version of the
+            classifier and of the segmenter when used), ``image`` (size, spacing in mm),
+            ``seconds`` per step and ``alias``.
+
+        Raises:
+            bonemet.data.io.ImageReadError: a file is missing, unreadable or not an image.
+            PredictError: no CT, mask off the CT's grid, an empty given mask, features not matching
+                the classifier.
+            ValueError: other failures of segmentation (CaseInferenceError) or extraction (BadMaskError).
+        """
+        if image_path is None:
+            raise PredictError("no CT given: bonemet predict IMAGE [--mask MASK], or -i DIR_OR_MANIFEST -o OUT.csv")
+        # Read (and check) the CT and mask before loading any model: a bad file fails in a second.
+        inputs = load_inputs(image_path, mask_path, mask_label=self.mask_label, grid_tolerance_mm=self.grid_tolerance_mm,
+                             case_id=case_id, roi=roi, segment=segment)
+        if case_id is None:  # an id from the file name is pseudonymised like a manifest's (a batch's already are)
+            inputs.case_id = self.pseudonym(inputs.case_id)
+        check_save_mask(save_mask, inputs.image_path, inputs.case_id)
+        start = time.perf_counter()
+        classifier = self.classifier
+        segmenter = self.segmenter if inputs.mask is None else None
+        loading = time.perf_counter() - start
+        threshold = self.threshold if self.threshold is not None else classifier.threshold
+        log.info("predict: case '%s' from %s", inputs.case_id, image_path)
+        result = self.run_gc(lambda: predict_inputs(
+            inputs, segmenter=segmenter, classifier=classifier, radiomics_settings=self.radiomics_settings,
+            threshold=float(threshold), grid_tolerance_mm=self.grid_tolerance_mm, min_lesion_ml=self.min_lesion_ml,
+            save_mask=save_mask,
+        ))
+        if loading >= 0.001:
+            result["seconds"]["load_models"] = round(loading, 3)
+        result["alias"] = self.alias
+        if result["probability_breast"] is None:
+            log.info("predict: case '%s': %s", result["case_id"], result["reason"])
+        else:
+            log.info("predict: case '%s': P(breast) = %.3f -> label %d (mask %s, %.2f ml)", result["case_id"],
+                     result["probability_breast"], result["label"], result["mask_source"], result["lesion_volume_ml"])
+        return result
