@@ -31,7 +31,7 @@ from bonemet.data.masks import dice as dice_score
 from bonemet.errors import UserError
 from bonemet.segmentation.inference import autocast_context, sliding_window_logits
 from bonemet.tracking.base import NullTracker, Tracker
-from bonemet.utils import atomic_path, progress, seed_everything
+from bonemet.utils import atomic_path, progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import SegmentSpec, SegTrainSpec
@@ -385,6 +385,8 @@ def train_model(
     validation Dice. Torch's thread count is the caller's to set.
     """
     import torch
+
+    from bonemet.segmentation.networks import seed_everything
 
     tracker = tracker or NullTracker()
     if not train_items:
