@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bonemet"
 HOMES = {"mlflow": "bonemet.registry", "great_expectations": "bonemet.validation.gx", "radiomics": "bonemet.radiomics",
          "dask": "bonemet.compute", "distributed": "bonemet.compute",
          "torch": "bonemet.segmentation", "monai": "bonemet.segmentation",
-         "dvc": "bonemet.tracking.dvc"}
+         "optuna": "bonemet.search", "dvc": "bonemet.tracking.dvc"}
 
 #: DVC is driven, never imported: its executable, its files and the environment it gives a stage are
 #: named (as string constants, docstrings aside) only in its home
