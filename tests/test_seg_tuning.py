@@ -77,3 +77,10 @@ def test_the_study_name_follows_the_settings_seed_and_cases(params):
     assert len({name, training.tuning_study_name(spec, items, items, 8),
                 training.tuning_study_name(spec, other, items, 7),
                 training.tuning_study_name(spec.updated({"train.lr": 0.5}), items, items, 7)}) == 4
+
+
+def test_the_storage_is_logged_and_saved_without_its_password(params):
+    spec = params.segment.updated({"tune.storage": "postgresql://bonemet:s3cret@db.team:5432/optuna"})
+    doc = training.spec_json(spec)
+    assert doc["tune"]["storage"] == "postgresql://bonemet:***@db.team:5432/optuna"
+    assert "s3cret" not in str(doc) and training.spec_json(params.segment)["tune"]["storage"] is None

@@ -61,6 +61,16 @@ def space_json(space: Mapping[str, FloatRange | IntRange | Choice]) -> dict[str,
     return {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in space.items()}
 
 
+def storage_for_log(url: str | None) -> str:
+    """A study's storage as it may be logged: the database URL with any password masked (``memory``
+    for none)."""
+    if url is None:
+        return "memory"
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _sampler_and_pruner(seed: int, pruner_startup_trials: int, shared: bool) -> tuple[Any, Any]:
     import optuna
 

@@ -270,7 +270,17 @@ class _BestCheckpoint:
         self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         if self.path is not None:
             save_checkpoint({"state_dict": self.state, "epoch": epoch, "val_dice": self.dice,
-                             "spec": self.spec.model_dump(mode="json")}, self.path)
+                             "spec": spec_json(self.spec)}, self.path)
+
+
+def spec_json(spec: SegmentSpec, **kwargs: Any) -> dict[str, Any]:
+    """``spec`` as JSON values to log or save: ``tune.storage`` with any password masked."""
+    from bonemet.search import storage_for_log
+
+    doc = spec.model_dump(mode="json", **kwargs)
+    if isinstance(doc.get("tune"), dict) and doc["tune"].get("storage") is not None:
+        doc["tune"]["storage"] = storage_for_log(doc["tune"]["storage"])
+    return doc
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
