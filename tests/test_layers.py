@@ -14,7 +14,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bonemet"
 
 #: third-party packages that only one bonemet package may import
 HOMES = {"mlflow": "bonemet.registry", "great_expectations": "bonemet.validation.gx", "radiomics": "bonemet.radiomics",
-         "dask": "bonemet.compute", "distributed": "bonemet.compute"}
+         "dask": "bonemet.compute", "distributed": "bonemet.compute",
+         "torch": "bonemet.segmentation", "monai": "bonemet.segmentation",
+         "optuna": "bonemet.search", "dvc": "bonemet.tracking.dvc"}
+
+#: DVC is driven, never imported: its executable, its files and the environment it gives a stage are
+#: named (as string constants, docstrings aside) only in its home
+DVC_HOME = "bonemet.tracking.dvc"
+DVC_NAMES = {"dvc", "dvc.lock", "dvc.yaml", ".dvc", "*.dvc", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE"}
 
 
 def _module_name(path: Path) -> str:
@@ -109,6 +116,25 @@ def test_each_heavy_library_is_imported_in_its_one_home():
             if home and not (module == home or module.startswith(home + ".")):
                 offenders.append(f"{path.relative_to(SRC.parent)}:{line} imports {imported} (home: {home})")
     assert offenders == []
+
+
+def _dvc_names(path: Path) -> list[tuple[str, int]]:
+    """The string constants of ``path`` (docstrings aside) that name DVC's executable, files or stage environment."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.value, node.lineno) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and node.value in DVC_NAMES]
+
+
+def test_dvc_is_driven_from_its_one_home():
+    """Running ``dvc``, reading ``dvc.lock`` / ``.dvc`` files and DVC's stage environment: bonemet.tracking.dvc only."""
+    offenders = [f"{path.relative_to(SRC.parent)}:{line} names {name!r} (home: {DVC_HOME})"
+                 for path in SRC.rglob("*.py") if _module_name(path) != DVC_HOME for name, line in _dvc_names(path)]
+    assert offenders == []
+    assert {name for name, _ in _dvc_names(SRC / "tracking" / "dvc.py")} >= {"dvc", "dvc.lock", ".dvc"}
 
 
 def test_importing_every_module_has_no_side_effects():

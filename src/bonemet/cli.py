@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.no_progress:
         configure_progress(False)
-    if os.environ.get("DVC_STAGE"):  # a DVC stage: it ends, with its workers, when DVC's process does
+    from bonemet.tracking.dvc import in_dvc_stage
+
+    if in_dvc_stage():  # a DVC stage: it ends, with its workers, when DVC's process does
         end_with_parent()
     with capture_warnings(stage_log(args), args.command):  # a user's mistake goes into the stage's log too
         try:

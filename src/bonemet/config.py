@@ -419,6 +419,11 @@ class SegTuneSpec(Spec):
     """``segment.tune``: Optuna over ``segment.train`` keys on the first fold's validation split."""
 
     n_trials: NonNegativeInt
+    #: MedianPruner on each trial's best validation Dice per epoch: finished trials before it prunes
+    pruner_startup_trials: NonNegativeInt
+    #: null: in memory (the same seed gives the same trials); or an SQLAlchemy URL: the study under a
+    #: deterministic name in that database, resumed when it exists (as ``train.tuning.storage``)
+    storage: str | None
     search_space: dict[str, SearchParam]
 
     @field_validator("search_space")

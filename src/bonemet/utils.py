@@ -39,14 +39,10 @@ def setup_logging(level: str | int = "INFO") -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and (when imported) torch."""
+    """Seed Python and NumPy (torch, which only segmentation uses, too:
+    :func:`bonemet.segmentation.networks.seed_everything`)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    torch.manual_seed(seed)
 
 
 #: errno values that mean "this output cannot be written here" (a user's disk or folder, not a bug).

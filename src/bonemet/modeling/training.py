@@ -478,11 +478,9 @@ def fit_model(model: str, data: _Data, inner: Sequence[FoldData], outer: Sequenc
 
 def _without_password(url: str | None) -> str:
     """A database URL as it may be logged: any password masked (``memory`` for none)."""
-    if url is None:
-        return "memory"
-    from sqlalchemy.engine import make_url
+    from bonemet.search import storage_for_log
 
-    return make_url(url).render_as_string(hide_password=True)
+    return storage_for_log(url)
 
 
 def _record_model(res: ModelResult, data: _Data, *, train: TrainSpec, evaluate: EvaluateSpec,

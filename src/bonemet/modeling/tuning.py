@@ -11,13 +11,12 @@ Objective: mean inner-fold ROC AUC. The running mean is reported after each fold
 ``MedianPruner`` can stop hopeless trials early. Sampler: TPE, seeded: the same seed gives the
 same trials. In memory by default; with ``train.tuning.storage`` (PostgreSQL) each model's study
 lives in the database under a deterministic name and several processes (``train.tuning.workers``)
-or machines tune it at once.
+or machines tune it at once. The studies are made by :mod:`bonemet.search` (the one home of
+Optuna), as segmentation's tuning's are.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -31,7 +30,19 @@ import pandas as pd
 
 from bonemet.modeling.classifiers import build_classifier
 from bonemet.modeling.pipeline import build_selection_pipeline
-from bonemet.search import suggest
+from bonemet.search import (
+    finished_trials,
+    is_pruned,
+    load_study,
+    make_study,
+    optimize,
+    prune,
+    remaining_trials,
+    space_json,
+    study_digest,
+    suggest,
+    trials_frame,
+)
 from bonemet.tracking import NullTracker, Tracker
 from bonemet.utils import progress_bar
 
@@ -112,18 +123,16 @@ def study_name(model_name: str, folds: Sequence[FoldData], space: Mapping[str, A
     The same tuning gets the same name on any machine (so a rerun resumes it), a change of data or
     settings a new study. ``n_trials`` is not part of it: raising it continues the study.
     """
-    h = hashlib.sha256()
     spec = {"model": model_name, "seed": int(seed), "pruner_startup_trials": int(pruner_startup_trials),
-            "fixed": dict(fixed_params),
-            "space": {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in space.items()}}
-    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+            "fixed": dict(fixed_params), "space": space_json(space)}
+    chunks = []
     for fold in folds:
         for frame in (fold.X_train, fold.X_val):
-            h.update("\0".join(map(str, frame.columns)).encode())
-            h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+            chunks.append("\0".join(map(str, frame.columns)).encode())
+            chunks.append(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
         for labels in (fold.y_train, fold.y_val):
-            h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    return f"bonemet-{model_name}-{h.hexdigest()[:16]}"
+            chunks.append(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return f"bonemet-{model_name}-{study_digest(spec, *chunks)}"
 
 
 #: the trial's user attribute naming the process that ran it (``host:pid``)
@@ -139,50 +148,33 @@ class _Objective:
         self.model_name, self.folds, self.space, self.fixed, self.seed = model_name, list(folds), dict(space), dict(fixed), seed
 
     def __call__(self, trial: Any) -> float:
-        import optuna
-
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
         params = {**self.fixed, **suggest(trial, self.space)}
         scores = []
         for step, fold in enumerate(self.folds):
             scores.append(fold_auc(self.model_name, params, fold, self.seed))
-            trial.report(float(np.mean(scores)), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+            prune(trial, float(np.mean(scores)), step)  # raises the pruner's stop
         return float(np.mean(scores))
-
-
-def _sampler_and_pruner(seed: int, pruner_startup_trials: int, shared: bool) -> tuple[Any, Any]:
-    import optuna
-
-    # constant liar: a worker sampling while another's trial runs treats it as a poor result, so two
-    # workers do not propose the same point (only matters with running trials: a shared study)
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=shared)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=1)
-    return sampler, pruner
 
 
 def _optimize_share(storage: str, name: str, objective: _Objective, seed: int, pruner_startup_trials: int,
                     n_trials: int, warnings_log: str | None) -> int:
     """A worker process (one BLAS/OpenMP thread): ``n_trials`` trials of the shared study
     ``name``, its own database connection; returns how many it ran."""
-    import optuna
     from threadpoolctl import threadpool_limits
 
     from bonemet.utils import log_context, worker_warnings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler, pruner = _sampler_and_pruner(seed, pruner_startup_trials, shared=True)
     with threadpool_limits(limits=1), worker_warnings(warnings_log), \
             log_context(f"[{objective.model_name} tuning, sampler seed {seed}]"):
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        study.optimize(objective, n_trials=n_trials)
+        study = load_study(name, seed=seed, pruner_startup_trials=pruner_startup_trials, storage=storage)
+        optimize(study, objective, n_trials)
     return n_trials
 
 
 #: what the tuning workers import anyway, loaded once in the forkserver process
-_WORKER_PRELOAD = ("bonemet.modeling.tuning", "optuna", "sklearn.linear_model", "sklearn.svm", "sklearn.neighbors",
-                   "sklearn.ensemble", "sklearn.neural_network", "sqlalchemy")
+_WORKER_PRELOAD = ("bonemet.modeling.tuning", "bonemet.search", "optuna", "sklearn.linear_model", "sklearn.svm",
+                   "sklearn.neighbors", "sklearn.ensemble", "sklearn.neural_network", "sqlalchemy")
 
 
 def _shares(n: int, workers: int) -> list[int]:
@@ -228,9 +220,6 @@ def tune_model(
     Every finished trial is logged to ``tracker`` once, after tuning, from the study itself
     (metric ``trial_auc``, step = trial number).
     """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = tracker or NullTracker()
     fixed = dict(fixed_params)
     if not space or n_trials < 1:
@@ -240,25 +229,20 @@ def tune_model(
         raise ValueError(f"{workers} tuning workers need a shared storage (train.tuning.storage)")
 
     objective = _Objective(model_name, folds, space, fixed, seed)
-    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    sampler, pruner = _sampler_and_pruner(seed, pruner_startup_trials, shared=storage is not None)
-    name = None
+    name = None if storage is None else study_name(model_name, folds, space, fixed, seed, pruner_startup_trials)
+    study = make_study(name or f"bonemet-{model_name}", seed=seed, pruner_startup_trials=pruner_startup_trials,
+                       storage=storage)
     if storage is None:
-        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
-                                    study_name=f"bonemet-{model_name}")
         with progress_bar(int(n_trials), desc=f"{model_name} trials", unit="trial") as bar:
-            study.optimize(objective, n_trials=int(n_trials), callbacks=[lambda _study, _trial: bar.update(1)])
+            optimize(study, objective, int(n_trials), callbacks=[lambda _study, _trial: bar.update(1)])
     else:
-        name = study_name(model_name, folds, space, fixed, seed, pruner_startup_trials)
-        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=name,
-                                    storage=storage, load_if_exists=True)
-        done = len(study.get_trials(deepcopy=False, states=finished_states))
-        shares = _shares(max(0, int(n_trials) - done), workers)
+        done = len(finished_trials(study))
+        shares = _shares(remaining_trials(study, n_trials), workers)
         log.info("%s: study %s in the shared storage: %d trial(s) finished, %d to run in %d process(es)",
                  model_name, name, done, sum(shares), len(shares))
         with progress_bar(sum(shares), desc=f"{model_name} trials", unit="trial") as bar:
             if len(shares) == 1:
-                study.optimize(objective, n_trials=shares[0], callbacks=[lambda _study, _trial: bar.update(1)])
+                optimize(study, objective, shares[0], callbacks=[lambda _study, _trial: bar.update(1)])
             elif shares:
                 import multiprocessing
 
@@ -276,14 +260,10 @@ def tune_model(
                                for i, share in enumerate(shares)]
                     for future in as_completed(futures):
                         bar.update(future.result())
-    finished = study.get_trials(deepcopy=False, states=finished_states)
+    finished = finished_trials(study)
     log_trials(tracker, finished)
-    numbers = {t.number for t in finished}
-    trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
-    trials = trials[trials["number"].isin(numbers)].reset_index(drop=True)
-    if "duration" in trials:
-        trials["duration"] = trials["duration"].dt.total_seconds()
-    n_pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in finished)
+    trials = trials_frame(study, finished)
+    n_pruned = sum(is_pruned(t) for t in finished)
     best = {**fixed, **study.best_params}
     log.info("%s: best inner-CV AUC %.3f after %d trials (%d pruned)", model_name, study.best_value,
              len(finished), n_pruned)

@@ -212,27 +212,10 @@ def _grow_crop(crop: np.ndarray, target: np.ndarray, budget: int, divisor: int) 
 
 def activation_mb(network: str, kwargs: Mapping[str, Any], roi_size: Sequence[int]) -> tuple[float, int]:
     """``(MB of the outputs of every leaf module for one crop in training mode, parameter count)``:
-    measured on torch's meta device (shapes only)."""
-    import torch
+    measured on torch's meta device (shapes only) by :func:`bonemet.segmentation.networks.activation_mb`."""
+    from bonemet.segmentation.networks import activation_mb as measured
 
-    from bonemet.segmentation.networks import CT_CHANNELS, N_CLASSES, build_network
-
-    total = 0
-
-    def count(_module: Any, _inputs: Any, output: Any) -> None:
-        nonlocal total
-        outputs = output if isinstance(output, tuple | list) else (output,)
-        total += sum(o.numel() for o in outputs if isinstance(o, torch.Tensor))
-
-    with torch.device("meta"):
-        net = build_network(network, in_channels=CT_CHANNELS, out_channels=N_CLASSES, roi_size=tuple(roi_size),
-                            **dict(kwargs))
-        hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
-        net.train()
-        net(torch.zeros(1, CT_CHANNELS, *roi_size))
-    for hook in hooks:
-        hook.remove()
-    return total * 4 / 2**20, sum(p.numel() for p in net.parameters())
+    return measured(network, kwargs, roi_size)
 
 
 def plan_batch(inputs: PlanInputs, roi_size: Sequence[int]) -> tuple[int, dict[str, Any], list[str]]:

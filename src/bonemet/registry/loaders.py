@@ -144,32 +144,6 @@ def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str | None
                                 domain)
 
 
-def _evaluable(network: Any) -> Any:
-    """The network in eval mode; a ``pt2`` (torch.export) module, which refuses ``eval()``, is wrapped.
-
-    ``mlflow.pytorch`` logs ``pt2`` by default; the sliding-window inference calls
-    ``model.eval()``, which an exported GraphModule answers with an error. The wrapper keeps it
-    out of the module tree so that ``eval()`` reaches only the wrapper.
-    """
-    import torch
-
-    try:
-        network.eval()
-        return network
-    except (NotImplementedError, RuntimeError):
-        pass
-
-    class ExportedNetwork(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self._inner = (inner,)  # a tuple: not a registered child, so eval() stays here
-
-        def forward(self, x):
-            return self._inner[0](x)
-
-    return ExportedNetwork(network).eval()
-
-
 _SEGMENTER_HINT = "run `bonemet segment`, or give the lesion mask with --mask"
 
 
@@ -191,6 +165,8 @@ def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str | No
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from bonemet.segmentation.networks import evaluable
+
     local = resolve_alias(tracking_uri, name, alias) if tracking_uri else None
     if local is False:
         raise _not_found(name, alias, tracking_uri, _SEGMENTER_HINT)
@@ -205,6 +181,6 @@ def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str | No
         network = mlflow.pytorch.load_model(uri, map_location=device)
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
-    network = _evaluable(network)
+    network = evaluable(network)  # a pt2 (torch.export) module, which refuses eval(), is wrapped
     log.info("segmenter %s version %s (alias '%s') on %s", name, version, alias, device)
     return network, metadata, version

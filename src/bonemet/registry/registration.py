@@ -250,17 +250,14 @@ def log_segmenter(network: Any, example: Any, metadata: Mapping[str, Any], *, na
     import tempfile
 
     import numpy as np
-    import torch
     from mlflow.models import infer_signature
 
     from bonemet.registry.environment import segmenter_requirements
     from bonemet.registry.pyfunc import bonemet_code
+    from bonemet.segmentation.networks import example_logits
 
     example = np.asarray(example, dtype=np.float32)
-    with torch.no_grad():
-        output = network(torch.from_numpy(example))
-    output = output[0] if isinstance(output, tuple) else output
-    signature = infer_signature(example, output.detach().cpu().numpy())
+    signature = infer_signature(example, example_logits(network, example))
     with tempfile.TemporaryDirectory() as tmp:
         return mlflow.pytorch.log_model(
             network, name=name, signature=signature, input_example=example, metadata=dict(metadata),

@@ -27,10 +27,10 @@ from bonemet.errors import UserError
 from bonemet.segmentation.data import SegCase, load_volume
 from bonemet.segmentation.inference import CaseInferenceError, InferenceSettings, predict_case
 from bonemet.segmentation.metrics import case_metrics
-from bonemet.segmentation.networks import count_parameters, network_from_spec
+from bonemet.segmentation.networks import count_parameters, network_from_spec, seed_everything
 from bonemet.segmentation.training import train_model
 from bonemet.tracking.base import NullTracker, Tracker
-from bonemet.utils import atomic_path, die_with_parent, log_context, progress, seed_everything
+from bonemet.utils import atomic_path, die_with_parent, log_context, progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import SegmentSpec

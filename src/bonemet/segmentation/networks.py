@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -33,13 +33,18 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "NETWORKS",
     "MISSU",
+    "ExportedNetwork",
     "NetworkConfigError",
     "NetworkInputError",
+    "activation_mb",
     "build_network",
     "count_parameters",
+    "evaluable",
+    "example_logits",
     "input_divisor",
     "network_from_spec",
     "network_kwargs",
+    "seed_everything",
 ]
 
 #: CT in, background and lesion out: the channels of every network here.
@@ -217,3 +222,77 @@ def count_parameters(model: nn.Module, inference_only: bool = False) -> int:
         for p in model.training_only_parameters():
             params.pop(id(p), None)
     return sum(p.numel() for p in params.values())
+
+
+# --- torch for the other layers ----------------------------------------------------------------
+# bonemet.segmentation is the one home of torch and MONAI (tests/test_layers.py): planning,
+# the registry and the stages call these functions instead of importing torch themselves.
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and NumPy (:func:`bonemet.utils.seed_everything`) and torch."""
+    import torch
+
+    from bonemet.utils import seed_everything as seed_python_numpy
+
+    seed_python_numpy(seed)
+    torch.manual_seed(seed)
+
+
+def activation_mb(network: str, kwargs: Mapping[str, Any], roi_size: Sequence[int]) -> tuple[float, int]:
+    """``(MB of the outputs of every leaf module for one crop in training mode, parameter count)``:
+    measured on torch's meta device (shapes only; the plan's memory estimate)."""
+    import torch
+
+    total = 0
+
+    def count(_module: Any, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        outputs = output if isinstance(output, tuple | list) else (output,)
+        total += sum(o.numel() for o in outputs if isinstance(o, torch.Tensor))
+
+    with torch.device("meta"):
+        net = build_network(network, in_channels=CT_CHANNELS, out_channels=N_CLASSES, roi_size=tuple(roi_size),
+                            **dict(kwargs))
+        hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+        net.train()
+        net(torch.zeros(1, CT_CHANNELS, *roi_size))
+    for hook in hooks:
+        hook.remove()
+    return total * 4 / 2**20, sum(p.numel() for p in net.parameters())
+
+
+def example_logits(network: nn.Module, example: Any) -> Any:
+    """The logits (a NumPy array) of ``network`` for ``example`` (a float32 array ``(B, 1, D, H, W)``),
+    without gradients; a ``(logits, distillation)`` answer gives its logits."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        output = network(torch.from_numpy(np.asarray(example, dtype=np.float32)))
+    output = output[0] if isinstance(output, tuple) else output
+    return output.detach().cpu().numpy()
+
+
+class ExportedNetwork(nn.Module):
+    """A network that refuses ``eval()`` (a ``pt2``, torch.export, GraphModule) behind a module that
+    takes it: the inner network is kept out of the module tree, so that ``eval()`` reaches only
+    the wrapper."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self._inner = (inner,)  # a tuple: not a registered child, so eval() stays here
+
+    def forward(self, x: Any) -> Any:
+        return self._inner[0](x)
+
+
+def evaluable(network: Any) -> nn.Module:
+    """``network`` in eval mode; a ``pt2`` (torch.export) module, which refuses ``eval()``, is wrapped
+    (:class:`ExportedNetwork`): the sliding-window inference calls ``model.eval()``."""
+    try:
+        network.eval()
+        return network
+    except (NotImplementedError, RuntimeError):
+        pass
+    return ExportedNetwork(network).eval()

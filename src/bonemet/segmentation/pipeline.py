@@ -95,7 +95,7 @@ def run_segmentation(
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.inference import InferenceSettings
     from bonemet.segmentation.networks import network_kwargs
-    from bonemet.segmentation.training import resolve_device
+    from bonemet.segmentation.training import resolve_device, spec_json
 
     require_planned(spec, "segment", "run_segmentation")  # the stage resolved `auto` from the plan, once
     tracker = tracker or NullTracker()
@@ -107,7 +107,7 @@ def run_segmentation(
     start = time.perf_counter()
     tracker.log_params({
         "model": spec.model, "profile": spec.profile, "network": net_kwargs, "seed": seed, "num_threads": num_threads,
-        **spec.model_dump(mode="json", exclude={"networks", "profile", "model"}),
+        **spec_json(spec, exclude={"networks", "profile", "model"}),  # tune.storage without its password
     })
     if plan is not None:  # which settings the plan chose and which params fixed
         tracker.log_params({f"plan_source.{k}": v["source"] for k, v in plan["values"].items()})

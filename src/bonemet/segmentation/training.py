@@ -31,7 +31,7 @@ from bonemet.data.masks import dice as dice_score
 from bonemet.errors import UserError
 from bonemet.segmentation.inference import autocast_context, sliding_window_logits
 from bonemet.tracking.base import NullTracker, Tracker
-from bonemet.utils import atomic_path, progress, seed_everything
+from bonemet.utils import atomic_path, progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import SegmentSpec, SegTrainSpec
@@ -270,7 +270,17 @@ class _BestCheckpoint:
         self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         if self.path is not None:
             save_checkpoint({"state_dict": self.state, "epoch": epoch, "val_dice": self.dice,
-                             "spec": self.spec.model_dump(mode="json")}, self.path)
+                             "spec": spec_json(self.spec)}, self.path)
+
+
+def spec_json(spec: SegmentSpec, **kwargs: Any) -> dict[str, Any]:
+    """``spec`` as JSON values to log or save: ``tune.storage`` with any password masked."""
+    from bonemet.search import storage_for_log
+
+    doc = spec.model_dump(mode="json", **kwargs)
+    if isinstance(doc.get("tune"), dict) and doc["tune"].get("storage") is not None:
+        doc["tune"]["storage"] = storage_for_log(doc["tune"]["storage"])
+    return doc
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
@@ -354,6 +364,7 @@ def train_model(
     validate: Callable[[Any, int], tuple[float, float]] | None = None,
     show_progress: bool = False,
     progress_desc: str = "epochs",
+    on_epoch: Callable[[int, float], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` on in-memory volumes; validate each epoch; keep the best-Dice weights.
 
@@ -375,6 +386,8 @@ def train_model(
             sliding-window validation (used by tests to script a loss sequence).
         show_progress: log every epoch (otherwise the first and every tenth).
         progress_desc: the label of the epochs' progress bar (e.g. ``fold 3 epochs``).
+        on_epoch: optional ``(epoch, best validation Dice so far) -> stop``, called after every
+            epoch; True ends training there (``stop_reason`` "pruned": the tuning's pruner).
 
     The schedule: ``spec.train.max_steps`` optimiser steps (rounded up to whole epochs, at most
     ``max_epochs``; :func:`budget_epochs`), or ``max_epochs`` epochs when it is None.
@@ -385,6 +398,8 @@ def train_model(
     validation Dice. Torch's thread count is the caller's to set.
     """
     import torch
+
+    from bonemet.segmentation.networks import seed_everything
 
     tracker = tracker or NullTracker()
     if not train_items:
@@ -463,6 +478,9 @@ def train_model(
                 log.info("step budget spent at epoch %d (%d steps)", epoch, epoch * len(loader))
         else:
             stop_reason = ""
+        if on_epoch is not None and on_epoch(epoch, best.dice):
+            stop_reason = "pruned"
+            log.info("pruned at epoch %d (validation Dice %.4f so far)", epoch, best.dice)
         finished = bool(stop_reason)
         if resume_path is not None:
             _save_resume(resume_path, key, model, optimizer, scheduler, step.scaler, stopper, best, history,
@@ -520,6 +538,27 @@ def _save_resume(path: Path, key: str, model: Any, optimizer: Any, scheduler: An
     save_checkpoint(state, path)
 
 
+def tuning_study_name(spec: SegmentSpec, train_items: Sequence[Mapping[str, Any]],
+                      val_items: Sequence[Mapping[str, Any]], seed: int) -> str:
+    """The segmentation study's name in a shared storage (``segment.tune.storage``): a digest of
+    everything that defines its trials (the ``segment`` settings but ``tune.n_trials`` and the
+    storage, the seed, the tuning cases' ids and volumes). The same tuning gets the same name (a
+    rerun resumes it); raising ``n_trials`` continues it."""
+    from bonemet.search import study_digest
+
+    settings = spec.model_dump(mode="json")
+    settings["tune"] = {k: v for k, v in settings["tune"].items() if k not in ("n_trials", "storage")}
+    chunks = []
+    for items in (train_items, val_items):
+        for item in items:
+            chunks.append(str(item.get("case_id", "")).encode() + b"\0")
+            for key in ("image", "label"):
+                value = item[key]
+                value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+                chunks.append(np.ascontiguousarray(value).tobytes())
+    return f"bonemet-segment-{spec.model}-{study_digest({'segment': settings, 'seed': int(seed)}, *chunks)}"
+
+
 def tune(
     model_factory: Callable[[], Any],
     train_items: Sequence[Mapping[str, Any]],
@@ -531,29 +570,63 @@ def tune(
 ) -> dict[str, Any]:
     """Optuna over ``spec.tune.search_space`` (``segment.train`` keys) on one validation split.
 
-    ``spec.tune.n_trials`` trials (TPE, seeded), each a nested run ``tune-trial-<n>`` with its
-    params and curves; the objective is the best validation Dice. Returns the best trial's
-    ``segment.train`` values (empty when ``n_trials`` is 0).
+    ``spec.tune.n_trials`` trials, each a nested run ``tune-trial-<n>`` with its params and
+    curves; the objective is the best validation Dice. The study is made as the classifiers'
+    (:func:`bonemet.search.make_study`): TPE seeded with ``seed`` (in memory, the same seed gives
+    the same trials), a median pruner on the best validation Dice after each epoch (from the
+    second epoch, once ``tune.pruner_startup_trials`` trials finished), and with
+    ``tune.storage`` the study :func:`tuning_study_name` names in that database, resumed: its
+    finished trials count towards ``n_trials``. Returns the best trial's ``segment.train`` values
+    (empty when ``n_trials`` is 0).
     """
     if spec.tune.n_trials <= 0:
         return {}
-    import optuna
-
-    from bonemet.search import suggest
+    from bonemet.search import (
+        finished_trials,
+        is_pruned,
+        make_study,
+        optimize,
+        raise_pruned,
+        remaining_trials,
+        should_prune,
+        suggest,
+    )
 
     tracker = tracker or NullTracker()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = spec.tune
+    name = (f"bonemet-segment-{spec.model}" if settings.storage is None
+            else tuning_study_name(spec, train_items, val_items, seed))
 
     def objective(trial: Any) -> float:
-        values = suggest(trial, spec.tune.search_space)
+        values = suggest(trial, settings.search_space)
         trial_spec = spec.updated({f"train.{k}": v for k, v in values.items()})
+        pruned_at: list[int] = []
+
+        def on_epoch(epoch: int, best_dice: float) -> bool:
+            # step epoch - 1: the first epoch is the pruner's warm-up (n_warmup_steps 1), as the first fold
+            if should_prune(trial, best_dice, epoch - 1):
+                pruned_at.append(epoch)
+                return True
+            return False
+
         with tracker.run(f"tune-trial-{trial.number}", nested=True):
             tracker.log_params(values)
-            result = train_model(model_factory(), train_items, val_items, trial_spec, seed=seed, tracker=tracker)
+            result = train_model(model_factory(), train_items, val_items, trial_spec, seed=seed, tracker=tracker,
+                                 on_epoch=on_epoch)
             tracker.log_metrics({"best_val_dice": result.best_val_dice})
+            if pruned_at:
+                tracker.log_metrics({"pruned_at_epoch": float(pruned_at[0])})
+        if pruned_at:
+            raise_pruned()
         return result.best_val_dice
 
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.optimize(objective, n_trials=spec.tune.n_trials)
-    log.info("tuning: best validation Dice %.4f with %s", study.best_value, study.best_params)
+    study = make_study(name, seed=seed, pruner_startup_trials=settings.pruner_startup_trials, storage=settings.storage)
+    left = remaining_trials(study, settings.n_trials)
+    if settings.storage is not None:
+        log.info("tuning: study %s in the shared storage: %d trial(s) finished, %d to run", name,
+                 len(finished_trials(study)), left)
+    optimize(study, objective, left)
+    finished = finished_trials(study)
+    log.info("tuning: best validation Dice %.4f with %s after %d trials (%d pruned)", study.best_value,
+             study.best_params, len(finished), sum(is_pruned(t) for t in finished))
     return dict(study.best_params)

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from bonemet.config import Params, load_specs
+from bonemet.tracking.dvc import cohort_dvc_file, data_md5, dvc_root, experiment_name  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.registry.store import MlflowTracker
@@ -35,7 +34,7 @@ def project_path(path: str) -> str:
     parent repository's root for a queued experiment, whose stages run in a temporary copy under
     ``.dvc/tmp/exps``), else the working directory. So every experiment, queued or not, tracks to
     the project's one MLflow store."""
-    root = os.environ.get("DVC_ROOT")
+    root = dvc_root()
     if not root or Path(path).is_absolute() or Path(root).resolve() == Path.cwd().resolve():
         return path
     return str(Path(root) / path)
@@ -63,56 +62,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _dvc_out(dvc_file: Path) -> tuple[Path, str] | None:
-    """``(tracked path relative to the working directory, md5)`` of a one-output .dvc file."""
-    try:
-        doc = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))
-        out = doc["outs"][0]
-        return Path(os.path.normpath(dvc_file.parent / str(out["path"]))), str(out.get("md5", ""))
-    except (OSError, KeyError, IndexError, TypeError, AttributeError, yaml.YAMLError):
-        return None
-
-
-def cohort_dvc_file(cohort_dir: str | Path) -> Path | None:
-    """The .dvc file that versions the cohort folder, or None.
-
-    ``data.dvc`` (at the repository root) tracks the default ``data/raw``; a cohort elsewhere is
-    tracked by the ``<cohort_dir>.dvc`` that ``dvc add <cohort_dir>`` writes beside it (also any
-    root-level ``*.dvc`` whose output is the folder). Paths are relative to the working
-    directory, the repository root where stages run.
-    """
-    target = Path(os.path.normpath(cohort_dir))
-    candidates = [Path(f"{target}.dvc"), *sorted(Path(".").glob("*.dvc"))]
-    for candidate in candidates:
-        if candidate.is_file():
-            out = _dvc_out(candidate)
-            if out is not None and out[0] == target:
-                return candidate
-    return None
-
-
-def data_md5(cohort_dir: str | Path, lock: str | Path = "dvc.lock") -> str:
-    """The md5 DVC recorded for the cohort (its .dvc file first, then dvc.lock), or 'unknown'."""
-    dvc_file = cohort_dvc_file(cohort_dir)
-    out = _dvc_out(dvc_file) if dvc_file is not None else None
-    if out is not None and out[1]:
-        return out[1]
-    target = os.path.normpath(cohort_dir)
-    try:
-        doc = yaml.safe_load(Path(lock).read_text(encoding="utf-8"))
-        for stage in doc.get("stages", {}).values():
-            for dep in stage.get("deps", []):
-                if os.path.normpath(dep.get("path", "")) == target:
-                    return str(dep["md5"])
-    except (OSError, AttributeError, TypeError, yaml.YAMLError):
-        pass
-    return "unknown"
-
-
 def run_tags(cohort_dir: str | Path) -> dict[str, str]:
     """Tags put on every MLflow run: git commit, the cohort's data hash and the DVC experiment name."""
     tags = {"git_commit": git_commit(), "data_md5": data_md5(cohort_dir)}
-    exp = os.environ.get("DVC_EXP_NAME")
+    exp = experiment_name()
     if exp:
         tags["dvc_exp"] = exp
     return tags
