@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ from bonemet.modeling.training import (
     precompute_selection,
     split_data,
 )
-from bonemet.tracking import NullTracker
+from bonemet.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import EvaluateSpec, SelectSpec, TrainSpec
@@ -327,3 +328,124 @@ def headline(repeated: dict[str, Any], index: dict[str, Any], table1: dict[str, 
         if dice is not None:
             out["dice_mean"] = dice
     return out
+
+
+@dataclass(frozen=True)
+class RepeatedEvaluation:
+    """What the evaluate stage writes: ``repeated`` (repeated.json), ``table`` (repeated.csv, one
+    row per repeat and model) and ``headline`` (summary.json)."""
+
+    repeated: dict[str, Any]
+    table: pd.DataFrame
+    headline: dict[str, Any]
+
+
+def evaluate_repeated(
+    primary: pd.DataFrame,
+    paired: pd.DataFrame,
+    *,
+    committed: Mapping[str, Any],
+    table1: dict[str, Any],
+    index: dict[str, Any],
+    select: SelectSpec,
+    train: TrainSpec,
+    evaluate: EvaluateSpec,
+    test_size: float,
+    n_folds: int,
+    seed: int,
+    feature_source: str,
+    segmentation_json: str | Path,
+    out_dir: str | Path,
+    case_llr: Mapping[str, float] | None = None,
+    sites: Mapping[str, str] | None = None,
+    tracker: Tracker | None = None,
+    show_progress: bool = False,
+) -> RepeatedEvaluation:
+    """The whole classification pipeline over ``evaluate.repeats`` stratified splits.
+
+    Repeat 0 is the committed split ``committed`` (``data/splits.json``), read back from the train
+    stage's ``table1`` and ``index`` (``models/index.json``: the registered model and its rule),
+    so it is Table 1 exactly; repeats 1.. are :func:`bonemet.splits.repeated_splits` (grouped by
+    the committed split's patients when it has them) run by :func:`run_repeats`. Logs a parent run
+    ``evaluate`` with a nested run per repeat to ``tracker`` (the repeats' seconds go there only:
+    the outputs hold no timings). Writes ``out_dir``/``repeated.json``, ``repeated.csv`` and
+    ``summary.json`` (:class:`RepeatedEvaluation`'s three parts).
+
+    Raises:
+        TrainingInputError: ``index`` names no registered model (written by an older bonemet).
+    """
+    from bonemet.splits import repeated_splits
+    from bonemet.tracking import finite_metrics
+    from bonemet.utils import atomic_path, json_rounded, write_json
+
+    tracker = tracker or NullTracker()
+    rule = index.get("registered_rule")
+    if rule is None or "registered_model" not in index:
+        raise TrainingInputError(f"{Path(train.out_dir) / 'index.json'} names no registered model (written by an "
+                                 "older bonemet): run `bonemet train` again")
+    ids = [str(i) for i in primary["case_id"]]
+    labels = [int(v) for v in primary["label"]]
+    patients = committed.get("groups")  # the split stage's patients (manifest patient_id), when grouped
+    splits = repeated_splits(ids, labels, n_repeats=evaluate.repeats, test_size=test_size, n_folds=n_folds,
+                             seed=seed, groups=[str(patients[i]) for i in ids] if patients else None)
+    with tracker.run("evaluate", tags={"stage": "evaluate", "feature_source": feature_source}):
+        tracker.log_params({"repeats": evaluate.repeats, "seed": seed, "test_size": test_size, "n_folds": n_folds,
+                            "n_jobs": evaluate.n_jobs})
+        baseline_zero = split_baseline_auc(primary, committed, evaluate=evaluate, inner_folds=train.inner_folds,
+                                           seed=seed)
+        records = [committed_repeat(table1, index, committed, seed, baseline_zero)]
+        records += run_repeats(primary, paired, splits, first_repeat=1, select=select, train=train,
+                               evaluate=evaluate, seed=seed, case_llr=case_llr, n_jobs=evaluate.n_jobs,
+                               registered_rule=str(rule), show_progress=show_progress, sites=sites)
+        # each repeat's seconds go to its MLflow run, not into the outputs (same inputs, same bytes)
+        seconds = {record["repeat"]: record.pop("seconds", None) for record in records}
+        summary = summarize_repeats(records, train.models, alpha=evaluate.alpha)
+        registered = str(index["registered_model"])
+        repeated = {**summary, "feature_source": feature_source, "registered_model": registered,
+                    "registered_rule": rule, "registered_by": index.get("registered_by", rule),
+                    "best_cv_model": index.get("best_model"),
+                    "best_repeated_model": best_by_repeats(summary, train.models), "repeats": records}
+        result = RepeatedEvaluation(repeated=repeated, table=repeats_table(records),
+                                    headline=headline(repeated, index, table1, segmentation_json))
+        out = Path(out_dir)
+        write_json(out / "repeated.json", json_rounded(repeated))
+        with atomic_path(out / "repeated.csv") as tmp:
+            result.table.round(6).to_csv(tmp, index=False)
+        write_json(out / "summary.json", json_rounded(result.headline))
+        for record in records:
+            with tracker.run(f"repeat-{record['repeat']}", tags={"repeat": str(record["repeat"]),
+                                                                  "chosen": record["chosen"]}, nested=True):
+                tracker.log_params({"seed": record["seed"], "n_train": record["n_train"], "n_test": record["n_test"]})
+                tracker.log_metrics(finite_metrics({f"{m}_{k}": v for m, values in record["models"].items()
+                                                    for k, v in values.items()}
+                                                   | {"chosen_auc": record["models"][record["chosen"]]["auc"],
+                                                      "llr_auc": record["llr_auc"],
+                                                      "chosen_minus_llr": record["chosen_minus_llr"],
+                                                      "baseline_auc": record["baseline_auc"],
+                                                      "chosen_minus_baseline": record["chosen_minus_baseline"],
+                                                      "seconds": seconds[record["repeat"]]}))
+        tracker.log_metrics(finite_metrics({k: v for k, v in result.headline.items() if isinstance(v, int | float)}))
+        tracker.set_tags({"registered_model": registered, "registered_rule": str(rule),
+                          "best_repeated_model": repeated["best_repeated_model"]})
+        tracker.log_table(pd.DataFrame(result.table), "repeated.csv")
+        tracker.log_artifact(out / "repeated.json")
+        tracker.log_artifact(out / "summary.json")
+    _log_summary(repeated)
+    return result
+
+
+def _log_summary(repeated: Mapping[str, Any]) -> None:
+    """One log line for the baseline, one for the registered model's repeated estimate."""
+    chosen = repeated["chosen"]["auc"]
+    if "baseline" in repeated:
+        diff = repeated["baseline"]["chosen_minus_baseline"]
+        log.info("plain baseline (L1 logistic regression on every feature) over the same splits: test AUC %.3f; "
+                 "registered minus it %+.3f (%+.3f to %+.3f)", repeated["baseline"]["auc"]["mean"], diff["mean"],
+                 diff["lo"], diff["hi"])
+    llr = repeated.get("llr")
+    log.info("repeated evaluation over %d splits: registered model %s (register.model %s) test AUC %.3f (%.3f-%.3f)%s; "
+             "highest mean test AUC: %s", len(repeated["repeats"]), repeated["registered_model"],
+             repeated["registered_rule"], chosen["mean"], chosen["lo"], chosen["hi"],
+             "" if llr is None else f", minus the Bayes LLR {llr['chosen_minus_llr']['mean']:+.3f} "
+                                    f"({llr['chosen_minus_llr']['lo']:+.3f} to {llr['chosen_minus_llr']['hi']:+.3f})",
+             repeated["best_repeated_model"])
