@@ -362,9 +362,8 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
 def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, params):
     """The contract between the stages: run_training's own models/ registers as it is."""
     from bonemet.cli import main
-    from bonemet.modeling.training import run_training
+    from bonemet.modeling.training import run_training, write_training_domains
     from bonemet.registry.store import model_versions
-    from bonemet.stages.train import write_domains
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     df = _table(n=60)
@@ -380,7 +379,7 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     select = params.select.updated({"lasso.cv": 3, "lasso.max_features": 4})
     res = run_training(df, paired, splits, select=select, train=train, evaluate=params.evaluate, seed=0,
                        feature_source="auto", registered_rule="best_cv")
-    write_domains({m: r.pipeline for m, r in res.models.items()}, df, splits, train, seed=0)
+    write_training_domains({m: r.pipeline for m, r in res.models.items()}, df, splits, train, seed=0)
     _repeated({"logreg": (0.9, 0.8, 0.8, 0.8)}, tmp_path / "metrics" / "repeated.json", registered="logreg")
     _stage_params(tmp_path, df)  # register.model svm: not what models/ were trained for
     assert main(["register"]) == 1

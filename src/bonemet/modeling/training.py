@@ -719,3 +719,44 @@ def _log_model(tracker: Tracker, pipeline: Any, input_example: pd.DataFrame) -> 
 def display_name(model: str) -> str:
     """Display name of a model for tables and figures."""
     return DISPLAY_NAMES.get(model, model)
+
+
+def write_training_domains(pipelines: Mapping[str, Any], primary: pd.DataFrame, splits: Mapping[str, Any],
+                           train: TrainSpec, *,
+                           seed: int, sites: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Fit and write each model's training domain (``<model>.domain.skops``, ``domain.json``).
+
+    The domain is fitted on the training cases of ``splits`` as a served row holds them (the
+    primary source's feature columns, and the ``site`` from ``sites`` (case id -> site) when the
+    pipeline harmonises per site), its threshold calibrated over ``splits``' ``train_folds``;
+    spacing and intensity ranges come from ``train.domain.validation_report`` when it exists.
+    """
+    import json
+
+    from bonemet.modeling.domain import domain_file, fit_training_domain, report_measures
+
+    spec = train.domain
+    table = primary.set_index(primary[ID_COLUMN].astype(str))
+    train_ids = [str(i) for i in splits["train"]]
+    X = table.loc[train_ids, feature_columns(primary)].astype(np.float64)
+    if sites is not None:
+        from bonemet.data.manifest import SITE_COLUMN
+
+        X[SITE_COLUMN] = [str(sites[i]) for i in train_ids]
+    folds = [int(splits["train_folds"][i]) for i in train_ids]
+    report = Path(spec.validation_report)
+    images = None
+    if report.is_file():
+        images = report_measures(json.loads(report.read_text(encoding="utf-8")), train_ids)
+    else:
+        log.warning("no validation report at %s: the models' domain has no spacing or intensity range", report)
+    out_dir = Path(train.out_dir)
+    summary = {}
+    for name, pipeline in pipelines.items():
+        domain = fit_training_domain(pipeline, X, folds, spec, seed=seed, images=images)
+        save_pipeline(domain, out_dir / domain_file(name))
+        summary[name] = domain.summary()
+        log.info("%s: training domain (%s) flags %.1f %% of training cases out of fold", name, spec.method,
+                 100 * domain.oof_flag_rate_)
+    write_json(out_dir / "domain.json", summary)
+    return summary

@@ -12,7 +12,6 @@ stores it with the registered model.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.data.manifest import manifest_sites
     from bonemet.data.synthetic import read_cohort_ceiling
     from bonemet.modeling.classifiers import check_hyperparameters
-    from bonemet.modeling.training import read_feature_tables, run_training
+    from bonemet.modeling.training import read_feature_tables, run_training, write_training_domains
     from bonemet.splits import read_splits
     from bonemet.stages._common import (
         cohort_input,
@@ -73,48 +72,6 @@ def run(args: argparse.Namespace) -> int:
     log.info("registered model %s (register.model %s): CV AUC %.3f, test AUC %.3f; best by CV: %s",
              results.registered_model, params.registration.model, registered.cv_auc_mean,
              registered.test_metrics["auc"], results.best_model)
-    write_domains({name: r.pipeline for name, r in results.models.items()}, primary, splits, train, seed=params.seed,
-                  sites=sites)
+    write_training_domains({name: r.pipeline for name, r in results.models.items()}, primary, splits, train,
+                           seed=params.seed, sites=sites)
     return 0
-
-
-def write_domains(pipelines, primary, splits, train, *, seed: int, sites=None) -> dict:
-    """Fit and write each model's training domain (``<model>.domain.skops``, ``domain.json``).
-
-    The domain is fitted on the training cases of ``splits`` as a served row holds them (the
-    primary source's feature columns, and the ``site`` from ``sites`` (case id -> site) when the
-    pipeline harmonises per site), its threshold calibrated over ``splits``' ``train_folds``;
-    spacing and intensity ranges come from ``train.domain.validation_report`` when it exists.
-    """
-    import numpy as np
-
-    from bonemet.modeling.domain import domain_file, fit_training_domain, report_measures
-    from bonemet.modeling.persistence import save_pipeline
-    from bonemet.modeling.training import ID_COLUMN, feature_columns
-    from bonemet.utils import write_json
-
-    spec = train.domain
-    table = primary.set_index(primary[ID_COLUMN].astype(str))
-    train_ids = [str(i) for i in splits["train"]]
-    X = table.loc[train_ids, feature_columns(primary)].astype(np.float64)
-    if sites is not None:
-        from bonemet.data.manifest import SITE_COLUMN
-
-        X[SITE_COLUMN] = [str(sites[i]) for i in train_ids]
-    folds = [int(splits["train_folds"][i]) for i in train_ids]
-    report = Path(spec.validation_report)
-    images = None
-    if report.is_file():
-        images = report_measures(json.loads(report.read_text(encoding="utf-8")), train_ids)
-    else:
-        log.warning("no validation report at %s: the models' domain has no spacing or intensity range", report)
-    out_dir = Path(train.out_dir)
-    summary = {}
-    for name, pipeline in pipelines.items():
-        domain = fit_training_domain(pipeline, X, folds, spec, seed=seed, images=images)
-        save_pipeline(domain, out_dir / domain_file(name))
-        summary[name] = domain.summary()
-        log.info("%s: training domain (%s) flags %.1f %% of training cases out of fold", name, spec.method,
-                 100 * domain.oof_flag_rate_)
-    write_json(out_dir / "domain.json", summary)
-    return summary
