@@ -137,3 +137,45 @@ def _version() -> str:
     from bonemet import __version__
 
     return __version__
+
+
+def replication_settings(params: Any) -> dict[str, str]:
+    """The settings the replication section states in words (``params``: the whole :class:`~bonemet.config.Params`)."""
+    sel, train, ev = params.select, params.train, params.evaluate
+    op = train.operating_point
+    rule = {"youden": "Youden's J", "sensitivity": f"the highest threshold reaching sensitivity {op.target_sensitivity:g}",
+            "fixed": f"fixed at {op.fixed_threshold:g}"}[op.rule]
+    return {
+        "lasso": (f"fixed at {sel.lasso.alpha:g}" if sel.lasso.alpha is not None
+                  else f"chosen by {sel.lasso.cv}-fold cross-validation in each training fold ({sel.lasso.lambda_rule} rule)"),
+        "ci_methods": (f"AUC by DeLong ({ev.auc_ci} form), accuracy, sensitivity, specificity, precision and NPV by the "
+                       f"Wilson score interval, F1 and Brier by a stratified percentile bootstrap ({ev.n_bootstrap} "
+                       f"resamples); repeated-split means by the corrected resampled t interval"),
+        "calibration": train.calibration,
+        "threshold_rule": rule,
+        "data": ("A synthetic spine-CT cohort with the study's class balance and a known Bayes-optimal AUC (the study's "
+                 "data are private)" if params.data.source == "synthetic" else
+                 f"Your cohort ({params.data.cohort_dir}), not the study's private data"),
+    }
+
+
+def committed_params(path: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """The params file as committed at git HEAD (None when git or the file is unavailable) and a note.
+
+    The report's "Params that differ from the defaults" compares the run's params with these: under
+    ``dvc exp run -S key=value`` that is exactly what the experiment changed, and on a clean
+    checkout it is empty. (A copy of the defaults inside the package would be a second params file
+    to keep in step with the first; the commit is what the run's ``git_commit`` names.)"""
+    import os
+    import subprocess
+
+    import yaml
+
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+    try:
+        text = subprocess.run(["git", "show", f"HEAD:./{rel}"], capture_output=True, encoding="utf-8", check=True,
+                              timeout=10).stdout
+        return yaml.safe_load(text), (f"Compared with {rel} as committed at git HEAD: under dvc exp run -S these "
+                                      f"are the experiment's changes; on a clean checkout there are none.")
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
+        return None, f"{rel} is not committed in a git repository here, so there is no default to compare with."

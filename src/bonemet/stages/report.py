@@ -3,11 +3,7 @@
 It reads only files: the outputs of the other stages, at the paths their params sections name,
 plus, for the registry section, what ``metrics/registry.json`` and (when it exists) the MLflow
 store say. Without a store the report still builds (run ids from the files, no version list).
-
-"Params that differ from the defaults" compares ``--params`` with the ``params.yaml`` committed
-at git HEAD: under ``dvc exp run -S key=value`` that is exactly what the experiment changed, and
-on a clean checkout it is empty. (A copy of the defaults inside the package would be a second
-params file to keep in step with the first; the commit is what the run's ``git_commit`` names.)
+"Params that differ from the defaults": :func:`bonemet.report.build.committed_params`.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bonemet.config import load_params
     from bonemet.report import CaseSettings, Provenance, ReportInputs, build_report
+    from bonemet.report.build import committed_params, replication_settings
     from bonemet.stages._common import data_md5, git_commit, pseudonym_key, specs_from
 
     params = specs_from(args)
@@ -44,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         summary_json=Path(params.evaluate.out_dir) / "summary.json",
     )
     store = None if args.no_tracking else read_store(params)
-    baseline, note = head_params(args.params)
+    baseline, note = committed_params(args.params)
     ev = params.evaluate
     build_report(
         args.out or spec.out, inputs, title=spec.title,
@@ -54,46 +51,10 @@ def run(args: argparse.Namespace) -> int:
         provenance=Provenance(git_commit=git_commit(), data_md5=data_md5(params.data.cohort_dir),
                               tracking_uri=store["uri"] if store else None, params=load_params(args.params),
                               baseline_params=baseline, baseline_note=note),
-        method_settings=method_settings(params),
+        method_settings=replication_settings(params),
         example_cases=spec.example_cases, figure_dpi=ev.figure_dpi, store=store, mlflow_ui_url=spec.mlflow_ui_url,
     )
     return 0
-
-
-def method_settings(params: Any) -> dict[str, str]:
-    """The settings the replication section states in words."""
-    sel, train, ev = params.select, params.train, params.evaluate
-    op = train.operating_point
-    rule = {"youden": "Youden's J", "sensitivity": f"the highest threshold reaching sensitivity {op.target_sensitivity:g}",
-            "fixed": f"fixed at {op.fixed_threshold:g}"}[op.rule]
-    return {
-        "lasso": (f"fixed at {sel.lasso.alpha:g}" if sel.lasso.alpha is not None
-                  else f"chosen by {sel.lasso.cv}-fold cross-validation in each training fold ({sel.lasso.lambda_rule} rule)"),
-        "ci_methods": (f"AUC by DeLong ({ev.auc_ci} form), accuracy, sensitivity, specificity, precision and NPV by the "
-                       f"Wilson score interval, F1 and Brier by a stratified percentile bootstrap ({ev.n_bootstrap} "
-                       f"resamples); repeated-split means by the corrected resampled t interval"),
-        "calibration": train.calibration,
-        "threshold_rule": rule,
-        "data": ("A synthetic spine-CT cohort with the study's class balance and a known Bayes-optimal AUC (the study's "
-                 "data are private)" if params.data.source == "synthetic" else
-                 f"Your cohort ({params.data.cohort_dir}), not the study's private data"),
-    }
-
-
-def head_params(path: str | Path) -> tuple[dict[str, Any] | None, str]:
-    """The params file as committed at git HEAD (None when git or the file is unavailable) and a note."""
-    import subprocess
-
-    import yaml
-
-    rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
-    try:
-        text = subprocess.run(["git", "show", f"HEAD:./{rel}"], capture_output=True, encoding="utf-8", check=True,
-                              timeout=10).stdout
-        return yaml.safe_load(text), (f"Compared with {rel} as committed at git HEAD: under dvc exp run -S these "
-                                      f"are the experiment's changes; on a clean checkout there are none.")
-    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
-        return None, f"{rel} is not committed in a git repository here, so there is no default to compare with."
 
 
 def read_store(params: Any) -> dict[str, Any] | None:
