@@ -287,12 +287,12 @@ def test_ensure_data_with_user_source_and_no_cohort_fails_clearly(tmp_path, capl
 
 
 def test_synth_counts_follow_params_unless_overridden():
-    from bonemet.stages.synth import resolve_counts
+    from bonemet.data.synthetic import case_counts
 
-    assert resolve_counts(None, None, 178, 78) == (178, 78)
-    assert resolve_counts(10, None, 178, 78) == (10, 4)  # the params' class ratio
-    assert resolve_counts(2, None, 178, 78) == (2, 1)
-    assert resolve_counts(10, 7, 178, 78) == (10, 7)
+    assert case_counts(None, None, 178, 78) == (178, 78)
+    assert case_counts(10, None, 178, 78) == (10, 4)  # the params' class ratio
+    assert case_counts(2, None, 178, 78) == (2, 1)
+    assert case_counts(10, 7, 178, 78) == (10, 7)
 
 
 def test_ensure_data_never_overwrites_a_folder_without_manifest(tmp_path, synth_params):

@@ -289,3 +289,14 @@ def read_cohort_ceiling(cohort_dir: str | Path) -> tuple[float | None, dict[str,
                 if "case_id" in c and c.get("llr") is not None} or None
     log.info("cohort ceiling from %s: Bayes-optimal AUC %s", path, cohort.get("bayes_auc"))
     return cohort.get("bayes_auc"), case_llr
+
+
+def case_counts(n: int | None, n_positive: int | None, default_n: int, default_positive: int) -> tuple[int, int]:
+    """Case counts from explicit arguments and params defaults; --n alone keeps the params' class ratio."""
+    n_cases = default_n if n is None else n
+    if n_positive is None:
+        if n is None:
+            n_positive = default_positive
+        else:
+            n_positive = min(max(1, round(n_cases * default_positive / default_n)), max(1, n_cases - 1))
+    return n_cases, n_positive
