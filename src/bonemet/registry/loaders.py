@@ -184,3 +184,51 @@ def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str | No
     network = evaluable(network)  # a pt2 (torch.export) module, which refuses eval(), is wrapped
     log.info("segmenter %s version %s (alias '%s') on %s", name, version, alias, device)
     return network, metadata, version
+
+
+def registered_predictor(params: Any, *, alias: str | None, threshold: float | None, device: str | None,
+                         mirror: bool, pseudonym_key: bytes | None) -> Any:
+    """The :class:`~bonemet.serving.predict.Predictor` over the registered models of ``alias``.
+
+    Args:
+        params: the whole :class:`~bonemet.config.Params` (registry names, store, radiomics,
+            validation and segmentation settings).
+        alias: registry alias of both models; None: ``register.alias``.
+        threshold: probability at or above which the label is 1; None: the classifier's own.
+        device: torch device for segmentation; None: ``segment.device`` (auto = CUDA when available).
+        mirror: test-time mirroring as the segmenter was registered with (False: none).
+        pseudonym_key: the key of ``data.pseudonymize`` (None when off): case ids from file names
+            are pseudonymised with it.
+    """
+    import os
+
+    from bonemet.radiomics import settings_from_params
+    from bonemet.registry.local import default_tracking_uri
+    from bonemet.serving.predict import MissuSegmenter, Predictor
+
+    alias, store_dir = alias or params.registration.alias, params.tracking.store_dir
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_dir)
+
+    def segmenter() -> MissuSegmenter:
+        from bonemet.segmentation.training import resolve_device
+
+        name = params.segment.model_name  # the name the segment stage registered it under
+        on = device or str(resolve_device(params.segment.device))
+        network, metadata, version = load_segmenter(name, alias, device=on, tracking_uri=tracking_uri,
+                                                    store_dir=store_dir)
+        model = MissuSegmenter.from_metadata(network, metadata, device=on, name=name, version=version)
+        if not mirror:
+            model.settings = model.settings.without_mirroring()
+        return model
+
+    def pseudonym(case_id: str) -> str:
+        from bonemet.data.pseudonym import pseudonym as keyed
+
+        return case_id if pseudonym_key is None else keyed(case_id, pseudonym_key)
+
+    return Predictor(
+        load_classifier=lambda: load_classifier(params.registration.model_name, alias, tracking_uri=tracking_uri,
+                                                store_dir=store_dir),
+        load_segmenter=segmenter, radiomics_settings=settings_from_params(params), mask_label=params.data.mask_label,
+        grid_tolerance_mm=params.validation.grid_tolerance_mm, min_lesion_ml=params.validation.lesion_volume_ml[0],
+        threshold=threshold, alias=alias, pseudonym=pseudonym)

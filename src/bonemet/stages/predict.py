@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from bonemet.errors import UserError
-    from bonemet.stages._common import specs_from
+    from bonemet.registry.loaders import registered_predictor
+    from bonemet.stages._common import pseudonym_key, specs_from
 
     gc.disable()  # start-up: imports and model loading make no garbage worth collecting
     try:
         params = specs_from(args)
-        predictor = _predictor(args, params)
+        predictor = registered_predictor(params, alias=args.alias, threshold=args.threshold, device=args.device,
+                                         mirror=not args.disable_tta, pseudonym_key=pseudonym_key(params))
         if args.input is not None or args.output is not None:
             if args.input is None or args.output is None:
                 raise UserError("batch prediction needs both -i DIR_OR_MANIFEST and -o OUT.csv")
@@ -94,42 +95,3 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     gc.freeze()  # the exit then skips walking every object of the libraries
     return code
-
-
-def _predictor(args: argparse.Namespace, params: Any) -> Any:
-    """The :class:`~bonemet.serving.predict.Predictor` over the registered models of ``--alias``."""
-    import os
-
-    from bonemet.radiomics import settings_from_params
-    from bonemet.registry.loaders import load_classifier, load_segmenter
-    from bonemet.registry.local import default_tracking_uri
-    from bonemet.serving.predict import MissuSegmenter, Predictor
-    from bonemet.stages._common import pseudonym_key
-
-    alias, store_dir = args.alias or params.registration.alias, params.tracking.store_dir
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_dir)
-    key = pseudonym_key(params)
-
-    def pseudonym(case_id: str) -> str:
-        from bonemet.data.pseudonym import pseudonym as keyed
-
-        return case_id if key is None else keyed(case_id, key)
-
-    def segmenter() -> MissuSegmenter:
-        from bonemet.segmentation.training import resolve_device
-
-        name = params.segment.model_name  # the name the segment stage registered it under
-        device = args.device or str(resolve_device(params.segment.device))
-        network, metadata, version = load_segmenter(name, alias, device=device, tracking_uri=tracking_uri,
-                                                    store_dir=store_dir)
-        model = MissuSegmenter.from_metadata(network, metadata, device=device, name=name, version=version)
-        if args.disable_tta:
-            model.settings = model.settings.without_mirroring()
-        return model
-
-    return Predictor(
-        load_classifier=lambda: load_classifier(params.registration.model_name, alias, tracking_uri=tracking_uri,
-                                                store_dir=store_dir),
-        load_segmenter=segmenter, radiomics_settings=settings_from_params(params), mask_label=params.data.mask_label,
-        grid_tolerance_mm=params.validation.grid_tolerance_mm, min_lesion_ml=params.validation.lesion_volume_ml[0],
-        threshold=args.threshold, alias=alias, pseudonym=pseudonym)
