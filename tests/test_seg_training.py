@@ -256,8 +256,9 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
     tiny_unet = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_UNET.items()}
     params_file({
         "data": {"cohort_dir": str(tmp_path / "raw")},
+        "preprocess": {"out_dir": str(tmp_path / "pre")}, "split": {"out": str(tmp_path / "splits.json")},
         "segment": {
-            "preprocessed_dir": str(tmp_path / "pre"), "splits": str(tmp_path / "splits.json"), "model": "unet",
+            "model": "unet",
             "roi_size": list(ROI), "num_threads": 1, "gate": {"min_dice": 0.0},  # one epoch: no Dice to speak of
             "profiles": {"cpu": {"roi_size": list(ROI), "train": {"max_epochs": 1}, "networks": {"unet": tiny_unet}}},
         },

@@ -489,8 +489,6 @@ class SegmentSpec(Spec):
     inference: InferenceSpec
     networks: NetworksSpec
     tune: SegTuneSpec
-    preprocessed_dir: str
-    splits: str
     masks_dir: str
     work_dir: str
     metrics: str

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
                                          **common)
         else:
             params = resolve_params(params, plan, params.plan.out) if plan else planned_params(params)  # `auto`s
-            cases = load_cases(params.segment.preprocessed_dir, {c.case_id: c for c in manifest})
-            splits = read_splits(params.segment.splits)
+            cases = load_cases(params.preprocess.out_dir, {c.case_id: c for c in manifest})
+            splits = read_splits(params.split.out)
             result = pipeline.run_segmentation(
                 cases, {k: int(v) for k, v in splits["all_folds"].items()}, params.segment, params.preprocess,
                 seed=params.seed, figure_dpi=params.evaluate.figure_dpi, plan=plan, groups=splits.get("groups"),
