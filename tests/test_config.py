@@ -188,3 +188,28 @@ def test_a_missing_params_file_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bonemet", "split", "--params", str(tmp_path / "none.yaml")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "params file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_name_table_follows_its_one_name_list():
+    """Literals and tables keyed by classifier, network, mask source and scaler names derive from the
+    name lists in bonemet.config: a family added to one and not the other fails here."""
+    import typing
+
+    from bonemet.config import (
+        CLASSIFIER_NAMES,
+        MASK_SOURCES,
+        SCALERS,
+        SEGMENT_MODELS,
+        ClassifierName,
+        SegmentModel,
+    )
+    from bonemet.modeling.classifiers import CLASSIFIERS, DISPLAY_NAMES
+    from bonemet.modeling.pipeline import build_scaler
+    from bonemet.radiomics.sources import SOURCES
+    from bonemet.segmentation.networks import NETWORKS
+
+    assert tuple(CLASSIFIERS) == CLASSIFIER_NAMES == tuple(DISPLAY_NAMES) == typing.get_args(ClassifierName)
+    assert set(NETWORKS) == set(SEGMENT_MODELS) - {"external"} and typing.get_args(SegmentModel) == SEGMENT_MODELS
+    assert SOURCES == MASK_SOURCES
+    for scaler in SCALERS:
+        assert build_scaler(scaler, 0) is not None

@@ -113,12 +113,22 @@ SpacingMM = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 SizeVox = tuple[PositiveInt, PositiveInt, PositiveInt]
 #: ``register.model``: the family with the highest mean CV AUC on the training set (never a test set)
 BEST_CV = "best_cv"
-ClassifierName = Literal["svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp"]
-#: ``register.model``: a classifier's name or :data:`BEST_CV`
-RegisteredModel = Literal[(*typing.get_args(ClassifierName), BEST_CV)]  # type: ignore[valid-type]
+#: The name lists, each spelt once: every Literal below and every table keyed by these names
+#: (``modeling.classifiers.CLASSIFIERS``, ``segmentation.networks.NETWORKS``) derives from them
+#: (tests/test_config.py checks the tables).
+#: ``train.models``: the classifier families
+CLASSIFIER_NAMES = ("svm", "logreg", "knn", "random_forest", "extra_trees", "xgboost", "lightgbm", "mlp")
 #: ``segment.model``: a network trained in ten folds, or masks made elsewhere (``segment.external``)
-SegmentModel = Literal["missu", "unet", "unetr", "swinunetr", "external"]
-MaskSource = Literal["manual", "auto", "annotator"]
+SEGMENT_MODELS = ("missu", "unet", "unetr", "swinunetr", "external")
+#: ``radiomics.sources``: whose masks the features are extracted from
+MASK_SOURCES = ("manual", "auto", "annotator")
+#: ``select.scaler``
+SCALERS = ("standard", "yeo-johnson", "quantile")
+ClassifierName = Literal[CLASSIFIER_NAMES]  # type: ignore[valid-type]
+#: ``register.model``: a classifier's name or :data:`BEST_CV`
+RegisteredModel = Literal[(*CLASSIFIER_NAMES, BEST_CV)]  # type: ignore[valid-type]
+SegmentModel = Literal[SEGMENT_MODELS]  # type: ignore[valid-type]
+MaskSource = Literal[MASK_SOURCES]  # type: ignore[valid-type]
 #: A planned setting's value ``auto``: taken from the cohort's plan (``plan.out``, the plan stage's
 #: ``data/plan.json``); any other value is explicit and wins over the plan.
 AUTO = "auto"
@@ -725,7 +735,7 @@ class SelectSpec(Spec):
     icc: IccSpec
     correlation: CorrelationSpec
     pca: PcaSpec
-    scaler: Literal["standard", "yeo-johnson", "quantile"]
+    scaler: Literal[SCALERS]  # type: ignore[valid-type]
     lasso: LassoSpec
 
 

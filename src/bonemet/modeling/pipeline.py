@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sklearn.pipeline import Pipeline
 
+from bonemet.config import SCALERS
 from bonemet.modeling.classifiers import build_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,10 +58,6 @@ def build_selection(select: SelectSpec, seed: int) -> list[tuple[str, Any]]:
                                          max_features=lasso.max_features, max_iter=lasso.max_iter,
                                          random_state=seed, lambda_rule=lasso.lambda_rule)))
     return steps
-
-
-#: Values of ``select.scaler``.
-SCALERS = ("standard", "yeo-johnson", "quantile")
 
 
 def build_scaler(kind: str, seed: int) -> Any:

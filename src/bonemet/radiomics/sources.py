@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from bonemet.config import MASK_SOURCES
 from bonemet.data.manifest import Case
 from bonemet.errors import UserError
 from bonemet.radiomics.extraction import (
@@ -32,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("manual", "auto", "annotator")
+#: mask sources, in the order features are extracted (:data:`bonemet.config.MASK_SOURCES`)
+SOURCES = MASK_SOURCES
 AUTO_MASK_SUFFIX = ".nii.gz"
 
 
