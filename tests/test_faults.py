@@ -122,7 +122,7 @@ def _free_port() -> int:
 KILLED_RUN = """
 import os, signal, sys
 from bonemet.registry.store import MlflowTracker
-tracker = MlflowTracker("faults", tracking_uri=sys.argv[1], store_dir=sys.argv[2])
+tracker = MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=sys.argv[1], store_dir=sys.argv[2])
 with tracker.run("stage") as run_id:
     with tracker.run("fold-0", nested=True):
         tracker.log_metrics({"loss": 1.0}, step=1)
@@ -144,7 +144,7 @@ def test_a_killed_run_is_marked_failed_on_the_next_start(tmp_path):
     run_id = proc.stdout.strip().splitlines()[-1]
     mlflow.set_tracking_uri(uri)
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves
-    MlflowTracker("faults", tracking_uri=uri, store_dir=tmp_path)  # the next start of any stage
+    MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=uri, store_dir=tmp_path)  # the next start of any stage
     experiment = MlflowClient().get_experiment_by_name("faults")
     runs = MlflowClient().search_runs([experiment.experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}  # the stage and its nested fold
@@ -157,7 +157,7 @@ def test_a_run_of_a_live_process_is_not_touched(tmp_path):
     from bonemet.registry.store import MlflowTracker, fail_abandoned_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowTracker("faults", tracking_uri=uri, store_dir=tmp_path)
+    tracker = MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=uri, store_dir=tmp_path)
     with tracker.run("stage") as run_id:
         assert fail_abandoned_runs(tracker.experiment_id) == []
         assert MlflowClient().get_run(run_id).info.status == "RUNNING"
@@ -168,7 +168,7 @@ UNREACHABLE = """
 import sys, time
 from bonemet.errors import UserError
 from bonemet.registry.store import MlflowTracker
-tracker = MlflowTracker("faults", tracking_uri=sys.argv[1], store_dir=sys.argv[2])
+tracker = MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=sys.argv[1], store_dir=sys.argv[2])
 try:
     with tracker.run("stage") as run_id:
         print(run_id, flush=True)
@@ -230,7 +230,7 @@ def test_a_tracking_server_gone_mid_run_stops_the_stage_with_one_line(tmp_path):
     try:
         from bonemet.registry.store import MlflowTracker
 
-        MlflowTracker("faults", tracking_uri=uri, store_dir=tmp_path)
+        MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=uri, store_dir=tmp_path)
         assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
     finally:
         os.killpg(server.pid, signal.SIGKILL)

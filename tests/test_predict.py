@@ -790,7 +790,7 @@ def store(cohort, classifier, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _params_file(tmp_path, "mlruns")
-    tracker = MlflowTracker("predict-test", tracking_uri=None, store_dir=tmp_path / "mlruns")
+    tracker = MlflowTracker("predict-test", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=tmp_path / "mlruns")
     from bonemet.modeling.domain import fit_training_domain
 
     domain = fit_training_domain(classifier.pipeline, classifier.table, np.arange(len(classifier.table)) % 2,

@@ -46,7 +46,7 @@ def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, p
     network = network_from_spec(seg)
     example = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
     decision = decide_segmenter_promotion(0.8 if promote else 0.5, min_dice=seg.gate.min_dice, n_cases=10)
-    tracker = MlflowTracker("seg-test", tracking_uri=None, store_dir=tmp_path / "mlruns")
+    tracker = MlflowTracker("seg-test", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=tmp_path / "mlruns")
     result = SegmentationResult(summary={}, case_table=None, spec=seg,
                                 cv=SimpleNamespace(best_model=network, best_fold=3, best_run_id=""),
                                 settings=InferenceSettings.from_params(params.preprocess, seg))

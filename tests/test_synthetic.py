@@ -153,7 +153,7 @@ def test_cohort_json_records_latents_and_bayes_auc(small_cohort):
     assert 0.8 < doc["bayes_auc"] < 0.97
     assert doc["bayes_auc"] == pytest.approx(bayes_auc(), abs=1e-6)
     assert 0.0 <= doc["realised_llr_auc"] <= 1.0
-    expected = sample_latents(8, 3, SEED)
+    expected = sample_latents(8, 3, SEED, size="small")
     assert [c["case_id"] for c in doc["cases"]] == [p.case_id for p in expected]
     for record, params in zip(doc["cases"], expected, strict=True):
         assert record["label"] == params.label
@@ -162,7 +162,7 @@ def test_cohort_json_records_latents_and_bayes_auc(small_cohort):
 
 
 def test_bayes_auc_matches_monte_carlo_and_beats_every_single_latent():
-    params = sample_latents(4000, 1750, seed=7)
+    params = sample_latents(4000, 1750, seed=7, size="full")
     labels = np.array([p.label for p in params])
     llr = np.array([p.llr for p in params])
     ceiling = bayes_auc()
@@ -176,7 +176,7 @@ def test_bayes_auc_matches_monte_carlo_and_beats_every_single_latent():
 
 
 def test_lesion_size_is_independent_of_label():
-    params = sample_latents(3000, 1300, seed=11)
+    params = sample_latents(3000, 1300, seed=11, size="full")
     labels = np.array([p.label for p in params], dtype=float)
     radius = np.array([p.radius_mm for p in params])
     assert abs(np.corrcoef(labels, radius)[0, 1]) < 0.06

@@ -21,7 +21,7 @@ INDEX = 5
 
 def _case(**changes):
     """A full-size case with a central mid-size lesion and a quiet scanner, plus ``changes``."""
-    base = sample_case_params(SEED, INDEX, label=1)
+    base = sample_case_params(SEED, INDEX, label=1, size="full")
     quiet = dict(radius_mm=7.0, lesion_offset=(0.0, 0.0, 0.0), noise_sd_hu=8.0, blur_sd_mm=0.35, hu_offset=0.0)
     return dataclasses.replace(base, **{**quiet, **changes})
 

@@ -29,7 +29,7 @@ def test_mlflow_tracker_writes_nested_runs_to_sqlite(tmp_path, monkeypatch):
     # the library never reads the environment: with no tracking_uri it uses the store_dir given
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://no-such-server.invalid:5000")
     store = tmp_path / "mlruns"
-    tracker = MlflowTracker("bonemet-test", tracking_uri=None, store_dir=store, default_tags={"data_md5": "abc"})
+    tracker = MlflowTracker("bonemet-test", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=store, default_tags={"data_md5": "abc"})
     assert tracker.tracking_uri == f"sqlite:///{(store / 'mlflow.db').resolve()}"
     with tracker.run("parent") as parent_id:
         tracker.log_params({"select": {"icc": {"threshold": 0.9}}})
@@ -98,7 +98,7 @@ def test_mlflow_tracker_logs_its_datasets_on_every_run_and_the_stage_log(tmp_pat
     from bonemet.registry.store import MlflowTracker
     from bonemet.utils import capture_warnings
 
-    tracker = MlflowTracker("bonemet-test", tracking_uri=None, store_dir=tmp_path / "mlruns",
+    tracker = MlflowTracker("bonemet-test", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=tmp_path / "mlruns",
                             inputs=[_dataset(), _dataset("features-auto", "0123456789abcdef0123456789abcdef", 5)])
     log_file = tmp_path / "logs" / "train.log"
     with capture_warnings(log_file, "train"):

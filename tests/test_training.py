@@ -354,7 +354,7 @@ def test_logged_mlflow_model_loads_back_with_skops(tmp_path, monkeypatch, specs)
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     primary, paired, splits = _tables()
-    tracker = MlflowTracker("bonemet-classification", tracking_uri=None, store_dir=tmp_path / "mlruns",
+    tracker = MlflowTracker("bonemet-classification", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=tmp_path / "mlruns",
                             default_tags={"data_md5": "abc"})
     res = _run(tmp_path, primary, paired, splits, specs, tracker=tracker, models=["knn"])
     runs = mlflow.search_runs(experiment_names=["bonemet-classification"])

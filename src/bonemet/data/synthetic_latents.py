@@ -190,7 +190,7 @@ def case_id(index: int) -> str:
     return f"case_{index:03d}"
 
 
-def sample_case_params(seed: int, index: int, label: int, size: str = "full") -> CaseParams:
+def sample_case_params(seed: int, index: int, label: int, *, size: str) -> CaseParams:
     """Draw every random variable of case ``index`` from its own stream ``(seed, index)``.
 
     ``size`` only changes the voxel spacing ("small": coarse spacing for tests); the latents
@@ -243,11 +243,11 @@ def render_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), _STREAM_RENDER, int(index)]))
 
 
-def sample_latents(n_cases: int, n_positive: int, seed: int) -> list[CaseParams]:
+def sample_latents(n_cases: int, n_positive: int, seed: int, *, size: str) -> list[CaseParams]:
     """The parameters (latents included) of every case of a cohort, without rendering images.
 
     Identical to what :func:`bonemet.data.synthetic.generate_cohort` records in cohort.json
     for the same arguments, so statistical properties can be tested on many cases cheaply.
     """
     labels = case_labels(n_cases, n_positive, seed)
-    return [sample_case_params(seed, i, int(labels[i])) for i in range(n_cases)]
+    return [sample_case_params(seed, i, int(labels[i]), size=size) for i in range(n_cases)]

@@ -170,8 +170,8 @@ class MlflowTracker(Tracker):
         store_dir: str | Path,
         default_tags: Mapping[str, str] | None = None,
         inputs: Sequence[DatasetInput] = (),
-        system_metrics: bool = False,
-        system_metrics_interval_s: float | None = None,
+        system_metrics: bool,
+        system_metrics_interval_s: float | None,
     ) -> None:
         """``inputs``: datasets logged on every run this tracker opens (parent and nested), so the
         UI's Dataset column says which data each run saw. ``system_metrics``: CPU, memory (and
