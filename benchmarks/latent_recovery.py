@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         cohort_dir, features_dir, splits = _quick_cohort(args.quick, args.params, params)
         args.sources = ["annotator"]
     else:
-        cohort_dir, features_dir = Path(params["data"]["cohort_dir"]), Path(params["train"]["features_dir"])
+        cohort_dir, features_dir = Path(params["data"]["cohort_dir"]), Path(params["radiomics"]["out_dir"])
         splits = json.loads(Path(params["split"]["out"]).read_text())
     cohort_doc = json.loads((cohort_dir / "cohort.json").read_text())
     cohort = pd.DataFrame(cohort_doc["cases"]).set_index("case_id")

@@ -322,7 +322,7 @@ def test_stage_fails_on_a_bad_mask_and_skips_missing_auto_masks(tmp_path, monkey
     params["radiomics"].update(settings_file=str(settings_file), resampled_spacing_mm=[], n_jobs=1,
                                cache_dir=str(tmp_path / "cache"), allow_drop=False, sources=["manual", "auto"])
     params["segment"]["masks_dir"] = str(tmp_path / "none")      # --auto-masks defaults to it
-    params["train"]["features_dir"] = str(tmp_path / "features")  # --out defaults to it
+    params["radiomics"]["out_dir"] = str(tmp_path / "features")  # --out defaults to it
     params_file = tmp_path / "params.yaml"
     params_file.write_text(json.dumps(params))
     args = ["extract", "--params", str(params_file), "--cohort-dir", str(root), "--no-tracking", "--no-progress"]

@@ -318,8 +318,8 @@ def _stage_params(tmp_path, df, model="svm"):
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     params["tracking"]["store_dir"] = "mlruns"
-    params["register"].update(model=model, models_dir="models", features_file="features/auto.parquet",
-                              table1_md="metrics/table1.md", out="metrics/registry.json")
+    params["register"].update(model=model, out="metrics/registry.json")
+    params["radiomics"]["out_dir"] = "features"  # the feature table of train.feature_source (auto) is read there
     (tmp_path / "features").mkdir(exist_ok=True)
     df.to_parquet(tmp_path / "features" / "auto.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -282,10 +282,11 @@ def test_evaluate_stage_writes_the_repeated_estimate_and_the_headline(tmp_path, 
     cohort.mkdir()
     (cohort / "cohort.json").write_text(json.dumps({"bayes_auc": 0.9, "cases": [{"case_id": k, "llr": v}
                                                                                for k, v in llr.items()]}))
-    train = specs.train.model_dump(mode="json") | {"features_dir": "features", "out_dir": "models",
+    train = specs.train.model_dump(mode="json") | {"out_dir": "models",
                                                    "metrics_dir": "metrics", "plots_dir": "plots"}
     path = params_file({"data": {"cohort_dir": "cohort"}, "split": {"out": "splits.json", "n_folds": 3},
                         "select": specs.select.model_dump(mode="json"), "train": train,
+                        "radiomics": {"out_dir": "features"},
                         "evaluate": {"repeats": 3, "n_bootstrap": 20, "n_jobs": 2, "out_dir": "metrics"},
                         "register": {"model": "knn"},
                         "tracking": {"store_dir": "mlruns"}})

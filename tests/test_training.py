@@ -333,8 +333,9 @@ def test_train_stage_refuses_a_misspelt_hyperparameter_before_training(tmp_path,
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     params["train"] = specs.train.updated(
-        {"fixed_params": {"knn": {"n_neighbour": 5}}, "features_dir": "nowhere"}
+        {"fixed_params": {"knn": {"n_neighbour": 5}}}
     ).model_dump(mode="json")
+    params["radiomics"]["out_dir"] = "nowhere"
     params["register"]["model"] = "knn"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)

@@ -576,6 +576,8 @@ class RadiomicsSpec(Spec):
     n_jobs: NJobs
     cache_dir: str
     allow_drop: bool
+    #: the extract stage's feature tables (``<source>.parquet``, ``summary.json``, ``dropped.json``)
+    out_dir: str
     sources: list[MaskSource] = Field(min_length=1)
     experiment: str
 
@@ -636,10 +638,6 @@ class RegisterSpec(Spec):
     min_specificity: Probability
     tolerance: NonNegativeFloat
     max_gap_to_best: Probability
-    models_dir: str
-    repeated: str
-    features_file: str
-    table1_md: str
     out: str
 
 
@@ -781,7 +779,6 @@ class TrainSpec(Spec):
     """``train``: the classifiers, their tuning, calibration and operating point, and what the stage writes."""
 
     feature_source: Literal["auto", "manual"]
-    features_dir: str
     out_dir: str
     plots_dir: str
     metrics_dir: str

@@ -8,3 +8,7 @@ importing the package stays cheap.
 #: and each model's run): external state, outside the models folder that DVC caches, which holds only
 #: what the same code, data and params reproduce byte for byte.
 TRAIN_RUNS_FILE = "train_runs.json"
+#: the train stage's Table 1 (markdown) in ``train.metrics_dir``
+TABLE1_MD = "table1.md"
+#: the evaluate stage's outputs in ``evaluate.out_dir``
+REPEATED_FILE, REPEATED_TABLE, SUMMARY_FILE = "repeated.json", "repeated.csv", "summary.json"

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bonemet.modeling import REPEATED_FILE, REPEATED_TABLE, SUMMARY_FILE
 from bonemet.modeling.baseline import baseline_scores
 from bonemet.modeling.stats import corrected_resampled_t
 from bonemet.modeling.training import (
@@ -408,10 +409,10 @@ def evaluate_repeated(
         result = RepeatedEvaluation(repeated=repeated, table=repeats_table(records),
                                     headline=headline(repeated, index, table1, segmentation_json))
         out = Path(out_dir)
-        write_json(out / "repeated.json", json_rounded(repeated))
-        with atomic_path(out / "repeated.csv") as tmp:
+        write_json(out / REPEATED_FILE, json_rounded(repeated))
+        with atomic_path(out / REPEATED_TABLE) as tmp:
             result.table.round(6).to_csv(tmp, index=False)
-        write_json(out / "summary.json", json_rounded(result.headline))
+        write_json(out / SUMMARY_FILE, json_rounded(result.headline))
         for record in records:
             with tracker.run(f"repeat-{record['repeat']}", tags={"repeat": str(record["repeat"]),
                                                                   "chosen": record["chosen"]}, nested=True):
@@ -427,9 +428,9 @@ def evaluate_repeated(
         tracker.log_metrics(finite_metrics({k: v for k, v in result.headline.items() if isinstance(v, int | float)}))
         tracker.set_tags({"registered_model": registered, "registered_rule": str(rule),
                           "best_repeated_model": repeated["best_repeated_model"]})
-        tracker.log_table(pd.DataFrame(result.table), "repeated.csv")
-        tracker.log_artifact(out / "repeated.json")
-        tracker.log_artifact(out / "summary.json")
+        tracker.log_table(pd.DataFrame(result.table), REPEATED_TABLE)
+        tracker.log_artifact(out / REPEATED_FILE)
+        tracker.log_artifact(out / SUMMARY_FILE)
     _log_summary(repeated)
     return result
 

@@ -38,7 +38,7 @@ import pandas as pd
 
 from bonemet.config import BEST_CV
 from bonemet.errors import UserError
-from bonemet.modeling import TRAIN_RUNS_FILE
+from bonemet.modeling import TABLE1_MD, TRAIN_RUNS_FILE
 from bonemet.modeling.calibration import CalibratedPipeline, ScoreCalibrator, choose_threshold
 from bonemet.modeling.classifiers import DISPLAY_NAMES
 from bonemet.modeling.persistence import save_pipeline, trusted_types
@@ -576,7 +576,7 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
                          bayes_auc=bayes_auc, best_model=best, bayes_reference=reference,
                          registered_model=registered, registered_by=registered_rule_text(rule),
                          train_estimate=RESUBSTITUTION)
-    write_table1(table, metrics_dir / "table1.json", metrics_dir / "table1.md", bayes_auc=bayes_auc,
+    write_table1(table, metrics_dir / "table1.json", metrics_dir / TABLE1_MD, bayes_auc=bayes_auc,
                  best_model=best, alpha=evaluate.alpha, decimals=evaluate.decimals)
     delong = delong_comparison_table(data.y_test, {m: r.scores["test"] for m, r in results.items()}, registered)
     with atomic_path(metrics_dir / "delong_test.md") as tmp:
@@ -602,7 +602,7 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
                                     if reference is not None else {})}))
     tracker.log_dict(selected, "selected_features.json")
     tracker.log_table(delong, "delong_test.csv")
-    for path in (metrics_dir / "table1.json", metrics_dir / "table1.md", metrics_dir / "cv_auc.json",
+    for path in (metrics_dir / "table1.json", metrics_dir / TABLE1_MD, metrics_dir / "cv_auc.json",
                  metrics_dir / "delong_test.md"):
         tracker.log_artifact(path)
     for path in figures:

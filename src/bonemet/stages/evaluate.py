@@ -53,13 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
     params = specs_from(args)
     ev, train = params.evaluate, params.train
-    primary, paired, primary_name, _ = read_feature_tables(train.features_dir, train.feature_source)
+    primary, paired, primary_name, _ = read_feature_tables(params.radiomics.out_dir, train.feature_source)
     _, case_llr = read_cohort_ceiling(params.data.cohort_dir)
     sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params)) \
         if params.select.harmonize.enabled else None
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(
         params, ev.experiment, long_running=True,
-        inputs=[cohort_input(params), *feature_inputs(train.features_dir, [primary_name])])
+        inputs=[cohort_input(params), *feature_inputs(params.radiomics.out_dir, [primary_name])])
     evaluate_repeated(
         primary, paired, committed=read_splits(params.split.out),
         table1=_read_json(Path(train.metrics_dir) / "table1.json", "run `bonemet train` first"),

@@ -15,7 +15,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auto-masks", default=None,
                         help="automatic masks folder (default: params segment.masks_dir, the segment stage's output)")
     parser.add_argument("--out", default=None, help="output folder for the feature tables (default: params "
-                        "train.features_dir)")
+                        "radiomics.out_dir)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     summary = extract_sources(
         cases,
         settings,
-        args.out or params.train.features_dir,
+        args.out or params.radiomics.out_dir,
         sources=list(spec.sources),
         auto_masks_dir=args.auto_masks or params.segment.masks_dir,
         n_jobs=spec.n_jobs,

@@ -1,8 +1,9 @@
 """`bonemet register`: register the classifier ``register.model`` names; gate it to `staging`.
 
-Reads the train and evaluate stages' outputs (``register.models_dir``, ``register.repeated``:
-:func:`bonemet.registry.trained.read_trained_classifier`) and the feature table (the served model
-is checked on its rows, two are the input example); writes ``register.out``. The model's requirements are the installed versions of what it imports
+Reads the train and evaluate stages' outputs (``train.out_dir``, ``train.metrics_dir``,
+``evaluate.out_dir``: :func:`bonemet.registry.trained.read_trained_classifier`) and the feature
+table of ``train.feature_source`` in ``radiomics.out_dir`` (the served model is checked on its
+rows, two are the input example); writes ``register.out``. The model's requirements are the installed versions of what it imports
 (:mod:`bonemet.registry.environment`).
 """
 
@@ -25,17 +26,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from bonemet.modeling import TRAIN_RUNS_FILE
+    from bonemet.modeling import REPEATED_FILE, TABLE1_MD, TRAIN_RUNS_FILE
     from bonemet.registry.registration import register_classifier
     from bonemet.registry.trained import read_trained_classifier
     from bonemet.stages._common import open_store, pseudonym_key, run_tags, segmentation_bias_tags, specs_from
     from bonemet.utils import write_json
 
     params = specs_from(args)
-    reg = params.registration
-    trained = read_trained_classifier(reg.models_dir, Path(params.train.metrics_dir) / TRAIN_RUNS_FILE, reg.repeated,
-                                      reg.table1_md, registered_rule=reg.model)
-    features = pd.read_parquet(reg.features_file)
+    reg, train = params.registration, params.train
+    trained = read_trained_classifier(train.out_dir, Path(train.metrics_dir) / TRAIN_RUNS_FILE,
+                                      Path(params.evaluate.out_dir) / REPEATED_FILE, Path(train.metrics_dir) / TABLE1_MD,
+                                      registered_rule=reg.model)
+    features = pd.read_parquet(Path(params.radiomics.out_dir) / f"{train.feature_source}.parquet")
     if "site" in trained.text_columns and "site" not in features.columns:  # ComBat: the rows need their site
         from bonemet.data.manifest import manifest_sites
 

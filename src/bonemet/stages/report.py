@@ -25,6 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bonemet.config import load_params
+    from bonemet.modeling import REPEATED_FILE, SUMMARY_FILE
     from bonemet.report import CaseSettings, Provenance, ReportInputs, build_report
     from bonemet.report.build import committed_params, replication_settings
     from bonemet.stages._common import data_md5, git_commit, pseudonym_key, specs_from
@@ -35,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
         cohort_dir=Path(params.data.cohort_dir), validation_report=Path(spec.validation_report),
         plan=Path(params.plan.out), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
         segmentation_plots=Path(seg.plots_dir), auto_masks=Path(seg.masks_dir),
-        features_dir=Path(train.features_dir), models_dir=Path(train.out_dir),
+        features_dir=Path(params.radiomics.out_dir), models_dir=Path(train.out_dir),
         metrics_dir=Path(train.metrics_dir), classification_plots=Path(train.plots_dir),
-        repeated_json=Path(params.registration.repeated), registry_json=Path(params.registration.out),
-        summary_json=Path(params.evaluate.out_dir) / "summary.json",
+        repeated_json=Path(params.evaluate.out_dir) / REPEATED_FILE, registry_json=Path(params.registration.out),
+        summary_json=Path(params.evaluate.out_dir) / SUMMARY_FILE,
     )
     store = None if args.no_tracking else read_store(params)
     baseline, note = committed_params(args.params)

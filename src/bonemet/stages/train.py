@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", default=None, help="feature tables folder (default: params train.features_dir)")
+    parser.add_argument("--features", default=None, help="feature tables folder (default: params radiomics.out_dir)")
     parser.add_argument("--splits", default=None, help="splits JSON (default: params split.out)")
     parser.add_argument("--source", default=None, choices=["auto", "manual"],
                         help="train on features of these masks (default: params train.feature_source)")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         check_hyperparameters(model, train.search_space.get(model, {}), f"train.search_space.{model}")
     seed_everything(params.seed)
     source = args.source or train.feature_source
-    features_dir = Path(args.features or train.features_dir)
+    features_dir = Path(args.features or params.radiomics.out_dir)
     primary, paired, primary_name, paired_name = read_feature_tables(features_dir, source)
     splits = read_splits(args.splits or params.split.out)
     bayes_auc, case_llr = read_cohort_ceiling(params.data.cohort_dir)
