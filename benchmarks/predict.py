@@ -127,7 +127,7 @@ def _register_models(work: Path, params: Any, feature_rows: list[dict[str, float
     with tracker.run("segment") as run_id:
         tracker.log_model(network.eval(), name="model", flavor="pytorch", pip_requirements=["torch"],
                           metadata=metadata, serialization_format="pickle")
-    set_alias("bonemet-missu", "staging", register_model(run_id, "model", "bonemet-missu"))
+    set_alias("bonemet-segmenter", "staging", register_model(run_id, "model", "bonemet-segmenter"))
     return {"classifier": "svm pipeline (params select)", "n_features": len(names), "missu_weights": source,
             "missu_profile": seg.profile, "inference": settings.inference.model_dump(mode="json")}
 

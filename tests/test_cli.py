@@ -41,4 +41,4 @@ def test_models_json_lists_every_registered_model(tmp_path, monkeypatch, params_
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = params_file({"tracking": {"store_dir": str(tmp_path / "mlruns")}})
     assert main(["models", "--params", str(params), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"bonemet-classifier": [], "bonemet-missu": []}
+    assert json.loads(capsys.readouterr().out) == {"bonemet-classifier": [], "bonemet-segmenter": []}

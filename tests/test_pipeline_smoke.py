@@ -234,7 +234,7 @@ def _check_tracking_server(url: str, work: Path, *, cohort_md5: str, n_cases: in
     assert [f["path"] for f in logs] == ["logs/train.log"]
 
     registered = {m["name"]: m for m in _api(url, "registered-models/search", max_results="100")["registered_models"]}
-    for name in ("bonemet-classifier", "bonemet-missu"):
+    for name in ("bonemet-classifier", "bonemet-segmenter"):
         assert "staging" in {a["alias"] for a in registered[name].get("aliases", [])}, registered.get(name)
 
     # the README's screenshot: the MLflow UI comparing the eight classifiers' runs

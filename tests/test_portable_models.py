@@ -1,6 +1,6 @@
 """The registered models load in a fresh virtual environment built only from their logged requirements.
 
-For each of ``bonemet-classifier`` and ``bonemet-missu``: register it in a local MLflow store, build
+For each of ``bonemet-classifier`` and ``bonemet-segmenter``: register it in a local MLflow store, build
 a new venv with ``python -m venv`` and ``pip install -r`` the model's own ``requirements.txt``
 (torch comes as ``torch==2.13.0`` from the local wheel), load the model there by its alias from the
 same store (its code travels with it: no bonemet installed) and compare its answers with this
@@ -34,7 +34,7 @@ LOAD_SEGMENTER = """
 import json, sys
 import mlflow, numpy as np, torch
 torch.set_num_threads(1)
-network = mlflow.pytorch.load_model("models:/bonemet-missu@staging")
+network = mlflow.pytorch.load_model("models:/bonemet-segmenter@staging")
 network.eval()
 with torch.no_grad():
     logits = network(torch.from_numpy(np.load(sys.argv[1]))).numpy()
@@ -104,7 +104,7 @@ def test_registered_models_load_in_a_fresh_environment(tmp_path, params, monkeyp
     example = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
     with mlflow.start_run() as run:
         log_segmenter(network, example, {"network": "missu"}, name="model")
-    set_alias("bonemet-missu", "staging", register_model(run.info.run_id, "model", "bonemet-missu"))
+    set_alias("bonemet-segmenter", "staging", register_model(run.info.run_id, "model", "bonemet-segmenter"))
 
     rows = feature_tables(n=20, seed=5)[0]
     rows.to_parquet(tmp_path / "rows.parquet")
@@ -115,7 +115,7 @@ def test_registered_models_load_in_a_fresh_environment(tmp_path, params, monkeyp
     expected = fitted.predict_proba(rows[NAMES])[:, 1]
 
     requirements = {"venv-classifier": _requirements("models:/bonemet-classifier@staging"),
-                    "venv-missu": _requirements("models:/bonemet-missu@staging")}
+                    "venv-missu": _requirements("models:/bonemet-segmenter@staging")}
     assert any(line == "torch==2.13.0" for line in requirements["venv-missu"].read_text().split())
     pythons = _fresh_envs(requirements, tmp_path)
     got = _run(pythons["venv-classifier"], LOAD_CLASSIFIER, str(tmp_path / "rows.parquet"), store=store, cwd=tmp_path)

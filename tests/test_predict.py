@@ -19,7 +19,7 @@ from bonemet.data.masks import mask_volume_ml
 from bonemet.radiomics import build_settings
 from bonemet.segmentation.inference import CaseInferenceError, InferenceSettings
 from bonemet.serving.checks import check_feature_frame
-from bonemet.serving.predict import MissuSegmenter, PredictError, Predictor, case_id_from_path
+from bonemet.serving.predict import NetworkSegmenter, PredictError, Predictor, case_id_from_path
 
 PARAMS = planned.load(Path(__file__).resolve().parents[1] / "params.yaml")
 LABEL = PARAMS.data.mask_label
@@ -167,7 +167,7 @@ def test_segmenter_path_and_save_mask(cohort, classifier, tmp_path):
     segmenter = SphereSegmenter(radius_mm=8.0)
     saved = tmp_path / "out" / "lesion.nii.gz"
     out = _predict(case.image, segmenter=segmenter, classifier=classifier, save_mask=saved)
-    assert segmenter.calls == 1 and out["mask_source"] == "missu"
+    assert segmenter.calls == 1 and out["mask_source"] == "auto"
     assert out["models"]["segmenter"] == {"name": "fake-missu", "version": "3"}
     written = read_image(saved)
     ok, why = same_grid(read_image(case.image), written, tol_mm=TOLERANCE_MM)
@@ -191,7 +191,7 @@ def _oblique(image: sitk.Image, spacing=(0.9, 1.7, 3.1)) -> sitk.Image:
 
 
 def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, tmp_path):
-    """MissuSegmenter: preprocessing (resample, crop) and mapping back on an oblique grid."""
+    """NetworkSegmenter: preprocessing (resample, crop) and mapping back on an oblique grid."""
     case = cohort[1]
     image = _oblique(read_image(case.image))
     mask = _oblique(read_mask(case.manual_mask, label=LABEL))
@@ -201,7 +201,7 @@ def test_oblique_anisotropic_image_with_real_preprocessing(cohort, classifier, t
     voxels = int(sitk.GetArrayViewFromImage(mask).sum())
     assert given["lesion_volume_ml"] == pytest.approx(voxels * 0.9 * 1.7 * 3.1 / 1000)
 
-    segmenter = MissuSegmenter.from_metadata(BrightIsLesion(), _metadata(), device="cpu", name="bonemet-missu",
+    segmenter = NetworkSegmenter.from_metadata(BrightIsLesion(), _metadata(), device="cpu", name="bonemet-segmenter",
                                              version="1")
     assert segmenter.settings == INFERENCE
     out = _predict(tmp_path / "oblique.nrrd", segmenter=segmenter, classifier=classifier,
@@ -233,22 +233,22 @@ def test_missu_segmenter_settings_come_from_the_model_metadata_only():
     mirrored = InferenceSettings.from_params(PREPROCESS, PARAMS.segment.updated({
         "roi_size": [16, 16, 16], "inference.mirror_axes": [2, 0], "threshold": 0.4, "largest_component": False}))
     meta = json.loads(json.dumps(_metadata(mirrored)))  # as stored in the MLmodel file
-    seg = MissuSegmenter.from_metadata(BrightIsLesion(), meta, device="cpu", name="bonemet-missu", version="2")
+    seg = NetworkSegmenter.from_metadata(BrightIsLesion(), meta, device="cpu", name="bonemet-segmenter", version="2")
     assert seg.settings == mirrored and seg.settings.preprocess == PREPROCESS
     assert seg.settings.roi_size == (16, 16, 16) and seg.settings.inference.mirror_axes == (0, 2)
     assert (seg.settings.threshold, seg.settings.largest_component) == (0.4, False)
-    assert (seg.name, seg.version, seg.device) == ("bonemet-missu", "2", "cpu")
+    assert (seg.name, seg.version, seg.device) == ("bonemet-segmenter", "2", "cpu")
     # a model logged without its settings (an older bonemet) is refused, naming the model and the fix
     old = {k: v for k, v in meta.items() if k not in ("preprocess", "inference")}
-    with pytest.raises(CaseInferenceError, match=r"bonemet-missu version 2: its metadata lacks preprocess, "
+    with pytest.raises(CaseInferenceError, match=r"bonemet-segmenter version 2: its metadata lacks preprocess, "
                                                  r"inference .*run `bonemet segment` again"):
-        MissuSegmenter.from_metadata(BrightIsLesion(), old, device="cpu", name="bonemet-missu", version="2")
+        NetworkSegmenter.from_metadata(BrightIsLesion(), old, device="cpu", name="bonemet-segmenter", version="2")
     bad = {**meta, "inference": {**meta["inference"], "mirror_axes": [3]}}
     with pytest.raises(CaseInferenceError, match=r"invalid: inference\.mirror_axes: must be distinct spatial axes"):
-        MissuSegmenter.from_metadata(BrightIsLesion(), bad, device="cpu", name="bonemet-missu", version="2")
+        NetworkSegmenter.from_metadata(BrightIsLesion(), bad, device="cpu", name="bonemet-segmenter", version="2")
     typo = {**meta, "preprocess": {**meta["preprocess"], "hu_windw": [0, 1]}}
     with pytest.raises(CaseInferenceError, match=r"preprocess\.hu_windw: unknown key; did you mean hu_window\?"):
-        MissuSegmenter.from_metadata(BrightIsLesion(), typo, device="cpu", name="bonemet-missu", version="2")
+        NetworkSegmenter.from_metadata(BrightIsLesion(), typo, device="cpu", name="bonemet-segmenter", version="2")
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
@@ -381,12 +381,12 @@ def test_command_prints_json(cohort, cli_env, capsys, tmp_path):
     case = cohort[5]
     assert main(["predict", str(case.image), "--alias", "production", "--save-mask", "m.nii.gz"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["mask_source"] == "missu" and out["alias"] == "production"
-    assert out["models"]["segmenter"] == {"name": "bonemet-missu", "version": "5"}
-    assert cli_env.loaded == [("bonemet-classifier", "production"), ("bonemet-missu", "production")]
+    assert out["mask_source"] == "auto" and out["alias"] == "production"
+    assert out["models"]["segmenter"] == {"name": "bonemet-segmenter", "version": "5"}
+    assert cli_env.loaded == [("bonemet-classifier", "production"), ("bonemet-segmenter", "production")]
     assert (tmp_path / "m.nii.gz").is_file()
     # the command segments as the library does with the model's settings
-    direct = MissuSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-missu", "5").segment(
+    direct = NetworkSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-segmenter", "5").segment(
         read_image(case.image), case.case_id)
     assert out["lesion_voxels"] == int(sitk.GetArrayViewFromImage(direct).sum()) > 0
 
@@ -406,7 +406,7 @@ def test_command_segmentation_model_without_its_settings_is_a_user_error(cohort,
         assert main(["predict", str(cohort[5].image)]) == 1
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert error.exc_info is None
-    assert error.getMessage().startswith("segmentation model bonemet-missu version 5: its metadata lacks preprocess")
+    assert error.getMessage().startswith("segmentation model bonemet-segmenter version 5: its metadata lacks preprocess")
     assert capsys.readouterr().out == ""
 
 
@@ -475,11 +475,11 @@ def test_command_with_models_from_a_real_mlflow_store(store, cohort, capsys):
     assert main(["predict", str(case.image)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["models"] == {"classifier": {"name": "bonemet-classifier", "version": "1"},
-                             "segmenter": {"name": "bonemet-missu", "version": "1"}}
-    assert out["threshold"] == 0.25 and out["mask_source"] == "missu"  # the registered threshold
+                             "segmenter": {"name": "bonemet-segmenter", "version": "1"}}
+    assert out["threshold"] == 0.25 and out["mask_source"] == "auto"  # the registered threshold
     assert isinstance(out["in_domain"], bool) and isinstance(out["domain_reasons"], list)
     # the settings travelled with the model: the same mask as the library with INFERENCE
-    direct = MissuSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-missu", "1").segment(
+    direct = NetworkSegmenter(BrightIsLesion(), INFERENCE, "cpu", "bonemet-segmenter", "1").segment(
         read_image(case.image), case.case_id)
     assert out["lesion_voxels"] == int(sitk.GetArrayViewFromImage(direct).sum()) > 0
     assert main(["predict", str(case.image), "--alias", "production"]) == 1  # no such alias
@@ -590,7 +590,7 @@ def test_command_no_lesion_prints_the_result_and_exits_0(cohort, cli_env, capsys
     assert main(["predict", str(cohort[5].image)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "no_lesion" and out["probability_breast"] is None and out["label"] is None
-    assert out["models"]["segmenter"] == {"name": "bonemet-missu", "version": "5"}
+    assert out["models"]["segmenter"] == {"name": "bonemet-segmenter", "version": "5"}
 
 
 def test_command_disable_tta_turns_mirroring_off(cohort, cli_env, capsys, monkeypatch):
@@ -601,13 +601,13 @@ def test_command_disable_tta_turns_mirroring_off(cohort, cli_env, capsys, monkey
         "roi_size": [16, 16, 16], "inference.mirror_axes": [0, 1, 2]}))
     cli_env.segmenter["metadata"] = _metadata(mirrored)
     used = []
-    real = serving.MissuSegmenter.segment
+    real = serving.NetworkSegmenter.segment
 
     def spy(self, image_hu, case_id):
         used.append(self.settings.inference.mirror_axes)
         return real(self, image_hu, case_id)
 
-    monkeypatch.setattr(serving.MissuSegmenter, "segment", spy)
+    monkeypatch.setattr(serving.NetworkSegmenter, "segment", spy)
     assert main(["predict", str(cohort[5].image)]) == 0
     assert main(["predict", str(cohort[5].image), "--disable-tta"]) == 0
     capsys.readouterr()
@@ -679,7 +679,7 @@ def test_batch_over_a_folder_one_failing_case(cohort, cli_env, capsys, tmp_path)
     assert code == 1
     summary = json.loads(capsys.readouterr().out)
     assert summary["cases"] == 4 and summary["statuses"]["failed"] == 1
-    assert cli_env.loaded == [("bonemet-classifier", "staging"), ("bonemet-missu", "staging")]
+    assert cli_env.loaded == [("bonemet-classifier", "staging"), ("bonemet-segmenter", "staging")]
     rows = _rows(tmp_path / "out" / "results.csv")
     header = list(next(iter(rows.values())))
     assert header[:len(RESULT_COLUMNS)] == list(RESULT_COLUMNS)
@@ -688,7 +688,7 @@ def test_batch_over_a_folder_one_failing_case(cohort, cli_env, capsys, tmp_path)
     assert broken["status"] == "failed" and "broken.nrrd" in broken["reason"] and broken["probability_breast"] == ""
     for case_id, row in rows.items():
         assert row["status"] in ("classified", "no_lesion", "lesion_too_small"), row
-        assert row["mask_source"] == "missu" and row["models.segmenter.version"] == "5"
+        assert row["mask_source"] == "auto" and row["models.segmenter.version"] == "5"
         if row["status"] == "classified":
             assert 0.0 <= float(row["probability_breast"]) <= 1.0 and row["label"] in ("0", "1")
             assert (tmp_path / "out" / "masks" / f"{case_id}.nii.gz").is_file()
@@ -721,7 +721,7 @@ def test_batch_over_a_manifest_with_masks(cohort, cli_env, capsys, tmp_path):
     assert list(rows) == ["good", "offgrid", "auto"]
     assert rows["good"]["status"] == "classified" and rows["good"]["mask_source"] == "given"
     assert rows["offgrid"]["status"] == "failed" and "is not on the grid" in rows["offgrid"]["reason"]
-    assert rows["auto"]["mask_source"] == "missu"
+    assert rows["auto"]["mask_source"] == "auto"
     # the row's answer is the single-CT answer
     assert main(["predict", str(cohort[0].image), "--mask", str(cohort[0].manual_mask)]) == 0
     alone = json.loads(capsys.readouterr().out)
@@ -802,7 +802,7 @@ def store(cohort, classifier, tmp_path, monkeypatch):
     with tracker.run("segment") as run_id:
         tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
                           metadata=_metadata(), serialization_format="pickle")
-    set_alias("bonemet-missu", "staging", register_model(run_id, "model", "bonemet-missu"))
+    set_alias("bonemet-segmenter", "staging", register_model(run_id, "model", "bonemet-segmenter"))
     return tmp_path / "mlruns"
 
 
@@ -933,7 +933,7 @@ def test_the_readme_batch_manifest_works_as_written(cohort, cli_env, capsys, tmp
 
     with open(tmp_path / "new" / "results.csv", newline="") as fh:
         rows = {r["case_id"]: r for r in csv.DictReader(fh)}
-    assert [rows[c]["mask_source"] for c in manifest["case_id"]] == ["given", "given", "missu"]
+    assert [rows[c]["mask_source"] for c in manifest["case_id"]] == ["given", "given", "auto"]
     assert all(r["status"] != "failed" for r in rows.values()), rows
     assert rows["N002"]["mask"].endswith("N002_rtstruct.dcm")
     assert int(rows["N002"]["lesion_voxels"]) == int(sitk.GetArrayViewFromImage(
@@ -953,5 +953,5 @@ def test_batch_with_a_missing_model_fails_before_any_case(cohort, cli_env, monke
     folder.mkdir()
     write_image(read_image(cohort[0].image), folder / "a.nii.gz")
     assert main(["predict", "-i", str(folder), "-o", "r.csv", "--no-progress"]) == 1
-    assert "no registered model 'bonemet-missu@staging'" in caplog.text and not (tmp_path / "r.csv").exists()
+    assert "no registered model 'bonemet-segmenter@staging'" in caplog.text and not (tmp_path / "r.csv").exists()
 

@@ -206,12 +206,12 @@ def test_inference_settings_round_trip_through_model_metadata(params):
 def test_inference_settings_from_incomplete_metadata_name_the_model(params):
     """A model logged without its inference settings (an older bonemet) is refused: no params fallback."""
     metadata = InferenceSettings.from_params(params.preprocess, params.segment).to_metadata()
-    where = "models:/bonemet-missu@staging"
+    where = "models:/bonemet-segmenter@staging"
     partial = {k: v for k, v in metadata.items() if k not in ("preprocess", "threshold")}
-    with pytest.raises(CaseInferenceError, match=r"models:/bonemet-missu@staging: its metadata lacks preprocess, threshold"):
+    with pytest.raises(CaseInferenceError, match=r"models:/bonemet-segmenter@staging: its metadata lacks preprocess, threshold"):
         InferenceSettings.from_metadata(partial, where)
     bad = {**metadata, "inference": {**metadata["inference"], "overlap": 1.5}}
-    with pytest.raises(CaseInferenceError, match=r"models:/bonemet-missu@staging: its inference settings are invalid.*overlap"):
+    with pytest.raises(CaseInferenceError, match=r"models:/bonemet-segmenter@staging: its inference settings are invalid.*overlap"):
         InferenceSettings.from_metadata(bad, where)
     extra = {**metadata, "preprocess": {**metadata["preprocess"], "spacing": [1, 1, 1]}}
     with pytest.raises(CaseInferenceError, match=r"preprocess.spacing: unknown key"):

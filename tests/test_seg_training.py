@@ -282,9 +282,9 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
 
     from bonemet.registry.store import alias_version, load_model
 
-    assert alias_version("bonemet-missu", "staging") == "1"
+    assert alias_version("bonemet-segmenter", "staging") == "1"
     assert summary["gate"]["promote"] is True
-    model = load_model("models:/bonemet-missu@staging", flavor="pytorch")
+    model = load_model("models:/bonemet-segmenter@staging", flavor="pytorch")
     import torch
 
     assert tuple(model.eval()(torch.zeros(1, 1, *ROI)).shape) == (1, 2, *ROI)

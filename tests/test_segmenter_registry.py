@@ -1,4 +1,4 @@
-"""bonemet-missu in the registry: signature, input example, its own code and requirements, and the gate."""
+"""bonemet-segmenter in the registry: signature, input example, its own code and requirements, and the gate."""
 
 from __future__ import annotations
 

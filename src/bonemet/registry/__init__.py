@@ -5,7 +5,7 @@
 * :mod:`~bonemet.registry.pyfunc`: the served classifier (an MLflow pyfunc).
 * :mod:`~bonemet.registry.registration`: registering the train stage's best pipeline, with the
   promotion gate (:mod:`~bonemet.registry.gate`).
-* :mod:`~bonemet.registry.loaders`: ``bonemet-classifier`` and ``bonemet-missu`` by alias.
+* :mod:`~bonemet.registry.loaders`: ``bonemet-classifier`` and ``bonemet-segmenter`` by alias.
 
 Nothing below this package imports it: the library logs through
 :class:`bonemet.tracking.Tracker`, and only the entry points (``bonemet.stages``) and the

@@ -1,4 +1,4 @@
-"""Loading registered models for prediction: ``bonemet-classifier`` and ``bonemet-missu`` by alias.
+"""Loading registered models for prediction: ``bonemet-classifier`` and ``bonemet-segmenter`` by alias.
 
 Each loader resolves ``name@alias`` to a version first and loads that exact version, so the
 version reported is the one used. For the project's local store (SQLite + artifacts on disk) the
@@ -204,19 +204,19 @@ def registered_predictor(params: Any, *, alias: str | None, threshold: float | N
 
     from bonemet.radiomics import settings_from_params
     from bonemet.registry.local import default_tracking_uri
-    from bonemet.serving.predict import MissuSegmenter, Predictor
+    from bonemet.serving.predict import NetworkSegmenter, Predictor
 
     alias, store_dir = alias or params.registration.alias, params.tracking.store_dir
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_dir)
 
-    def segmenter() -> MissuSegmenter:
+    def segmenter() -> NetworkSegmenter:
         from bonemet.segmentation.training import resolve_device
 
         name = params.segment.model_name  # the name the segment stage registered it under
         on = device or str(resolve_device(params.segment.device))
         network, metadata, version = load_segmenter(name, alias, device=on, tracking_uri=tracking_uri,
                                                     store_dir=store_dir)
-        model = MissuSegmenter.from_metadata(network, metadata, device=on, name=name, version=version)
+        model = NetworkSegmenter.from_metadata(network, metadata, device=on, name=name, version=version)
         if not mirror:
             model.settings = model.settings.without_mirroring()
         return model

@@ -409,7 +409,7 @@ def segment_ct(
     """Segment a new CT (HU, any grid) end to end: preprocess, sliding-window inference, map back.
 
     Args:
-        model: a trained network (e.g. ``models:/bonemet-missu@staging`` loaded with the pytorch flavour).
+        model: a trained network (e.g. ``models:/bonemet-segmenter@staging`` loaded with the pytorch flavour).
         image_hu: the CT in Hounsfield units, any grid.
         settings: the model's :class:`InferenceSettings`.
         device: torch device.

@@ -3,7 +3,7 @@
 The models are passed in as objects, so this module never touches MLflow:
 
 * a *segmenter* has ``segment(image_hu, case_id) -> mask``: a uint8 0/1 lesion mask on the
-  CT's own grid. :class:`MissuSegmenter` wraps a trained network and the preprocessing and
+  CT's own grid. :class:`NetworkSegmenter` wraps a trained network and the preprocessing and
   sliding-window settings it was trained with (:func:`bonemet.segmentation.inference.segment_ct`
   resamples, crops and normalises the CT, whatever its spacing and orientation, and maps the
   lesion probability back onto the original grid);
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 #: ``mask_source`` values in the result.
 MASK_GIVEN = "given"
-MASK_MISSU = "missu"
+MASK_AUTO = "auto"
 #: ``status`` values in the result.
 CLASSIFIED = "classified"
 NO_LESION = "no_lesion"
@@ -84,7 +84,7 @@ class Classifier(Protocol):
 
 
 @dataclass
-class MissuSegmenter:
+class NetworkSegmenter:
     """A trained segmentation network with the settings it was trained and validated with.
 
     Attributes:
@@ -104,7 +104,7 @@ class MissuSegmenter:
 
     @classmethod
     def from_metadata(cls, model: Any, metadata: Mapping[str, Any], *, device: str, name: str,
-                      version: str | None) -> MissuSegmenter:
+                      version: str | None) -> NetworkSegmenter:
         """Build from the metadata logged with the model by ``bonemet segment``.
 
         Raises:
@@ -272,7 +272,7 @@ def save_lesion_mask(mask: sitk.Image, path: str | Path, inputs: CaseInputs, *, 
         from bonemet.data.dicom_masks import write_seg
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return write_seg(mask, inputs.image_path, path, algorithm_type="AUTOMATIC" if source == MASK_MISSU else "MANUAL",
+        return write_seg(mask, inputs.image_path, path, algorithm_type="AUTOMATIC" if source == MASK_AUTO else "MANUAL",
                          grid_tolerance_mm=grid_tolerance_mm)
     return write_mask(mask, path)
 
@@ -341,11 +341,11 @@ def predict_inputs(
             )
         mask = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
         mask.CopyInformation(image)
-        source = MASK_MISSU
+        source = MASK_AUTO
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     volume = mask_volume_ml(mask)
     status, reason = CLASSIFIED, None
-    segmenter_ref = _model_ref(segmenter, "segmenter") if source == MASK_MISSU else None
+    segmenter_ref = _model_ref(segmenter, "segmenter") if source == MASK_AUTO else None
     if voxels == 0:  # only a segmenter's mask gets here: an empty given mask is refused when read
         status = NO_LESION
         reason = (f"no lesion found: the segmentation model {segmenter_ref['name']} version {segmenter_ref['version']} "
@@ -489,7 +489,7 @@ class Predictor:
             ``no_lesion`` | ``lesion_too_small``), ``reason`` (None when classified),
             ``probability_breast`` and ``label`` (None unless classified), ``threshold``,
             ``in_domain`` and ``domain_reasons`` (see :func:`domain_fields`), ``lesion_volume_ml``
-            (mL), ``lesion_voxels``, ``min_lesion_ml``, ``mask_source`` ("given" | "missu"),
+            (mL), ``lesion_voxels``, ``min_lesion_ml``, ``mask_source`` ("given" | "auto"),
             ``mask``, ``saved_mask``, ``n_features``, ``models`` (name and version of the
             classifier and of the segmenter when used), ``image`` (size, spacing in mm),
             ``seconds`` per step and ``alias``.

@@ -7,7 +7,7 @@ import argparse
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
-                        help="registered model name (repeatable; default: bonemet-classifier and bonemet-missu)")
+                        help="registered model name (repeatable; default: bonemet-classifier and bonemet-segmenter)")
     parser.add_argument("--json", action="store_true",
                         help="print the versions as JSON ({model: [version, aliases, run_id, tags, ...]}) instead of a table")
 

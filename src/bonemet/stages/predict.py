@@ -2,7 +2,7 @@
 
 One CT: ``bonemet predict IMAGE [--mask MASK]`` prints the result as JSON. Many:
 ``bonemet predict -i DIR_OR_MANIFEST -o OUT.csv`` writes one row per case with the same fields
-(:mod:`bonemet.serving.batch`) and prints a summary. Segments with ``bonemet-missu@ALIAS`` unless
+(:mod:`bonemet.serving.batch`) and prints a summary. Segments with ``bonemet-segmenter@ALIAS`` unless
 a mask is given, extracts the PyRadiomics features with the training settings (``radiomics``
 params over the settings file) and applies ``bonemet-classifier@ALIAS``; both models are loaded
 once (the segmentation model only when a case needs it). Models come from the MLflow store
