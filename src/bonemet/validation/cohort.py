@@ -679,6 +679,43 @@ def _collect(
             failures.setdefault(case_id, []).append(Failure(res.rule, res.severity, detail))
 
 
+def _manifest_rows(table: pd.DataFrame, cohort_dir: Path) -> pd.DataFrame:
+    """The manifest table with what its rules read: each row's line number, its raw case_id (an
+    empty one named by its line), how many rows share its id, and its paths leading out of
+    ``cohort_dir``."""
+    manifest = table.copy()
+    manifest["row"] = range(2, len(manifest) + 2)
+    manifest["case_id_raw"] = manifest["case_id"]
+    manifest["case_id"] = [
+        cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
+    ]
+    manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
+    outside = [[f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
+                if row.get(col) and path_escapes(cohort_dir, row[col])] for row in manifest.to_dict("records")]
+    manifest["paths_outside"] = [", ".join(o) for o in outside]
+    manifest["paths_inside"] = [not o for o in outside]
+    return manifest
+
+
+def _check_manifest(manifest: pd.DataFrame, columns: Sequence[str], failures: dict[str, list[Failure]],
+                    manifest_failures: list[Failure]) -> list[RuleResult]:
+    """Check the manifest's rows (their failures added to ``failures``, by case) and the table as a
+    whole (added to ``manifest_failures``); the GX results of both."""
+    row_rules = _manifest_rules() + _optional_column_rules(columns)
+    table_rules = _manifest_table_rules()
+    results = check_table(
+        manifest, [r for r, _ in row_rules] + [r for r, _ in table_rules], suite_name="manifest"
+    )
+    _collect(results[: len(row_rules)], {r.name: d for r, d in row_rules}, manifest, failures)
+    for (rule, text), res in zip(table_rules, results[len(row_rules) :], strict=True):
+        if not res.success:
+            if rule.name == "both_classes":
+                found = sorted(set(manifest["label"]) & set(LABELS))
+                text = f"labels present: {found or 'none'}; expected both 0 and 1"
+            manifest_failures.append(Failure(rule.name, rule.severity, text))
+    return list(results)
+
+
 def validate_cohort(
     cohort_dir: str | Path,
     spec: ValidateSpec,
@@ -708,20 +745,17 @@ def validate_cohort(
     Returns:
         The :class:`CohortReport`; ``report.passed`` is False when any hard rule failed.
     """
-    min_spacing_mm, max_spacing_mm = spec.min_spacing_mm, spec.max_spacing_mm
-    hu_min, hu_max, hu_air_max, hu_min_range = spec.hu_min, spec.hu_max, spec.hu_air_max, spec.hu_min_range
-    grid_tolerance_mm, lesion_volume_ml = spec.grid_tolerance_mm, spec.lesion_volume_ml
     cohort_dir = Path(cohort_dir)
-    low, high = (float(v) for v in lesion_volume_ml)
+    low, high = (float(v) for v in spec.lesion_volume_ml)
     params = {
         "mask_label": int(mask_label),
-        "min_spacing_mm": min_spacing_mm,
-        "max_spacing_mm": max_spacing_mm,
-        "hu_min": hu_min,
-        "hu_max": hu_max,
-        "hu_air_max": hu_air_max,
-        "hu_min_range": hu_min_range,
-        "grid_tolerance_mm": grid_tolerance_mm,
+        "min_spacing_mm": spec.min_spacing_mm,
+        "max_spacing_mm": spec.max_spacing_mm,
+        "hu_min": spec.hu_min,
+        "hu_max": spec.hu_max,
+        "hu_air_max": spec.hu_air_max,
+        "hu_min_range": spec.hu_min_range,
+        "grid_tolerance_mm": spec.grid_tolerance_mm,
         "lesion_volume_ml": [low, high],
         "roi": roi,
         "segment": segment,
@@ -735,54 +769,19 @@ def validate_cohort(
     report.n_cases = len(table)
 
     # -- manifest rules (one row per manifest line)
-    manifest = table.copy()
-    manifest["row"] = range(2, len(manifest) + 2)
-    manifest["case_id_raw"] = manifest["case_id"]
-    manifest["case_id"] = [
-        cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
-    ]
-    manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
-    outside = [[f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
-                if row.get(col) and path_escapes(cohort_dir, row[col])] for row in manifest.to_dict("records")]
-    manifest["paths_outside"] = [", ".join(o) for o in outside]
-    manifest["paths_inside"] = [not o for o in outside]
-    row_rules = _manifest_rules() + _optional_column_rules(list(table.columns))
-    table_rules = _manifest_table_rules()
-    results = check_table(
-        manifest, [r for r, _ in row_rules] + [r for r, _ in table_rules], suite_name="manifest"
-    )
     failures: dict[str, list[Failure]] = {}
-    _collect(results[: len(row_rules)], {r.name: d for r, d in row_rules}, manifest, failures)
-    for (rule, text), res in zip(table_rules, results[len(row_rules) :], strict=True):
-        if not res.success:
-            if rule.name == "both_classes":
-                found = sorted(set(manifest["label"]) & set(LABELS))
-                text = f"labels present: {found or 'none'}; expected both 0 and 1"
-            report.manifest_failures.append(Failure(rule.name, rule.severity, text))
-    rule_results = list(results)
+    manifest = _manifest_rows(table, cohort_dir)
+    rule_results = _check_manifest(manifest, list(table.columns), failures, report.manifest_failures)
 
     # -- per-case rules over the measurements
-    measurements = measure_cohort(
-        cohort_dir,
-        table,
-        mask_label=mask_label,
-        grid_tolerance_mm=grid_tolerance_mm,
-        roi=roi,
-        segment=segment,
-        show_progress=show_progress,
-    )
+    measurements = measure_cohort(cohort_dir, table, mask_label=mask_label, grid_tolerance_mm=spec.grid_tolerance_mm,
+                                  roi=roi, segment=segment, show_progress=show_progress)
     kinds = ["mask"]
     if "annotator_mask" in table.columns and (table["annotator_mask"] != "").any():
         kinds.append("annotator_mask")
     case_rules = _case_rules(
-        mask_kinds=kinds,
-        min_spacing_mm=min_spacing_mm,
-        max_spacing_mm=max_spacing_mm,
-        hu_min=hu_min,
-        hu_max=hu_max,
-        hu_air_max=hu_air_max,
-        hu_min_range=hu_min_range,
-        lesion_volume_ml=(low, high),
+        mask_kinds=kinds, min_spacing_mm=spec.min_spacing_mm, max_spacing_mm=spec.max_spacing_mm, hu_min=spec.hu_min,
+        hu_max=spec.hu_max, hu_air_max=spec.hu_air_max, hu_min_range=spec.hu_min_range, lesion_volume_ml=(low, high),
         mask_label=mask_label,
         dicom_kinds=[k for k in kinds if measurements[f"{k}_format"].isin(["rtstruct", "seg"]).any()],
     )
