@@ -442,6 +442,80 @@ def _slice_contours(plane: np.ndarray) -> list[np.ndarray]:
     return polygons
 
 
+def _structure_set(first: Dataset, roi_name: str, structure_set_label: str, series_number: int) -> Dataset:
+    """A new RTSTRUCT instance in a new series: patient and study copied from the series' slice
+    ``first``, on its frame of reference, dated now; no ROI yet."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for keyword in _COPIED_FROM_SERIES:
+        setattr(ds, keyword, first.get(keyword, ""))
+    if not ds.SpecificCharacterSet:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    now = datetime.datetime.now()
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDescription = f"{structure_set_label} {roi_name}"[:64]
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "bonemet"
+    ds.SoftwareVersions = __version__
+    ds.OperatorsName = ""
+    ds.StructureSetLabel = structure_set_label[:16]
+    ds.StructureSetDate = now.strftime("%Y%m%d")
+    ds.StructureSetTime = now.strftime("%H%M%S")
+    ds.FrameOfReferenceUID = str(first.FrameOfReferenceUID)
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    return ds
+
+
+def _image_ref(header: Dataset) -> Dataset:
+    """A reference to the slice ``header`` describes (its SOP class and instance)."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    return item
+
+
+def _referenced_frame(headers: Sequence[Dataset]) -> Dataset:
+    """The structure set's reference to the series (every slice), its study and its frame of reference."""
+    first = headers[0]
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
+    series_ref.ContourImageSequence = [_image_ref(h) for h in headers]
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = _STUDY_SOP_CLASS
+    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study_ref.RTReferencedSeriesSequence = [series_ref]
+    frame_ref = Dataset()
+    frame_ref.FrameOfReferenceUID = str(first.FrameOfReferenceUID)
+    frame_ref.RTReferencedStudySequence = [study_ref]
+    return frame_ref
+
+
+def _contour_items(array: np.ndarray, affine: np.ndarray, headers: Sequence[Dataset]) -> list[Dataset]:
+    """The ContourSequence of a 0/1 ``array`` (z, y, x): each slice's closed planar contours in
+    patient coordinates (mm, ``affine``: voxel index to patient), numbered from 1, each
+    referencing its slice."""
+    contour_items = []
+    for k in np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1)):
+        for ring in _slice_contours(array[k]):
+            index = np.column_stack([ring, np.full(len(ring), float(k)), np.ones(len(ring))])
+            points = (index @ affine.T)[:, :3]
+            item = Dataset()
+            item.ContourImageSequence = [_image_ref(headers[k])]
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourNumber = len(contour_items) + 1
+            item.ContourData = [f"{v:.4f}" for v in points.ravel()]
+            contour_items.append(item)
+    return contour_items
+
+
 def write_rtstruct(
     mask: sitk.Image,
     reference_series_dir: str | Path,
@@ -482,53 +556,12 @@ def write_rtstruct(
     reference_series_dir, out_path = Path(reference_series_dir), Path(out_path)
     where = str(out_path)
     headers, array = _writer_inputs(mask, reference_series_dir, where, algorithm_type, grid_tolerance_mm)
-    affine = grid_affine(mask)
     first = headers[0]
     frame_uid = str(first.FrameOfReferenceUID)
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    for keyword in _COPIED_FROM_SERIES:
-        setattr(ds, keyword, first.get(keyword, ""))
-    if not ds.SpecificCharacterSet:
-        ds.SpecificCharacterSet = "ISO_IR 192"
-    now = datetime.datetime.now()
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = int(series_number)
-    ds.SeriesDescription = f"{structure_set_label} {roi_name}"[:64]
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "bonemet"
-    ds.SoftwareVersions = __version__
-    ds.OperatorsName = ""
-    ds.StructureSetLabel = structure_set_label[:16]
-    ds.StructureSetDate = now.strftime("%Y%m%d")
-    ds.StructureSetTime = now.strftime("%H%M%S")
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    ds = _structure_set(first, roi_name, structure_set_label, series_number)
 
-    def image_ref(header: Dataset) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID = header.SOPClassUID
-        item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-        return item
-
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
-    series_ref.ContourImageSequence = [image_ref(h) for h in headers]
-    study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = _STUDY_SOP_CLASS
-    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
-    study_ref.RTReferencedSeriesSequence = [series_ref]
-    frame_ref = Dataset()
-    frame_ref.FrameOfReferenceUID = frame_uid
-    frame_ref.RTReferencedStudySequence = [study_ref]
-    ds.ReferencedFrameOfReferenceSequence = [frame_ref]
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(headers)]
 
     roi = Dataset()
     roi.ROINumber = 1
@@ -539,18 +572,7 @@ def write_rtstruct(
         roi.ROIGenerationDescription = algorithm_name
     ds.StructureSetROISequence = [roi]
 
-    contour_items = []
-    for k in np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1)):
-        for ring in _slice_contours(array[k]):
-            index = np.column_stack([ring, np.full(len(ring), float(k)), np.ones(len(ring))])
-            points = (index @ affine.T)[:, :3]
-            item = Dataset()
-            item.ContourImageSequence = [image_ref(headers[k])]
-            item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(points)
-            item.ContourNumber = len(contour_items) + 1
-            item.ContourData = [f"{v:.4f}" for v in points.ravel()]
-            contour_items.append(item)
+    contour_items = _contour_items(array, grid_affine(mask), headers)
     roi_contour = Dataset()
     roi_contour.ROIDisplayColor = [int(c) for c in color]
     roi_contour.ReferencedROINumber = 1
@@ -668,6 +690,32 @@ def _seg_referenced_series(seg) -> set[str]:
     return {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item}
 
 
+def _frame_slice(frame: _Frame, reference_image: sitk.Image, inverse: np.ndarray, *, where: str,
+                 grid_tolerance_mm: float) -> int:
+    """The slice of ``reference_image`` a SEG frame lies on (``inverse``: the inverse of its
+    :func:`grid_affine`); a frame with another orientation or pixel spacing, off a slice position
+    (by more than ``grid_tolerance_mm``) or outside the image is a :class:`MaskFormatError`."""
+    n_k = reference_image.GetSize()[2]
+    direction = np.asarray(reference_image.GetDirection(), dtype=float).reshape(3, 3)
+    expected_orientation = np.concatenate([direction[:, 0], direction[:, 1]])
+    sx, sy, _ = reference_image.GetSpacing()
+    problem = ""
+    k = int(round(float((inverse[:3, :3] @ frame.position + inverse[:3, 3])[2])))
+    expected_position = np.asarray(reference_image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(k))))
+    if not np.allclose(frame.orientation, expected_orientation, atol=_DIRECTION_TOL):
+        problem = "frame orientation differs from the image's direction cosines"
+    elif not np.allclose(frame.spacing, (sy, sx), atol=grid_tolerance_mm):
+        problem = f"pixel spacing {tuple(frame.spacing.round(4))} mm != image spacing {(round(sy, 4), round(sx, 4))} mm"
+    elif np.abs(frame.position - expected_position).max() > grid_tolerance_mm:
+        problem = (f"frame {frame.index + 1} at {tuple(frame.position.round(3))} mm is not on a slice position "
+                   "of the image (slice spacing or origin differs)")
+    elif not 0 <= k < n_k:
+        problem = f"frame {frame.index + 1} lies on slice {k}, outside the image's {n_k} slices"
+    if problem:
+        raise MaskFormatError(f"{where}: the SEG is not on the image's grid: {problem}; give the SEG made on this image's series")
+    return k
+
+
 def read_seg_mask(
     seg_path: str | Path,
     reference_image: sitk.Image,
@@ -725,26 +773,10 @@ def read_seg_mask(
             f"{where}: SEG frames are {cols}x{rows} pixels, the image's slices {n_i}x{n_j}; the SEG is on "
             "another grid: give the SEG made on this image's series"
         )
-    direction = np.asarray(reference_image.GetDirection(), dtype=float).reshape(3, 3)
-    expected_orientation = np.concatenate([direction[:, 0], direction[:, 1]])
-    sx, sy, _ = reference_image.GetSpacing()
     inverse = np.linalg.inv(grid_affine(reference_image))
     array = np.zeros((n_k, n_j, n_i), dtype=np.uint8)
     for frame in frames:
-        problem = ""
-        k = int(round(float((inverse[:3, :3] @ frame.position + inverse[:3, 3])[2])))
-        expected_position = np.asarray(reference_image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(k))))
-        if not np.allclose(frame.orientation, expected_orientation, atol=_DIRECTION_TOL):
-            problem = "frame orientation differs from the image's direction cosines"
-        elif not np.allclose(frame.spacing, (sy, sx), atol=grid_tolerance_mm):
-            problem = f"pixel spacing {tuple(frame.spacing.round(4))} mm != image spacing {(round(sy, 4), round(sx, 4))} mm"
-        elif np.abs(frame.position - expected_position).max() > grid_tolerance_mm:
-            problem = (f"frame {frame.index + 1} at {tuple(frame.position.round(3))} mm is not on a slice position "
-                       "of the image (slice spacing or origin differs)")
-        elif not 0 <= k < n_k:
-            problem = f"frame {frame.index + 1} lies on slice {k}, outside the image's {n_k} slices"
-        if problem:
-            raise MaskFormatError(f"{where}: the SEG is not on the image's grid: {problem}; give the SEG made on this image's series")
+        k = _frame_slice(frame, reference_image, inverse, where=where, grid_tolerance_mm=grid_tolerance_mm)
         try:
             pixels = np.asarray(seg.get_stored_frame(frame.index, as_index=True))
         except (ValueError, RuntimeError, NotImplementedError, KeyError, TypeError, IndexError) as exc:

@@ -145,15 +145,7 @@ def write_dicom_series(
         )
     direction = np.asarray(image_hu.GetDirection(), dtype=float).reshape(3, 3)
     _check_direction(direction, out_dir)
-    hu = sitk.GetArrayFromImage(image_hu)  # (k, j, i)
-    if not np.issubdtype(hu.dtype, np.integer):
-        if not np.all(np.isfinite(hu)) or not np.array_equal(hu, np.rint(hu)):
-            raise DicomWriteError(f"{out_dir}: HU values must be integers (cast the image to int16 first)")
-    lo, hi = int(hu.min()), int(hu.max())
-    if lo < -32768 or hi > 32767:
-        raise DicomWriteError(f"{out_dir}: HU range [{lo}, {hi}] does not fit 16 bits; expected int16 HU")
-    offset = _HU_OFFSET if hi + _HU_OFFSET <= 32767 else 0
-    stored = (hu.astype(np.int32) + offset).astype(np.int16)
+    stored, offset = _stored_values(image_hu, out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise DicomWriteError(f"{out_dir}: exists and is not an empty folder; pass overwrite=True to replace it")
 
@@ -178,6 +170,20 @@ def write_dicom_series(
             ds.save_as(tmp / name, enforce_file_format=True)
     log.info("wrote a DICOM CT series of %d slices to %s", len(names), out_dir)
     return [out_dir / name for name in names]
+
+
+def _stored_values(image_hu: sitk.Image, out_dir: Path) -> tuple[np.ndarray, int]:
+    """The slices' stored values (int16, (k, j, i)): HU plus the offset, ``_HU_OFFSET`` or 0 when
+    the HU range needs it; integer HU in the int16 range, else a :class:`DicomWriteError`."""
+    hu = sitk.GetArrayFromImage(image_hu)  # (k, j, i)
+    if not np.issubdtype(hu.dtype, np.integer):
+        if not np.all(np.isfinite(hu)) or not np.array_equal(hu, np.rint(hu)):
+            raise DicomWriteError(f"{out_dir}: HU values must be integers (cast the image to int16 first)")
+    lo, hi = int(hu.min()), int(hu.max())
+    if lo < -32768 or hi > 32767:
+        raise DicomWriteError(f"{out_dir}: HU range [{lo}, {hi}] does not fit 16 bits; expected int16 HU")
+    offset = _HU_OFFSET if hi + _HU_OFFSET <= 32767 else 0
+    return (hu.astype(np.int32) + offset).astype(np.int16), offset
 
 
 def _check_direction(direction: np.ndarray, out_dir: Path) -> None:

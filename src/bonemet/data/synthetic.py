@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,7 @@ from bonemet.data.synthetic_latents import (
     sample_latents,
     single_latent_auc,
 )
-from bonemet.data.synthetic_phantom import render_case
+from bonemet.data.synthetic_phantom import RenderedCase, render_case
 from bonemet.utils import json_rounded, progress, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,18 +154,9 @@ def generate_cohort(
         SyntheticParamsError: invalid counts, size or mask_label.
         CohortExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
-    check_counts(n_cases, n_positive)
-    if size not in ("full", "small"):
-        raise SyntheticParamsError(f"size must be 'full' or 'small'; found {size!r}")
-    if not 1 <= int(mask_label) <= 255:
-        raise SyntheticParamsError(f"mask_label must be in 1..255 (uint8 label map); found {mask_label}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CohortExistsError(f"{out_dir}: output folder is not empty (expected empty or missing)")
-    protocols = list(protocols or [])
-    names = [p.name for p in protocols]
-    if len(set(names)) != len(names):
-        raise SyntheticParamsError(f"protocol names must be unique; found {names}")
+    out_dir, protocols = Path(out_dir), list(protocols or [])
+    _check_arguments(out_dir, n_cases=n_cases, n_positive=n_positive, size=size, mask_label=mask_label,
+                     protocols=protocols, overwrite=overwrite)
     multi_site = len(protocols) > 1
     for sub in ("images", "masks", "annotator_masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -180,20 +171,7 @@ def generate_cohort(
             params = apply_protocol(params, protocol, size=size)
         rendered = render_case(params, render_rng(seed, index))
         cid = params.case_id
-        paths = {
-            "image": f"images/{cid}.nii.gz",
-            "mask": f"masks/{cid}.nii.gz",
-            "annotator_mask": f"annotator_masks/{cid}.nii.gz",
-        }
-        write_image(
-            _to_image(rendered.image, rendered.spacing, rendered.origin, sitk.sitkInt16),
-            out_dir / paths["image"],
-        )
-        for key, mask in (("mask", rendered.manual), ("annotator_mask", rendered.annotator)):
-            label_map = mask.astype(np.uint8) * np.uint8(mask_label)
-            write_image(
-                _to_image(label_map, rendered.spacing, rendered.origin, sitk.sitkUInt8), out_dir / paths[key]
-            )
+        paths = _write_case(out_dir, cid, rendered, mask_label)
         rows.append(
             {
                 "case_id": cid,
@@ -210,6 +188,58 @@ def generate_cohort(
 
     columns = (*MANIFEST_COLUMNS, SITE_COLUMN) if multi_site else MANIFEST_COLUMNS
     _write_manifest(out_dir / MANIFEST_NAME, rows, columns)
+    summary = _cohort_summary(cases, labels, seed=seed, n_cases=n_cases, n_positive=n_positive, size=size,
+                              mask_label=mask_label)
+    if multi_site:
+        summary["sites"] = [p.model_dump(mode="json") for p in protocols]
+    write_json(out_dir / COHORT_JSON, json_rounded({**summary, "cases": cases}))
+    # plain read permissions (temporary files and folders are created private)
+    (out_dir / COHORT_JSON).chmod(0o644)
+    out_dir.chmod(0o755)
+    log.debug("wrote %d cases (%d positive) to %s; Bayes AUC %.3f, realised LLR AUC %.3f", n_cases, n_positive,
+              out_dir, summary["bayes_auc"], summary["realised_llr_auc"])
+    return json_rounded(summary)
+
+
+def _check_arguments(out_dir: Path, *, n_cases: int, n_positive: int, size: str, mask_label: int,
+                     protocols: Sequence[ProtocolSpec], overwrite: bool) -> None:
+    """Refuse :func:`generate_cohort`'s arguments before anything is written (see its Raises)."""
+    check_counts(n_cases, n_positive)
+    if size not in ("full", "small"):
+        raise SyntheticParamsError(f"size must be 'full' or 'small'; found {size!r}")
+    if not 1 <= int(mask_label) <= 255:
+        raise SyntheticParamsError(f"mask_label must be in 1..255 (uint8 label map); found {mask_label}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CohortExistsError(f"{out_dir}: output folder is not empty (expected empty or missing)")
+    names = [p.name for p in protocols]
+    if len(set(names)) != len(names):
+        raise SyntheticParamsError(f"protocol names must be unique; found {names}")
+
+
+def _write_case(out_dir: Path, case_id: str, rendered: RenderedCase, mask_label: int) -> dict[str, str]:
+    """Write a rendered case's CT (int16 HU) and its two masks (uint8, lesion == ``mask_label``);
+    their paths relative to ``out_dir``, as the manifest names them."""
+    paths = {
+        "image": f"images/{case_id}.nii.gz",
+        "mask": f"masks/{case_id}.nii.gz",
+        "annotator_mask": f"annotator_masks/{case_id}.nii.gz",
+    }
+    write_image(
+        _to_image(rendered.image, rendered.spacing, rendered.origin, sitk.sitkInt16),
+        out_dir / paths["image"],
+    )
+    for key, mask in (("mask", rendered.manual), ("annotator_mask", rendered.annotator)):
+        label_map = mask.astype(np.uint8) * np.uint8(mask_label)
+        write_image(
+            _to_image(label_map, rendered.spacing, rendered.origin, sitk.sitkUInt8), out_dir / paths[key]
+        )
+    return paths
+
+
+def _cohort_summary(cases: Sequence[Mapping[str, Any]], labels: np.ndarray, *, seed: int, n_cases: int,
+                    n_positive: int, size: str, mask_label: int) -> dict[str, Any]:
+    """cohort.json's summary of the generated ``cases``: the arguments, the latent model, its Bayes
+    AUC and what this cohort realised."""
     llr = np.array([c["llr"] for c in cases])
     summary: dict[str, Any] = {
         "generator": "bonemet.data.synthetic",
@@ -234,21 +264,7 @@ def generate_cohort(
         "dice_annotator_mean": float(np.mean([c["dice_annotator"] for c in cases])),
         "lesion_volume_ml_median": float(np.median([c["lesion_volume_ml"] for c in cases])),
     }
-    if multi_site:
-        summary["sites"] = [p.model_dump(mode="json") for p in protocols]
-    write_json(out_dir / COHORT_JSON, json_rounded({**summary, "cases": cases}))
-    # plain read permissions (temporary files and folders are created private)
-    (out_dir / COHORT_JSON).chmod(0o644)
-    out_dir.chmod(0o755)
-    log.debug(
-        "wrote %d cases (%d positive) to %s; Bayes AUC %.3f, realised LLR AUC %.3f",
-        n_cases,
-        n_positive,
-        out_dir,
-        summary["bayes_auc"],
-        summary["realised_llr_auc"],
-    )
-    return json_rounded(summary)
+    return summary
 
 
 def _case_record(params: CaseParams, render_summary: dict[str, Any]) -> dict[str, Any]:

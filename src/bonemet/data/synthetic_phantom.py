@@ -33,6 +33,7 @@ arrays built from exact operations.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +181,88 @@ class _Lobes:
         return (self._raw(u) - self.mean) / self.sd
 
 
+def _soft_tissue(xa: np.ndarray, ya: np.ndarray, s: float, gas_side: int) -> np.ndarray:
+    """The in-plane soft tissue (HU, float32) at anatomy-frame coordinates ``xa``, ``ya`` (mm):
+    fat, paraspinal and psoas muscles, aorta and vena cava, a bowel loop with gas on ``gas_side``;
+    ``s`` is the anatomy scale."""
+    tissue = np.full(xa.shape, FAT_HU, dtype=np.float32)
+    for side in (-1, 1):
+        tissue[_superellipse(xa, ya, side * 34 * s, BODY_CENTRE_Y * s + 2 * s, 9 * s, 12 * s)[0] <= 0] = (
+            MUSCLE_HU
+        )
+        tissue[_superellipse(xa, ya, side * 18 * s, 30 * s, 12 * s, 11 * s)[0] <= 0] = MUSCLE_HU
+    tissue[_superellipse(xa, ya, 10 * s, -38 * s, 10 * s, 10 * s)[0] <= 0] = BLOOD_HU
+    tissue[_superellipse(xa, ya, -13 * s, -40 * s, 7 * s, 6 * s)[0] <= 0] = BLOOD_HU - 2
+    gx = gas_side * 30 * s
+    tissue[_superellipse(xa, ya, gx, -34 * s, 8 * s, 7 * s)[0] <= 0] = MUSCLE_HU - 13
+    tissue[_superellipse(xa, ya, gx, -34 * s, 6 * s, 4.5 * s)[0] <= 0] = AIR_HU
+    return tissue
+
+
+def _vertebra_distances(zf: np.ndarray, rho_xy: np.ndarray, q_xy: np.ndarray,
+                        posterior_parts: Sequence[tuple[np.ndarray, float, float]],
+                        s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Signed distances (mm, < 0 inside) on the fine z grid ``zf`` to the three vertebral bodies
+    (concave endplates), to the middle body alone, and to the posterior elements."""
+    period = 2 * (BODY_HALF_HEIGHT + DISC_HALF_HEIGHT) * s
+    z0 = 0.0
+    half_h = BODY_HALF_HEIGHT * s * (1.0 - ENDPLATE_CONCAVITY * (1.0 - np.clip(q_xy, 0.0, 1.0)))
+    rho_body = None
+    rho_body0 = None
+    rho_post = None
+    for k in (-1, 0, 1):
+        zk = z0 + k * period
+        rz = np.abs(zf - zk)[:, None, None] - half_h[None]
+        rk = np.maximum(rho_xy[None], rz)
+        rho_body = rk if rho_body is None else np.minimum(rho_body, rk)
+        if k == 0:
+            rho_body0 = rk
+        for rho_part, z_centre, z_half in posterior_parts:
+            rp = np.maximum(rho_part[None], (np.abs(zf - zk - z_centre) - z_half)[:, None, None])
+            rho_post = rp if rho_post is None else np.minimum(rho_post, rp)
+    return rho_body, rho_body0, rho_post
+
+
+def _trabecular_band(rng: np.random.Generator, rho_xy: np.ndarray, n_z: int,
+                     spacing_zyx: tuple[float, float, float]) -> tuple[int, int, int, int, np.ndarray]:
+    """Band-passed trabecular texture (unit sd, float32) over the bodies' in-plane bounding box:
+    the box (y0, y1, x0, x1) and the texture, drawn from ``rng``."""
+    yy, xx = np.nonzero(rho_xy <= 0)
+    y0, y1, x0, x1 = yy.min(), yy.max() + 1, xx.min(), xx.max() + 1
+    sig_lo = [max(TRABECULAR_SIGMAS_MM[0] / d, 0.3) for d in spacing_zyx]
+    sig_hi = [TRABECULAR_SIGMAS_MM[1] / d for d in spacing_zyx]
+    white = rng.standard_normal((n_z, y1 - y0, x1 - x0)).astype(np.float32)
+    band = ndimage.gaussian_filter(white, sig_lo) - ndimage.gaussian_filter(white, sig_hi)
+    band64 = np.tanh(1.3 * band.astype(np.float64) / max(float(band.std(dtype=np.float64)), 1e-6))
+    band = (band64 / max(float(band64.std()), 1e-6)).astype(np.float32)
+    return y0, y1, x0, x1, band
+
+
+def _slice_mask(occupancy: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """The lesion mask on the slice grid: voxels at least half covered by the fine-grid lesion
+    (``shape``: slices, sub-slices, rows, columns); a lesion thinner than half a slice keeps its
+    most covered voxel."""
+    manual = occupancy.reshape(shape).mean(axis=1) >= 0.5
+    if not manual.any():
+        occ = occupancy.reshape(shape).mean(axis=1)
+        manual = occ == occ.max()
+    return manual
+
+
+def _scan(hu: np.ndarray, p: CaseParams, rng: np.random.Generator, shape: tuple[int, int, int, int],
+          spacing_yx: tuple[float, float]) -> np.ndarray:
+    """The CT (int16 HU) the scanner makes of the fine-grid ``hu``: slice profile (the sub-slices
+    averaged, ``shape`` as in :func:`_slice_mask`), in-plane PSF, correlated noise drawn from
+    ``rng``, the protocol's HU offset, clipped to :data:`HU_CLIP`."""
+    sy, sx = spacing_yx
+    image = hu.reshape(shape).mean(axis=1, dtype=np.float64)
+    psf = p.blur_sd_mm
+    image = ndimage.gaussian_filter(image, (0.0, psf / sy, psf / sx), mode="nearest")
+    noise = _unit_field(rng, image.shape, (0.0, 0.5, 0.5))
+    image = image + p.noise_sd_hu * noise + p.hu_offset
+    return np.clip(np.rint(image), *HU_CLIP).astype(np.int16)
+
+
 def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     """Render case ``p`` with the random fields drawn from ``rng`` (its render stream)."""
     sx, sy, sz = p.spacing_mm
@@ -201,17 +284,7 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     ya = -sin_t * X + cos_t * Y
 
     # --- in-plane soft tissue (2D, extruded along z) ---
-    tissue = np.full((ny, nx), FAT_HU, dtype=np.float32)
-    for side in (-1, 1):
-        tissue[_superellipse(xa, ya, side * 34 * s, BODY_CENTRE_Y * s + 2 * s, 9 * s, 12 * s)[0] <= 0] = (
-            MUSCLE_HU
-        )
-        tissue[_superellipse(xa, ya, side * 18 * s, 30 * s, 12 * s, 11 * s)[0] <= 0] = MUSCLE_HU
-    tissue[_superellipse(xa, ya, 10 * s, -38 * s, 10 * s, 10 * s)[0] <= 0] = BLOOD_HU
-    tissue[_superellipse(xa, ya, -13 * s, -40 * s, 7 * s, 6 * s)[0] <= 0] = BLOOD_HU - 2
-    gx = p.gas_side * 30 * s
-    tissue[_superellipse(xa, ya, gx, -34 * s, 8 * s, 7 * s)[0] <= 0] = MUSCLE_HU - 13
-    tissue[_superellipse(xa, ya, gx, -34 * s, 6 * s, 4.5 * s)[0] <= 0] = AIR_HU
+    tissue = _soft_tissue(xa, ya, s, p.gas_side)
 
     # vertebral body cross-section, disc outline, canal
     bw, ba, bp, byc = (
@@ -231,34 +304,12 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
 
     # --- 3D bone at the fine z resolution ---
     hu = np.broadcast_to(tissue, (len(zf), ny, nx)).copy()
-    period = 2 * (BODY_HALF_HEIGHT + DISC_HALF_HEIGHT) * s
-    z0 = 0.0
-    half_h = BODY_HALF_HEIGHT * s * (1.0 - ENDPLATE_CONCAVITY * (1.0 - np.clip(q_xy, 0.0, 1.0)))
-    rho_body = None
-    rho_body0 = None
-    rho_post = None
-    for k in (-1, 0, 1):
-        zk = z0 + k * period
-        rz = np.abs(zf - zk)[:, None, None] - half_h[None]
-        rk = np.maximum(rho_xy[None], rz)
-        rho_body = rk if rho_body is None else np.minimum(rho_body, rk)
-        if k == 0:
-            rho_body0 = rk
-        for rho_part, z_centre, z_half in posterior_parts:
-            rp = np.maximum(rho_part[None], (np.abs(zf - zk - z_centre) - z_half)[:, None, None])
-            rho_post = rp if rho_post is None else np.minimum(rho_post, rp)
+    rho_body, rho_body0, rho_post = _vertebra_distances(zf, rho_xy, q_xy, posterior_parts, s)
 
     # trabecular texture on the bodies' bounding box
     bone = rho_body <= 0
-    yy, xx = np.nonzero(rho_xy <= 0)
-    y0, y1, x0, x1 = yy.min(), yy.max() + 1, xx.min(), xx.max() + 1
-    sig_lo = [max(TRABECULAR_SIGMAS_MM[0] / d, 0.3) for d in (dz, sy, sx)]
-    sig_hi = [TRABECULAR_SIGMAS_MM[1] / d for d in (dz, sy, sx)]
-    white = rng.standard_normal((len(zf), y1 - y0, x1 - x0)).astype(np.float32)
-    band = ndimage.gaussian_filter(white, sig_lo) - ndimage.gaussian_filter(white, sig_hi)
-    band64 = np.tanh(1.3 * band.astype(np.float64) / max(float(band.std(dtype=np.float64)), 1e-6))
-    band = (band64 / max(float(band64.std()), 1e-6)).astype(np.float32)
     trab = np.full(hu.shape, p.trabecular_mean_hu, dtype=np.float32)
+    y0, y1, x0, x1, band = _trabecular_band(rng, rho_xy, len(zf), (dz, sy, sx))
     trab[:, y0:y1, x0:x1] += p.trabecular_texture_sd_hu * band
     hu = np.where(bone, np.where(rho_body > -CORTEX_MM, p.cortical_hu, trab), hu)
     post = rho_post <= 0
@@ -271,16 +322,8 @@ def render_case(p: CaseParams, rng: np.random.Generator) -> RenderedCase:
     )
 
     # --- scanner: slice profile, PSF, noise, offset ---
-    image = hu.reshape(nz, n_sub, ny, nx).mean(axis=1, dtype=np.float64)
-    manual = occupancy.reshape(nz, n_sub, ny, nx).mean(axis=1) >= 0.5
-    if not manual.any():  # a lesion thinner than half a slice: keep its most covered voxel
-        occ = occupancy.reshape(nz, n_sub, ny, nx).mean(axis=1)
-        manual = occ == occ.max()
-    psf = p.blur_sd_mm
-    image = ndimage.gaussian_filter(image, (0.0, psf / sy, psf / sx), mode="nearest")
-    noise = _unit_field(rng, image.shape, (0.0, 0.5, 0.5))
-    image = image + p.noise_sd_hu * noise + p.hu_offset
-    image = np.clip(np.rint(image), *HU_CLIP).astype(np.int16)
+    manual = _slice_mask(occupancy, (nz, n_sub, ny, nx))
+    image = _scan(hu, p, rng, (nz, n_sub, ny, nx), (sy, sx))
 
     inside_body = (rho_body0.reshape(nz, n_sub, ny, nx).min(axis=1)) <= 0
     annotator = _annotator_mask(manual, rng, (sz, sy, sx)) & inside_body

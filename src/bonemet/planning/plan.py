@@ -47,7 +47,7 @@ from bonemet.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import Params, PlanSpec, SegPlanSpec
-    from bonemet.planning.fingerprint import CohortFingerprint
+    from bonemet.planning.fingerprint import CaseFingerprint, CohortFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -327,23 +327,11 @@ def _plan_values(fp: CohortFingerprint, inputs: PlanInputs, explicit: Mapping[st
 
     # lesions too small for the grid: the plan refines the spacing (within the cohort's own) and
     # the crop follows within the budget, covering less context
-    too_small = [c for c in lesions if min(np.asarray(c.lesion_extent_mm) / spacing) < spec.min_lesion_voxels]
-    if too_small:
-        names = ", ".join(c.case_id for c in too_small[:10]) + (f" and {len(too_small) - 10} more"
-                                                                  if len(too_small) > 10 else "")
-        adapted = ""
-        median_extent = np.median(np.asarray([c.lesion_extent_mm for c in lesions]), axis=0)
-        needed = median_extent / spec.min_lesion_voxels
-        refined = np.minimum(spacing, np.maximum(needed, finest))
-        if spacing_explicit is None and np.any(refined < spacing - 1e-9):
-            spacing = refined
-            if roi_explicit is None:
-                crop = _shrink_crop(_crop_for(fov, spacing, divisor), budget, divisor)
-            adapted = (f"; the median lesion is that small too, so the spacing was refined to {_r(spacing)} mm and "
-                       f"the crop adapted to {crop.tolist()} voxels (x, y, z), {_r(crop * spacing, 1)} mm")
-        warnings.append(f"{len(too_small)} case(s) have lesions fewer than plan.min_lesion_voxels "
-                        f"{spec.min_lesion_voxels} voxels across on some axis of the {_r(spacing)} mm grid: "
-                        f"{names}{adapted}")
+    spacing, crop, small_warning = _refine_for_small_lesions(
+        lesions, spacing, crop, spec=spec, finest=finest, fov=fov, budget=budget, divisor=divisor,
+        refine_spacing=spacing_explicit is None, refit_crop=roi_explicit is None)
+    if small_warning is not None:
+        warnings.append(small_warning)
 
     values: dict[str, Any] = {
         "preprocess.target_spacing_mm": _r(spacing),
@@ -354,14 +342,8 @@ def _plan_values(fp: CohortFingerprint, inputs: PlanInputs, explicit: Mapping[st
     if "preprocess.crop.min_size_vox" not in explicit:
         values["preprocess.crop.min_size_vox"] = list(values["segment.roi_size"])[::-1]
 
-    lesion_hu = fp.lesion_hu()
-    lo, hi = (float(v) for v in np.percentile(lesion_hu, spec.intensity_percentiles))
-    lo, hi = math.floor(lo), math.ceil(hi)
-    threshold = inputs.bone_threshold_hu
-    if not lo < threshold < hi:  # the crop and the inference's bone mask read the bone threshold in the window
-        width = hi - lo
-        lo, hi = min(lo, math.floor(threshold - 0.1 * width)), max(hi, math.ceil(threshold + 0.1 * width))
-    values["preprocess.hu_window"] = explicit.get("preprocess.hu_window", [float(lo), float(hi)])
+    values["preprocess.hu_window"] = explicit.get("preprocess.hu_window",
+                                                  _hu_window(fp, spec, inputs.bone_threshold_hu))
 
     batch, memory, memory_warnings = plan_batch(inputs, values["segment.roi_size"])
     warnings += memory_warnings
@@ -378,6 +360,47 @@ def _plan_values(fp: CohortFingerprint, inputs: PlanInputs, explicit: Mapping[st
         "crop_voxels": int(np.prod(values["segment.roi_size"])), "memory": memory, "schedule": schedule,
     }
     return values, details, warnings
+
+
+def _refine_for_small_lesions(lesions: Sequence[CaseFingerprint], spacing: np.ndarray, crop: np.ndarray, *, spec: PlanSpec,
+                              finest: np.ndarray, fov: float, budget: int, divisor: int, refine_spacing: bool,
+                              refit_crop: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Lesions too small for the grid (fewer than ``plan.min_lesion_voxels`` across some axis):
+    when the median lesion is that small too, the spacing is refined (within the cohort's
+    ``finest``; unless explicit) and the crop follows within ``budget``, covering less context
+    (unless explicit). The spacing, the crop (x, y, z voxels) and a warning naming the cases."""
+    too_small = [c for c in lesions if min(np.asarray(c.lesion_extent_mm) / spacing) < spec.min_lesion_voxels]
+    if not too_small:
+        return spacing, crop, None
+    names = ", ".join(c.case_id for c in too_small[:10]) + (f" and {len(too_small) - 10} more"
+                                                              if len(too_small) > 10 else "")
+    adapted = ""
+    median_extent = np.median(np.asarray([c.lesion_extent_mm for c in lesions]), axis=0)
+    needed = median_extent / spec.min_lesion_voxels
+    refined = np.minimum(spacing, np.maximum(needed, finest))
+    if refine_spacing and np.any(refined < spacing - 1e-9):
+        spacing = refined
+        if refit_crop:
+            crop = _shrink_crop(_crop_for(fov, spacing, divisor), budget, divisor)
+        adapted = (f"; the median lesion is that small too, so the spacing was refined to {_r(spacing)} mm and "
+                   f"the crop adapted to {crop.tolist()} voxels (x, y, z), {_r(crop * spacing, 1)} mm")
+    return spacing, crop, (f"{len(too_small)} case(s) have lesions fewer than plan.min_lesion_voxels "
+                           f"{spec.min_lesion_voxels} voxels across on some axis of the {_r(spacing)} mm grid: "
+                           f"{names}{adapted}")
+
+
+def _hu_window(fp: CohortFingerprint, spec: PlanSpec, bone_threshold_hu: float) -> list[float]:
+    """The HU window: the cohort's lesion HU percentiles (``plan.intensity_percentiles``), rounded
+    outwards, widened to hold the bone threshold with a tenth of its width to spare (the crop and
+    the inference's bone mask read the bone threshold in the window)."""
+    lesion_hu = fp.lesion_hu()
+    lo, hi = (float(v) for v in np.percentile(lesion_hu, spec.intensity_percentiles))
+    lo, hi = math.floor(lo), math.ceil(hi)
+    threshold = bone_threshold_hu
+    if not lo < threshold < hi:
+        width = hi - lo
+        lo, hi = min(lo, math.floor(threshold - 0.1 * width)), max(hi, math.ceil(threshold + 0.1 * width))
+    return [float(lo), float(hi)]
 
 
 def _anisotropy_warning(fp: CohortFingerprint, spec: PlanSpec, values: Mapping[str, Any]) -> str | None:

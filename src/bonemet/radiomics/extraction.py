@@ -353,54 +353,19 @@ def extract_cohort(
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise BadMaskError(duplicates[0], None, f"duplicate case_id(s) in the extraction list: {', '.join(duplicates)}")
-    cache_path: dict[str, Path | None] = {}
-    results: dict[str, dict[str, float]] = {}
-    cache_root = Path(cache_dir) if cache_dir is not None else None
-    if cache_root is not None:
-        cache_root.mkdir(parents=True, exist_ok=True)
-    todo: list[CaseInput] = []
-    for case in inputs:
-        path = (cache_root / f"{cache_key(case.image, case.mask, settings, roi=case.roi, segment=case.segment)}.json"
-                if cache_root is not None else None)
-        cache_path[case.case_id] = path
-        cached = _read_cache(path) if path is not None else None
-        if cached is not None:
-            results[case.case_id] = cached
-        else:
-            todo.append(case)
+    cache_path, results, todo = _from_cache(inputs, settings, cache_dir)
     log.info("radiomics: %d case(s), %d from cache, %d to extract", len(inputs), len(results), len(todo))
-
-    from bonemet.compute import case_executor, runs_in_process
 
     bad: dict[str, str] = {}
     peak_rss = 0.0
-    workers = min(resolve_n_jobs(n_jobs), max(1, len(todo)))
-    if todo and runs_in_process(compute, workers):
-        for case in progress(todo, total=len(todo), desc="radiomics", disable=not show_progress):
-            path = cache_path[case.case_id]
-            case_id, features, reason, rss = _extract_task(case, settings, str(path) if path else None,
-                                                           grid_tolerance_mm)
-            peak_rss = max(peak_rss, rss)
-            if reason is not None:
-                bad[case_id] = reason
-            else:
-                results[case_id] = features
-    elif todo:
-        with case_executor(compute, workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
-            # absolute paths: a cluster's workers have their own working folder
-            futures = [
-                pool.submit(_extract_task, dataclasses.replace(case, image=case.image.absolute(), mask=case.mask.absolute()),
-                            settings, str(cache_path[case.case_id].absolute()) if cache_path[case.case_id] else None,
-                            grid_tolerance_mm)
-                for case in todo
-            ]
-            for future in progress(as_completed(futures), total=len(futures), desc="radiomics", disable=not show_progress):
-                case_id, features, reason, rss = future.result()
-                peak_rss = max(peak_rss, rss)
-                if reason is not None:
-                    bad[case_id] = reason
-                else:
-                    results[case_id] = features
+    for case_id, features, reason, rss in _extractions(todo, cache_path, settings, n_jobs=n_jobs, compute=compute,
+                                                       grid_tolerance_mm=grid_tolerance_mm,
+                                                       show_progress=show_progress):
+        peak_rss = max(peak_rss, rss)
+        if reason is not None:
+            bad[case_id] = reason
+        else:
+            results[case_id] = features
 
     dropped = [(c.case_id, bad[c.case_id]) for c in inputs if c.case_id in bad]
     if dropped and not allow_drop:
@@ -419,6 +384,56 @@ def extract_cohort(
         stats.seconds = time.perf_counter() - start
         stats.peak_worker_rss_mib = peak_rss
     return table, dropped
+
+
+def _from_cache(inputs: Sequence[CaseInput], settings: Mapping[str, Any], cache_dir: str | Path | None,
+                ) -> tuple[dict[str, Path | None], dict[str, dict[str, float]], list[CaseInput]]:
+    """Each case's cache entry (None without a cache), the features of the cases found there, and
+    the cases left to extract, in input order."""
+    cache_path: dict[str, Path | None] = {}
+    results: dict[str, dict[str, float]] = {}
+    cache_root = Path(cache_dir) if cache_dir is not None else None
+    if cache_root is not None:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    todo: list[CaseInput] = []
+    for case in inputs:
+        path = (cache_root / f"{cache_key(case.image, case.mask, settings, roi=case.roi, segment=case.segment)}.json"
+                if cache_root is not None else None)
+        cache_path[case.case_id] = path
+        cached = _read_cache(path) if path is not None else None
+        if cached is not None:
+            results[case.case_id] = cached
+        else:
+            todo.append(case)
+    return cache_path, results, todo
+
+
+def _extractions(todo: Sequence[CaseInput], cache_path: Mapping[str, Path | None], settings: Mapping[str, Any], *,
+                 n_jobs: int, compute: ComputeSpec, grid_tolerance_mm: float,
+                 show_progress: bool) -> Iterator[tuple[str, dict[str, float] | None, str | None, float]]:
+    """Extract (and cache) each case of ``todo``, in this process or on ``compute``'s workers:
+    ``(case_id, features, why the mask is bad or None, the worker's peak RSS in MiB)``, in the
+    order they finish."""
+    from bonemet.compute import case_executor, runs_in_process
+
+    workers = min(resolve_n_jobs(n_jobs), max(1, len(todo)))
+    if not todo:
+        return
+    if runs_in_process(compute, workers):
+        for case in progress(todo, total=len(todo), desc="radiomics", disable=not show_progress):
+            path = cache_path[case.case_id]
+            yield _extract_task(case, settings, str(path) if path else None, grid_tolerance_mm)
+        return
+    with case_executor(compute, workers=workers, initializer=_init_worker, initargs=(1,)) as pool:
+        # absolute paths: a cluster's workers have their own working folder
+        futures = [
+            pool.submit(_extract_task, dataclasses.replace(case, image=case.image.absolute(), mask=case.mask.absolute()),
+                        settings, str(cache_path[case.case_id].absolute()) if cache_path[case.case_id] else None,
+                        grid_tolerance_mm)
+            for case in todo
+        ]
+        for future in progress(as_completed(futures), total=len(futures), desc="radiomics", disable=not show_progress):
+            yield future.result()
 
 
 def _assemble(inputs: Sequence[CaseInput], results: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:

@@ -105,8 +105,6 @@ def extract_sources(
         BadMaskError / MissingMaskError: a bad or missing mask and ``allow_drop`` is False.
         FeatureTableError: a table broke a hard feature-table rule.
     """
-    from bonemet.validation.features import assert_feature_table
-
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,48 +131,13 @@ def extract_sources(
                     f"source '{source}': {len(missing)} case(s) lack a mask file (set radiomics.allow_drop to drop them): "
                     + "; ".join(f"case '{cid}': {why}" for cid, why in missing)
                 )
-            stats = CohortStats()
-            with tracker.run(f"extract-{source}", nested=True):
-                table, dropped = extract_cohort(
-                    inputs,
-                    settings,
-                    n_jobs=n_jobs,
-                    compute=compute,
-                    cache_dir=cache_dir,
-                    allow_drop=allow_drop,
-                    grid_tolerance_mm=grid_tolerance_mm,
-                    show_progress=show_progress,
-                    stats=stats,
-                )
-                dropped = missing + dropped
-                if table.empty:
-                    raise BadMaskError("<all>", None, f"source '{source}': every case was dropped")
-                assert_feature_table(table, names, source)
-                _write_parquet(table, out_dir / f"{source}.parquet")
-                rate = stats.n_extracted / stats.seconds * 60.0 if stats.seconds > 0 and stats.n_extracted else 0.0
-                metrics = {
-                    "n_cases": len(table),
-                    "n_cached": stats.n_cached,
-                    "n_extracted": stats.n_extracted,
-                    "n_dropped": len(dropped),
-                    "extraction_seconds": stats.seconds,
-                    "cases_per_minute": rate,
-                    "peak_worker_rss_mib": stats.peak_worker_rss_mib,
-                }
-                tracker.log_metrics(metrics)
-                extraction_seconds += stats.seconds
-                # the DVC output keeps what was extracted, not how long it took nor what a cache held
-                metrics = {"n_cases": len(table), "n_dropped": len(dropped)}
-                dropped_rows = [{"case_id": cid, "reason": why} for cid, why in dropped]
-                if dropped_rows:
-                    tracker.log_dict({"dropped": dropped_rows}, f"dropped_{source}.json")
-                    tracker.set_tags({"dropped_cases": ",".join(cid for cid, _ in dropped)[:5000]})
+            extraction = {"n_jobs": n_jobs, "compute": compute, "cache_dir": cache_dir, "allow_drop": allow_drop,
+                          "grid_tolerance_mm": grid_tolerance_mm, "show_progress": show_progress}
+            metrics, dropped_rows, seconds = _extract_source(source, inputs, missing, settings, out_dir, names,
+                                                             tracker, extraction)
+            extraction_seconds += seconds
             dropped_all[source] = dropped_rows
             summary["sources"][source] = metrics
-            log.info(
-                "source '%s': %d case(s) x %d features (%d cached, %d extracted, %d dropped) in %.1f s",
-                source, len(table), len(names), stats.n_cached, stats.n_extracted, len(dropped), stats.seconds,
-            )
         write_json(out_dir / "dropped.json", dropped_all)
         write_json(out_dir / "summary.json", summary)
         total = {f"{s}_n_dropped": len(v) for s, v in dropped_all.items()}
@@ -184,6 +147,44 @@ def extract_sources(
         tracker.log_artifact(out_dir / "dropped.json")
         tracker.log_artifact(out_dir / "summary.json")
     return summary
+
+
+def _extract_source(source: str, inputs: Sequence[CaseInput], missing: Sequence[tuple[str, str]],
+                    settings: Mapping[str, Any], out_dir: Path, names: Sequence[str], tracker: Tracker,
+                    extraction: Mapping[str, Any]) -> tuple[dict[str, int], list[dict[str, str]], float]:
+    """Extract, check and write ``source``'s table in its nested tracker run (``extraction``: the
+    keyword arguments of :func:`extract_cohort`; ``missing``: its cases without a mask file,
+    dropped). Returns its summary (cases and dropped cases: what was extracted, not how long it
+    took nor what a cache held), its dropped cases and its extraction seconds."""
+    from bonemet.validation.features import assert_feature_table
+
+    stats = CohortStats()
+    with tracker.run(f"extract-{source}", nested=True):
+        table, dropped = extract_cohort(inputs, settings, stats=stats, **extraction)
+        dropped = [*missing, *dropped]
+        if table.empty:
+            raise BadMaskError("<all>", None, f"source '{source}': every case was dropped")
+        assert_feature_table(table, names, source)
+        _write_parquet(table, out_dir / f"{source}.parquet")
+        rate = stats.n_extracted / stats.seconds * 60.0 if stats.seconds > 0 and stats.n_extracted else 0.0
+        tracker.log_metrics({
+            "n_cases": len(table),
+            "n_cached": stats.n_cached,
+            "n_extracted": stats.n_extracted,
+            "n_dropped": len(dropped),
+            "extraction_seconds": stats.seconds,
+            "cases_per_minute": rate,
+            "peak_worker_rss_mib": stats.peak_worker_rss_mib,
+        })
+        dropped_rows = [{"case_id": cid, "reason": why} for cid, why in dropped]
+        if dropped_rows:
+            tracker.log_dict({"dropped": dropped_rows}, f"dropped_{source}.json")
+            tracker.set_tags({"dropped_cases": ",".join(cid for cid, _ in dropped)[:5000]})
+    log.info(
+        "source '%s': %d case(s) x %d features (%d cached, %d extracted, %d dropped) in %.1f s",
+        source, len(table), len(names), stats.n_cached, stats.n_extracted, len(dropped), stats.seconds,
+    )
+    return {"n_cases": len(table), "n_dropped": len(dropped)}, dropped_rows, stats.seconds
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:

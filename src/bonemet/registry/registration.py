@@ -102,25 +102,92 @@ def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """The model to register as the train stage describes it (``index.json``, ``train_runs.json``)."""
+
+    classifier: str
+    cv_auc: float
+    #: NaN when undefined (a test set of one class)
+    test_auc: float
+    threshold: float
+    #: the rule that names it (``register.model``) and that rule in words
+    rule: str
+    rule_text: str
+    source_run_id: str
+    train_run_id: str
+
+    @classmethod
+    def from_index(cls, classifier: str, index: Mapping[str, Any], provenance: Mapping[str, Any]) -> _Candidate:
+        entry = index["models"][classifier]
+        rule = str(index.get("registered_rule", classifier))
+        return cls(
+            classifier=classifier, cv_auc=float(entry["cv_auc_mean"]),
+            test_auc=float("nan") if entry["test_auc"] is None else float(entry["test_auc"]),
+            threshold=float(entry["threshold"]), rule=rule, rule_text=str(index.get("registered_by", rule)),
+            source_run_id=str((provenance.get("models", {}).get(classifier) or {}).get("run_id") or ""),
+            train_run_id=str(provenance.get("train_run_id") or ""),
+        )
+
+    def description(self, estimate: Estimate, n_repeats: Any, git_commit: str, description_extra: str) -> str:
+        """The model version's description: what was fitted, how it was chosen, its estimates."""
+        classifier = self.classifier
+        return (
+            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier} -> calibration, Optuna-tuned) fitted on "
+            f"the committed split's training set (train run {self.train_run_id or '?'}); registered by "
+            f"{self.rule_text}.\n"
+            f"repeated test AUC over {n_repeats} splits {estimate.auc_mean:.3f} (corrected lower bound "
+            f"{estimate.auc_lower_bound:.3f}); "
+            f"committed split: mean CV AUC {self.cv_auc:.3f}, test AUC {self.test_auc:.3f}; "
+            f"threshold {self.threshold:.3f}.\n"
+            f"data_md5 {estimate.data_md5}; git_commit {git_commit}.\n"
+            + description_extra
+        )
+
+    def metrics(self, estimate: Estimate) -> dict[str, float]:
+        """The register run's metrics: the committed split's AUCs and the repeated estimate."""
+        return {SELECTION_METRIC: self.cv_auc, TEST_METRIC: self.test_auc,
+                **{tag: getattr(estimate, field) for field, tag in ESTIMATE_TAGS.items()}}
+
+    def version_tags(self, estimate: Estimate, run_tags: Mapping[str, str], serving_mode: str) -> dict[str, str]:
+        """The model version's tags (the gate reads :data:`ESTIMATE_TAGS` back from the staging version)."""
+        return {
+            "classifier": self.classifier,
+            "registered_rule": self.rule,
+            SELECTION_METRIC: f"{self.cv_auc:.6f}",
+            TEST_METRIC: f"{self.test_auc:.6f}",
+            "threshold": f"{self.threshold:.6f}",
+            **{tag: f"{getattr(estimate, field):.6f}" for field, tag in ESTIMATE_TAGS.items()},
+            "data_md5": estimate.data_md5,
+            "git_commit": run_tags.get("git_commit", "unknown"),
+            "source_run_id": self.source_run_id,
+            "serving_mode": serving_mode,
+            # the DVC experiment that registered it (`dvc exp show` names the same one)
+            **{k: v for k, v in run_tags.items() if k == "dvc_exp"},
+        }
+
+
+def _gate_record(version: str, decision: PromotionDecision, current_version: str | None, current: Estimate | None,
+                 estimate: Estimate, families: Mapping[str, Estimate], *, rule: str, max_gap_to_best: float,
+                 best_repeated: str | None) -> dict[str, Any]:
+    """The gate's decision as the register run's ``gate_decision.json``."""
+    return {"version": version, "promote": decision.promote, "reason": decision.reason,
+            "compared_with_staging": decision.compared_with_staging,
+            "current_staging_version": current_version,
+            "current_staging_estimate": None if current is None else asdict(current),
+            "estimate": asdict(estimate), "registered_rule": rule, "max_gap_to_best": max_gap_to_best,
+            "best_repeated_model": best_repeated,
+            "families": {m: asdict(e) for m, e in families.items()}}
+
+
 def register_classifier(
     *,
-    experiment: str,
-    store_dir: str,
-    model_name: str,
+    experiment: str, store_dir: str, model_name: str,
     classifier: str,
-    index: Mapping[str, Any],
-    provenance: Mapping[str, Any],
-    repeated: Mapping[str, Any],
-    pipeline: Any,
-    domain: Any,
-    check_rows: pd.DataFrame,
-    min_auc: float,
-    min_auc_lower_bound: float,
-    min_sensitivity: float,
-    min_specificity: float,
-    tolerance: float,
-    max_gap_to_best: float,
-    alias: str,
+    index: Mapping[str, Any], provenance: Mapping[str, Any], repeated: Mapping[str, Any],
+    pipeline: Any, domain: Any, check_rows: pd.DataFrame,
+    min_auc: float, min_auc_lower_bound: float, min_sensitivity: float, min_specificity: float,
+    tolerance: float, max_gap_to_best: float, alias: str,
     description_extra: str,
     tags: Mapping[str, str],
     text_columns: Sequence[str] = (),
@@ -147,93 +214,49 @@ def register_classifier(
         text_columns: text columns the pipeline reads besides the features (``site``).
         pip_requirements: None (default): the installed versions of what the model imports.
     """
-    entry = index["models"][classifier]
-    cv_auc = float(entry["cv_auc_mean"])
-    test_auc = float("nan") if entry["test_auc"] is None else float(entry["test_auc"])  # undefined: one class
-    threshold = float(entry["threshold"])
+    candidate = _Candidate.from_index(classifier, index, provenance)
     data_md5 = str(tags.get("data_md5", "unknown"))
-    rule = str(index.get("registered_rule", classifier))
-    rule_text = str(index.get("registered_by", rule))
     if repeated.get("registered_model") not in (None, classifier):
         raise RegistryError(f"the evaluate stage's repeated.json was made for {repeated['registered_model']}, the train "
                             f"stage's index.json registers {classifier}: rerun `bonemet evaluate` (dvc repro)")
     estimate = registered_estimate(repeated, data_md5)
     families = {m: estimate_of(repeated, m, data_md5) for m in repeated["models"]}
-    source_run_id = str((provenance.get("models", {}).get(classifier) or {}).get("run_id") or "")
-    train_run_id = str(provenance.get("train_run_id") or "")
     current_version, current = staging_estimate(model_name, alias)
     decision: PromotionDecision = decide_promotion(
         estimate, current, min_auc=min_auc, min_auc_lower_bound=min_auc_lower_bound,
         min_sensitivity=min_sensitivity, min_specificity=min_specificity, tolerance=tolerance,
         max_gap_to_best=max_gap_to_best, model=classifier, families=families)
     best_repeated = best_family(families)
-    exp_id = ensure_experiment(experiment, store_dir)
-    run_tags = {**dict(tags), "source_run_id": source_run_id, "train_run_id": train_run_id,
-                "registered_model": classifier, "registered_rule": rule, "registered_by": rule_text}
-    with mlflow.start_run(run_name="register", experiment_id=exp_id, tags=run_tags):
-        mlflow.log_params({"classifier": classifier, "threshold": threshold, "min_auc": min_auc,
+    run_tags = {**dict(tags), "source_run_id": candidate.source_run_id, "train_run_id": candidate.train_run_id,
+                "registered_model": classifier, "registered_rule": candidate.rule, "registered_by": candidate.rule_text}
+    with mlflow.start_run(run_name="register", experiment_id=ensure_experiment(experiment, store_dir), tags=run_tags):
+        mlflow.log_params({"classifier": classifier, "threshold": candidate.threshold, "min_auc": min_auc,
                            "min_auc_lower_bound": min_auc_lower_bound, "min_sensitivity": min_sensitivity,
                            "min_specificity": min_specificity, "tolerance": tolerance,
-                           "max_gap_to_best": max_gap_to_best, "registered_rule": rule})
-        metrics = {SELECTION_METRIC: cv_auc, TEST_METRIC: test_auc,
-                   **{tag: getattr(estimate, field) for field, tag in ESTIMATE_TAGS.items()}}
-        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
-        info = log_classifier(
-            pipeline,
-            list(index["feature_names"]),
-            threshold=threshold,
-            model_name=classifier,
-            domain=domain,
-            check_rows=check_rows,
-            text_columns=text_columns,
-            pip_requirements=pip_requirements,
-        )
-        description = (
-            f"{classifier} pipeline (ICC -> filters -> LASSO -> {classifier} -> calibration, Optuna-tuned) fitted on "
-            f"the committed split's training set (train run {train_run_id or '?'}); registered by {rule_text}.\n"
-            f"repeated test AUC over {repeated['n_repeats']} splits {estimate.auc_mean:.3f} (corrected lower bound "
-            f"{estimate.auc_lower_bound:.3f}); "
-            f"committed split: mean CV AUC {cv_auc:.3f}, test AUC {test_auc:.3f}; threshold {threshold:.3f}.\n"
-            f"data_md5 {data_md5}; git_commit {run_tags.get('git_commit', 'unknown')}.\n"
-            + description_extra
-        )
-        version_tags = {
-            "classifier": classifier,
-            "registered_rule": rule,
-            SELECTION_METRIC: f"{cv_auc:.6f}",
-            TEST_METRIC: f"{test_auc:.6f}",
-            "threshold": f"{threshold:.6f}",
-            **{tag: f"{getattr(estimate, field):.6f}" for field, tag in ESTIMATE_TAGS.items()},
-            "data_md5": data_md5,
-            "git_commit": run_tags.get("git_commit", "unknown"),
-            "source_run_id": source_run_id,
-            "serving_mode": str((info.metadata or {}).get("serving_mode", "")),
-            # the DVC experiment that registered it (`dvc exp show` names the same one)
-            **{k: v for k, v in run_tags.items() if k == "dvc_exp"},
-        }
+                           "max_gap_to_best": max_gap_to_best, "registered_rule": candidate.rule})
+        mlflow.log_metrics({k: v for k, v in candidate.metrics(estimate).items() if math.isfinite(v)})
+        info = log_classifier(pipeline, list(index["feature_names"]), threshold=candidate.threshold,
+                              model_name=classifier, domain=domain, check_rows=check_rows, text_columns=text_columns,
+                              pip_requirements=pip_requirements)
+        version_tags = candidate.version_tags(estimate, run_tags, str((info.metadata or {}).get("serving_mode", "")))
         mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
+        description = candidate.description(estimate, repeated["n_repeats"], run_tags.get("git_commit", "unknown"),
+                                            description_extra)
         MlflowClient().update_model_version(model_name, mv.version, description=description)
         mlflow.set_tags({"gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason})
-        mlflow.log_dict(
-            {"version": str(mv.version), "promote": decision.promote, "reason": decision.reason,
-             "compared_with_staging": decision.compared_with_staging,
-             "current_staging_version": current_version,
-             "current_staging_estimate": None if current is None else asdict(current),
-             "estimate": asdict(estimate), "registered_rule": rule, "max_gap_to_best": max_gap_to_best,
-             "best_repeated_model": best_repeated,
-             "families": {m: asdict(e) for m, e in families.items()}},
-            "gate_decision.json",
-        )
+        mlflow.log_dict(_gate_record(str(mv.version), decision, current_version, current, estimate, families,
+                                     rule=candidate.rule, max_gap_to_best=max_gap_to_best, best_repeated=best_repeated),
+                        "gate_decision.json")
         if decision.promote:
             set_alias(model_name, alias, mv.version)
         log.info("%s version %s (%s): %s -> %s", model_name, mv.version, classifier, decision.reason,
                  f"alias '{alias}' set" if decision.promote else f"alias '{alias}' unchanged")
     return RegistrationResult(
-        model_name=model_name, version=str(mv.version), source_run_id=source_run_id, classifier=classifier,
-        threshold=threshold, cv_auc_mean=cv_auc, test_auc=test_auc, repeated_auc_mean=estimate.auc_mean,
-        repeated_auc_lo=estimate.auc_lower_bound, registered_rule=rule, registered_by=rule_text,
-        best_repeated_model=best_repeated, promoted=decision.promote, reason=decision.reason,
-        compared_with_staging=decision.compared_with_staging,
+        model_name=model_name, version=str(mv.version), source_run_id=candidate.source_run_id, classifier=classifier,
+        threshold=candidate.threshold, cv_auc_mean=candidate.cv_auc, test_auc=candidate.test_auc,
+        repeated_auc_mean=estimate.auc_mean, repeated_auc_lo=estimate.auc_lower_bound, registered_rule=candidate.rule,
+        registered_by=candidate.rule_text, best_repeated_model=best_repeated, promoted=decision.promote,
+        reason=decision.reason, compared_with_staging=decision.compared_with_staging,
         staging_version=str(mv.version) if decision.promote else current_version,
     )
 

@@ -426,72 +426,14 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
     if table1 is None:
         out["missing"].append(str(inputs.metrics_dir / "table1.json"))
     else:
-        best = table1.get("best_model")
-        registered = table1.get("registered_model")
-        out["best_model"] = names.get(best, best)
-        out["registered_model"] = names.get(registered, registered) if registered else None
-        out["registered_by"] = table1.get("registered_by")
-        out["train_estimate"] = table1.get("train_estimate")
-        rows = []
-        for model, sets in _in_model_order(table1["models"]):
-            for set_name in ("train", "test"):
-                if set_name not in sets:
-                    continue
-                m = sets[set_name]
-                cells = [with_ci(m.get(k), m.get(f"{k}_lo"), m.get(f"{k}_hi")) if k in WITH_CI else sig(m.get(k))
-                         for k, _ in TABLE1_COLUMNS]
-                marks = [mark for mark, on in (("registered", model == registered),
-                                               ("best CV", model == best and best != registered)) if on]
-                shown_set = "train (resubstitution)" if set_name == "train" and out["train_estimate"] else set_name
-                rows.append({"model": names.get(model, model) + (f" ({', '.join(marks)})" if marks else ""),
-                             "set": shown_set, "cells": cells,
-                             "threshold": sig(m.get("threshold")), "n": sig(m.get("n")),
-                             "best": model == (registered or best), "best_cv": model == best and best != registered,
-                             "first": set_name == "train"})
-        out["table1"] = rows
-        out["table1_header"] = [title for _, title in TABLE1_COLUMNS]
-        methods: dict[str, list[str]] = {}
-        for metric, method in (table1.get("ci_methods") or {}).items():
-            methods.setdefault(method, []).append(metric)
-        out["ci_methods"] = [f"{', '.join(ms)}: {method}" for method, ms in methods.items()]
-        bayes = table1.get("bayes_optimal") or {}
-        if bayes.get("auc") is not None:
-            out["bayes_auc"] = sig(bayes["auc"])
-            ref = bayes.get("test_set_latent_llr") or {}
-            if ref:
-                out["bayes_reference"] = {
-                    "n": sig(ref.get("n")), "llr_auc": with_ci(ref.get("llr_auc"), ref.get("llr_auc_lo"),
-                                                              ref.get("llr_auc_hi")),
-                    "diff": f"{sig(ref.get('model_minus_llr'))} ({sig(ref.get('model_minus_llr_lo'))} to "
-                            f"{sig(ref.get('model_minus_llr_hi'))})", "p": sig(ref.get("p"))}
+        out.update(_table1_values(table1, names))
     cv = read_json(inputs.metrics_dir / "cv_auc.json")
     if cv is not None:
         out["cv"] = [[names.get(m, m), sig(v["mean"]), sig(v["sd"]), f"{sig(min(v['folds']))}\u2013{sig(max(v['folds']))}",
                       str(len(v["folds"]))] for m, v in _in_model_order(cv)]
     repeated = read_json(inputs.repeated_json)
     if repeated is not None:
-        out["repeated"] = {
-            "n": repeated.get("n_repeats"), "interval": repeated.get("interval"),
-            "n_train": repeated.get("n_train"), "n_test": repeated.get("n_test"),
-            "registered": names.get(repeated.get("registered_model"), repeated.get("registered_model")),
-            "rule": repeated.get("registered_rule"),
-            "best_repeated": names.get(repeated.get("best_repeated_model"), repeated.get("best_repeated_model")),
-            "rows": [[names.get(m, m), with_ci(v["auc"]["mean"], v["auc"]["lo"], v["auc"]["hi"]),
-                      sig(v.get("sensitivity_mean")), sig(v.get("specificity_mean")), sig(v.get("accuracy_mean")),
-                      str(v.get("times_chosen", 0))] for m, v in _in_model_order(repeated["models"])],
-            "chosen": with_ci(repeated["chosen"]["auc"]["mean"], repeated["chosen"]["auc"]["lo"],
-                              repeated["chosen"]["auc"]["hi"]),
-        }
-        if "baseline" in repeated:
-            b, diff = repeated["baseline"]["auc"], repeated["baseline"]["chosen_minus_baseline"]
-            out["repeated"]["baseline"] = {
-                "auc": with_ci(b["mean"], b["lo"], b["hi"]),
-                "diff": f"{_signed(diff['mean'])} ({_signed(diff['lo'])} to {_signed(diff['hi'])})",
-                "loses": _number(diff["mean"]) < 0, "clearly": _number(diff["hi"]) < 0}
-        if "llr" in repeated:
-            gap = repeated["llr"]["chosen_minus_llr"]
-            out["repeated"]["llr"] = {"auc": sig(repeated["llr"]["auc"]["mean"]),
-                                      "gap": f"{sig(gap['mean'])} ({sig(gap['lo'])} to {sig(gap['hi'])})"}
+        out["repeated"] = _repeated_values(repeated, names)
     delong = read_csv(inputs.metrics_dir / "delong_test.csv")
     if delong is not None:
         out["delong"] = [[names.get(r.best, r.best), names.get(r.other, r.other), sig(r.auc_best), sig(r.auc_other),
@@ -507,6 +449,79 @@ def classifiers_section(inputs: ReportInputs) -> dict[str, Any]:
         ("confusion_test.png", "confusion matrices, test set (each model at its threshold)"),
     ) if (uri := figures.file_uri(plots / name))]
     return out
+
+
+def _table1_values(table1: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The section's values from ``table1.json``: the registered and best-CV models, Table 1's rows
+    (each model's training and test rows, marked), its CI methods and the Bayes-optimal reference."""
+    out: dict[str, Any] = {}
+    best = table1.get("best_model")
+    registered = table1.get("registered_model")
+    out["best_model"] = names.get(best, best)
+    out["registered_model"] = names.get(registered, registered) if registered else None
+    out["registered_by"] = table1.get("registered_by")
+    out["train_estimate"] = table1.get("train_estimate")
+    rows = []
+    for model, sets in _in_model_order(table1["models"]):
+        for set_name in ("train", "test"):
+            if set_name not in sets:
+                continue
+            m = sets[set_name]
+            cells = [with_ci(m.get(k), m.get(f"{k}_lo"), m.get(f"{k}_hi")) if k in WITH_CI else sig(m.get(k))
+                     for k, _ in TABLE1_COLUMNS]
+            marks = [mark for mark, on in (("registered", model == registered),
+                                           ("best CV", model == best and best != registered)) if on]
+            shown_set = "train (resubstitution)" if set_name == "train" and out["train_estimate"] else set_name
+            rows.append({"model": names.get(model, model) + (f" ({', '.join(marks)})" if marks else ""),
+                         "set": shown_set, "cells": cells,
+                         "threshold": sig(m.get("threshold")), "n": sig(m.get("n")),
+                         "best": model == (registered or best), "best_cv": model == best and best != registered,
+                         "first": set_name == "train"})
+    out["table1"] = rows
+    out["table1_header"] = [title for _, title in TABLE1_COLUMNS]
+    methods: dict[str, list[str]] = {}
+    for metric, method in (table1.get("ci_methods") or {}).items():
+        methods.setdefault(method, []).append(metric)
+    out["ci_methods"] = [f"{', '.join(ms)}: {method}" for method, ms in methods.items()]
+    bayes = table1.get("bayes_optimal") or {}
+    if bayes.get("auc") is not None:
+        out["bayes_auc"] = sig(bayes["auc"])
+        ref = bayes.get("test_set_latent_llr") or {}
+        if ref:
+            out["bayes_reference"] = {
+                "n": sig(ref.get("n")), "llr_auc": with_ci(ref.get("llr_auc"), ref.get("llr_auc_lo"),
+                                                          ref.get("llr_auc_hi")),
+                "diff": f"{sig(ref.get('model_minus_llr'))} ({sig(ref.get('model_minus_llr_lo'))} to "
+                        f"{sig(ref.get('model_minus_llr_hi'))})", "p": sig(ref.get("p"))}
+    return out
+
+
+def _repeated_values(repeated: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The section's values from ``repeated.json``: each model's repeated estimate, the registered
+    rule's, and its differences to the baseline and to the latent LLR when recorded."""
+    values = {
+        "n": repeated.get("n_repeats"), "interval": repeated.get("interval"),
+        "n_train": repeated.get("n_train"), "n_test": repeated.get("n_test"),
+        "registered": names.get(repeated.get("registered_model"), repeated.get("registered_model")),
+        "rule": repeated.get("registered_rule"),
+        "best_repeated": names.get(repeated.get("best_repeated_model"), repeated.get("best_repeated_model")),
+        "rows": [[names.get(m, m), with_ci(v["auc"]["mean"], v["auc"]["lo"], v["auc"]["hi"]),
+                  sig(v.get("sensitivity_mean")), sig(v.get("specificity_mean")), sig(v.get("accuracy_mean")),
+                  str(v.get("times_chosen", 0))] for m, v in _in_model_order(repeated["models"])],
+        "chosen": with_ci(repeated["chosen"]["auc"]["mean"], repeated["chosen"]["auc"]["lo"],
+                          repeated["chosen"]["auc"]["hi"]),
+    }
+    if "baseline" in repeated:
+        b, diff = repeated["baseline"]["auc"], repeated["baseline"]["chosen_minus_baseline"]
+        values["baseline"] = {
+            "auc": with_ci(b["mean"], b["lo"], b["hi"]),
+            "diff": f"{_signed(diff['mean'])} ({_signed(diff['lo'])} to {_signed(diff['hi'])})",
+            "loses": _number(diff["mean"]) < 0, "clearly": _number(diff["hi"]) < 0}
+    if "llr" in repeated:
+        gap = repeated["llr"]["chosen_minus_llr"]
+        values["llr"] = {"auc": sig(repeated["llr"]["auc"]["mean"]),
+                                  "gap": f"{sig(gap['mean'])} ({sig(gap['lo'])} to {sig(gap['hi'])})"}
+    return values
 
 
 def _in_model_order(by_model: Mapping[str, Any]) -> list[tuple[str, Any]]:

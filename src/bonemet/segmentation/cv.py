@@ -212,9 +212,7 @@ def run_cross_validation(
     tracker = tracker or NullTracker()
     work_dir = Path(spec.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    fold_ids = check_folds(cases, folds)
-    if only_folds is not None:
-        fold_ids = [f for f in fold_ids if f in {int(k) for k in only_folds}]
+    fold_ids = [f for f in check_folds(cases, folds) if only_folds is None or f in {int(k) for k in only_folds}]
     by_id = {c.case_id: c for c in cases}
     log.info("loading %d preprocessed volumes", len(cases))
     volumes = {c.case_id: load_volume(c) for c in progress(cases, total=len(cases), desc="load")}
@@ -225,14 +223,9 @@ def run_cross_validation(
     results: list[FoldResult] = []
     best_fold, best_dice, best_model, best_run = -1, -math.inf, None, None
     with atomic_path(spec.masks_dir, is_dir=True) as tmp_masks:
-        jobs = []
-        for fold in fold_ids:
-            test_ids = sorted(cid for cid in by_id if int(folds[cid]) == fold)
-            train_all = sorted(cid for cid in by_id if int(folds[cid]) != fold)
-            train_ids, val_ids = split_validation(train_all, spec.val_fraction, seed + fold, groups)
-            jobs.append(_FoldJob(fold, train_ids, val_ids, test_ids, spec, settings, seed + fold, threads,
-                                 Path(tmp_masks), work_dir, mask_label, grid_tolerance_mm, figure_dpi,
-                                 dict(fold_params or {})))
+        jobs = [_fold_job(fold, folds, spec, settings, seed=seed, groups=groups, threads=threads, masks_dir=Path(tmp_masks),
+                          work_dir=work_dir, mask_label=mask_label, grid_tolerance_mm=grid_tolerance_mm,
+                          figure_dpi=figure_dpi, fold_params=fold_params) for fold in fold_ids]
         if parallel > 1:
             log.info("training %d folds, %d at a time (%d torch thread(s) each)", len(jobs), parallel, threads)
             outcomes = _run_parallel(jobs, by_id, volumes, tracker, parallel)
@@ -244,14 +237,30 @@ def run_cross_validation(
             if fold_result.best_val_dice > best_dice:
                 best_fold, best_dice, best_run = fold_result.fold, fold_result.best_val_dice, fold_result.run_id
                 best_model = model
-        written = {p.name.removesuffix(".nii.gz") for p in Path(tmp_masks).glob("*.nii.gz")}
-        expected = {cid for cid in by_id if int(folds[cid]) in fold_ids}
-        missing = sorted(expected - written)
-        if missing:
-            raise CaseInferenceError(f"no automatic mask was written for case(s): {', '.join(missing)}")
+        _check_masks_written(Path(tmp_masks), {cid for cid in by_id if int(folds[cid]) in fold_ids})
     for fold in fold_ids:  # every fold done and its masks in place: nothing left to resume
         resume_path(work_dir, fold).unlink(missing_ok=True)
     return CVResult(case_rows=rows, folds=results, best_fold=best_fold, best_model=best_model, best_run_id=best_run)
+
+
+def _fold_job(fold: int, folds: Mapping[str, int], spec: SegmentSpec, settings: InferenceSettings, *, seed: int,
+              groups: Mapping[str, str] | None, threads: int, masks_dir: Path, work_dir: Path, mask_label: int,
+              grid_tolerance_mm: float, figure_dpi: int, fold_params: Mapping[str, Any] | None) -> _FoldJob:
+    """Fold ``fold``'s job: its held-out cases, its training cases less the early-stopping
+    hold-out (:func:`split_validation`, seeded ``seed + fold``), and how it trains and writes."""
+    test_ids = sorted(cid for cid in folds if int(folds[cid]) == fold)
+    train_all = sorted(cid for cid in folds if int(folds[cid]) != fold)
+    train_ids, val_ids = split_validation(train_all, spec.val_fraction, seed + fold, groups)
+    return _FoldJob(fold, train_ids, val_ids, test_ids, spec, settings, seed + fold, threads, masks_dir, work_dir,
+                    mask_label, grid_tolerance_mm, figure_dpi, dict(fold_params or {}))
+
+
+def _check_masks_written(masks_dir: Path, expected: set[str]) -> None:
+    """Every ``expected`` case has its automatic mask in ``masks_dir``, else a :class:`CaseInferenceError`."""
+    written = {p.name.removesuffix(".nii.gz") for p in masks_dir.glob("*.nii.gz")}
+    missing = sorted(expected - written)
+    if missing:
+        raise CaseInferenceError(f"no automatic mask was written for case(s): {', '.join(missing)}")
 
 
 @dataclass

@@ -162,11 +162,7 @@ def sliding_window_logits(
     if volume.ndim != 4 or volume.shape[0] != 1:
         raise ValueError(f"image must be (1, D, H, W); found shape {volume.shape}")
     spatial = volume.shape[1:]
-    pad = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(spatial, roi, strict=True)]
-    if any(lo or hi for lo, hi in pad):
-        volume = np.pad(volume, [(0, 0), *pad], mode="constant", constant_values=0.0)
-        if keep is not None:
-            keep = np.pad(np.asarray(keep, bool), pad, mode="constant", constant_values=False)
+    volume, keep, pad = _pad_to_roi(volume, keep, roi)
     padded = volume.shape[1:]
     starts = window_starts(padded, roi, overlap)
     if keep is not None:
@@ -179,15 +175,48 @@ def sliding_window_logits(
     if channels_last:
         model.to(memory_format=memory_format)
     weight = torch.as_tensor(importance_map(roi, mode), device=device)
-    out = None
     # the weights' sum at each voxel: every run window once per flip
     count = torch.zeros(padded, dtype=torch.float32, device=device)
     for z, y, w in starts:
         count[z:z + roi[0], y:y + roi[1], w:w + roi[2]] += weight
     count *= len(flips)
     jobs = [(tuple(int(v) for v in start), flip) for start in starts for flip in flips]
+    out = _weighted_window_sum(model, x, jobs, roi, weight, sw_batch_size=sw_batch_size,
+                               memory_format=memory_format)
+    if out is None:  # no window ran (nothing to keep): background everywhere
+        out = torch.zeros((2, *padded), dtype=torch.float32, device=device)
+    covered = count > 0
+    out = torch.where(covered, out / torch.where(covered, count, 1.0), out)
+    if not bool(covered.all()):
+        out[0][~covered] = SKIPPED_BACKGROUND_LOGIT
+    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pad, spatial, strict=True))
+    return out[(slice(None), *crop)][None]
+
+
+def _pad_to_roi(volume: np.ndarray, keep: np.ndarray | None,
+                roi: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, list[tuple[int, int]]]:
+    """``volume`` (1, D, H, W) and ``keep`` (D, H, W) padded (zeros, False) on both sides of each
+    axis shorter than ``roi``, and the (before, after) padding per axis."""
+    spatial = volume.shape[1:]
+    pad = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(spatial, roi, strict=True)]
+    if any(lo or hi for lo, hi in pad):
+        volume = np.pad(volume, [(0, 0), *pad], mode="constant", constant_values=0.0)
+        if keep is not None:
+            keep = np.pad(np.asarray(keep, bool), pad, mode="constant", constant_values=False)
+    return volume, keep, pad
+
+
+def _weighted_window_sum(model: Any, x: Any, jobs: Sequence[tuple[tuple[int, int, int], tuple[int, ...]]],
+                         roi: tuple[int, ...], weight: Any, *, sw_batch_size: int, memory_format: Any) -> Any:
+    """The sum of every job's window logits (flipped back), each weighted by ``weight``: a
+    ``(C, D, H, W)`` float32 tensor on ``x``'s device, or None when there is no job. A job is a
+    window's start (D, H, W) and the spatial axes it is flipped along; ``x`` is the
+    ``(1, 1, D, H, W)`` volume; ``sw_batch_size`` windows go through ``model`` per pass."""
+    import torch
+
+    out = None
     model.eval()
-    with torch.no_grad(), autocast_context(device):
+    with torch.no_grad(), autocast_context(x.device):
         for first in range(0, len(jobs), sw_batch_size):
             batch = jobs[first:first + sw_batch_size]
             crops = []
@@ -199,18 +228,11 @@ def sliding_window_logits(
                 logits = logits[0]
             logits = logits.float()
             if out is None:
-                out = torch.zeros((logits.shape[1], *padded), dtype=torch.float32, device=device)
+                out = torch.zeros((logits.shape[1], *x.shape[2:]), dtype=torch.float32, device=x.device)
             for k, ((z, y, w), flip) in enumerate(batch):
                 window = torch.flip(logits[k], tuple(a + 1 for a in flip)) if flip else logits[k]
                 out[:, z:z + roi[0], y:y + roi[1], w:w + roi[2]].addcmul_(window, weight)
-    if out is None:  # no window ran (nothing to keep): background everywhere
-        out = torch.zeros((2, *padded), dtype=torch.float32, device=device)
-    covered = count > 0
-    out = torch.where(covered, out / torch.where(covered, count, 1.0), out)
-    if not bool(covered.all()):
-        out[0][~covered] = SKIPPED_BACKGROUND_LOGIT
-    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pad, spatial, strict=True))
-    return out[(slice(None), *crop)][None]
+    return out
 
 
 def lesion_probability(logits) -> np.ndarray:

@@ -95,7 +95,7 @@ def run_segmentation(
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.inference import InferenceSettings
     from bonemet.segmentation.networks import network_kwargs
-    from bonemet.segmentation.training import resolve_device, spec_json
+    from bonemet.segmentation.training import spec_json
 
     require_planned(spec, "segment", "run_segmentation")  # the stage resolved `auto` from the plan, once
     tracker = tracker or NullTracker()
@@ -122,19 +122,7 @@ def run_segmentation(
     )
     wall = time.perf_counter() - start
     table = pd.DataFrame(cv.case_rows).sort_values("case_id")
-    summary = summarize(cv.case_rows) if "dice" in table.columns else {"n_cases": len(table)}
-    summary["bias"] = class_bias(cv.case_rows, {c.case_id: c.label for c in cases}, plan, spec.bias.max_dice_gap)
-    # what was trained and how, never how long it took (wall times go to MLflow only): the same
-    # code, data and params write the same bytes, on any machine and under any load
-    summary.update({
-        "model": spec.model, "profile": spec.profile, "n_folds": len(cv.folds), "best_fold": cv.best_fold,
-        "device": str(resolve_device(spec.device)), "num_threads": num_threads, "max_steps": spec.train.max_steps,
-        "epochs_mean": sum(len(f.history) for f in cv.folds) / max(1, len(cv.folds)),
-        "n_parameters": cv.folds[0].n_parameters if cv.folds else 0,
-        # per fold: epochs, the epochs the schedule annealed over, steps, why training stopped
-        "folds": [f.summary() for f in cv.folds],
-        "stop_reasons": dict(sorted(Counter(f.stop_reason for f in cv.folds).items())),
-    })
+    summary = _summary(cv, table, cases, spec, plan=plan, num_threads=num_threads)
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
     tracker.log_metrics({
         "wall_seconds": wall, "train_seconds_total": sum(f.train_seconds for f in cv.folds),
@@ -144,6 +132,28 @@ def run_segmentation(
     tracker.log_metrics(bias_metrics(summary["bias"]))
     return SegmentationResult(summary=summary, case_table=table, spec=spec, cv=cv, settings=settings,
                               wall_seconds=wall)
+
+
+def _summary(cv: CVResult, table: pd.DataFrame, cases: Sequence[SegCase], spec: SegmentSpec, *,
+             plan: Mapping[str, Any] | None, num_threads: int) -> dict[str, Any]:
+    """``segmentation.json``'s summary of the cross-validation ``cv`` (its per-case ``table``): the
+    Dice, the bias between the classes, what was trained and how, never how long it took (wall
+    times go to MLflow only): the same code, data and params write the same bytes, on any machine
+    and under any load."""
+    from bonemet.segmentation.training import resolve_device
+
+    summary = summarize(cv.case_rows) if "dice" in table.columns else {"n_cases": len(table)}
+    summary["bias"] = class_bias(cv.case_rows, {c.case_id: c.label for c in cases}, plan, spec.bias.max_dice_gap)
+    summary.update({
+        "model": spec.model, "profile": spec.profile, "n_folds": len(cv.folds), "best_fold": cv.best_fold,
+        "device": str(resolve_device(spec.device)), "num_threads": num_threads, "max_steps": spec.train.max_steps,
+        "epochs_mean": sum(len(f.history) for f in cv.folds) / max(1, len(cv.folds)),
+        "n_parameters": cv.folds[0].n_parameters if cv.folds else 0,
+        # per fold: epochs, the epochs the schedule annealed over, steps, why training stopped
+        "folds": [f.summary() for f in cv.folds],
+        "stop_reasons": dict(sorted(Counter(f.stop_reason for f in cv.folds).items())),
+    })
+    return summary
 
 
 def import_segmentation(cases: Sequence[Any], spec: SegmentSpec, *, cohort_dir: str | Path, mask_label: int,

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -351,6 +351,101 @@ def _load_resume(path: Path | None, key: str) -> dict[str, Any] | None:
     return state
 
 
+@dataclass
+class _TrainingState:
+    """A fold's training between epochs: what the epoch loop updates, and what its resume
+    checkpoint holds (:func:`_save_resume`) and gives back (:meth:`restore`)."""
+
+    #: what a resume checkpoint must have been written for (:func:`resume_key`)
+    key: str
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    #: one gradient step; carries the loss, the device and the AMP grad scaler
+    step: _Step
+    loader: Any
+    #: the epochs the schedule anneals over
+    horizon: int
+    stopper: EarlyStopping
+    best: _BestCheckpoint
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: the last epoch done (0: none)
+    epoch: int = 0
+    #: "" while training goes on; else why it ended (:data:`STOP_REASONS`, or "pruned")
+    stop_reason: str = "max_epochs"
+    finished: bool = False
+    #: the wall seconds spent before this run (those of the runs it resumes)
+    spent: float = 0.0
+
+    def result(self, start: float, resumed_from: int) -> TrainResult:
+        """The trained model, in eval mode with the best-Dice weights, and its history (``start``:
+        the ``time.perf_counter()`` the training's wall time counts from)."""
+        best = self.best
+        if best.state is not None:
+            self.model.load_state_dict(best.state)
+        self.model.eval()
+        stop_reason = self.stop_reason or "max_epochs"
+        return TrainResult(
+            model=self.model, history=self.history, best_epoch=best.epoch, best_val_dice=best.dice,
+            stopped_early=stop_reason in ("patience", "converged"), train_seconds=time.perf_counter() - start,
+            device=str(self.step.device), stop_reason=stop_reason, planned_epochs=self.horizon,
+            resumed_from=resumed_from, steps=len(self.history) * len(self.loader),
+        )
+
+    def restore(self, saved: Mapping[str, Any], resume_path: Path) -> None:
+        """Continue from the state :func:`_save_resume` wrote (read by :func:`_load_resume`)."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.step.scaler is not None and saved.get("scaler") is not None:
+            self.step.scaler.load_state_dict(saved["scaler"])
+        self.stopper.best, self.stopper.bad_steps = float(saved["stopper"][0]), int(saved["stopper"][1])
+        best = self.best
+        best.dice, best.epoch, best.state = float(saved["best"][0]), int(saved["best"][1]), saved["best"][2]
+        self.history, self.spent = list(saved["history"]), float(saved["spent"])
+        self.stop_reason, self.finished = str(saved["stop_reason"]), bool(saved["finished"])
+        _set_rng_state(saved["rng"], self.loader)
+        self.epoch = int(saved["epoch"])
+        log.info("resuming from epoch %d of %d (%s)", saved["epoch"], self.horizon, resume_path)
+
+
+def _start_training(model: Any, train_items: Sequence[Mapping[str, Any]], val_items: Sequence[Mapping[str, Any]],
+                    spec: SegmentSpec, seed: int, checkpoint_path: str | Path | None,
+                    resume_path: Path | None) -> _TrainingState:
+    """Seed, move ``model`` to the device and build its loader, optimiser, schedule and early
+    stopping: a fresh training state (epoch 0), or the one at ``resume_path`` when it was written
+    for these settings, cases and seed."""
+    import torch
+
+    from bonemet.segmentation.networks import seed_everything
+
+    train = spec.train
+    seed_everything(seed)
+    device = resolve_device(spec.device)
+    memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
+    model = model.to(device).to(memory_format=memory_format)
+    loader = _training_loader(train_items, spec, seed)
+    max_steps = _max_steps(train)
+    horizon = train.max_epochs if max_steps is None else budget_epochs(max_steps, len(loader), train)
+    optimizer, scheduler = _optimizer(model, train, horizon)
+    loss_fn = make_loss(train)
+    use_scaler = device.type == "cuda" and spec.amp and not torch.cuda.is_bf16_supported()
+    step = _Step(model, optimizer, loss_fn, device, memory_format, spec.distill_weight, train.grad_clip, spec.amp,
+                 torch.amp.GradScaler("cuda") if use_scaler else None)
+    training = _TrainingState(
+        key=resume_key(spec, train_items, val_items, seed), model=model, optimizer=optimizer, scheduler=scheduler,
+        step=step, loader=loader, horizon=horizon, stopper=EarlyStopping(train.patience, train.min_delta),
+        best=_BestCheckpoint(checkpoint_path, spec),
+    )
+    saved = _load_resume(resume_path, training.key)
+    if saved is not None:
+        training.restore(saved, resume_path)
+    if max_steps is not None and training.epoch == 0:
+        log.info("step budget %d: %d epochs of %d steps, the learning rate annealed over them", max_steps,
+                 horizon, len(loader))
+    return training
+
+
 def train_model(
     model: Any,
     train_items: Sequence[Mapping[str, Any]],
@@ -397,107 +492,76 @@ def train_model(
     ``converge_tol``); the returned model carries the weights of the epoch with the best
     validation Dice. Torch's thread count is the caller's to set.
     """
-    import torch
-
-    from bonemet.segmentation.networks import seed_everything
-
     tracker = tracker or NullTracker()
     if not train_items:
         raise TrainingConfigError("no training cases")
-    train = spec.train
-    seed_everything(seed)
-    device = resolve_device(spec.device)
-    memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
-    model = model.to(device).to(memory_format=memory_format)
-    loader = _training_loader(train_items, spec, seed)
-    max_steps = _max_steps(train)
-    horizon = train.max_epochs if max_steps is None else budget_epochs(max_steps, len(loader), train)
-    optimizer, scheduler = _optimizer(model, train, horizon)
-    loss_fn = make_loss(train)
-    use_scaler = device.type == "cuda" and spec.amp and not torch.cuda.is_bf16_supported()
-    step = _Step(model, optimizer, loss_fn, device, memory_format, spec.distill_weight, train.grad_clip, spec.amp,
-                 torch.amp.GradScaler("cuda") if use_scaler else None)
-    stopper = EarlyStopping(train.patience, train.min_delta)
-    best = _BestCheckpoint(checkpoint_path, spec)
-    history: list[dict[str, float]] = []
-    stop_reason, spent, first_epoch, finished = "max_epochs", 0.0, 1, False
     resume_path = Path(resume_path) if resume_path is not None else None
-    key = resume_key(spec, train_items, val_items, seed)
-    state = _load_resume(resume_path, key)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if step.scaler is not None and state.get("scaler") is not None:
-            step.scaler.load_state_dict(state["scaler"])
-        stopper.best, stopper.bad_steps = float(state["stopper"][0]), int(state["stopper"][1])
-        best.dice, best.epoch, best.state = float(state["best"][0]), int(state["best"][1]), state["best"][2]
-        history, spent = list(state["history"]), float(state["spent"])
-        stop_reason, finished = str(state["stop_reason"]), bool(state["finished"])
-        _set_rng_state(state["rng"], loader)
-        first_epoch = int(state["epoch"]) + 1
-        log.info("resuming from epoch %d of %d (%s)", state["epoch"], horizon, resume_path)
-    if max_steps is not None and first_epoch == 1:
-        log.info("step budget %d: %d epochs of %d steps, the learning rate annealed over them", max_steps,
-                 horizon, len(loader))
-    resumed_from = first_epoch - 1
-    epoch = first_epoch - 1
+    training = _start_training(model, train_items, val_items, spec, seed, checkpoint_path, resume_path)
+    model, loader, horizon, max_steps = training.model, training.loader, training.horizon, _max_steps(spec.train)
+    resumed_from = training.epoch
     # wall time is reported (MLflow), never used to decide anything
-    start = time.perf_counter() - spent
-    epochs = range(first_epoch, horizon + 1) if not finished else range(0)
+    start = time.perf_counter() - training.spent
+    epochs = range(training.epoch + 1, horizon + 1) if not training.finished else range(0)
     for epoch in progress(epochs, total=len(epochs), desc=progress_desc, unit="epoch"):
         _seed_epoch(loader, seed, epoch)
-        model.train()
-        batch_losses = [step(batch) for batch in loader]
-        lr_now = optimizer.param_groups[0]["lr"]
-        val_loss, val_dice = validate(model, epoch) if validate is not None else evaluate(
-            model, val_items, spec, loss_fn, device)
-        scheduler.step()
-        record = {
-            "epoch": epoch, "train_loss": float(np.mean(batch_losses)), "val_loss": float(val_loss),
-            "val_dice": float(val_dice), "lr": float(lr_now),
-        }
-        history.append(record)
+        record = _train_epoch(training, epoch, val_items, spec, validate)
         tracker.log_metrics({**{k: v for k, v in record.items() if k != "epoch"},
                              "elapsed_s": time.perf_counter() - start}, step=epoch)
         if show_progress or epoch == 1 or epoch % 10 == 0:
             log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f", epoch, record["train_loss"],
-                     val_loss, val_dice)
-        best.update(model, epoch, float(val_dice))
-        patience_out = stopper.step(float(val_loss))
-        if epoch >= train.min_epochs and patience_out:
-            stop_reason = "patience"
-            log.info("early stopping at epoch %d (no lower validation loss for %d epochs)", epoch, train.patience)
-        elif epoch >= train.min_epochs and converged([h["val_dice"] for h in history], train.converge_window,
-                                                     train.converge_tol):
-            stop_reason = "converged"
-            log.info("converged at epoch %d (validation Dice flat for %d epochs)", epoch, train.converge_window)
-        elif epoch >= horizon:
-            stop_reason = "budget" if max_steps is not None and horizon < train.max_epochs else "max_epochs"
-            if stop_reason == "budget":
-                log.info("step budget spent at epoch %d (%d steps)", epoch, epoch * len(loader))
-        else:
-            stop_reason = ""
-        if on_epoch is not None and on_epoch(epoch, best.dice):
-            stop_reason = "pruned"
-            log.info("pruned at epoch %d (validation Dice %.4f so far)", epoch, best.dice)
-        finished = bool(stop_reason)
+                     record["val_loss"], record["val_dice"])
+        training.best.update(model, epoch, record["val_dice"])
+        training.stop_reason = _stop_reason(training, epoch, record["val_loss"], spec.train, max_steps)
+        if on_epoch is not None and on_epoch(epoch, training.best.dice):
+            training.stop_reason = "pruned"
+            log.info("pruned at epoch %d (validation Dice %.4f so far)", epoch, training.best.dice)
+        training.finished = bool(training.stop_reason)
         if resume_path is not None:
-            _save_resume(resume_path, key, model, optimizer, scheduler, step.scaler, stopper, best, history,
-                         time.perf_counter() - start, horizon, stop_reason or "max_epochs", finished, loader,
-                         epoch)
-        if finished:
+            _save_resume(resume_path, training, time.perf_counter() - start)
+        if training.finished:
             break
-    if best.state is not None:
-        model.load_state_dict(best.state)
-    model.eval()
-    stop_reason = stop_reason or "max_epochs"
-    return TrainResult(
-        model=model, history=history, best_epoch=best.epoch, best_val_dice=best.dice,
-        stopped_early=stop_reason in ("patience", "converged"), train_seconds=time.perf_counter() - start,
-        device=str(device), stop_reason=stop_reason, planned_epochs=horizon, resumed_from=resumed_from,
-        steps=len(history) * len(loader),
-    )
+    return training.result(start, resumed_from)
+
+
+def _train_epoch(training: _TrainingState, epoch: int, val_items: Sequence[Mapping[str, Any]], spec: SegmentSpec,
+                 validate: Callable[[Any, int], tuple[float, float]] | None) -> dict[str, float]:
+    """One epoch: a gradient step per batch, the validation, the schedule's step; its record
+    (epoch, train_loss, val_loss, val_dice, lr: the rate the epoch trained with), appended to the
+    history."""
+    model, step = training.model, training.step
+    training.epoch = epoch
+    model.train()
+    batch_losses = [step(batch) for batch in training.loader]
+    lr_now = training.optimizer.param_groups[0]["lr"]
+    val_loss, val_dice = validate(model, epoch) if validate is not None else evaluate(
+        model, val_items, spec, step.loss_fn, step.device)
+    training.scheduler.step()
+    record = {
+        "epoch": epoch, "train_loss": float(np.mean(batch_losses)), "val_loss": float(val_loss),
+        "val_dice": float(val_dice), "lr": float(lr_now),
+    }
+    training.history.append(record)
+    return record
+
+
+def _stop_reason(training: _TrainingState, epoch: int, val_loss: float, train: SegTrainSpec,
+                 max_steps: int | None) -> str:
+    """Why training ends after ``epoch`` (one of :data:`STOP_REASONS`), or "" to go on; counts the
+    epoch in the early stopping."""
+    patience_out = training.stopper.step(val_loss)
+    if epoch >= train.min_epochs and patience_out:
+        log.info("early stopping at epoch %d (no lower validation loss for %d epochs)", epoch, train.patience)
+        return "patience"
+    if epoch >= train.min_epochs and converged([h["val_dice"] for h in training.history], train.converge_window,
+                                               train.converge_tol):
+        log.info("converged at epoch %d (validation Dice flat for %d epochs)", epoch, train.converge_window)
+        return "converged"
+    if epoch >= training.horizon:
+        if max_steps is not None and training.horizon < train.max_epochs:
+            log.info("step budget spent at epoch %d (%d steps)", epoch, epoch * len(training.loader))
+            return "budget"
+        return "max_epochs"
+    return ""
 
 
 def _max_steps(train: SegTrainSpec) -> int | None:
@@ -522,17 +586,18 @@ def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
         transform.set_random_state(seed=epoch_seed)
 
 
-def _save_resume(path: Path, key: str, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
-                 stopper: EarlyStopping, best: _BestCheckpoint, history: list, spent: float, horizon: int,
-                 stop_reason: str, finished: bool, loader: Any, epoch: int) -> None:
-    """The whole training state after ``epoch``, written atomically (a kill leaves the previous one)."""
-
+def _save_resume(path: Path, training: _TrainingState, spent: float) -> None:
+    """The whole training state after its last epoch, with the wall seconds ``spent`` so far,
+    written atomically (a kill leaves the previous one)."""
+    best, stopper, scaler = training.best, training.stopper, training.step.scaler
     state = {
-        "key": key, "epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "key": training.key, "epoch": training.epoch,
+        "model": {k: v.detach().cpu() for k, v in training.model.state_dict().items()},
+        "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None, "stopper": (stopper.best, stopper.bad_steps),
-        "best": (best.dice, best.epoch, best.state), "history": history, "spent": spent, "horizon": horizon,
-        "stop_reason": stop_reason, "finished": finished, "rng": _rng_state(loader),
+        "best": (best.dice, best.epoch, best.state), "history": training.history, "spent": spent,
+        "horizon": training.horizon, "stop_reason": training.stop_reason or "max_epochs",
+        "finished": training.finished, "rng": _rng_state(training.loader),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, path)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -519,6 +519,115 @@ def _manifest_table_rules() -> list[tuple[Rule, str]]:
     ]
 
 
+#: how to word a case rule's failure from that case's measurement row, the mask column it checks
+#: (``kind``; "" for the image's rules) and the thresholds (:func:`_case_rules`' ``limits``)
+CaseDetail = Callable[[pd.Series, str, Mapping[str, Any]], str]
+
+
+@dataclass(frozen=True)
+class _CaseRule:
+    """One row of the per-case rule tables below.
+
+    ``name``, ``column`` and ``description`` are templates: ``{kind}`` is the mask column a mask
+    rule checks (``mask`` or ``annotator_mask``), ``{min_spacing_mm}`` ... the thresholds.
+    ``bounds`` are the expectation's keywords besides ``column``: a string names the threshold
+    it takes, any other value is used as it is. A ``dicom_only`` rule applies to a mask column
+    only when some of its masks are RTSTRUCT or SEG files.
+    """
+
+    name: str
+    expectation: str
+    column: str
+    bounds: Mapping[str, Any]
+    description: str
+    detail: CaseDetail
+    severity: str = "hard"
+    dicom_only: bool = False
+
+    def rule(self, limits: Mapping[str, Any], kind: str = "") -> tuple[Rule, Detail]:
+        """The GX rule for ``kind`` under ``limits``, and its failure's wording for one row."""
+        kwargs = {"column": self.column.format(kind=kind)}
+        kwargs.update({key: limits[value] if isinstance(value, str) else value for key, value in self.bounds.items()})
+        rule = Rule(
+            self.name.format(kind=kind),
+            self.expectation,
+            kwargs,
+            severity=self.severity,
+            description=self.description.format(kind=kind, **limits),
+        )
+        return rule, lambda row: self.detail(row, kind, limits)
+
+
+_IN_SET = "ExpectColumnValuesToBeInSet"
+_BETWEEN = "ExpectColumnValuesToBeBetween"
+_TRUE = {"value_set": [True]}
+
+#: the image's rules, in report order
+_IMAGE_RULES: tuple[_CaseRule, ...] = (
+    _CaseRule("image_exists", _IN_SET, "image_exists", _TRUE, "the image file exists",
+              lambda r, k, t: str(r["image_error"])),
+    _CaseRule("image_readable", _IN_SET, "image_readable", _TRUE, "the image can be read (not truncated or corrupt)",
+              lambda r, k, t: str(r["image_error"])),
+    _CaseRule("image_3d", _IN_SET, "image_3d", _TRUE, "the image is a 3D scalar volume",
+              lambda r, k, t: f"image size {r['image_shape']}: expected a 3D scalar volume with more than one slice"),
+    _CaseRule("spacing_min", _BETWEEN, "spacing_min_mm", {"min_value": "min_spacing_mm"},
+              "voxel spacing is at least {min_spacing_mm} mm",
+              lambda r, k, t: f"spacing {r['spacing_mm']} mm: expected every axis >= {t['min_spacing_mm']} mm"),
+    _CaseRule("spacing_max", _BETWEEN, "spacing_max_mm", {"max_value": "max_spacing_mm"},
+              "voxel spacing is at most {max_spacing_mm} mm",
+              lambda r, k, t: f"spacing {r['spacing_mm']} mm: expected every axis <= {t['max_spacing_mm']} mm"),
+    _CaseRule("hu_min", _BETWEEN, "hu_min", {"min_value": "hu_min"}, "no intensity below {hu_min} HU",
+              lambda r, k, t: (f"lowest intensity {_fmt(r['hu_min'], 'HU')}: expected >= {t['hu_min']} HU "
+                               "(CT in Hounsfield units)")),
+    _CaseRule("hu_max", _BETWEEN, "hu_max", {"max_value": "hu_max"}, "no intensity above {hu_max} HU",
+              lambda r, k, t: (f"highest intensity {_fmt(r['hu_max'], 'HU')}: expected <= {t['hu_max']} HU "
+                               "(CT in Hounsfield units)")),
+    _CaseRule("hu_air_or_fat", _BETWEEN, "hu_min", {"max_value": "hu_air_max"},
+              "some voxel is at or below {hu_air_max} HU (air or fat): true of CT, not of MR",
+              lambda r, k, t: (f"intensities {_fmt(r['hu_min'])}..{_fmt(r['hu_max'])}: expected air/fat at or below "
+                               f"{t['hu_air_max']} HU; not a CT in Hounsfield units (MR-like, or rescale "
+                               "slope/intercept not applied?)")),
+    _CaseRule("hu_range", _BETWEEN, "hu_range", {"min_value": "hu_min_range"},
+              "intensities span at least {hu_min_range} HU (air/fat to bone)",
+              lambda r, k, t: (f"intensities {_fmt(r['hu_min'])}..{_fmt(r['hu_max'])} span "
+                               f"{_fmt(r['hu_range'], 'HU')}: expected >= {t['hu_min_range']} HU for a CT")),
+)
+
+
+def _label_detail(r: pd.Series, k: str, t: Mapping[str, Any]) -> str:
+    other = r[f"{k}_other_values"]
+    return f"{k} has no voxel == {t['mask_label']} (mask_label)" + (
+        f"; it holds other values {other}" if other else "; it is empty"
+    )
+
+
+#: each mask column's rules, in report order
+_MASK_RULES: tuple[_CaseRule, ...] = (
+    _CaseRule("{kind}_exists", _IN_SET, "{kind}_exists", _TRUE, "the {kind} file exists",
+              lambda r, k, t: str(r[f"{k}_error"])),
+    _CaseRule("{kind}_readable", _IN_SET, "{kind}_readable", _TRUE, "the {kind} can be read (not truncated or corrupt)",
+              lambda r, k, t: str(r[f"{k}_error"])),
+    _CaseRule("{kind}_grid", _IN_SET, "{kind}_grid_ok", _TRUE, "the {kind} lies on its image's voxel grid",
+              lambda r, k, t: f"{k} {r[f'{k}_grid_reason']}"),
+    _CaseRule("{kind}_dicom", _IN_SET, "{kind}_dicom_ok", _TRUE,
+              "an RTSTRUCT/SEG {kind} gives the lesion on its image: the case's ROI or segment exists, drawn on "
+              "this series and grid, inside the image and not empty",
+              lambda r, k, t: str(r[f"{k}_dicom_error"]), dicom_only=True),
+    _CaseRule("{kind}_nonempty", _BETWEEN, "{kind}_label_voxels", {"min_value": 1},
+              "the {kind} holds at least one voxel == {mask_label}", _label_detail),
+    _CaseRule("{kind}_binary", _BETWEEN, "{kind}_other_voxels", {"max_value": 0},
+              "the {kind} holds only 0 and {mask_label}",
+              lambda r, k, t: (f"{k} has {_fmt(r[f'{k}_other_voxels'])} voxel(s) of other value(s) "
+                               f"{r[f'{k}_other_values']}; only voxels == {t['mask_label']} are used as the lesion"),
+              severity="soft"),
+    _CaseRule("{kind}_volume", _BETWEEN, "{kind}_volume_ml", {"min_value": "volume_low_ml", "max_value": "volume_high_ml"},
+              "the lesion in the {kind} is {volume_low_ml}-{volume_high_ml} mL",
+              lambda r, k, t: (f"lesion volume {_fmt(r[f'{k}_volume_ml'], 'mL')}: "
+                               f"expected {t['volume_low_ml']}-{t['volume_high_ml']} mL"),
+              severity="soft"),
+)
+
+
 def _case_rules(
     *,
     mask_kinds: Sequence[str],
@@ -532,185 +641,23 @@ def _case_rules(
     mask_label: int,
     dicom_kinds: Sequence[str] = (),
 ) -> list[tuple[Rule, Detail]]:
-    true = {"value_set": [True]}
-    rules: list[tuple[Rule, Detail]] = [
-        (
-            Rule(
-                "image_exists",
-                "ExpectColumnValuesToBeInSet",
-                {"column": "image_exists", **true},
-                description="the image file exists",
-            ),
-            lambda r: str(r["image_error"]),
-        ),
-        (
-            Rule(
-                "image_readable",
-                "ExpectColumnValuesToBeInSet",
-                {"column": "image_readable", **true},
-                description="the image can be read (not truncated or corrupt)",
-            ),
-            lambda r: str(r["image_error"]),
-        ),
-        (
-            Rule(
-                "image_3d",
-                "ExpectColumnValuesToBeInSet",
-                {"column": "image_3d", **true},
-                description="the image is a 3D scalar volume",
-            ),
-            lambda r: f"image size {r['image_shape']}: expected a 3D scalar volume with more than one slice",
-        ),
-        (
-            Rule(
-                "spacing_min",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "spacing_min_mm", "min_value": min_spacing_mm},
-                description=f"voxel spacing is at least {min_spacing_mm} mm",
-            ),
-            lambda r: f"spacing {r['spacing_mm']} mm: expected every axis >= {min_spacing_mm} mm",
-        ),
-        (
-            Rule(
-                "spacing_max",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "spacing_max_mm", "max_value": max_spacing_mm},
-                description=f"voxel spacing is at most {max_spacing_mm} mm",
-            ),
-            lambda r: f"spacing {r['spacing_mm']} mm: expected every axis <= {max_spacing_mm} mm",
-        ),
-        (
-            Rule(
-                "hu_min",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "hu_min", "min_value": hu_min},
-                description=f"no intensity below {hu_min} HU",
-            ),
-            lambda r: (
-                f"lowest intensity {_fmt(r['hu_min'], 'HU')}: expected >= {hu_min} HU (CT in Hounsfield units)"
-            ),
-        ),
-        (
-            Rule(
-                "hu_max",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "hu_max", "max_value": hu_max},
-                description=f"no intensity above {hu_max} HU",
-            ),
-            lambda r: (
-                f"highest intensity {_fmt(r['hu_max'], 'HU')}: expected <= {hu_max} HU (CT in Hounsfield units)"
-            ),
-        ),
-        (
-            Rule(
-                "hu_air_or_fat",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "hu_min", "max_value": hu_air_max},
-                description=f"some voxel is at or below {hu_air_max} HU (air or fat): true of CT, not of MR",
-            ),
-            lambda r: (
-                f"intensities {_fmt(r['hu_min'])}..{_fmt(r['hu_max'])}: expected air/fat at or below {hu_air_max} HU; "
-                "not a CT in Hounsfield units (MR-like, or rescale slope/intercept not applied?)"
-            ),
-        ),
-        (
-            Rule(
-                "hu_range",
-                "ExpectColumnValuesToBeBetween",
-                {"column": "hu_range", "min_value": hu_min_range},
-                description=f"intensities span at least {hu_min_range} HU (air/fat to bone)",
-            ),
-            lambda r: (
-                f"intensities {_fmt(r['hu_min'])}..{_fmt(r['hu_max'])} span {_fmt(r['hu_range'], 'HU')}: "
-                f"expected >= {hu_min_range} HU for a CT"
-            ),
-        ),
-    ]
+    """The per-case rules: the image's (:data:`_IMAGE_RULES`), then each mask column's
+    (:data:`_MASK_RULES`, the DICOM rule only for ``dicom_kinds``), under these thresholds."""
     low, high = lesion_volume_ml
+    limits = {
+        "min_spacing_mm": min_spacing_mm,
+        "max_spacing_mm": max_spacing_mm,
+        "hu_min": hu_min,
+        "hu_max": hu_max,
+        "hu_air_max": hu_air_max,
+        "hu_min_range": hu_min_range,
+        "volume_low_ml": low,
+        "volume_high_ml": high,
+        "mask_label": mask_label,
+    }
+    rules = [spec.rule(limits) for spec in _IMAGE_RULES]
     for kind in mask_kinds:
-        rules += [
-            (
-                Rule(
-                    f"{kind}_exists",
-                    "ExpectColumnValuesToBeInSet",
-                    {"column": f"{kind}_exists", **true},
-                    description=f"the {kind} file exists",
-                ),
-                lambda r, k=kind: str(r[f"{k}_error"]),
-            ),
-            (
-                Rule(
-                    f"{kind}_readable",
-                    "ExpectColumnValuesToBeInSet",
-                    {"column": f"{kind}_readable", **true},
-                    description=f"the {kind} can be read (not truncated or corrupt)",
-                ),
-                lambda r, k=kind: str(r[f"{k}_error"]),
-            ),
-            (
-                Rule(
-                    f"{kind}_grid",
-                    "ExpectColumnValuesToBeInSet",
-                    {"column": f"{kind}_grid_ok", **true},
-                    description=f"the {kind} lies on its image's voxel grid",
-                ),
-                lambda r, k=kind: f"{k} {r[f'{k}_grid_reason']}",
-            ),
-        ]
-        if kind in dicom_kinds:
-            rules.append((
-                Rule(
-                    f"{kind}_dicom",
-                    "ExpectColumnValuesToBeInSet",
-                    {"column": f"{kind}_dicom_ok", **true},
-                    description=(f"an RTSTRUCT/SEG {kind} gives the lesion on its image: the case's ROI or segment "
-                                 "exists, drawn on this series and grid, inside the image and not empty"),
-                ),
-                lambda r, k=kind: str(r[f"{k}_dicom_error"]),
-            ))
-        rules += [
-            (
-                Rule(
-                    f"{kind}_nonempty",
-                    "ExpectColumnValuesToBeBetween",
-                    {"column": f"{kind}_label_voxels", "min_value": 1},
-                    description=f"the {kind} holds at least one voxel == {mask_label}",
-                ),
-                lambda r, k=kind: (
-                    f"{k} has no voxel == {mask_label} (mask_label)"
-                    + (
-                        f"; it holds other values {r[f'{k}_other_values']}"
-                        if r[f"{k}_other_values"]
-                        else "; it is empty"
-                    )
-                ),
-            ),
-            (
-                Rule(
-                    f"{kind}_binary",
-                    "ExpectColumnValuesToBeBetween",
-                    {"column": f"{kind}_other_voxels", "max_value": 0},
-                    severity="soft",
-                    description=f"the {kind} holds only 0 and {mask_label}",
-                ),
-                lambda r, k=kind: (
-                    f"{k} has {_fmt(r[f'{k}_other_voxels'])} voxel(s) of other value(s) {r[f'{k}_other_values']}; "
-                    f"only voxels == {mask_label} are used as the lesion"
-                ),
-            ),
-            (
-                Rule(
-                    f"{kind}_volume",
-                    "ExpectColumnValuesToBeBetween",
-                    {"column": f"{kind}_volume_ml", "min_value": low, "max_value": high},
-                    severity="soft",
-                    description=f"the lesion in the {kind} is {low}-{high} mL",
-                ),
-                lambda r, k=kind: (
-                    f"lesion volume {_fmt(r[f'{k}_volume_ml'], 'mL')}: expected {low}-{high} mL"
-                ),
-            ),
-        ]
+        rules += [spec.rule(limits, kind) for spec in _MASK_RULES if kind in dicom_kinds or not spec.dicom_only]
     return rules
 
 
@@ -730,6 +677,43 @@ def _collect(
             except (KeyError, TypeError, ValueError):
                 detail = res.detail
             failures.setdefault(case_id, []).append(Failure(res.rule, res.severity, detail))
+
+
+def _manifest_rows(table: pd.DataFrame, cohort_dir: Path) -> pd.DataFrame:
+    """The manifest table with what its rules read: each row's line number, its raw case_id (an
+    empty one named by its line), how many rows share its id, and its paths leading out of
+    ``cohort_dir``."""
+    manifest = table.copy()
+    manifest["row"] = range(2, len(manifest) + 2)
+    manifest["case_id_raw"] = manifest["case_id"]
+    manifest["case_id"] = [
+        cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
+    ]
+    manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
+    outside = [[f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
+                if row.get(col) and path_escapes(cohort_dir, row[col])] for row in manifest.to_dict("records")]
+    manifest["paths_outside"] = [", ".join(o) for o in outside]
+    manifest["paths_inside"] = [not o for o in outside]
+    return manifest
+
+
+def _check_manifest(manifest: pd.DataFrame, columns: Sequence[str], failures: dict[str, list[Failure]],
+                    manifest_failures: list[Failure]) -> list[RuleResult]:
+    """Check the manifest's rows (their failures added to ``failures``, by case) and the table as a
+    whole (added to ``manifest_failures``); the GX results of both."""
+    row_rules = _manifest_rules() + _optional_column_rules(columns)
+    table_rules = _manifest_table_rules()
+    results = check_table(
+        manifest, [r for r, _ in row_rules] + [r for r, _ in table_rules], suite_name="manifest"
+    )
+    _collect(results[: len(row_rules)], {r.name: d for r, d in row_rules}, manifest, failures)
+    for (rule, text), res in zip(table_rules, results[len(row_rules) :], strict=True):
+        if not res.success:
+            if rule.name == "both_classes":
+                found = sorted(set(manifest["label"]) & set(LABELS))
+                text = f"labels present: {found or 'none'}; expected both 0 and 1"
+            manifest_failures.append(Failure(rule.name, rule.severity, text))
+    return list(results)
 
 
 def validate_cohort(
@@ -761,20 +745,17 @@ def validate_cohort(
     Returns:
         The :class:`CohortReport`; ``report.passed`` is False when any hard rule failed.
     """
-    min_spacing_mm, max_spacing_mm = spec.min_spacing_mm, spec.max_spacing_mm
-    hu_min, hu_max, hu_air_max, hu_min_range = spec.hu_min, spec.hu_max, spec.hu_air_max, spec.hu_min_range
-    grid_tolerance_mm, lesion_volume_ml = spec.grid_tolerance_mm, spec.lesion_volume_ml
     cohort_dir = Path(cohort_dir)
-    low, high = (float(v) for v in lesion_volume_ml)
+    low, high = (float(v) for v in spec.lesion_volume_ml)
     params = {
         "mask_label": int(mask_label),
-        "min_spacing_mm": min_spacing_mm,
-        "max_spacing_mm": max_spacing_mm,
-        "hu_min": hu_min,
-        "hu_max": hu_max,
-        "hu_air_max": hu_air_max,
-        "hu_min_range": hu_min_range,
-        "grid_tolerance_mm": grid_tolerance_mm,
+        "min_spacing_mm": spec.min_spacing_mm,
+        "max_spacing_mm": spec.max_spacing_mm,
+        "hu_min": spec.hu_min,
+        "hu_max": spec.hu_max,
+        "hu_air_max": spec.hu_air_max,
+        "hu_min_range": spec.hu_min_range,
+        "grid_tolerance_mm": spec.grid_tolerance_mm,
         "lesion_volume_ml": [low, high],
         "roi": roi,
         "segment": segment,
@@ -788,54 +769,19 @@ def validate_cohort(
     report.n_cases = len(table)
 
     # -- manifest rules (one row per manifest line)
-    manifest = table.copy()
-    manifest["row"] = range(2, len(manifest) + 2)
-    manifest["case_id_raw"] = manifest["case_id"]
-    manifest["case_id"] = [
-        cid or f"row {row}" for cid, row in zip(manifest["case_id"], manifest["row"], strict=True)
-    ]
-    manifest["n_rows_with_id"] = manifest.groupby("case_id")["case_id"].transform("size")
-    outside = [[f"{col} {row[col]!r}" for col in ("image", "mask", "annotator_mask")
-                if row.get(col) and path_escapes(cohort_dir, row[col])] for row in manifest.to_dict("records")]
-    manifest["paths_outside"] = [", ".join(o) for o in outside]
-    manifest["paths_inside"] = [not o for o in outside]
-    row_rules = _manifest_rules() + _optional_column_rules(list(table.columns))
-    table_rules = _manifest_table_rules()
-    results = check_table(
-        manifest, [r for r, _ in row_rules] + [r for r, _ in table_rules], suite_name="manifest"
-    )
     failures: dict[str, list[Failure]] = {}
-    _collect(results[: len(row_rules)], {r.name: d for r, d in row_rules}, manifest, failures)
-    for (rule, text), res in zip(table_rules, results[len(row_rules) :], strict=True):
-        if not res.success:
-            if rule.name == "both_classes":
-                found = sorted(set(manifest["label"]) & set(LABELS))
-                text = f"labels present: {found or 'none'}; expected both 0 and 1"
-            report.manifest_failures.append(Failure(rule.name, rule.severity, text))
-    rule_results = list(results)
+    manifest = _manifest_rows(table, cohort_dir)
+    rule_results = _check_manifest(manifest, list(table.columns), failures, report.manifest_failures)
 
     # -- per-case rules over the measurements
-    measurements = measure_cohort(
-        cohort_dir,
-        table,
-        mask_label=mask_label,
-        grid_tolerance_mm=grid_tolerance_mm,
-        roi=roi,
-        segment=segment,
-        show_progress=show_progress,
-    )
+    measurements = measure_cohort(cohort_dir, table, mask_label=mask_label, grid_tolerance_mm=spec.grid_tolerance_mm,
+                                  roi=roi, segment=segment, show_progress=show_progress)
     kinds = ["mask"]
     if "annotator_mask" in table.columns and (table["annotator_mask"] != "").any():
         kinds.append("annotator_mask")
     case_rules = _case_rules(
-        mask_kinds=kinds,
-        min_spacing_mm=min_spacing_mm,
-        max_spacing_mm=max_spacing_mm,
-        hu_min=hu_min,
-        hu_max=hu_max,
-        hu_air_max=hu_air_max,
-        hu_min_range=hu_min_range,
-        lesion_volume_ml=(low, high),
+        mask_kinds=kinds, min_spacing_mm=spec.min_spacing_mm, max_spacing_mm=spec.max_spacing_mm, hu_min=spec.hu_min,
+        hu_max=spec.hu_max, hu_air_max=spec.hu_air_max, hu_min_range=spec.hu_min_range, lesion_volume_ml=(low, high),
         mask_label=mask_label,
         dicom_kinds=[k for k in kinds if measurements[f"{k}_format"].isin(["rtstruct", "seg"]).any()],
     )

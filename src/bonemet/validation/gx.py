@@ -207,6 +207,16 @@ def check_table(
     table = df.reset_index(drop=True) if has_ids else df.reset_index(drop=False, names="__row__")
     index_column = id_column if has_ids else "__row__"
 
+    validation = _validate(table, expectations, suite_name, index_column)
+    by_name: dict[str, Any] = {}
+    for res in validation.results:
+        by_name[res.expectation_config.meta.get("bonemet_rule")] = res
+    return [_rule_result(rule, by_name.get(rule.name), index_column) for rule in rules]
+
+
+def _validate(table: pd.DataFrame, expectations: Sequence[Any], suite_name: str, index_column: str) -> Any:
+    """GX's validation of ``table`` against one in-memory suite of ``expectations`` (complete
+    results, unexpected rows named by ``index_column``); GX's warnings silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         context = _context()
@@ -219,50 +229,38 @@ def check_table(
         suite = _gx().ExpectationSuite(name=suite_name)
         for expectation in expectations:
             suite.add_expectation(expectation)
-        validation = batch.validate(
+        return batch.validate(
             suite,
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]},
         )
 
-    by_name: dict[str, Any] = {}
-    for res in validation.results:
-        by_name[res.expectation_config.meta.get("bonemet_rule")] = res
 
-    out: list[RuleResult] = []
-    for rule in rules:
-        res = by_name.get(rule.name)
-        if res is None:  # pragma: no cover - GX returns one result per expectation
-            out.append(RuleResult(rule.name, rule.severity, False, [], "GX returned no result for this rule"))
-            continue
-        error = _exception_message(res.exception_info)
-        if error is not None:
-            out.append(
-                RuleResult(
-                    rule.name, rule.severity, False, [], f"{rule.description or rule.expectation}: {error}"
-                )
-            )
-            continue
-        result = dict(res.result or {})
-        failing: list[str] = []
-        unexpected: dict[str, Any] = {}
-        for entry in result.get("unexpected_index_list") or []:
-            if isinstance(entry, dict):
-                row_id = str(_plain(entry.get(index_column)))
-                others = [v for k, v in entry.items() if k != index_column]
-                value = _plain(others[0]) if others else _plain(entry.get(index_column))
-            else:
-                row_id, value = str(_plain(entry)), None
-            if row_id not in unexpected:
-                failing.append(row_id)
-                unexpected[row_id] = value
-        out.append(
-            RuleResult(
-                rule=rule.name,
-                severity=rule.severity,
-                success=bool(res.success),
-                failing_ids=failing,
-                detail=_describe(rule, result, len(failing)),
-                unexpected=unexpected,
-            )
-        )
-    return out
+def _rule_result(rule: Rule, res: Any, index_column: str) -> RuleResult:
+    """``rule``'s :class:`RuleResult` from GX's result ``res`` of its expectation (None: GX gave
+    none): the failing ids, each once in table order, with its first offending value."""
+    if res is None:  # pragma: no cover - GX returns one result per expectation
+        return RuleResult(rule.name, rule.severity, False, [], "GX returned no result for this rule")
+    error = _exception_message(res.exception_info)
+    if error is not None:
+        return RuleResult(rule.name, rule.severity, False, [], f"{rule.description or rule.expectation}: {error}")
+    result = dict(res.result or {})
+    failing: list[str] = []
+    unexpected: dict[str, Any] = {}
+    for entry in result.get("unexpected_index_list") or []:
+        if isinstance(entry, dict):
+            row_id = str(_plain(entry.get(index_column)))
+            others = [v for k, v in entry.items() if k != index_column]
+            value = _plain(others[0]) if others else _plain(entry.get(index_column))
+        else:
+            row_id, value = str(_plain(entry)), None
+        if row_id not in unexpected:
+            failing.append(row_id)
+            unexpected[row_id] = value
+    return RuleResult(
+        rule=rule.name,
+        severity=rule.severity,
+        success=bool(res.success),
+        failing_ids=failing,
+        detail=_describe(rule, result, len(failing)),
+        unexpected=unexpected,
+    )
