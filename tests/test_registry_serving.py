@@ -379,7 +379,8 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     select = params.select.updated({"lasso.cv": 3, "lasso.max_features": 4})
     res = run_training(df, paired, splits, select=select, train=train, evaluate=params.evaluate, seed=0,
                        feature_source="auto", registered_rule="best_cv")
-    write_training_domains({m: r.pipeline for m, r in res.models.items()}, df, splits, train, seed=0)
+    write_training_domains({m: r.pipeline for m, r in res.models.items()}, df, splits, train,
+                           validation_report="data/validation/report.json", seed=0)
     _repeated({"logreg": (0.9, 0.8, 0.8, 0.8)}, tmp_path / "metrics" / "repeated.json", registered="logreg")
     _stage_params(tmp_path, df)  # register.model svm: not what models/ were trained for
     assert main(["register"]) == 1

@@ -278,6 +278,8 @@ class ValidateSpec(Spec):
     hu_min_range: PositiveFloat
     grid_tolerance_mm: PositiveFloat
     lesion_volume_ml: tuple[NonNegativeFloat, PositiveFloat]
+    #: the validate stage's report.json and report.txt (read by the report and the training domain)
+    out_dir: str
 
     @model_validator(mode="after")
     def _ranges(self) -> ValidateSpec:
@@ -553,8 +555,6 @@ class ReportSpec(Spec):
 
     out: str
     title: str
-    #: the validate stage's report.json (the cohort section's validation result and warnings)
-    validation_report: str
     #: cases drawn with their manual and automatic contours (best and worst by Dice first)
     example_cases: PositiveInt
     #: MLflow UI address (e.g. http://127.0.0.1:5000) for links to runs; null: run ids only
@@ -753,7 +753,6 @@ class DomainSpec(Spec):
     n_estimators: PositiveInt
     size_margin: NonNegativeFloat
     hu_margin: NonNegativeFloat
-    validation_report: str
 
 
 class TuningSpec(Spec):

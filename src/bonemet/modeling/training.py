@@ -722,14 +722,14 @@ def display_name(model: str) -> str:
 
 
 def write_training_domains(pipelines: Mapping[str, Any], primary: pd.DataFrame, splits: Mapping[str, Any],
-                           train: TrainSpec, *,
-                           seed: int, sites: Mapping[str, str] | None = None) -> dict[str, Any]:
+                           train: TrainSpec, *, validation_report: str | Path, seed: int,
+                           sites: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Fit and write each model's training domain (``<model>.domain.skops``, ``domain.json``).
 
     The domain is fitted on the training cases of ``splits`` as a served row holds them (the
     primary source's feature columns, and the ``site`` from ``sites`` (case id -> site) when the
     pipeline harmonises per site), its threshold calibrated over ``splits``' ``train_folds``;
-    spacing and intensity ranges come from ``train.domain.validation_report`` when it exists.
+    spacing and intensity ranges come from ``validation_report`` (the validate stage's) when it exists.
     """
     import json
 
@@ -744,7 +744,7 @@ def write_training_domains(pipelines: Mapping[str, Any], primary: pd.DataFrame, 
 
         X[SITE_COLUMN] = [str(sites[i]) for i in train_ids]
     folds = [int(splits["train_folds"][i]) for i in train_ids]
-    report = Path(spec.validation_report)
+    report = Path(validation_report)
     images = None
     if report.is_file():
         images = report_measures(json.loads(report.read_text(encoding="utf-8")), train_ids)

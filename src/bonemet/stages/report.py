@@ -29,11 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.report import CaseSettings, Provenance, ReportInputs, build_report
     from bonemet.report.build import committed_params, replication_settings
     from bonemet.stages._common import data_md5, git_commit, pseudonym_key, specs_from
+    from bonemet.validation import REPORT_FILE
 
     params = specs_from(args)
     spec, train, seg = params.report, params.train, params.segment
     inputs = ReportInputs(
-        cohort_dir=Path(params.data.cohort_dir), validation_report=Path(spec.validation_report),
+        cohort_dir=Path(params.data.cohort_dir), validation_report=Path(params.validation.out_dir) / REPORT_FILE,
         plan=Path(params.plan.out), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
         segmentation_plots=Path(seg.plots_dir), auto_masks=Path(seg.masks_dir),
         features_dir=Path(params.radiomics.out_dir), models_dir=Path(train.out_dir),

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bonemet.tracking import NullTracker
     from bonemet.utils import seed_everything
+    from bonemet.validation import REPORT_FILE
 
     params = specs_from(args)
     train = params.train
@@ -73,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
              results.registered_model, params.registration.model, registered.cv_auc_mean,
              registered.test_metrics["auc"], results.best_model)
     write_training_domains({name: r.pipeline for name, r in results.models.items()}, primary, splits, train,
-                           seed=params.seed, sites=sites)
+                           validation_report=Path(params.validation.out_dir) / REPORT_FILE, seed=params.seed,
+                           sites=sites)
     return 0

@@ -4,3 +4,6 @@
 imported here: use ``from bonemet.validation.gx import Rule, check_table`` and
 ``from bonemet.validation.cohort import validate_cohort``.
 """
+
+#: the validate stage's machine-readable report in ``validate.out_dir`` (beside ``report.txt``)
+REPORT_FILE = "report.json"

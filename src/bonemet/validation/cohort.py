@@ -50,6 +50,7 @@ from bonemet.data.manifest import (
 )
 from bonemet.data.masks import volume_ml
 from bonemet.utils import atomic_path, progress, write_json
+from bonemet.validation import REPORT_FILE
 from bonemet.validation.gx import Rule, RuleResult, check_table
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,7 +185,7 @@ class CohortReport:
         """Write ``report.json`` and ``report.txt`` into ``report_dir`` (each atomically)."""
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
-        write_json(report_dir / "report.json", self.to_dict())
+        write_json(report_dir / REPORT_FILE, self.to_dict())
         with atomic_path(report_dir / "report.txt") as tmp:
             tmp.write_text(self.to_text(), encoding="utf-8")
 
