@@ -308,6 +308,49 @@ def failed_result(case_id: str, image_path: str | Path, reason: str) -> dict[str
     }
 
 
+def _segment(inputs: CaseInputs, segmenter: Segmenter | None, grid_tolerance_mm: float,
+             seconds: dict[str, float]) -> sitk.Image:
+    """The segmenter's lesion mask on the CT's grid (uint8 0/1); its seconds added to ``seconds``."""
+    case_id, image = inputs.case_id, inputs.image
+    if segmenter is None:
+        raise PredictError(f"case '{case_id}': no mask given and no segmentation model to make one")
+    start = time.perf_counter()
+    mask = segmenter.segment(image, case_id)
+    seconds["segment"] = time.perf_counter() - start
+    seconds.update({f"segment_{k}": v for k, v in (getattr(segmenter, "last_seconds", None) or {}).items()})
+    ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
+    if not ok:
+        raise PredictError(f"case '{case_id}': the segmentation model returned a mask off the CT's grid ({reason})")
+    mask = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    return mask
+
+
+def _classify(image: sitk.Image, mask: sitk.Image, case_id: str, classifier: Classifier,
+              radiomics_settings: Mapping[str, Any], grid_tolerance_mm: float,
+              seconds: dict[str, float]) -> tuple[float, int, pd.DataFrame]:
+    """``(probability, n_features, answer)``: the lesion's features through the classifier."""
+    from bonemet.radiomics import extract_features
+
+    start = time.perf_counter()
+    features = extract_features(image, mask, _binary_settings(radiomics_settings), case_id,
+                                grid_tolerance_mm=grid_tolerance_mm)
+    seconds["features"] = time.perf_counter() - start
+    frame = _select_features(features, classifier, case_id)
+    start = time.perf_counter()
+    answer = classifier.predict(frame)
+    seconds["classify"] = time.perf_counter() - start
+    if not isinstance(answer, pd.DataFrame) or "probability_breast" not in answer.columns or len(answer) != 1:
+        raise PredictError(
+            f"case '{case_id}': the classifier must return one row with a 'probability_breast' column, "
+            f"found {type(answer).__name__} {getattr(answer, 'shape', '')}"
+        )
+    probability = float(answer["probability_breast"].iloc[0])
+    if not np.isfinite(probability):
+        raise PredictError(f"case '{case_id}': the classifier returned a non-finite probability ({probability})")
+    return probability, int(frame.shape[1]), answer
+
+
 def predict_inputs(
     inputs: CaseInputs,
     *,
@@ -328,20 +371,7 @@ def predict_inputs(
     if inputs.mask is not None:
         mask, source = inputs.mask, MASK_GIVEN
     else:
-        if segmenter is None:
-            raise PredictError(f"case '{case_id}': no mask given and no segmentation model to make one")
-        start = time.perf_counter()
-        mask = segmenter.segment(image, case_id)
-        seconds["segment"] = time.perf_counter() - start
-        seconds.update({f"segment_{k}": v for k, v in (getattr(segmenter, "last_seconds", None) or {}).items()})
-        ok, reason = same_grid(image, mask, tol_mm=grid_tolerance_mm)
-        if not ok:
-            raise PredictError(
-                f"case '{case_id}': the segmentation model returned a mask off the CT's grid ({reason})"
-            )
-        mask = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
-        mask.CopyInformation(image)
-        source = MASK_AUTO
+        mask, source = _segment(inputs, segmenter, grid_tolerance_mm, seconds), MASK_AUTO
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     volume = mask_volume_ml(mask)
     status, reason = CLASSIFIED, None
@@ -363,26 +393,8 @@ def predict_inputs(
 
     probability, n_features, answer = None, None, None
     if status == CLASSIFIED:
-        from bonemet.radiomics import extract_features
-
-        start = time.perf_counter()
-        features = extract_features(image, mask, _binary_settings(radiomics_settings), case_id,
-                                    grid_tolerance_mm=grid_tolerance_mm)
-        seconds["features"] = time.perf_counter() - start
-        frame = _select_features(features, classifier, case_id)
-        n_features = int(frame.shape[1])
-
-        start = time.perf_counter()
-        answer = classifier.predict(frame)
-        seconds["classify"] = time.perf_counter() - start
-        if not isinstance(answer, pd.DataFrame) or "probability_breast" not in answer.columns or len(answer) != 1:
-            raise PredictError(
-                f"case '{case_id}': the classifier must return one row with a 'probability_breast' column, "
-                f"found {type(answer).__name__} {getattr(answer, 'shape', '')}"
-            )
-        probability = float(answer["probability_breast"].iloc[0])
-        if not np.isfinite(probability):
-            raise PredictError(f"case '{case_id}': the classifier returned a non-finite probability ({probability})")
+        probability, n_features, answer = _classify(image, mask, case_id, classifier, radiomics_settings,
+                                                    grid_tolerance_mm, seconds)
     return {
         "case_id": case_id,
         "input": str(inputs.image_path),
