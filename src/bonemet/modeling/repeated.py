@@ -413,18 +413,7 @@ def evaluate_repeated(
         with atomic_path(out / REPEATED_TABLE) as tmp:
             result.table.round(6).to_csv(tmp, index=False)
         write_json(out / SUMMARY_FILE, json_rounded(result.headline))
-        for record in records:
-            with tracker.run(f"repeat-{record['repeat']}", tags={"repeat": str(record["repeat"]),
-                                                                  "chosen": record["chosen"]}, nested=True):
-                tracker.log_params({"seed": record["seed"], "n_train": record["n_train"], "n_test": record["n_test"]})
-                tracker.log_metrics(finite_metrics({f"{m}_{k}": v for m, values in record["models"].items()
-                                                    for k, v in values.items()}
-                                                   | {"chosen_auc": record["models"][record["chosen"]]["auc"],
-                                                      "llr_auc": record["llr_auc"],
-                                                      "chosen_minus_llr": record["chosen_minus_llr"],
-                                                      "baseline_auc": record["baseline_auc"],
-                                                      "chosen_minus_baseline": record["chosen_minus_baseline"],
-                                                      "seconds": seconds[record["repeat"]]}))
+        _log_repeats(tracker, records, seconds)
         tracker.log_metrics(finite_metrics({k: v for k, v in result.headline.items() if isinstance(v, int | float)}))
         tracker.set_tags({"registered_model": registered, "registered_rule": str(rule),
                           "best_repeated_model": repeated["best_repeated_model"]})
@@ -433,6 +422,25 @@ def evaluate_repeated(
         tracker.log_artifact(out / SUMMARY_FILE)
     _log_summary(repeated)
     return result
+
+
+def _log_repeats(tracker: Tracker, records: Sequence[Mapping[str, Any]], seconds: Mapping[int, Any]) -> None:
+    """A nested run per repeat: its seed and sizes, every model's test metrics, the chosen model's,
+    the LLR's and the baseline's, and the seconds it took."""
+    from bonemet.tracking import finite_metrics
+
+    for record in records:
+        with tracker.run(f"repeat-{record['repeat']}", tags={"repeat": str(record["repeat"]),
+                                                              "chosen": record["chosen"]}, nested=True):
+            tracker.log_params({"seed": record["seed"], "n_train": record["n_train"], "n_test": record["n_test"]})
+            tracker.log_metrics(finite_metrics({f"{m}_{k}": v for m, values in record["models"].items()
+                                                for k, v in values.items()}
+                                               | {"chosen_auc": record["models"][record["chosen"]]["auc"],
+                                                  "llr_auc": record["llr_auc"],
+                                                  "chosen_minus_llr": record["chosen_minus_llr"],
+                                                  "baseline_auc": record["baseline_auc"],
+                                                  "chosen_minus_baseline": record["chosen_minus_baseline"],
+                                                  "seconds": seconds[record["repeat"]]}))
 
 
 def _log_summary(repeated: Mapping[str, Any]) -> None:
