@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(REPO / "params.yaml"),
                         help="the project's params.yaml; its relative paths (features, splits) are read from its folder")
     parser.add_argument("--features-dir", help="default: train.features_dir of --params")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "evaluate_ablation.json"))
+    parser.add_argument("--out", help="the result JSON (default: benchmarks/results/evaluate_ablation.json; "
+                        "with --quick: evaluate_ablation_quick.json in the temporary folder)")
     parser.add_argument("--repeats", type=int, help="default: evaluate.repeats")
     parser.add_argument("--models", default="svm", help="comma-separated families (default svm, the registered one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "variants": {v: VARIANTS[v][0] for v in variants}, "sources": sources, "repeats_planned": repeats,
         "seed": params.seed, "n_cases": len(ids), "records": [],
     }
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "evaluate_ablation_quick.json" if args.quick
+                                           else REPO / "benchmarks" / "results" / "evaluate_ablation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with threadpool_limits(limits=1):

@@ -10,6 +10,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,6 +28,7 @@ def _finite(interval: dict) -> bool:
     return all(math.isfinite(interval[k]) for k in ("mean", "sd", "lo", "hi"))
 
 
+@pytest.mark.slow
 def test_quick_mode_has_every_variant_with_finite_numbers(tmp_path, capsys):
     bench = _benchmark()
     out = tmp_path / "ablation.json"
