@@ -182,7 +182,8 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 def summarize(records: list[dict[str, Any]], *, models: list[str], variants: list[str], alpha: float) -> dict[str, Any]:
     """Per source, model and variant: mean test AUC with the corrected resampled t interval, and the
     paired differences to ``configured`` and to the baseline; per model and variant the paired
-    difference manual minus auto (when both sources ran)."""
+    difference manual minus auto (when both sources ran). Each variant over the repeats that ran it
+    (``n`` of its intervals; a run continued with ``--append`` may run fewer variants)."""
     from bonemet.modeling.stats import corrected_resampled_t
 
     n_train = int(round(float(np.mean([r["n_train"] for r in records]))))
@@ -191,18 +192,23 @@ def summarize(records: list[dict[str, Any]], *, models: list[str], variants: lis
     def interval(values: list[float], bounds: tuple[float, float]) -> dict[str, float]:
         return corrected_resampled_t(values, n_train=n_train, n_test=n_test, alpha=alpha, bounds=bounds)
 
+    def has(row: dict[str, Any], model: str, variant: str) -> bool:
+        return variant in row["auc"].get(model, {})
+
     sources = [s for s in SOURCES if all(s in r["sources"] for r in records)]
     out: dict[str, Any] = {"n_repeats": len(records), "n_train": n_train, "n_test": n_test, "alpha": alpha,
                            "sources": {}}
     for source in sources:
         rows = [r["sources"][source] for r in records]
-        base = [row["baseline_auc"] for row in rows]
-        entry: dict[str, Any] = {"baseline": {"auc": interval(base, (0.0, 1.0))}, "models": {}}
+        entry: dict[str, Any] = {"baseline": {"auc": interval([row["baseline_auc"] for row in rows], (0.0, 1.0))},
+                                 "models": {}}
         for model in models:
             entry["models"][model] = {}
             for variant in variants:
-                auc = [row["auc"][model][variant] for row in rows]
-                conf = [row["auc"][model]["configured"] for row in rows]
+                held = [row for row in rows if has(row, model, variant)]
+                auc = [row["auc"][model][variant] for row in held]
+                conf = [row["auc"][model]["configured"] for row in held]
+                base = [row["baseline_auc"] for row in held]
                 entry["models"][model][variant] = {
                     "auc": interval(auc, (0.0, 1.0)),
                     "minus_configured": interval([a - c for a, c in zip(auc, conf, strict=True)], (-1.0, 1.0)),
@@ -210,12 +216,15 @@ def summarize(records: list[dict[str, Any]], *, models: list[str], variants: lis
                 }
         out["sources"][source] = entry
     if len(sources) == 2:
-        def diff(get) -> dict[str, float]:
-            return interval([get(r["sources"]["manual"]) - get(r["sources"]["auto"]) for r in records], (-1.0, 1.0))
+        def diff(get, keep=lambda s: True) -> dict[str, float]:
+            both = [(r["sources"]["manual"], r["sources"]["auto"]) for r in records
+                    if keep(r["sources"]["manual"]) and keep(r["sources"]["auto"])]
+            return interval([get(m) - get(a) for m, a in both], (-1.0, 1.0))
 
         out["manual_minus_auto"] = {
             "baseline": diff(lambda s: s["baseline_auc"]),
-            **{model: {v: diff(lambda s, m=model, v=v: s["auc"][m][v]) for v in variants} for model in models},
+            **{model: {v: diff(lambda s, m=model, v=v: s["auc"][m][v], lambda s, m=model, v=v: has(s, m, v))
+                       for v in variants} for model in models},
         }
     return out
 
@@ -226,18 +235,19 @@ def table_lines(summary: dict[str, Any], *, models: list[str], variants: list[st
         f = "{:+.3f}" if signed else "{:.3f}"
         return f"{f.format(d['mean'])} ({f.format(d['lo'])} to {f.format(d['hi'])})"
 
-    lines = ["| source | model | variant | test AUC | minus configured | minus baseline | manual minus auto |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| source | model | variant | repeats | test AUC | minus configured | minus baseline | manual minus auto |",
+             "|---|---|---|---|---|---|---|---|"]
     mma = summary.get("manual_minus_auto", {})
     for source, entry in summary["sources"].items():
         for model in models:
             for variant in variants:
                 v = entry["models"][model][variant]
-                lines.append(f"| {source} | {model} | {variant} | {ci(v['auc'])} | "
+                lines.append(f"| {source} | {model} | {variant} | {v['auc']['n']} | {ci(v['auc'])} | "
                              f"{'' if variant == 'configured' else ci(v['minus_configured'], True)} | "
                              f"{ci(v['minus_baseline'], True)} | "
                              f"{ci(mma[model][variant], True) if mma and source == 'manual' else ''} |")
-        lines.append(f"| {source} | baseline | L1 logreg, all features | {ci(entry['baseline']['auc'])} | | | "
+        lines.append(f"| {source} | baseline | L1 logreg, all features | {entry['baseline']['auc']['n']} | "
+                     f"{ci(entry['baseline']['auc'])} | | | "
                      f"{ci(mma['baseline'], True) if mma and source == 'manual' else ''} |")
     return lines
 
@@ -259,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="svm", help="comma-separated families (default svm, the registered one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--append", action="store_true",
+                        help="continue --out: keep its repeats, run the ones it lacks (with these --variants)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a synthetic table of {QUICK_CASES} cases made here, {QUICK_REPEATS} repeats (a test runs this)")
     args = parser.parse_args(argv)
@@ -304,20 +316,35 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "evaluate_ablation_quick.json" if args.quick
                                            else REPO / "benchmarks" / "results" / "evaluate_ablation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    done: set[int] = set()
+    if args.append and out.is_file():
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        if previous["models"] != models or previous["seed"] != params.seed or previous["quick"] != result["quick"]:
+            parser.error(f"--append: {out} holds another run (models, seed or quick mode differ)")
+        result["records"] = previous["records"]
+        result["variants"] = {**previous["variants"], **result["variants"]}
+        result["seconds_before"] = previous.get("seconds", 0.0) + previous.get("seconds_before", 0.0)
+        done = {int(r["repeat"]) for r in result["records"]}
+        log.info("--append: %s holds repeat(s) %s", out, sorted(done))
+    all_variants = list(result["variants"])
     started = time.perf_counter()
     with threadpool_limits(limits=1):
         for r, split in enumerate(splits):
+            if r in done:
+                continue
             t0 = time.perf_counter()
             record = run_repeat(tables, split, repeat=r, seed=params.seed + r, params=params, models=models,
                                 variants=variants)
             record["seconds"] = round(time.perf_counter() - t0, 1)
             result["records"].append(record)
-            result["summary"] = summarize(result["records"], models=models, variants=variants,
+            result["records"].sort(key=lambda rec: rec["repeat"])
+            result["summary"] = summarize(result["records"], models=models, variants=all_variants,
                                           alpha=params.evaluate.alpha)
             result["seconds"] = round(time.perf_counter() - started, 1)
             out.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n", encoding="utf-8")
             log.info("repeat %d done in %.0f s; %s written", r, record["seconds"], out)
-    print("\n".join(table_lines(result["summary"], models=models, variants=variants)))
+    summary = summarize(result["records"], models=models, variants=all_variants, alpha=params.evaluate.alpha)
+    print("\n".join(table_lines(summary, models=models, variants=all_variants)))
     return 0
 
 
