@@ -33,7 +33,8 @@ QUICK: dict[str, tuple[list[str], set[str]]] = {
 #: scripts whose quick mode another test runs (gpu_check.sh --cpu runs networks.py and segmentation.py --quick;
 #: segmentation.py's --cohorts mode is in QUICK)
 TESTED_ELSEWHERE = {"harmonization.py": "tests/test_benchmark_harmonization.py", "fuzz.py": "tests/test_fuzz.py",
-                    "networks.py": "tests/test_benchmarks.py"}
+                    "networks.py": "tests/test_benchmarks.py",
+                    "evaluate_ablation.py": "tests/test_evaluate_ablation_benchmark.py"}
 #: scripts without a quick mode yet, and who brings it (issue 16 §1, issue 13)
 PENDING = {"serving.py": "the serving branch (issue 16 §1)", "cohort_variation.py": "the cohorts branch (issue 13)"}
 
