@@ -119,7 +119,8 @@ def _register_models(work: Path, params: Any, feature_rows: list[dict[str, float
     metadata = {"network": seg.model, "network_kwargs": {k: list(v) if isinstance(v, tuple) else v
                                                          for k, v in network_kwargs(seg).items()},
                 **settings.to_metadata(), "source_fold": 0, "source_run_id": ""}
-    tracker = MlflowTracker("predict-benchmark", tracking_uri=None, store_dir=work / "mlruns")
+    tracker = MlflowTracker("predict-benchmark", tracking_uri=None, store_dir=work / "mlruns", system_metrics=False,
+                            system_metrics_interval_s=None)
     domain = fit_training_domain(pipeline, table, np.arange(len(table)) % 5, params.train.domain, seed=seed)
     with tracker.run("register") as run_id:
         log_classifier(pipeline, names, threshold=0.5, model_name="svm", domain=domain, check_rows=table)
