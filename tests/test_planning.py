@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from bonemet.config import AUTO, PLANNED_KEYS, PlanRequiredError, load_specs
+from bonemet.config import AUTO, PLANNED_KEYS, ParamsError, PlanRequiredError, load_specs, setting
 from bonemet.data.manifest import read_manifest
 from bonemet.planning import (
     NonCTIntensityError,
     PlanInputs,
     PlanMismatchError,
+    apply_values,
     fingerprint_cohort,
     make_plan,
     planned_params,
@@ -145,6 +146,34 @@ def test_explicit_values_win_and_the_plan_records_where_each_came_from(cohort, p
     assert resolved.preprocess.target_spacing_mm == (0.5, 0.5, 0.5) and resolved.preprocess.hu_window == (-100, 1500)
     assert list(resolved.segment.roi_size) == plan["values"]["segment.roi_size"]["value"]
     assert resolved.segment.train.batch_size == plan["values"]["segment.train.batch_size"]["value"]
+
+
+def test_the_plan_is_applied_once_and_the_library_gets_no_auto(cohort, params_file, tmp_path):
+    from bonemet.config import PlannedParams, PlannedPreprocessSpec, PlannedSegmentSpec, planned_spec
+    from bonemet.preprocessing import preprocess_cohort
+
+    params = _auto_params(params_file)
+    plan = make_plan(_fingerprint(cohort, params), PlanInputs.from_params(params))
+    resolved = planned_params(params, plan)
+    # the planned types hold values only: `auto` cannot be put back, and no planned setting is left `auto`
+    assert isinstance(resolved, PlannedParams)
+    assert isinstance(resolved.preprocess, PlannedPreprocessSpec) and isinstance(resolved.segment, PlannedSegmentSpec)
+    assert all(setting(resolved, k) != AUTO for k in PLANNED_KEYS)
+    with pytest.raises(ParamsError, match="roi_size"):
+        resolved.segment.updated({"roi_size": AUTO})
+    assert planned_spec(resolved, "here") is resolved  # already planned: passed through
+    # a library entry point handed raw params still `auto` refuses them, naming the keys and what to run
+    with pytest.raises(PlanRequiredError, match=r"preprocess.target_spacing_mm, preprocess.hu_window.*"
+                                                r"reached preprocess_cohort unresolved.*bonemet plan"):
+        preprocess_cohort(cohort, params.preprocess.updated({"out_dir": str(tmp_path / "pre")}), compute=params.compute,
+                          mask_label=1, grid_tolerance_mm=0.01, roi=None, segment=None, pseudonym_key=None)
+    assert not (tmp_path / "pre").exists()
+    # explicit values everywhere: no plan file is read, the raw params convert to the planned type
+    explicit = apply_values(params, {k: setting(resolved, k) for k in PLANNED_KEYS})
+    missing = explicit.model_copy(update={"plan": explicit.plan.updated({"out": str(tmp_path / "none.json")})})
+    converted = planned_params(missing)
+    assert type(converted) is PlannedParams and type(explicit) is not PlannedParams
+    assert all(setting(converted, k) == setting(resolved, k) for k in PLANNED_KEYS)
 
 
 def test_a_plan_made_from_other_params_is_refused(cohort, params_file, tmp_path):

@@ -234,7 +234,7 @@ def test_missu_segmenter_settings_come_from_the_model_metadata_only():
         "roi_size": [16, 16, 16], "inference.mirror_axes": [2, 0], "threshold": 0.4, "largest_component": False}))
     meta = json.loads(json.dumps(_metadata(mirrored)))  # as stored in the MLmodel file
     seg = NetworkSegmenter.from_metadata(BrightIsLesion(), meta, device="cpu", name="bonemet-segmenter", version="2")
-    assert seg.settings == mirrored and seg.settings.preprocess == PREPROCESS
+    assert seg.settings == mirrored and seg.settings.preprocess.model_dump() == PREPROCESS.model_dump()
     assert seg.settings.roi_size == (16, 16, 16) and seg.settings.inference.mirror_axes == (0, 2)
     assert (seg.settings.threshold, seg.settings.largest_component) == (0.4, False)
     assert (seg.name, seg.version, seg.device) == ("bonemet-segmenter", "2", "cpu")

@@ -482,7 +482,7 @@ def test_a_step_budget_below_one_epoch_is_refused_and_one_beyond_max_epochs_is_c
                              validate=_scripted(lambda e: 0.1 * e))
     assert result.planned_epochs == 2 and result.stop_reason == "max_epochs"
     assert "needs 10 epochs of 3 steps, more than segment.train.max_epochs 2" in caplog.text
-    with pytest.raises(PlanRequiredError, match="segment.train.max_steps is 'auto'"):
+    with pytest.raises(PlanRequiredError, match=r"segment.train.max_steps: 'auto' \(from the plan\) reached train_model unresolved"):
         train_model(network_from_spec(spec), items[:3], items[3:], spec.updated({"train.max_steps": "auto"}), seed=0)
 
 

@@ -57,19 +57,6 @@ def unplanned_keys(spec: BaseModel, section: str) -> list[str]:
             if key.partition(".")[0] == section and setting(spec, key.partition(".")[2]) == AUTO]
 
 
-def require_planned(spec: BaseModel, section: str, where: str) -> None:
-    """:class:`PlanRequiredError` when a planned setting of ``spec`` (the ``section`` params) is ``auto``.
-
-    The library only takes values: ``auto`` is resolved by the stages from the plan
-    (:func:`bonemet.planning.resolve.resolve_params`)."""
-    keys = unplanned_keys(spec, section)
-    if keys:
-        raise PlanRequiredError(
-            f"{', '.join(keys)}: 'auto' (from the plan) reached {where} unresolved; run the plan stage "
-            "(`bonemet plan`, or `dvc repro`) so the stages read the planned values from plan.out, or set "
-            "explicit values in params.yaml")
-
-
 # --- loading ---------------------------------------------------------------------------------
 
 
@@ -850,6 +837,86 @@ class Params(Spec):
                 f"must lie inside preprocess.hu_window {[lo, hi]} (the bone is found on the normalised crop); "
                 "set bone_margin_mm to null or widen the window")
         return self
+
+
+# --- the planned specs: what the library takes ------------------------------------------------
+# A planned setting may be ``auto`` in params.yaml (the raw specs above); the stages apply the plan
+# once (:func:`bonemet.planning.resolve.planned_params`) and pass these on, whose planned settings
+# are values: no library function downstream of a stage can receive ``auto``.
+
+
+class PlannedCropSpec(CropSpec):
+    """``preprocess.crop`` with the plan applied."""
+
+    min_size_vox: SizeVox
+
+
+class PlannedPreprocessSpec(PreprocessSpec):
+    """``preprocess`` with the plan applied."""
+
+    target_spacing_mm: SpacingMM
+    hu_window: tuple[float, float]
+    crop: PlannedCropSpec
+
+
+class PlannedSegTrainSpec(SegTrainSpec):
+    """``segment.train`` with the plan applied."""
+
+    batch_size: PositiveInt
+    max_steps: PositiveInt | None
+
+
+class PlannedSegmentSpec(SegmentSpec):
+    """``segment`` (its profile merged in) with the plan applied."""
+
+    roi_size: SizeVox
+    train: PlannedSegTrainSpec
+
+
+class PlannedParams(Params):
+    """:class:`Params` with the plan applied: every :data:`PLANNED_KEYS` setting a value."""
+
+    preprocess: PlannedPreprocessSpec
+    segment: PlannedSegmentSpec
+
+
+#: raw spec type -> (its planned type, the params sections it holds planned keys of)
+_PLANNED_TYPES: dict[type[Spec], tuple[type[Spec], tuple[str, ...]]] = {
+    Params: (PlannedParams, ("preprocess", "segment")),
+    PreprocessSpec: (PlannedPreprocessSpec, ("preprocess",)),
+    SegmentSpec: (PlannedSegmentSpec, ("segment",)),
+}
+
+
+@typing.overload
+def planned_spec(spec: Params, where: str) -> PlannedParams: ...
+@typing.overload
+def planned_spec(spec: PreprocessSpec, where: str) -> PlannedPreprocessSpec: ...
+@typing.overload
+def planned_spec(spec: SegmentSpec, where: str) -> PlannedSegmentSpec: ...
+def planned_spec(spec: Spec, where: str) -> Spec:
+    """``spec`` (:class:`Params`, :class:`PreprocessSpec` or :class:`SegmentSpec`) as its planned type.
+
+    The library's entry points call this on what they are given: a spec whose planned settings are
+    values passes (as the planned type), one still holding ``auto`` is refused.
+
+    Raises:
+        PlanRequiredError: a planned setting is ``auto`` (names the keys and what to run).
+    """
+    raw = next(kind for kind in _PLANNED_TYPES if isinstance(spec, kind))
+    planned_type, sections = _PLANNED_TYPES[raw]
+    if isinstance(spec, planned_type):
+        return spec
+    if raw is Params:
+        keys = [k for section in sections for k in unplanned_keys(getattr(spec, section), section)]
+    else:
+        keys = unplanned_keys(spec, sections[0])
+    if keys:
+        raise PlanRequiredError(
+            f"{', '.join(keys)}: 'auto' (from the plan) reached {where} unresolved; run the plan stage "
+            "(`bonemet plan`, or `dvc repro`) so the stages read the planned values from plan.out, or set "
+            "explicit values in params.yaml")
+    return planned_type.model_validate(spec.model_dump(mode="python"))
 
 
 # --- validation with readable errors ---------------------------------------------------------

@@ -1,8 +1,9 @@
 """The stages' side of the plan: params whose ``auto`` values are the plan's (explicit values win).
 
 The library only takes values: a stage that needs a planned setting calls :func:`planned_params`
-(the plan file ``plan.out`` read and checked against the params it was made from), and passes the
-resolved specs on. A plan made from other params (a changed budget, profile or explicit value,
+once (the plan file ``plan.out`` read and checked against the params it was made from) and passes
+the resulting :class:`~bonemet.config.PlannedParams` sections on, whose planned settings have no
+``auto`` (the library's entry points refuse one with :func:`bonemet.config.planned_spec`). A plan made from other params (a changed budget, profile or explicit value,
 without rerunning the plan stage) is refused with :class:`PlanMismatchError`.
 """
 
@@ -13,12 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bonemet.config import PLANNED_KEYS, PlanRequiredError, unplanned_keys
+from bonemet.config import PLANNED_KEYS, PlanRequiredError, planned_spec, unplanned_keys
 from bonemet.errors import UserError
 from bonemet.planning.plan import PLAN_SCHEMA, PlanInputs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import Params
+    from bonemet.config import Params, PlannedParams
 
 #: what to run when the plan is missing or stale
 RERUN = "run `bonemet plan` (or `dvc repro`, which runs the plan stage first)"
@@ -69,7 +70,7 @@ def _differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if recorded == current else [f"{prefix.rstrip('.')} (plan: {recorded!r}, params: {current!r})"]
 
 
-def resolve_params(params: Params, plan: Mapping[str, Any], where: str = "the plan") -> Params:
+def resolve_params(params: Params, plan: Mapping[str, Any], where: str = "the plan") -> PlannedParams:
     """``params`` with every ``auto`` planned setting replaced by ``plan``'s value.
 
     Raises:
@@ -81,11 +82,19 @@ def resolve_params(params: Params, plan: Mapping[str, Any], where: str = "the pl
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
         raise PlanMismatchError(f"{where} was made from other params: {shown}; {RERUN}")
     auto = [k for section in ("preprocess", "segment") for k in unplanned_keys(getattr(params, section), section)]
-    return apply_values(params, {k: plan["values"][k]["value"] for k in auto})
+    return planned_spec(apply_values(params, {k: plan["values"][k]["value"] for k in auto}), where)
 
 
-def planned_params(params: Params) -> Params:
-    """``params`` resolved from the plan file ``params.plan.out`` (unread when nothing is ``auto``)."""
+def planned_params(params: Params, plan: Mapping[str, Any] | None = None) -> PlannedParams:
+    """``params`` with the plan applied, once: from ``plan`` (the plan document, when the caller has
+    read it) or the plan file ``params.plan.out`` (unread when nothing is ``auto``).
+
+    Raises:
+        PlanRequiredError: a setting is ``auto`` and there is no plan file.
+        PlanMismatchError: the plan was made from other params.
+    """
+    if plan is not None:
+        return resolve_params(params, plan, where=params.plan.out)
     if not any(unplanned_keys(getattr(params, section), section) for section in ("preprocess", "segment")):
-        return params
+        return planned_spec(params, "planned_params")
     return resolve_params(params, read_plan(params.plan.out), where=params.plan.out)

@@ -14,7 +14,7 @@ from bonemet.preprocessing.pipeline import PreprocessError
 from bonemet.utils import atomic_path, die_with_parent, progress, resolve_jobs, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import ComputeSpec, PreprocessSpec
+    from bonemet.config import ComputeSpec, PlannedPreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read_manual_case(case: Case, *, mask_label: int, grid_tolerance_mm: float, s
 
 
 def _process_case(
-    case: Case, out_dir: Path, mask_label: int, spec: PreprocessSpec, grid_tolerance_mm: float, single_thread: bool
+    case: Case, out_dir: Path, mask_label: int, spec: PlannedPreprocessSpec, grid_tolerance_mm: float, single_thread: bool
 ) -> dict:
     """Preprocess one case and write its three files; returns its row of ``cases.csv``.
 
@@ -70,7 +70,7 @@ def _process_case(
 
 def preprocess_cohort(
     cohort_dir: str | Path,
-    spec: PreprocessSpec,
+    spec: PlannedPreprocessSpec,
     *,
     compute: ComputeSpec,
     mask_label: int,
@@ -109,9 +109,9 @@ def preprocess_cohort(
         then left as it was.
     """
     from bonemet.compute import case_executor, runs_in_process
-    from bonemet.config import require_planned
+    from bonemet.config import planned_spec
 
-    require_planned(spec, "preprocess", "preprocess_cohort")  # the stages resolve `auto` from the plan, once
+    spec = planned_spec(spec, "preprocess_cohort")  # the stages resolve `auto` from the plan, once
     if compute.scheduler == "dask":  # a cluster's workers have their own working folder: absolute paths
         cohort_dir = Path(cohort_dir).absolute()
     cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)

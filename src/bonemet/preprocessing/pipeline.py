@@ -15,7 +15,7 @@ from bonemet.preprocessing.intensity import check_window, normalise_intensity
 from bonemet.preprocessing.resample import INTERPOLATORS, resample_mask, resampled_grid
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import PreprocessSpec
+    from bonemet.config import PlannedPreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _where(case_id: str | None) -> str:
 def _preprocess(
     image_hu: sitk.Image,
     manual_mask: sitk.Image | None,
-    spec: PreprocessSpec,
+    spec: PlannedPreprocessSpec,
     *,
     grid_tolerance_mm: float,
     case_id: str | None,
@@ -117,7 +117,7 @@ def _preprocess(
     return PreprocessedCase(image=image, mask=mask, geometry=geometry)
 
 
-def preprocess_image(image_hu: sitk.Image, spec: PreprocessSpec, *, case_id: str | None = None) -> PreprocessedCase:
+def preprocess_image(image_hu: sitk.Image, spec: PlannedPreprocessSpec, *, case_id: str | None = None) -> PreprocessedCase:
     """Preprocess a CT without a mask (inference on a new CT); ``mask`` of the result is None.
 
     Steps (``spec`` is the ``preprocess`` params): find the bone box (voxels above
@@ -139,7 +139,7 @@ def preprocess_image(image_hu: sitk.Image, spec: PreprocessSpec, *, case_id: str
 def preprocess_case(
     image_hu: sitk.Image,
     manual_mask: sitk.Image,
-    spec: PreprocessSpec,
+    spec: PlannedPreprocessSpec,
     *,
     grid_tolerance_mm: float,
     case_id: str | None = None,

@@ -33,7 +33,7 @@ from bonemet.tracking.base import NullTracker, Tracker
 from bonemet.utils import atomic_path, die_with_parent, log_context, progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import SegmentSpec
+    from bonemet.config import PlannedSegmentSpec
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def plot_curves(histories: Mapping[int, Sequence[Mapping[str, float]]], title: s
 def run_cross_validation(
     cases: Sequence[SegCase],
     folds: Mapping[str, int],
-    spec: SegmentSpec,
+    spec: PlannedSegmentSpec,
     settings: InferenceSettings,
     *,
     seed: int,
@@ -243,7 +243,7 @@ def run_cross_validation(
     return CVResult(case_rows=rows, folds=results, best_fold=best_fold, best_model=best_model, best_run_id=best_run)
 
 
-def _fold_job(fold: int, folds: Mapping[str, int], spec: SegmentSpec, settings: InferenceSettings, *, seed: int,
+def _fold_job(fold: int, folds: Mapping[str, int], spec: PlannedSegmentSpec, settings: InferenceSettings, *, seed: int,
               groups: Mapping[str, str] | None, threads: int, masks_dir: Path, work_dir: Path, mask_label: int,
               grid_tolerance_mm: float, figure_dpi: int, fold_params: Mapping[str, Any] | None) -> _FoldJob:
     """Fold ``fold``'s job: its held-out cases, its training cases less the early-stopping
@@ -271,7 +271,7 @@ class _FoldJob:
     train_ids: list[str]
     val_ids: list[str]
     test_ids: list[str]
-    spec: SegmentSpec
+    spec: PlannedSegmentSpec
     settings: InferenceSettings
     seed: int
     threads: int

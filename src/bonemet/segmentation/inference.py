@@ -25,7 +25,12 @@ from bonemet.data.io import read_image, resample_to_reference
 from bonemet.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import InferenceSpec, PreprocessSpec, SegmentSpec
+    from bonemet.config import (
+        InferenceSpec,
+        PlannedPreprocessSpec,
+        PreprocessSpec,
+        SegmentSpec,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +323,7 @@ class InferenceSettings:
         largest_component: keep only the largest connected component of the mask.
     """
 
-    preprocess: PreprocessSpec
+    preprocess: PlannedPreprocessSpec
     roi_size: tuple[int, int, int]
     inference: InferenceSpec
     threshold: float
@@ -335,8 +340,12 @@ class InferenceSettings:
 
     @classmethod
     def from_params(cls, preprocess: PreprocessSpec, segment: SegmentSpec) -> InferenceSettings:
-        return cls(preprocess, tuple(segment.roi_size), segment.inference, segment.threshold,
-                   segment.largest_component)
+        """The settings of ``preprocess`` and ``segment`` (PlanRequiredError while one is still ``auto``)."""
+        from bonemet.config import planned_spec
+
+        segment = planned_spec(segment, "InferenceSettings")
+        return cls(planned_spec(preprocess, "InferenceSettings"), tuple(segment.roi_size), segment.inference,
+                   segment.threshold, segment.largest_component)
 
     @property
     def window(self) -> tuple[int, int, int]:
@@ -372,7 +381,7 @@ class InferenceSettings:
     def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> InferenceSettings:
         """Rebuild from :meth:`to_metadata`'s form; :class:`CaseInferenceError` naming ``where``
         (e.g. the registered model) when a key is missing or invalid."""
-        from bonemet.config import InferenceSpec, ParamsError, PreprocessSpec, validate_spec
+        from bonemet.config import InferenceSpec, ParamsError, PlannedPreprocessSpec, validate_spec
 
         missing = [k for k in ("preprocess", "roi_size", "inference", "threshold", "largest_component")
                    if k not in metadata]
@@ -384,7 +393,7 @@ class InferenceSettings:
             inference = metadata["inference"]
             if isinstance(inference, Mapping):
                 inference = {**_LEGACY_INFERENCE, **inference}
-            return cls(validate_spec(PreprocessSpec, metadata["preprocess"], "preprocess"),
+            return cls(validate_spec(PlannedPreprocessSpec, metadata["preprocess"], "preprocess"),
                        tuple(int(v) for v in metadata["roi_size"]),
                        validate_spec(InferenceSpec, inference, "inference"),
                        float(metadata["threshold"]), bool(metadata["largest_component"]))

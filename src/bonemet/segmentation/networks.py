@@ -28,7 +28,7 @@ from bonemet.segmentation.missu import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import SegmentSpec
+    from bonemet.config import PlannedSegmentSpec
 
 __all__ = [
     "NETWORKS",
@@ -181,14 +181,14 @@ def build_network(
     return builder(in_channels, out_channels, roi_size, **kwargs)
 
 
-def network_kwargs(spec: SegmentSpec, name: str | None = None) -> dict[str, Any]:
+def network_kwargs(spec: PlannedSegmentSpec, name: str | None = None) -> dict[str, Any]:
     """The keyword arguments of network ``name`` (default ``spec.model``) from ``segment.networks``."""
     name = name or spec.model
     value = getattr(spec.networks, name)
     return value.model_dump(mode="python") if hasattr(value, "model_dump") else dict(value)
 
 
-def network_from_spec(spec: SegmentSpec, name: str | None = None) -> nn.Module:
+def network_from_spec(spec: PlannedSegmentSpec, name: str | None = None) -> nn.Module:
     """A fresh network ``name`` (default ``spec.model``) for CT crops of ``spec.roi_size`` voxels."""
     name = name or spec.model
     return build_network(name, in_channels=CT_CHANNELS, out_channels=N_CLASSES, roi_size=spec.roi_size,

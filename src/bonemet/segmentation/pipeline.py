@@ -28,7 +28,7 @@ from bonemet.tracking.base import NullTracker, Tracker
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from bonemet.config import PreprocessSpec, SegmentSpec
+    from bonemet.config import PlannedPreprocessSpec, PlannedSegmentSpec, SegmentSpec
     from bonemet.segmentation.cv import CVResult
     from bonemet.segmentation.data import SegCase
     from bonemet.segmentation.inference import InferenceSettings
@@ -51,7 +51,7 @@ class SegmentationResult:
 
     summary: dict[str, Any]
     case_table: pd.DataFrame
-    spec: SegmentSpec
+    spec: PlannedSegmentSpec
     cv: CVResult | None = None
     settings: InferenceSettings | None = None
     wall_seconds: float = 0.0
@@ -60,8 +60,8 @@ class SegmentationResult:
 def run_segmentation(
     cases: Sequence[SegCase],
     folds: Mapping[str, int],
-    spec: SegmentSpec,
-    preprocess: PreprocessSpec,
+    spec: PlannedSegmentSpec,
+    preprocess: PlannedPreprocessSpec,
     *,
     seed: int,
     mask_label: int,
@@ -91,13 +91,13 @@ def run_segmentation(
     import pandas as pd
     import torch
 
-    from bonemet.config import require_planned
+    from bonemet.config import planned_spec
     from bonemet.segmentation.cv import run_cross_validation
     from bonemet.segmentation.inference import InferenceSettings
     from bonemet.segmentation.networks import network_kwargs
     from bonemet.segmentation.training import spec_json
 
-    require_planned(spec, "segment", "run_segmentation")  # the stage resolved `auto` from the plan, once
+    spec, preprocess = planned_spec(spec, "run_segmentation"), planned_spec(preprocess, "run_segmentation")
     tracker = tracker or NullTracker()
     num_threads = spec.num_threads or os.cpu_count() or 1
     torch.set_num_threads(num_threads)
@@ -134,7 +134,7 @@ def run_segmentation(
                               wall_seconds=wall)
 
 
-def _summary(cv: CVResult, table: pd.DataFrame, cases: Sequence[SegCase], spec: SegmentSpec, *,
+def _summary(cv: CVResult, table: pd.DataFrame, cases: Sequence[SegCase], spec: PlannedSegmentSpec, *,
              plan: Mapping[str, Any] | None, num_threads: int) -> dict[str, Any]:
     """``segmentation.json``'s summary of the cross-validation ``cv`` (its per-case ``table``): the
     Dice, the bias between the classes, what was trained and how, never how long it took (wall
@@ -184,8 +184,8 @@ def import_segmentation(cases: Sequence[Any], spec: SegmentSpec, *, cohort_dir: 
     return SegmentationResult(summary=summary, case_table=table, spec=spec, wall_seconds=wall)
 
 
-def _tune(spec: SegmentSpec, cases: Sequence[SegCase], folds: Mapping[str, int], seed: int,
-          tracker: Tracker) -> SegmentSpec:
+def _tune(spec: PlannedSegmentSpec, cases: Sequence[SegCase], folds: Mapping[str, int], seed: int,
+          tracker: Tracker) -> PlannedSegmentSpec:
     """Optuna on the first fold's training cases (its validation split); returns the tuned spec."""
     from bonemet.segmentation.cv import split_validation
     from bonemet.segmentation.data import load_volume

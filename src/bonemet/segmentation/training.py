@@ -34,7 +34,7 @@ from bonemet.tracking.base import NullTracker, Tracker
 from bonemet.utils import atomic_path, progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonemet.config import SegmentSpec, SegTrainSpec
+    from bonemet.config import PlannedSegmentSpec, PlannedSegTrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def converged(dices: Sequence[float], window: int | None, tol: float) -> bool:
     return max(last) - min(last) <= tol and max(last) <= max(before)
 
 
-def budget_epochs(max_steps: int, steps_per_epoch: int, train: SegTrainSpec) -> int:
+def budget_epochs(max_steps: int, steps_per_epoch: int, train: PlannedSegTrainSpec) -> int:
     """Whole epochs of ``steps_per_epoch`` optimiser steps that hold ``max_steps`` (rounded up),
     within ``[min_epochs, max_epochs]``.
 
@@ -144,14 +144,14 @@ def _lr_lambda(schedule: str, horizon: int, power: float) -> Callable[[int], flo
     return lambda epoch: 1.0
 
 
-def make_loss(train: SegTrainSpec):
+def make_loss(train: PlannedSegTrainSpec):
     """MONAI DiceCELoss on softmax outputs against integer labels (B, 1, D, H, W)."""
     from monai.losses import DiceCELoss
 
     return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=train.lambda_dice, lambda_ce=train.lambda_ce)
 
 
-def evaluate(model: Any, items: Sequence[Mapping[str, Any]], spec: SegmentSpec, loss_fn: Any,
+def evaluate(model: Any, items: Sequence[Mapping[str, Any]], spec: PlannedSegmentSpec, loss_fn: Any,
              device: Any) -> tuple[float, float]:
     """Mean validation loss and mean Dice per case.
 
@@ -183,7 +183,7 @@ def evaluate(model: Any, items: Sequence[Mapping[str, Any]], spec: SegmentSpec, 
     return float(np.mean(losses)), float(np.mean(dices))
 
 
-def _training_loader(train_items: Sequence[Mapping[str, Any]], spec: SegmentSpec, seed: int) -> Any:
+def _training_loader(train_items: Sequence[Mapping[str, Any]], spec: PlannedSegmentSpec, seed: int) -> Any:
     """A seeded MONAI DataLoader of augmented crops (see :func:`bonemet.segmentation.data.train_transforms`)."""
     import torch
     from monai.data import DataLoader, Dataset
@@ -202,7 +202,7 @@ def _training_loader(train_items: Sequence[Mapping[str, Any]], spec: SegmentSpec
                       generator=generator, persistent_workers=workers > 0)
 
 
-def _optimizer(model: Any, train: SegTrainSpec, horizon: int) -> tuple[Any, Any]:
+def _optimizer(model: Any, train: PlannedSegTrainSpec, horizon: int) -> tuple[Any, Any]:
     """SGD with (Nesterov) momentum and the per-epoch learning-rate schedule over ``horizon`` epochs."""
     import torch
 
@@ -258,7 +258,7 @@ class _Step:
 class _BestCheckpoint:
     """The weights of the epoch with the best validation Dice, in memory and on disk."""
 
-    def __init__(self, path: str | Path | None, spec: SegmentSpec) -> None:
+    def __init__(self, path: str | Path | None, spec: PlannedSegmentSpec) -> None:
         self.path, self.spec = path, spec
         self.dice, self.epoch, self.state = -math.inf, 0, None
 
@@ -273,7 +273,7 @@ class _BestCheckpoint:
                              "spec": spec_json(self.spec)}, self.path)
 
 
-def spec_json(spec: SegmentSpec, **kwargs: Any) -> dict[str, Any]:
+def spec_json(spec: PlannedSegmentSpec, **kwargs: Any) -> dict[str, Any]:
     """``spec`` as JSON values to log or save: ``tune.storage`` with any password masked."""
     from bonemet.search import storage_for_log
 
@@ -322,7 +322,7 @@ def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
         loader.generator.set_state(state["loader"])
 
 
-def resume_key(spec: SegmentSpec, train_items: Sequence[Mapping[str, Any]], val_items: Sequence[Mapping[str, Any]],
+def resume_key(spec: PlannedSegmentSpec, train_items: Sequence[Mapping[str, Any]], val_items: Sequence[Mapping[str, Any]],
                seed: int) -> str:
     """What a resume checkpoint must have been written for: the settings (the step budget among
     them), the cases and the seed."""
@@ -410,7 +410,7 @@ class _TrainingState:
 
 
 def _start_training(model: Any, train_items: Sequence[Mapping[str, Any]], val_items: Sequence[Mapping[str, Any]],
-                    spec: SegmentSpec, seed: int, checkpoint_path: str | Path | None,
+                    spec: PlannedSegmentSpec, seed: int, checkpoint_path: str | Path | None,
                     resume_path: Path | None) -> _TrainingState:
     """Seed, move ``model`` to the device and build its loader, optimiser, schedule and early
     stopping: a fresh training state (epoch 0), or the one at ``resume_path`` when it was written
@@ -425,7 +425,7 @@ def _start_training(model: Any, train_items: Sequence[Mapping[str, Any]], val_it
     memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
     loader = _training_loader(train_items, spec, seed)
-    max_steps = _max_steps(train)
+    max_steps = train.max_steps
     horizon = train.max_epochs if max_steps is None else budget_epochs(max_steps, len(loader), train)
     optimizer, scheduler = _optimizer(model, train, horizon)
     loss_fn = make_loss(train)
@@ -450,7 +450,7 @@ def train_model(
     model: Any,
     train_items: Sequence[Mapping[str, Any]],
     val_items: Sequence[Mapping[str, Any]],
-    spec: SegmentSpec,
+    spec: PlannedSegmentSpec,
     *,
     seed: int,
     tracker: Tracker | None = None,
@@ -492,12 +492,15 @@ def train_model(
     ``converge_tol``); the returned model carries the weights of the epoch with the best
     validation Dice. Torch's thread count is the caller's to set.
     """
+    from bonemet.config import planned_spec
+
+    spec = planned_spec(spec, "train_model")  # refuses an unplanned `auto`
     tracker = tracker or NullTracker()
     if not train_items:
         raise TrainingConfigError("no training cases")
     resume_path = Path(resume_path) if resume_path is not None else None
     training = _start_training(model, train_items, val_items, spec, seed, checkpoint_path, resume_path)
-    model, loader, horizon, max_steps = training.model, training.loader, training.horizon, _max_steps(spec.train)
+    model, loader, horizon, max_steps = training.model, training.loader, training.horizon, spec.train.max_steps
     resumed_from = training.epoch
     # wall time is reported (MLflow), never used to decide anything
     start = time.perf_counter() - training.spent
@@ -523,7 +526,7 @@ def train_model(
     return training.result(start, resumed_from)
 
 
-def _train_epoch(training: _TrainingState, epoch: int, val_items: Sequence[Mapping[str, Any]], spec: SegmentSpec,
+def _train_epoch(training: _TrainingState, epoch: int, val_items: Sequence[Mapping[str, Any]], spec: PlannedSegmentSpec,
                  validate: Callable[[Any, int], tuple[float, float]] | None) -> dict[str, float]:
     """One epoch: a gradient step per batch, the validation, the schedule's step; its record
     (epoch, train_loss, val_loss, val_dice, lr: the rate the epoch trained with), appended to the
@@ -544,7 +547,7 @@ def _train_epoch(training: _TrainingState, epoch: int, val_items: Sequence[Mappi
     return record
 
 
-def _stop_reason(training: _TrainingState, epoch: int, val_loss: float, train: SegTrainSpec,
+def _stop_reason(training: _TrainingState, epoch: int, val_loss: float, train: PlannedSegTrainSpec,
                  max_steps: int | None) -> str:
     """Why training ends after ``epoch`` (one of :data:`STOP_REASONS`), or "" to go on; counts the
     epoch in the early stopping."""
@@ -562,16 +565,6 @@ def _stop_reason(training: _TrainingState, epoch: int, val_loss: float, train: S
             return "budget"
         return "max_epochs"
     return ""
-
-
-def _max_steps(train: SegTrainSpec) -> int | None:
-    """``train.max_steps`` as a number (None: the epoch schedule); ``auto`` must have been planned."""
-    from bonemet.config import AUTO, PlanRequiredError
-
-    if train.max_steps == AUTO:
-        raise PlanRequiredError("segment.train.max_steps is 'auto': the plan stage plans it (run `bonemet plan`) "
-                                "and the segment stage applies the plan before training")
-    return train.max_steps
 
 
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
@@ -603,7 +596,7 @@ def _save_resume(path: Path, training: _TrainingState, spent: float) -> None:
     save_checkpoint(state, path)
 
 
-def tuning_study_name(spec: SegmentSpec, train_items: Sequence[Mapping[str, Any]],
+def tuning_study_name(spec: PlannedSegmentSpec, train_items: Sequence[Mapping[str, Any]],
                       val_items: Sequence[Mapping[str, Any]], seed: int) -> str:
     """The segmentation study's name in a shared storage (``segment.tune.storage``): a digest of
     everything that defines its trials (the ``segment`` settings but ``tune.n_trials`` and the
@@ -628,7 +621,7 @@ def tune(
     model_factory: Callable[[], Any],
     train_items: Sequence[Mapping[str, Any]],
     val_items: Sequence[Mapping[str, Any]],
-    spec: SegmentSpec,
+    spec: PlannedSegmentSpec,
     *,
     seed: int,
     tracker: Tracker | None = None,

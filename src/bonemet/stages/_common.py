@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bonemet.config import Params, load_specs
+from bonemet.config import Params, PlannedParams, load_specs
 from bonemet.tracking.dvc import cohort_dvc_file, data_md5, dvc_root, experiment_name  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,9 +40,10 @@ def project_path(path: str) -> str:
     return str(Path(root) / path)
 
 
-def planned_specs_from(args: Any, segment_profile: str | None = None) -> Params:
-    """:func:`specs_from` with every ``auto`` setting taken from the plan file (``plan.out``; explicit
-    values win). Raises a user error when the plan is missing or was made from other params."""
+def planned_specs_from(args: Any, segment_profile: str | None = None) -> PlannedParams:
+    """:func:`specs_from` with the plan applied: every ``auto`` setting taken from the plan file
+    (``plan.out``; explicit values win), for the stages after the plan stage that use planned
+    settings. Raises a user error when the plan is missing or was made from other params."""
     from bonemet.planning.resolve import planned_params
 
     return planned_params(specs_from(args, segment_profile=segment_profile))

@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.planning.resolve import planned_params, read_plan, resolve_params
+    from bonemet.planning.resolve import planned_params, read_plan
     from bonemet.registry.gate import decide_segmenter_promotion
     from bonemet.registry.registration import register_segmenter
     from bonemet.segmentation import pipeline
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             result = pipeline.import_segmentation(manifest, seg, cohort_dir=params.data.cohort_dir, plan=plan, tracker=tracker,
                                          **common)
         else:
-            params = resolve_params(params, plan, params.plan.out) if plan else planned_params(params)  # `auto`s
+            params = planned_params(params, plan)  # the plan applied, once: no `auto` past this line
             cases = load_cases(params.preprocess.out_dir, {c.case_id: c for c in manifest})
             splits = read_splits(params.split.out)
             result = pipeline.run_segmentation(
