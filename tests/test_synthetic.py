@@ -375,7 +375,7 @@ def test_ensure_data_versions_a_cohort_outside_data_raw(tmp_path, synth_params, 
     import sys
 
     from bonemet.cli import main
-    from bonemet.stages._common import cohort_dvc_file, data_md5
+    from bonemet.tracking.dvc import cohort_dvc_file, data_md5
 
     caplog.set_level("INFO")
     repo = _dvc_repo(tmp_path / "repo")

@@ -193,6 +193,11 @@ def resolve_jobs(n_jobs: int, n_tasks: int) -> int:
     return max(1, min(n_tasks, cores if n_jobs == -1 else n_jobs))
 
 
+def finite_or(value: Any, fallback: Any) -> Any:
+    """``value`` as a float when it is a finite number, else ``fallback`` (None included)."""
+    return float(value) if value is not None and math.isfinite(float(value)) else fallback
+
+
 def json_rounded(value: Any, digits: int = 6) -> Any:
     """``value`` with every float rounded to ``digits`` decimals and NaN / inf as None (JSON has no
     NaN), through dicts, lists and tuples: the same numbers give the same bytes on every rerun."""

@@ -36,6 +36,8 @@ import pandas as pd
 from bonemet.errors import UserError
 
 REQUIRED_COLUMNS = ("case_id", "label", "image", "mask")
+#: What each label means, for figures and tables (``label`` 1: breast origin)
+LABEL_NAMES = {0: "other", 1: "breast"}
 OPTIONAL_PATH_COLUMNS = ("annotator_mask",)
 #: Optional columns with a meaning (not kept as metadata).
 MASK_REF_COLUMNS = ("roi", "segment", "annotator_roi", "annotator_segment")

@@ -41,3 +41,21 @@ def pseudonym(value: str, key: bytes) -> str:
     """The pseudonym of one id under ``key``: ``p`` + 16 hex digits of HMAC-SHA256(key, id)."""
     digest = hmac.new(key, str(value).encode("utf-8"), hashlib.sha256).hexdigest()
     return PREFIX + digest[:DIGITS]
+
+
+def key_from_environment(name: str) -> bytes:
+    """The pseudonymisation key held by the environment variable ``name`` (``data.pseudonym_key_env``).
+
+    Raises:
+        PseudonymKeyError: the variable is unset or the key too short.
+    """
+    import os
+
+    value = os.environ.get(name)
+    if not value:
+        raise PseudonymKeyError(
+            f"data.pseudonymize is on but ${name} is not set: export the cohort's key (the same one every "
+            f"stage and `bonemet pseudonyms` use), e.g. `export {name}=$(openssl rand -hex 32)` once, kept "
+            "outside the repository"
+        )
+    return check_key(value.encode("utf-8"), f"${name}")

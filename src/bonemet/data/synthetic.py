@@ -201,6 +201,17 @@ def generate_cohort(
     return json_rounded(summary)
 
 
+def write_cohort(out_dir: str | Path, *, n_cases: int, n_positive: int, seed: int, size: str, mask_label: int,
+                 protocols: Sequence[ProtocolSpec], show_progress: bool) -> dict[str, Any]:
+    """:func:`generate_cohort` into a temporary folder beside ``out_dir``, which replaces ``out_dir``
+    once every case is written: an interrupted run leaves ``out_dir`` as it was. The summary."""
+    from bonemet.utils import atomic_path
+
+    with atomic_path(Path(out_dir), is_dir=True) as tmp:
+        return generate_cohort(tmp, n_cases=n_cases, n_positive=n_positive, seed=seed, size=size, mask_label=mask_label,
+                               protocols=protocols, overwrite=True, show_progress=show_progress)
+
+
 def _check_arguments(out_dir: Path, *, n_cases: int, n_positive: int, size: str, mask_label: int,
                      protocols: Sequence[ProtocolSpec], overwrite: bool) -> None:
     """Refuse :func:`generate_cohort`'s arguments before anything is written (see its Raises)."""

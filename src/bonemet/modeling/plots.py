@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bonemet.data.manifest import LABEL_NAMES
 from bonemet.modeling.evaluation import brier_score, confusion_counts
 from bonemet.modeling.stats import EvaluationInputError, auc_ci_delong, check_binary
 from bonemet.utils import atomic_path  # noqa: E402
@@ -233,7 +234,6 @@ def plot_lasso_coefficients(
 def plot_confusion_matrices(
     y_true: ArrayLike,
     predictions: Mapping[str, ArrayLike],
-    class_names: tuple[str, str] = ("other", "breast"),
     title: str = "Confusion matrices",
     ncols: int = 4,
 ) -> Figure:
@@ -258,8 +258,8 @@ def plot_confusion_matrices(
                 fontsize=8,
                 color="white" if v > cm.max() / 2 else "black",
             )
-        ax.set_xticks([0, 1], labels=list(class_names), fontsize=7)
-        ax.set_yticks([0, 1], labels=list(class_names), fontsize=7)
+        ax.set_xticks([0, 1], labels=[LABEL_NAMES[0], LABEL_NAMES[1]], fontsize=7)
+        ax.set_yticks([0, 1], labels=[LABEL_NAMES[0], LABEL_NAMES[1]], fontsize=7)
         ax.set_xlabel("predicted", fontsize=7)
         ax.set_ylabel("true", fontsize=7)
         ax.set_title(model, fontsize=8)

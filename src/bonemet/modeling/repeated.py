@@ -51,6 +51,7 @@ from bonemet.modeling.training import (
     split_data,
 )
 from bonemet.tracking import NullTracker, Tracker
+from bonemet.utils import finite_or
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import EvaluateSpec, SelectSpec, TrainSpec
@@ -277,13 +278,9 @@ def best_by_repeats(summary: Mapping[str, Any], order: Sequence[str]) -> str:
     registered family with it (``register.max_gap_to_best``)."""
     def key(model: str) -> tuple[float, float, int]:
         auc = summary["models"][model]["auc"]
-        return (-_finite_or(auc["mean"]), -_finite_or(auc["lo"]), list(order).index(model))
+        return (-finite_or(auc["mean"], -math.inf), -finite_or(auc["lo"], -math.inf), list(order).index(model))
 
     return min(summary["models"], key=key)
-
-
-def _finite_or(value: float, fallback: float = -math.inf) -> float:
-    return float(value) if value is not None and math.isfinite(value) else fallback
 
 
 def repeats_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

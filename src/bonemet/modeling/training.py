@@ -26,7 +26,6 @@ Protocol (documented choice; the study tuned once and cross-validated once):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from bonemet.modeling.persistence import save_pipeline, trusted_types
 from bonemet.modeling.pipeline import build_pipeline
 from bonemet.modeling.tuning import FoldData, TuningResult, fold_scores, precompute_folds, tune_model
 from bonemet.tracking import NullTracker, Tracker, finite_metrics
-from bonemet.utils import atomic_path, progress, write_json
+from bonemet.utils import atomic_path, finite_or, progress, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.config import EvaluateSpec, SelectSpec, TrainSpec
@@ -562,7 +561,7 @@ def _write_outputs(results: Mapping[str, ModelResult], best: str, data: _Data, *
         # besides the features, a served row must hold these (site: ComBat harmonisation is on)
         "extra_input_columns": [c for c in data.input_cols if c not in data.primary_cols],
         "models": {m: {"path": f"{m}.skops", "cv_auc_mean": r.cv_auc_mean, "cv_auc_sd": r.cv_auc_sd,
-                       "threshold": r.threshold, "test_auc": _none(r.test_metrics["auc"]),
+                       "threshold": r.threshold, "test_auc": finite_or(r.test_metrics["auc"], None),
                        "params": r.tuning.best_params}
                    for m, r in results.items()},
     })
@@ -679,10 +678,6 @@ def run_training(
                                          bayes_auc=bayes_auc, reference=reference, tracker=tracker,
                                          train_run_id=train_run_id)
     return TrainingResults(results, best, registered, selected, table, {"train": data.y_train, "test": data.y_test})
-
-
-def _none(v: Any) -> float | None:
-    return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
 def _log_model(tracker: Tracker, pipeline: Any, input_example: pd.DataFrame) -> None:

@@ -104,7 +104,7 @@ def split_frame(split: Any) -> pd.DataFrame | None:
     Python floats (what ``json.loads`` gives for JSON numbers with a fraction or exponent) becomes
     one float64 block in one step, and pandas infers the others (``case_id``, integers, text,
     null) itself, column by column as before; the frame is the same, dtypes and order included
-    (``tests/test_registry_pyfunc.py`` checks it against pandas on generated bodies). Applies to
+    (``tests/test_serving_model.py`` checks it against pandas on generated bodies). Applies to
     ``dataframe_split`` bodies with ``columns`` (distinct strings), ``data`` (rows: lists of that
     length) and no ``index``.
     """

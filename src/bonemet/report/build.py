@@ -139,6 +139,23 @@ def _version() -> str:
     return __version__
 
 
+def report_inputs(params: Any) -> ReportInputs:
+    """Where the report reads each stage's outputs: the paths the params sections name."""
+    from bonemet.modeling import REPEATED_FILE, SUMMARY_FILE
+    from bonemet.validation import REPORT_FILE
+
+    seg, train, evaluated = params.segment, params.train, Path(params.evaluate.out_dir)
+    return ReportInputs(
+        cohort_dir=Path(params.data.cohort_dir), validation_report=Path(params.validation.out_dir) / REPORT_FILE,
+        plan=Path(params.plan.out), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
+        segmentation_plots=Path(seg.plots_dir), auto_masks=Path(seg.masks_dir),
+        features_dir=Path(params.radiomics.out_dir), models_dir=Path(train.out_dir),
+        metrics_dir=Path(train.metrics_dir), classification_plots=Path(train.plots_dir),
+        repeated_json=evaluated / REPEATED_FILE, registry_json=Path(params.registration.out),
+        summary_json=evaluated / SUMMARY_FILE,
+    )
+
+
 def replication_settings(params: Any) -> dict[str, str]:
     """The settings the replication section states in words (``params``: the whole :class:`~bonemet.config.Params`)."""
     sel, train, ev = params.select, params.train, params.evaluate

@@ -115,7 +115,7 @@ def cohort_section(inputs: ReportInputs, *, dpi: int, pseudonym_key: bytes | Non
     sites = manifest["site"].fillna("").replace("", "(none)") if "site" in manifest.columns else None
     counts = pd.crosstab(sites if sites is not None else pd.Series(["all"] * len(manifest), name="site"),
                          labels.rename("label"))
-    out["counts_header"] = ["site", *(figures.CLASS_NAMES.get(int(c), str(c)) for c in counts.columns), "cases"]
+    out["counts_header"] = ["site", *(figures.class_name(int(c)) for c in counts.columns), "cases"]
     out["counts"] = [[str(site), *(int(v) for v in row), int(row.sum())] for site, row in counts.iterrows()]
     if len(counts) > 1:
         out["counts"].append(["all sites", *(int(v) for v in counts.sum()), int(counts.to_numpy().sum())])

@@ -10,12 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bonemet.data.manifest import LABEL_NAMES
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 #: Colours of the two classes in every cohort figure.
 CLASS_COLORS = {0: "#4c72b0", 1: "#dd8452"}
-CLASS_NAMES = {0: "other origin (0)", 1: "breast origin (1)"}
+
+
+def class_name(label: int) -> str:
+    """A label as the cohort figures and tables name it: ``breast origin (1)``."""
+    return f"{LABEL_NAMES[label]} origin ({label})" if label in LABEL_NAMES else str(label)
 
 
 def figure_uri(fig: Figure, dpi: int) -> str:
@@ -47,7 +53,7 @@ def by_class_histograms(panels: Sequence[tuple[str, Mapping[int, Sequence[float]
         for label, vs in sorted(groups.items()):
             finite = [v for v in vs if np.isfinite(v)]
             if finite:
-                ax.hist(finite, bins=bins, alpha=0.6, color=CLASS_COLORS.get(label), label=CLASS_NAMES.get(label, label))
+                ax.hist(finite, bins=bins, alpha=0.6, color=CLASS_COLORS.get(label), label=class_name(label))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("cases")
     axes[0][0].legend(fontsize=7)

@@ -195,3 +195,4 @@ def bias_metrics(bias: Mapping[str, Any]) -> dict[str, float]:
     for key, name in (("by_density_quartile", "density"), ("by_size_quartile", "size")):
         out |= {f"dice_{name}_q{g['quartile']}": g["dice_mean"] for g in bias.get(key, [])}
     return out
+

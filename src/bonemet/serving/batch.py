@@ -30,7 +30,7 @@ from typing import Any
 from bonemet.data.io import IMAGE_SUFFIXES
 from bonemet.data.manifest import MANIFEST_NAME
 from bonemet.errors import UserError
-from bonemet.serving.predict import FAILED, case_id_from_path, failed_result
+from bonemet.serving.predict import FAILED, PredictError, case_id_from_path, failed_result
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,23 @@ def predict_many(cases: Sequence[BatchCase], predict_one: Callable[[BatchCase], 
     return results
 
 
+def is_batch(image: str | None, mask: str | None, save_mask: str | None, input_path: str | None,
+             output_path: str | None) -> bool:
+    """Whether ``bonemet predict``'s arguments ask for a batch (``-i``/``-o``) or one CT.
+
+    Raises:
+        PredictError: only one of ``-i``/``-o``, or a batch's arguments mixed with one CT's.
+    """
+    if input_path is None and output_path is None:
+        return False
+    if input_path is None or output_path is None:
+        raise PredictError("batch prediction needs both -i DIR_OR_MANIFEST and -o OUT.csv")
+    if image is not None or mask is not None or save_mask is not None:
+        raise PredictError("give either one CT (IMAGE [--mask M] [--save-mask P]) or -i/-o, not both "
+                           "(a manifest's mask column gives the masks of a batch, --save-masks DIR saves them)")
+    return True
+
+
 def predict_batch(predictor: Any, input_path: str | Path, output_path: str | Path, *,
                   save_masks: str | Path | None, show_progress: bool) -> dict[str, Any]:
     """Every case of a folder or manifest through ``predictor``
@@ -171,7 +188,8 @@ def predict_batch(predictor: Any, input_path: str | Path, output_path: str | Pat
     are loaded first, so a missing or broken model fails the batch, not every case in turn.
 
     Returns:
-        the summary: ``input``, ``output``, ``cases``, ``statuses`` (count per status), ``alias``.
+        the summary: ``input``, ``output``, ``cases``, ``statuses`` (count per status), ``alias``,
+        ``failed`` (True when a case failed: its row in the CSV holds the error; the CLI exits non-zero).
     """
     from dataclasses import replace
 

@@ -266,9 +266,9 @@ def write_mask(mask: sitk.Image, path: str | Path) -> Path:
 def save_lesion_mask(mask: sitk.Image, path: str | Path, inputs: CaseInputs, *, source: str,
                      grid_tolerance_mm: float) -> Path:
     """Write the mask used for a case: a DICOM SEG over the input series when ``path`` ends in
-    ``.dcm`` (the input is then a DICOM series folder), else a uint8 0/1 label map on the CT's grid."""
+    ``.dcm`` (the input is then a DICOM series folder: :func:`predict_inputs` checked that before
+    any work, with :func:`check_save_mask`), else a uint8 0/1 label map on the CT's grid."""
     if str(path).lower().endswith(SEG_SUFFIX):
-        check_save_mask(path, inputs.image_path, inputs.case_id)
         from bonemet.data.dicom_masks import write_seg
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bonemet.config import Params, PlannedParams, load_specs
-from bonemet.tracking.dvc import cohort_dvc_file, data_md5, dvc_root, experiment_name  # noqa: F401 (re-exported)
+from bonemet.tracking.dvc import dvc_root
+from bonemet.tracking.provenance import run_tags
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonemet.registry.store import MlflowTracker
@@ -49,49 +49,12 @@ def planned_specs_from(args: Any, segment_profile: str | None = None) -> Planned
     return planned_params(specs_from(args, segment_profile=segment_profile))
 
 
-def git_commit() -> str:
-    """The current git commit (with ``-dirty`` when the tree has tracked changes), or 'unknown'."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        return f"{commit}-dirty" if dirty else commit
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def run_tags(cohort_dir: str | Path) -> dict[str, str]:
-    """Tags put on every MLflow run: git commit, the cohort's data hash and the DVC experiment name."""
-    tags = {"git_commit": git_commit(), "data_md5": data_md5(cohort_dir)}
-    exp = experiment_name()
-    if exp:
-        tags["dvc_exp"] = exp
-    return tags
-
-
 def pseudonym_key(params: Params) -> bytes | None:
-    """The pseudonymisation key from the environment variable ``data.pseudonym_key_env`` when
-    ``data.pseudonymize`` is on (None when off).
+    """The pseudonymisation key (:func:`bonemet.data.pseudonym.key_from_environment`) when
+    ``data.pseudonymize`` is on, from the variable ``data.pseudonym_key_env``; None when off."""
+    from bonemet.data.pseudonym import key_from_environment
 
-    Raises:
-        PseudonymKeyError: pseudonymisation is on and the variable is unset or too short.
-    """
-    from bonemet.data.pseudonym import PseudonymKeyError, check_key
-
-    if not params.data.pseudonymize:
-        return None
-    name = params.data.pseudonym_key_env
-    value = os.environ.get(name)
-    if not value:
-        raise PseudonymKeyError(
-            f"data.pseudonymize is on but ${name} is not set: export the cohort's key (the same one every "
-            f"stage and `bonemet pseudonyms` use), e.g. `export {name}=$(openssl rand -hex 32)` once, kept "
-            "outside the repository"
-        )
-    return check_key(value.encode("utf-8"), f"${name}")
+    return key_from_environment(params.data.pseudonym_key_env) if params.data.pseudonymize else None
 
 
 def read_cases(params: Params, cohort_dir: str | None = None) -> list:
@@ -119,62 +82,12 @@ def open_store(params: Params) -> str:
     return configure(os.environ.get("MLFLOW_TRACKING_URI"), params.tracking.store_dir)
 
 
-def cohort_input(params: Params, context: str = "training") -> DatasetInput:
-    """The cohort as an MLflow dataset: one row per case (id, label, patient and site when the
-    manifest has them; pseudonymous ids when ``data.pseudonymize``; no file paths, which may carry
-    ids), its DVC md5 as the digest, its case count."""
-    import pandas as pd
-
+def cohort_input(params: Params) -> DatasetInput:
+    """The cohort as the MLflow training dataset of a run (:func:`bonemet.tracking.provenance.cohort_dataset`)."""
     from bonemet.data.manifest import MANIFEST_NAME
-    from bonemet.tracking import DatasetInput
+    from bonemet.tracking.provenance import cohort_dataset
 
-    cases = read_cases(params)
-    table = pd.DataFrame({"case_id": [c.case_id for c in cases], "label": [int(c.label) for c in cases]})
-    if any(c.patient_id for c in cases):
-        table["patient_id"] = [c.patient_id or "" for c in cases]
-    if any(c.site for c in cases):
-        table["site"] = [c.site or "" for c in cases]
-    digest = data_md5(params.data.cohort_dir)
-    return DatasetInput(name="cohort", table=table, source=str(Path(params.data.cohort_dir) / MANIFEST_NAME),
-                        digest=digest, context=context,
-                        tags={"dvc_md5": digest, "n_cases": str(len(table)), "cohort_dir": str(params.data.cohort_dir)})
-
-
-def feature_inputs(features_dir: str | Path, sources: Sequence[str], context: str = "training") -> list[DatasetInput]:
-    """The feature tables (``<source>.parquet``) that exist, as MLflow datasets (digest: the file's md5)."""
-    import pandas as pd
-
-    from bonemet.tracking import DatasetInput
-    from bonemet.utils import file_md5
-
-    out = []
-    for source in sources:
-        path = Path(features_dir) / f"{source}.parquet"
-        if path.is_file():
-            table = pd.read_parquet(path)
-            out.append(DatasetInput(name=f"features-{source}", table=table, source=str(path), digest=file_md5(path),
-                                    context=context, tags={"n_cases": str(len(table)), "mask_source": source,
-                                                           "n_columns": str(table.shape[1])}))
-    return out
-
-
-def segmentation_bias_tags(params: Params) -> dict[str, str]:
-    """The segmentation's Dice gap between the labels (label 1 minus label 0, ``metrics/segmentation.json``
-    ``bias``) as run tags, for the stages whose models learn from automatic-mask features: a reader
-    sees beside each model and the registry's decision when those features may carry the
-    segmenter's class-dependent error. Empty when unknown."""
-    import json
-
-    try:
-        bias = json.loads(Path(params.segment.metrics).read_text(encoding="utf-8")).get("bias") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    gap = bias.get("label_dice_gap")
-    if gap is None:
-        return {}
-    limit = params.segment.bias.max_dice_gap
-    return {"segmentation_label_dice_gap": f"{float(gap):+.4f}",
-            "segmentation_bias": "over segment.bias.max_dice_gap" if abs(float(gap)) > limit else "within limit"}
+    return cohort_dataset(read_cases(params), params.data.cohort_dir, MANIFEST_NAME, "training")
 
 
 def mlflow_tracker(params: Params, experiment: str, *, inputs: Sequence[DatasetInput] = (),

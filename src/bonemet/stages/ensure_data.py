@@ -64,22 +64,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
 
-    from bonemet.data.synthetic import generate_cohort
-    from bonemet.utils import atomic_path
+    from bonemet.data.synthetic import write_cohort
 
     synth = params.data.synthetic
     log.info("no cohort in %s: generating the default synthetic cohort (seed %s)", cohort_dir, synth.seed)
-    with atomic_path(cohort_dir, is_dir=True) as tmp:
-        summary = generate_cohort(
-            tmp,
-            n_cases=synth.n_cases,
-            n_positive=synth.n_positive,
-            seed=synth.seed,
-            size=synth.size,
-            mask_label=params.data.mask_label,
-            protocols=synth.protocols[: synth.sites],
-            overwrite=True,
-            show_progress=not args.no_progress,
-        )
+    summary = write_cohort(cohort_dir, n_cases=synth.n_cases, n_positive=synth.n_positive, seed=synth.seed,
+                           size=synth.size, mask_label=params.data.mask_label, protocols=synth.protocols[: synth.sites],
+                           show_progress=not args.no_progress)
     log.info("wrote %d cases to %s (Bayes AUC %.3f)", summary["n_cases"], cohort_dir, summary["bayes_auc"])
     return version_cohort(cohort_dir, regenerated=True)

@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling.repeated import evaluate_repeated
     from bonemet.modeling.training import read_feature_tables
     from bonemet.splits import read_splits
-    from bonemet.stages._common import cohort_input, feature_inputs, mlflow_tracker, pseudonym_key, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, pseudonym_key, specs_from
     from bonemet.tracking import NullTracker
+    from bonemet.tracking.provenance import feature_datasets
 
     params = specs_from(args)
     ev, train = params.evaluate, params.train
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if params.select.harmonize.enabled else None
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(
         params, ev.experiment, long_running=True,
-        inputs=[cohort_input(params), *feature_inputs(params.radiomics.out_dir, [primary_name])])
+        inputs=[cohort_input(params), *feature_datasets(params.radiomics.out_dir, [primary_name], "training")])
     evaluate_repeated(
         primary, paired, committed=read_splits(params.split.out),
         table1=_read_json(Path(train.metrics_dir) / "table1.json", "run `bonemet train` first"),

@@ -1,24 +1,12 @@
 """`bonemet predict`: probability of breast origin from a CT, as JSON on stdout; or many CTs to a CSV.
 
-One CT: ``bonemet predict IMAGE [--mask MASK]`` prints the result as JSON. Many:
-``bonemet predict -i DIR_OR_MANIFEST -o OUT.csv`` writes one row per case with the same fields
-(:mod:`bonemet.serving.batch`) and prints a summary. Segments with ``bonemet-segmenter@ALIAS`` unless
-a mask is given, extracts the PyRadiomics features with the training settings (``radiomics``
-params over the settings file) and applies ``bonemet-classifier@ALIAS``; both models are loaded
-once (the segmentation model only when a case needs it). Models come from the MLflow store
-(``MLFLOW_TRACKING_URI`` or ``tracking.store_dir``; the local store is read without MLflow).
-
-Every result has a ``status`` (:mod:`bonemet.serving.predict`): ``classified``, ``no_lesion``,
-``lesion_too_small`` (no probability: ``probability_breast`` is null, ``reason`` says why) or, in a
-batch, ``failed``. Exit code: 0 when every case got an answer (whatever its status), 1 when a
-case failed (one CT: a user's mistake, printed as one line; a batch: a ``failed`` row, the others
-done), 2 for a bad params file. A bug keeps its traceback (in a batch: logged, and the case's row
-says failed).
-
-Start-up is part of the answer time: the path with a given mask imports neither torch nor MLflow,
-and the garbage collector is off while the libraries and models load (there is no garbage yet)
-and frozen before exit, so the interpreter does not walk every object of scikit-learn and
-pandas twice.
+One CT: ``bonemet predict IMAGE [--mask MASK]`` prints the result as JSON; many: ``-i
+DIR_OR_MANIFEST -o OUT.csv``, one row per case (:mod:`bonemet.serving.batch`). Without a mask the
+case is segmented by ``bonemet-segmenter@ALIAS``; the classifier is ``bonemet-classifier@ALIAS``
+(:class:`bonemet.serving.predict.Predictor`, which says what a result holds). Exit code: 0 when
+every case got an answer (whatever its ``status``), 1 when a case failed, 2 for a bad params file.
+The garbage collector is off while libraries and models load and frozen before exit: start-up is
+part of the answer time.
 """
 
 from __future__ import annotations
@@ -63,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from bonemet.errors import UserError
     from bonemet.registry.loaders import registered_predictor
+    from bonemet.serving.batch import is_batch, predict_batch
     from bonemet.stages._common import pseudonym_key, specs_from
 
     gc.disable()  # start-up: imports and model loading make no garbage worth collecting
@@ -72,14 +60,7 @@ def run(args: argparse.Namespace) -> int:
         params = specs_from(args)
         predictor = registered_predictor(params, alias=args.alias, threshold=args.threshold, device=args.device,
                                          mirror=not args.disable_tta, pseudonym_key=pseudonym_key(params))
-        if args.input is not None or args.output is not None:
-            if args.input is None or args.output is None:
-                raise UserError("batch prediction needs both -i DIR_OR_MANIFEST and -o OUT.csv")
-            if args.image is not None or args.mask is not None or args.save_mask is not None:
-                raise UserError("give either one CT (IMAGE [--mask M] [--save-mask P]) or -i/-o, not both "
-                                "(a manifest's mask column gives the masks of a batch, --save-masks DIR saves them)")
-            from bonemet.serving.batch import predict_batch
-
+        if is_batch(args.image, args.mask, args.save_mask, args.input, args.output):
             result = predict_batch(predictor, args.input, args.output, save_masks=args.save_masks,
                                    show_progress=not args.no_progress)
             code = 1 if result.pop("failed") else 0

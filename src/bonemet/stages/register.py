@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling import REPEATED_FILE, TABLE1_MD, TRAIN_RUNS_FILE
     from bonemet.registry.registration import register_classifier
     from bonemet.registry.trained import read_trained_classifier
-    from bonemet.stages._common import open_store, pseudonym_key, run_tags, segmentation_bias_tags, specs_from
+    from bonemet.stages._common import open_store, pseudonym_key, specs_from
+    from bonemet.tracking.provenance import run_tags, segmentation_bias_tags
     from bonemet.utils import write_json
 
     params = specs_from(args)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         features = features[features["site"].notna()]
     # beside the decision: the segmentation's Dice gap between the labels, when the model learnt from
     # automatic-mask features
-    bias = segmentation_bias_tags(params) if trained.feature_source == "auto" else {}
+    bias = segmentation_bias_tags(params.segment.metrics, params.segment.bias.max_dice_gap) if trained.feature_source == "auto" else {}
     open_store(params)
     result = register_classifier(
         experiment=reg.experiment, store_dir=params.tracking.store_dir, model_name=reg.model_name,

@@ -25,28 +25,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bonemet.config import load_params
-    from bonemet.modeling import REPEATED_FILE, SUMMARY_FILE
-    from bonemet.report import CaseSettings, Provenance, ReportInputs, build_report
-    from bonemet.report.build import committed_params, replication_settings
-    from bonemet.stages._common import data_md5, git_commit, pseudonym_key, specs_from
-    from bonemet.validation import REPORT_FILE
+    from bonemet.report import CaseSettings, Provenance, build_report
+    from bonemet.report.build import committed_params, replication_settings, report_inputs
+    from bonemet.stages._common import pseudonym_key, specs_from
+    from bonemet.tracking.dvc import data_md5
+    from bonemet.tracking.provenance import git_commit
 
     params = specs_from(args)
-    spec, train, seg = params.report, params.train, params.segment
-    inputs = ReportInputs(
-        cohort_dir=Path(params.data.cohort_dir), validation_report=Path(params.validation.out_dir) / REPORT_FILE,
-        plan=Path(params.plan.out), segmentation_json=Path(seg.metrics), segmentation_cases=Path(seg.cases_table),
-        segmentation_plots=Path(seg.plots_dir), auto_masks=Path(seg.masks_dir),
-        features_dir=Path(params.radiomics.out_dir), models_dir=Path(train.out_dir),
-        metrics_dir=Path(train.metrics_dir), classification_plots=Path(train.plots_dir),
-        repeated_json=Path(params.evaluate.out_dir) / REPEATED_FILE, registry_json=Path(params.registration.out),
-        summary_json=Path(params.evaluate.out_dir) / SUMMARY_FILE,
-    )
+    spec = params.report
     store = None if args.no_tracking else read_store(params)
     baseline, note = committed_params(args.params)
     ev = params.evaluate
     build_report(
-        args.out or spec.out, inputs, title=spec.title,
+        args.out or spec.out, report_inputs(params), title=spec.title,
         cases=CaseSettings(mask_label=params.data.mask_label, roi=params.data.roi, segment=params.data.segment,
                            grid_tolerance_mm=params.validation.grid_tolerance_mm,
                            pseudonym_key=pseudonym_key(params)),

@@ -1,9 +1,8 @@
 """`bonemet segment`: ten-fold training, out-of-fold automatic masks, metrics, the registered model.
 
-One call of :func:`bonemet.segmentation.pipeline.run_segmentation` (or ``import_segmentation`` for
-``segment.model: external``: masks made elsewhere, checked and scored, nothing registered); the best
-fold's model is registered as ``segment.model_name`` and gets ``segment.alias`` only when the
-out-of-fold mean Dice reaches ``segment.gate.min_dice`` (:mod:`bonemet.registry.registration`).
+One call of :func:`bonemet.segmentation.pipeline.run_segmentation` (``import_segmentation`` for
+``segment.model: external``: masks made elsewhere, scored, nothing registered); the best fold's model
+is registered as ``segment.model_name``, with ``segment.alias`` at ``segment.gate.min_dice``.
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.segmentation import pipeline
     from bonemet.segmentation.data import load_cases, load_volume
     from bonemet.splits import read_splits
-    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, run_tags, specs_from
+    from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
     from bonemet.tracking import NullTracker
+    from bonemet.tracking.provenance import run_tags
 
     params = specs_from(args, segment_profile=args.profile)
     if args.model:

@@ -1,12 +1,9 @@
 """`bonemet serve`: `mlflow models serve` for bonemet-classifier@ALIAS with this project's environment.
 
-Workers: one per core by default (each answers one request at a time at full speed: the model
-needs about 1 ms of a core, the rest is JSON and DataFrame building, which hold the GIL), each
-with one BLAS thread so they do not compete for the cores. With more than one worker uvicorn
-(0.54) leaves TCP_NODELAY off on keep-alive connections, which delays every answer by ~40 ms;
-the registered model turns it back on when it loads in the server
-(:func:`bonemet.registry.pyfunc.enable_tcp_nodelay`). Clients must send
-``Content-Type: application/json`` (MLflow 3.17 answers 500 without it) and may batch rows.
+Workers: one per core by default (a request holds the GIL), each with one BLAS thread so they do
+not compete for the cores; the registered model turns TCP_NODELAY on in the server
+(:mod:`bonemet.registry.pyfunc`). Clients send ``Content-Type: application/json`` (MLflow 3.17
+answers 500 without it) and may batch rows.
 """
 
 from __future__ import annotations

@@ -33,9 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bonemet.data.synthetic import case_counts, generate_cohort, plot_cases
+    from bonemet.data.synthetic import case_counts, plot_cases, write_cohort
     from bonemet.stages._common import specs_from
-    from bonemet.utils import atomic_path
 
     params = specs_from(args)
     synth = params.data.synthetic
@@ -51,10 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         log.error("%s: exists and is not empty; pass --force to replace it", out)
         return 1
-    with atomic_path(out, is_dir=True) as tmp:
-        summary = generate_cohort(tmp, n_cases=n_cases, n_positive=n_positive, seed=seed,
-                                  size="small" if args.small else synth.size, mask_label=mask_label,
-                                  protocols=synth.protocols[:sites], overwrite=True, show_progress=not args.no_progress)
+    summary = write_cohort(out, n_cases=n_cases, n_positive=n_positive, seed=seed,
+                           size="small" if args.small else synth.size, mask_label=mask_label,
+                           protocols=synth.protocols[:sites], show_progress=not args.no_progress)
     log.info("wrote %d cases (%d positive, seed %d, %d site(s)) to %s; Bayes AUC %.3f", n_cases, n_positive, seed,
              sites, out, summary["bayes_auc"])
     if args.figure:

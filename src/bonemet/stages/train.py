@@ -32,15 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling.classifiers import check_hyperparameters
     from bonemet.modeling.training import read_feature_tables, run_training, write_training_domains
     from bonemet.splits import read_splits
-    from bonemet.stages._common import (
-        cohort_input,
-        feature_inputs,
-        mlflow_tracker,
-        pseudonym_key,
-        segmentation_bias_tags,
-        specs_from,
-    )
+    from bonemet.stages._common import cohort_input, mlflow_tracker, pseudonym_key, specs_from
     from bonemet.tracking import NullTracker
+    from bonemet.tracking.provenance import feature_datasets, segmentation_bias_tags
     from bonemet.utils import seed_everything
     from bonemet.validation import REPORT_FILE
 
@@ -58,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     sites = manifest_sites(params.data.cohort_dir, pseudonym_key=pseudonym_key(params)) \
         if params.select.harmonize.enabled else None
     # the segmentation's Dice gap between the labels, on the train run and every model run
-    bias = segmentation_bias_tags(params) if primary_name == "auto" else {}
+    bias = segmentation_bias_tags(params.segment.metrics, params.segment.bias.max_dice_gap) if primary_name == "auto" else {}
     tracker = NullTracker() if args.no_tracking else mlflow_tracker(
         params, train.experiment, long_running=True, tags=bias,
-        inputs=[cohort_input(params), *feature_inputs(features_dir, [primary_name, paired_name])])
+        inputs=[cohort_input(params), *feature_datasets(features_dir, [primary_name, paired_name], "training")])
     log.info("training on %s features (ICC paired with %s), %d cases x %d columns", primary_name, paired_name,
              len(primary), primary.shape[1] - 2)
     results = run_training(
