@@ -29,6 +29,9 @@ QUICK: dict[str, tuple[list[str], set[str]]] = {
     # issue 14: the default cohort and a second scanner protocol, each with its own plan
     "segmentation.py": (["--quick", "--cohorts", "default,site_b", "--work", "{tmp}/work", "--json", "{json}"],
                         {"machine", "cohorts", "variant"}),
+    # issue 23 §1: one epoch's phases and the levers
+    "segmentation_profile.py": (["--quick", "--work", "{tmp}/work", "--json", "{json}"],
+                                {"machine", "phases_s", "levers", "native_bf16", "peak_rss_mib"}),
 }
 #: scripts whose quick mode another test runs (gpu_check.sh --cpu runs networks.py and segmentation.py --quick;
 #: segmentation.py's --cohorts mode is in QUICK)
