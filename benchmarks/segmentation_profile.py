@@ -11,10 +11,13 @@ them (:mod:`bonemet.segmentation.training`):
 * ``forward`` (network and loss), ``backward``, ``optimiser`` (clipping and the SGD step);
 * ``validation``: the per-epoch validation (:func:`~bonemet.segmentation.training.evaluate`).
 
-Then the levers the profile points at, side by side on the same batches and machine:
-``bf16`` (CPU autocast to bfloat16, reported with whether the CPU has native bf16: the
-``avx512_bf16`` / ``amx_bf16`` flags), and the validation variants (``val_mode`` crops, the
-window overlap). Optimiser steps per second for a lever are the epoch's steps over its wall time
+Then the levers the profile points at, side by side on the same batches and machine, each epoch
+of each interleaved with the others (so load falls on all alike): ``metatensor`` (the batches as
+MONAI's loader gives them, as main 0861096 trained: the baseline of ``x_metatensor``), ``fp32``
+(the training step now: plain tensors), ``bf16`` (CPU autocast to bfloat16, reported with whether
+the CPU has native bf16: the ``avx512_bf16`` / ``amx_bf16`` flags), ``compiled`` (``--compile``:
+``torch.compile``, with its compile time), and the validation variants (``val_mode`` crops, the
+window overlap, validating every 5th epoch). Optimiser steps per second for a lever are the epoch's steps over its wall time
 with that lever. No Dice is measured here: a lever that changes the arithmetic must then be run
 through the ten folds (benchmarks/segmentation.py) before it becomes a default.
 
@@ -63,15 +66,18 @@ def _fold_items(prepared: Any, spec: Any, seed: int) -> tuple[list, list]:
     return [load_volume(by_id[c]) for c in train_ids], [load_volume(by_id[c]) for c in val_ids]
 
 
-def _timed_epoch(step: Any, loader: Any, *, bf16: bool) -> dict[str, float]:
-    """One pass over ``loader`` with ``step``'s model, loss and optimiser, timed phase by phase."""
+def _timed_epoch(step: Any, loader: Any, *, bf16: bool = False, plain: bool = True, model: Any = None) -> dict[str, float]:
+    """One pass over ``loader`` with ``step``'s model (or ``model``: e.g. compiled), loss and
+    optimiser, timed phase by phase; ``plain``: the batches unwrapped from MONAI's MetaTensor, as
+    the training step does (False: as the loader gives them, as main 0861096 trained)."""
     import torch
 
-    from bonemet.segmentation.training import split_output
+    from bonemet.segmentation.training import plain_tensor, split_output
 
     times: dict[str, float] = defaultdict(float)
     steps = 0
-    model, optimizer = step.model, step.optimizer
+    model, optimizer = model or step.model, step.optimizer
+    unwrap = plain_tensor if plain else (lambda value: value)
     model.train()
     iterator = iter(loader)
     while True:
@@ -81,8 +87,8 @@ def _timed_epoch(step: Any, loader: Any, *, bf16: bool) -> dict[str, float]:
         except StopIteration:
             break
         t1 = time.perf_counter()
-        x = batch["image"].contiguous(memory_format=step.memory_format)
-        y = batch["label"]
+        x = unwrap(batch["image"]).contiguous(memory_format=step.memory_format)
+        y = unwrap(batch["label"])
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, distill = split_output(model(x))
@@ -113,7 +119,8 @@ def _validation_seconds(model: Any, val_items: list, spec: Any, step: Any) -> fl
     return time.perf_counter() - start
 
 
-def _profile(spec: Any, train_items: list, val_items: list, *, seed: int, epochs: int) -> dict[str, Any]:
+def _profile(spec: Any, train_items: list, val_items: list, *, seed: int, epochs: int,
+             compile_model: bool) -> dict[str, Any]:
     """The phase split over ``epochs`` epochs (fp32, as trained), then the levers."""
     import torch
 
@@ -127,26 +134,38 @@ def _profile(spec: Any, train_items: list, val_items: list, *, seed: int, epochs
     optimizer, _ = training._optimizer(model, spec.train, max(1, epochs))
     step = training._Step(model, optimizer, training.make_loss(spec.train), torch.device("cpu"), memory_format,
                           spec.distill_weight, spec.train.grad_clip, False)
-    for warm_up in (False, True):  # one untimed epoch each: oneDNN builds its kernels on first use
+    variants: dict[str, dict[str, Any]] = {"metatensor": {"plain": False}, "bf16": {"bf16": True}}
+    compile_s = None
+    if compile_model:  # inductor: its compile time is paid once per fold (per process)
+        start = time.perf_counter()
+        compiled = torch.compile(model)
         training._seed_epoch(loader, seed, 0)
-        _timed_epoch(step, loader, bf16=warm_up)
-    epochs_out, bf16_out = [], []
-    for epoch in range(1, epochs + 1):  # fp32 and bf16 epochs interleaved: the same load on both
+        _timed_epoch(step, loader, model=compiled)
+        compile_s = time.perf_counter() - start
+        variants["compiled"] = {"model": compiled}
+    for options in ({}, *variants.values()):  # one untimed epoch each: oneDNN builds its kernels on first use
+        training._seed_epoch(loader, seed, 0)
+        _timed_epoch(step, loader, **options)
+    epochs_out, variant_out = [], {name: [] for name in variants}
+    for epoch in range(1, epochs + 1):  # the variants' epochs interleaved: the same load on each
         training._seed_epoch(loader, seed, epoch)
-        phases = _timed_epoch(step, loader, bf16=False)
+        phases = _timed_epoch(step, loader)
         phases["validation"] = _validation_seconds(model, val_items, spec, step)
         epochs_out.append(phases)
-        training._seed_epoch(loader, seed, epoch)
-        bf16_out.append(_timed_epoch(step, loader, bf16=True))
+        for name, options in variants.items():
+            training._seed_epoch(loader, seed, epoch)
+            variant_out[name].append(_timed_epoch(step, loader, **options))
     keys = ("data", "forward", "backward", "optimiser", "validation")
     mean = {k: sum(e[k] for e in epochs_out) / len(epochs_out) for k in keys}
-    bf16 = {k: sum(e[k] for e in bf16_out) / len(bf16_out) for k in keys[:4]}
     total = sum(mean.values())
     steps = epochs_out[0]["steps"]
     levers: dict[str, Any] = {"fp32": {"epoch_s": total, "steps_per_s": steps / total}}
-    bf16_total = sum(bf16.values()) + mean["validation"]
-    levers["bf16"] = {"epoch_s": bf16_total, "steps_per_s": steps / bf16_total,
-                      **{f"{k}_s": v for k, v in bf16.items()}}
+    for name, runs in variant_out.items():
+        phases = {k: sum(e[k] for e in runs) / len(runs) for k in keys[:4]}
+        epoch_s = sum(phases.values()) + mean["validation"]
+        levers[name] = {"epoch_s": epoch_s, "steps_per_s": steps / epoch_s, **{f"{k}_s": v for k, v in phases.items()}}
+    if compile_s is not None:
+        levers["compiled"]["compile_s"] = compile_s
     for name, change in (("val_crops", {"train.val_mode": "crops"}), ("val_overlap_0", {"train.val_overlap": 0.0})):
         varied = spec.updated(change)
         seconds = _validation_seconds(model, val_items, varied, step)
@@ -155,6 +174,9 @@ def _profile(spec: Any, train_items: list, val_items: list, *, seed: int, epochs
     no_val = total - mean["validation"]
     levers["validation_every_5_epochs"] = {"epoch_s": no_val + mean["validation"] / 5,
                                            "steps_per_s": steps / (no_val + mean["validation"] / 5)}
+    base = levers["metatensor"]["steps_per_s"]
+    for lever in levers.values():
+        lever["x_metatensor"] = lever["steps_per_s"] / base
     return {"steps_per_epoch": steps, "epochs": len(epochs_out),
             "phases_s": {k: round(v, 4) for k, v in mean.items()},
             "phases_share": {k: round(v / total, 4) for k, v in mean.items()},
@@ -166,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--epochs", type=int, default=3, help="epochs to time (their mean is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the developers' machine: 2)")
+    parser.add_argument("--cohort-dir", type=Path, default=None, help="cohort (default: params data.cohort_dir)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     parser.add_argument("--quick", action="store_true", help="16 small cases, one epoch, tiny crops (CI runs this)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -186,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         prepared = common.prepare_cohort(
-            work, params, cohort_dir=None if args.quick else Path(params.data.cohort_dir),
+            work, params, cohort_dir=None if args.quick else (args.cohort_dir or Path(params.data.cohort_dir)),
             n_cases=QUICK_CASES if args.quick else 0, n_positive=QUICK_POSITIVE if args.quick else synthetic.n_positive,
             size="small" if args.quick else synthetic.size, n_jobs=1 if args.quick else params.preprocess.n_jobs)
         spec = planned_spec(prepared.params.segment.updated(QUICK_SEGMENT if args.quick else {}), "the profile")
         train_items, val_items = _fold_items(prepared, spec, prepared.params.seed)
-        result = _profile(spec, train_items, val_items, seed=prepared.params.seed, epochs=args.epochs)
+        result = _profile(spec, train_items, val_items, seed=prepared.params.seed, epochs=args.epochs,
+                          compile_model=args.compile)
     flags = common.cpu_model_and_flags().get("cpu_flags", "").split()
     report = {
         "machine": common.machine(), "commit": common.commit(), "quick": args.quick, "threads": args.threads,
