@@ -280,7 +280,7 @@ def _scan(rng: np.random.Generator, fine_hu: np.ndarray, grid: dict[str, Any], p
     return np.clip(np.rint(image), *HU_CLIP).astype(np.int16)
 
 
-def _final_mask(lesion: dict[str, Any], grid: dict[str, Any], protocol: ScanProtocol) -> np.ndarray:
+def _final_mask(lesion: dict[str, Any], grid: dict[str, Any]) -> np.ndarray:
     """The final grid's lesion mask: its voxels ranked by lesion coverage (ties by mean score), as
     many as the drawn volume fills."""
     shape = (grid["n_z"], grid["sub"], grid["n_xy"], grid["n_xy"])
@@ -303,7 +303,7 @@ def render_longbone_case(seed: int, index: int, label: int, protocol: ScanProtoc
     grid = _grid(protocol)
     anatomy = _anatomy(rng, grid)
     lesion = _lesion(rng, anatomy, grid, lesions, label)
-    mask = _final_mask(lesion, grid, protocol)
+    mask = _final_mask(lesion, grid)
     image = _scan(rng, anatomy["hu"], grid, protocol)
     px, _, thick = grid["spacing"]
     record = {
