@@ -29,6 +29,9 @@ QUICK: dict[str, tuple[list[str], set[str]]] = {
     # issue 14: the default cohort and a second scanner protocol, each with its own plan
     "segmentation.py": (["--quick", "--cohorts", "default,site_b", "--work", "{tmp}/work", "--json", "{json}"],
                         {"machine", "cohorts", "variant"}),
+    # issue 23 §2: a grid of scanner protocols, one cohort of the second generator per cell
+    "segmentation_grid.py": (["--quick", "--work", "{tmp}/work", "--json", "{json}"],
+                             {"machine", "commit", "cells", "targets", "clinical_range"}),
     # issue 23 §1: one epoch's phases and the levers
     "segmentation_profile.py": (["--quick", "--work", "{tmp}/work", "--json", "{json}"],
                                 {"machine", "phases_s", "levers", "native_bf16", "peak_rss_mib"}),
