@@ -381,8 +381,7 @@ def evaluate_repeated(
     if rule is None or "registered_model" not in index:
         raise TrainingInputError(f"{Path(train.out_dir) / 'index.json'} names no registered model (written by an "
                                  "older bonemet): run `bonemet train` again")
-    ids = [str(i) for i in primary["case_id"]]
-    labels = [int(v) for v in primary["label"]]
+    ids, labels = [str(i) for i in primary["case_id"]], [int(v) for v in primary["label"]]
     patients = committed.get("groups")  # the split stage's patients (manifest patient_id), when grouped
     splits = repeated_splits(ids, labels, n_repeats=evaluate.repeats, test_size=test_size, n_folds=n_folds,
                              seed=seed, groups=[str(patients[i]) for i in ids] if patients else None)
@@ -415,8 +414,8 @@ def evaluate_repeated(
         tracker.set_tags({"registered_model": registered, "registered_rule": str(rule),
                           "best_repeated_model": repeated["best_repeated_model"]})
         tracker.log_table(pd.DataFrame(result.table), REPEATED_TABLE)
-        tracker.log_artifact(out / REPEATED_FILE)
-        tracker.log_artifact(out / SUMMARY_FILE)
+        for name in (REPEATED_FILE, SUMMARY_FILE):
+            tracker.log_artifact(out / name)
     _log_summary(repeated)
     return result
 
