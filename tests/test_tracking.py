@@ -50,15 +50,13 @@ def test_mlflow_tracker_writes_nested_runs_to_sqlite(tmp_path, monkeypatch):
 
 
 def test_existing_experiment_gets_the_experiment_kind_tag(tmp_path):
-    import mlflow
+    from bonemet.registry.store import EXPERIMENT_KIND_TAG, client, ensure_experiment
 
-    from bonemet.registry.store import EXPERIMENT_KIND_TAG, configure, ensure_experiment
-
-    configure(None, tmp_path / "mlruns")
-    old = mlflow.create_experiment("made-elsewhere")
-    assert EXPERIMENT_KIND_TAG not in mlflow.get_experiment(old).tags
-    assert ensure_experiment("made-elsewhere", tmp_path / "mlruns") == old
-    assert mlflow.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    store = client(None, tmp_path / "mlruns")
+    old = store.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in store.get_experiment(old).tags
+    assert ensure_experiment(store, "made-elsewhere", tmp_path / "mlruns") == old
+    assert store.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_deep_merge():
@@ -119,3 +117,4 @@ def test_mlflow_tracker_logs_its_datasets_on_every_run_and_the_stage_log(tmp_pat
     assert [a.path for a in client.list_artifacts(parent_id, "logs")] == ["logs/train.log"]
     assert client.get_run(parent_id).data.metrics["warnings"] == 1.0
     assert "warnings" not in client.get_run(child_id).data.metrics
+
