@@ -122,13 +122,15 @@ def _register_models(work: Path, params: Any, feature_rows: list[dict[str, float
     tracker = MlflowTracker("predict-benchmark", tracking_uri=None, store_dir=work / "mlruns", system_metrics=False,
                             system_metrics_interval_s=None)
     domain = fit_training_domain(pipeline, table, np.arange(len(table)) % 5, params.train.domain, seed=seed)
-    with tracker.run("register") as run_id:
-        log_classifier(pipeline, names, threshold=0.5, model_name="svm", domain=domain, check_rows=table)
-    set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
-    with tracker.run("segment") as run_id:
-        tracker.log_model(network.eval(), name="model", flavor="pytorch", pip_requirements=["torch"],
-                          metadata=metadata, serialization_format="pickle")
-    set_alias("bonemet-segmenter", "staging", register_model(run_id, "model", "bonemet-segmenter"))
+    store = tracker.client
+    with tracker.run("register"):
+        info = log_classifier(tracker, pipeline, names, threshold=0.5, model_name="svm", domain=domain,
+                              check_rows=table)
+    set_alias(store, "bonemet-classifier", "staging", register_model(store, info, "bonemet-classifier"))
+    with tracker.run("segment"):
+        info = tracker.log_model(network.eval(), name="model", flavor="pytorch", pip_requirements=["torch"],
+                                 metadata=metadata, serialization_format="pickle")
+    set_alias(store, "bonemet-segmenter", "staging", register_model(store, info, "bonemet-segmenter"))
     return {"classifier": "svm pipeline (params select)", "n_features": len(names), "missu_weights": source,
             "missu_profile": seg.profile, "inference": settings.inference.model_dump(mode="json")}
 

@@ -88,7 +88,6 @@ def feature_table(path: Path | None, n: int, seed: int) -> pd.DataFrame:
 def build_models(table: pd.DataFrame, work: Path, seed: int) -> dict[str, object]:
     """Log and register ``bench-bonemet`` (the project's served pyfunc) and ``bench-plain`` in a store
     in ``work``; return the fitted in-process references."""
-    import mlflow
     from mlflow.models import infer_signature
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -100,7 +99,7 @@ def build_models(table: pd.DataFrame, work: Path, seed: int) -> dict[str, object
     from bonemet.modeling.pipeline import build_pipeline
     from bonemet.modeling.training import assemble_features, feature_columns
     from bonemet.registry.pyfunc import log_classifier
-    from bonemet.registry.store import configure, ensure_experiment
+    from bonemet.registry.store import MlflowTracker, register_model
 
     params = load_specs(REPO / "params.yaml")
     names = feature_columns(table)
@@ -115,16 +114,18 @@ def build_models(table: pd.DataFrame, work: Path, seed: int) -> dict[str, object
                                calibrator=ScoreCalibrator(method="sigmoid").fit(scores, y.to_numpy()))
     domain = fit_training_domain(model, table[names], np.arange(len(table)) % 5, params.train.domain, seed=seed)
     plain = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(table[names], y)
-    configure(None, work)
-    with mlflow.start_run(experiment_id=ensure_experiment("serving-benchmark", work)):
-        info = log_classifier(model, names, threshold=0.5, model_name="svm", domain=domain, check_rows=table)
-        mlflow.register_model(info.model_uri, "bench-bonemet")
+    tracker = MlflowTracker("serving-benchmark", tracking_uri=None, store_dir=work, system_metrics=False,
+                            system_metrics_interval_s=None)
+    with tracker.run("models"):
+        info = log_classifier(tracker, model, names, threshold=0.5, model_name="svm", domain=domain,
+                              check_rows=table)
+        register_model(tracker.client, info, "bench-bonemet")
         signature = infer_signature(table[names], plain.predict(table[names]))
-        plain_info = mlflow.sklearn.log_model(plain, name="plain", signature=signature,
-                                              input_example=table[names].head(2))
-        mlflow.register_model(plain_info.model_uri, "bench-plain")
-        anchor_info = mlflow.pyfunc.log_model(name="anchor", python_model=anchor_model())
-        mlflow.register_model(anchor_info.model_uri, "bench-anchor")
+        plain_info = tracker.log_model(plain, "plain", flavor="sklearn", signature=signature,
+                                       input_example=table[names].head(2))
+        register_model(tracker.client, plain_info, "bench-plain")
+        anchor_info = tracker.log_model(anchor_model(), "anchor", flavor="pyfunc")
+        register_model(tracker.client, anchor_info, "bench-anchor")
     return {"bonemet": model, "plain": plain, "names": names,
             "serving_mode": (info.metadata or {}).get("serving_mode")}
 

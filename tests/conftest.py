@@ -9,60 +9,27 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-# ``set_tracking_uri`` and ``set_experiment`` write these into ``os.environ`` (for subprocesses).
-_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-
-
-def _mlflow_uri_state():
-    """MLflow's URI and experiment environment variables and module state (the tracking and registry
-    URIs, the active experiment id), to put back with :func:`_restore_mlflow_uri`."""
-    import sys
-
-    env = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
-    if "mlflow" not in sys.modules:
-        return env, None
-    from mlflow.tracking import fluent
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    return env, (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id)
-
-
-def _restore_mlflow_uri(state) -> None:
-    import sys
-
-    env, uris = state
-    for name, value in env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    if "mlflow" in sys.modules:
-        from mlflow.tracking import fluent
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        (tracking_utils._tracking_uri, registry_utils._registry_uri,
-         fluent._active_experiment_id) = uris or (None, None, None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _mlflow_uri_isolated_per_module():
-    """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for subprocesses):
-    a module-scoped store fixture would otherwise become every later module's store (and its
-    subprocesses'). Autouse, so it is set up before the module's own fixtures and torn down after."""
-    state = _mlflow_uri_state()
-    yield
-    _restore_mlflow_uri(state)
+#: MLflow's environment variables for a store, an experiment and a run (``mlflow.set_tracking_uri``
+#: and ``set_experiment`` write the first ones for subprocesses).
+_MLFLOW_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                "MLFLOW_RUN_ID")
 
 
 @pytest.fixture(autouse=True)
-def _mlflow_uri_isolated():
-    """The same per test: one test's store (or a dead server) never becomes a later test's; a
-    module-scoped store fixture, set up before this snapshot, stays in place for the module."""
-    state = _mlflow_uri_state()
+def _no_mlflow_state_left_behind(monkeypatch):
+    """Nothing is patched or restored here: the library names its store, experiment and run on every
+    call (``bonemet.registry.store``) and tests set MLflow's variables with ``monkeypatch``. This
+    only checks it: a test that leaves a store, an experiment or an active run behind for the next
+    test fails here, instead of the next test writing into its store."""
+    import sys
+
+    before = {name: os.environ.get(name) for name in _MLFLOW_VARS}
     yield
-    _restore_mlflow_uri(state)
+    monkeypatch.undo()  # the test's own settings go first (the fixture is torn down before monkeypatch)
+    after = {name: os.environ.get(name) for name in _MLFLOW_VARS}
+    assert after == before, f"the test changed MLflow's environment: {before} -> {after}"
+    if "mlflow" in sys.modules:
+        assert sys.modules["mlflow"].active_run() is None, "the test left an active MLflow run"
 
 
 @pytest.fixture(autouse=True)

@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     from bonemet.radiomics import extract_features
     from bonemet.registry.loaders import load_classifier
     from bonemet.registry.pyfunc import log_classifier
-    from bonemet.registry.store import configure, ensure_experiment, register_model, set_alias
+    from bonemet.registry.store import MlflowTracker, register_model, set_alias
     from bonemet.validation.cohort import validate_cohort
 
     root = tmp_path_factory.mktemp("domain")
@@ -54,15 +54,14 @@ def trained(tmp_path_factory):
     ids = [c.case_id for c in cases]
     domain = fit_training_domain(pipeline, table, np.arange(len(cases)) % 5, PARAMS.train.domain, seed=0,
                                  images=report_measures(json.loads(json.dumps(report)), ids))
-    import mlflow
-
-    configure(None, root / "mlruns")
-    with mlflow.start_run(experiment_id=ensure_experiment("domain-test", root / "mlruns")) as run:
-        log_classifier(pipeline, list(table.columns), threshold=0.5, model_name="logreg", domain=domain,
-                       check_rows=table)
-    set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))
-    return {"cases": cases, "classifier": load_classifier("bonemet-classifier", "staging"), "domain": domain,
-            "root": root}
+    tracker = MlflowTracker("domain-test", tracking_uri=None, store_dir=root / "mlruns", system_metrics=False,
+                            system_metrics_interval_s=None)
+    with tracker.run("register"):
+        info = log_classifier(tracker, pipeline, list(table.columns), threshold=0.5, model_name="logreg",
+                              domain=domain, check_rows=table)
+    set_alias(tracker.client, "bonemet-classifier", "staging", register_model(tracker.client, info, "bonemet-classifier"))
+    classifier = load_classifier("bonemet-classifier", "staging", store_dir=str(root / "mlruns"))  # through MLflow
+    return {"cases": cases, "classifier": classifier, "domain": domain, "root": root}
 
 
 def _predict(trained, image, mask):

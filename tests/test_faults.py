@@ -132,7 +132,6 @@ with tracker.run("stage") as run_id:
 
 
 def test_a_killed_run_is_marked_failed_on_the_next_start(tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from bonemet.registry.store import MlflowTracker
@@ -142,26 +141,24 @@ def test_a_killed_run_is_marked_failed_on_the_next_start(tmp_path):
                           timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_id = proc.stdout.strip().splitlines()[-1]
-    mlflow.set_tracking_uri(uri)
-    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves
+    store = MlflowClient(tracking_uri=uri)
+    assert store.get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves
     MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=uri, store_dir=tmp_path)  # the next start of any stage
-    experiment = MlflowClient().get_experiment_by_name("faults")
-    runs = MlflowClient().search_runs([experiment.experiment_id])
+    experiment = store.get_experiment_by_name("faults")
+    runs = store.search_runs([experiment.experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}  # the stage and its nested fold
     assert all("ended without closing the run" in r.data.tags["bonemet.failed_reason"] for r in runs)
 
 
 def test_a_run_of_a_live_process_is_not_touched(tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from bonemet.registry.store import MlflowTracker, fail_abandoned_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowTracker("faults", system_metrics=False, system_metrics_interval_s=None, tracking_uri=uri, store_dir=tmp_path)
     with tracker.run("stage") as run_id:
-        assert fail_abandoned_runs(tracker.experiment_id) == []
-        assert MlflowClient().get_run(run_id).info.status == "RUNNING"
-    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+        assert fail_abandoned_runs(tracker.client, tracker.experiment_id) == []
+        assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
 
 
 UNREACHABLE = """

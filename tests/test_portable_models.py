@@ -79,32 +79,33 @@ def _requirements(model_uri: str) -> Path:
 
 
 def test_registered_models_load_in_a_fresh_environment(tmp_path, params, monkeypatch):
-    import mlflow
     import torch
 
     from bonemet.registry.pyfunc import log_classifier
     from bonemet.registry.registration import log_segmenter
-    from bonemet.registry.store import configure, register_model, set_alias
+    from bonemet.registry.store import MlflowTracker, register_model, set_alias
     from bonemet.segmentation.networks import network_from_spec
     from serving_data import NAMES, feature_tables, fitted_domain, fitted_model
 
     monkeypatch.chdir(tmp_path)
-    store = configure(None, tmp_path / "mlruns")
-    mlflow.set_experiment("portable")  # its artifacts in ./mlruns: tmp_path
+    tracker = MlflowTracker("portable", tracking_uri=None, store_dir=tmp_path / "mlruns", system_metrics=False,
+                            system_metrics_interval_s=None)
+    store, registry = tracker.tracking_uri, tracker.client
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # MLflow's own API (_requirements) reads the store from it
     primary, paired = feature_tables(n=60, seed=0)
     fitted = fitted_model(primary, paired, params)
-    with mlflow.start_run() as run:
-        log_classifier(fitted, NAMES, threshold=0.5, model_name="logreg",
-                       domain=fitted_domain(fitted, primary, params.train.domain), check_rows=primary)
-    set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))
+    with tracker.run("classifier"):
+        info = log_classifier(tracker, fitted, NAMES, threshold=0.5, model_name="logreg",
+                              domain=fitted_domain(fitted, primary, params.train.domain), check_rows=primary)
+    set_alias(registry, "bonemet-classifier", "staging", register_model(registry, info, "bonemet-classifier"))
 
     torch.manual_seed(0)
     segment = params.segment.updated({"roi_size": [16, 16, 16]})
     network = network_from_spec(segment).eval()
     example = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
-    with mlflow.start_run() as run:
-        log_segmenter(network, example, {"network": "missu"}, name="model")
-    set_alias("bonemet-segmenter", "staging", register_model(run.info.run_id, "model", "bonemet-segmenter"))
+    with tracker.run("segmenter"):
+        info = log_segmenter(tracker, network, example, {"network": "missu"}, name="model")
+    set_alias(registry, "bonemet-segmenter", "staging", register_model(registry, info, "bonemet-segmenter"))
 
     rows = feature_tables(n=20, seed=5)[0]
     rows.to_parquet(tmp_path / "rows.parquet")

@@ -795,14 +795,14 @@ def store(cohort, classifier, tmp_path, monkeypatch):
 
     domain = fit_training_domain(classifier.pipeline, classifier.table, np.arange(len(classifier.table)) % 2,
                                  PARAMS.train.domain, seed=0)
-    with tracker.run("register") as run_id:
-        log_classifier(classifier.pipeline, classifier.feature_names, threshold=0.25, model_name="logreg",
-                       domain=domain, check_rows=classifier.table)
-    set_alias("bonemet-classifier", "staging", register_model(run_id, "classifier", "bonemet-classifier"))
-    with tracker.run("segment") as run_id:
-        tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
-                          metadata=_metadata(), serialization_format="pickle")
-    set_alias("bonemet-segmenter", "staging", register_model(run_id, "model", "bonemet-segmenter"))
+    with tracker.run("register"):
+        info = log_classifier(tracker, classifier.pipeline, classifier.feature_names, threshold=0.25,
+                              model_name="logreg", domain=domain, check_rows=classifier.table)
+    set_alias(tracker.client, "bonemet-classifier", "staging", register_model(tracker.client, info, "bonemet-classifier"))
+    with tracker.run("segment"):
+        info = tracker.log_model(BrightIsLesion(), name="model", flavor="pytorch", pip_requirements=["torch"],
+                                 metadata=_metadata(), serialization_format="pickle")
+    set_alias(tracker.client, "bonemet-segmenter", "staging", register_model(tracker.client, info, "bonemet-segmenter"))
     return tmp_path / "mlruns"
 
 
@@ -810,11 +810,9 @@ def store(cohort, classifier, tmp_path, monkeypatch):
 def test_local_store_read_without_mlflow_matches_mlflow(store, classifier):
     """Alias, version and model folder as MLflow reports them; the in-process classifier answers
     what the MLflow pyfunc answers, bit for bit."""
-    import mlflow
-
     from bonemet.registry.loaders import load_classifier
     from bonemet.registry.local import default_tracking_uri, resolve_alias
-    from bonemet.registry.store import client
+    from bonemet.registry.store import client, load_model
     from bonemet.serving.served import ServedClassifier
 
     uri = default_tracking_uri(store)
@@ -828,7 +826,7 @@ def test_local_store_read_without_mlflow_matches_mlflow(store, classifier):
 
     fast = load_classifier("bonemet-classifier", "staging", tracking_uri=uri, store_dir=str(store))
     assert isinstance(fast, ServedClassifier) and (fast.version, fast.threshold) == ("1", 0.25)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/bonemet-classifier/{mv.version}")
+    pyfunc = load_model(client(None, store), f"models:/bonemet-classifier/{mv.version}")
     rows = classifier.table.loc[:, fast.feature_names]
     ours = fast.predict(rows)
     theirs = pyfunc.predict(rows)

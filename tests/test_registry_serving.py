@@ -119,11 +119,19 @@ def test_feature_checks_name_the_problem():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    from bonemet.registry.store import configure
+    """The client of a local store in ``tmp_path/mlruns`` (the working folder is ``tmp_path``)."""
+    from bonemet.registry.store import client
 
     monkeypatch.chdir(tmp_path)
-    uri = configure(None, tmp_path / "mlruns")
-    return uri
+    return client(None, tmp_path / "mlruns")
+
+
+def _tracker(experiment):
+    """A tracker on the ``store`` fixture's store (``mlruns`` in the working folder)."""
+    from bonemet.registry.store import MlflowTracker
+
+    return MlflowTracker(experiment, tracking_uri=None, store_dir="mlruns", system_metrics=False,
+                         system_metrics_interval_s=None)
 
 
 def _domain(pipeline, df):
@@ -188,7 +196,7 @@ def _register(models_dir, df, reg, repeated, data_md5="d41d8", **kw):
 
     index = json.loads((Path(models_dir) / "index.json").read_text())
     classifier = index["registered_model"]
-    args = dict(experiment=reg.experiment, store_dir="mlruns", model_name=reg.model_name, classifier=classifier,
+    args = dict(tracker=_tracker(reg.experiment), model_name=reg.model_name, classifier=classifier,
                 index=index, provenance=json.loads(TRAIN_RUNS.read_text()),
                 repeated=repeated, pipeline=load_pipeline(Path(models_dir) / index["models"][classifier]["path"]),
                 domain=load_pipeline(Path(models_dir) / domain_file(classifier)), check_rows=df, min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound,
@@ -209,11 +217,9 @@ def reg(params):
 
 
 def test_register_best_gate_and_pyfunc_input_checks(store, reg):
-    import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from bonemet.registry.store import alias_version, model_versions
+    from bonemet.registry.store import alias_version, load_model, model_versions
 
     # svm has the best CV AUC and the best repeated AUC, knn the best committed-split test AUC:
     # the repeated estimate names the registered model
@@ -224,8 +230,8 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     assert (first.cv_auc_mean, first.test_auc, first.threshold) == (pytest.approx(0.93), 0.90, 0.4)
     assert (first.repeated_auc_mean, first.repeated_auc_lo) == (0.88, 0.80)
     assert first.source_run_id == "svm-a"  # train_runs.json links the version to the train stage's run
-    assert alias_version(reg.model_name, reg.alias) == "1"
-    [v1] = model_versions(reg.model_name)
+    assert alias_version(store, reg.model_name, reg.alias) == "1"
+    [v1] = model_versions(store, reg.model_name)
     assert "test AUC 0.900" in v1["description"] and v1["tags"]["data_md5"] == "d41d8"
     assert "repeated test AUC over 10 splits 0.880 (corrected lower bound 0.800)" in v1["description"]
     assert "registered by register.model svm" in v1["description"] and v1["tags"]["registered_rule"] == "svm"
@@ -234,7 +240,7 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     assert v1["tags"]["source_run_id"] == "svm-a" and v1["tags"]["classifier"] == "svm"
     assert v1["aliases"] == ["staging"]
     # the decision is recorded in a `register` run with the train run's ids
-    register_run = MlflowClient().get_run(v1["run_id"])
+    register_run = store.get_run(v1["run_id"])
     assert register_run.info.run_name == "register"
     assert register_run.data.tags["train_run_id"] == "train-a" and register_run.data.tags["gate_decision"] == "promote"
     assert (register_run.data.tags["registered_model"], register_run.data.tags["registered_rule"]) == ("svm", "svm")
@@ -244,14 +250,14 @@ def test_register_best_gate_and_pyfunc_input_checks(store, reg):
     second = _register("models", df, reg, _repeated({"svm": (0.83, 0.75, 0.7, 0.8)}))
     assert second.version == "2" and not second.promoted and second.compared_with_staging
     assert "worse than staging" in second.reason and second.staging_version == "1"
-    assert alias_version(reg.model_name, reg.alias) == "1"
-    assert MlflowClient().get_run(model_versions(reg.model_name)[1]["run_id"]).data.tags["gate_decision"] == "hold"
+    assert alias_version(store, reg.model_name, reg.alias) == "1"
+    assert store.get_run(model_versions(store, reg.model_name)[1]["run_id"]).data.tags["gate_decision"] == "hold"
     # The same numbers on other data are not compared with staging's: the reason says so.
     third = _register("models", df, reg, _repeated({"svm": (0.83, 0.75, 0.7, 0.8)}), data_md5="other")
     assert third.promoted and not third.compared_with_staging and "evaluated on other data" in third.reason
-    assert alias_version(reg.model_name, reg.alias) == "3"
+    assert alias_version(store, reg.model_name, reg.alias) == "3"
 
-    model = mlflow.pyfunc.load_model("models:/bonemet-classifier@staging")
+    model = load_model(store, "models:/bonemet-classifier@staging")
     out = model.predict(df.head(3))
     assert list(out.columns) == ["case_id", "probability_breast", "label", "in_domain", "domain_reasons"]
     assert ((out["probability_breast"] >= 0) & (out["probability_breast"] <= 1)).all()
@@ -339,8 +345,8 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
     summary = json.loads((tmp_path / "metrics" / "registry.json").read_text())
     assert summary["classifier"] == "svm" and summary["version"] == "1" and summary["promoted"] == 1
     assert summary["source_run_id"] == "svm-a" and summary["test_auc"] == 0.90
-    assert alias_version("bonemet-classifier", "staging") == "1"
-    [version] = model_versions("bonemet-classifier")
+    assert alias_version(store, "bonemet-classifier", "staging") == "1"
+    [version] = model_versions(store, "bonemet-classifier")
     assert "Table 1" not in version["description"]  # no metrics/table1.md: registered without it
     assert summary["registered_rule"] == "svm" and summary["best_repeated_model"] == "svm"
     # `bonemet models` names the registered family and the rule that chose it
@@ -356,7 +362,7 @@ def test_register_stage_reads_the_train_outputs_and_writes_its_metrics(store, tm
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert error.exc_info is None and "run `bonemet train` and `bonemet evaluate` first" in error.getMessage()
     assert error.getMessage().startswith("models/index.json, metrics/train_runs.json or metrics/repeated.json cannot be read")
-    assert len(model_versions("bonemet-classifier")) == 1
+    assert len(model_versions(store, "bonemet-classifier")) == 1
 
 
 def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, params):
@@ -390,7 +396,7 @@ def test_register_stage_from_a_real_train_run(store, tmp_path, monkeypatch, para
     assert summary["classifier"] == "logreg" == res.best_model == res.registered_model
     assert summary["registered_rule"] == "best_cv" and "highest mean ten-fold CV AUC" in summary["registered_by"]
     assert summary["test_auc"] == pytest.approx(res.models["logreg"].test_metrics["auc"])
-    [version] = model_versions("bonemet-classifier")
+    [version] = model_versions(store, "bonemet-classifier")
     assert "Table 1:" in version["description"]  # the train stage's metrics/table1.md
 
 
@@ -439,22 +445,22 @@ def _split(frame: pd.DataFrame, **extra) -> str:
 def test_mlflow_models_serve_1316_columns_behaviour(store, tmp_path, params):
     """The served model over HTTP: 400 naming the problem (never 500, never the values), bit-equal
     answers for 1, 3 and 20 rows, case_id, threshold, in_domain; ignored columns really ignored."""
-    import mlflow
-
     from bonemet.registry.pyfunc import log_classifier
-    from bonemet.registry.store import ensure_experiment, register_model, set_alias
+    from bonemet.registry.store import register_model, set_alias
     from serving_data import NAMES, VOLUME, feature_tables, fitted_domain, fitted_model
 
     primary, paired = feature_tables(n=60, seed=0)
     fitted = fitted_model(primary, paired, params)
     domain = fitted_domain(fitted, primary, params.train.domain)
-    with mlflow.start_run(experiment_id=ensure_experiment("serve-test", "mlruns")) as run:
-        info = log_classifier(fitted, NAMES, threshold=0.5, model_name="logreg", domain=domain, check_rows=primary)
-    set_alias("bonemet-classifier", "staging", register_model(run.info.run_id, "classifier", "bonemet-classifier"))
+    tracker = _tracker("serve-test")
+    with tracker.run("register"):
+        info = log_classifier(tracker, fitted, NAMES, threshold=0.5, model_name="logreg", domain=domain,
+                              check_rows=primary)
+    set_alias(store, "bonemet-classifier", "staging", register_model(store, info, "bonemet-classifier"))
     assert info.metadata["serving_mode"] == "reduced"
     selected = list(fitted.pipeline.named_steps["lasso"].get_feature_names_out())
     ignored = next(c for c in NAMES if c not in selected and c != VOLUME)
-    proc, port, log = _serve(store, tmp_path / "serve.log")
+    proc, port, log = _serve(store.tracking_uri, tmp_path / "serve.log")
     try:
         new, _ = feature_tables(n=20, seed=5)  # rows the model never saw
         for n in (1, 3, 20):

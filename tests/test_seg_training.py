@@ -280,11 +280,12 @@ def test_segment_stage_end_to_end(tmp_path, monkeypatch, params_file):
     assert sorted(p.name for p in Path("plots/segmentation/curves").glob("*.csv")) == ["fold-0.csv", "fold-1.csv"]
     assert Path("plots/segmentation/curves.png").is_file()
 
-    from bonemet.registry.store import alias_version, load_model
+    from bonemet.registry.store import alias_version, client, load_model
 
-    assert alias_version("bonemet-segmenter", "staging") == "1"
+    store = client(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "mlruns")
+    assert alias_version(store, "bonemet-segmenter", "staging") == "1"
     assert summary["gate"]["promote"] is True
-    model = load_model("models:/bonemet-segmenter@staging", flavor="pytorch")
+    model = load_model(store, "models:/bonemet-segmenter@staging", flavor="pytorch")
     import torch
 
     assert tuple(model.eval()(torch.zeros(1, 1, *ROI)).shape) == (1, 2, *ROI)

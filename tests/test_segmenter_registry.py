@@ -32,7 +32,6 @@ def test_input_example_is_the_centre_of_a_case_padded_to_the_window():
 def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, params, promote):
     import mlflow
     import torch
-    from mlflow.tracking import MlflowClient
 
     from bonemet.registry.registration import register_segmenter
     from bonemet.registry.store import MlflowTracker, alias_version, model_versions
@@ -53,11 +52,12 @@ def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, p
     with tracker.run("segment") as parent:
         version_id = register_segmenter(result, parent_id=parent, decision=decision, example=example, register=True,
                                         tracker=tracker, tags={"dvc_exp": "exp-1"})
-    [version] = model_versions(seg.model_name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # MLflow's own API below reads the store from it
+    [version] = model_versions(tracker.client, seg.model_name)
     assert version_id == "1" and version["tags"]["dvc_exp"] == "exp-1"  # the DVC experiment that registered it
     assert version["tags"]["gate_decision"] == ("promote" if promote else "hold")
     assert version["tags"]["gate_reason"] == decision.reason and decision.reason in version["description"]
-    assert alias_version(seg.model_name, seg.alias) == ("1" if promote else None)
+    assert alias_version(tracker.client, seg.model_name, seg.alias) == ("1" if promote else None)
     info = mlflow.models.get_model_info(f"models:/{seg.model_name}/1")
     inputs = info.signature.inputs.to_dict()[0]
     assert list(inputs["tensor-spec"]["shape"]) == [-1, 1, 16, 16, 16] and inputs["tensor-spec"]["dtype"] == "float32"
@@ -67,4 +67,4 @@ def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, p
     requirements = open(mlflow.pyfunc.get_model_dependencies(f"models:/{seg.model_name}/1")).read().split()
     assert "torch==2.13.0" in requirements and not any(r.startswith("bonemet") for r in requirements)
     assert all("==" in r for r in requirements)
-    assert MlflowClient().get_run(version["run_id"]).info.run_id == parent
+    assert tracker.client.get_run(version["run_id"]).info.run_id == parent

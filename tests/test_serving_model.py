@@ -275,22 +275,31 @@ def test_domain_image_ranges_with_margins(tables, logreg, params):
                        "highest intensity 400 HU is below the training cases' 1500 to 2500 HU"]
 
 
+def _tracker(store_dir):
+    """A tracker on a local store in ``store_dir``."""
+    from bonemet.registry.store import MlflowTracker
+
+    return MlflowTracker("serving-test", tracking_uri=None, store_dir=store_dir, system_metrics=False,
+                         system_metrics_interval_s=None)
+
+
 def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path, monkeypatch):
     """The logged model, loaded back in this process, answers as the pipeline does."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from bonemet.registry.pyfunc import InputRefused
+    from bonemet.registry.store import load_model
 
     primary, _ = tables
     domain = fitted_domain(logreg, primary, params.train.domain)
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root: ./mlruns
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     from bonemet.registry.pyfunc import log_classifier
 
-    with mlflow.start_run():
-        info = log_classifier(logreg, NAMES, threshold=0.5, model_name="logreg", domain=domain, check_rows=primary)
-    model = mlflow.pyfunc.load_model(info.model_uri)
+    tracker = _tracker(tmp_path)
+    with tracker.run("register"):
+        info = log_classifier(tracker, logreg, NAMES, threshold=0.5, model_name="logreg", domain=domain,
+                              check_rows=primary)
+    model = load_model(tracker.client, info.model_uri)
     assert model.metadata.get_input_schema() is None  # params only: MLflow leaves the columns to us
     assert [p.name for p in model.metadata.get_params_schema().params] == ["threshold"]
     rows = primary.head(4)
@@ -310,7 +319,8 @@ def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path,
     from bonemet.registry.pyfunc import FILES
     from bonemet.serving.served import ServedClassifier
 
-    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    location = tracker.client.get_logged_model(info.model_id).artifact_location
+    folder = Path(mlflow.artifacts.download_artifacts(location))
     served = ServedClassifier.from_artifacts({k: folder / "artifacts" / f for k, f in FILES.items()}, name="m",
                                              version="1")
     pd.testing.assert_frame_equal(served.predict(rows), out)
@@ -322,12 +332,12 @@ def test_pyfunc_in_process_answers_and_refuses(tables, logreg, params, tmp_path,
 def test_combat_pipeline_is_served_whole_and_needs_a_known_site(params, tmp_path, monkeypatch):
     """select.harmonize: ComBat reads each row's site; the served model requires it and refuses a
     site the training data never had (400), and answers bit for bit otherwise."""
-    import mlflow
 
     from bonemet.modeling.calibration import CalibratedPipeline, ScoreCalibrator
     from bonemet.modeling.pipeline import build_pipeline
     from bonemet.modeling.training import assemble_features
     from bonemet.registry.pyfunc import InputRefused, log_classifier
+    from bonemet.registry.store import load_model
 
     names = NAMES[:60]
     primary, paired = feature_tables(n=40, seed=4, names=names)
@@ -343,12 +353,11 @@ def test_combat_pipeline_is_served_whole_and_needs_a_known_site(params, tmp_path
     plan = serving_model(model, names, served_rows, text_columns=["site"])
     assert plan.model.mode == "full" and "text column(s) site" in plan.reason
     domain = fitted_domain(model, served_rows[[*names, "site"]], params.train.domain)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
-        info = log_classifier(model, names, threshold=0.5, model_name="logreg", domain=domain,
+    tracker = _tracker(tmp_path)
+    with tracker.run("register"):
+        info = log_classifier(tracker, model, names, threshold=0.5, model_name="logreg", domain=domain,
                               check_rows=served_rows, text_columns=["site"])
-    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    loaded = load_model(tracker.client, info.model_uri)
     rows = served_rows.head(5)
     out = loaded.predict(rows)
     assert np.array_equal(out["probability_breast"].to_numpy(), model.predict_proba(rows[[*names, "site"]])[:, 1])

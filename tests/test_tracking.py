@@ -50,15 +50,13 @@ def test_mlflow_tracker_writes_nested_runs_to_sqlite(tmp_path, monkeypatch):
 
 
 def test_existing_experiment_gets_the_experiment_kind_tag(tmp_path):
-    import mlflow
+    from bonemet.registry.store import EXPERIMENT_KIND_TAG, client, ensure_experiment
 
-    from bonemet.registry.store import EXPERIMENT_KIND_TAG, configure, ensure_experiment
-
-    configure(None, tmp_path / "mlruns")
-    old = mlflow.create_experiment("made-elsewhere")
-    assert EXPERIMENT_KIND_TAG not in mlflow.get_experiment(old).tags
-    assert ensure_experiment("made-elsewhere", tmp_path / "mlruns") == old
-    assert mlflow.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    store = client(None, tmp_path / "mlruns")
+    old = store.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in store.get_experiment(old).tags
+    assert ensure_experiment(store, "made-elsewhere", tmp_path / "mlruns") == old
+    assert store.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_deep_merge():
@@ -119,3 +117,62 @@ def test_mlflow_tracker_logs_its_datasets_on_every_run_and_the_stage_log(tmp_pat
     assert [a.path for a in client.list_artifacts(parent_id, "logs")] == ["logs/train.log"]
     assert client.get_run(parent_id).data.metrics["warnings"] == 1.0
     assert "warnings" not in client.get_run(child_id).data.metrics
+
+
+def test_two_trackers_on_two_stores_alternately_keep_to_their_own_and_leave_no_mlflow_state(tmp_path):
+    """Each tracker names its store, experiment and run on every call: used alternately in one
+    process (runs nested across them, models logged and registered in both), each store holds its
+    own runs, models and versions only; afterwards MLflow has no active run, no active experiment
+    and the same global URIs, also after a model that failed to log."""
+    import os
+
+    import mlflow
+    import numpy as np
+    import pytest
+    from mlflow.tracking import fluent
+    from sklearn.linear_model import LogisticRegression
+
+    from bonemet.registry.store import MlflowTracker, alias_version, load_model, register_model, set_alias
+
+    def tracker(store):
+        return MlflowTracker("bonemet-test", tracking_uri=None, store_dir=tmp_path / store, system_metrics=False,
+                             system_metrics_interval_s=None)
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), fluent._active_experiment_id,
+              os.environ.get("MLFLOW_TRACKING_URI"))
+    a, b = tracker("a"), tracker("b")
+    model = LogisticRegression().fit(np.arange(8.0).reshape(4, 2), [0, 1, 0, 1])
+    ids, infos = {"a": [], "b": []}, {}
+    with a.run("a-parent") as run_a:
+        ids["a"].append(run_a)
+        with b.run("b-parent") as run_b:  # b's own top-level run, not a child of a's
+            ids["b"].append(run_b)
+            a.log_params({"store": "a"})
+            b.log_params({"store": "b"})
+            with a.run("a-child") as child_a:
+                ids["a"].append(child_a)
+                infos["a"] = a.log_model(model, "model")
+                b.log_metrics({"m": 2.0})
+                infos["b"] = b.log_model(model, "model")
+                a.log_metrics({"m": 1.0})
+                with pytest.raises(TypeError):
+                    b.log_model(model, "broken", no_such_argument=1)
+                assert mlflow.active_run() is None
+    for name, own, other in (("a", a, b), ("b", b, a)):
+        assert {r.info.run_id for r in own.client.search_runs([own.experiment_id])} == set(ids[name])
+        for run_id in ids[name]:
+            with pytest.raises(mlflow.exceptions.MlflowException):
+                other.client.get_run(run_id)
+        info = infos[name]
+        assert info.run_id == {"a": child_a, "b": run_b}[name]  # the run open in that tracker
+        assert own.client.get_logged_model(info.model_id).experiment_id == own.experiment_id
+        set_alias(own.client, "m", "staging", register_model(own.client, info, "m"))
+        assert load_model(own.client, "models:/m@staging", flavor="sklearn").predict([[0.0, 1.0]]).shape == (1,)
+    assert a.client.get_run(ids["a"][1]).data.tags["mlflow.parentRunId"] == ids["a"][0]
+    assert "mlflow.parentRunId" not in b.client.get_run(ids["b"][0]).data.tags
+    assert a.client.get_run(ids["a"][0]).data.params == {"store": "a"}
+    assert b.client.get_run(ids["b"][0]).data.params == {"store": "b"}
+    assert alias_version(a.client, "m", "staging") == alias_version(b.client, "m", "staging") == "1"
+    assert mlflow.active_run() is None
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), fluent._active_experiment_id,
+            os.environ.get("MLFLOW_TRACKING_URI")) == before

@@ -358,6 +358,7 @@ def test_logged_mlflow_model_loads_back_with_skops(tmp_path, monkeypatch, specs)
     tracker = MlflowTracker("bonemet-classification", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=tmp_path / "mlruns",
                             default_tags={"data_md5": "abc"})
     res = _run(tmp_path, primary, paired, splits, specs, tracker=tracker, models=["knn"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # MLflow's own API below reads the store from it
     runs = mlflow.search_runs(experiment_names=["bonemet-classification"])
     child = runs[runs["tags.mlflow.runName"] == "knn"].iloc[0]
     assert child["tags.data_md5"] == "abc" and child["tags.mlflow.parentRunId"]

@@ -1,7 +1,7 @@
 """MLflow: the only package that imports it. Runs, the model registry, the served models.
 
-* :mod:`~bonemet.registry.store`: the tracking store (``configure``), :class:`MlflowTracker`,
-  versions and aliases.
+* :mod:`~bonemet.registry.store`: the store's client (``client``), :class:`MlflowTracker`,
+  versions and aliases: every call names its store and run (no global MLflow state).
 * :mod:`~bonemet.registry.pyfunc`: the served classifier (an MLflow pyfunc).
 * :mod:`~bonemet.registry.registration`: registering the train stage's best pipeline, with the
   promotion gate (:mod:`~bonemet.registry.gate`).

@@ -31,19 +31,21 @@ def _not_found(name: str, alias: str, tracking_uri: str, hint: str) -> ModelNotF
     return ModelNotFoundError(f"no registered model '{name}@{alias}' in the MLflow store {tracking_uri}: {hint}")
 
 
-def _mlflow_version(name: str, alias: str, tracking_uri: str | None, store_dir: str | None, hint: str) -> str:
-    """The version of ``name@alias`` asked of MLflow (a remote or unusual store; the store MLflow is
-    configured with when ``tracking_uri`` is None)."""
-    import mlflow
+def _mlflow_version(store: Any, name: str, alias: str, hint: str) -> str:
+    """The version of ``name@alias`` asked of MLflow (a remote or unusual store)."""
+    from bonemet.registry.store import alias_version
 
-    from bonemet.registry.store import alias_version, configure
-
-    if tracking_uri is not None:
-        configure(tracking_uri, store_dir or ".")
-    version = alias_version(name, alias)
+    version = alias_version(store, name, alias)
     if version is None:
-        raise _not_found(name, alias, tracking_uri or mlflow.get_tracking_uri(), hint)
+        raise _not_found(name, alias, store.tracking_uri, hint)
     return version
+
+
+def _store(tracking_uri: str | None, store_dir: str | None) -> Any:
+    """The client of ``tracking_uri`` (None: the local store of ``store_dir``)."""
+    from bonemet.registry.store import client
+
+    return client(tracking_uri, store_dir or ".")
 
 
 @dataclass
@@ -87,8 +89,7 @@ def load_classifier(name: str, alias: str, *, tracking_uri: str | None = None, s
 
     Args:
         tracking_uri: the store (``MLFLOW_TRACKING_URI`` or the project's local store); None: the
-            store MLflow is already configured with (:func:`bonemet.registry.store.configure`),
-            through MLflow.
+            local store of ``store_dir``, through MLflow.
         store_dir: the local store's folder (``tracking.store_dir``).
 
     Returns:
@@ -116,12 +117,14 @@ def load_classifier(name: str, alias: str, *, tracking_uri: str | None = None, s
 
 def _load_classifier_with_mlflow(name: str, alias: str, tracking_uri: str | None,
                                  store_dir: str | None) -> RegisteredClassifier:
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    version = _mlflow_version(name, alias, tracking_uri, store_dir, _CLASSIFIER_HINT)
+    from bonemet.registry.store import load_model
+
+    store = _store(tracking_uri, store_dir)
+    version = _mlflow_version(store, name, alias, _CLASSIFIER_HINT)
     try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        model = load_model(store, f"models:/{name}/{version}", flavor="pyfunc")
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
     feature_names: list[str] = []
@@ -162,23 +165,24 @@ def load_segmenter(name: str, alias: str, *, device: str, tracking_uri: str | No
     Raises:
         ModelNotFoundError: no such alias, or the model cannot be loaded.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
+    from bonemet.registry.store import load_model, model_metadata
     from bonemet.segmentation.networks import evaluable
 
     local = resolve_alias(tracking_uri, name, alias) if tracking_uri else None
     if local is False:
         raise _not_found(name, alias, tracking_uri, _SEGMENTER_HINT)
     try:
-        if local is not None:
-            version, uri = local.version, str(local.model_dir)
+        if local is not None:  # a model folder: no store to ask
+            version, uri, store = local.version, str(local.model_dir), None
             metadata = dict(read_mlmodel(local.model_dir).get("metadata") or {})
         else:
-            version = _mlflow_version(name, alias, tracking_uri, store_dir, _SEGMENTER_HINT)
+            store = _store(tracking_uri, store_dir)
+            version = _mlflow_version(store, name, alias, _SEGMENTER_HINT)
             uri = f"models:/{name}/{version}"
-            metadata = dict(mlflow.models.get_model_info(uri).metadata or {})
-        network = mlflow.pytorch.load_model(uri, map_location=device)
+            metadata = model_metadata(store, uri)
+        network = load_model(store, uri, flavor="pytorch", map_location=device)
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"{name} version {version} (alias '{alias}') cannot be loaded: {exc}") from exc
     network = evaluable(network)  # a pt2 (torch.export) module, which refuses eval(), is wrapped

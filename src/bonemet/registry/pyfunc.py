@@ -44,6 +44,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from bonemet.tracking.base import Tracker
+
 log = logging.getLogger(__name__)
 
 #: Artifact files, by their keys in bonemet.serving.served.
@@ -263,6 +265,7 @@ def bonemet_code(tmp_dir: str | Path) -> str:
 
 
 def log_classifier(
+    tracker: Tracker,
     pipeline: Any,
     feature_names: Sequence[str],
     *,
@@ -274,9 +277,11 @@ def log_classifier(
     pip_requirements: Sequence[str] | None = None,
     name: str = "classifier",
 ) -> Any:
-    """Log the pyfunc classifier to the active run; returns MLflow's ModelInfo.
+    """Log the pyfunc classifier in ``tracker``'s open run; returns MLflow's ModelInfo.
 
     Args:
+        tracker: a :class:`bonemet.tracking.Tracker` with an open run (an
+            :class:`~bonemet.registry.store.MlflowTracker` to register the model).
         pipeline: the fitted pipeline (DataFrame of ``feature_names`` and ``text_columns`` in).
         feature_names: its training feature columns, in order: the columns a client may send.
         threshold: the registered operating threshold.
@@ -317,9 +322,8 @@ def log_classifier(
             params=ParamSchema([ParamSpec("threshold", "double", float(threshold))]),
         )
         requirements = list(pip_requirements) if pip_requirements is not None else classifier_requirements(pipeline)
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=ClassifierPyfunc(),
+        return tracker.log_model(
+            ClassifierPyfunc(), name, flavor="pyfunc",
             artifacts={key: str(path) for key, path in paths.items()},
             signature=signature,
             input_example=(example, {"threshold": float(threshold)}),

@@ -20,14 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from bonemet.errors import UserError
 from bonemet.registry.gate import Estimate, PromotionDecision, best_family, decide_promotion
 from bonemet.registry.pyfunc import log_classifier
-from bonemet.registry.store import alias_version, ensure_experiment, set_alias
+from bonemet.registry.store import MlflowTracker, alias_version, register_model, set_alias, version_tags
+from bonemet.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ class RegistrationResult:
         return asdict(self)
 
 
-def staging_estimate(model_name: str, alias: str) -> tuple[str | None, Estimate | None]:
-    """Version and recorded repeated estimate of ``model_name@alias`` (None, None when there is none)."""
-    version = alias_version(model_name, alias)
+def staging_estimate(store: MlflowClient, model_name: str, alias: str) -> tuple[str | None, Estimate | None]:
+    """Version and recorded repeated estimate of ``model_name@alias`` in ``store`` (None, None when there is none)."""
+    version = alias_version(store, model_name, alias)
     if version is None:
         return None, None
-    tags = MlflowClient().get_model_version(model_name, version).tags
+    tags = version_tags(store, model_name, version)
 
     def number(key: str) -> float:
         try:
@@ -182,7 +182,7 @@ def _gate_record(version: str, decision: PromotionDecision, current_version: str
 
 def register_classifier(
     *,
-    experiment: str, store_dir: str, model_name: str,
+    tracker: MlflowTracker, model_name: str,
     classifier: str,
     index: Mapping[str, Any], provenance: Mapping[str, Any], repeated: Mapping[str, Any],
     pipeline: Any, domain: Any, check_rows: pd.DataFrame,
@@ -196,6 +196,8 @@ def register_classifier(
     """Register ``classifier``'s fitted pipeline as a new version of ``model_name`` and apply the gate.
 
     Args:
+        tracker: the registration experiment's tracker: the `register` run is its run, the model
+            its logged model, the version and alias go to its store.
         classifier: the model to register (``index.json``'s ``registered_model``, by the rule
             ``index["registered_rule"]``, ``register.model``); ``pipeline`` is its tuned pipeline as
             fitted on the committed split's training set (``models/<classifier>.skops``), with its
@@ -221,7 +223,8 @@ def register_classifier(
                             f"stage's index.json registers {classifier}: rerun `bonemet evaluate` (dvc repro)")
     estimate = registered_estimate(repeated, data_md5)
     families = {m: estimate_of(repeated, m, data_md5) for m in repeated["models"]}
-    current_version, current = staging_estimate(model_name, alias)
+    store = tracker.client
+    current_version, current = staging_estimate(store, model_name, alias)
     decision: PromotionDecision = decide_promotion(
         estimate, current, min_auc=min_auc, min_auc_lower_bound=min_auc_lower_bound,
         min_sensitivity=min_sensitivity, min_specificity=min_specificity, tolerance=tolerance,
@@ -229,40 +232,42 @@ def register_classifier(
     best_repeated = best_family(families)
     run_tags = {**dict(tags), "source_run_id": candidate.source_run_id, "train_run_id": candidate.train_run_id,
                 "registered_model": classifier, "registered_rule": candidate.rule, "registered_by": candidate.rule_text}
-    with mlflow.start_run(run_name="register", experiment_id=ensure_experiment(experiment, store_dir), tags=run_tags):
-        mlflow.log_params({"classifier": classifier, "threshold": candidate.threshold, "min_auc": min_auc,
-                           "min_auc_lower_bound": min_auc_lower_bound, "min_sensitivity": min_sensitivity,
-                           "min_specificity": min_specificity, "tolerance": tolerance,
-                           "max_gap_to_best": max_gap_to_best, "registered_rule": candidate.rule})
-        mlflow.log_metrics({k: v for k, v in candidate.metrics(estimate).items() if math.isfinite(v)})
-        info = log_classifier(pipeline, list(index["feature_names"]), threshold=candidate.threshold,
+    with tracker.run("register", tags=run_tags):
+        tracker.log_params({"classifier": classifier, "threshold": candidate.threshold, "min_auc": min_auc,
+                            "min_auc_lower_bound": min_auc_lower_bound, "min_sensitivity": min_sensitivity,
+                            "min_specificity": min_specificity, "tolerance": tolerance,
+                            "max_gap_to_best": max_gap_to_best, "registered_rule": candidate.rule})
+        tracker.log_metrics({k: v for k, v in candidate.metrics(estimate).items() if math.isfinite(v)})
+        info = log_classifier(tracker, pipeline, list(index["feature_names"]), threshold=candidate.threshold,
                               model_name=classifier, domain=domain, check_rows=check_rows, text_columns=text_columns,
                               pip_requirements=pip_requirements)
-        version_tags = candidate.version_tags(estimate, run_tags, str((info.metadata or {}).get("serving_mode", "")))
-        mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
-        description = candidate.description(estimate, repeated["n_repeats"], run_tags.get("git_commit", "unknown"),
-                                            description_extra)
-        MlflowClient().update_model_version(model_name, mv.version, description=description)
-        mlflow.set_tags({"gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason})
-        mlflow.log_dict(_gate_record(str(mv.version), decision, current_version, current, estimate, families,
-                                     rule=candidate.rule, max_gap_to_best=max_gap_to_best, best_repeated=best_repeated),
-                        "gate_decision.json")
+        version = register_model(
+            store, info, model_name,
+            description=candidate.description(estimate, repeated["n_repeats"], run_tags.get("git_commit", "unknown"),
+                                              description_extra),
+            tags=candidate.version_tags(estimate, run_tags, str((info.metadata or {}).get("serving_mode", ""))))
+        tracker.set_tags({"gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason})
+        tracker.log_dict(_gate_record(version, decision, current_version, current, estimate, families,
+                                      rule=candidate.rule, max_gap_to_best=max_gap_to_best, best_repeated=best_repeated),
+                         "gate_decision.json")
         if decision.promote:
-            set_alias(model_name, alias, mv.version)
-        log.info("%s version %s (%s): %s -> %s", model_name, mv.version, classifier, decision.reason,
+            set_alias(store, model_name, alias, version)
+        log.info("%s version %s (%s): %s -> %s", model_name, version, classifier, decision.reason,
                  f"alias '{alias}' set" if decision.promote else f"alias '{alias}' unchanged")
     return RegistrationResult(
-        model_name=model_name, version=str(mv.version), source_run_id=candidate.source_run_id, classifier=classifier,
+        model_name=model_name, version=version, source_run_id=candidate.source_run_id, classifier=classifier,
         threshold=candidate.threshold, cv_auc_mean=candidate.cv_auc, test_auc=candidate.test_auc,
         repeated_auc_mean=estimate.auc_mean, repeated_auc_lo=estimate.auc_lower_bound, registered_rule=candidate.rule,
         registered_by=candidate.rule_text, best_repeated_model=best_repeated, promoted=decision.promote,
         reason=decision.reason, compared_with_staging=decision.compared_with_staging,
-        staging_version=str(mv.version) if decision.promote else current_version,
+        staging_version=version if decision.promote else current_version,
     )
 
 
-def log_segmenter(network: Any, example: Any, metadata: Mapping[str, Any], *, name: str = "model") -> Any:
-    """Log a segmentation network (pytorch flavour) to the active run; returns MLflow's ModelInfo.
+def log_segmenter(tracker: Tracker, network: Any, example: Any, metadata: Mapping[str, Any], *,
+                  name: str = "model") -> Any:
+    """Log a segmentation network (pytorch flavour) in ``tracker``'s open run; returns MLflow's
+    ModelInfo (None from a tracker that keeps no models).
 
     The model carries a tensor signature (``(-1, 1, D, H, W)`` float32 in, logits
     ``(-1, 2, D, H, W)`` out) inferred on ``example`` (one preprocessed crop, also the input
@@ -282,20 +287,20 @@ def log_segmenter(network: Any, example: Any, metadata: Mapping[str, Any], *, na
     example = np.asarray(example, dtype=np.float32)
     signature = infer_signature(example, example_logits(network, example))
     with tempfile.TemporaryDirectory() as tmp:
-        return mlflow.pytorch.log_model(
-            network, name=name, signature=signature, input_example=example, metadata=dict(metadata),
+        return tracker.log_model(
+            network, name, flavor="pytorch", signature=signature, input_example=example, metadata=dict(metadata),
             pip_requirements=segmenter_requirements(network), code_paths=[bonemet_code(tmp)],
             serialization_format="pickle",  # pt2 (torch.export) would need a traced example per shape
         )
 
 
 def register_segmenter(result: Any, *, parent_id: str | None, decision: Any, example: Any, register: bool,
-                       tracker: Any, tags: Mapping[str, str] | None = None) -> str | None:
+                       tracker: MlflowTracker, tags: Mapping[str, str] | None = None) -> str | None:
     """Log the best fold's model of a :class:`bonemet.segmentation.pipeline.SegmentationResult` (by
-    validation Dice) in the open run ``parent_id``, with its inference settings as metadata; when
-    ``register``, make it a new version of ``result.spec.model_name`` and give it ``spec.alias``
-    when the gate's ``decision`` promotes it. Returns the version (None: not registered)."""
-    from bonemet.registry.store import register_model
+    validation Dice) in ``tracker``'s open run ``parent_id``, with its inference settings as
+    metadata; when ``register``, make it a new version of ``result.spec.model_name`` in the
+    tracker's store and give it ``spec.alias`` when the gate's ``decision`` promotes it. Returns
+    the version (None: not registered)."""
     from bonemet.segmentation.networks import network_kwargs
 
     spec, cv, network = result.spec, result.cv, result.spec.model
@@ -303,11 +308,11 @@ def register_segmenter(result: Any, *, parent_id: str | None, decision: Any, exa
     metadata = {"network": network, "network_kwargs": kwargs, **result.settings.to_metadata(),
                 "source_fold": cv.best_fold, "source_run_id": cv.best_run_id or ""}
     tracker.log_dict(metadata, "model_metadata.json")
-    log_segmenter(cv.best_model.eval(), example, metadata, name="model")
+    info = log_segmenter(tracker, cv.best_model.eval(), example, metadata, name="model")
     if not register or parent_id is None:
         return None
     version = register_model(
-        parent_id, "model", spec.model_name,
+        tracker.client, info, spec.model_name,
         description=f"{network} segmentation model from fold {cv.best_fold} (best validation Dice) of the "
                     f"ten-fold run; input: a CT preprocessed as in metadata['preprocess']. Gate: {decision.reason}.",
         tags={"network": network, "profile": spec.profile, "source_fold": str(cv.best_fold),
@@ -315,9 +320,8 @@ def register_segmenter(result: Any, *, parent_id: str | None, decision: Any, exa
               **dict(tags or {})},
     )
     if decision.promote:
-        set_alias(spec.model_name, spec.alias, version)
+        set_alias(tracker.client, spec.model_name, spec.alias, version)
     else:
         log.warning("%s version %s registered without the alias '%s': %s", spec.model_name, version, spec.alias,
                     decision.reason)
     return version
-

@@ -13,6 +13,8 @@ from bonemet.tracking.dvc import dvc_root
 from bonemet.tracking.provenance import run_tags
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mlflow.tracking import MlflowClient
+
     from bonemet.registry.store import MlflowTracker
     from bonemet.tracking import DatasetInput
 
@@ -74,12 +76,13 @@ def _http_settings(params: Params) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracking.http_timeout_s))
 
 
-def open_store(params: Params) -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's store (``tracking.store_dir``); the URI."""
-    from bonemet.registry.store import configure
+def open_store(params: Params) -> MlflowClient:
+    """The client of ``MLFLOW_TRACKING_URI`` or the project's store (``tracking.store_dir``), created
+    if needed; its ``tracking_uri`` is the URI. MLflow's global URIs are left alone."""
+    from bonemet.registry.store import client
 
     _http_settings(params)
-    return configure(os.environ.get("MLFLOW_TRACKING_URI"), params.tracking.store_dir)
+    return client(os.environ.get("MLFLOW_TRACKING_URI"), params.tracking.store_dir)
 
 
 def cohort_input(params: Params) -> DatasetInput:

@@ -18,15 +18,15 @@ def run(args: argparse.Namespace) -> int:
 
     params = specs_from(args)
     reg = params.registration
-    open_store(params)
+    store = open_store(params)
     names = args.model or [reg.model_name, params.segment.model_name]  # one key each: segment registers it
     if args.json:
         import json
 
-        print(json.dumps({name: model_versions(name) for name in names}, indent=2, sort_keys=True, default=str))
+        print(json.dumps({name: model_versions(store, name) for name in names}, indent=2, sort_keys=True, default=str))
         return 0
     for name in names:
-        rows = model_versions(name)
+        rows = model_versions(store, name)
         print(f"{name}: {len(rows)} version(s)")
         for row in rows:
             tags = row["tags"]

@@ -21,12 +21,12 @@ def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger(__name__)
     params = specs_from(args)
-    open_store(params)
+    store = open_store(params)
     name = args.model or params.registration.model_name
-    versions = {v["version"] for v in model_versions(name)}
+    versions = {v["version"] for v in model_versions(store, name)}
     if args.version not in versions:
         log.error("model '%s' has no version %s (versions: %s)", name, args.version, ", ".join(sorted(versions, key=int)) or "none")
         return 1
-    set_alias(name, args.alias, args.version)
+    set_alias(store, name, args.alias, args.version)
     print(f"{name}@{args.alias} -> version {args.version}")
     return 0

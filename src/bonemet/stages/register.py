@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.modeling import REPEATED_FILE, TABLE1_MD, TRAIN_RUNS_FILE
     from bonemet.registry.registration import register_classifier
     from bonemet.registry.trained import read_trained_classifier
-    from bonemet.stages._common import open_store, pseudonym_key, specs_from
+    from bonemet.stages._common import mlflow_tracker, pseudonym_key, specs_from
     from bonemet.tracking.provenance import run_tags, segmentation_bias_tags
     from bonemet.utils import write_json
 
@@ -47,16 +47,17 @@ def run(args: argparse.Namespace) -> int:
         features = features[features["site"].notna()]
     # beside the decision: the segmentation's Dice gap between the labels, when the model learnt from
     # automatic-mask features
-    bias = segmentation_bias_tags(params.segment.metrics, params.segment.bias.max_dice_gap) if trained.feature_source == "auto" else {}
-    open_store(params)
+    auto = trained.feature_source == "auto"
+    bias = segmentation_bias_tags(params.segment.metrics, params.segment.bias.max_dice_gap) if auto else {}
+    tags = {**run_tags(params.data.cohort_dir), **bias}
     result = register_classifier(
-        experiment=reg.experiment, store_dir=params.tracking.store_dir, model_name=reg.model_name,
+        tracker=mlflow_tracker(params, reg.experiment, tags=bias), model_name=reg.model_name,
         classifier=trained.classifier, index=trained.index, provenance=trained.provenance, repeated=trained.repeated,
         pipeline=trained.pipeline, domain=trained.domain, check_rows=features, text_columns=trained.text_columns,
         min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound, min_sensitivity=reg.min_sensitivity,
         min_specificity=reg.min_specificity, tolerance=reg.tolerance, max_gap_to_best=reg.max_gap_to_best,
         alias=reg.alias, description_extra="\nTable 1:\n" + trained.table1 if trained.table1 else "",
-        tags={**run_tags(params.data.cohort_dir), **bias},
+        tags=tags,
     )
     summary = {**result.to_dict(), **bias, "promoted": int(result.promoted)}
     if args.json:

@@ -63,8 +63,9 @@ def read_store(params: Any) -> dict[str, Any] | None:
     from bonemet.stages._common import open_store
 
     try:
-        uri = open_store(params)
-        models = {name: model_versions(name) for name in (params.registration.model_name, params.segment.model_name)}
+        store = open_store(params)
+        uri = store.tracking_uri
+        models = {name: model_versions(store, name) for name in (params.registration.model_name, params.segment.model_name)}
         return {"uri": uri, "models": models}
     except Exception as exc:  # noqa: BLE001 - a store we cannot read must not stop the report
         log.warning("report: the MLflow store %s could not be read (%s: %s); the registry section shows the files "

@@ -44,16 +44,17 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger(__name__)
     params = specs_from(args)
     args.alias = args.alias or params.registration.alias
-    uri = open_store(params)
+    store = open_store(params)
+    uri = store.tracking_uri
     name = args.model or params.registration.model_name
-    version = alias_version(name, args.alias)
+    version = alias_version(store, name, args.alias)
     if version is None:
         log.error("no model '%s@%s' in %s: run the pipeline (make run) or `bonemet promote`", name, args.alias, uri)
         return 1
     cores = os.cpu_count() or 1
     workers = args.workers or cores
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = uri
+    env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri  # the server's store: `models:/` resolves in it
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     threads = str(max(1, cores // workers))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -68,7 +68,8 @@ class Tracker:
         """Log a pandas DataFrame as a table artifact (``name`` ends in .json or .csv)."""
 
     def log_model(self, model: Any, name: str, **kwargs: Any) -> Any:
-        """Log a model (flavour chosen by the backend from ``kwargs['flavor']``)."""
+        """Log a model in the open run (flavour chosen by the backend from ``kwargs['flavor']``); returns
+        the backend's record of it (MLflow's ModelInfo: what registration needs), None when not kept."""
         return None
 
     def log_input(self, dataset: DatasetInput) -> None:
