@@ -12,9 +12,8 @@ them (:mod:`bonemet.segmentation.training`):
 * ``validation``: the per-epoch validation (:func:`~bonemet.segmentation.training.evaluate`).
 
 Then the levers the profile points at, side by side on the same batches and machine, each epoch
-of each interleaved with the others (so load falls on all alike): ``metatensor`` (the batches as
-MONAI's loader gives them, as main 0861096 trained: the baseline of ``x_metatensor``), ``fp32``
-(the training step now: plain tensors), ``bf16`` (CPU autocast to bfloat16, reported with whether
+of each interleaved with the others (so load falls on all alike): ``fp32`` (the training step as
+the segment stage runs it: the baseline of ``x_fp32``), ``bf16`` (CPU autocast to bfloat16, reported with whether
 the CPU has native bf16: the ``avx512_bf16`` / ``amx_bf16`` flags), ``compiled`` (``--compile``:
 ``torch.compile``, with its compile time), and the validation variants (``val_mode`` crops, the
 window overlap, validating every 5th epoch). Optimiser steps per second for a lever are the epoch's steps over its wall time
@@ -66,18 +65,17 @@ def _fold_items(prepared: Any, spec: Any, seed: int) -> tuple[list, list]:
     return [load_volume(by_id[c]) for c in train_ids], [load_volume(by_id[c]) for c in val_ids]
 
 
-def _timed_epoch(step: Any, loader: Any, *, bf16: bool = False, plain: bool = True, model: Any = None) -> dict[str, float]:
+def _timed_epoch(step: Any, loader: Any, *, bf16: bool = False, model: Any = None) -> dict[str, float]:
     """One pass over ``loader`` with ``step``'s model (or ``model``: e.g. compiled), loss and
-    optimiser, timed phase by phase; ``plain``: the batches unwrapped from MONAI's MetaTensor, as
-    the training step does (False: as the loader gives them, as main 0861096 trained)."""
+    optimiser, timed phase by phase (the loader's batches are plain tensors: its transforms end in
+    ``EnsureTyped(track_meta=False)``)."""
     import torch
 
-    from bonemet.segmentation.training import plain_tensor, split_output
+    from bonemet.segmentation.training import split_output
 
     times: dict[str, float] = defaultdict(float)
     steps = 0
-    model, optimizer = model or step.model, step.optimizer
-    unwrap = plain_tensor if plain else (lambda value: value)
+    model, optimizer = (step.model if model is None else model), step.optimizer
     model.train()
     iterator = iter(loader)
     while True:
@@ -87,8 +85,8 @@ def _timed_epoch(step: Any, loader: Any, *, bf16: bool = False, plain: bool = Tr
         except StopIteration:
             break
         t1 = time.perf_counter()
-        x = unwrap(batch["image"]).contiguous(memory_format=step.memory_format)
-        y = unwrap(batch["label"])
+        x = batch["image"].contiguous(memory_format=step.memory_format)
+        y = batch["label"]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, distill = split_output(model(x))
@@ -134,7 +132,7 @@ def _profile(spec: Any, train_items: list, val_items: list, *, seed: int, epochs
     optimizer, _ = training._optimizer(model, spec.train, max(1, epochs))
     step = training._Step(model, optimizer, training.make_loss(spec.train), torch.device("cpu"), memory_format,
                           spec.distill_weight, spec.train.grad_clip, False)
-    variants: dict[str, dict[str, Any]] = {"metatensor": {"plain": False}, "bf16": {"bf16": True}}
+    variants: dict[str, dict[str, Any]] = {"bf16": {"bf16": True}}
     compile_s = None
     if compile_model:  # inductor: its compile time is paid once per fold (per process)
         start = time.perf_counter()
@@ -174,9 +172,9 @@ def _profile(spec: Any, train_items: list, val_items: list, *, seed: int, epochs
     no_val = total - mean["validation"]
     levers["validation_every_5_epochs"] = {"epoch_s": no_val + mean["validation"] / 5,
                                            "steps_per_s": steps / (no_val + mean["validation"] / 5)}
-    base = levers["metatensor"]["steps_per_s"]
+    base = levers["fp32"]["steps_per_s"]
     for lever in levers.values():
-        lever["x_metatensor"] = lever["steps_per_s"] / base
+        lever["x_fp32"] = lever["steps_per_s"] / base
     return {"steps_per_epoch": steps, "epochs": len(epochs_out),
             "phases_s": {k: round(v, 4) for k, v in mean.items()},
             "phases_share": {k: round(v / total, 4) for k, v in mean.items()},

@@ -600,34 +600,3 @@ def test_a_fold_killed_mid_training_resumes_from_its_last_checkpoint(tmp_path):
     # every epoch's crops are seeded by (seed, epoch) and the whole state was restored: the same training
     assert resumed["val_dice"] == pytest.approx(uninterrupted["val_dice"], abs=1e-6)
 
-
-def test_the_step_trains_on_plain_tensors_with_the_same_arithmetic_as_on_metatensors(seg):
-    """The loader's MetaTensors are unwrapped before the network (their per-operation metadata
-    tracking costs time, not values): one SGD step gives bit-identical loss and weights either way."""
-    import copy
-
-    from monai.data import MetaTensor
-
-    from bonemet.config import planned_spec
-    from bonemet.segmentation.training import _Step, plain_tensor
-
-    spec = planned_spec(seg, "test")
-    gen = torch.Generator().manual_seed(0)
-    image = torch.rand((2, 1, *spec.roi_size), generator=gen)
-    label = (torch.rand((2, 1, *spec.roi_size), generator=gen) > 0.8).float()
-    meta = MetaTensor(image.clone())
-    assert type(plain_tensor(meta)) is torch.Tensor and plain_tensor(meta).data_ptr() == meta.data_ptr()
-    assert plain_tensor(image) is image and plain_tensor(np.zeros(2)).shape == (2,)
-
-    def one_step(batch):
-        torch.manual_seed(0)
-        model = network_from_spec(spec)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        step = _Step(model, optimizer, make_loss(spec.train), torch.device("cpu"), torch.contiguous_format,
-                     spec.distill_weight, spec.train.grad_clip, False)
-        return step(batch), copy.deepcopy(model.state_dict())
-
-    loss_plain, weights_plain = one_step({"image": image, "label": label})
-    loss_meta, weights_meta = one_step({"image": meta, "label": MetaTensor(label.clone())})
-    assert loss_plain == loss_meta
-    assert all(torch.equal(weights_plain[k], weights_meta[k]) for k in weights_plain)

@@ -128,15 +128,6 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def plain_tensor(value: Any) -> Any:
-    """A MONAI ``MetaTensor``'s data as a plain torch tensor (the same storage); other values as they
-    are. The loader collates MetaTensors, which run Python metadata tracking around every operation:
-    on the cpu profile that made the training step's forward pass ~1.6x slower for the same
-    arithmetic (``benchmarks/segmentation.md``, "Where an epoch goes")."""
-    as_tensor = getattr(value, "as_tensor", None)
-    return as_tensor() if callable(as_tensor) else value
-
-
 def split_output(output: Any) -> tuple[Any, Any]:
     """``(logits, distillation_loss or None)`` from a network output (tensor or tuple)."""
     if isinstance(output, tuple | list):
@@ -241,8 +232,8 @@ class _Step:
     def __call__(self, batch: Mapping[str, Any]) -> float:
         import torch
 
-        x = plain_tensor(batch["image"]).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        y = plain_tensor(batch["label"]).to(self.device, non_blocking=True)
+        x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        y = batch["label"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device if self.amp else "cpu"):
             logits, distill = split_output(self.model(x))
