@@ -98,12 +98,15 @@ echo "== two queued experiments that change a register param: only register and 
   echo "== dvc queue kill leaves nothing running"
   "$BIN/dvc" exp run --queue -q -n exp-kill -S segment.train.lr=0.21
   "$BIN/dvc" queue start -j 1 > /dev/null
-  for _ in $(seq 600); do pgrep -f "bonemet segment" > /dev/null && break; sleep 0.5; done
+  # this checkout's stage only (its venv's bonemet): another project's `bonemet segment` on the
+  # same machine is none of this test's business
+  stage="$(cd "$BIN" && pwd)/bonemet segment"
+  for _ in $(seq 600); do pgrep -f "$stage" > /dev/null && break; sleep 0.5; done
   sleep 5   # its fold workers started
-  pgrep -f "bonemet segment" > kill_before.txt || true
+  pgrep -f "$stage" > kill_before.txt || true
   "$BIN/dvc" queue kill exp-kill > /dev/null 2>&1
-  for _ in $(seq 60); do pgrep -f "bonemet segment" > /dev/null || break; sleep 0.5; done
-  pgrep -af "bonemet segment" > kill_after.txt || true
+  for _ in $(seq 60); do pgrep -f "$stage" > /dev/null || break; sleep 0.5; done
+  pgrep -af "$stage" > kill_after.txt || true
   "$BIN/dvc" queue stop --kill > /dev/null 2>&1 || true
 )
 echo "queued experiments done"
