@@ -9,11 +9,12 @@ export BONEMET_PROGRESS=0   # no progress bars in CI logs
 export PATH="$PWD/$BIN:$PATH"
 echo "== ruff"
 "$BIN/ruff" check src tests benchmarks
-# BONEMET_TEST_WORKERS=N: N pytest workers (pytest-xdist, each test file whole on one worker; default
-# 2: about 19 instead of 25 min on 2 cores; 0: one process). The serving benchmark's quick mode
-# measures a live server and once saw non-200 answers while a pipeline test ran beside it, so its
-# file runs afterwards, alone.
-workers="${BONEMET_TEST_WORKERS:-2}"
+# BONEMET_TEST_WORKERS=N: N pytest workers (pytest-xdist, each test file whole on one worker; about
+# 19 instead of 25 min on 2 cores), then the serving benchmark's file alone (it measures a live
+# server and once saw non-200 answers beside a pipeline test). Default 0, one process: on two
+# workers tests/test_logs.py's warning capture lost its warnings once (2026-12-05, 4b7cae6: the
+# file order of a worker; not yet understood).
+workers="${BONEMET_TEST_WORKERS:-0}"
 ALONE=tests/test_serving_benchmark.py
 args=(-q --durations=25)
 if [ "$workers" = 0 ]; then
