@@ -104,7 +104,7 @@ def plan_cohort(params: Any, cohort_dir: Path, n_jobs: int) -> tuple[Any, dict[s
     from bonemet.planning import PlanInputs, fingerprint_cohort, make_plan, resolve_params
 
     data = params.data
-    cases = read_manifest(cohort_dir, roi=data.roi, segment=data.segment)
+    cases = read_manifest(cohort_dir, roi=data.roi, seg_segment=data.segment)
     fingerprint = fingerprint_cohort(cases, mask_label=data.mask_label, grid_tolerance_mm=params.validation.grid_tolerance_mm,
                                      crop=params.preprocess.crop, samples_per_case=params.plan.samples_per_case,
                                      n_jobs=n_jobs)
@@ -149,13 +149,13 @@ def prepare_cohort(work: Path, params: Any, *, cohort_dir: Path | None, n_cases:
     plan = None
     if unplanned_keys(params.preprocess, "preprocess") or unplanned_keys(params.segment, "segment"):
         params, plan = plan_cohort(params, cohort_dir, n_jobs)
-    manifest = read_manifest(cohort_dir, roi=data.roi, segment=data.segment)
+    manifest = read_manifest(cohort_dir, roi=data.roi, seg_segment=data.segment)
     out = work / "preprocessed"
     if not (out / "cases.csv").is_file():
         preprocess_cohort(cohort_dir, params.preprocess.updated({"out_dir": str(out), "n_jobs": n_jobs}),
                           compute=params.compute, mask_label=data.mask_label,
                           grid_tolerance_mm=params.validation.grid_tolerance_mm,
-                          roi=data.roi, segment=data.segment, pseudonym_key=None, show_progress=False)
+                          roi=data.roi, seg_segment=data.segment, pseudonym_key=None, show_progress=False)
     cases = load_cases(out, {c.case_id: c for c in manifest})
     grouped = any(c.patient_id is not None for c in manifest)
     splits = make_splits([c.case_id for c in manifest], [c.label for c in manifest], test_size=params.split.test_size,

@@ -344,7 +344,7 @@ def c_random_bytes_dicom_mask(rng, tmp):
 
     ct = read_image(_ct(tmp))
     (tmp / "m.dcm").write_bytes(b"\x00" * 128 + b"DICM" + rng.bytes(int(rng.integers(0, 3000))))
-    return lambda: read_lesion_mask(tmp / "m.dcm", ct, label=1, roi="lesion", segment=None, case_id="fuzz",
+    return lambda: read_lesion_mask(tmp / "m.dcm", ct, label=1, roi="lesion", seg_segment=None, case_id="fuzz",
                                     grid_tolerance_mm=0.01)
 
 
@@ -355,7 +355,7 @@ def c_mask_on_another_grid(rng, tmp):
 
     ct = read_image(_ct(tmp))
     _ct(tmp, "m.nii.gz", shape=(10, 16, 16), dtype=np.uint8, value=1)
-    return lambda: read_lesion_mask(tmp / "m.nii.gz", ct, label=1, roi=None, segment=None, case_id="fuzz",
+    return lambda: read_lesion_mask(tmp / "m.nii.gz", ct, label=1, roi=None, seg_segment=None, case_id="fuzz",
                                     grid_tolerance_mm=0.01)
 
 

@@ -82,9 +82,9 @@ def cohort(tmp_path_factory) -> Cohort:
 
 
 def test_manifest_carries_roi_segment_and_the_params_defaults(cohort):
-    cases = read_manifest(cohort.dicom, roi="lesion", segment=None)
+    cases = read_manifest(cohort.dicom, roi="lesion", seg_segment=None)
     assert [c.roi for c in cases] == ["GTV bone met", "lesion", "lesion", "lesion"]
-    assert [c.segment for c in cases] == [None, None, 1, "metastasis"]
+    assert [c.seg_segment for c in cases] == [None, None, 1, "metastasis"]
     assert cases[0].mask_ref("manual").roi == "GTV bone met"
     assert cases[3].mask_ref("annotator").path.name == "case_003.nii.gz"
     assert all(c.patient_id is None and c.patient == c.case_id and c.site is None for c in cases)
@@ -94,7 +94,7 @@ def test_manifest_carries_roi_segment_and_the_params_defaults(cohort):
 def test_validation_reads_rtstruct_and_seg_masks(cohort, params):
     from bonemet.validation.cohort import validate_cohort
 
-    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi="lesion", segment=None, pseudonym_key=None,
+    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi="lesion", seg_segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.passed, report.to_text()
     m = report.measurements.set_index("case_id")
@@ -105,7 +105,7 @@ def test_validation_reads_rtstruct_and_seg_masks(cohort, params):
         assert m.loc[case.case_id, "mask_label_voxels"] == pytest.approx(truth, rel=0.05)
     assert "mask_dicom" in [r.rule for r in report.rule_results]
     # without the params default, case 1's RTSTRUCT has no ROI name: listed with the names it holds
-    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None,
+    report = validate_cohort(cohort.dicom, params.validation, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.bad_cases == ["case_001"]
     (failure,) = report.failures["case_001"]
@@ -118,17 +118,17 @@ def test_preprocess_and_extract_a_dicom_cohort(cohort, params, tmp_path):
 
     spec = params.preprocess.updated({"out_dir": str(tmp_path / "pre"), "n_jobs": 1,
                                       "target_spacing_mm": [2.5, 2.5, 2.5]})
-    table = preprocess_cohort(cohort.dicom, spec, compute=LOCAL_COMPUTE, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", segment=None, pseudonym_key=None,
+    table = preprocess_cohort(cohort.dicom, spec, compute=LOCAL_COMPUTE, mask_label=1, grid_tolerance_mm=TOL, roi="lesion", seg_segment=None, pseudonym_key=None,
                               show_progress=False)
     reference = preprocess_cohort(cohort.nifti, spec.updated({"out_dir": str(tmp_path / "pre_nifti")}), compute=LOCAL_COMPUTE,
                                   mask_label=1,
-                                  grid_tolerance_mm=TOL, roi=None, segment=None, pseudonym_key=None,
+                                  grid_tolerance_mm=TOL, roi=None, seg_segment=None, pseudonym_key=None,
                                   show_progress=False)
     for a, b in zip(table["mask"], reference["mask"], strict=True):
         dicom_mask, nifti_mask = (_arr(read_image(tmp_path / d / name)) for d, name in (("pre", a), ("pre_nifti", b)))
         assert _dice(dicom_mask, nifti_mask) >= 0.95
 
-    cases = read_manifest(cohort.dicom, roi="lesion", segment=None)
+    cases = read_manifest(cohort.dicom, roi="lesion", seg_segment=None)
     kwargs = {"sources": ["manual", "annotator"], "auto_masks_dir": None, "n_jobs": 1, "compute": LOCAL_COMPUTE,
               "cache_dir": tmp_path / "cache", "allow_drop": False, "grid_tolerance_mm": TOL, "show_progress": False}
     def cached(tracker: RecordingTracker) -> int:  # how many the cache held: MLflow's, not the DVC output's
@@ -159,8 +159,8 @@ def test_the_cache_key_holds_the_roi_and_segment(cohort):
     plain = cache_key(case.image, case.manual_mask, FAST)
     assert cache_key(case.image, case.manual_mask, FAST, roi="GTV bone met") != plain
     assert cache_key(case.image, case.manual_mask, FAST, roi="a") != cache_key(case.image, case.manual_mask, FAST, roi="b")
-    assert cache_key(case.image, case.manual_mask, FAST, segment=1) != cache_key(case.image, case.manual_mask, FAST,
-                                                                                 segment=2)
+    assert cache_key(case.image, case.manual_mask, FAST, seg_segment=1) != cache_key(case.image, case.manual_mask, FAST,
+                                                                                 seg_segment=2)
 
 
 def _bad_cohort(cohort: Cohort, root: Path) -> Path:
@@ -219,7 +219,7 @@ def test_validation_lists_every_bad_dicom_mask_with_the_fix(cohort, params, tmp_
     from bonemet.validation.cohort import validate_cohort
 
     bad = _bad_cohort(cohort, tmp_path)
-    report = validate_cohort(bad, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None, show_progress=False)
+    report = validate_cohort(bad, params.validation, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None, show_progress=False)
     expected = {
         "unknown_roi": r"no ROI named 'tumour'; the RTSTRUCT holds ROIs 'GTV bone met': set the case's roi",
         "other_series": r"the RTSTRUCT was drawn on series .*, not on the image's series .*; give the RTSTRUCT",
@@ -244,11 +244,11 @@ def test_patient_and_site_columns(tmp_path):
                          "patient_id": ["p1", "p1", "p2"], "site": ["A", "", "B"], "segment": ["2", "lesion", ""],
                          "annotator_mask": ["z.dcm", "", ""], "annotator_roi": ["reader2", "", ""], "note": "kept"})
     rows.to_csv(tmp_path / "manifest.csv", index=False)
-    cases = read_manifest(tmp_path, roi="GTV", segment=3)
+    cases = read_manifest(tmp_path, roi="GTV", seg_segment=3)
     assert [c.patient for c in cases] == ["p1", "p1", "p2"]
     assert [c.site for c in cases] == ["A", None, "B"]
-    assert [c.segment for c in cases] == [2, "lesion", 3]
-    assert cases[0].mask_ref("annotator").roi == "reader2" and cases[0].mask_ref("annotator").segment == 2
+    assert [c.seg_segment for c in cases] == [2, "lesion", 3]
+    assert cases[0].mask_ref("annotator").roi == "reader2" and cases[0].mask_ref("annotator").seg_segment == 2
     assert cases[0].metadata == {"note": "kept"}
     rows.loc[1, "patient_id"] = ""
     rows.to_csv(tmp_path / "manifest.csv", index=False)

@@ -63,7 +63,7 @@ def test_preprocessing_on_dask_writes_the_local_pools_files(tmp_path, cohort, cl
         out = tmp_path / name
         spec = PARAMS.preprocess.updated({"out_dir": os.path.relpath(out), "n_jobs": 2})
         table = preprocess_cohort(cohort.name, spec, compute=compute, mask_label=1, grid_tolerance_mm=TOL, roi=None,
-                                  segment=None, pseudonym_key=None, show_progress=False)
+                                  seg_segment=None, pseudonym_key=None, show_progress=False)
         assert len(table) == 4
         outputs[name] = _digests(out)
     assert len(outputs["local"]) == 1 + 3 * 4  # cases.csv, then image, mask and geometry per case
@@ -104,7 +104,7 @@ def test_a_failing_case_on_dask_names_the_case(tmp_path, cohort, cluster):
     spec = PARAMS.preprocess.updated({"out_dir": str(tmp_path / "pre"), "n_jobs": 2})
     with pytest.raises(Exception) as info:
         preprocess_cohort(broken, spec, compute=_dask(cluster), mask_label=1, grid_tolerance_mm=TOL, roi=None,
-                          segment=None, pseudonym_key=None, show_progress=False)
+                          seg_segment=None, pseudonym_key=None, show_progress=False)
     assert isinstance(info.value, ValueError)  # the reader's UserError, raised again here from the worker
     assert any(f"case '{first.case_id}'" in note for note in getattr(info.value, "__notes__", []))
     assert not (tmp_path / "pre").exists()  # nothing half-written

@@ -379,12 +379,12 @@ def test_read_lesion_mask_dispatches_the_three_formats(case, tmp_path):
     label_map.CopyInformation(case.ct)
     write_image(label_map, tmp_path / "mask.nii.gz")
     common = dict(case_id="c1", grid_tolerance_mm=TOL, reference_series_uid=case.uid)
-    from_nifti = read_lesion_mask(tmp_path / "mask.nii.gz", case.ct, label=2, roi=None, segment=None, **common)
-    from_rt = read_lesion_mask(case.rtstruct, case.ct, label=1, roi="lesion", segment=None, **common)
-    from_seg = read_lesion_mask(case.seg, case.ct, label=1, roi=None, segment="lesion", **common)
+    from_nifti = read_lesion_mask(tmp_path / "mask.nii.gz", case.ct, label=2, roi=None, seg_segment=None, **common)
+    from_rt = read_lesion_mask(case.rtstruct, case.ct, label=1, roi="lesion", seg_segment=None, **common)
+    from_seg = read_lesion_mask(case.seg, case.ct, label=1, roi=None, seg_segment="lesion", **common)
     # A DICOM file whatever its name: a SEG without suffix is still found.
     renamed = shutil.copy(case.seg, tmp_path / "segmentation")
-    from_renamed = read_lesion_mask(renamed, case.ct, label=1, roi=None, segment=1, **common)
+    from_renamed = read_lesion_mask(renamed, case.ct, label=1, roi=None, seg_segment=1, **common)
     for mask in (from_nifti, from_rt, from_seg, from_renamed):
         assert mask.GetPixelID() == sitk.sitkUInt8 and same_grid(case.ct, mask, tol_mm=TOL)[0]
         np.testing.assert_array_equal(_array(mask), case.label)
@@ -395,11 +395,11 @@ def test_read_lesion_mask_dispatches_the_three_formats(case, tmp_path):
 def test_read_lesion_mask_needs_roi_or_segment(case):
     common = dict(label=1, case_id="c9", grid_tolerance_mm=TOL)
     with pytest.raises(MaskFormatError, match=r"case 'c9'.*rs\.dcm.*ROI name.*'lesion'"):
-        read_lesion_mask(case.rtstruct, case.ct, roi=None, segment=None, **common)
+        read_lesion_mask(case.rtstruct, case.ct, roi=None, seg_segment=None, **common)
     with pytest.raises(MaskFormatError, match=r"case 'c9'.*seg\.dcm.*needs the lesion's segment.*1 'lesion'"):
-        read_lesion_mask(case.seg, case.ct, roi=None, segment=None, **common)
+        read_lesion_mask(case.seg, case.ct, roi=None, seg_segment=None, **common)
     with pytest.raises(MaskFormatError, match=r"CT_0000\.dcm: a DICOM CT file, not a mask"):
-        read_lesion_mask(case.files[0], case.ct, roi="lesion", segment=1, **common)
+        read_lesion_mask(case.files[0], case.ct, roi="lesion", seg_segment=1, **common)
 
 
 def test_read_lesion_mask_label_map_off_grid(case, tmp_path):
@@ -408,7 +408,7 @@ def test_read_lesion_mask_label_map_off_grid(case, tmp_path):
     shifted.SetOrigin(tuple(np.add(ORIGIN, (0.0, 0.0, 1.0))))
     write_image(shifted, tmp_path / "shifted.nii.gz")
     with pytest.raises(MaskFormatError, match=r"case 'c1'.*shifted\.nii\.gz.*not on the image's grid.*origin"):
-        read_lesion_mask(tmp_path / "shifted.nii.gz", case.ct, label=1, roi=None, segment=None, case_id="c1",
+        read_lesion_mask(tmp_path / "shifted.nii.gz", case.ct, label=1, roi=None, seg_segment=None, case_id="c1",
                          grid_tolerance_mm=TOL)
 
 

@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
                     show_progress=False)
     cases = read_manifest(root / "cohort")
     report = validate_cohort(root / "cohort", PARAMS.validation, mask_label=LABEL, roi=PARAMS.data.roi,
-                             segment=PARAMS.data.segment, pseudonym_key=None, show_progress=False).to_dict()
+                             seg_segment=PARAMS.data.segment, pseudonym_key=None, show_progress=False).to_dict()
     table = pd.DataFrame([extract_features(c.image, c.manual_mask, SETTINGS, c.case_id,
                                            grid_tolerance_mm=TOLERANCE_MM) for c in cases])
     labels = np.asarray([c.label for c in cases])

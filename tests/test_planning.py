@@ -80,7 +80,7 @@ def _auto_params(params_file, extra=None):
 
 
 def _fingerprint(cohort_dir: Path, params, n_jobs: int = 1) -> CohortFingerprint:
-    cases = read_manifest(cohort_dir, roi=None, segment=None)
+    cases = read_manifest(cohort_dir, roi=None, seg_segment=None)
     return fingerprint_cohort(cases, mask_label=params.data.mask_label, grid_tolerance_mm=params.validation.grid_tolerance_mm,
                               crop=params.preprocess.crop, samples_per_case=params.plan.samples_per_case, n_jobs=n_jobs)
 
@@ -166,7 +166,7 @@ def test_the_plan_is_applied_once_and_the_library_gets_no_auto(cohort, params_fi
     with pytest.raises(PlanRequiredError, match=r"preprocess.target_spacing_mm, preprocess.hu_window.*"
                                                 r"reached preprocess_cohort unresolved.*bonemet plan"):
         preprocess_cohort(cohort, params.preprocess.updated({"out_dir": str(tmp_path / "pre")}), compute=params.compute,
-                          mask_label=1, grid_tolerance_mm=0.01, roi=None, segment=None, pseudonym_key=None)
+                          mask_label=1, grid_tolerance_mm=0.01, roi=None, seg_segment=None, pseudonym_key=None)
     assert not (tmp_path / "pre").exists()
     # explicit values everywhere: no plan file is read, the raw params convert to the planned type
     explicit = apply_values(params, {k: setting(resolved, k) for k in PLANNED_KEYS})

@@ -292,7 +292,7 @@ def test_preprocess_cohort_writes_every_case(tmp_path, spec, tol, n_jobs):
     cohort = _write_cohort(tmp_path / "raw")
     before = _tree_digest(cohort)
     out = tmp_path / "pre"
-    table = preprocess_cohort(cohort, spec.updated({"out_dir": str(out), "n_jobs": n_jobs}), compute=LOCAL_COMPUTE, mask_label=1, roi=None, segment=None, pseudonym_key=None,
+    table = preprocess_cohort(cohort, spec.updated({"out_dir": str(out), "n_jobs": n_jobs}), compute=LOCAL_COMPUTE, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None,
                               grid_tolerance_mm=tol, show_progress=False)
     assert list(table.columns) == ["case_id", "label", "image", "mask", "geometry"]
     assert list(table["case_id"]) == ["case0", "case1", "case2"]
@@ -312,13 +312,13 @@ def test_preprocess_cohort_failure_names_case_and_keeps_previous_output(tmp_path
     cohort = _write_cohort(tmp_path / "raw")
     out = tmp_path / "pre"
     options = spec.updated({"out_dir": str(out), "n_jobs": 1})
-    preprocess_cohort(cohort, options, compute=LOCAL_COMPUTE, mask_label=1, roi=None, segment=None, pseudonym_key=None, grid_tolerance_mm=tol, show_progress=False)
+    preprocess_cohort(cohort, options, compute=LOCAL_COMPUTE, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None, grid_tolerance_mm=tol, show_progress=False)
     previous = _tree_digest(out)
     (cohort / "images" / "case1.nii.gz").write_bytes(b"not an image")
     before = _tree_digest(cohort)
     # a user's unreadable file: the reader's error (a ValueError), naming the case
     with pytest.raises(ImageReadError, match="case 'case1'") as info:
-        preprocess_cohort(cohort, options, compute=LOCAL_COMPUTE, mask_label=1, roi=None, segment=None, pseudonym_key=None, grid_tolerance_mm=tol, show_progress=False)
+        preprocess_cohort(cohort, options, compute=LOCAL_COMPUTE, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None, grid_tolerance_mm=tol, show_progress=False)
     assert isinstance(info.value, ValueError)
     assert any("while preprocessing case 'case1'" in note for note in info.value.__notes__)
     assert _tree_digest(out) == previous
@@ -340,7 +340,7 @@ def test_preprocess_cohort_bug_keeps_its_type_with_a_note_naming_the_case(tmp_pa
     real = pipeline.preprocess_case
     monkeypatch.setattr(pipeline, "preprocess_case", broken)
     with pytest.raises(KeyError, match="planted") as info:
-        preprocess_cohort(cohort, spec.updated({"out_dir": str(out), "n_jobs": 1}), compute=LOCAL_COMPUTE, mask_label=1, roi=None, segment=None, pseudonym_key=None,
+        preprocess_cohort(cohort, spec.updated({"out_dir": str(out), "n_jobs": 1}), compute=LOCAL_COMPUTE, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None,
                           grid_tolerance_mm=tol, show_progress=False)
     assert not isinstance(info.value, PreprocessError)
     assert any("case 'case2'" in note for note in info.value.__notes__)

@@ -54,7 +54,7 @@ def test_the_readme_manifest_validates(tmp_path, params):
             write_image(sitk.Cast(mask * params.data.mask_label, sitk.sitkUInt8), mask_path)
     (cohort / "manifest.csv").write_text(_block("csv", "case_id"), encoding="utf-8")
     report = validate_cohort(cohort, params.validation, mask_label=params.data.mask_label, roi=params.data.roi,
-                             segment=params.data.segment, pseudonym_key=None, show_progress=False)
+                             seg_segment=params.data.segment, pseudonym_key=None, show_progress=False)
     assert report.passed, report.to_text()
     assert sorted(set(report.measurements["mask_format"])) == ["labelmap", "rtstruct", "seg"]
     cases = read_manifest(cohort)

@@ -45,13 +45,14 @@ def test_final_model_is_logged_with_signature_and_gated(tmp_path, monkeypatch, p
     network = network_from_spec(seg)
     example = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
     decision = decide_segmenter_promotion(0.8 if promote else 0.5, min_dice=seg.gate.min_dice, n_cases=10)
-    tracker = MlflowTracker("seg-test", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None, store_dir=tmp_path / "mlruns")
+    tracker = MlflowTracker("seg-test", system_metrics=False, system_metrics_interval_s=None, tracking_uri=None,
+                            store_dir=tmp_path / "mlruns", default_tags={"dvc_exp": "exp-1", "git_commit": "abc"})
     result = SegmentationResult(summary={}, case_table=None, spec=seg,
                                 cv=SimpleNamespace(best_model=network, best_fold=3, best_run_id=""),
                                 settings=InferenceSettings.from_params(params.preprocess, seg))
     with tracker.run("segment") as parent:
         version_id = register_segmenter(result, parent_id=parent, decision=decision, example=example, register=True,
-                                        tracker=tracker, tags={"dvc_exp": "exp-1"})
+                                        tracker=tracker)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # MLflow's own API below reads the store from it
     [version] = model_versions(tracker.client, seg.model_name)
     assert version_id == "1" and version["tags"]["dvc_exp"] == "exp-1"  # the DVC experiment that registered it

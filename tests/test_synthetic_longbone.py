@@ -49,7 +49,7 @@ def test_cases_are_readable_and_pass_the_cohort_validation(cohort, params):
     cases = read_manifest(folder)
     assert [c.case_id for c in cases] == [c["case_id"] for c in summary["cases"]]
     assert sorted(c.label for c in cases) == [0] * 4 + [1] * 4
-    report = validate_cohort(folder, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None,
+    report = validate_cohort(folder, params.validation, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None,
                              show_progress=False)
     assert report.passed, report.summary_text()
     assert not report.warned_cases

@@ -353,14 +353,14 @@ def test_validate_cohort_uses_the_spec_and_mask_label(tmp_path, params):
         path = cohort / "masks" / f"c{i:02d}.nii.gz"
         _write(cohort, f"masks/c{i:02d}.nii.gz", sitk.ReadImage(str(path)) * 2)
     spec = params.validation.updated({"lesion_volume_ml": [0.01, 200.0]})
-    report = validate_cohort(cohort, spec, mask_label=2, roi=None, segment=None, pseudonym_key=None, show_progress=False)
+    report = validate_cohort(cohort, spec, mask_label=2, roi=None, seg_segment=None, pseudonym_key=None, show_progress=False)
     assert report.passed and report.failures == {}
     assert (report.measurements["mask_label_voxels"] > 0).all()
-    report = validate_cohort(cohort, spec, mask_label=1, roi=None, segment=None, pseudonym_key=None, show_progress=False)
+    report = validate_cohort(cohort, spec, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None, show_progress=False)
     assert not report.passed and {f.rule for f in report.failures["c00"]} >= {"mask_nonempty"}
     # the spec's rules are the ones applied: a spacing ceiling below the 2 mm slices fails every case
     strict = spec.updated({"max_spacing_mm": 1.5})
-    report = validate_cohort(cohort, strict, mask_label=2, roi=None, segment=None, pseudonym_key=None, show_progress=False)
+    report = validate_cohort(cohort, strict, mask_label=2, roi=None, seg_segment=None, pseudonym_key=None, show_progress=False)
     assert not report.passed and sorted(report.bad_cases) == ["c00", "c01", "c02", "c03"]
     assert all("spacing_max" in {f.rule for f in report.failures[c]} for c in report.bad_cases)
 
@@ -383,7 +383,7 @@ def test_paths_leading_out_of_the_cohort_are_listed_and_never_read(tmp_path, par
         f"b,0,{outside / 'ct.nii.gz'},m.nii.gz\n"
         "c,1,images/link.nii.gz,m.nii.gz\n"
     )
-    report = validate_cohort(cohort, params.validation, mask_label=1, roi=None, segment=None, pseudonym_key=None,
+    report = validate_cohort(cohort, params.validation, mask_label=1, roi=None, seg_segment=None, pseudonym_key=None,
                              show_progress=False)
     for cid in ("a", "b", "c"):
         rules = {f.rule: f.detail for f in report.failures[cid]}

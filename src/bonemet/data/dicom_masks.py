@@ -625,25 +625,25 @@ def _segments_text(labels: dict[int, str]) -> str:
     return ", ".join(f"{n} '{label}'" for n, label in labels.items()) or "no segment at all"
 
 
-def _resolve_segment(segment: int | str, labels: dict[int, str], where: str) -> int:
-    if isinstance(segment, bool) or not isinstance(segment, int | str):
-        raise MaskFormatError(f"{where}: segment must be a segment number or label, found {segment!r}")
-    if isinstance(segment, int):
-        if segment in labels:
-            return segment
+def _resolve_segment(seg_segment: int | str, labels: dict[int, str], where: str) -> int:
+    if isinstance(seg_segment, bool) or not isinstance(seg_segment, int | str):
+        raise MaskFormatError(f"{where}: segment must be a segment number or label, found {seg_segment!r}")
+    if isinstance(seg_segment, int):
+        if seg_segment in labels:
+            return seg_segment
         raise MaskFormatError(
-            f"{where}: no segment number {segment}; the SEG holds segments {_segments_text(labels)}: "
+            f"{where}: no segment number {seg_segment}; the SEG holds segments {_segments_text(labels)}: "
             "set the case's segment to one of them"
         )
-    numbers = [n for n, label in labels.items() if label == segment]
+    numbers = [n for n, label in labels.items() if label == seg_segment]
     if not numbers:
         raise MaskFormatError(
-            f"{where}: no segment labelled '{segment}'; the SEG holds segments {_segments_text(labels)}: "
+            f"{where}: no segment labelled '{seg_segment}'; the SEG holds segments {_segments_text(labels)}: "
             "set the case's segment to one of them"
         )
     if len(numbers) > 1:
         raise MaskFormatError(
-            f"{where}: {len(numbers)} segments are labelled '{segment}' (numbers {numbers}); "
+            f"{where}: {len(numbers)} segments are labelled '{seg_segment}' (numbers {numbers}); "
             "give the segment number instead"
         )
     return numbers[0]
@@ -652,7 +652,7 @@ def _resolve_segment(segment: int | str, labels: dict[int, str], where: str) -> 
 @dataclass(frozen=True)
 class _Frame:
     index: int  # 0-based frame index in the file
-    segment: int | None  # ReferencedSegmentNumber (None for a LABELMAP frame, which holds all)
+    seg_segment: int | None  # ReferencedSegmentNumber (None for a LABELMAP frame, which holds all)
     position: np.ndarray  # ImagePositionPatient, mm
     orientation: np.ndarray  # ImageOrientationPatient (6)
     spacing: np.ndarray  # PixelSpacing (row, column), mm
@@ -671,13 +671,13 @@ def _parse_seg_frames(seg) -> list[_Frame]:
                 return groups[keyword].value[0]
             return shared[keyword].value[0]
 
-        segment = None
+        seg_number = None
         if "SegmentIdentificationSequence" in groups or "SegmentIdentificationSequence" in shared:
-            segment = int(group("SegmentIdentificationSequence").ReferencedSegmentNumber)
+            seg_number = int(group("SegmentIdentificationSequence").ReferencedSegmentNumber)
         frames.append(
             _Frame(
                 index=index,
-                segment=segment,
+                seg_segment=seg_number,
                 position=np.asarray([float(v) for v in group("PlanePositionSequence").ImagePositionPatient]),
                 orientation=np.asarray([float(v) for v in group("PlaneOrientationSequence").ImageOrientationPatient]),
                 spacing=np.asarray([float(v) for v in group("PixelMeasuresSequence").PixelSpacing]),
@@ -719,7 +719,7 @@ def _frame_slice(frame: _Frame, reference_image: sitk.Image, inverse: np.ndarray
 def read_seg_mask(
     seg_path: str | Path,
     reference_image: sitk.Image,
-    segment: int | str,
+    seg_segment: int | str,
     *,
     case_id: str,
     grid_tolerance_mm: float,
@@ -735,7 +735,7 @@ def read_seg_mask(
     Args:
         seg_path: the SEG file.
         reference_image: the CT the segmentation was made on.
-        segment: segment number (int) or SegmentLabel (str, exact match).
+        seg_segment: segment number (int) or SegmentLabel (str, exact match).
         case_id: names the case in error messages.
         grid_tolerance_mm: how far (mm) a frame's position and pixel spacing may be from the
             reference grid's (params ``validate.grid_tolerance_mm``).
@@ -753,7 +753,7 @@ def read_seg_mask(
     fix = "give the DICOM SEG exported for this case"
     seg = _load_seg(path, where, fix)
     labels = _segment_labels(seg, where)
-    number = _resolve_segment(segment, labels, where)
+    number = _resolve_segment(seg_segment, labels, where)
     seg_type = str(seg.get("SegmentationType", "")).upper()
     if seg_type not in ("BINARY", "LABELMAP"):
         raise MaskFormatError(
@@ -762,7 +762,7 @@ def read_seg_mask(
         )
     _check_referenced_series(_seg_referenced_series(seg), reference_series_uid, where, "SEG")
     try:
-        frames = [f for f in _parse_seg_frames(seg) if f.segment in (None, number)]
+        frames = [f for f in _parse_seg_frames(seg) if f.seg_segment in (None, number)]
     except _MALFORMED as exc:
         raise MaskFormatError(f"{where}: malformed frame geometry in the SEG ({exc}); export it again") from exc
 
@@ -783,7 +783,7 @@ def read_seg_mask(
             raise MaskFormatError(
                 f"{where}: frame {frame.index + 1} cannot be decoded ({exc}); export the SEG uncompressed"
             ) from exc
-        hit = pixels == number if frame.segment is None else pixels > 0
+        hit = pixels == number if frame.seg_segment is None else pixels > 0
         array[k] |= hit.astype(np.uint8)
     if not array.any():
         raise MaskFormatError(
@@ -903,7 +903,7 @@ def read_lesion_mask(
     *,
     label: int,
     roi: str | None,
-    segment: int | str | None,
+    seg_segment: int | str | None,
     case_id: str,
     grid_tolerance_mm: float,
     reference_series_uid: str | None = None,
@@ -922,7 +922,7 @@ def read_lesion_mask(
         reference_image: the case's CT (only its geometry is used).
         label: lesion value of a label map (params ``data.mask_label``).
         roi: ROIName of the lesion in an RTSTRUCT (the manifest's roi column); else unused.
-        segment: segment number or label in a SEG; else unused.
+        seg_segment: segment number or label in a SEG; else unused.
         case_id: names the case in error messages.
         grid_tolerance_mm: mm a label map's or SEG's grid may differ from the CT's.
         reference_series_uid: the CT series' SeriesInstanceUID when the CT is a DICOM series
@@ -954,14 +954,14 @@ def read_lesion_mask(
             )
         return read_rtstruct_mask(path, reference_image, roi, case_id=case_id, reference_series_uid=reference_series_uid)
     if kind == "seg":
-        if segment is None or segment == "":
+        if seg_segment is None or seg_segment == "":
             labels = seg_segment_labels(path, case_id=case_id)
             raise MaskFormatError(
                 f"{where}: a DICOM SEG needs the lesion's segment; it holds segments {_segments_text(labels)}: "
                 "set the case's segment (manifest column segment, or params data.segment) to one of them"
             )
         return read_seg_mask(
-            path, reference_image, segment, case_id=case_id, grid_tolerance_mm=grid_tolerance_mm,
+            path, reference_image, seg_segment, case_id=case_id, grid_tolerance_mm=grid_tolerance_mm,
             reference_series_uid=reference_series_uid,
         )
     mask = read_mask(path, label=label, case_id=case_id)

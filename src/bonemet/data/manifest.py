@@ -62,13 +62,13 @@ Segment = int | str
 class MaskRef:
     """Where one mask of a case is: the file, and which structure of it is the lesion.
 
-    ``roi`` matters for an RTSTRUCT, ``segment`` (number or label) for a DICOM SEG; a label map
+    ``roi`` matters for an RTSTRUCT, ``seg_segment`` (number or label) for a DICOM SEG; a label map
     ignores both (its lesion is the voxels equal to ``data.mask_label``).
     """
 
     path: Path
     roi: str | None = None
-    segment: Segment | None = None
+    seg_segment: Segment | None = None
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ class Case:
     annotator_mask: Path | None = None
     metadata: dict = field(default_factory=dict, compare=False)
     roi: str | None = None
-    segment: Segment | None = None
+    seg_segment: Segment | None = None
     annotator_roi: str | None = None
-    annotator_segment: Segment | None = None
+    annotator_seg_segment: Segment | None = None
     #: None: the manifest has no patient_id column (each case is its own patient)
     patient_id: str | None = None
     site: str | None = None
@@ -93,12 +93,12 @@ class Case:
     def mask_ref(self, kind: str) -> MaskRef:
         """The manual (``kind="manual"``) or annotator mask with its ROI / segment."""
         if kind == "manual":
-            return MaskRef(self.manual_mask, self.roi, self.segment)
+            return MaskRef(self.manual_mask, self.roi, self.seg_segment)
         if kind == "annotator":
             if self.annotator_mask is None:
                 raise ManifestError(f"case '{self.case_id}': no annotator_mask in the manifest")
             return MaskRef(self.annotator_mask, self.annotator_roi or self.roi,
-                           self.annotator_segment if self.annotator_segment is not None else self.segment)
+                           self.annotator_seg_segment if self.annotator_seg_segment is not None else self.seg_segment)
         raise ValueError(f"mask kind must be 'manual' or 'annotator', found {kind!r}")
 
     @property
@@ -190,13 +190,13 @@ def path_escapes(cohort_dir: Path, relative: str) -> bool:
     return False
 
 
-def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Segment | None = None,
+def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, seg_segment: Segment | None = None,
                   pseudonym_key: bytes | None = None) -> list[Case]:
     """Parse the manifest into :class:`Case` objects.
 
     Args:
         cohort_dir: the cohort folder.
-        roi, segment: the params defaults (``data.roi``, ``data.segment``) for rows whose
+        roi, seg_segment: the params defaults (``data.roi``, ``data.segment``) for rows whose
             ``roi`` / ``segment`` cell is absent or empty; None leaves them unset, so an RTSTRUCT
             or SEG mask without one is an error when it is read.
         pseudonym_key: replace case and patient ids by their pseudonyms (see
@@ -219,7 +219,7 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
     extra = [] if pseudonym_key is not None else [c for c in table.columns
                                                   if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     has_patients = PATIENT_COLUMN in table.columns
-    default_segment = parse_segment(segment)
+    default_segment = parse_segment(seg_segment)
     for row_no, row in enumerate(table.itertuples(index=False), start=2):
         row = row._asdict()
         case_id = row["case_id"]
@@ -256,9 +256,9 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
                 annotator_mask=(cohort_dir / annot) if annot else None,
                 metadata={k: row[k] for k in extra},
                 roi=row.get("roi") or roi,
-                segment=case_segment if case_segment is not None else default_segment,
+                seg_segment=case_segment if case_segment is not None else default_segment,
                 annotator_roi=row.get("annotator_roi") or None,
-                annotator_segment=parse_segment(row.get("annotator_segment")),
+                annotator_seg_segment=parse_segment(row.get("annotator_segment")),
                 patient_id=row[PATIENT_COLUMN] if has_patients else None,
                 site=row.get(SITE_COLUMN) or None,
             )
@@ -271,5 +271,5 @@ def read_manifest(cohort_dir: str | Path, *, roi: str | None = None, segment: Se
 def manifest_sites(cohort_dir: str | Path, *, pseudonym_key: bytes | None) -> dict[str, str]:
     """Case id -> site (the manifest's ``site`` column) for every case that names one; empty
     without the column. What ComBat harmonisation (``select.harmonize``) reads."""
-    return {c.case_id: c.site for c in read_manifest(cohort_dir, roi=None, segment=None, pseudonym_key=pseudonym_key)
+    return {c.case_id: c.site for c in read_manifest(cohort_dir, roi=None, seg_segment=None, pseudonym_key=pseudonym_key)
             if c.site}

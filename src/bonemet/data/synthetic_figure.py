@@ -37,7 +37,7 @@ def default_case_ids(cohort_dir: str | Path, n: int) -> list[str]:
 def cases_figure(
     cohort_dir: str | Path, case_ids: Sequence[str], *, mask_label: int, grid_tolerance_mm: float,
     auto_masks_dir: str | Path | None = None, titles: Mapping[str, str] | None = None,
-    roi: str | None = None, segment: int | str | None = None, pseudonym_key: bytes | None = None,
+    roi: str | None = None, seg_segment: int | str | None = None, pseudonym_key: bytes | None = None,
 ) -> Figure:
     """One row per case: the axial slice through the lesion's centre and the sagittal slice, with contours.
 
@@ -50,7 +50,7 @@ def cases_figure(
     """
     import matplotlib.pyplot as plt
 
-    by_id = {c.case_id: c for c in read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)}
+    by_id = {c.case_id: c for c in read_manifest(cohort_dir, roi=roi, seg_segment=seg_segment, pseudonym_key=pseudonym_key)}
     unknown = [cid for cid in case_ids if cid not in by_id]
     if unknown:
         raise ValueError(f"{cohort_dir}: case id(s) {', '.join(unknown)} not in the manifest")
@@ -62,7 +62,7 @@ def cases_figure(
 
         def lesion(kind: str, case=case, image=image, cid=cid) -> np.ndarray:
             ref = case.mask_ref(kind)
-            mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment, case_id=cid,
+            mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, seg_segment=ref.seg_segment, case_id=cid,
                                     grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.image)
             return sitk.GetArrayFromImage(mask).astype(bool)
 

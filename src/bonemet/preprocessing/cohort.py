@@ -34,7 +34,7 @@ def read_manual_case(case: Case, *, mask_label: int, grid_tolerance_mm: float, s
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     image = read_image(case.image, case_id=case.case_id)
     ref = case.mask_ref("manual")
-    mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
+    mask = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, seg_segment=ref.seg_segment,
                             case_id=case.case_id, grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.image)
     return image, mask
 
@@ -76,7 +76,7 @@ def preprocess_cohort(
     mask_label: int,
     grid_tolerance_mm: float,
     roi: str | None,
-    segment: int | str | None,
+    seg_segment: int | str | None,
     pseudonym_key: bytes | None,
     show_progress: bool = True,
 ) -> pd.DataFrame:
@@ -97,7 +97,7 @@ def preprocess_cohort(
             on a Dask cluster (:func:`bonemet.compute.case_executor`); same files either way.
         mask_label: lesion label value in the mask label maps (``data.mask_label``).
         grid_tolerance_mm: how far a mask's spacing/origin may differ from its CT's (mm).
-        roi, segment: the lesion's RTSTRUCT ROI / SEG segment for cases whose manifest leaves it
+        roi, seg_segment: the lesion's RTSTRUCT ROI / SEG segment for cases whose manifest leaves it
             empty (``data.roi``, ``data.segment``; None: such a case must give it).
         show_progress: show a progress bar on stderr.
 
@@ -114,7 +114,7 @@ def preprocess_cohort(
     spec = planned_spec(spec, "preprocess_cohort")  # the stages resolve `auto` from the plan, once
     if compute.scheduler == "dask":  # a cluster's workers have their own working folder: absolute paths
         cohort_dir = Path(cohort_dir).absolute()
-    cases = read_manifest(cohort_dir, roi=roi, segment=segment, pseudonym_key=pseudonym_key)
+    cases = read_manifest(cohort_dir, roi=roi, seg_segment=seg_segment, pseudonym_key=pseudonym_key)
     jobs = resolve_jobs(spec.n_jobs, len(cases))
     out_dir = Path(spec.out_dir)
     where = f"{jobs} process(es)" if compute.scheduler == "local" else f"Dask at {compute.dask_address}"

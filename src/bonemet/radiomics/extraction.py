@@ -65,7 +65,7 @@ class CaseInput:
     image: Path
     mask: Path
     roi: str | None = None
-    segment: int | str | None = None
+    seg_segment: int | str | None = None
 
 
 @dataclass
@@ -176,7 +176,7 @@ def extract_features(
     *,
     grid_tolerance_mm: float,
     roi: str | None = None,
-    segment: int | str | None = None,
+    seg_segment: int | str | None = None,
 ) -> dict[str, float]:
     """PyRadiomics features of one lesion mask, diagnostics dropped, in PyRadiomics' order.
 
@@ -204,7 +204,7 @@ def extract_features(
     if isinstance(mask, sitk.Image):
         mask = _binary_mask(mask, label)
     elif mask_format(mask_file, case_id=case_id) != "labelmap":
-        mask = read_lesion_mask(mask_file, image, label=label, roi=roi, segment=segment, case_id=case_id,
+        mask = read_lesion_mask(mask_file, image, label=label, roi=roi, seg_segment=seg_segment, case_id=case_id,
                                 grid_tolerance_mm=grid_tolerance_mm, reference_image_path=image_path)
     else:  # a label map: on another grid it is resampled onto the image (check_mask), not refused
         mask = read_mask(mask, label=label, case_id=case_id)
@@ -227,13 +227,13 @@ def extract_features(
 
 
 def cache_key(image: str | Path, mask: str | Path, settings: Mapping[str, Any], *,
-              roi: str | None = None, segment: int | str | None = None) -> str:
+              roi: str | None = None, seg_segment: int | str | None = None) -> str:
     """Hash of the image bytes (a DICOM folder's files), the mask bytes, the lesion's ROI /
     segment in a DICOM mask, the settings and the PyRadiomics version."""
     h = hashlib.sha256()
     parts = [str(CACHE_FORMAT), file_md5(image), file_md5(mask), settings_digest(settings)]
-    if roi is not None or segment is not None:  # label maps keep the keys they always had
-        parts.append(json.dumps({"roi": roi, "segment": segment}, sort_keys=True))
+    if roi is not None or seg_segment is not None:  # label maps keep the keys they always had
+        parts.append(json.dumps({"roi": roi, "segment": seg_segment}, sort_keys=True))
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")
@@ -286,7 +286,7 @@ def _extract_task(
     """Worker: extract one case, write its cache entry; returns (case_id, features, bad-mask reason, RSS MiB)."""
     try:
         features = extract_features(case.image, case.mask, settings, case.case_id,
-                                    grid_tolerance_mm=grid_tolerance_mm, roi=case.roi, segment=case.segment)
+                                    grid_tolerance_mm=grid_tolerance_mm, roi=case.roi, seg_segment=case.seg_segment)
     except BadMaskError as exc:
         return case.case_id, None, exc.reason, _peak_rss_mib()
     except MaskFormatError as exc:  # an RTSTRUCT/SEG that gives no lesion on this image: a bad mask too
@@ -397,7 +397,7 @@ def _from_cache(inputs: Sequence[CaseInput], settings: Mapping[str, Any], cache_
         cache_root.mkdir(parents=True, exist_ok=True)
     todo: list[CaseInput] = []
     for case in inputs:
-        path = (cache_root / f"{cache_key(case.image, case.mask, settings, roi=case.roi, segment=case.segment)}.json"
+        path = (cache_root / f"{cache_key(case.image, case.mask, settings, roi=case.roi, seg_segment=case.seg_segment)}.json"
                 if cache_root is not None else None)
         cache_path[case.case_id] = path
         cached = _read_cache(path) if path is not None else None

@@ -61,21 +61,21 @@ def source_cases(
     if source == "annotator" and not any(c.annotator_mask for c in cases):
         return None
     for case in cases:
-        roi = segment = None
+        roi = seg_segment = None
         if source == "manual":
             ref = case.mask_ref("manual")
-            mask, roi, segment = ref.path, ref.roi, ref.segment
+            mask, roi, seg_segment = ref.path, ref.roi, ref.seg_segment
         elif source == "annotator":
             if case.annotator_mask is None:
                 continue  # only the cases a second reader segmented
             ref = case.mask_ref("annotator")
-            mask, roi, segment = ref.path, ref.roi, ref.segment
+            mask, roi, seg_segment = ref.path, ref.roi, ref.seg_segment
         else:
             mask = folder / f"{case.case_id}{AUTO_MASK_SUFFIX}"
         if not Path(mask).is_file():
             missing.append((case.case_id, f"{source} mask file not found: {mask}"))
             continue
-        inputs.append(CaseInput(case.case_id, case.label, Path(case.image), Path(mask), roi, segment))
+        inputs.append(CaseInput(case.case_id, case.label, Path(case.image), Path(mask), roi, seg_segment))
     return inputs, missing
 
 

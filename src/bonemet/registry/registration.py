@@ -295,12 +295,13 @@ def log_segmenter(tracker: Tracker, network: Any, example: Any, metadata: Mappin
 
 
 def register_segmenter(result: Any, *, parent_id: str | None, decision: Any, example: Any, register: bool,
-                       tracker: MlflowTracker, tags: Mapping[str, str] | None = None) -> str | None:
+                       tracker: MlflowTracker) -> str | None:
     """Log the best fold's model of a :class:`bonemet.segmentation.pipeline.SegmentationResult` (by
     validation Dice) in ``tracker``'s open run ``parent_id``, with its inference settings as
     metadata; when ``register``, make it a new version of ``result.spec.model_name`` in the
-    tracker's store and give it ``spec.alias`` when the gate's ``decision`` promotes it. Returns
-    the version (None: not registered)."""
+    tracker's store (tagged with the tracker's DVC experiment, ``dvc_exp``, when it has one) and
+    give it ``spec.alias`` when the gate's ``decision`` promotes it. Returns the version (None: not
+    registered)."""
     from bonemet.segmentation.networks import network_kwargs
 
     spec, cv, network = result.spec, result.cv, result.spec.model
@@ -317,7 +318,7 @@ def register_segmenter(result: Any, *, parent_id: str | None, decision: Any, exa
                     f"ten-fold run; input: a CT preprocessed as in metadata['preprocess']. Gate: {decision.reason}.",
         tags={"network": network, "profile": spec.profile, "source_fold": str(cv.best_fold),
               "gate_decision": "promote" if decision.promote else "hold", "gate_reason": decision.reason,
-              **dict(tags or {})},
+              **{k: v for k, v in tracker.default_tags.items() if k == "dvc_exp"}},
     )
     if decision.promote:
         set_alias(tracker.client, spec.model_name, spec.alias, version)

@@ -29,6 +29,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from bonemet.config import TrackingSpec
 from bonemet.errors import UserError
 from bonemet.registry.local import default_tracking_uri
 from bonemet.tracking.base import DatasetInput, Tracker
@@ -59,6 +60,22 @@ def client(tracking_uri: str | None, store_dir: str | Path) -> MlflowClient:
     """An MlflowClient bound to the store (tracking and registry): see :func:`store_uri`."""
     uri = store_uri(tracking_uri, store_dir)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def http_settings(tracking: TrackingSpec) -> None:
+    """MLflow's request retries and timeout from ``tracking`` (the user's environment wins): how
+    long a stage waits for an unreachable team server."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(tracking.http_max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(tracking.http_backoff_factor))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracking.http_timeout_s))
+
+
+def project_store(tracking: TrackingSpec, tracking_uri: str | None) -> MlflowClient:
+    """The client of ``tracking_uri`` (a team server; the entry point reads ``MLFLOW_TRACKING_URI``)
+    or of the project's store (``tracking.store_dir``), created if needed, with ``tracking``'s HTTP
+    settings (:func:`http_settings`); its ``tracking_uri`` is the URI."""
+    http_settings(tracking)
+    return client(tracking_uri, tracking.store_dir)
 
 
 @contextlib.contextmanager
@@ -243,6 +260,16 @@ class MlflowTracker(Tracker):
         self.system_metrics = system_metrics
         self.system_metrics_interval_s = system_metrics_interval_s
         self._open: list[str] = []  # the ids of this tracker's open runs, innermost last
+
+    @classmethod
+    def for_stage(cls, tracking: TrackingSpec, experiment: str, *, tracking_uri: str | None,
+                  default_tags: Mapping[str, str], inputs: Sequence[DatasetInput], long_running: bool) -> MlflowTracker:
+        """A stage's tracker for ``experiment`` on :func:`project_store`'s store: system metrics when
+        the stage is ``long_running`` and ``tracking.system_metrics`` is on."""
+        http_settings(tracking)
+        return cls(experiment, tracking_uri=tracking_uri, store_dir=tracking.store_dir, default_tags=default_tags,
+                   inputs=inputs, system_metrics=long_running and tracking.system_metrics,
+                   system_metrics_interval_s=tracking.system_metrics_interval_s)
 
     @contextlib.contextmanager
     def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[str]:

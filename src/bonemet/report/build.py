@@ -42,7 +42,7 @@ class CaseSettings:
 
     mask_label: int
     roi: str | None
-    segment: int | str | None
+    seg_segment: int | str | None
     grid_tolerance_mm: float
     #: the key of ``data.pseudonymize`` (ids are then the stages' pseudonyms); None when off
     pseudonym_key: bytes | None
@@ -101,7 +101,7 @@ def render_report(
         "plan": content.plan_section(inputs, dpi=figure_dpi, href=plan_href),
         "examples": content.examples_section(inputs, n=example_cases, mask_label=cases.mask_label,
                                              grid_tolerance_mm=cases.grid_tolerance_mm, roi=cases.roi,
-                                             segment=cases.segment, dpi=figure_dpi,
+                                             seg_segment=cases.seg_segment, dpi=figure_dpi,
                                              pseudonym_key=cases.pseudonym_key),
         "segmentation": segmentation,
         "radiomics": content.radiomics_section(inputs, dpi=figure_dpi),

@@ -282,7 +282,7 @@ def example_cases(cases: pd.DataFrame | None, cohort_ids: Sequence[str], n: int)
 
 
 def examples_section(inputs: ReportInputs, *, n: int, mask_label: int, grid_tolerance_mm: float,
-                     roi: str | None, segment: int | str | None, dpi: int,
+                     roi: str | None, seg_segment: int | str | None, dpi: int,
                      pseudonym_key: bytes | None) -> dict[str, Any]:
     from bonemet.data.manifest import read_manifest_table
     from bonemet.data.synthetic_figure import cases_figure
@@ -293,7 +293,7 @@ def examples_section(inputs: ReportInputs, *, n: int, mask_label: int, grid_tole
     has_auto = inputs.auto_masks.is_dir() and any(inputs.auto_masks.glob("*.nii.gz"))
     fig = cases_figure(inputs.cohort_dir, [cid for cid, _ in picks], mask_label=mask_label,
                        grid_tolerance_mm=grid_tolerance_mm, auto_masks_dir=inputs.auto_masks if has_auto else None,
-                       titles={cid: why for cid, why in picks if why}, roi=roi, segment=segment,
+                       titles={cid: why for cid, why in picks if why}, roi=roi, seg_segment=seg_segment,
                        pseudonym_key=pseudonym_key)
     return {"figure": figures.figure_uri(fig, dpi), "cases": picks, "has_auto": has_auto}
 

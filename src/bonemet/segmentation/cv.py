@@ -118,7 +118,7 @@ def manual_mask(case: SegCase, on_grid: sitk.Image, mask_label: int, grid_tolera
     """The case's manual mask (label map, RTSTRUCT or SEG) on ``on_grid``, its original CT's grid
     (e.g. the automatic mask written there): the reference of Dice, HD95 and volume difference."""
     return read_lesion_mask(case.original_mask, on_grid, label=mask_label, roi=case.original_roi,
-                            segment=case.original_segment, case_id=case.case_id,
+                            seg_segment=case.original_seg_segment, case_id=case.case_id,
                             grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.original_image)
 
 

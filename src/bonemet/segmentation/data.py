@@ -51,7 +51,7 @@ class SegCase:
     original_mask: Path | None = None
     label: int | None = None
     original_roi: str | None = None
-    original_segment: int | str | None = None
+    original_seg_segment: int | str | None = None
 
 
 def _resolve(value: str, base: Path) -> Path:
@@ -91,10 +91,10 @@ def load_cases(
         label = row.get("label", "")
         if isinstance(orig, Case):
             ref = orig.mask_ref("manual")
-            image, mask, roi, segment = orig.image, ref.path, ref.roi, ref.segment
+            image, mask, roi, seg_segment = orig.image, ref.path, ref.roi, ref.seg_segment
         else:
             image, mask = orig if orig else (None, None)
-            roi = segment = None
+            roi = seg_segment = None
         cases.append(
             SegCase(
                 case_id=cid,
@@ -104,7 +104,7 @@ def load_cases(
                 original_mask=mask,
                 label=int(label) if str(label).strip() not in ("", "nan") else None,
                 original_roi=roi,
-                original_segment=segment,
+                original_seg_segment=seg_segment,
             )
         )
     return cases

@@ -137,7 +137,7 @@ def import_external_masks(
                 continue
             write_image(sitk.Cast(mask * int(mask_label), sitk.sitkUInt8), Path(tmp) / f"{cid}{EXTERNAL_SUFFIX}")
             ref = case.mask_ref("manual")
-            manual = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, segment=ref.segment,
+            manual = read_lesion_mask(ref.path, image, label=mask_label, roi=ref.roi, seg_segment=ref.seg_segment,
                                       case_id=cid, grid_tolerance_mm=grid_tolerance_mm, reference_image_path=case.image)
             rows.append({"case_id": cid, "fold": None,
                          **case_metrics(mask, manual, cid, grid_tolerance_mm=grid_tolerance_mm)})

@@ -62,7 +62,7 @@ class BatchCase:
     image: Path
     mask: Path | None = None
     roi: str | None = None
-    segment: int | str | None = None
+    seg_segment: int | str | None = None
 
 
 def _is_image(path: Path) -> bool:
@@ -202,7 +202,7 @@ def predict_batch(predictor: Any, input_path: str | Path, output_path: str | Pat
     def one(case: BatchCase) -> dict[str, Any]:
         save = save_dir / f"{case.case_id}.nii.gz" if save_dir is not None else None
         return predictor.predict_case(case.image, case.mask, save_mask=save, case_id=case.case_id, roi=case.roi,
-                                      segment=case.segment)
+                                      seg_segment=case.seg_segment)
 
     results = predictor.run_gc(lambda: predict_many(cases, one, show_progress=show_progress))
     write_results_csv(results, output_path)

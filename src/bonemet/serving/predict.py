@@ -158,7 +158,7 @@ def load_inputs(
     grid_tolerance_mm: float,
     case_id: str | None = None,
     roi: str | None = None,
-    segment: int | str | None = None,
+    seg_segment: int | str | None = None,
 ) -> CaseInputs:
     """Read the CT (NIfTI, NRRD, MetaImage or a DICOM series folder) and the optional mask.
 
@@ -168,12 +168,12 @@ def load_inputs(
         image_path: the CT in HU (DICOM rescale slope/intercept applied by the reader).
         mask_path: optional lesion mask: a label map on the CT's grid (voxels equal to
             ``mask_label`` are lesion), or a DICOM RTSTRUCT (structure ``roi``) or SEG
-            (``segment``: number or label) drawn on the CT.
+            (``seg_segment``: number or label) drawn on the CT.
         mask_label: lesion value in a label map (``data.mask_label``).
         grid_tolerance_mm: how far (mm) the mask's spacing and origin may differ from the CT's
             (``validate.grid_tolerance_mm``).
         case_id: the case's id (default: from the image's file or folder name).
-        roi, segment: which structure of an RTSTRUCT / SEG mask is the lesion.
+        roi, seg_segment: which structure of an RTSTRUCT / SEG mask is the lesion.
 
     Raises:
         bonemet.data.io.ImageReadError: a file is missing, unreadable, truncated or not an image
@@ -196,7 +196,7 @@ def load_inputs(
             # maybe a DICOM RTSTRUCT or SEG (pydicom is imported only for these)
             from bonemet.data.dicom_masks import read_lesion_mask
 
-            mask = read_lesion_mask(mask_path, image, label=mask_label, roi=roi, segment=segment, case_id=case_id,
+            mask = read_lesion_mask(mask_path, image, label=mask_label, roi=roi, seg_segment=seg_segment, case_id=case_id,
                                     grid_tolerance_mm=grid_tolerance_mm, reference_image_path=image_path)
         else:
             mask = read_mask(mask_path, label=mask_label, case_id=case_id)
@@ -208,7 +208,7 @@ def load_inputs(
                 )
             mask.CopyInformation(image)  # within tolerance: the CT's exact geometry from here on
         if not np.any(sitk.GetArrayViewFromImage(mask)):
-            what = f"label {mask_label}" if roi is None and segment is None else f"structure {roi or segment}"
+            what = f"label {mask_label}" if roi is None and seg_segment is None else f"structure {roi or seg_segment}"
             raise PredictError(f"case '{case_id}': no lesion found: the mask {mask_path} has no voxel with {what}")
         inputs.mask_path, inputs.mask = mask_path, mask
     inputs.seconds["read"] = time.perf_counter() - start
@@ -482,14 +482,14 @@ class Predictor:
 
     def predict_case(self, image_path: str | Path | None, mask_path: str | Path | None = None, *,
                      save_mask: str | Path | None = None, case_id: str | None = None, roi: str | None = None,
-                     segment: Any = None) -> dict[str, Any]:
+                     seg_segment: Any = None) -> dict[str, Any]:
         """Probability that the bone metastasis in a CT comes from breast cancer.
 
         Args:
             image_path: CT in HU: NIfTI, NRRD, MetaImage file or a folder with one DICOM series;
                 any spacing and orientation.
             mask_path: optional lesion mask on the CT's grid: a label map (lesion = ``mask_label``),
-                a DICOM RTSTRUCT (``roi``) or SEG (``segment``); without it the segmenter makes one.
+                a DICOM RTSTRUCT (``roi``) or SEG (``seg_segment``); without it the segmenter makes one.
             save_mask: where to write the lesion mask used: a label map (uint8 0/1, on the CT's
                 grid; format by suffix) or, for a path ending in ``.dcm``, a DICOM SEG over the
                 input series (the input must then be a DICOM series folder).
@@ -516,7 +516,7 @@ class Predictor:
             raise PredictError("no CT given: bonemet predict IMAGE [--mask MASK], or -i DIR_OR_MANIFEST -o OUT.csv")
         # Read (and check) the CT and mask before loading any model: a bad file fails in a second.
         inputs = load_inputs(image_path, mask_path, mask_label=self.mask_label, grid_tolerance_mm=self.grid_tolerance_mm,
-                             case_id=case_id, roi=roi, segment=segment)
+                             case_id=case_id, roi=roi, seg_segment=seg_segment)
         if case_id is None:  # an id from the file name is pseudonymised like a manifest's (a batch's already are)
             inputs.case_id = self.pseudonym(inputs.case_id)
         check_save_mask(save_mask, inputs.image_path, inputs.case_id)

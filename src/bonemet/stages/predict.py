@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             from bonemet.data.manifest import parse_segment
 
             result = predictor.predict_case(args.image, args.mask, save_mask=args.save_mask, roi=args.roi,
-                                            segment=parse_segment(args.segment))
+                                            seg_segment=parse_segment(args.segment))
             code = 0
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n")
     finally:

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     cohort_dir = args.cohort_dir or params.data.cohort_dir
     table = preprocess_cohort(cohort_dir, spec, compute=params.compute, mask_label=params.data.mask_label,
                               grid_tolerance_mm=params.validation.grid_tolerance_mm,
-                              roi=params.data.roi, segment=params.data.segment,
+                              roi=params.data.roi, seg_segment=params.data.segment,
                               pseudonym_key=pseudonym_key(params), show_progress=not args.no_progress)
     log.info("preprocessed %d cases into %s", len(table), spec.out_dir)
     return 0

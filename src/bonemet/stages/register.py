@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.registry.registration import register_classifier
     from bonemet.registry.trained import read_trained_classifier
     from bonemet.stages._common import mlflow_tracker, pseudonym_key, specs_from
-    from bonemet.tracking.provenance import run_tags, segmentation_bias_tags
+    from bonemet.tracking.provenance import segmentation_bias_tags
     from bonemet.utils import write_json
 
     params = specs_from(args)
@@ -49,15 +49,15 @@ def run(args: argparse.Namespace) -> int:
     # automatic-mask features
     auto = trained.feature_source == "auto"
     bias = segmentation_bias_tags(params.segment.metrics, params.segment.bias.max_dice_gap) if auto else {}
-    tags = {**run_tags(params.data.cohort_dir), **bias}
+    tracker = mlflow_tracker(params, reg.experiment, tags=bias)  # its run tags: provenance and the gap
     result = register_classifier(
-        tracker=mlflow_tracker(params, reg.experiment, tags=bias), model_name=reg.model_name,
+        tracker=tracker, model_name=reg.model_name,
         classifier=trained.classifier, index=trained.index, provenance=trained.provenance, repeated=trained.repeated,
         pipeline=trained.pipeline, domain=trained.domain, check_rows=features, text_columns=trained.text_columns,
         min_auc=reg.min_auc, min_auc_lower_bound=reg.min_auc_lower_bound, min_sensitivity=reg.min_sensitivity,
         min_specificity=reg.min_specificity, tolerance=reg.tolerance, max_gap_to_best=reg.max_gap_to_best,
         alias=reg.alias, description_extra="\nTable 1:\n" + trained.table1 if trained.table1 else "",
-        tags=tags,
+        tags=tracker.default_tags,
     )
     summary = {**result.to_dict(), **bias, "promoted": int(result.promoted)}
     if args.json:

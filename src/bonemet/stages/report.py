@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     ev = params.evaluate
     build_report(
         args.out or spec.out, report_inputs(params), title=spec.title,
-        cases=CaseSettings(mask_label=params.data.mask_label, roi=params.data.roi, segment=params.data.segment,
+        cases=CaseSettings(mask_label=params.data.mask_label, roi=params.data.roi, seg_segment=params.data.segment,
                            grid_tolerance_mm=params.validation.grid_tolerance_mm,
                            pseudonym_key=pseudonym_key(params)),
         provenance=Provenance(git_commit=git_commit(), data_md5=data_md5(params.data.cohort_dir),

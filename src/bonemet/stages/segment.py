@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from bonemet.splits import read_splits
     from bonemet.stages._common import cohort_input, mlflow_tracker, read_cases, specs_from
     from bonemet.tracking import NullTracker
-    from bonemet.tracking.provenance import run_tags
 
     params = specs_from(args, segment_profile=args.profile)
     if args.model:
@@ -72,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
         tracker.log_dict(summary, "segmentation.json")
         if trained:
             register_segmenter(result, parent_id=parent_id, decision=decision, register=register, tracker=tracker,
-                               example=pipeline.input_example(load_volume(cases[0], with_label=False), result.spec.roi_size),
-                               tags={k: v for k, v in run_tags(params.data.cohort_dir).items() if k == "dvc_exp"})
+                               example=pipeline.input_example(load_volume(cases[0], with_label=False), result.spec.roi_size))
     log.info("segment: mean Dice %.4f (sd %.4f) over %d cases in %.0f s", summary.get("dice_mean") or float("nan"),
              summary.get("dice_sd") or float("nan"), len(result.case_table), result.wall_seconds)
     return 0

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     params = specs_from(args)
     args.cohort_dir = args.cohort_dir or args.cohort or params.data.cohort_dir
     report = validate_cohort(args.cohort_dir, params.validation, mask_label=params.data.mask_label,
-                             roi=params.data.roi, segment=params.data.segment,
+                             roi=params.data.roi, seg_segment=params.data.segment,
                              pseudonym_key=pseudonym_key(params), show_progress=not args.no_progress)
     if args.report:
         report.write(args.report)

@@ -2,8 +2,8 @@
 ``.dvc`` files and ``dvc.lock`` it writes, and the environment it gives the stages it runs.
 
 bonemet never imports DVC: it reads DVC's files and runs its command line, here only
-(tests/test_layers.py). The stages (``stages._common``: run tags, the project's root, the cohort's
-md5; ``stages.ensure_data``: versioning the cohort) call these functions.
+(tests/test_layers.py). The stages (``stages._common``: the project's root; ``stages.ensure_data``:
+versioning the cohort) and ``tracking.provenance`` (run tags, the cohort's md5) call these functions.
 """
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ def dvc_root() -> str | None:
     for a queued experiment, whose stages run in a temporary copy under ``.dvc/tmp/exps``); None
     outside DVC."""
     return os.environ.get("DVC_ROOT") or None
+
+
+def project_path(path: str) -> str:
+    """``path`` relative to the project's root: :func:`dvc_root` when a stage runs under DVC (a
+    queued experiment's stages run in a temporary copy under ``.dvc/tmp/exps``), else the working
+    directory. So every experiment, queued or not, tracks to the project's one MLflow store."""
+    root = dvc_root()
+    if not root or Path(path).is_absolute() or Path(root).resolve() == Path.cwd().resolve():
+        return path
+    return str(Path(root) / path)
 
 
 def in_dvc_stage() -> bool:

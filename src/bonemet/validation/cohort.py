@@ -256,14 +256,14 @@ def _measure_image(path: Path, case_id: str) -> tuple[dict[str, Any], sitk.Image
 
 def _measure_dicom_mask(
     m: dict[str, Any], path: Path, kind: str, case_id: str, image: sitk.Image | None, image_path: Path | None,
-    roi: str | None, segment: int | str | None, mask_label: int, grid_tolerance_mm: float,
+    roi: str | None, seg_segment: int | str | None, mask_label: int, grid_tolerance_mm: float,
 ) -> dict[str, Any]:
     """An RTSTRUCT / SEG mask, read onto its image as every stage reads it."""
     m[f"{kind}_readable"] = True
     if image is None:  # nothing to rasterise onto: the image rules already fail
         return m
     try:
-        mask = read_lesion_mask(path, image, label=mask_label, roi=roi, segment=segment, case_id=case_id,
+        mask = read_lesion_mask(path, image, label=mask_label, roi=roi, seg_segment=seg_segment, case_id=case_id,
                                 grid_tolerance_mm=grid_tolerance_mm, reference_image_path=image_path)
     except (ImageReadError, OSError) as exc:  # MaskFormatError: the reader's message names file and fix
         m[f"{kind}_dicom_ok"] = False
@@ -288,7 +288,7 @@ def _measure_mask(
     *,
     image_path: Path | None = None,
     roi: str | None = None,
-    segment: int | str | None = None,
+    seg_segment: int | str | None = None,
 ) -> dict[str, Any]:
     m = _empty_mask_measures(kind)
     if path is None:
@@ -304,7 +304,7 @@ def _measure_mask(
         m[f"{kind}_error"] = str(exc)
         return m
     if m[f"{kind}_format"] != "labelmap":
-        return _measure_dicom_mask(m, path, kind, case_id, image, image_path, roi, segment, mask_label,
+        return _measure_dicom_mask(m, path, kind, case_id, image, image_path, roi, seg_segment, mask_label,
                                    grid_tolerance_mm)
     try:
         mask = read_image(path, case_id=case_id)
@@ -346,7 +346,7 @@ def measure_cohort(
     mask_label: int,
     grid_tolerance_mm: float,
     roi: str | None,
-    segment: int | str | None,
+    seg_segment: int | str | None,
     show_progress: bool = True,
 ) -> pd.DataFrame:
     """Read every case's image and masks once and return one row of measurements per manifest row.
@@ -377,7 +377,7 @@ def measure_cohort(
         out.update(measures)
         case_roi = rec.get("roi") or roi
         case_segment = parse_segment(rec.get("segment"))
-        case_segment = case_segment if case_segment is not None else parse_segment(segment)
+        case_segment = case_segment if case_segment is not None else parse_segment(seg_segment)
         refs = {"mask": (case_roi, case_segment),
                 "annotator_mask": (rec.get("annotator_roi") or case_roi,
                                    parse_segment(rec.get("annotator_segment")) or case_segment)}
@@ -388,7 +388,7 @@ def measure_cohort(
             out.update(
                 _measure_mask(
                     cohort_dir / rel if rel else None, kind, case_id, image, mask_label, grid_tolerance_mm,
-                    image_path=image_path, roi=kind_roi, segment=kind_segment,
+                    image_path=image_path, roi=kind_roi, seg_segment=kind_segment,
                 )
             )
         rows.append(out)
@@ -723,7 +723,7 @@ def validate_cohort(
     *,
     mask_label: int,
     roi: str | None,
-    segment: int | str | None,
+    seg_segment: int | str | None,
     pseudonym_key: bytes | None,
     show_progress: bool = True,
 ) -> CohortReport:
@@ -739,7 +739,7 @@ def validate_cohort(
             ``grid_tolerance_mm`` (a mask's spacing/origin vs its image's, mm);
             ``lesion_volume_ml`` (plausible lesion volume, mL; outside it only warns).
         mask_label: value of the lesion in the label maps (``data.mask_label``).
-        roi, segment: the lesion's ROI in RTSTRUCT masks / segment in SEG masks for rows whose
+        roi, seg_segment: the lesion's ROI in RTSTRUCT masks / segment in SEG masks for rows whose
             manifest cell is empty (``data.roi``, ``data.segment``; None: the row must give it).
         show_progress: show a progress bar over cases.
 
@@ -759,7 +759,7 @@ def validate_cohort(
         "grid_tolerance_mm": spec.grid_tolerance_mm,
         "lesion_volume_ml": [low, high],
         "roi": roi,
-        "segment": segment,
+        "segment": seg_segment,
     }
     report = CohortReport(cohort_dir=str(cohort_dir), n_cases=0, params=params)
     try:
@@ -776,7 +776,7 @@ def validate_cohort(
 
     # -- per-case rules over the measurements
     measurements = measure_cohort(cohort_dir, table, mask_label=mask_label, grid_tolerance_mm=spec.grid_tolerance_mm,
-                                  roi=roi, segment=segment, show_progress=show_progress)
+                                  roi=roi, seg_segment=seg_segment, show_progress=show_progress)
     kinds = ["mask"]
     if "annotator_mask" in table.columns and (table["annotator_mask"] != "").any():
         kinds.append("annotator_mask")
