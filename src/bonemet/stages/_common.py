@@ -52,10 +52,9 @@ def read_cases(params: Params, cohort_dir: str | None = None) -> list:
 
 def cohort_input(params: Params) -> DatasetInput:
     """The cohort as the MLflow training dataset of a run (:func:`bonemet.tracking.provenance.cohort_dataset`)."""
-    from bonemet.data.manifest import MANIFEST_NAME
     from bonemet.tracking.provenance import cohort_dataset
 
-    return cohort_dataset(read_cases(params), params.data.cohort_dir, MANIFEST_NAME, "training")
+    return cohort_dataset(read_cases(params), params.data.cohort_dir, "training")
 
 
 def open_store(params: Params) -> MlflowClient:

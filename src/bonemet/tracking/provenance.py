@@ -33,11 +33,13 @@ def run_tags(cohort_dir: str | Path) -> dict[str, str]:
     return tags
 
 
-def cohort_dataset(cases: Sequence, cohort_dir: str | Path, manifest_name: str, context: str) -> DatasetInput:
+def cohort_dataset(cases: Sequence, cohort_dir: str | Path, context: str) -> DatasetInput:
     """The cohort as an MLflow dataset: one row per case (id, label, patient and site when the
     manifest has them; the ids as given, pseudonymous when the cases are; no file paths, which may
-    carry ids), its DVC md5 as the digest, its case count."""
+    carry ids), its manifest as the source, its DVC md5 as the digest, its case count."""
     import pandas as pd
+
+    from bonemet.data.manifest import MANIFEST_NAME
 
     table = pd.DataFrame({"case_id": [c.case_id for c in cases], "label": [int(c.label) for c in cases]})
     if any(c.patient_id for c in cases):
@@ -45,7 +47,7 @@ def cohort_dataset(cases: Sequence, cohort_dir: str | Path, manifest_name: str, 
     if any(c.site for c in cases):
         table["site"] = [c.site or "" for c in cases]
     digest = data_md5(cohort_dir)
-    return DatasetInput(name="cohort", table=table, source=str(Path(cohort_dir) / manifest_name),
+    return DatasetInput(name="cohort", table=table, source=str(Path(cohort_dir) / MANIFEST_NAME),
                         digest=digest, context=context,
                         tags={"dvc_md5": digest, "n_cases": str(len(table)), "cohort_dir": str(cohort_dir)})
 
