@@ -10,11 +10,12 @@ export PATH="$PWD/$BIN:$PATH"
 echo "== ruff"
 "$BIN/ruff" check src tests benchmarks
 # BONEMET_TEST_WORKERS=N: N pytest workers (pytest-xdist, each test file whole on one worker; about
-# 19 instead of 25 min on 2 cores), then the serving benchmark's file alone (it measures a live
-# server and once saw non-200 answers beside a pipeline test). Default 0, one process: on two
-# workers tests/test_logs.py's warning capture lost its warnings once (2026-12-05, 4b7cae6: the
-# file order of a worker; not yet understood).
-workers="${BONEMET_TEST_WORKERS:-0}"
+# 20 instead of 28 min on 2 cores), then the serving benchmark's file alone (it measures a live
+# server and once saw non-200 answers beside a pipeline test). Default 2; 0 runs one process.
+# (Two workers once lost test_logs.py's warnings: a worker that had imported Great Expectations,
+# which turns on logging.captureWarnings, made the capture's own call a no-op; fixed in
+# bonemet.utils.worker_warnings, tested in tests/test_logs.py.)
+workers="${BONEMET_TEST_WORKERS:-2}"
 ALONE=tests/test_serving_benchmark.py
 args=(-q --durations=25)
 if [ "$workers" = 0 ]; then

@@ -46,6 +46,21 @@ def test_warnings_go_to_the_log_in_full_and_to_the_screen_once_per_kind(tmp_path
     assert all(f"(full text: {log_file})" in line for line in summary)
 
 
+def test_warnings_are_captured_after_a_library_routed_them_through_logging(tmp_path):
+    """Great Expectations calls ``logging.captureWarnings(True)`` at import, and pytest records each
+    test's warnings itself: the stage's log still gets every warning, and none escapes."""
+    log_file = tmp_path / "validate.log"
+    logging.captureWarnings(True)  # what a library does at import
+    try:
+        with warnings.catch_warnings(record=True) as escaped:  # what pytest does around each test
+            with capture_warnings(log_file, "validate"):
+                warnings.warn("after the library's import", LibraryNote, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    assert list(warning_counts(log_file).values()) == [1] and "after the library's import" in log_file.read_text()
+    assert escaped == []
+
+
 def test_without_a_log_file_the_warnings_are_only_counted(tmp_path, caplog, capsys):
     with caplog.at_level(logging.WARNING), capture_warnings(None, "models"):
         warnings.warn("not actionable", LibraryNote, stacklevel=1)

@@ -345,12 +345,17 @@ def _write_entry(category: str, filename: str, lineno: int | str, text: str) -> 
 _FORMATTED = re.compile(r"(?s)^(?P<file>.*?):(?P<line>\d+): (?P<category>\w+): (?P<message>.*)$")
 
 
-class _WarningEntries(logging.Handler):
-    """Handler of the ``py.warnings`` logger: each warning becomes an entry of the stage's log.
+def _warning_entry(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` while warnings are captured: the warning becomes an entry of the log."""
+    _write_entry(category.__name__, filename, lineno, str(message))
 
-    Warnings are routed through logging (``logging.captureWarnings``) rather than by replacing
-    ``warnings.showwarning``, because some libraries (Great Expectations) turn that routing on at
-    import and would otherwise take the warnings back to the screen.
+
+class _WarningEntries(logging.Handler):
+    """Handler of the ``py.warnings`` logger: each warning routed through logging becomes an entry
+    of the stage's log. Some libraries (Great Expectations) turn that routing on
+    (``logging.captureWarnings``) when imported, which replaces :func:`_warning_entry` as
+    ``warnings.showwarning``; their warnings still land in the log this way.
     """
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -448,9 +453,11 @@ def worker_warnings(path: str | Path | None) -> Iterator[None]:
     _CAPTURE["path"] = Path(path)
     logger = logging.getLogger("py.warnings")
     handler, propagate = _WarningEntries(), logger.propagate
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # puts the filters and warnings.showwarning back
         warnings.simplefilter("always")  # every occurrence counted, not the first per place
-        logging.captureWarnings(True)
+        # our own showwarning, not logging.captureWarnings(True): that is a no-op once anything (a
+        # library at import, a test harness) has called it, leaving the warnings on the screen
+        warnings.showwarning = _warning_entry
         logger.addHandler(handler)
         logger.propagate = False
         try:
@@ -458,5 +465,4 @@ def worker_warnings(path: str | Path | None) -> Iterator[None]:
         finally:
             logger.removeHandler(handler)
             logger.propagate = propagate
-            logging.captureWarnings(False)
             _CAPTURE["path"] = previous
