@@ -497,6 +497,10 @@ def test_a_flat_validation_dice_stops_as_converged_and_a_rising_loss_as_patience
                        validate=_scripted(lambda e: min(e, 5) * 0.12 - 0.005 * (e > 5)))
     assert flat.stop_reason == "converged" and len(flat.history) == 9 and flat.best_epoch == 5
     assert flat.stopped_early
+    # a Dice flat at 0 (no validation lesion found yet) is not convergence: it trains its budget
+    unstarted = train_model(network_from_spec(spec), items[:1], items[1:], spec.updated({"train.max_epochs": 8}), seed=0,
+                            validate=_scripted(lambda e: 0.0))
+    assert unstarted.stop_reason == "max_epochs" and len(unstarted.history) == 8
     losses = iter([1.0, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4])
     patience = train_model(network_from_spec(spec), items[:1], items[1:], spec.updated({"train.patience": 3}), seed=0,
                            validate=lambda model, epoch: (next(losses), 0.1 * epoch))

@@ -92,11 +92,13 @@ class TrainResult:
 
 def converged(dices: Sequence[float], window: int | None, tol: float) -> bool:
     """True when the last ``window`` validation Dice values span at most ``tol`` and none beats the
-    best before them (``window`` None: never)."""
+    best before them (``window`` None: never), once the Dice has risen above ``tol``: a network that
+    has not yet found the validation lesions (Dice flat at 0 while its loss still falls, as in the
+    first epochs on a noisy, thick-slice cohort) has not converged, it has not started."""
     if window is None or len(dices) <= window:
         return False
     last, before = dices[-window:], dices[:-window]
-    return max(last) - min(last) <= tol and max(last) <= max(before)
+    return max(before) > tol and max(last) - min(last) <= tol and max(last) <= max(before)
 
 
 def budget_epochs(max_steps: int, steps_per_epoch: int, train: PlannedSegTrainSpec) -> int:
