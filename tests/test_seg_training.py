@@ -103,6 +103,8 @@ def test_early_stopping_counts_epochs_without_improvement():
     stopper = EarlyStopping(patience=3, min_delta=0.0)
     decisions = [stopper.step(v) for v in [1.0, 0.8, 0.9, 0.85, 0.81, 0.7]]
     assert decisions == [False, False, False, False, True, False]
+    off = EarlyStopping(patience=None, min_delta=0.0)  # the budget decides; the best loss is still kept
+    assert not any(off.step(v) for v in [1.0, 0.8] + [0.9] * 50) and off.best == 0.8 and off.bad_steps == 50
 
 
 def test_early_stopping_min_delta_is_the_smallest_improvement():

@@ -335,7 +335,8 @@ class SegTrainSpec(Spec):
     #: optimiser steps per fold, rounded up to whole epochs (None: the epoch schedule, max_epochs;
     #: auto: planned from segment.plan.train_megavoxels)
     max_steps: PositiveInt | Auto | None
-    patience: PositiveInt
+    #: epochs without a lower validation loss before stopping (None: off, the budget decides)
+    patience: PositiveInt | None
     min_delta: NonNegativeFloat
     min_epochs: PositiveInt
     #: epochs over which a flat validation Dice means converged (None: off)

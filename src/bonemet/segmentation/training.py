@@ -44,10 +44,11 @@ class TrainingConfigError(UserError, ValueError):
 
 
 class EarlyStopping:
-    """Stop when the monitored value (lower is better) has not improved for ``patience`` steps."""
+    """Stop when the monitored value (lower is better) has not improved for ``patience`` steps
+    (None: never; the best value is still tracked)."""
 
-    def __init__(self, patience: int, min_delta: float) -> None:
-        if patience < 1:
+    def __init__(self, patience: int | None, min_delta: float) -> None:
+        if patience is not None and patience < 1:
             raise TrainingConfigError(f"patience must be >= 1; found {patience}")
         self.patience = patience
         self.min_delta = min_delta
@@ -61,7 +62,7 @@ class EarlyStopping:
             self.bad_steps = 0
         else:
             self.bad_steps += 1
-        return self.bad_steps >= self.patience
+        return self.patience is not None and self.bad_steps >= self.patience
 
 
 #: why a fold's training ended: its step budget's epochs done, the validation Dice converged, no lower
