@@ -18,7 +18,7 @@ and sd of the Dice, n, wall seconds, Dice per density and size quartile, per den
 label, the plan's values; and the targets checked: Dice >= 0.80 in every clinical cell, >= 0.75
 in the most lytic quartile of every clinical cell. Plus ``machine`` and ``commit``.
 
-    # the full run (alone on the machine; ~9 cells x ~20-25 min with 60 cases, ten folds, 2 threads: ~3.5 h)
+    # the full run (alone on the machine; ~9 cells x ~15-18 min with 60 cases, ten folds, 2 threads: ~2.5 h)
     python benchmarks/segmentation_grid.py --n-cases 60 --n-folds 10 --threads 2 \\
         --json benchmarks/results/segmentation_grid.json
     # some cells only (to split the run): --cells 1.25x15,3x45
