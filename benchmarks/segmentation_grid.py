@@ -142,7 +142,8 @@ def run_cell(cell: dict[str, float], args: argparse.Namespace, params: Any, work
     cohort = _cohort(cell, work / "raw", args, params.data.mask_label)
     prepared = common.prepare_cohort(work, params, cohort_dir=work / "raw", n_cases=args.n_cases,
                                      n_positive=args.n_cases // 2, size="full", n_jobs=1 if args.quick else 2)
-    only = sorted(set(prepared.folds.values()))[: args.n_folds]
+    only = ([int(f) for f in args.folds.split(",")] if args.folds
+            else sorted(set(prepared.folds.values()))[: args.n_folds])
     variant = args.variants.split(",")[0]
     result = segmentation._variant(args, prepared.params, prepared, variant, work / variant, only)
     scored = {}
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="missu", help="the network (first of these; benchmarks/segmentation.py's)")
     parser.add_argument("--n-cases", type=int, default=60, help="cases per cell's cohort (half label 1)")
     parser.add_argument("--n-folds", type=int, default=10, help="folds to run (the first N of params split.n_folds)")
+    parser.add_argument("--folds", default=None, help="comma-separated folds to run instead of the first --n-folds "
+                        "(to split a cell's ten folds over two runs)")
     parser.add_argument("--max-epochs", type=int, default=0, help="override the profile's max_epochs (0 = keep)")
     parser.add_argument("--cells", default=None, help="comma-separated cells to run, e.g. 1.25x15,3x45 (default all)")
     parser.add_argument("--seed", type=int, default=SEED, help="cell k's cohort uses seed + k")
